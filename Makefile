@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each builds .venv in the checkout (torch CPU wheel first, then the project
+# with its pins) and keeps Prefect and MLflow state under .state/.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STATE := $(CURDIR)/.state
+
+export PREFECT_HOME := $(STATE)/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
+export DO_NOT_TRACK := true
+export MLFLOW_TRACKING_URI ?= sqlite:///$(STATE)/mlflow/mlflow.db
+export XBT_STATE_DIR := $(STATE)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test bench zoo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p $(STATE)/mlflow
+	$(BIN)/xbt demo --out out/demo
+
+test: $(STAMP)
+	mkdir -p $(STATE)/mlflow
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+# Rebuild the committed demo zoo (old, mid, new) from its seed.
+zoo: $(STAMP)
+	$(BIN)/python scripts/build_zoo.py --out zoo --seed 0
+
+clean:
+	rm -rf $(VENV) $(STATE) out
