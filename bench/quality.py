@@ -1,0 +1,187 @@
+"""Quality of each upgrade method on the built-in world (the paper's Table 1), as JSON.
+
+    python bench/quality.py --old zoo/old --new zoo/new --methods xbt base procrustes --seeds 0 1 2
+
+Runs in-process on the xbtcore steps (no Prefect, no MLflow), sharing one
+embedding cache, so methods are compared on exactly the same data. Config
+overrides (for the experiments in docs/method.md) use dotted keys:
+
+    --set pretrain.sigma=0.05 --set finetune.batch_size=256 --set finetune.epochs=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from xbtcore import world  # noqa: E402
+from xbtcore.bundle import CompatibleEncoder  # noqa: E402
+from xbtcore.cache import CacheStats, EmbeddingCache  # noqa: E402
+from xbtcore.data import read_pairs  # noqa: E402
+from xbtcore.encoders import DualEncoder  # noqa: E402
+from xbtcore.evaluate import Side, evaluate_cases  # noqa: E402
+from xbtcore.finetune import METHODS, FinetuneConfig, count_trainable, finetune  # noqa: E402
+from xbtcore.gate import eqn2_gate  # noqa: E402
+from xbtcore.phi import Phi, PhiConfig  # noqa: E402
+from xbtcore.pretrain import PretrainConfig  # noqa: E402
+from xbtcore.recipe import (  # noqa: E402
+    LinearMap,
+    Timer,
+    cached_image_embeddings,
+    cached_text_embeddings,
+    fit_linear_map,
+    map_side,
+    pretrain_phi,
+    side_of,
+)
+
+
+def _override(cfg, key: str, value: str):
+    field_types = {f.name: f.type for f in dataclasses.fields(cfg)}
+    if "." in key:
+        head, rest = key.split(".", 1)
+        return dataclasses.replace(cfg, **{head: _override(getattr(cfg, head), rest, value)})
+    if key not in field_types:
+        raise SystemExit(f"unknown setting {key!r} for {type(cfg).__name__}")
+    current = getattr(cfg, key)
+    parsed = json.loads(value) if not isinstance(current, str) else value
+    if isinstance(current, tuple):
+        parsed = tuple(parsed)
+    return dataclasses.replace(cfg, **{key: parsed})
+
+
+def run(args) -> dict:
+    data = Path(args.data)
+    if not (data / "eval.parquet").exists():
+        world.write_world(data, world.WorldSpec(seed=args.world_seed))
+    import pyarrow.parquet as pq
+
+    corpus = list(dict.fromkeys(c for c in pq.read_table(data / "corpus.parquet")["caption"].to_pylist() if c and c.strip()))
+    if args.corpus_limit:
+        corpus = corpus[: args.corpus_limit]
+    pairs = read_pairs(data / "pairs.parquet")
+    if args.pairs_limit:
+        from xbtcore.data import PairSet
+
+        n = args.pairs_limit
+        keep = pairs.caption_image < n
+        pairs = PairSet(pairs.images[:n], [c for c, k in zip(pairs.captions, keep) if k], pairs.caption_image[keep], pairs.image_ids[:n], pairs.source)
+    evalset = read_pairs(data / "eval.parquet")
+    cache = EmbeddingCache(args.cache)
+
+    pre_cfg, ft_cfg = PretrainConfig(), FinetuneConfig()
+    for kv in args.set:
+        key, value = kv.split("=", 1)
+        scope, key = key.split(".", 1)
+        if scope == "pretrain":
+            pre_cfg = _override(pre_cfg, key, value)
+        elif scope == "finetune":
+            ft_cfg = _override(ft_cfg, key, value)
+        else:
+            raise SystemExit(f"--set scope must be pretrain or finetune, got {scope!r}")
+
+    results = {"old": args.old, "new": args.new, "corpus": len(corpus), "pairs": len(pairs.captions),
+               "pretrain": dataclasses.asdict(pre_cfg), "finetune": dataclasses.asdict(ft_cfg), "runs": []}
+    old = DualEncoder.from_pretrained(args.old)
+    old_side = side_of(old, evalset, cache)
+    new_base = DualEncoder.from_pretrained(args.new)
+    orig_side = side_of(new_base, evalset, cache)
+
+    for seed in args.seeds:
+        for method in args.methods:
+            timer, stats = Timer(), CacheStats()
+            t_start = time.perf_counter()
+            with timer("embed"):
+                w_new = cached_text_embeddings(cache, new_base, corpus, stats=stats)
+                w_old = cached_text_embeddings(cache, old, corpus, stats=stats)
+            run_info = {"method": method, "seed": seed}
+            if method in ("procrustes", "lstsq"):
+                with timer("train"):
+                    phi = LinearMap(fit_linear_map(w_new, w_old, method))
+                up_side = map_side(orig_side, phi)
+                trainable = phi.weight.numel()
+            else:
+                new = DualEncoder.from_pretrained(args.new)
+                torch.manual_seed(seed)
+                if method == "phi-only" or METHODS[method].phi == "layernorm":
+                    with timer("pretrain"):
+                        phi, hist = pretrain_phi(w_new, w_old, dataclasses.replace(pre_cfg, seed=seed))
+                    run_info["pretrain_loss"] = [round(h["loss"], 4) for h in hist[:: max(1, len(hist) // 10)]]
+                    run_info["phi_only"] = evaluate_cases(old_side, map_side(orig_side, phi), orig_side, evalset.caption_image)
+                else:
+                    phi = Phi(PhiConfig(new.embed_dim, old.embed_dim))
+                if method == "phi-only":
+                    up_side, trainable = map_side(orig_side, phi), sum(p.numel() for p in phi.parameters())
+                else:
+                    old_targets = None
+                    if METHODS[method].loss == "eqn6":
+                        with timer("embed"):
+                            old_targets = (cached_image_embeddings(cache, old, pairs, stats=stats),
+                                           cached_text_embeddings(cache, old, pairs.captions, stats=stats))
+                    with timer("train"):
+                        hist = finetune(new, phi, pairs, method, dataclasses.replace(ft_cfg, seed=seed), old_targets,
+                                        progress=args.progress)
+                    run_info["train_loss"] = [round(h["loss"], 4) for h in hist if "loss" in h][:: max(1, len(hist) // 10)]
+                    run_info["train_split"] = hist[-1]
+                    trainable = count_trainable(new, phi)
+                    up = CompatibleEncoder(new, phi)
+                    up_side = Side(text=up.embed_texts(evalset.captions), image=up.embed_images(_images(evalset)))
+            recall = evaluate_cases(old_side, up_side, orig_side, evalset.caption_image)
+            gate = eqn2_gate(recall)
+            run_info.update({"recall": recall, "gate": gate.to_dict(), "timings_s": timer.seconds,
+                             "total_s": round(time.perf_counter() - t_start, 2), "trainable_params": trainable,
+                             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+            results["runs"].append(run_info)
+            print(json.dumps({"method": method, "seed": seed, "gate": gate.passed, "failures": gate.failures,
+                              "new/old": {d: recall[d]["new/old"] for d in recall},
+                              "old/old": {d: recall[d]["old/old"] for d in recall},
+                              "new/new": {d: recall[d]["new/new"] for d in recall},
+                              "orig": {d: recall[d]["orig-new/new"] for d in recall},
+                              "timings": timer.seconds}), file=sys.stderr, flush=True)
+    return results
+
+
+class _images:
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __len__(self):
+        return self.pairs.n_images
+
+    def __getitem__(self, i):
+        return self.pairs.load_image(i)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old", default="zoo/old")
+    ap.add_argument("--new", default="zoo/new")
+    ap.add_argument("--data", default=".state/world-0", help="world folder (written if missing)")
+    ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--cache", default=".state/cache")
+    ap.add_argument("--methods", nargs="+", default=["xbt"], choices=[*METHODS, "procrustes", "lstsq", "phi-only"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--corpus-limit", type=int, default=0)
+    ap.add_argument("--pairs-limit", type=int, default=0, help="use only the first N pair images")
+    ap.add_argument("--set", action="append", default=[], help="override, e.g. pretrain.sigma=0.05")
+    ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--json-out", default="")
+    args = ap.parse_args()
+    res = run(args)
+    text = json.dumps(res, indent=2)
+    if args.json_out:
+        Path(args.json_out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

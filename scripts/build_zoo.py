@@ -1,0 +1,141 @@
+"""Train the demo model zoo (old, mid, new) on the built-in world.
+
+    python scripts/build_zoo.py --out zoo --seed 0            # all tiers (make zoo)
+    python scripts/build_zoo.py --out zoo --tiers old --seed 0
+
+Each tier is an ordinary CLIPModel saved in the Hugging Face layout, trained
+from scratch with CLIP's contrastive loss on the world's "zoo" split (disjoint
+from the corpus, the pairs and the eval set). Tiers differ in width, depth,
+embedding size and training budget, so each beats the one below: the demo's
+upgrade then has something real to gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from xbtcore import world  # noqa: E402
+from xbtcore.losses import clip_loss  # noqa: E402
+from xbtcore.tinyclip import (  # noqa: E402
+    TinyClipSpec,
+    build_clip,
+    build_image_processor,
+    build_tokenizer,
+    save_checkpoint,
+    world_vocabulary,
+)
+
+TIERS = {
+    "old": dict(spec=TinyClipSpec(width=64, layers=2, heads=4, embed_dim=64), steps=700, lr=1e-3),
+    "mid": dict(spec=TinyClipSpec(width=96, layers=3, heads=4, embed_dim=96), steps=1400, lr=1e-3),
+    "new": dict(spec=TinyClipSpec(width=128, layers=3, heads=4, embed_dim=128), steps=2200, lr=7e-4),
+}
+TRAIN_IMAGES = 40_000
+CAPTIONS_PER_IMAGE = 3
+BATCH = 256
+
+
+def quick_recall(model, tok, proc, eval_items, eval_imgs) -> dict:
+    """R@1/R@10 both directions on the eval split (brute force; small)."""
+    model.eval()
+    with torch.inference_mode():
+        px = proc(images=eval_imgs, return_tensors="pt")["pixel_values"]
+        v = torch.cat([model.get_image_features(pixel_values=px[i : i + 500]).pooler_output for i in range(0, len(px), 500)])
+        caps = [c for _, cs in eval_items for c in cs]
+        owner = torch.tensor([i for i, (_, cs) in enumerate(eval_items) for _ in cs])
+        b = tok(caps, padding=True, return_tensors="pt")
+        w = torch.cat(
+            [
+                model.get_text_features(input_ids=b["input_ids"][i : i + 1000], attention_mask=b["attention_mask"][i : i + 1000]).pooler_output
+                for i in range(0, len(caps), 1000)
+            ]
+        )
+    model.train()
+    v, w = torch.nn.functional.normalize(v, dim=-1), torch.nn.functional.normalize(w, dim=-1)
+    s = w @ v.T  # (Nc, Ni)
+    own = s[torch.arange(len(caps)), owner]
+    rank_t2i = (s > own[:, None]).sum(1)
+    best = torch.full((len(eval_items),), -2.0).scatter_reduce(0, owner, own, "amax")
+    other = s.T.clone()  # (Ni, Nc)
+    other[owner, torch.arange(len(caps))] = -2.0
+    rank_i2t = (other > best[:, None]).sum(1)
+    return {
+        f"{d}@{k}": round(100.0 * (r < k).float().mean().item(), 2)
+        for d, r in (("t2i", rank_t2i), ("i2t", rank_i2t))
+        for k in (1, 10)
+    }
+
+
+def train_tier(name: str, out: Path, seed: int, eval_every: int) -> dict:
+    cfg = TIERS[name]
+    spec: TinyClipSpec = cfg["spec"]
+    torch.manual_seed(seed)
+    tok = build_tokenizer(world_vocabulary(), spec.max_text_len)
+    proc = build_image_processor(spec)
+    model = build_clip(spec, len(tok), seed)
+
+    t0 = time.time()
+    items = world.scenes_with_captions(seed, "zoo", TRAIN_IMAGES, CAPTIONS_PER_IMAGE)
+    imgs = [world.render_scene(s, noise_seed=[seed, 99, i]) for i, (s, _) in enumerate(items)]
+    pixels = torch.cat([proc(images=imgs[i : i + 2000], return_tensors="pt")["pixel_values"] for i in range(0, len(imgs), 2000)])
+    caps = [c for _, cs in items for c in cs]  # image i owns rows i*C .. i*C+C-1
+    enc = tok(caps, padding="max_length", max_length=spec.max_text_len, truncation=True, return_tensors="pt")
+    eval_items = world.scenes_with_captions(seed, "eval", 1000, 5)
+    eval_imgs = [world.render_scene(s, noise_seed=[seed, 3, i]) for i, (s, _) in enumerate(eval_items)]
+    print(f"[{name}] data ready in {time.time() - t0:.1f}s", flush=True)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.1)
+    steps, warmup = cfg["steps"], 100
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    history = []
+    for step in range(steps):
+        idx = torch.randint(len(items), (BATCH,), generator=g)  # (B,)
+        cap = idx * CAPTIONS_PER_IMAGE + torch.randint(CAPTIONS_PER_IMAGE, (BATCH,), generator=g)
+        ids, mask = enc["input_ids"][cap], enc["attention_mask"][cap]
+        keep = int(mask.sum(1).max())  # dynamic padding: trim to the batch's longest caption
+        v = model.get_image_features(pixel_values=pixels[idx]).pooler_output  # (B, D)
+        w = model.get_text_features(input_ids=ids[:, :keep], attention_mask=mask[:, :keep]).pooler_output  # (B, D)
+        v, w = torch.nn.functional.normalize(v, dim=-1), torch.nn.functional.normalize(w, dim=-1)
+        loss = clip_loss(v, w, model.logit_scale.exp().clamp(max=100))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            r = quick_recall(model, tok, proc, eval_items, eval_imgs)
+            history.append({"step": step + 1, "loss": round(loss.item(), 4), **r})
+            print(f"[{name}] step {step + 1}/{steps} loss {loss.item():.3f} {r} {time.time() - t0:.0f}s", flush=True)
+    final = history[-1]
+    save_checkpoint(model, tok, proc, out / name)
+    meta = {"tier": name, "spec": spec.__dict__, "seed": seed, "steps": steps, "lr": cfg["lr"], "batch": BATCH,
+            "train_images": TRAIN_IMAGES, "eval": final, "train_s": round(time.time() - t0, 1)}
+    (out / name / "xbt_zoo.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("zoo"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiers", nargs="+", default=list(TIERS), choices=list(TIERS))
+    ap.add_argument("--eval-every", type=int, default=200)
+    args = ap.parse_args()
+    for name in args.tiers:
+        print(json.dumps(train_tier(name, args.out, args.seed, args.eval_every)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

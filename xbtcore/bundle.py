@@ -1,0 +1,133 @@
+"""The upgrade bundle: what XBT adds to the new model, and nothing else.
+
+    bundle/
+      xbt_bundle.json        base new model, old model, root (gallery) model, dims, method, chain
+      phi.safetensors        φ (Sec. 3.2)
+      prompts.safetensors    vision soft prompts (absent when the method has none)
+      adapter/               peft LoRA adapter (adapter_config.json, adapter_model.safetensors)
+      model/                 full weights, only for Full-tune (it has no adapter to ship)
+
+Loaded, it gives bit-identical embeddings to the in-memory model. With the
+adapters switched off (`adapters_off`) it is the original new model exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .adapters import add_vision_prompts, find_prompts
+from .phi import Phi, PhiConfig
+
+BUNDLE_FILE = "xbt_bundle.json"
+BUNDLE_VERSION = 1
+
+
+@dataclass
+class BundleMeta:
+    base_model: str  # the new model the adapters sit on (REF)
+    old_model: str  # the model this link was made compatible with (REF or bundle)
+    root_model: str  # the model the gallery was embedded with (first link of a chain)
+    method: str
+    phi: dict  # PhiConfig fields
+    n_prompts: int = 0
+    chain: list[str] = field(default_factory=list)  # base models from the root onwards
+    version: int = BUNDLE_VERSION
+
+
+def is_bundle(ref: str | os.PathLike) -> bool:
+    return (Path(ref) / BUNDLE_FILE).is_file()
+
+
+def save_bundle(out_dir: str | Path, encoder, phi: Phi, meta: BundleMeta) -> Path:
+    """Write to a sibling temp folder, then rename: no half-written bundle looks finished."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in phi.state_dict().items()}, tmp / "phi.safetensors")
+    prompts = find_prompts(encoder.model)
+    if prompts is not None:
+        save_file({"prompts": prompts.prompts.detach().cpu().contiguous()}, tmp / "prompts.safetensors")
+    if hasattr(encoder.model, "peft_config"):
+        encoder.model.save_pretrained(tmp / "adapter")
+    elif meta.method == "full-tune":
+        encoder.model.save_pretrained(tmp / "model")
+    (tmp / BUNDLE_FILE).write_text(json.dumps(asdict(meta), indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def read_meta(bundle_dir: str | Path) -> BundleMeta:
+    path = Path(bundle_dir) / BUNDLE_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable xbt bundle ({e}); pass the DIR/bundle folder written by `xbt upgrade`") from e
+    if raw.get("version") != BUNDLE_VERSION:
+        raise ValueError(f"{path}: bundle version {raw.get('version')} is not supported (expected {BUNDLE_VERSION})")
+    return BundleMeta(**raw)
+
+
+def load_bundle(bundle_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
+    """-> (CompatibleEncoder, BundleMeta). Loads the base new model through the one loader."""
+    from peft import PeftModel
+
+    from .encoders import DualEncoder
+
+    bundle_dir = Path(bundle_dir)
+    meta = read_meta(bundle_dir)
+    if (bundle_dir / "model").is_dir():
+        base = DualEncoder.from_pretrained(str(bundle_dir / "model"), device=device, dtype=dtype)
+        base.ref = meta.base_model
+    else:
+        base = DualEncoder.from_pretrained(meta.base_model, device=device, dtype=dtype)
+    if meta.n_prompts:
+        emb = add_vision_prompts(base.model, meta.n_prompts)
+        with torch.no_grad():
+            emb.prompts.copy_(load_file(bundle_dir / "prompts.safetensors")["prompts"])
+    if (bundle_dir / "adapter").is_dir():
+        base.model = PeftModel.from_pretrained(base.model, bundle_dir / "adapter")
+    base.model.to(device).eval()
+    phi = Phi(PhiConfig(**meta.phi))
+    phi.load_state_dict(load_file(bundle_dir / "phi.safetensors"))
+    phi.to(device).eval()
+    return CompatibleEncoder(base, phi), meta
+
+
+class CompatibleEncoder:
+    """The upgraded new model as a query encoder into the old space: φ(normalize(E_new(x)))."""
+
+    def __init__(self, encoder, phi: Phi):
+        self.encoder = encoder  # DualEncoder of the new model, adapters installed
+        self.phi = phi
+
+    @property
+    def embed_dim(self) -> int:
+        return self.phi.cfg.out_dim
+
+    def _map(self, new_emb: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+        device = next(self.phi.parameters()).device
+        with torch.inference_mode():
+            out = [self.phi(new_emb[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(new_emb), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    def embed_texts(self, texts, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """(N,) texts -> (N, D_old) compatible embeddings, L2-normalised (φ normalises)."""
+        return self._map(self.encoder.embed_texts(texts, batch_size, progress))
+
+    def embed_images(self, images, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        return self._map(self.encoder.embed_images(images, batch_size, progress))
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)

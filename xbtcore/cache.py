@@ -1,0 +1,155 @@
+"""On-disk embedding cache: frozen encoders embed a dataset once.
+
+An entry is keyed by (model fingerprint, data fingerprint, modality) and stored
+as safetensors shards plus a manifest. Shards are written atomically and a
+finished shard is never recomputed, so a crashed embedding job resumes where it
+stopped; the entry is complete when every shard exists. Under torchrun each
+rank embeds the shards i with i % world_size == rank.
+
+φ pretraining and the Eqn. 6 baselines read embeddings from here and load no
+encoder at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SHARD_ROWS = 16_384
+
+
+def fingerprint_texts(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def fingerprint_items(items: Sequence) -> str:
+    """Fingerprint of images given as bytes or paths (paths hash name, size and mtime)."""
+    h = hashlib.sha256()
+    for it in items:
+        if isinstance(it, (bytes, bytearray)):
+            h.update(hashlib.sha1(it).digest())
+        else:
+            st = os.stat(it)
+            h.update(f"{it}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_model(ref: str) -> str:
+    """A local directory hashes its config and weight files (size + head + tail),
+    so a retrained checkpoint in the same folder gets a new key; a hub id is its name."""
+    p = Path(ref)
+    h = hashlib.sha256(str(ref).encode())
+    if p.is_dir():
+        for f in sorted(p.rglob("*")):
+            if f.is_file() and f.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}:
+                st = f.stat()
+                h.update(f"{f.relative_to(p)}|{st.st_size}".encode())
+                with f.open("rb") as fh:
+                    h.update(fh.read(1 << 20))
+                    if st.st_size > 2 << 20:
+                        fh.seek(-(1 << 20), os.SEEK_END)
+                        h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class CacheStats:
+    computed_rows: int = 0
+    reused_rows: int = 0
+    seconds: float = 0.0
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class EmbeddingCache:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def entry_dir(self, model_fp: str, data_fp: str, modality: str) -> Path:
+        return self.root / f"{modality}-{model_fp}-{data_fp}"
+
+    def is_complete(self, model_fp: str, data_fp: str, modality: str) -> bool:
+        m = self.entry_dir(model_fp, data_fp, modality) / "manifest.json"
+        return m.exists() and json.loads(m.read_text()).get("complete", False)
+
+    def get_or_compute(
+        self,
+        model_fp: str,
+        data_fp: str,
+        modality: str,
+        n_rows: int,
+        embed: Callable[[int, int], torch.Tensor],
+        meta: dict | None = None,
+        shard_rows: int = SHARD_ROWS,
+        stats: CacheStats | None = None,
+    ) -> torch.Tensor:
+        """Return the (n_rows, D) embeddings, computing only the missing shards.
+
+        embed(start, stop) -> (stop - start, D) float32 embeddings of those rows.
+        """
+        t0 = time.perf_counter()
+        d = self.entry_dir(model_fp, data_fp, modality)
+        d.mkdir(parents=True, exist_ok=True)
+        manifest = d / "manifest.json"
+        n_shards = max(1, -(-n_rows // shard_rows))
+        info = {"model": model_fp, "data": data_fp, "modality": modality, "rows": n_rows,
+                "shard_rows": shard_rows, "shards": n_shards, "complete": False, **(meta or {})}
+        if manifest.exists():
+            old = json.loads(manifest.read_text())
+            if old.get("rows") != n_rows or old.get("shard_rows") != shard_rows:
+                raise RuntimeError(f"cache entry {d} has {old.get('rows')} rows, expected {n_rows}: delete it and rerun")
+        else:
+            _atomic_write_text(manifest, json.dumps(info, indent=2))
+
+        rank, world = _dist()
+        for i in range(n_shards):
+            path = d / f"shard-{i:05d}.safetensors"
+            start, stop = i * shard_rows, min((i + 1) * shard_rows, n_rows)
+            if path.exists():
+                if stats:
+                    stats.reused_rows += stop - start
+                continue
+            if i % world != rank:
+                continue
+            emb = embed(start, stop).float().contiguous()  # (stop - start, D)
+            assert emb.shape[0] == stop - start, "embed() returned the wrong number of rows"
+            tmp = path.with_suffix(".tmp")
+            save_file({"embedding": emb}, tmp)
+            os.replace(tmp, path)  # atomic: a killed job leaves no half shard
+            if stats:
+                stats.computed_rows += stop - start
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        out = torch.cat([load_file(d / f"shard-{i:05d}.safetensors")["embedding"] for i in range(n_shards)])
+        if rank == 0:
+            info["complete"], info["dim"] = True, int(out.shape[1]) if out.ndim == 2 else 0
+            _atomic_write_text(manifest, json.dumps(info, indent=2))
+        if stats:
+            stats.seconds += time.perf_counter() - t0
+        return out
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,60 @@
+"""The cases of the recall protocol (CONTRACT.md, Eqn. 2 of the paper).
+
+Each case names query/gallery. For t2i the query is text and the gallery
+images; for i2t the reverse. `Side` holds one model's text and image
+embeddings of the eval set.
+
+    old/old       w_old   / v_old     and  v_old   / w_old      (the system today)
+    new/old       w̄_new   / v_old     and  v̄_new   / w_old      (the upgrade, Eqn. 2)
+    new/new       w̄_new   / v̄_new     and  v̄_new   / w̄_new
+    orig-new/new  w_new   / v_new     and  v_new   / w_new      (a full backfill)
+    prev/old      w̄_prev  / v_old     and  v̄_prev  / w_old      (chains: the current champion)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .recall import KS, recall_at_k
+
+
+@dataclass(frozen=True)
+class Side:
+    text: torch.Tensor  # (Nc, D) L2-normalised caption embeddings
+    image: torch.Tensor  # (Ni, D) L2-normalised image embeddings
+
+
+def cross_recall(query: Side, gallery: Side, caption_image: torch.Tensor, ks=KS) -> dict:
+    """query's texts against gallery's images (t2i) and query's images against gallery's texts (i2t)."""
+    t2i = recall_at_k(query.text, gallery.image, caption_image, ks, directions=("t2i",))["t2i"]
+    i2t = recall_at_k(gallery.text, query.image, caption_image, ks, directions=("i2t",))["i2t"]
+    return {"t2i": t2i, "i2t": i2t}
+
+
+def evaluate_cases(
+    old: Side, upgraded: Side, orig_new: Side, caption_image: torch.Tensor, prev: Side | None = None, ks=KS
+) -> dict:
+    """-> {"t2i": {case: {"1": r, ...}}, "i2t": {...}} for every case of CONTRACT.md."""
+    cases = {
+        "old/old": cross_recall(old, old, caption_image, ks),
+        "new/old": cross_recall(upgraded, old, caption_image, ks),
+        "new/new": cross_recall(upgraded, upgraded, caption_image, ks),
+        "orig-new/new": cross_recall(orig_new, orig_new, caption_image, ks),
+    }
+    if prev is not None:
+        cases["prev/old"] = cross_recall(prev, old, caption_image, ks)
+    return {d: {case: r[d] for case, r in cases.items()} for d in ("t2i", "i2t")}
+
+
+def format_table(recall: dict, ks=KS) -> str:
+    """A plain-text table: one row per case, R@K for both directions."""
+    head = "case".ljust(14) + "".join(f"t2i@{k}".rjust(9) for k in ks) + "".join(f"i2t@{k}".rjust(9) for k in ks)
+    lines = [head, "-" * len(head)]
+    for case in recall["t2i"]:
+        row = case.ljust(14)
+        row += "".join(f"{recall['t2i'][case][str(k)]:9.2f}" for k in ks)
+        row += "".join(f"{recall['i2t'][case][str(k)]:9.2f}" for k in ks)
+        lines.append(row)
+    return "\n".join(lines)

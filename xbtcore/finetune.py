@@ -1,0 +1,250 @@
+"""Fine-tuning the new encoders towards the old space: XBT (Eqn. 5) and the
+Eqn. 6 baselines (Full-tune, LoRA-only, Base), in one loop.
+
+    XBT    L_X      = L_c( φ(v_new), φ(w_new) )                         (Eqn. 5)
+           trains LoRA (both towers), vision soft prompts, φ's LayerNorms.
+           Needs no old model at all: φ was pretrained on text (Eqn. 3).
+    Direct L_Direct = L_c( φ(v_new), w_old ) + L_c( φ(w_new), v_old )   (Eqn. 6)
+           with a randomly initialised, fully trainable φ, against the old
+           model's cached embeddings of the same pairs.
+
+One epoch by default (Sec. 4.1). A checkpoint every few steps makes a killed
+run resume where it stopped, with the same data order and augmentation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .adapters import LoraSettings, add_lora, add_vision_prompts, find_prompts
+from .augment import AugmentConfig, augment_image
+from .losses import PAPER_LOG_LOGIT_SCALE, clip_loss
+from .phi import Phi
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method trains and which loss it uses (Sec. 4.2, "Different training options")."""
+
+    lora: bool
+    prompts: bool
+    phi: str  # "layernorm" (XBT keeps the pretrained φ) or "all" (baselines start from random φ)
+    loss: str  # "eqn5" or "eqn6"
+    full: bool = False  # Full-tune: every encoder weight trains
+
+
+METHODS = {
+    "xbt": MethodSpec(lora=True, prompts=True, phi="layernorm", loss="eqn5"),
+    "base": MethodSpec(lora=True, prompts=True, phi="all", loss="eqn6"),
+    "lora-only": MethodSpec(lora=True, prompts=False, phi="all", loss="eqn6"),
+    "full-tune": MethodSpec(lora=False, prompts=False, phi="all", loss="eqn6", full=True),
+}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    n_prompts: int = field(default=10, metadata={"help": "vision soft prompts (paper: 10)"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW lr for LoRA, φ and full weights (paper: 1e-4)"})
+    prompt_lr: float = field(default=1e-2, metadata={"help": "soft prompt lr (paper: 100x, 1e-2)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)"})
+    batch_size: int = field(default=1024, metadata={"help": "pairs per step (paper: 1,024)"})
+    epochs: int = field(default=1, metadata={"help": "passes over the pairs (paper: a single epoch)"})
+    log_logit_scale: float = field(default=PAPER_LOG_LOGIT_SCALE, metadata={"help": "τ_X / τ_N (paper: 2.6592)"})
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    checkpoint_every: int = field(default=20, metadata={"help": "steps between resumable checkpoints"})
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 for a contrastive loss, got {self.batch_size}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.n_prompts < 0:
+            raise ValueError(f"n_prompts must be >= 0, got {self.n_prompts}")
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN/inf or blew up: the run must stop and promote nothing."""
+
+
+def prepare_model(encoder, phi: Phi, method: str, cfg: FinetuneConfig) -> list[dict]:
+    """Install adapters for `method` on encoder.model, set requires_grad, return optimizer groups."""
+    spec = METHODS[method]
+    prompts = None
+    if spec.prompts:
+        prompts = add_vision_prompts(encoder.model, cfg.n_prompts)
+    if spec.lora:
+        encoder.model = add_lora(encoder.model, cfg.lora)  # freezes every base weight
+    for p in encoder.model.parameters():
+        p.requires_grad_(spec.full)
+    if spec.lora:
+        for n, p in encoder.model.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+    for p in phi.parameters():
+        p.requires_grad_(spec.phi == "all")
+    for p in phi.layernorm_parameters():
+        p.requires_grad_(True)
+
+    main = [p for p in encoder.model.parameters() if p.requires_grad]
+    groups = [{"params": main + [p for p in phi.parameters() if p.requires_grad], "lr": cfg.lr}]
+    if prompts is not None:
+        prompts.prompts.requires_grad_(True)
+        groups.append({"params": [prompts.prompts], "lr": cfg.prompt_lr})
+    return groups
+
+
+def trainable_state(encoder, phi: Phi) -> dict[str, torch.Tensor]:
+    """Every parameter that training changes, by name (what a checkpoint must hold)."""
+    out = {f"model.{n}": p.detach().clone() for n, p in encoder.model.named_parameters() if p.requires_grad}
+    out.update({f"phi.{n}": p.detach().clone() for n, p in phi.named_parameters() if p.requires_grad})
+    return out
+
+
+def _load_trainable(encoder, phi: Phi, state: dict[str, torch.Tensor]) -> None:
+    params = {f"model.{n}": p for n, p in encoder.model.named_parameters()}
+    params.update({f"phi.{n}": p for n, p in phi.named_parameters()})
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def _save_checkpoint(path: Path, encoder, phi, opt, step: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "trainable": trainable_state(encoder, phi), "optimizer": opt.state_dict()}, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def _batch_pixels(encoder, images: list, rows: torch.Tensor, cfg: AugmentConfig, rng: random.Random) -> torch.Tensor:
+    return encoder.preprocess_images([augment_image(images[int(i)], cfg, rng) for i in rows])  # (B, 3, H, W)
+
+
+def _direct_targets(old_targets, image_idx, caption_rows, device):
+    v_old, w_old = old_targets
+    return v_old[image_idx].to(device), w_old[caption_rows].to(device)
+
+
+def finetune(
+    encoder,
+    phi: Phi,
+    pairs,
+    method: str,
+    cfg: FinetuneConfig,
+    old_targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+    checkpoint_path: str | Path | None = None,
+    on_step=None,
+    progress: bool = False,
+) -> list[dict]:
+    """Train `encoder` (a DualEncoder of the new model) and `phi` in place; return per-step history.
+
+    pairs: a PairSet (distinct images, caption rows, caption_image).
+    old_targets: (v_old (N_images, D_old), w_old (N_captions, D_old)) for Eqn. 6 methods.
+    checkpoint_path: if given, resume from it when it exists and save to it every
+        cfg.checkpoint_every steps; the caller deletes it when the run is done.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    spec = METHODS[method]
+    if spec.loss == "eqn6" and old_targets is None:
+        raise ValueError(f"method {method!r} trains against the old model's embeddings (Eqn. 6): pass old_targets")
+    device = encoder.device
+    groups = prepare_model(encoder, phi, method, cfg)
+    phi.to(device)
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    scale = math.exp(cfg.log_logit_scale)
+
+    n = len(pairs.captions)
+    bs = min(cfg.batch_size, n)
+    steps_per_epoch = n // bs  # drop the ragged tail: a tiny batch has too few negatives
+    total = steps_per_epoch * cfg.epochs
+    start = 0
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        _load_trainable(encoder, phi, state["trainable"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+
+    t_decode = time.perf_counter()
+    images = [pairs.load_image(i) for i in range(pairs.n_images)]  # decode once, reuse every epoch
+    t_decode = time.perf_counter() - t_decode
+    caption_image = pairs.caption_image
+
+    encoder.model.train()
+    phi.train()
+    history: list[dict] = [{"step": start, "resumed_from": start, "decode_s": round(t_decode, 2)}] if start else []
+    bar = _progress_bar(total, start, f"{method} training", progress)
+    t_data = t_model = 0.0
+    for step in range(start, total):
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        rows = order[k * bs : (k + 1) * bs]  # (B,) caption rows
+        img_idx = caption_image[rows]  # (B,) distinct-image indices
+        rng = random.Random(f"{cfg.seed}/{step}")  # per-step: a resumed run augments identically
+
+        t0 = time.perf_counter()
+        pixels = _batch_pixels(encoder, images, img_idx, cfg.augment, rng).to(device)
+        tok = encoder.tokenize([pairs.captions[int(r)] for r in rows])
+        tok = {k2: v.to(device) for k2, v in tok.items()}
+        t1 = time.perf_counter()
+
+        with encoder._autocast():
+            v_new = F.normalize(encoder.image_features(pixels), dim=-1)  # (B, D_new)
+            w_new = F.normalize(encoder.text_features(tok["input_ids"], tok.get("attention_mask")), dim=-1)
+            v_bar, w_bar = phi(v_new.float()), phi(w_new.float())  # (B, D_old) synthetic old embeddings, Eqn. 4
+            if spec.loss == "eqn5":
+                loss = clip_loss(v_bar, w_bar, scale)
+            else:
+                v_old, w_old = _direct_targets(old_targets, img_idx, rows, device)
+                loss = clip_loss(v_bar, w_old, scale) + clip_loss(w_bar, v_old, scale)
+        value = loss.item()
+        if not math.isfinite(value) or value > 1e4:
+            raise DivergedError(f"{method} loss became {value} at step {step + 1}; nothing is promoted")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        t_data, t_model = t_data + (t1 - t0), t_model + (time.perf_counter() - t1)
+
+        history.append({"step": step + 1, "epoch": epoch + 1, "loss": value})
+        if on_step is not None:
+            on_step(step + 1, value)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}")
+        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0) and step + 1 < total:
+            _save_checkpoint(ckpt, encoder, phi, opt, step + 1)
+    if bar is not None:
+        bar.close()
+    encoder.model.eval()
+    phi.eval()
+    history.append({"step": total, "data_s": round(t_data, 2), "model_s": round(t_model, 2), "decode_s": round(t_decode, 2)})
+    return history
+
+
+def _progress_bar(total: int, start: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, unit="step")
+
+
+def count_trainable(encoder, phi: Phi) -> int:
+    return sum(p.numel() for p in encoder.model.parameters() if p.requires_grad) + sum(
+        p.numel() for p in phi.parameters() if p.requires_grad
+    )
+
+
+def prompts_of(encoder) -> nn.Parameter | None:
+    found = find_prompts(encoder.model)
+    return None if found is None else found.prompts

@@ -1,0 +1,62 @@
+"""The CLIP contrastive loss L_c used by Eqns. 3, 5 and 6, in one place.
+
+Under DDP the negatives are global: each rank all-gathers the other ranks'
+embeddings *with* gradient (as open_clip's `gather_features` with
+`gather_with_grad=True`), so the loss and gradients equal those of a single
+process on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# The paper fixes tau_pre = tau_X = tau_N = 2.6592 (Sec. 4.1): CLIP's initial
+# logit scale, i.e. logits are multiplied by exp(2.6592) = 1 / 0.07.
+PAPER_LOG_LOGIT_SCALE = 2.6592
+
+
+def logit_scale_from_log(log_scale: float = PAPER_LOG_LOGIT_SCALE) -> float:
+    return math.exp(log_scale)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns each rank its own slice of the summed grads."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = torch.stack(grads)  # (W, B, D)
+        dist.all_reduce(g)  # every rank's loss depends on every slice
+        return g[dist.get_rank()]
+
+
+def gather_features(x: torch.Tensor) -> torch.Tensor:
+    """(B, D) local -> (W*B, D) global, differentiable; identity without DDP."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(_AllGatherWithGrad.apply(x), dim=0)
+
+
+def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: float | torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE between row-aligned embeddings a and b (CLIP's L_c).
+
+    a, b: (B, D), L2-normalised. Under DDP, call with local rows; negatives come
+    from all ranks. Each rank returns the mean loss over the global batch, so the
+    DDP-averaged gradient equals the single-process gradient.
+    """
+    a_all, b_all = gather_features(a), gather_features(b)  # (N, D), N = W*B
+    logits = logit_scale * a_all @ b_all.T  # (N, N)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    # Every rank computes the same global loss. The gather's backward sums the
+    # W identical contributions to each slice (W * dL/dx_r); DDP's gradient
+    # averaging divides by W again, so parameter gradients are exactly dL/dθ.
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

@@ -1,0 +1,86 @@
+"""Text-only pretraining of φ (Sec. 3.2, Eqn. 3), on cached text embeddings.
+
+    L_pre = E_t [ L_c( φ(normalize(w_new + ε)), w_old ; τ_pre ) ],  ε ~ N(0, σ²)
+
+Both text encoders are frozen, so their outputs are computed once (the
+embedding cache) and this loop touches no encoder at all.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .losses import PAPER_LOG_LOGIT_SCALE, clip_loss
+from .phi import Phi
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    sigma: float = field(default=0.1, metadata={"help": "std of the Gaussian noise added to w_new (Eqn. 3)"})
+    batch_size: int = field(default=8192, metadata={"help": "paper: 8,192"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)"})
+    epochs: int = field(default=40, metadata={"help": "passes over the corpus (cheap: embeddings are cached)"})
+    log_logit_scale: float = field(default=PAPER_LOG_LOGIT_SCALE, metadata={"help": "τ_pre (paper: 2.6592)"})
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 for a contrastive loss, got {self.batch_size}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+
+def add_embedding_noise(w: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """normalize(w + ε), ε ~ N(0, σ²): the noise injection of Eqn. 3."""
+    eps = torch.randn(w.shape, generator=generator, device=w.device, dtype=w.dtype) * sigma  # (B, D)
+    return F.normalize(w + eps, dim=-1)
+
+
+def text_only_pretrain(
+    phi: Phi,
+    w_new: torch.Tensor,
+    w_old: torch.Tensor,
+    cfg: PretrainConfig,
+    on_step=None,
+) -> list[dict]:
+    """Train all of φ on row-aligned (w_new, w_old) text embeddings; returns per-epoch history.
+
+    w_new: (N, D_new), w_old: (N, D_old), both L2-normalised, same row order.
+    `on_step(step, loss)` may raise to stop (the NaN guard lives with the caller).
+    Under DDP pass each rank its shard of rows; negatives are global (losses.py).
+    """
+    assert w_new.shape[0] == w_old.shape[0], "w_new and w_old must be row-aligned"
+    assert w_new.shape[1] == phi.cfg.in_dim and w_old.shape[1] == phi.cfg.out_dim
+    device = next(phi.parameters()).device
+    torch.manual_seed(cfg.seed)  # noise and order; a CPU generator could not feed a CUDA randn
+    opt = torch.optim.AdamW(phi.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scale = math.exp(cfg.log_logit_scale)
+    n = w_new.shape[0]
+    bs = min(cfg.batch_size, n)
+    history, step = [], 0
+    phi.train()
+    for epoch in range(cfg.epochs):
+        t0, total, count = time.perf_counter(), 0.0, 0
+        order = torch.randperm(n)
+        for i in range(0, n - bs + 1, bs):  # drop the ragged tail: a tiny last batch has few negatives
+            idx = order[i : i + bs]
+            x = add_embedding_noise(w_new[idx].to(device), cfg.sigma)  # (B, D_new)
+            loss = clip_loss(phi(x), w_old[idx].to(device), scale)  # φ(x): (B, D_old)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            total, count = total + loss.item(), count + 1
+            if on_step is not None:
+                on_step(step, loss.item())
+        history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "seconds": time.perf_counter() - t0})
+    phi.eval()
+    return history
