@@ -1,0 +1,176 @@
+"""Parquet inputs: the happy paths and every user error CONTRACT.md names."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from xbtcore import world
+from xbtcore.data import InputError, read_gallery, read_pairs, write_embeddings_parquet
+
+
+@pytest.fixture(scope="module")
+def world_files(tmp_path_factory):
+    spec = world.WorldSpec(corpus_captions=200, pair_images=20, eval_images=10, captions_per_eval_image=3)
+    return world.write_world(tmp_path_factory.mktemp("world"), spec)
+
+
+@pytest.fixture(scope="module")
+def pngs():
+    scenes = world.scenes_with_captions(0, "pairs", 6, 1)
+    return [world.png_bytes(world.render_scene(s, noise_seed=i)) for i, (s, _) in enumerate(scenes)]
+
+
+def _write(path, **columns):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+# --- happy paths --------------------------------------------------------------
+
+
+def test_image_id_groups_captions_in_first_appearance_order(world_files):
+    pairs = read_pairs(world_files["eval"])
+    table = pq.read_table(world_files["eval"]).to_pydict()
+    assert pairs.captions == table["caption"]
+    assert pairs.image_ids == list(dict.fromkeys(table["image_id"]))
+    assert len(pairs.images) == 10 and len(pairs.captions) == 30
+    # Independent check: each caption row points at the image with its own image_id.
+    assert [pairs.image_ids[i] for i in pairs.caption_image.tolist()] == table["image_id"]
+    assert pairs.caption_image.dtype == torch.long
+    assert pairs.load_image(3).mode == "RGB" and pairs.load_image(3).size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
+
+
+def test_interleaved_image_ids(tmp_path, pngs):
+    f = _write(tmp_path / "p.parquet", image=[pngs[0], pngs[1], pngs[0], pngs[2], pngs[1]],
+               caption=list("abcde"), image_id=[7, 9, 7, 3, 9])
+    pairs = read_pairs(f)
+    assert pairs.image_ids == [7, 9, 3]
+    assert pairs.caption_image.tolist() == [0, 1, 0, 2, 1]
+    assert pairs.images == [pngs[0], pngs[1], pngs[2]]
+
+
+def test_without_image_id_every_row_is_its_own_image(tmp_path, pngs):
+    f = _write(tmp_path / "p.parquet", image=[pngs[0], pngs[0], pngs[1]], caption=["x", "y", "z"])
+    pairs = read_pairs(f)
+    assert len(pairs.images) == 3 and pairs.caption_image.tolist() == [0, 1, 2]
+
+
+def test_image_path_relative_to_the_parquet_folder(tmp_path, pngs, monkeypatch):
+    (tmp_path / "data" / "img").mkdir(parents=True)
+    for i in range(2):
+        (tmp_path / "data" / "img" / f"{i}.png").write_bytes(pngs[i])
+    absolute = tmp_path / "elsewhere.png"
+    absolute.write_bytes(pngs[2])
+    f = _write(tmp_path / "data" / "p.parquet", image_path=["img/0.png", "img/1.png", str(absolute)],
+               caption=["a", "b", "c"])
+    monkeypatch.chdir(tmp_path)  # resolution must not depend on the working directory
+    pairs = read_pairs("data/p.parquet")
+    assert pairs.images == [str(tmp_path / "data" / "img" / "0.png"), str(tmp_path / "data" / "img" / "1.png"),
+                            str(absolute)]
+    assert pairs.load_image(1).tobytes() == read_pairs(_write(tmp_path / "b.parquet", image=[pngs[1]],
+                                                              caption=["b"])).load_image(0).tobytes()
+
+
+def test_folder_and_glob_of_files(tmp_path, pngs):
+    _write(tmp_path / "parts" / "b.parquet", image=[pngs[2]], caption=["third"], image_id=["i2"])
+    _write(tmp_path / "parts" / "a.parquet", image=[pngs[0], pngs[1], pngs[0]], caption=["first", "second", "again"],
+           image_id=["i0", "i1", "i0"])
+    (tmp_path / "parts" / "notes.txt").write_text("not parquet, ignored")
+    pairs = read_pairs(tmp_path / "parts")
+    assert pairs.captions == ["first", "second", "again", "third"]  # files in sorted order
+    assert pairs.image_ids == ["i0", "i1", "i2"] and pairs.caption_image.tolist() == [0, 1, 0, 2]
+    assert read_pairs(str(tmp_path / "parts" / "*.parquet")).captions == pairs.captions
+
+
+def test_gallery_round_trip(tmp_path):
+    emb = torch.nn.functional.normalize(torch.randn(9, 5, generator=torch.Generator().manual_seed(0)), dim=1)
+    out = write_embeddings_parquet(tmp_path / "g" / "emb.parquet", emb, rows=range(10, 19))
+    assert [p.name for p in out.parent.iterdir()] == ["emb.parquet"]  # no temp file left behind
+    table = pq.read_table(out)
+    assert table.schema.field("row").type == pa.int64()
+    assert table.schema.field("embedding").type == pa.list_(pa.float32())
+    ids, loaded = read_gallery(out)
+    assert ids == list(range(10, 19)) and torch.equal(loaded, emb)
+    ids, _ = read_gallery(write_embeddings_parquet(tmp_path / "h.parquet", emb, ids=[f"d{i}" for i in range(9)]))
+    assert ids[:2] == ["d0", "d1"]
+
+
+# --- errors -------------------------------------------------------------------
+
+
+def _error(path) -> str:
+    with pytest.raises(InputError) as err:
+        read_pairs(path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_caption_column_lists_the_columns(tmp_path, pngs):
+    msg = _error(_write(tmp_path / "p.parquet", image=[pngs[0]], text=["a"]))
+    assert "p.parquet" in msg and "'caption'" in msg and "['image', 'text']" in msg
+
+
+def test_missing_image_column(world_files):
+    msg = _error(world_files["corpus"])  # a text corpus has captions only
+    assert "corpus.parquet" in msg and "'image_path'" in msg and "['caption']" in msg
+
+
+def test_unreadable_file(tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"this is not parquet at all")
+    msg = _error(tmp_path / "x.parquet")
+    assert "x.parquet" in msg and "not a readable Parquet file" in msg
+
+
+def test_undecodable_image_names_file_column_and_row(tmp_path, pngs):
+    images = [pngs[0], pngs[1], pngs[2], b"notanimage", pngs[3]]
+    msg = _error(_write(tmp_path / "bad.parquet", image=images, caption=list("abcde")))
+    assert "bad.parquet" in msg and "column 'image'" in msg and "(row 3)" in msg
+
+
+def test_missing_image_path_file(tmp_path, pngs):
+    (tmp_path / "ok.png").write_bytes(pngs[0])
+    msg = _error(_write(tmp_path / "p.parquet", image_path=["ok.png", "gone.png", "ok.png", "gone2.png"],
+                        caption=list("abcd")))
+    assert "p.parquet" in msg and "'image_path'" in msg and "do not exist" in msg and "(rows 1, 3)" in msg
+    (tmp_path / "gone.png").write_bytes(b"notanimage")
+    (tmp_path / "gone2.png").write_bytes(pngs[1])
+    msg = _error(tmp_path / "p.parquet")
+    assert "'image_path'" in msg and "do not decode" in msg and "(row 1)" in msg
+
+
+def test_blank_captions_name_their_rows(tmp_path, pngs):
+    msg = _error(_write(tmp_path / "p.parquet", image=pngs[:4], caption=["fine", "  ", None, "fine too"]))
+    assert "'caption'" in msg and "(rows 1, 2)" in msg
+
+
+def test_many_bad_rows_show_the_first_five(tmp_path, pngs):
+    msg = _error(_write(tmp_path / "p.parquet", image=[b"x"] * 8, caption=list("abcdefgh")))
+    assert "(rows 0, 1, 2, 3, 4, and 3 more)" in msg
+
+
+def test_empty_input(tmp_path):
+    f = _write(tmp_path / "p.parquet", image=pa.array([], pa.binary()), caption=pa.array([], pa.string()))
+    assert "no rows" in _error(f)
+
+
+def test_conflicting_images_for_one_image_id(tmp_path, pngs):
+    msg = _error(_write(tmp_path / "p.parquet", image=[pngs[0], pngs[1]], caption=["a", "b"], image_id=[1, 1]))
+    assert "'image_id'" in msg and "(row 1)" in msg
+
+
+def test_nothing_to_read(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "no *.parquet" in _error(tmp_path / "empty")
+    assert "matches no file" in _error(str(tmp_path / "*.parquet"))
+    assert "no such file" in _error(tmp_path / "missing.parquet")
+
+
+def test_gallery_errors(tmp_path):
+    with pytest.raises(InputError, match=r"missing column 'embedding'.*\['vec'\]"):
+        read_gallery(_write(tmp_path / "a.parquet", vec=[[1.0, 2.0]]))
+    ragged = pa.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0, 3.0]], pa.list_(pa.float32()))
+    with pytest.raises(InputError, match=r"b\.parquet: column 'embedding'.*\(row 2\)"):
+        read_gallery(_write(tmp_path / "b.parquet", embedding=ragged))

@@ -1,0 +1,194 @@
+"""DualEncoder: loading, feature access per family, batching invariances."""
+
+import time
+
+import pytest
+import torch
+
+from xbtcore import world
+from xbtcore.encoders import DualEncoder, ModelLoadError
+from xbtcore.tinyclip import (
+    TinyClipSpec,
+    build_image_processor,
+    build_tokenizer,
+    make_tiny_clip,
+    save_checkpoint,
+    world_vocabulary,
+)
+
+SPEC = TinyClipSpec(width=32, layers=1, heads=2, embed_dim=16)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"), SPEC, seed=0)
+
+
+@pytest.fixture(scope="module")
+def enc(clip_dir):
+    return DualEncoder.from_pretrained(str(clip_dir))
+
+
+@pytest.fixture(scope="module")
+def texts():
+    # Lengths vary a lot, so length-sorted batches differ in padding.
+    return world.corpus_captions(seed=0, n=18) + ["star", "a"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [world.render_scene(s, noise_seed=i) for i, (s, _) in enumerate(world.scenes_with_captions(0, "eval", 6, 1))]
+
+
+def test_embed_texts_is_normalised_and_order_preserving(enc, texts):
+    emb = enc.embed_texts(texts, batch_size=4)
+    assert emb.shape == (len(texts), enc.embed_dim) == (len(texts), SPEC.embed_dim)
+    assert emb.dtype == torch.float32 and emb.device.type == "cpu"
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(texts)))
+    perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
+    torch.testing.assert_close(enc.embed_texts([texts[i] for i in perm], batch_size=4), emb[perm], atol=1e-5, rtol=0)
+    # Different texts give different embeddings (the test above cannot pass by collapse).
+    assert (emb @ emb.T).fill_diagonal_(0).max() < 0.9999
+
+
+def test_dynamic_padding_matches_one_text_at_a_time(enc, texts):
+    batched = enc.embed_texts(texts, batch_size=7)
+    alone = torch.cat([enc.embed_texts([t]) for t in texts])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+
+
+def test_features_match_the_model_forward(enc, texts, images):
+    # Independent path: CLIPModel.forward with the tokenizer's own padding.
+    tok = enc.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = enc.model(**tok, pixel_values=enc.preprocess_images(images))
+    torch.testing.assert_close(enc.embed_texts(texts), out.text_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(enc.embed_images(images), out.image_embeds, atol=1e-5, rtol=0)
+
+
+def test_embed_images_shape_norm_and_batching(enc, images):
+    emb = enc.embed_images(images, batch_size=4, progress=True)
+    assert emb.shape == (len(images), SPEC.embed_dim) and emb.dtype == torch.float32
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(images)))
+    torch.testing.assert_close(enc.embed_images(images, batch_size=1), emb, atol=1e-5, rtol=0)
+    assert enc.preprocess_images(images[:2]).shape == (2, 3, SPEC.image_size, SPEC.image_size)
+
+
+def test_features_are_differentiable_and_unnormalised(enc, texts, images):
+    tok = enc.tokenize(texts[:3])
+    t = enc.text_features(tok["input_ids"], tok["attention_mask"])
+    v = enc.image_features(enc.preprocess_images(images[:3]))
+    assert t.shape == v.shape == (3, SPEC.embed_dim)
+    assert not torch.allclose(t.norm(dim=1), torch.ones(3))
+    (t.sum() + v.sum()).backward()
+    assert enc.model.text_projection.weight.grad is not None
+    assert enc.model.visual_projection.weight.grad is not None
+    enc.model.zero_grad(set_to_none=True)
+
+
+def test_save_load_round_trip(enc, texts, images, tmp_path):
+    save_checkpoint(enc.model, enc.tokenizer, enc.image_processor, tmp_path / "copy")
+    again = DualEncoder.from_pretrained(str(tmp_path / "copy"))
+    assert torch.equal(again.embed_texts(texts), enc.embed_texts(texts))
+    assert torch.equal(again.embed_images(images), enc.embed_images(images))
+
+
+def test_given_model_is_used(enc, clip_dir):
+    other = DualEncoder.from_pretrained(str(clip_dir), model=enc.model)
+    assert other.model is enc.model and other.ref == str(clip_dir)
+
+
+def _tiny_blip():
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = BlipConfig(
+        text_config=dict(tower, vocab_size=len(world_vocabulary()) + 4, max_position_embeddings=SPEC.max_text_len,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3, sep_token_id=3),
+        vision_config=dict(tower, image_size=SPEC.image_size, patch_size=SPEC.patch_size),
+        image_text_hidden_size=24,
+    )
+    return BlipForImageTextRetrieval(config)
+
+
+def _tiny_siglip():
+    from transformers import SiglipConfig, SiglipModel
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = SiglipConfig(
+        text_config=dict(tower, vocab_size=len(world_vocabulary()) + 4, max_position_embeddings=SPEC.max_text_len,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3),
+        vision_config=dict(tower, image_size=SPEC.image_size, patch_size=SPEC.patch_size),
+    )
+    return SiglipModel(config)
+
+
+@pytest.mark.parametrize("family", ["blip", "siglip"])
+def test_other_families_match_their_own_forward(family, texts, images, tmp_path):
+    torch.manual_seed(0)
+    model = _tiny_blip() if family == "blip" else _tiny_siglip()
+    save_checkpoint(model, build_tokenizer(world_vocabulary(), SPEC.max_text_len), build_image_processor(SPEC), tmp_path)
+    enc = DualEncoder.from_pretrained(str(tmp_path))
+    assert type(enc.model).__name__ == type(model).__name__  # BLIP: not AutoModel's BlipModel
+    t, v = enc.embed_texts(texts, batch_size=4), enc.embed_images(images)
+    assert t.shape[1] == v.shape[1] == enc.embed_dim == (24 if family == "blip" else 32)
+    pixels = enc.preprocess_images(images)
+    with torch.no_grad():
+        if family == "blip":
+            tok = enc.tokenizer(texts, padding=True, return_tensors="pt")
+            scores = enc.model(**tok, pixel_values=pixels, use_itm_head=False).itm_score  # (images, texts) cosine
+            torch.testing.assert_close(v @ t.T, scores, atol=1e-5, rtol=0)
+        else:
+            # SigLIP pools the last position: it must see full-length padding.
+            tok = enc.tokenizer(texts, padding="max_length", max_length=SPEC.max_text_len, return_tensors="pt")
+            out = enc.model(**tok, pixel_values=pixels)
+            torch.testing.assert_close(t, out.text_embeds, atol=1e-5, rtol=0)
+            torch.testing.assert_close(v, out.image_embeds, atol=1e-5, rtol=0)
+
+
+def test_offline_hub_id_fails_fast_with_the_name(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError) as err:
+        DualEncoder.from_pretrained("xbt-test/no-such-model")
+    assert time.perf_counter() - t0 < 10
+    msg = str(err.value)
+    assert "'xbt-test/no-such-model'" in msg and "HF_HUB_OFFLINE" in msg and "\n" not in msg
+
+
+def test_unreachable_or_unknown_hub_id_is_a_model_load_error(monkeypatch):
+    # No offline flag: here the hub is unreachable (one probe, no retries); where it
+    # is reachable the id does not exist. Either way a ModelLoadError, quickly.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="xbt-test/no-such-model"):
+        DualEncoder.from_pretrained("xbt-test/no-such-model")
+    assert time.perf_counter() - t0 < 25
+
+
+def test_incomplete_or_missing_directories(clip_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="config.json") as err:
+        DualEncoder.from_pretrained(str(tmp_path / "empty"))
+    assert str(tmp_path / "empty") in str(err.value)
+
+    (tmp_path / "no_weights").mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "no_weights" / name).write_bytes((clip_dir / name).read_bytes())
+    with pytest.raises(ModelLoadError, match="no weights"):
+        DualEncoder.from_pretrained(str(tmp_path / "no_weights"))
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        DualEncoder.from_pretrained(str(tmp_path / "nowhere"))
+
+    # transformers 5 would build an empty tokenizer here without a word of warning.
+    (tmp_path / "partial").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "partial" / name).write_bytes((clip_dir / name).read_bytes())
+    with pytest.raises(ModelLoadError, match="no tokenizer files"):
+        DualEncoder.from_pretrained(str(tmp_path / "partial"))
+    (tmp_path / "partial" / "tokenizer_config.json").write_bytes((clip_dir / "tokenizer_config.json").read_bytes())
+    (tmp_path / "partial" / "tokenizer.json").write_bytes((clip_dir / "tokenizer.json").read_bytes())
+    with pytest.raises(ModelLoadError, match="cannot load the image processor"):
+        DualEncoder.from_pretrained(str(tmp_path / "partial"))

@@ -1,0 +1,319 @@
+"""Reading and checking the Parquet inputs of CONTRACT.md (pyarrow only).
+
+Every problem a user can cause (a missing column, an unreadable file, an image
+that does not decode, an empty input) is an InputError naming the file, the
+column, the first offending rows (0-based row numbers within that file) and the
+fix. Outputs are written to a temporary name and renamed, so an interrupted
+run never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+_SHOW_ROWS = 5
+_GLOB_CHARS = set("*?[")
+_PAIRS_FIX = "image-text pairs need 'caption' and 'image' (binary) or 'image_path' (string) columns; rename yours"
+
+
+class InputError(ValueError):
+    """A user input that breaks the contract; the message says where and how to fix it."""
+
+    def __init__(self, file, problem: str, fix: str, column: str | None = None, rows: Sequence[int] = ()):
+        self.file, self.column, self.rows = str(file), column, list(rows)
+        where = f"{file}" + (f": column '{column}'" if column else "")
+        shown = ""
+        if rows:
+            shown = (" (row " if len(rows) == 1 else " (rows ") + ", ".join(str(r) for r in list(rows)[:_SHOW_ROWS])
+            shown += f", and {len(rows) - _SHOW_ROWS} more)" if len(rows) > _SHOW_ROWS else ")"
+        super().__init__(f"{where}: {problem}{shown}: {fix}")
+
+
+# --- files --------------------------------------------------------------------
+
+
+def parquet_files(path) -> list[Path]:
+    """One file, every *.parquet in a folder (sorted), or the files a glob matches (sorted)."""
+    text = str(path)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.parquet") if f.is_file())
+        if not files:
+            raise InputError(p, "folder holds no *.parquet file", "point at a Parquet file, a folder of them or a glob")
+        return files
+    if p.is_file():
+        return [p]
+    if _GLOB_CHARS & set(text):
+        files = sorted(Path(f) for f in _glob.glob(os.path.expanduser(text)) if Path(f).is_file())
+        if not files:
+            raise InputError(text, "glob matches no file", "check the pattern")
+        return files
+    raise InputError(text, "no such file or folder", "check the path")
+
+
+def _read_table(file: Path, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(file, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(file, f"not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                         "pass a Parquet file (e.g. written by pyarrow or pandas.to_parquet)") from e
+
+
+def _schema(file: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(file)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(file, f"not a readable Parquet file ({type(e).__name__})",
+                         "pass a Parquet file (e.g. written by pyarrow or pandas.to_parquet)") from e
+
+
+def _missing_column(file: Path, wanted: str, schema: pa.Schema, fix: str) -> InputError:
+    return InputError(file, f"missing column {wanted}; the file has columns {schema.names}", fix)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_bytes(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _null_rows(column: pa.ChunkedArray) -> list[int]:
+    return np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False)).tolist()
+
+
+# --- image-text pairs ---------------------------------------------------------
+
+
+@dataclass
+class PairSet:
+    """Image-text pairs (or an eval set): distinct images, one caption per row.
+
+    `images[i]` is the encoded bytes (PNG/JPEG) or the absolute path of image i;
+    `caption_image[c]` is the index into `images` of caption c's image.
+    """
+
+    images: list
+    captions: list[str]
+    caption_image: torch.Tensor  # (n_captions,) long
+    image_ids: list
+    source: str
+
+    def __post_init__(self):
+        assert len(self.images) == len(self.image_ids), "one id per distinct image"
+        assert self.caption_image.shape == (len(self.captions),), "one image index per caption"
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
+    def load_image(self, i: int) -> Image.Image:
+        src = self.images[i]
+        img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+        return img.convert("RGB")
+
+
+def _check_decodes(src) -> bool:
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
+            img.verify()  # parses the whole stream (PNG: every chunk CRC) without decoding pixels
+        return True
+    except Exception:
+        return False
+
+
+def _read_pairs_file(file: Path):
+    """(captions, image sources, image ids or None) of one file, every row checked."""
+    schema = _schema(file)
+    if "caption" not in schema.names:
+        raise _missing_column(file, "'caption'", schema, _PAIRS_FIX)
+    image_col = "image" if "image" in schema.names else "image_path" if "image_path" in schema.names else None
+    if image_col is None:
+        raise _missing_column(file, "'image' (PNG/JPEG bytes) or 'image_path'", schema, _PAIRS_FIX)
+    columns = ["caption", image_col] + (["image_id"] if "image_id" in schema.names else [])
+    table = _read_table(file, columns)
+
+    for name, ok in [("caption", _is_text), (image_col, _is_bytes if image_col == "image" else _is_text)]:
+        if not ok(table.schema.field(name).type):
+            raise InputError(file, f"has type {table.schema.field(name).type}",
+                             "store captions and image paths as strings and images as binary", column=name)
+
+    captions = table.column("caption").to_pylist()
+    blank = [r for r, c in enumerate(captions) if c is None or not c.strip()]
+    if blank:
+        raise InputError(file, "null or blank captions", "drop those rows or fill in their captions",
+                         column="caption", rows=blank)
+
+    sources = table.column(image_col).to_pylist()
+    missing = [r for r, s in enumerate(sources) if s is None or (image_col == "image_path" and not s.strip())]
+    if missing:
+        raise InputError(file, "null images", "drop those rows or fill in their images", column=image_col, rows=missing)
+    if image_col == "image_path":
+        folder = file.absolute().parent
+        sources = [os.path.normpath(folder / Path(s).expanduser()) for s in sources]  # an absolute s replaces folder
+
+    ids = None
+    if "image_id" in table.column_names:
+        id_col = table.column("image_id")
+        if not (_is_text(id_col.type) or pa.types.is_integer(id_col.type)):
+            raise InputError(file, f"has type {id_col.type}", "store image ids as strings or integers", column="image_id")
+        null_ids = _null_rows(id_col)
+        if null_ids:
+            raise InputError(file, "null image ids", "give every row an image_id (or drop the column)",
+                             column="image_id", rows=null_ids)
+        ids = id_col.to_pylist()
+    return captions, sources, ids, image_col
+
+
+def read_pairs(path) -> PairSet:
+    """Image-text pairs or an eval set: one Parquet file, a folder of them or a glob.
+
+    Rows sharing an `image_id` (across all files) are one image with several
+    captions, in order of first appearance; without `image_id` every row is its
+    own image (its id is its row number in the whole input). Every distinct
+    image is checked to decode.
+    """
+    files = parquet_files(path)
+    images, image_ids, captions, caption_image = [], [], [], []
+    index_of: dict = {}  # image_id -> index into images
+    first_row: dict = {}  # image index -> (file, row, column) where it first appeared, for errors
+    offset = 0
+    for file in files:
+        caps, sources, ids, image_col = _read_pairs_file(file)
+        conflicts = []
+        for r, (cap, src) in enumerate(zip(caps, sources)):
+            key = ids[r] if ids is not None else offset + r
+            i = index_of.get(key)
+            if i is None:
+                i = index_of[key] = len(images)
+                images.append(src)
+                image_ids.append(key)
+                first_row[i] = (file, r, image_col)
+            elif images[i] != src:
+                conflicts.append(r)
+            captions.append(cap)
+            caption_image.append(i)
+        if conflicts:
+            raise InputError(file, "rows share an image_id but not the same image",
+                             "give different images different image_ids", column="image_id", rows=conflicts)
+        offset += len(caps)
+    if not captions:
+        raise InputError(path, "no rows", "pass a non-empty input")
+
+    # Rows are reported where each distinct image first appears, file by file.
+    missing: dict[Path, list[int]] = {}
+    undecodable: dict[tuple[Path, str], list[int]] = {}
+    for i, src in enumerate(images):
+        file, r, col = first_row[i]
+        if col == "image_path" and not Path(src).is_file():
+            missing.setdefault(file, []).append(r)
+        elif not _check_decodes(src):
+            undecodable.setdefault((file, col), []).append(r)
+    if missing:
+        file, rows = next(iter(missing.items()))
+        raise InputError(file, "image files do not exist", "fix the paths (relative ones are relative to the Parquet "
+                         "file's folder)", column="image_path", rows=rows)
+    if undecodable:
+        (file, col), rows = next(iter(undecodable.items()))
+        raise InputError(file, "images do not decode", "store PNG or JPEG images", column=col, rows=rows)
+
+    return PairSet(images, captions, torch.tensor(caption_image, dtype=torch.long), image_ids, str(path))
+
+
+# --- gallery embeddings -------------------------------------------------------
+
+
+def read_gallery(path) -> tuple[list, torch.Tensor]:
+    """(ids, (N, D) float32 embeddings) from a gallery: `embedding` list<float>,
+    ids from `id`, else `row` (as `xbt embed` writes), else the row number."""
+    ids: list = []
+    blocks: list[np.ndarray] = []  # (n_i, D) each
+    dim = None
+    for file in parquet_files(path):
+        schema = _schema(file)
+        if "embedding" not in schema.names:
+            raise _missing_column(file, "'embedding'", schema, "pass a gallery written by `xbt embed`")
+        id_col = next((c for c in ("id", "row") if c in schema.names), None)
+        table = _read_table(file, ["embedding"] + ([id_col] if id_col else []))
+        column = table.column("embedding")
+        kind = column.type
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) \
+                or not pa.types.is_floating(kind.value_type):
+            raise InputError(file, f"has type {kind}", "store embeddings as list<float32>", column="embedding")
+        start = 0
+        for chunk in column.chunks:  # chunk by chunk: one list array holds under 2**31 values
+            nulls = _null_rows(chunk)
+            if nulls:
+                raise InputError(file, "null embeddings", "drop those rows", column="embedding",
+                                 rows=[start + r for r in nulls])
+            lengths = pc.list_value_length(chunk).to_numpy(zero_copy_only=False)
+            if len(chunk):
+                dim = int(lengths[0]) if dim is None else dim
+                ragged = np.flatnonzero(lengths != dim)
+                if len(ragged):
+                    raise InputError(file, f"embeddings of different lengths (expected {dim})",
+                                     "write every embedding with the same model", column="embedding",
+                                     rows=(start + ragged).tolist())
+                values = pc.list_flatten(chunk)
+                if values.null_count:
+                    raise InputError(file, "null values inside embeddings", "write complete embeddings", column="embedding")
+                blocks.append(values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(chunk), dim))
+            start += len(chunk)
+        ids += table.column(id_col).to_pylist() if id_col else list(range(len(ids), len(ids) + table.num_rows))
+    if not ids:
+        raise InputError(path, "no rows", "pass a non-empty gallery")
+    return ids, torch.from_numpy(np.concatenate(blocks))
+
+
+def write_embeddings_parquet(path, embeddings, rows=None, ids=None) -> Path:
+    """Write `row` (int64), `embedding` (list<float32>) and, if given, `id`.
+
+    Atomic: written to a temporary file in the same folder, then renamed.
+    Normalising is the caller's job (CONTRACT: `xbt embed` writes L2-normalised).
+    """
+    emb = np.ascontiguousarray(
+        embeddings.detach().cpu().float().numpy() if isinstance(embeddings, torch.Tensor) else embeddings, dtype=np.float32
+    )
+    assert emb.ndim == 2, f"embeddings must be (N, D), got shape {emb.shape}"
+    n, d = emb.shape
+    rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    assert rows.shape == (n,), "one row number per embedding"
+    # list<float32> has int32 offsets: build it in chunks of under 2**31 values.
+    step = max(1, 2**30 // max(d, 1))
+    chunks = []
+    for start in range(0, n, step):
+        block = emb[start : start + step]  # (m, D)
+        offsets = np.arange(0, (len(block) + 1) * d, d, dtype=np.int32)
+        chunks.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(block.reshape(-1))))
+    columns = {"row": pa.array(rows), "embedding": pa.chunked_array(chunks, type=pa.list_(pa.float32()))}
+    if ids is not None:
+        ids = list(ids)
+        assert len(ids) == n, "one id per embedding"
+        columns["id"] = pa.array(ids)
+    table = pa.table(columns)
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

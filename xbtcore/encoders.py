@@ -1,0 +1,346 @@
+"""One loader and one feature interface for every dual encoder transformers loads.
+
+CLIP, SigLIP and BLIP retrieval checkpoints differ only in where their projected
+features come from; that difference lives in the "per-family feature access"
+section below and nowhere else. Everything else (batching, padding, autocast,
+normalisation) is shared.
+
+`text_features` / `image_features` are differentiable and return the projected,
+not normalised, features: training (LoRA, XBT) builds on them. `embed_texts` /
+`embed_images` are the inference path: batched, no grad, L2-normalised, float32
+on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Files a local checkpoint directory must hold for AutoModel to load it.
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Architectures AutoModel would load as a different class (losing the heads we need).
+_ARCHITECTURE_CLASSES = {"BlipForImageTextRetrieval"}
+# Tokenizer files; without any, transformers 5 quietly builds an empty tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model",
+                    "sentencepiece.bpe.model", "tokenizer.model")
+_MIN_VOCAB = 8
+_HUB_TIMEOUT_S = "10"
+
+
+class ModelLoadError(RuntimeError):
+    """A model reference that cannot be loaded; the message names it and the fix."""
+
+
+# --- per-family feature access ------------------------------------------------
+
+
+def _is_blip_retrieval(model) -> bool:
+    # BlipForImageTextRetrieval has no get_*_features: its contrastive (ITC)
+    # features are vision_proj / text_proj on the CLS token of each tower.
+    # hasattr also sees through a peft wrapper.
+    return all(hasattr(model, a) for a in ("vision_proj", "text_proj", "text_encoder"))
+
+
+def _pooled(out) -> torch.Tensor:
+    # transformers 5 returns an output object whose pooler_output is the projected
+    # feature; older versions (and some families) return the tensor itself.
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _project_text(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if _is_blip_retrieval(model):
+        hidden = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        return model.text_proj(hidden[:, 0, :])  # (B, D)
+    return _pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))  # (B, D)
+
+
+def _project_image(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    if _is_blip_retrieval(model):
+        hidden = model.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, P+1, H)
+        return model.vision_proj(hidden[:, 0, :])  # (B, D)
+    return _pooled(model.get_image_features(pixel_values=pixel_values))  # (B, D)
+
+
+def _config_embed_dim(model) -> int | None:
+    config = model.config
+    if _is_blip_retrieval(model):
+        return config.image_text_hidden_size
+    if getattr(config, "projection_dim", None):  # CLIP, ALIGN, BLIP (BlipModel), ...
+        return config.projection_dim
+    text_config = getattr(config, "text_config", None)
+    return getattr(text_config, "projection_size", None)  # SigLIP / SigLIP 2
+
+
+def _pads_to_max_length(model) -> bool:
+    # SigLIP pools the last position of the text tower and was trained on texts
+    # padded to the full length: dynamic padding would change its features.
+    return getattr(model.config, "model_type", "") in {"siglip", "siglip2"}
+
+
+# --- loading ------------------------------------------------------------------
+
+
+def _is_offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"} for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def _check_local_dir(path: Path, need_model: bool) -> None:
+    if need_model and not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"model directory '{path}' has no config.json: pass a directory in the Hugging Face layout "
+            "(config.json, weights, tokenizer, image processor), e.g. one written by save_pretrained"
+        )
+    if need_model and not any((path / f).is_file() for f in _WEIGHT_FILES):
+        raise ModelLoadError(
+            f"model directory '{path}' has no weights ({' or '.join(_WEIGHT_FILES)}): "
+            "save the model there with save_pretrained"
+        )
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"model directory '{path}' has no tokenizer files ({', '.join(_TOKENIZER_FILES)}): "
+            "save the tokenizer there with tokenizer.save_pretrained"
+        )
+
+
+class _PartError(Exception):
+    """One part (model, tokenizer, image processor) failed to load."""
+
+    def __init__(self, part: str, cause: BaseException):
+        super().__init__(part)
+        self.part, self.cause, self.reason = part, cause, _first_line(cause)
+
+
+def _load_parts(ref: str, dtype: torch.dtype, with_model: bool, local_files_only: bool):
+    """(model or None, tokenizer, image_processor); each failure names the part."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+
+    kw = dict(local_files_only=local_files_only)
+    model = None
+    if with_model:
+        try:
+            config = AutoConfig.from_pretrained(ref, **kw)
+            archs = [a for a in (getattr(config, "architectures", None) or []) if a in _ARCHITECTURE_CLASSES]
+            cls = getattr(transformers, archs[0]) if archs else AutoModel
+            model = cls.from_pretrained(ref, config=config, dtype=dtype, **kw)
+        except Exception as e:
+            raise _PartError("model", e) from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, **kw)
+        if len(tokenizer) < _MIN_VOCAB:
+            raise ValueError(f"the tokenizer has only {len(tokenizer)} tokens (its vocabulary files are missing)")
+    except Exception as e:
+        raise _PartError("tokenizer", e) from e
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(ref, **kw)
+    except Exception as e:
+        raise _PartError("image processor", e) from e
+    return model, tokenizer, image_processor
+
+
+def _hub_reachable() -> str | None:
+    """None when the hub answers, else the reason. One request, no retries:
+    huggingface_hub's own downloads retry with backoff for ~30 s per file."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=float(os.environ.get("HF_HUB_ETAG_TIMEOUT", _HUB_TIMEOUT_S)))
+    except Exception as e:
+        return _first_line(e)
+    return None
+
+
+def _load(ref: str, dtype: torch.dtype, with_model: bool):
+    # Short hub timeouts so a dead network fails fast. huggingface_hub reads them
+    # at import, so set them before the first transformers import (its default is
+    # 10 s as well, so an earlier import loses nothing).
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", _HUB_TIMEOUT_S)
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", _HUB_TIMEOUT_S)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        _check_local_dir(path, with_model)
+        try:
+            return _load_parts(str(path), dtype, with_model, local_files_only=True)
+        except _PartError as e:
+            raise ModelLoadError(
+                f"cannot load the {e.part} from model directory '{path}' ({e.reason}): "
+                "save model, tokenizer and image processor there with save_pretrained"
+            ) from e.cause
+    if path.exists():
+        raise ModelLoadError(f"model '{ref}' is a file, not a directory: pass a directory in the Hugging Face layout or a hub id")
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:  # a path, not an "org/name" hub id
+        raise ModelLoadError(f"model directory '{ref}' does not exist: pass a directory in the Hugging Face layout or a hub id")
+
+    # A hub id: the local cache first, so a cached model never touches the network.
+    try:
+        return _load_parts(ref, dtype, with_model, local_files_only=True)
+    except _PartError:
+        pass
+    if _is_offline():
+        raise ModelLoadError(
+            f"model '{ref}' is not a local directory and is not in the Hugging Face cache; "
+            "the hub is unreachable (HF_HUB_OFFLINE=1): "
+            "download it where the hub is reachable or pass a local directory"
+        )
+    reason = _hub_reachable()
+    if reason is not None:
+        raise ModelLoadError(
+            f"model '{ref}' is not a local directory and is not in the Hugging Face cache; "
+            f"the hub is unreachable ({reason}): download it where the hub is reachable or pass a local directory"
+        )
+    try:
+        return _load_parts(ref, dtype, with_model, local_files_only=False)
+    except _PartError as e:
+        raise ModelLoadError(
+            f"cannot load the {e.part} for model '{ref}' from the Hugging Face hub ({e.reason}): "
+            "check the model id (and HF_TOKEN for gated models) or pass a local directory"
+        ) from e.cause
+
+
+# --- the dual encoder ---------------------------------------------------------
+
+
+@dataclass
+class DualEncoder:
+    """A dual encoder with its tokenizer and image processor.
+
+    `model` may be any module with the family's feature methods, including a
+    peft-wrapped one; the constructor does no I/O (use `from_pretrained`).
+    """
+
+    model: Any
+    tokenizer: Any
+    image_processor: Any
+    ref: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        self.device = torch.device(self.device)
+
+    @classmethod
+    def from_pretrained(cls, ref: str, device="cpu", dtype: torch.dtype = torch.float32, model=None) -> "DualEncoder":
+        """Load model, tokenizer and image processor from a local directory or hub id.
+
+        With `model` given, only the tokenizer and image processor are loaded from
+        `ref` (e.g. a peft-wrapped copy of the model in `ref`). Raises
+        ModelLoadError, never hangs on an unreachable hub.
+        """
+        ref = str(ref)
+        loaded, tokenizer, image_processor = _load(ref, dtype, with_model=model is None)
+        model = loaded if model is None else model
+        model = model.to(device=device, dtype=dtype).eval()
+        return cls(model, tokenizer, image_processor, ref, torch.device(device), dtype)
+
+    # differentiable features (training builds on these)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, D) projected, not normalised, text features."""
+        return _project_text(self.model, input_ids, attention_mask)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) pixels -> (B, D) projected, not normalised, image features."""
+        return _project_image(self.model, pixel_values)
+
+    @property
+    def embed_dim(self) -> int:
+        dim = _config_embed_dim(self.model)
+        if dim is None:
+            dim = self.embed_texts(["a"]).shape[1]
+        return int(dim)
+
+    @property
+    def max_text_length(self) -> int:
+        """Truncation length: the tokenizer's, capped by the text tower's positions
+        (some tokenizers leave model_max_length at a huge sentinel)."""
+        lengths = [self.tokenizer.model_max_length]
+        text_config = getattr(self.model.config, "text_config", None)
+        if getattr(text_config, "max_position_embeddings", None):
+            lengths.append(text_config.max_position_embeddings)
+        return int(min(lengths))
+
+    # preprocessing
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Token tensors on the model's device, padded to the longest text (SigLIP:
+        to the full length), truncated at `max_text_length`."""
+        padding = "max_length" if _pads_to_max_length(self.model) else True
+        enc = self.tokenizer(
+            list(texts), padding=padding, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+        )
+        return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask") if k in enc}
+
+    def preprocess_images(self, images) -> torch.Tensor:
+        """PIL images -> (B, C, H, W) pixel values (on the CPU, float32)."""
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    # inference (normalised embeddings)
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype == torch.bfloat16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def embed_texts(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """(N,) texts -> (N, D) L2-normalised float32 CPU embeddings, in input order.
+
+        Texts are sorted by token length and each batch is padded to its own
+        longest text: padding is masked out, so results equal one-at-a-time ones.
+        """
+        texts = list(texts)
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_text_length)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        chunks = []
+        with torch.inference_mode(), self._autocast(), _progress(len(texts), "embed texts", progress) as bar:
+            for start in range(0, len(texts), batch_size):
+                idx = order[start : start + batch_size]
+                enc = self.tokenize([texts[i] for i in idx])
+                feats = self.text_features(enc["input_ids"], enc.get("attention_mask"))  # (b, D)
+                chunks.append(F.normalize(feats.float(), dim=-1).cpu())
+                bar.update(len(idx))
+        if not chunks:
+            return torch.empty(0, self.embed_dim)
+        sorted_emb = torch.cat(chunks)  # (N, D), in length order
+        out = torch.empty_like(sorted_emb)
+        out[torch.tensor(order)] = sorted_emb  # back to input order
+        return out
+
+    def embed_images(self, images: Sequence, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """(N,) PIL images -> (N, D) L2-normalised float32 CPU embeddings.
+
+        `images` may be any indexable sequence (a lazy one that decodes on access
+        works too): only one batch is decoded and preprocessed at a time.
+        """
+        n = len(images)
+        if n == 0:
+            return torch.empty(0, self.embed_dim)
+        out = None
+        with torch.inference_mode(), self._autocast(), _progress(n, "embed images", progress) as bar:
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                pixels = self.preprocess_images([images[i] for i in range(start, stop)])  # (b, C, H, W)
+                feats = self.image_features(pixels.to(self.device, self.dtype))  # (b, D)
+                if out is None:
+                    out = torch.empty(n, feats.shape[1])
+                out[start:stop] = F.normalize(feats.float(), dim=-1).cpu()
+                bar.update(stop - start)
+        return out
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", disable=not enabled)
