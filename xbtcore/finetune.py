@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .adapters import LoraSettings, add_lora, add_vision_prompts, find_prompts
 from .augment import AugmentConfig, augment_image
-from .losses import PAPER_LOG_LOGIT_SCALE, clip_loss
+from .losses import PAPER_LOG_LOGIT_SCALE, average_gradients, clip_loss, local_slice, world_info
 from .phi import Phi
 
 
@@ -125,8 +125,11 @@ def _save_checkpoint(path: Path, encoder, phi, opt, step: int) -> None:
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
 
 
-def _batch_pixels(encoder, images: list, rows: torch.Tensor, cfg: AugmentConfig, rng: random.Random) -> torch.Tensor:
-    return encoder.preprocess_images([augment_image(images[int(i)], cfg, rng) for i in rows])  # (B, 3, H, W)
+def _batch_pixels(encoder, images: list, img_idx: torch.Tensor, rows: torch.Tensor, cfg: AugmentConfig, tag: str):
+    # One RNG per (step, caption row): the same augmentation whatever the rank
+    # layout, and after a resume.
+    out = [augment_image(images[int(i)], cfg, random.Random(f"{tag}/{int(r)}")) for i, r in zip(img_idx, rows)]
+    return encoder.preprocess_images(out)  # (B, 3, H, W)
 
 
 def _direct_targets(old_targets, image_idx, caption_rows, device):
@@ -165,6 +168,7 @@ def finetune(
 
     n = len(pairs.captions)
     bs = min(cfg.batch_size, n)
+    bs -= bs % world_info()[1]  # a global batch splits evenly over ranks
     steps_per_epoch = n // bs  # drop the ragged tail: a tiny batch has too few negatives
     total = steps_per_epoch * cfg.epochs
     start = 0
@@ -188,12 +192,12 @@ def finetune(
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        rows = order[k * bs : (k + 1) * bs]  # (B,) caption rows
+        rows = order[k * bs : (k + 1) * bs][local_slice(bs)]  # (B/W,) this rank's caption rows
         img_idx = caption_image[rows]  # (B,) distinct-image indices
-        rng = random.Random(f"{cfg.seed}/{step}")  # per-step: a resumed run augments identically
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # a resumed run draws the same LoRA dropout masks
 
         t0 = time.perf_counter()
-        pixels = _batch_pixels(encoder, images, img_idx, cfg.augment, rng).to(device)
+        pixels = _batch_pixels(encoder, images, img_idx, rows, cfg.augment, f"{cfg.seed}/{step}").to(device)
         tok = encoder.tokenize([pairs.captions[int(r)] for r in rows])
         tok = {k2: v.to(device) for k2, v in tok.items()}
         t1 = time.perf_counter()
@@ -212,17 +216,18 @@ def finetune(
             raise DivergedError(f"{method} loss became {value} at step {step + 1}; nothing is promoted")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(p for g in groups for p in g["params"])
         opt.step()
         t_data, t_model = t_data + (t1 - t0), t_model + (time.perf_counter() - t1)
 
         history.append({"step": step + 1, "epoch": epoch + 1, "loss": value})
-        if on_step is not None:
+        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0) and step + 1 < total:
+            _save_checkpoint(ckpt, encoder, phi, opt, step + 1)
+        if on_step is not None:  # after the checkpoint: a kill here loses nothing
             on_step(step + 1, value)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}")
-        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0) and step + 1 < total:
-            _save_checkpoint(ckpt, encoder, phi, opt, step + 1)
     if bar is not None:
         bar.close()
     encoder.model.eval()

@@ -60,3 +60,30 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: float | torch.Tenso
     # W identical contributions to each slice (W * dL/dx_r); DDP's gradient
     # averaging divides by W again, so parameter gradients are exactly dL/dθ.
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def local_slice(n: int) -> slice:
+    """This rank's contiguous part of a global batch of n rows (rank order = gather order)."""
+    rank, world = world_info()
+    assert n % world == 0, f"global batch {n} must divide by world size {world}"
+    per = n // world
+    return slice(rank * per, (rank + 1) * per)
+
+
+def average_gradients(params) -> None:
+    """What DDP's reducer does: average .grad over ranks. Called explicitly because the
+    encoders are reached through feature methods, not a DDP-wrapped forward."""
+    rank, world = world_info()
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .losses import PAPER_LOG_LOGIT_SCALE, clip_loss
+from .losses import PAPER_LOG_LOGIT_SCALE, average_gradients, clip_loss, local_slice, world_info
 from .phi import Phi
 
 
@@ -55,7 +55,9 @@ def text_only_pretrain(
 
     w_new: (N, D_new), w_old: (N, D_old), both L2-normalised, same row order.
     `on_step(step, loss)` may raise to stop (the NaN guard lives with the caller).
-    Under DDP pass each rank its shard of rows; negatives are global (losses.py).
+    Under torchrun every rank passes the same rows and draws the same global
+    batch; each embeds its own contiguous slice, negatives are all-gathered
+    (losses.py) and gradients averaged, so the result equals one process.
     """
     assert w_new.shape[0] == w_old.shape[0], "w_new and w_old must be row-aligned"
     assert w_new.shape[1] == phi.cfg.in_dim and w_old.shape[1] == phi.cfg.out_dim
@@ -65,6 +67,7 @@ def text_only_pretrain(
     scale = math.exp(cfg.log_logit_scale)
     n = w_new.shape[0]
     bs = min(cfg.batch_size, n)
+    bs -= bs % world_info()[1]  # a global batch splits evenly over ranks
     history, step = [], 0
     phi.train()
     for epoch in range(cfg.epochs):
@@ -72,10 +75,12 @@ def text_only_pretrain(
         order = torch.randperm(n)
         for i in range(0, n - bs + 1, bs):  # drop the ragged tail: a tiny last batch has few negatives
             idx = order[i : i + bs]
-            x = add_embedding_noise(w_new[idx].to(device), cfg.sigma)  # (B, D_new)
-            loss = clip_loss(phi(x), w_old[idx].to(device), scale)  # φ(x): (B, D_old)
+            x = add_embedding_noise(w_new[idx].to(device), cfg.sigma)  # (B, D_new), same noise on every rank
+            mine = local_slice(bs)
+            loss = clip_loss(phi(x[mine]), w_old[idx][mine].to(device), scale)  # φ(x): (B/W, D_old)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(phi.parameters())
             opt.step()
             step += 1
             total, count = total + loss.item(), count + 1

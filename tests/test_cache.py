@@ -1,0 +1,51 @@
+"""The embedding cache: computed once, reused, resumable after a crash."""
+
+import json
+
+import pytest
+import torch
+
+from xbtcore.cache import CacheStats, EmbeddingCache, fingerprint_texts
+
+
+def _embed_factory(calls):
+    def embed(a, b):
+        calls.append((a, b))
+        return torch.arange(a, b, dtype=torch.float32)[:, None].repeat(1, 3)
+    return embed
+
+
+def test_second_call_computes_nothing(tmp_path):
+    cache, calls = EmbeddingCache(tmp_path), []
+    first = cache.get_or_compute("m", "d", "text", 10, _embed_factory(calls), shard_rows=4)
+    assert calls == [(0, 4), (4, 8), (8, 10)]
+    stats = CacheStats()
+    again = cache.get_or_compute("m", "d", "text", 10, _embed_factory(calls), shard_rows=4, stats=stats)
+    assert len(calls) == 3 and stats.computed_rows == 0 and stats.reused_rows == 10
+    assert torch.equal(first, again) and first[:, 0].tolist() == list(range(10))
+    assert cache.is_complete("m", "d", "text")
+
+
+def test_crash_mid_way_resumes_missing_shards_only(tmp_path):
+    cache, calls = EmbeddingCache(tmp_path), []
+
+    def flaky(a, b):
+        if a == 8:
+            raise RuntimeError("killed")
+        return _embed_factory(calls)(a, b)
+    with pytest.raises(RuntimeError):
+        cache.get_or_compute("m", "d", "text", 10, flaky, shard_rows=4)
+    assert not cache.is_complete("m", "d", "text")
+    calls.clear()
+    out = cache.get_or_compute("m", "d", "text", 10, _embed_factory(calls), shard_rows=4)
+    assert calls == [(8, 10)]
+    assert out[:, 0].tolist() == list(range(10))
+
+
+def test_keys_separate_models_and_data(tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    assert fingerprint_texts(["a", "b"]) != fingerprint_texts(["ab"])
+    cache.get_or_compute("m1", "d", "text", 2, _embed_factory([]))
+    assert not cache.is_complete("m2", "d", "text")
+    manifest = json.loads((cache.entry_dir("m1", "d", "text") / "manifest.json").read_text())
+    assert manifest["rows"] == 2 and manifest["dim"] == 3

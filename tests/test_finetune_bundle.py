@@ -1,0 +1,137 @@
+"""XBT training (Eqn. 5), baselines (Eqn. 6), the bundle and the on/off property."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from xbtcore import world
+from xbtcore.adapters import adapters_off, find_prompts
+from xbtcore.bundle import BundleMeta, CompatibleEncoder, load_bundle, save_bundle
+from xbtcore.data import read_pairs
+from xbtcore.encoders import DualEncoder
+from xbtcore.finetune import DivergedError, FinetuneConfig, finetune
+from xbtcore.phi import Phi, PhiConfig
+from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip
+
+FAST = FinetuneConfig(batch_size=32, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    paths = world.write_world(root / "world", world.WorldSpec(corpus_captions=300, pair_images=96, eval_images=16))
+    make_tiny_clip(root / "old", TinyClipSpec(width=32, layers=1, heads=2, embed_dim=24), seed=1)
+    make_tiny_clip(root / "new", TinyClipSpec(width=48, layers=1, heads=2, embed_dim=40), seed=2)
+    return {"root": root, "pairs": read_pairs(paths["pairs"]), "eval": read_pairs(paths["eval"]),
+            "old": str(root / "old"), "new": str(root / "new")}
+
+
+def _images(pairs):
+    return [pairs.load_image(i) for i in range(pairs.n_images)]
+
+
+def _new_phi():
+    torch.manual_seed(0)
+    return Phi(PhiConfig(40, 24))
+
+
+def test_xbt_trains_only_lora_prompts_and_phi_layernorms(tiny):
+    enc = DualEncoder.from_pretrained(tiny["new"])
+    base = {n: p.detach().clone() for n, p in enc.model.named_parameters()}
+    phi = _new_phi()
+    phi_before = {n: p.detach().clone() for n, p in phi.named_parameters()}
+    finetune(enc, phi, tiny["pairs"], "xbt", FAST)
+    for n, p in phi.named_parameters():
+        is_ln = n.startswith("net.1.") or n.startswith("net.4.")
+        assert p.requires_grad == is_ln, n
+        assert torch.equal(p, phi_before[n]) != is_ln, n  # LNs moved, Linears did not
+    lora = [n for n, p in enc.model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora and any("vision_model" in n for n in lora) and any("text_model" in n for n in lora)
+    trainable = {n for n, p in enc.model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or n.endswith("prompts") for n in trainable)
+    assert find_prompts(enc.model).prompts.shape == (10, 48)
+    # base weights are untouched (peft prefixes names; compare by suffix)
+    frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in enc.model.named_parameters()
+              if not p.requires_grad}
+    for n, p in base.items():
+        key = n.replace("embeddings.", "embeddings.inner.", 1) if "vision_model.embeddings." in n else n
+        assert torch.equal(frozen[key], p), n
+
+
+def test_bundle_roundtrip_is_bit_identical_and_off_is_original(tiny, tmp_path):
+    ev = tiny["eval"]
+    orig = DualEncoder.from_pretrained(tiny["new"])
+    orig_t, orig_i = orig.embed_texts(ev.captions), orig.embed_images(_images(ev))
+
+    enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
+    finetune(enc, phi, tiny["pairs"], "xbt", FAST)
+    up = CompatibleEncoder(enc, phi)
+    t1, i1 = up.embed_texts(ev.captions), up.embed_images(_images(ev))
+    assert t1.shape == (len(ev.captions), 24)
+    meta = BundleMeta(base_model=tiny["new"], old_model=tiny["old"], root_model=tiny["old"], method="xbt",
+                      phi=dataclasses.asdict(phi.cfg), n_prompts=10)
+    save_bundle(tmp_path / "bundle", enc, phi, meta)
+    assert not (tmp_path / "bundle.tmp").exists()
+    up2, meta2 = load_bundle(tmp_path / "bundle")
+    assert meta2 == meta
+    assert torch.equal(up2.embed_texts(ev.captions), t1)
+    assert torch.equal(up2.embed_images(_images(ev)), i1)
+    with adapters_off(up2.encoder.model):
+        assert torch.equal(up2.encoder.embed_texts(ev.captions), orig_t)
+        assert torch.equal(up2.encoder.embed_images(_images(ev)), orig_i)
+    # and on again afterwards
+    assert torch.equal(up2.embed_texts(ev.captions), t1)
+
+
+@pytest.mark.parametrize("method", ["base", "lora-only", "full-tune"])
+def test_eqn6_baselines_train_phi_fully(tiny, method):
+    pairs = tiny["pairs"]
+    enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
+    targets = (torch.nn.functional.normalize(torch.randn(pairs.n_images, 24), dim=-1),
+               torch.nn.functional.normalize(torch.randn(len(pairs.captions), 24), dim=-1))
+    finetune(enc, phi, pairs, method, FAST, old_targets=targets)
+    assert all(p.requires_grad for p in phi.parameters())
+    has_prompts = find_prompts(enc.model) is not None
+    assert has_prompts == (method == "base")
+    if method == "full-tune":
+        assert all(p.requires_grad for p in enc.model.parameters())
+
+
+def test_eqn6_needs_old_targets(tiny):
+    with pytest.raises(ValueError, match="old_targets"):
+        finetune(DualEncoder.from_pretrained(tiny["new"]), _new_phi(), tiny["pairs"], "base", FAST)
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tiny, tmp_path):
+    ev = tiny["eval"]
+    full_enc, full_phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
+    finetune(full_enc, full_phi, tiny["pairs"], "xbt", FAST)
+    want = CompatibleEncoder(full_enc, full_phi).embed_texts(ev.captions)
+
+    ckpt = tmp_path / "ckpt.pt"
+    calls = {"n": 0}
+
+    def crash(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt  # killed right after the step-2 checkpoint
+    enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
+    with pytest.raises(KeyboardInterrupt):
+        finetune(enc, phi, tiny["pairs"], "xbt", FAST, checkpoint_path=ckpt, on_step=crash)
+    assert ckpt.exists()
+
+    def count(step, loss):
+        calls["n"] += 1
+    enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
+    hist = finetune(enc, phi, tiny["pairs"], "xbt", FAST, checkpoint_path=ckpt, on_step=count)
+    assert hist[0]["resumed_from"] == 2
+    assert calls["n"] == 3 - 2  # 96 pairs / 32 = 3 steps; only step 3 ran again
+    torch.testing.assert_close(CompatibleEncoder(enc, phi).embed_texts(ev.captions), want, atol=1e-6, rtol=0)
+
+
+def test_nan_loss_stops_the_run(tiny):
+    enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
+    with torch.no_grad():
+        phi.net[0].weight.fill_(float("nan"))
+    with pytest.raises(DivergedError, match="nan"):
+        finetune(enc, phi, tiny["pairs"], "xbt", FAST)

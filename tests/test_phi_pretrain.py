@@ -1,0 +1,70 @@
+"""φ (Sec. 4.1) and text-only pretraining (Eqn. 3)."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from xbtcore.losses import clip_loss
+from xbtcore.phi import Phi, PhiConfig
+from xbtcore.pretrain import PretrainConfig, add_embedding_noise, text_only_pretrain
+
+
+def test_phi_architecture_matches_paper():
+    phi = Phi(PhiConfig(in_dim=128, out_dim=64))
+    kinds = [type(m) for m in phi.net]
+    assert kinds == [nn.Linear, nn.LayerNorm, nn.GELU, nn.Linear, nn.LayerNorm, nn.GELU, nn.Linear]
+    assert phi.net[0].in_features == 128 and phi.net[0].out_features == 256  # hidden = 4 x out
+    assert phi.net[6].out_features == 64
+    assert not any(isinstance(m, nn.Dropout) for m in phi.modules())
+    y = phi(F.normalize(torch.randn(5, 128), dim=-1))
+    assert y.shape == (5, 64)
+    torch.testing.assert_close(y.norm(dim=-1), torch.ones(5))
+    assert len(phi.layernorm_parameters()) == 4  # two LNs, weight and bias each
+
+
+def test_noise_is_renormalised_and_scaled():
+    w = F.normalize(torch.randn(1000, 32), dim=-1)
+    torch.manual_seed(0)
+    x = add_embedding_noise(w, 0.1)
+    torch.testing.assert_close(x.norm(dim=-1), torch.ones(1000))
+    assert torch.equal(add_embedding_noise(w, 0.0), F.normalize(w, dim=-1))
+    # the expected perturbation grows with sigma
+    torch.manual_seed(0)
+    d_small = (add_embedding_noise(w, 0.02) - w).norm(dim=-1).mean()
+    torch.manual_seed(0)
+    d_big = (add_embedding_noise(w, 0.2) - w).norm(dim=-1).mean()
+    assert d_big > 3 * d_small
+
+
+def test_clip_loss_against_hand_computation():
+    a = F.normalize(torch.randn(6, 8), dim=-1)
+    b = F.normalize(torch.randn(6, 8), dim=-1)
+    logits = 10.0 * a @ b.T
+    expect = 0.0
+    for i in range(6):
+        expect -= torch.log_softmax(logits[i], 0)[i] / 12 + torch.log_softmax(logits[:, i], 0)[i] / 12
+    torch.testing.assert_close(clip_loss(a, b, 10.0), expect)
+
+
+def test_pretraining_learns_a_hidden_map():
+    # w_old is a fixed random nonlinear function of w_new: φ must learn to retrieve it.
+    torch.manual_seed(0)
+    w_new = F.normalize(torch.randn(4096, 24), dim=-1)
+    w_old = F.normalize(torch.tanh(w_new @ torch.randn(24, 16)), dim=-1)
+    phi = Phi(PhiConfig(24, 16))
+    with torch.no_grad():
+        before = (phi(w_new) @ w_old.T).argmax(1).eq(torch.arange(4096)).float().mean()
+    hist = text_only_pretrain(phi, w_new, w_old, PretrainConfig(sigma=0.05, batch_size=512, lr=1e-3, epochs=8))
+    with torch.no_grad():
+        after = (phi(w_new) @ w_old.T).argmax(1).eq(torch.arange(4096)).float().mean()
+    assert hist[-1]["loss"] < hist[0]["loss"] * 0.7
+    assert after > before + 0.3
+
+
+def test_pretrain_config_rejects_bad_values():
+    import pytest
+
+    with pytest.raises(ValueError, match="sigma"):
+        PretrainConfig(sigma=-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        PretrainConfig(batch_size=1)

@@ -1,0 +1,66 @@
+"""Inputs of `xbt embed`: one text or one image per Parquet row, in row order.
+
+Unlike a corpus (deduplicated) or a pair set (grouped by image_id), a gallery
+keeps every row: the output's `row` is the input row index.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from .data import InputError, PairSet, _is_bytes, _is_text, _read_table, _schema, parquet_files
+
+_IMAGE_FIX = "store images as 'image' (PNG/JPEG bytes) or 'image_path' (string) columns"
+
+
+def read_texts(path, column: str = "caption") -> list[str]:
+    texts: list[str] = []
+    for file in parquet_files(path):
+        schema = _schema(file)
+        if column not in schema.names:
+            raise InputError(file, f"missing column '{column}'; the file has columns {schema.names}",
+                             "name the text column with --text-column NAME")
+        col = _read_table(file, [column]).column(column)
+        if not _is_text(col.type):
+            raise InputError(file, f"has type {col.type}", "store texts as strings", column=column)
+        nulls = [i for i, v in enumerate(pc.is_null(col).to_pylist()) if v]
+        if nulls:
+            raise InputError(file, "null texts", "drop those rows or fill them in", column=column, rows=nulls)
+        texts += col.to_pylist()
+    if not texts:
+        raise InputError(path, "no rows", "pass a non-empty input")
+    return texts
+
+
+def read_images(path) -> PairSet:
+    """Every row's image as its own image of a PairSet (captions empty); paths resolved, decoding checked."""
+    from .data import _check_decodes
+
+    images: list = []
+    for file in parquet_files(path):
+        schema = _schema(file)
+        col_name = "image" if "image" in schema.names else "image_path" if "image_path" in schema.names else None
+        if col_name is None:
+            raise InputError(file, f"missing column 'image' or 'image_path'; the file has columns {schema.names}", _IMAGE_FIX)
+        col = _read_table(file, [col_name]).column(col_name)
+        if not (_is_bytes(col.type) if col_name == "image" else _is_text(col.type)):
+            raise InputError(file, f"has type {col.type}", _IMAGE_FIX, column=col_name)
+        values = col.to_pylist()
+        nulls = [r for r, v in enumerate(values) if v is None or v == ""]
+        if nulls:
+            raise InputError(file, "null images", "drop those rows or fill in their images", column=col_name, rows=nulls)
+        if col_name == "image_path":
+            folder = file.absolute().parent
+            values = [os.path.normpath(folder / Path(v).expanduser()) for v in values]
+        bad = [r for r, v in enumerate(values) if not _check_decodes(v)]
+        if bad:
+            raise InputError(file, "images do not decode or do not exist", "store PNG or JPEG images", column=col_name, rows=bad)
+        images += values
+    if not images:
+        raise InputError(path, "no rows", "pass a non-empty input")
+    import torch
+
+    return PairSet(images, [], torch.arange(0), list(range(len(images))), str(path))
