@@ -34,12 +34,16 @@ from xbtcore.tinyclip import (  # noqa: E402
     world_vocabulary,
 )
 
+# A capacity ladder like B/32 -> L/14 -> H/14: each tier sees the images at a
+# higher resolution (same 16 patch tokens, so the same cost), is wider and
+# trains longer. Resolution is what separates the tiers most reliably: at 16 px
+# a star and a cross are hard to tell apart, at 32 px they are not.
 TIERS = {
-    "old": dict(spec=TinyClipSpec(width=64, layers=2, heads=4, embed_dim=64), steps=700, lr=1e-3),
-    "mid": dict(spec=TinyClipSpec(width=96, layers=3, heads=4, embed_dim=96), steps=1400, lr=1e-3),
-    "new": dict(spec=TinyClipSpec(width=128, layers=3, heads=4, embed_dim=128), steps=2200, lr=7e-4),
+    "old": dict(spec=TinyClipSpec(width=64, layers=2, heads=4, embed_dim=64, image_size=16, patch_size=4), steps=600, lr=1e-3),
+    "mid": dict(spec=TinyClipSpec(width=96, layers=3, heads=4, embed_dim=96, image_size=24, patch_size=6), steps=800, lr=1e-3),
+    "new": dict(spec=TinyClipSpec(width=128, layers=3, heads=4, embed_dim=128, image_size=32, patch_size=8), steps=1000, lr=1e-3),
 }
-TRAIN_IMAGES = 40_000
+TRAIN_IMAGES = 30_000
 CAPTIONS_PER_IMAGE = 3
 BATCH = 256
 
