@@ -89,12 +89,13 @@ def train_tier(name: str, out: Path, seed: int, eval_every: int) -> dict:
 
     t0 = time.time()
     items = world.scenes_with_captions(seed, "zoo", TRAIN_IMAGES, CAPTIONS_PER_IMAGE)
+    # noise stream 99 (not the split tag): this is what trained the committed zoo
     imgs = [world.render_scene(s, noise_seed=[seed, 99, i]) for i, (s, _) in enumerate(items)]
     pixels = torch.cat([proc(images=imgs[i : i + 2000], return_tensors="pt")["pixel_values"] for i in range(0, len(imgs), 2000)])
     caps = [c for _, cs in items for c in cs]  # image i owns rows i*C .. i*C+C-1
     enc = tok(caps, padding="max_length", max_length=spec.max_text_len, truncation=True, return_tensors="pt")
     eval_items = world.scenes_with_captions(seed, "eval", 1000, 5)
-    eval_imgs = [world.render_scene(s, noise_seed=[seed, 3, i]) for i, (s, _) in enumerate(eval_items)]
+    eval_imgs = world.render_split(eval_items, "eval", seed)
     print(f"[{name}] data ready in {time.time() - t0:.1f}s", flush=True)
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.1)

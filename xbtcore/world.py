@@ -234,12 +234,17 @@ def scenes_with_captions(seed: int, split: str, n_images: int, captions_per_imag
     return out
 
 
+def render_split(items: list[tuple[Scene, list[str]]], split: str, seed: int) -> list[Image.Image]:
+    """The images of a split, exactly as its Parquet file holds them (before PNG encoding)."""
+    return [render_scene(scene, noise_seed=_noise_seed(seed, split, i)) for i, (scene, _) in enumerate(items)]
+
+
 def _pairs_table(items: list[tuple[Scene, list[str]]], split: str, seed: int):
     import pyarrow as pa
 
     images, captions, ids = [], [], []
-    for i, (scene, caps) in enumerate(items):
-        png = png_bytes(render_scene(scene, noise_seed=_noise_seed(seed, split, i)))
+    for i, ((scene, caps), img) in enumerate(zip(items, render_split(items, split, seed))):
+        png = png_bytes(img)
         for c in caps:
             images.append(png)
             captions.append(c)

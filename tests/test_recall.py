@@ -1,0 +1,150 @@
+"""recall_at_k against brute force, faiss and answers worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from xbtcore.recall import KS, group_captions, recall_at_k, recall_at_k_reference
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """Images with 1 to 5 captions each (shuffled rows), captions noisy copies of their image.
+
+    text_emb comes from a different "model" (a rotation) than image_emb, as in new/old.
+    """
+    g = torch.Generator().manual_seed(0)
+    n_images, dim = 157, 24
+    counts = torch.tensor([1, 5, 2, 1, 3, 4, 5, 1])[torch.arange(n_images) % 8]
+    caption_image = torch.repeat_interleave(torch.arange(n_images), counts)
+    caption_image = caption_image[torch.randperm(len(caption_image), generator=g)]
+    image = unit(torch.randn(n_images, dim, generator=g))
+    text = unit(image[caption_image] + 0.8 * torch.randn(len(caption_image), dim, generator=g))
+    return text, image, caption_image
+
+
+def test_fixture_has_uneven_caption_counts(pairs):
+    _, image, caption_image = pairs
+    counts = torch.bincount(caption_image, minlength=len(image))
+    assert counts.min() == 1 and counts.max() == 5
+    assert len(caption_image) % 7 and len(image) % 7
+
+
+# Every K up to 60: equal recall at all of them means equal rank histograms.
+FINE_KS = tuple(range(1, 61))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 10_000])
+def test_chunked_torch_matches_brute_force(pairs, chunk_size):
+    text, image, caption_image = pairs
+    got = recall_at_k(text, image, caption_image, ks=FINE_KS, chunk_size=chunk_size)
+    assert got == recall_at_k_reference(text, image, caption_image, ks=FINE_KS)
+
+
+def test_faiss_matches_torch_and_brute_force(pairs):
+    text, image, caption_image = pairs
+    ref = recall_at_k_reference(text, image, caption_image, ks=FINE_KS)
+    assert recall_at_k(text, image, caption_image, ks=FINE_KS, backend="faiss") == ref
+    assert recall_at_k(text, image, caption_image, ks=FINE_KS, chunk_size=13) == ref
+
+
+def test_recall_is_neither_trivial_nor_hopeless(pairs):
+    # the agreement tests above would be vacuous at 0% or 100% everywhere
+    for direction in recall_at_k(*pairs).values():
+        assert 0 < direction["1"] < direction["50"] < 100
+
+
+def test_default_keys_and_rounding(pairs):
+    got = recall_at_k(*pairs)
+    assert set(got) == {"t2i", "i2t"}
+    for direction in got.values():
+        assert list(direction) == [str(k) for k in KS]
+        assert all(round(v, 2) == v for v in direction.values())
+
+
+def test_one_direction(pairs):
+    assert set(recall_at_k(*pairs, directions=("i2t",))) == {"i2t"}
+
+
+def at(deg: float) -> list[float]:
+    return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_hand_worked_example(backend):
+    # Unit vectors on a circle: a score is the cosine of the angle between them.
+    # Images at 0, 90, 180 degrees; captions at 10 and 200 (image 0), 80 (image 1), 260 (image 2).
+    image = torch.tensor([at(0), at(90), at(180)])
+    text = torch.tensor([at(10), at(200), at(80), at(260)])
+    caption_image = torch.tensor([0, 0, 1, 2])
+    got = recall_at_k(text, image, caption_image, ks=(1, 2, 3), chunk_size=3, backend=backend)
+    # t2i: caption at 200 is 160 deg from image 0, behind 180 (20 deg) and 90 (110 deg): rank 2;
+    # the others are nearest their own image. Ranks 0, 2, 0, 0.
+    assert got["t2i"] == {"1": 75.0, "2": 75.0, "3": 100.0}
+    # i2t: image 0 finds its caption at 10 first (any caption counts); image 1 its caption at 80;
+    # image 2's caption at 260 (80 deg) is behind image 0's caption at 200 (20 deg). Ranks 0, 0, 1.
+    assert got["i2t"] == {"1": 66.67, "2": 100.0, "3": 100.0}
+
+
+def test_ties_resolve_for_the_query():
+    # Two identical images, each with an identical caption: every own item ties for first.
+    image = torch.tensor([at(0), at(0), at(90)])
+    text = torch.tensor([at(5), at(5), at(90)])
+    got = recall_at_k(text, image, torch.tensor([0, 1, 2]), ks=(1,))
+    assert got == {"t2i": {"1": 100.0}, "i2t": {"1": 100.0}}
+
+
+def test_group_captions_int_ids():
+    caption_image, ids = group_captions([7, 3, 7, 9, 3])
+    assert caption_image.tolist() == [0, 1, 0, 2, 1]
+    assert caption_image.dtype == torch.long
+    assert ids == [7, 3, 9]
+
+
+def test_group_captions_str_ids():
+    caption_image, ids = group_captions(["b", "a", "b", "c"])
+    assert caption_image.tolist() == [0, 1, 0, 2]
+    assert ids == ["b", "a", "c"]
+
+
+def test_group_captions_without_ids():
+    caption_image, ids = group_captions(None, n_rows=3)
+    assert caption_image.tolist() == [0, 1, 2]
+    assert ids == [0, 1, 2]
+    with pytest.raises(ValueError, match="n_rows"):
+        group_captions(None)
+
+
+def test_group_captions_null_id():
+    with pytest.raises(ValueError, match=r"null at rows \[1\]"):
+        group_captions(["a", None, "b"])
+
+
+def test_user_errors():
+    image = unit(torch.randn(3, 4))
+    text = unit(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="empty"):
+        recall_at_k(text[:0], image, torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="0..3 but there are 3 images"):
+        recall_at_k(text, image, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"images \[2\] have no caption"):
+        recall_at_k(text, image, torch.tensor([0, 1, 1, 0]))
+    # a caption-less image is fine as a t2i distractor
+    assert set(recall_at_k(text, image, torch.tensor([0, 1, 1, 0]), directions=["t2i"])) == {"t2i"}
+    with pytest.raises(ValueError, match="backend"):
+        recall_at_k(text, image, torch.tensor([0, 1, 2, 0]), backend="annoy")
+    with pytest.raises(ValueError, match="NaN"):
+        recall_at_k(text * float("nan"), image, torch.tensor([0, 1, 2, 0]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_accepts_grad_and_float64_inputs(pairs, backend):
+    text, image, caption_image = pairs
+    expected = recall_at_k(text, image, caption_image, backend=backend)
+    got = recall_at_k(text.clone().requires_grad_(), image.double(), caption_image, backend=backend)
+    assert got == expected

@@ -1,0 +1,216 @@
+"""Recall@K for cross-modal retrieval, the measurement behind the Eqn. 2 gate.
+
+Eqn. 2 of the XBT paper asks that the upgraded queries against the old gallery
+retrieve better than the old model does today: M(w̄_new, v_old) > M(w_old, v_old)
+for text queries and M(v̄_new, w_old) > M(v_old, w_old) for image queries. M here
+is Recall@K in both directions (see ../shared/CONTRACT.md, "Recall protocol"):
+
+- t2i: every caption row is a query, the gallery is the distinct images; a hit at
+  K when the caption's own image ranks in the top K.
+- i2t: every image is a query, the gallery is all caption rows; a hit at K when
+  any caption of that image ranks in the top K.
+
+The gallery can be large (35k images, 175k captions), so the similarity matrix is
+never held whole. A query's rank is the number of gallery items that score
+strictly higher than its own item (for i2t: than its best own caption); a hit at K
+is rank < K. That needs one matmul, one comparison and one row sum per chunk of
+queries: no sort, no top-k, no per-query Python. Ties resolve in favour of the
+query (an equal score does not push the own item down).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+KS = (1, 5, 10, 50)
+DIRECTIONS = ("t2i", "i2t")
+BACKENDS = ("torch", "faiss")
+
+
+def group_captions(image_ids: Sequence | None, n_rows: int | None = None) -> tuple[torch.Tensor, list]:
+    """Map per-row image ids to dense image indices, in first-appearance order.
+
+    Rows that share an `image_id` are one image with several captions; without
+    ids (`image_ids=None`) every one of the `n_rows` rows is its own image.
+    Returns `(caption_image, distinct_ids)`: `caption_image[j]` is the index of
+    row j's image in `distinct_ids`.
+    """
+    if image_ids is None:
+        if n_rows is None:
+            raise ValueError("group_captions: pass n_rows when there are no image ids")
+        return torch.arange(n_rows, dtype=torch.long), list(range(n_rows))
+    if n_rows is not None and n_rows != len(image_ids):
+        raise ValueError(f"group_captions: {len(image_ids)} image ids for {n_rows} rows")
+    nulls = [i for i, x in enumerate(image_ids) if x is None or (isinstance(x, float) and x != x)]
+    if nulls:
+        raise ValueError(f"image_id is null at rows {nulls[:10]}; give every row an image_id or drop the column")
+    index: dict = {}
+    caption_image = [index.setdefault(x, len(index)) for x in image_ids]
+    return torch.tensor(caption_image, dtype=torch.long), list(index)
+
+
+def recall_at_k(
+    text_emb: torch.Tensor,
+    image_emb: torch.Tensor,
+    caption_image: torch.Tensor,
+    ks: Sequence[int] = KS,
+    chunk_size: int = 4096,
+    backend: str = "torch",
+    directions: Sequence[str] = DIRECTIONS,
+) -> dict:
+    """Recall@K in percent (two decimals) for t2i and i2t.
+
+    text_emb (Nc, D) and image_emb (Ni, D) are L2-normalised, so cosine is a dot
+    product; they may come from different models (Eqn. 2: new-model queries
+    against the old gallery), the caller picks. t2i uses text_emb as queries
+    against the image_emb gallery; i2t uses image_emb as queries against the
+    text_emb gallery. caption_image (Nc,) gives the image index of each caption
+    (see `group_captions`); every image must have at least one caption for i2t.
+
+    Ties resolve in favour of the query: a gallery item that scores exactly as
+    high as the query's own item does not count against it (torch backend).
+    The faiss backend ranks ties in faiss's order, and its BLAS sums the dot
+    products in another order, so a near-tie within float32 rounding (about
+    1e-7) can rank the other way; otherwise the backends agree exactly.
+
+    Returns {"t2i": {"1": r1, "5": r5, ...}, "i2t": {...}} for the requested
+    directions. chunk_size is the number of queries scored per matmul: the
+    working buffer is chunk_size x gallery size floats (4096 x 175k is 2.9 GB).
+    """
+    ks, directions = _check_inputs(text_emb, image_emb, caption_image, ks, chunk_size, backend, directions)
+    caption_image = caption_image.to(device=text_emb.device, dtype=torch.long)
+    # detach: recall is a measurement, and an autograd graph over (B, Ng) sims would hold every chunk
+    text_emb = text_emb.detach().float().contiguous()
+    image_emb = image_emb.detach().to(text_emb.device).float().contiguous()
+    out = {}
+    for direction in directions:
+        if backend == "torch" and direction == "t2i":
+            ranks = _ranks(text_emb, image_emb, caption_image[:, None], chunk_size)
+        elif backend == "torch":
+            ranks = _ranks(image_emb, text_emb, _captions_per_image(caption_image, len(image_emb)), chunk_size)
+        else:
+            ranks = _faiss_ranks(text_emb, image_emb, caption_image, max(ks), direction)
+        out[direction] = _percent(ranks, ks)
+    return out
+
+
+def recall_at_k_reference(
+    text_emb: torch.Tensor,
+    image_emb: torch.Tensor,
+    caption_image: torch.Tensor,
+    ks: Sequence[int] = KS,
+) -> dict:
+    """Brute force recall_at_k: the full similarity matrix and a full argsort.
+
+    Obviously correct and O(Nc * Ni) memory; for tests against the chunked paths.
+    """
+    sims = text_emb.float() @ image_emb.float().T  # (Nc, Ni)
+    caption_image = caption_image.long()
+    # t2i: position of the caption's own image in its sorted row
+    order = torch.argsort(sims, dim=1, descending=True)  # (Nc, Ni)
+    t2i = (order == caption_image[:, None]).float().argmax(1)  # (Nc,)
+    # i2t: position of the first caption that belongs to the image
+    order = torch.argsort(sims.T, dim=1, descending=True)  # (Ni, Nc)
+    own = caption_image[order] == torch.arange(len(image_emb), device=order.device)[:, None]  # (Ni, Nc)
+    i2t = own.float().argmax(1)  # (Ni,)
+    return {"t2i": _percent(t2i, ks), "i2t": _percent(i2t, ks)}
+
+
+def _percent(ranks: torch.Tensor, ks: Sequence[int]) -> dict:
+    """Share of queries with rank < K, in percent, two decimals, keyed by str(K)."""
+    ranks = ranks.cpu()
+    return {str(k): round(100.0 * (ranks < k).sum().item() / len(ranks), 2) for k in ks}
+
+
+def _ranks(queries: torch.Tensor, gallery: torch.Tensor, own: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Per query: how many gallery items score strictly higher than its best own item.
+
+    own (Nq, M) lists each query's own gallery items (t2i: its image, M = 1;
+    i2t: its captions). Own items never exceed their own maximum, so only
+    other items are counted; an equal score is not (ties go to the query).
+    """
+    ranks = torch.empty(len(queries), device=queries.device)  # (Nq,)
+    # float32 counts 0/1 values exactly up to 2**24
+    acc = torch.float32 if len(gallery) < 2**24 else torch.float64
+    # one buffer for every chunk: no fresh multi-GB allocation (and page faults) per matmul
+    buf = torch.empty(min(chunk, len(queries)), len(gallery), device=queries.device)  # (B, Ng)
+    for a in range(0, len(queries), chunk):
+        q = queries[a : a + chunk]  # (B, D)
+        sims = torch.matmul(q, gallery.T, out=buf[: len(q)])  # (B, Ng)
+        best = sims.gather(1, own[a : a + chunk]).amax(1, keepdim=True)  # (B, 1)
+        # 0/1 floats in place: no (B, Ng) bool buffer, and a float row sum is
+        # several times faster than summing bools on CPU
+        torch.gt(sims, best, out=sims)  # (B, Ng)
+        ranks[a : a + chunk] = sims.sum(1, dtype=acc)  # (B,)
+    return ranks
+
+
+def _captions_per_image(caption_image: torch.Tensor, n_images: int) -> torch.Tensor:
+    """(Ni, M) caption indices of each image, M = most captions of any image.
+
+    Short rows repeat their last caption instead of padding, so a max over a
+    row needs no mask.
+    """
+    order = torch.argsort(caption_image, stable=True)  # (Nc,) captions grouped by image
+    counts = torch.bincount(caption_image, minlength=n_images)  # (Ni,)
+    starts = counts.cumsum(0) - counts  # (Ni,)
+    slot = torch.arange(int(counts.max()), device=caption_image.device)  # (M,)
+    slot = torch.minimum(slot[None, :], counts[:, None] - 1)  # (Ni, M)
+    return order[starts[:, None] + slot]  # (Ni, M)
+
+
+def _faiss_ranks(text: torch.Tensor, image: torch.Tensor, caption_image: torch.Tensor, k: int, direction: str):
+    """Rank of the own item from an exact faiss top-k; k means "not in the top k"."""
+    import faiss
+
+    queries, gallery = (text, image) if direction == "t2i" else (image, text)
+    k = min(k, len(gallery))
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery.cpu().numpy()))
+    _, ids = index.search(np.ascontiguousarray(queries.cpu().numpy()), k)  # (Nq, k)
+    ids = torch.from_numpy(ids)
+    caption_image = caption_image.cpu()
+    if direction == "t2i":
+        own = ids == caption_image[:, None]  # (Nc, k)
+    else:
+        own = caption_image[ids] == torch.arange(len(image))[:, None]  # (Ni, k)
+    # first own position; a row with no own item in the top k gets rank k
+    first = own.float().argmax(1)  # (Nq,)
+    return torch.where(own.any(1), first, torch.full_like(first, k))
+
+
+def _check_inputs(text_emb, image_emb, caption_image, ks, chunk_size, backend, directions):
+    assert text_emb.ndim == 2 and image_emb.ndim == 2, "embeddings must be (rows, dim)"
+    assert text_emb.shape[1] == image_emb.shape[1], "text and image embeddings differ in dim"
+    assert caption_image.shape == (len(text_emb),), "caption_image must be (Nc,)"
+    if len(text_emb) == 0 or len(image_emb) == 0:
+        raise ValueError(f"recall_at_k: empty input ({len(text_emb)} captions, {len(image_emb)} images)")
+    if backend not in BACKENDS:
+        raise ValueError(f"recall_at_k: backend must be one of {BACKENDS}, got {backend!r}")
+    directions = tuple(directions)
+    if not directions or any(d not in DIRECTIONS for d in directions):
+        raise ValueError(f"recall_at_k: directions must be drawn from {DIRECTIONS}, got {directions!r}")
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"recall_at_k: ks must be positive integers, got {ks!r}")
+    if chunk_size < 1:
+        raise ValueError(f"recall_at_k: chunk_size must be positive, got {chunk_size}")
+    lo, hi = int(caption_image.min()), int(caption_image.max())
+    if lo < 0 or hi >= len(image_emb):
+        raise ValueError(
+            f"recall_at_k: caption_image holds image indices {lo}..{hi} but there are {len(image_emb)} images"
+        )
+    if "i2t" in directions:
+        missing = (torch.bincount(caption_image.cpu(), minlength=len(image_emb)) == 0).nonzero().flatten()
+        if len(missing):
+            raise ValueError(
+                f"recall_at_k: images {missing[:10].tolist()} have no caption; i2t needs one per image"
+            )
+    for name, emb in (("text_emb", text_emb), ("image_emb", image_emb)):
+        # a NaN or inf anywhere makes the sum non-finite; one pass, no (N, D) mask
+        if not torch.isfinite(emb.sum()):
+            raise ValueError(f"recall_at_k: {name} holds NaN or inf values")
+    return ks, directions
