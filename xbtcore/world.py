@@ -199,7 +199,7 @@ class WorldSpec:
     """Sizes of each split. Splits draw from disjoint seed streams."""
 
     seed: int = 0
-    corpus_captions: int = 200_000
+    corpus_captions: int = 240_000  # ~205k distinct after exact-duplicate removal
     pair_images: int = 20_000
     captions_per_pair_image: int = 1
     eval_images: int = 1_000

@@ -1,0 +1,83 @@
+"""A DuckDB file recording datasets, embedding spaces, galleries, upgrade runs and lineage.
+
+    datasets   a Parquet input by path and fingerprint, with its row count
+    spaces     an embedding space: the root model a gallery was embedded with
+    galleries  embeddings written by `xbt embed`, and the model (and space) that made them
+    runs       one upgrade: method, models, gate verdict, bundle, MLflow version
+    lineage    old -> new links of a space's chain, with their bundle and MLflow version
+
+Rows are upserted on their key, so re-running a step records it once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS datasets (path VARCHAR, kind VARCHAR, fingerprint VARCHAR, rows BIGINT,
+    recorded_at TIMESTAMP, PRIMARY KEY (path, kind, fingerprint));
+CREATE TABLE IF NOT EXISTS spaces (space VARCHAR PRIMARY KEY, root_model VARCHAR, dim INTEGER,
+    registered_model VARCHAR, recorded_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS galleries (path VARCHAR PRIMARY KEY, model VARCHAR, space VARCHAR, modality VARCHAR,
+    rows BIGINT, dim INTEGER, recorded_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS runs (run_id VARCHAR PRIMARY KEY, method VARCHAR, old VARCHAR, new VARCHAR,
+    root_model VARCHAR, space VARCHAR, out_dir VARCHAR, bundle VARCHAR, gate_passed BOOLEAN, promoted BOOLEAN,
+    mlflow_model VARCHAR, mlflow_version VARCHAR, report VARCHAR, recorded_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS lineage (space VARCHAR, old VARCHAR, new VARCHAR, bundle VARCHAR, mlflow_model VARCHAR,
+    mlflow_version VARCHAR, run_id VARCHAR, recorded_at TIMESTAMP, PRIMARY KEY (space, old, new, bundle));
+"""
+TABLES = ("datasets", "spaces", "galleries", "runs", "lineage")
+
+
+class Catalog:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(str(self.path))
+        con.execute(SCHEMA)
+        return con
+
+    def _upsert(self, table: str, row: dict) -> None:
+        row = {**row, "recorded_at": datetime.now(timezone.utc).replace(tzinfo=None)}
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        con = self._connect()
+        try:
+            con.execute(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({marks})", list(row.values()))
+        finally:
+            con.close()
+
+    def record_dataset(self, path: str, kind: str, fingerprint: str, rows: int) -> None:
+        self._upsert("datasets", {"path": path, "kind": kind, "fingerprint": fingerprint, "rows": rows})
+
+    def record_space(self, space: str, root_model: str, dim: int | None, registered_model: str) -> None:
+        self._upsert("spaces", {"space": space, "root_model": root_model, "dim": dim, "registered_model": registered_model})
+
+    def record_gallery(self, path: str, model: str, space: str | None, modality: str, rows: int, dim: int) -> None:
+        self._upsert("galleries", {"path": path, "model": model, "space": space, "modality": modality, "rows": rows,
+                                   "dim": dim})
+
+    def record_run(self, run: dict) -> None:
+        self._upsert("runs", run)
+
+    def record_lineage(self, space: str, old: str, new: str, bundle: str, mlflow_model: str | None,
+                       mlflow_version: str | None, run_id: str) -> None:
+        self._upsert("lineage", {"space": space, "old": old, "new": new, "bundle": bundle, "mlflow_model": mlflow_model,
+                                 "mlflow_version": mlflow_version, "run_id": run_id})
+
+    def rows(self, table: str) -> list[dict]:
+        assert table in TABLES, f"unknown catalog table {table!r}"
+        if not self.path.exists():
+            return []
+        con = self._connect()
+        try:
+            cur = con.execute(f"SELECT * FROM {table} ORDER BY recorded_at")
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+        finally:
+            con.close()

@@ -1,0 +1,258 @@
+"""The `xbt` command line (CONTRACT.md): demo, upgrade, embed, promote, rollback, catalog.
+
+Exit 0 on success; otherwise non-zero with one line on stderr saying what was
+wrong and how to fix it. Prefect and MLflow state default to the state folder
+(`XBT_STATE_DIR`, else `.state/` of the working directory); the defaults are
+set before prefect is imported, which reads them at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+
+def _set_env_defaults() -> None:
+    state = Path(os.environ.get("XBT_STATE_DIR") or Path.cwd() / ".state").expanduser().absolute()
+    defaults = {
+        "XBT_STATE_DIR": str(state),
+        "PREFECT_HOME": str(state / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "true",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+        # Run logs go to stdout: stderr carries progress bars and, on failure, the one-line reason.
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM": "ext://sys.stdout",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for k, v in defaults.items():
+        os.environ.setdefault(k, v)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise SystemExit(_fail(f"{self.prog}: {message} (see --help)", 2))
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print("xbt: error: " + " ".join(str(message).split()), file=sys.stderr)
+    return code
+
+
+def _overrides(pairs: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {"pretrain": {}, "finetune": {}}
+    for kv in pairs:
+        key, sep, value = kv.partition("=")
+        scope, _, field = key.partition(".")
+        if not sep or scope not in out or not field:
+            raise ValueError(f"--set {kv!r}: use pretrain.FIELD=VALUE or finetune.FIELD=VALUE")
+        try:
+            out[scope][field] = json.loads(value)
+        except json.JSONDecodeError:
+            out[scope][field] = value
+    return out
+
+
+def _print_result(report: dict) -> None:
+    from xbtcore.evaluate import format_table
+
+    print(format_table(report["recall"]))
+    promo = report["promotion"]
+    verdict = "PASSED" if report["gate"]["passed"] else "FAILED"
+    print(f"gate (Eqn. 2): {verdict}" + "".join(f"\n  failing: {d} R@{k} new/old {a} <= old/old {b}"
+                                              for d, k, a, b in report["gate"]["failures"]))
+    print(f"{promo['model']} version {promo['version']}: {promo['reason']}")
+    print(f"report: {Path(report['bundle']).parent / 'report.json'}")
+
+
+def _run_upgrade(**fields) -> int:
+    from tasks.servers import check_servers
+
+    from .upgrade import UpgradeParams, upgrade
+
+    params = UpgradeParams(**fields)  # every path and setting checked before Prefect starts
+    check_servers()
+    report = upgrade(params)
+    _print_result(report)
+    return 0
+
+
+def cmd_demo(a) -> int:
+    return _run_upgrade(old=a.old, new=a.new, out=a.out, method=a.method, seed=a.seed, **_overrides(a.set))
+
+
+def cmd_upgrade(a) -> int:
+    return _run_upgrade(old=a.old, new=a.new, corpus=a.corpus, pairs=a.pairs, eval=a.eval, out=a.out, method=a.method,
+                        seed=a.seed, text_column=a.text_column, min_chars=a.min_chars, max_chars=a.max_chars,
+                        sample=a.sample, progress=not a.no_progress, **_overrides(a.set))
+
+
+def cmd_embed(a) -> int:
+    from catalog import Catalog
+    from tasks.common import absolute_ref, state_dir
+    from tasks.registry import resolve_ref, space_of
+    from xbtcore.bundle import is_bundle
+    from xbtcore.data import write_embeddings_parquet
+    from xbtcore.embed_input import read_images, read_texts
+    from xbtcore.encoders import DualEncoder
+    from xbtcore.linear_bundle import load_compatible
+
+    ref = absolute_ref(resolve_ref(a.model))
+    if a.modality == "text":
+        items = read_texts(a.input, a.text_column)
+    else:
+        items = read_images(a.input)
+    if is_bundle(ref):
+        encoder, meta = load_compatible(ref)
+        root = meta.root_model
+    else:
+        encoder, root = DualEncoder.from_pretrained(ref), ref
+    if a.modality == "text":
+        emb = encoder.embed_texts(items, batch_size=a.batch_size, progress=True)
+    else:
+        emb = encoder.embed_images(_Images(items), batch_size=a.batch_size, progress=True)
+    out = write_embeddings_parquet(a.out, emb)
+    Catalog(state_dir() / "catalog.duckdb").record_gallery(str(Path(out).absolute()), a.model, space_of(root),
+                                                           a.modality, int(emb.shape[0]), int(emb.shape[1]))
+    print(f"{emb.shape[0]} {a.modality} embeddings (dim {emb.shape[1]}, space {space_of(root)}) -> {out}")
+    return 0
+
+
+class _Images:
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __len__(self):
+        return self.pairs.n_images
+
+    def __getitem__(self, i):
+        return self.pairs.load_image(i)
+
+
+def cmd_promote(a) -> int:
+    from tasks.registry import CANDIDATE, client, pick_model, promote
+
+    c = client()
+    name = pick_model(c, a.model)
+    version = a.version or str(c.get_model_version_by_alias(name, CANDIDATE).version)
+    r = promote(c, name, version, "promoted by a reviewer (xbt promote)")
+    print(f"{name} version {r['version']} is champion" + (f" (was {r['previous']})" if r["changed"] else " (already)"))
+    return 0
+
+
+def cmd_rollback(a) -> int:
+    from tasks.registry import client, pick_model, rollback
+
+    c = client()
+    r = rollback(c, pick_model(c, a.model))
+    print(f"{r['name']} champion rolled back from version {r['rolled_back_from']} to {r['version']}")
+    return 0
+
+
+def cmd_catalog(a) -> int:
+    from catalog.store import TABLES
+    from tasks.report import catalog
+
+    cat = catalog()
+    tables = {t: cat.rows(t) for t in (a.table or TABLES)}
+    if a.json:
+        print(json.dumps(tables, default=str, indent=2))
+        return 0
+    for t, rows in tables.items():
+        print(f"== {t} ({len(rows)})")
+        for r in rows:
+            print("  " + "  ".join(f"{k}={v}" for k, v in r.items() if k != "recorded_at"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    methods = ["xbt", "base", "lora-only", "full-tune", "procrustes", "lstsq"]
+    p = _Parser(prog="xbt", description="Backfill-free upgrades of vision-language retrieval models (XBT).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(sp):
+        sp.add_argument("--method", default="xbt", choices=methods)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--set", action="append", default=[], metavar="SCOPE.FIELD=VALUE",
+                        help="config override, e.g. pretrain.epochs=5 or finetune.batch_size=256")
+
+    d = sub.add_parser("demo", help="the full upgrade flow on the built-in world (zoo/old -> zoo/new)")
+    d.add_argument("--out", default="out/demo")
+    d.add_argument("--old", default="zoo/old")
+    d.add_argument("--new", default="zoo/new")
+    common(d)
+    d.set_defaults(func=cmd_demo)
+
+    u = sub.add_parser("upgrade", help="upgrade --old to --new on your Parquet data")
+    for name in ("--old", "--new", "--corpus", "--pairs", "--eval", "--out"):
+        u.add_argument(name, required=True)
+    common(u)
+    u.add_argument("--text-column", default="caption")
+    u.add_argument("--min-chars", type=int)
+    u.add_argument("--max-chars", type=int)
+    u.add_argument("--sample", type=int, help="keep at most this many corpus texts")
+    u.add_argument("--no-progress", action="store_true")
+    u.set_defaults(func=cmd_upgrade)
+
+    e = sub.add_parser("embed", help="embed texts or images (a bundle embeds into the old space)")
+    e.add_argument("--model", required=True)
+    e.add_argument("--input", required=True)
+    e.add_argument("--modality", required=True, choices=["text", "image"])
+    e.add_argument("--out", required=True)
+    e.add_argument("--text-column", default="caption")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.set_defaults(func=cmd_embed)
+
+    pr = sub.add_parser("promote", help="move alias champion to a version (default: the candidate)")
+    pr.add_argument("--model", help="registered model name (default: the only xbt one)")
+    pr.add_argument("--version")
+    pr.set_defaults(func=cmd_promote)
+
+    rb = sub.add_parser("rollback", help="move alias champion back to the version it replaced")
+    rb.add_argument("--model")
+    rb.set_defaults(func=cmd_rollback)
+
+    c = sub.add_parser("catalog", help="list datasets, spaces, galleries, runs and lineage")
+    c.add_argument("--table", action="append", choices=["datasets", "spaces", "galleries", "runs", "lineage"])
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_catalog)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _set_env_defaults()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    from pydantic import ValidationError
+
+    from tasks.servers import ServerUnreachable
+    from xbtcore.encoders import ModelLoadError
+    from xbtcore.finetune import DivergedError
+
+    try:
+        return args.func(args)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        return _fail(f"{where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}")
+    except (ValueError, ModelLoadError, ServerUnreachable, DivergedError, FileNotFoundError) as e:
+        return _fail(str(e))
+    except Exception as e:
+        if os.environ.get("XBT_DEBUG"):
+            raise
+        return _fail(f"{type(e).__name__}: {e} (set XBT_DEBUG=1 for the traceback)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Input checks before any training, the recall cases of CONTRACT.md, and the Eqn. 2 gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+
+from xbtcore.bundle import is_bundle, read_meta
+from xbtcore.cache import EmbeddingCache
+from xbtcore.data import read_pairs
+from xbtcore.encoders import DualEncoder
+from xbtcore.evaluate import evaluate_cases
+from xbtcore.gate import eqn2_gate, no_regression_gate
+from xbtcore.linear_bundle import load_compatible
+from xbtcore.recipe import side_of
+
+from .common import CACHED, log
+
+
+@task(name="check-inputs", **CACHED)
+def check_inputs(old_ref: str, new_ref: str, pairs_path: str, eval_path: str, fingerprint: str = "") -> dict:
+    """Load both models and read every pair and eval row (images decoded) before any training.
+
+    With a bundle as the old model the upgrade is a chain link: the gallery
+    space is the bundle's root model. -> counts and the chain's refs.
+    """
+    if is_bundle(old_ref):
+        meta = read_meta(old_ref)
+        root, prev, chain = meta.root_model, old_ref, list(meta.chain)
+        load_compatible(old_ref)
+    else:
+        root, prev, chain = old_ref, None, [old_ref]
+    old, new = DualEncoder.from_pretrained(root), DualEncoder.from_pretrained(new_ref)
+    pairs, evalset = read_pairs(pairs_path), read_pairs(eval_path)
+    log().info("inputs ok: old %s (dim %d), new %s (dim %d), %d pairs, %d eval images",
+                          root, old.embed_dim, new_ref, new.embed_dim, len(pairs.captions), evalset.n_images)
+    return {"root": root, "prev": prev, "chain": chain, "old_dim": old.embed_dim, "pairs": len(pairs.captions), "pair_images": pairs.n_images,
+            "eval_images": evalset.n_images, "eval_captions": len(evalset.captions)}
+
+
+@task(name="evaluate", **CACHED)
+def evaluate(eval_path: str, root_ref: str, new_ref: str, bundle_dir: str, prev_bundle: str | None,
+             cache_root: str, out_path: str, fingerprint: str = "") -> str:
+    """The four cases (and prev/old for a chain) on the eval set; writes the recall JSON, -> its path.
+
+    The gallery side is always the root model, embedded once into the cache.
+    """
+    evalset = read_pairs(eval_path)
+    cache = EmbeddingCache(cache_root)
+    old_side = side_of(DualEncoder.from_pretrained(root_ref), evalset, cache)
+    orig_side = side_of(DualEncoder.from_pretrained(new_ref), evalset, cache)
+    upgraded_side = side_of(load_compatible(bundle_dir)[0], evalset)
+    prev_side = side_of(load_compatible(prev_bundle)[0], evalset) if prev_bundle else None
+    recall = evaluate_cases(old_side, upgraded_side, orig_side, evalset.caption_image, prev=prev_side)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(recall, indent=2))
+    return str(out)
+
+
+@task(name="gate")
+def gate(recall_path: str, ks: list[int], chain: bool) -> dict:
+    """Eqn. 2 (and, on a chain, no regression against the champion link) -> verdicts as dicts."""
+    recall = json.loads(Path(recall_path).read_text())
+    verdict = {"eqn2": eqn2_gate(recall, ks).to_dict()}
+    if chain:
+        verdict["no_regression"] = no_regression_gate(recall, ks=ks).to_dict()
+    verdict["passed"] = all(v["passed"] for v in verdict.values())
+    log().info("gate %s%s", "passed" if verdict["passed"] else "failed",
+                          "" if verdict["passed"] else f": {[v['failures'] for k, v in verdict.items() if k != 'passed']}")
+    return verdict

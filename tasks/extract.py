@@ -1,0 +1,99 @@
+"""The text corpus for φ pretraining (Eqn. 3), extracted from Parquet with DuckDB."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+
+from xbtcore.data import InputError, parquet_files
+
+from .common import CACHED, log
+
+_FIX_COLUMN = "name the text column with --text-column NAME"
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _quote_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def check_text_column(files: list[Path], column: str) -> None:
+    """Every file readable and holding `column` as strings; else an InputError naming both."""
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f, f"not a readable Parquet file ({type(e).__name__})",
+                             "pass Parquet files (e.g. written by pyarrow or pandas.to_parquet)") from e
+        if column not in schema.names:
+            raise InputError(f, f"missing column '{column}'; the file has columns {schema.names}", _FIX_COLUMN)
+        kind = schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise InputError(f, f"has type {kind}, not string", _FIX_COLUMN, column=column)
+
+
+def corpus_query(files: list[Path], column: str, min_chars: int | None, max_chars: int | None,
+                 sample: int | None, seed: int) -> str:
+    """SQL giving the distinct non-blank texts in order of first appearance (file, then row).
+
+    A sample keeps a seeded pseudo-random subset (md5 of seed and text: the same
+    on every machine and DuckDB version), still in order of first appearance.
+    """
+    sources = " UNION ALL ".join(
+        f"SELECT {i}::BIGINT AS f, file_row_number AS r, {_quote_ident(column)} AS text "
+        f"FROM read_parquet({_quote_str(str(p))}, file_row_number = true)"
+        for i, p in enumerate(files)
+    )
+    keep = [r"text IS NOT NULL", r"NOT regexp_full_match(text, '\s*')"]
+    if min_chars is not None:
+        keep.append(f"length(text) >= {int(min_chars)}")
+    if max_chars is not None:
+        keep.append(f"length(text) <= {int(max_chars)}")
+    query = (
+        f"WITH src AS ({sources}), "
+        f"firsts AS (SELECT text, min(f * 4294967296 + r) AS first FROM src WHERE {' AND '.join(keep)} GROUP BY text)"
+    )
+    if sample is not None:
+        query += (f", kept AS (SELECT * FROM firsts ORDER BY md5({int(seed)}::VARCHAR || ':' || text), first "
+                  f"LIMIT {int(sample)}) SELECT text FROM kept ORDER BY first")
+    else:
+        query += " SELECT text FROM firsts ORDER BY first"
+    return query
+
+
+@task(name="extract-corpus", **CACHED)
+def extract_corpus(source: str, out_path: str, text_column: str = "caption", min_chars: int | None = None,
+                   max_chars: int | None = None, sample: int | None = None, seed: int = 0,
+                   fingerprint: str = "") -> dict:
+    """Parquet file/folder/glob -> out_path (one `caption` column); -> {"path", "rows"}.
+
+    Nulls and blank strings are dropped and exact duplicates removed, keeping
+    each text's first appearance. `fingerprint` (of the source files) is part
+    of the cache key only.
+    """
+    files = parquet_files(source)
+    check_text_column(files, text_column)
+    try:
+        query = corpus_query(files, text_column, min_chars, max_chars, sample, seed)
+        table = duckdb.connect().sql(query).to_arrow_table().rename_columns(["caption"])
+    except duckdb.Error as e:
+        raise InputError(source, f"cannot be read ({str(e).splitlines()[0]})", "pass valid Parquet files",
+                         column=text_column) from e
+    if table.num_rows == 0:
+        raise InputError(source, "no text left after dropping nulls, blanks and duplicates and the length filter",
+                         "pass a corpus with text in that column (or relax the length filter)", column=text_column)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)  # atomic: no half-written corpus looks finished
+    log().info("corpus: %d distinct texts from %d file(s) -> %s", table.num_rows, len(files), out)
+    return {"path": str(out), "rows": table.num_rows}

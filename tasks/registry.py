@@ -1,0 +1,227 @@
+"""MLflow: one experiment and one registered model per gallery space, aliases for promotion.
+
+The gallery space is the root old model (the model the gallery was embedded
+with). Every upgrade of that space is a version of its registered model:
+
+    candidate   the latest version registered
+    champion    the version serving queries; moves only when the gate passes
+                (or a reviewer runs `xbt promote`), idempotently
+
+Each version carries the gate's thresholds and verdict as tags, and on
+promotion the version it replaced (`xbt.previous_champion`): `xbt rollback`
+moves champion back to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from prefect import task
+
+from xbtcore.bundle import BUNDLE_FILE
+from xbtcore.cache import fingerprint_model
+
+from .common import IO_RETRIES, fingerprint_content, log, state_dir
+from .servers import artifact_root, tracking_uri
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+TAG_PREVIOUS = "xbt.previous_champion"
+
+
+def client():
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, uri)
+
+
+def space_of(root_ref: str) -> str:
+    """A readable, stable id of a gallery space: the root model's name and fingerprint."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(str(root_ref).rstrip("/")).name or str(root_ref)).strip("-")
+    return f"{name}-{fingerprint_model(root_ref)[:8]}"
+
+
+def model_name(space: str) -> str:
+    return f"xbt-{space}"
+
+
+def _experiment_id(c, space: str) -> str:
+    name = f"xbt/{space}"
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = artifact_root()
+    return c.create_experiment(name, artifact_location=str(root / space) if root else None)
+
+
+def _flat(prefix: str, d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flat(key, v) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _metric_key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_./ -]", "_", text)
+
+
+def champion_version(c, name: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(c.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def promote(c, name: str, version: str, reason: str) -> dict:
+    """Move champion to `version`; records the champion it replaces. Idempotent."""
+    version = str(version)
+    current = champion_version(c, name)
+    if current == version:
+        return {"name": name, "version": version, "previous": c.get_model_version(name, version).tags.get(TAG_PREVIOUS),
+                "changed": False}
+    c.get_model_version(name, version)  # raises for a version that does not exist
+    c.set_model_version_tag(name, version, TAG_PREVIOUS, current or "none")
+    c.set_model_version_tag(name, version, "xbt.promoted", f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {reason}")
+    c.set_registered_model_alias(name, CHAMPION, version)
+    return {"name": name, "version": version, "previous": current, "changed": True}
+
+
+def rollback(c, name: str) -> dict:
+    """Move champion back to the version it replaced (the champion's `xbt.previous_champion`)."""
+    current = champion_version(c, name)
+    if current is None:
+        raise ValueError(f"registered model {name!r} has no champion to roll back")
+    previous = c.get_model_version(name, current).tags.get(TAG_PREVIOUS, "none")
+    if previous == "none":
+        raise ValueError(f"{name} version {current} replaced no earlier champion: nothing to roll back to")
+    c.set_model_version_tag(name, current, "xbt.rolled_back", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    c.set_registered_model_alias(name, CHAMPION, previous)
+    return {"name": name, "version": previous, "rolled_back_from": current}
+
+
+def xbt_model_names(c) -> list[str]:
+    return sorted(m.name for m in c.search_registered_models() if m.name.startswith("xbt-"))
+
+
+def pick_model(c, name: str | None) -> str:
+    """The named registered model, or the only xbt one there is."""
+    if name:
+        return name
+    names = xbt_model_names(c)
+    if len(names) != 1:
+        raise ValueError(f"name the registered model with --model (found {names or 'none'} at {tracking_uri()})")
+    return names[0]
+
+
+def resolve_ref(ref: str) -> str:
+    """A `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI -> a local bundle directory
+    (downloaded once per version under the state folder); anything else unchanged."""
+    if not str(ref).startswith("models:/"):
+        return ref
+    from mlflow.exceptions import MlflowException
+
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", ref)
+    if not m:
+        raise ValueError(f"{ref}: use models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, number = m.groups()
+    c = client()
+    try:
+        version = str(c.get_model_version_by_alias(name, alias).version if alias else c.get_model_version(name, number).version)
+    except MlflowException as e:
+        raise ValueError(f"{ref}: not found in the MLflow registry at {tracking_uri()} "
+                         f"({str(e).splitlines()[0]}); list versions with `xbt catalog`") from e
+    dst = state_dir() / "models" / name / f"v{version}"
+    if not (dst / BUNDLE_FILE).is_file():
+        import mlflow
+
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+    return str(dst)
+
+
+resolve_model = task(name="resolve-model", **IO_RETRIES)(resolve_ref)
+
+
+def _log_run(c, exp_id: str, report: dict, bundle_dir: str, histories: dict, figures: list[str], report_path: str) -> str:
+    from mlflow.entities import Metric, Param
+
+    run = c.create_run(exp_id, tags={"xbt.method": report["method"], "xbt.new": report["new"], "xbt.old": report["old"]},
+                       run_name=f"{report['method']}:{Path(report['new']).name}")
+    rid = run.info.run_id
+    now = int(time.time() * 1000)
+    params = {"method": report["method"], "old": report["old"], "new": report["new"], **_flat("counts", report["counts"]),
+              **_flat("config", report.get("config", {}))}
+    metrics = [Metric(_metric_key(f"{d}.{case.replace('/', '_')}.R{k}"), float(v), now, 0)
+               for d, cases in report["recall"].items() for case, rs in cases.items() for k, v in rs.items()]
+    metrics += [Metric(f"time_s.{k}", float(v), now, 0) for k, v in report["timings_s"].items()]
+    for name, steps in histories.items():
+        metrics += [Metric(f"{name}_loss", float(s["loss"]), now, int(s["step"])) for s in steps]
+    param_list = [Param(k, str(v)[:500]) for k, v in params.items()]
+    for i in range(0, max(len(metrics), len(param_list)), 900):  # log_batch takes at most 1000 metrics
+        c.log_batch(rid, metrics=metrics[i : i + 900], params=param_list[i : i + 90])
+    c.log_artifact(rid, report_path)
+    for f in figures:
+        c.log_artifact(rid, f, "figures")
+    c.log_artifacts(rid, bundle_dir, "bundle")
+    c.set_terminated(rid)
+    return rid
+
+
+@task(name="register-and-promote")
+def register_and_promote(report_path: str, bundle_dir: str, root_ref: str, verdict: dict, histories: dict,
+                         figures: list[str]) -> dict:
+    """Log the run, register the bundle as a version (alias candidate) and, if the gate
+    passed, move champion to it. The same bundle registered twice is one version."""
+    logger = log()
+    report = json.loads(Path(report_path).read_text())
+    c = client()
+    space = space_of(root_ref)
+    name = model_name(space)
+    exp_id = _experiment_id(c, space)
+    if not c.search_registered_models(f"name = '{name}'"):
+        c.create_registered_model(name, tags={"xbt.space": space, "xbt.root_model": root_ref},
+                                  description=f"Compatible query encoders for the gallery embedded with {root_ref}")
+    sha = fingerprint_content(bundle_dir)
+    found = c.search_model_versions(f"name = '{name}' and tags.`xbt.bundle_sha` = '{sha}'")
+    gate = report["gate"]
+    failures = [f for k, v in verdict.items() if k != "passed" for f in v["failures"]]
+    if found:
+        mv = found[0]
+        logger.info("bundle %s is already %s version %s", sha, name, mv.version)
+    else:
+        rid = _log_run(c, exp_id, report, bundle_dir, histories, figures, report_path)
+        tags = {"xbt.bundle_sha": sha, "xbt.method": report["method"], "xbt.new": report["new"], "xbt.old": report["old"],
+                "gate.criteria": ",".join(v["criterion"] for k, v in verdict.items() if k != "passed"),
+                "gate.ks": json.dumps(gate["ks"]),
+                "gate.rule": "eqn2: new/old > old/old; no-regression (chains): new/old >= prev/old; every K, t2i and i2t"}
+        mv = c.create_model_version(name, source=f"{c.get_run(rid).info.artifact_uri}/bundle", run_id=rid, tags=tags)
+    version = str(mv.version)
+    passed = bool(verdict["passed"])
+    c.set_model_version_tag(name, version, "gate.passed", str(passed).lower())
+    c.set_model_version_tag(name, version, "gate.failures", json.dumps(failures))
+    c.set_registered_model_alias(name, CANDIDATE, version)
+    if passed:
+        result = promote(c, name, version, "gate passed")
+        logger.info("%s version %s is champion (previous: %s)", name, version, result["previous"])
+    else:
+        c.set_model_version_tag(name, version, "xbt.not_promoted", "gate failed: " + "; ".join(
+            f"{d}@{k} {a} vs {b}" for d, k, a, b in failures))
+        logger.info("%s version %s is candidate only: the gate failed, champion stays %s", name, version,
+                 champion_version(c, name))
+    return {"name": name, "version": version, "experiment": exp_id, "run_id": mv.run_id, "promoted": passed,
+            "champion": champion_version(c, name), "uri": f"models:/{name}/{version}"}

@@ -1,0 +1,114 @@
+"""The run's outputs for people: report.json, loss and recall figures, Prefect artifacts, catalog rows."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from catalog import Catalog
+from xbtcore.evaluate import format_table
+
+from .common import IO_RETRIES, state_dir
+
+
+def catalog() -> Catalog:
+    return Catalog(state_dir() / "catalog.duckdb")
+
+
+@task(name="write-report")
+def write_report(report: dict, path: str) -> str:
+    """Atomic: a report.json that exists is a finished one."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out)
+    return str(out)
+
+
+@task(name="draw-figures")
+def draw_figures(histories: dict, recall_path: str, out_dir: str) -> list[str]:
+    """Loss curves of pretraining and training, and the recall of each case at each K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    curves = {k: v for k, v in histories.items() if v}
+    if curves:
+        fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+        for ax, (name, steps) in zip(axes[0], curves.items()):
+            ax.plot([s["step"] for s in steps], [s["loss"] for s in steps])
+            ax.set(title=f"{name} loss", xlabel="step", ylabel="loss")
+        fig.tight_layout()
+        fig.savefig(out / "loss.png", dpi=100)
+        plt.close(fig)
+        paths.append(str(out / "loss.png"))
+    recall = json.loads(Path(recall_path).read_text())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, direction in zip(axes, ("t2i", "i2t")):
+        for case, rs in recall[direction].items():
+            ax.plot([int(k) for k in rs], list(rs.values()), marker="o", label=case)
+        ax.set(title=f"{direction} recall@K", xscale="log", xlabel="K", ylabel="recall %")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "recall.png", dpi=100)
+    plt.close(fig)
+    paths.append(str(out / "recall.png"))
+    return paths
+
+
+def gate_rows(recall: dict, verdict: dict) -> list[dict]:
+    rows = []
+    for name, result in verdict.items():
+        if name == "passed":
+            continue
+        reference = "old/old" if result["criterion"] == "eqn2" else "prev/old"
+        failed = {(d, k) for d, k, *_ in result["failures"]}
+        for d in ("t2i", "i2t"):
+            for k in result["ks"]:
+                rows.append({"criterion": result["criterion"], "direction": d, "K": k,
+                             "new/old": recall[d]["new/old"][str(k)], reference: recall[d][reference][str(k)],
+                             "passes": (d, k) not in failed})
+    return rows
+
+
+@task(name="publish-artifacts")
+def publish_artifacts(report: dict, verdict: dict) -> None:
+    """The gate as a table artifact and a short markdown report on the flow run."""
+    create_table_artifact(gate_rows(report["recall"], verdict), key="xbt-gate",
+                          description=f"Eqn. 2 gate: {'passed' if verdict['passed'] else 'failed'}")
+    promo = report["promotion"]
+    md = "\n".join([
+        f"# xbt upgrade: {report['method']}",
+        f"- old: `{report['old']}`  new: `{report['new']}`",
+        f"- gate: **{'passed' if verdict['passed'] else 'failed'}**",
+        f"- MLflow: `{promo.get('model')}` version {promo.get('version')}: "
+        f"{'champion' if promo.get('promoted') else 'candidate only'} ({promo.get('reason')})",
+        f"- timings (s): {report['timings_s']}",
+        "", "```", format_table(report["recall"]), "```",
+    ])
+    create_markdown_artifact(md, key="xbt-report", description="XBT upgrade report")
+
+
+@task(name="record-datasets", **IO_RETRIES)
+def record_datasets(datasets: list[dict]) -> None:
+    cat = catalog()
+    for d in datasets:
+        cat.record_dataset(d["path"], d["kind"], d["fingerprint"], d["rows"])
+
+
+@task(name="record-run", **IO_RETRIES)
+def record_run(run: dict, space: str, root_model: str, dim: int | None) -> None:
+    cat = catalog()
+    cat.record_space(space, root_model, dim, run["mlflow_model"])
+    cat.record_run(run)
+    cat.record_lineage(space, run["old"], run["new"], run["bundle"], run["mlflow_model"], run["mlflow_version"],
+                       run["run_id"])

@@ -1,0 +1,143 @@
+"""Text-only φ pretraining (Eqn. 3) and XBT training (Eqn. 5) or a baseline, as Prefect tasks.
+
+Each reads its inputs from paths and cache keys and writes one artefact: φ as
+safetensors, or the upgrade bundle. Per-step losses go to a JSON history next
+to the artefact (MLflow logs them as metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+from prefect import task
+from safetensors.torch import load_file, save_file
+
+from xbtcore.bundle import BundleMeta, save_bundle
+from xbtcore.data import read_pairs
+from xbtcore.encoders import DualEncoder
+from xbtcore.finetune import METHODS, DivergedError, FinetuneConfig, count_trainable, finetune
+from xbtcore.linear_bundle import LINEAR_METHODS, save_linear_bundle
+from xbtcore.phi import Phi, PhiConfig
+from xbtcore.pretrain import PretrainConfig
+from xbtcore.recipe import fit_linear_map, pretrain_phi
+
+from .common import CACHED, log
+from .embed import load_cached
+
+
+def apply_overrides(cfg, overrides: dict):
+    """A config dataclass with `overrides` applied; dotted keys reach nested configs ("lora.rank")."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    changes: dict = {}
+    nested: dict[str, dict] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in fields:
+            raise ValueError(f"unknown setting {key!r} for {type(cfg).__name__}; known: {sorted(fields)}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            current = getattr(cfg, head)
+            changes[head] = tuple(value) if isinstance(current, tuple) else value
+    for head, sub in nested.items():
+        changes[head] = apply_overrides(getattr(cfg, head), sub)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _loss_logger(name: str, total: int, history: list):
+    logger = log()
+    every = max(1, total // 10)
+
+    def on_step(step: int, loss: float):
+        if not math.isfinite(loss) or loss > 1e4:
+            raise DivergedError(f"{name} loss became {loss} at step {step}; nothing is promoted")
+        history.append({"step": step, "loss": loss})
+        if step % every == 0 or step == total:
+            logger.info("%s step %d/%d loss %.4f", name, step, total, loss)
+
+    return on_step
+
+
+@task(name="pretrain-phi", **CACHED)
+def pretrain(embeddings: dict, cache_root: str, out_path: str, overrides: dict, seed: int) -> str:
+    """Eqn. 3 on the cached corpus embeddings; writes φ (safetensors, PhiConfig in its metadata)."""
+    cfg = apply_overrides(PretrainConfig(seed=seed), overrides)
+    w_new, w_old = load_cached(cache_root, embeddings["w_new"]), load_cached(cache_root, embeddings["w_old"])
+    history: list = []
+    steps = cfg.epochs * max(1, len(w_new) // min(cfg.batch_size, len(w_new)))
+    phi, epochs = pretrain_phi(w_new, w_old, cfg, on_step=_loss_logger("pretrain", steps, history))
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in phi.state_dict().items()}, out,
+              metadata={"phi": json.dumps(dataclasses.asdict(phi.cfg))})
+    out.with_suffix(".history.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "steps": history,
+                                                            "epochs": epochs}))
+    return str(out)
+
+
+def load_phi(path: str) -> Phi:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        cfg = PhiConfig(**json.loads(f.metadata()["phi"]))
+    phi = Phi(cfg)
+    phi.load_state_dict(load_file(path))
+    return phi
+
+
+@task(name="train", **CACHED)
+def train(new_ref: str, old_ref: str, root_ref: str, chain: list[str], pairs_path: str, method: str,
+          phi_path: str | None, embeddings: dict, cache_root: str, bundle_dir: str, work_dir: str,
+          overrides: dict, seed: int, fingerprint: str = "", progress: bool = True) -> str:
+    """Train `method` and write the bundle; -> bundle_dir.
+
+    XBT starts from the pretrained φ (phi_path); Eqn. 6 baselines from a random
+    φ against the old model's cached embeddings of the pairs; procrustes/lstsq
+    fit W on the corpus embeddings. A checkpoint in work_dir makes a killed
+    run resume where it stopped.
+    """
+    logger = log()
+    new = DualEncoder.from_pretrained(new_ref)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    history: list = []
+    resumed_from = 0
+    if method in LINEAR_METHODS:
+        weight = fit_linear_map(load_cached(cache_root, embeddings["w_new"]), load_cached(cache_root, embeddings["w_old"]),
+                                method)  # (D_new, D_old)
+        meta = BundleMeta(new_ref, old_ref, root_ref, method, phi={"in_dim": weight.shape[0], "out_dim": weight.shape[1]},
+                          chain=[*chain, new_ref])
+        save_linear_bundle(bundle_dir, new, weight, meta)
+        trainable = weight.numel()
+    else:
+        cfg = apply_overrides(FinetuneConfig(seed=seed), overrides)
+        pairs = read_pairs(pairs_path)
+        torch.manual_seed(seed)
+        if phi_path is not None:
+            phi = load_phi(phi_path)
+        else:
+            w_old_dim = load_cached(cache_root, embeddings["w_old"]).shape[1]
+            phi = Phi(PhiConfig(new.embed_dim, w_old_dim))
+        old_targets = None
+        if METHODS[method].loss == "eqn6":
+            old_targets = (load_cached(cache_root, embeddings["v_old_pairs"]), load_cached(cache_root, embeddings["w_old_pairs"]))
+        ckpt = work / "train.ckpt"
+        if ckpt.exists():
+            logger.info("resuming %s training from %s", method, ckpt)
+        steps = cfg.epochs * (len(pairs.captions) // min(cfg.batch_size, len(pairs.captions)))
+        run = finetune(new, phi, pairs, method, cfg, old_targets, checkpoint_path=ckpt,
+                       on_step=_loss_logger(method, steps, history), progress=progress)
+        trainable = count_trainable(new, phi)
+        meta = BundleMeta(new_ref, old_ref, root_ref, method, phi=dataclasses.asdict(phi.cfg),
+                          n_prompts=cfg.n_prompts if METHODS[method].prompts else 0, chain=[*chain, new_ref])
+        save_bundle(bundle_dir, new, phi, meta)
+        ckpt.unlink(missing_ok=True)
+        resumed_from = run[0].get("resumed_from", 0) if run else 0
+    (work / "train_history.json").write_text(json.dumps({"method": method, "trainable_params": trainable,
+                                                         "resumed_from": resumed_from, "steps": history}))
+    logger.info("%s: %d trainable parameters; bundle -> %s", method, trainable, bundle_dir)
+    return str(bundle_dir)

@@ -1,0 +1,52 @@
+"""Shared fixtures. Prefect, MLflow and xbt state go to a session temp folder, never ~/.prefect or .state/.
+
+The environment is set here, at import, because prefect reads its settings when
+first imported.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_STATE = Path(tempfile.mkdtemp(prefix="xbt-test-state-"))
+os.environ["XBT_STATE_DIR"] = str(_SESSION_STATE)
+os.environ["PREFECT_HOME"] = str(_SESSION_STATE / "prefect")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_STATE / 'mlflow' / 'mlflow.db'}"
+(_SESSION_STATE / "mlflow").mkdir(parents=True, exist_ok=True)
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "true"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "60"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_WORLD = dict(corpus_captions=1500, pair_images=96, eval_images=24)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for every in-process flow run of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny built-in world and two untrained tiny CLIPs of different embedding sizes."""
+    from xbtcore import world
+    from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip
+
+    root = tmp_path_factory.mktemp("tiny")
+    paths = world.write_world(root / "world", world.WorldSpec(**TINY_WORLD))
+    old = make_tiny_clip(root / "old", TinyClipSpec(width=32, layers=1, heads=2, embed_dim=24), seed=1)
+    new = make_tiny_clip(root / "new", TinyClipSpec(width=32, layers=1, heads=2, embed_dim=32), seed=2)
+    return {"root": root, **paths, "old": str(old), "new": str(new)}
+
+
+# Small training budgets: the flow's behaviour, not the method's quality, is under test.
+FAST = {"pretrain": {"epochs": 2, "batch_size": 512}, "finetune": {"batch_size": 32, "checkpoint_every": 2}}

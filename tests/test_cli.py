@@ -1,0 +1,161 @@
+"""The `xbt` command line as a user runs it: exit codes, one-line errors, embed, promote/rollback, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import REPO
+
+
+def xbt(*args, env=None, timeout=600, **kw):
+    full_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xbt: error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def _upgrade_args(tiny, out, **extra):
+    args = ["upgrade", "--old", tiny["old"], "--new", tiny["new"], "--corpus", tiny["corpus"], "--pairs", tiny["pairs"],
+            "--eval", tiny["eval"], "--out", out]
+    for k, v in extra.items():
+        args += [f"--{k.replace('_', '-')}", v]
+    return args
+
+
+def test_usage_errors_are_one_line(tiny, tmp_path):
+    _one_line_error(xbt(), "the following arguments are required")
+    _one_line_error(xbt(*_upgrade_args(tiny, tmp_path, method="magic")), "invalid choice: 'magic'")
+    r = xbt("upgrade", "--old", tiny["old"])
+    assert r.returncode == 2
+    _one_line_error(r, "--new")
+
+
+def test_bad_paths_fail_fast_with_the_path(tiny, tmp_path):
+    missing = tmp_path / "nope.parquet"
+    _one_line_error(xbt(*_upgrade_args({**tiny, "corpus": missing}, tmp_path / "o")), str(missing), "no such file")
+    _one_line_error(xbt(*_upgrade_args({**tiny, "old": tmp_path / "no-model"}, tmp_path / "o")),
+                    "model directory", "does not exist")
+    _one_line_error(xbt(*_upgrade_args(tiny, tmp_path / "o"), "--set", "finetune.nope=1"), "unknown setting 'nope'")
+
+
+@pytest.mark.parametrize("env, name", [
+    ({"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "MLflow tracking server at http://127.0.0.1:9"),
+    ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, "Prefect API at http://127.0.0.1:9/api/health"),
+])
+def test_unreachable_server_fails_in_seconds_naming_it(tiny, tmp_path, env, name):
+    t0 = time.perf_counter()
+    r = xbt(*_upgrade_args(tiny, tmp_path / "o"), env=env)
+    _one_line_error(r, name, "unreachable")
+    assert time.perf_counter() - t0 < 60
+    assert not (tmp_path / "o").exists()
+
+
+def test_embed_text_and_image_and_bundle(tiny, tmp_path):
+    from xbtcore.bundle import BundleMeta
+    from xbtcore.data import read_gallery, read_pairs
+    from xbtcore.encoders import DualEncoder
+    from xbtcore.linear_bundle import save_linear_bundle
+
+    new = DualEncoder.from_pretrained(tiny["new"])
+    evalset = read_pairs(tiny["eval"])
+    r = xbt("embed", "--model", tiny["new"], "--input", tiny["eval"], "--modality", "text", "--out", tmp_path / "t.parquet")
+    assert r.returncode == 0, r.stderr
+    table = pq.read_table(tmp_path / "t.parquet")
+    assert table.column("row").to_pylist() == list(range(len(evalset.captions)))
+    _, emb = read_gallery(tmp_path / "t.parquet")
+    torch.testing.assert_close(emb, new.embed_texts(evalset.captions), atol=1e-5, rtol=0)
+
+    r = xbt("embed", "--model", tiny["new"], "--input", tiny["eval"], "--modality", "image", "--out", tmp_path / "i.parquet")
+    assert r.returncode == 0, r.stderr
+    _, emb = read_gallery(tmp_path / "i.parquet")
+    assert emb.shape == (len(evalset.captions), 32)  # one embedding per input row
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(emb)))
+
+    # A bundle embeds into the old space: φ(normalize(E_new(x))) with a fitted W here.
+    weight = torch.linalg.qr(torch.randn(32, 24, generator=torch.Generator().manual_seed(0)))[0]  # (32, 24)
+    save_linear_bundle(tmp_path / "bundle", new, weight,
+                       BundleMeta(tiny["new"], tiny["old"], tiny["old"], "procrustes", {"in_dim": 32, "out_dim": 24}))
+    r = xbt("embed", "--model", tmp_path / "bundle", "--input", tiny["eval"], "--modality", "text",
+            "--out", tmp_path / "b.parquet")
+    assert r.returncode == 0, r.stderr
+    _, emb = read_gallery(tmp_path / "b.parquet")
+    expected = torch.nn.functional.normalize(new.embed_texts(evalset.captions) @ weight, dim=-1)
+    torch.testing.assert_close(emb, expected, atol=1e-5, rtol=0)
+
+    _one_line_error(xbt("embed", "--model", tiny["new"], "--input", tiny["eval"], "--modality", "text",
+                        "--text-column", "nope", "--out", tmp_path / "x.parquet"), "missing column 'nope'")
+
+    r = xbt("catalog", "--json", "--table", "galleries")
+    assert r.returncode == 0
+    galleries = json.loads(r.stdout)["galleries"]
+    assert str(tmp_path / "b.parquet") in [g["path"] for g in galleries]
+
+
+def test_promote_and_rollback_commands(tmp_path):
+    from tests.test_mlflow_registry import _register
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "XBT_STATE_DIR": str(tmp_path / "state")}
+    old_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        first = _register(tmp_path, "v1", passed=True)
+        second = _register(tmp_path, "v2", passed=False)
+    finally:
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    r = xbt("promote", env=env)  # the candidate, the only xbt model
+    assert r.returncode == 0, r.stderr
+    assert f"version {second['version']} is champion (was {first['version']})" in r.stdout
+    r = xbt("promote", "--version", second["version"], env=env)
+    assert "(already)" in r.stdout
+    r = xbt("rollback", "--model", first["name"], env=env)
+    assert r.returncode == 0 and f"to {first['version']}" in r.stdout
+    _one_line_error(xbt("rollback", env=env), "nothing to roll back to")
+    _one_line_error(xbt("promote", "--model", "xbt-nope", env=env))
+
+
+@pytest.mark.slow
+def test_upgrade_killed_mid_training_resumes_from_checkpoint(tiny, tmp_path):
+    out = tmp_path / "run"
+    args = _upgrade_args(tiny, out) + ["--set", "pretrain.epochs=2", "--set", "finetune.batch_size=8",
+                                       "--set", "finetune.epochs=8", "--set", "finetune.checkpoint_every=2"]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = out / "work" / "train.ckpt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ckpt.exists(), "training never wrote a checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "report.json").exists()
+
+    r = xbt(*args)
+    assert r.returncode == 0, r.stderr
+    history = json.loads((out / "work" / "train_history.json").read_text())
+    assert history["resumed_from"] >= 2
+    assert history["steps"][0]["step"] == history["resumed_from"] + 1  # no step trained twice
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"]["embed-corpus"] == "Cached" and report["steps"]["train"] == "Completed"
+    assert "gate (Eqn. 2):" in r.stdout and "old/old" in r.stdout
+    assert not ckpt.exists()

@@ -1,0 +1,151 @@
+"""The xbt-upgrade flow end to end on a tiny world with tiny CLIPs (in-process, temporary Prefect API)."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from pydantic import ValidationError
+
+from conftest import FAST
+from xbtcore.data import InputError
+
+CONTRACT_KEYS = {"method", "old", "new", "recall", "gate", "counts", "timings_s"}
+CASES = ["old/old", "new/old", "new/new", "orig-new/new"]
+CACHED_STEPS = ["check-inputs", "extract-corpus", "embed-corpus", "pretrain-phi", "train", "evaluate"]
+
+pytestmark = pytest.mark.slow
+
+
+def _params(tiny, out, **kw):
+    from flows.upgrade import UpgradeParams
+
+    base = dict(old=tiny["old"], new=tiny["new"], corpus=tiny["corpus"], pairs=tiny["pairs"], eval=tiny["eval"],
+                out=str(out), progress=False, **FAST)
+    return UpgradeParams(**{**base, **kw})
+
+
+def _t2i_recall(query: torch.Tensor, gallery: torch.Tensor, owner: torch.Tensor, k: int) -> float:
+    """Brute force: a caption hits when its own image is among the k most similar."""
+    top = (query @ gallery.T).topk(k, dim=1).indices  # (Nc, k)
+    return round(100.0 * (top == owner[:, None]).any(1).float().mean().item(), 2)
+
+
+def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness, tiny, tmp_path):
+    from flows.upgrade import upgrade
+    from xbtcore.data import read_pairs
+    from xbtcore.encoders import DualEncoder
+    from xbtcore.linear_bundle import load_compatible
+
+    out = tmp_path / "run"
+    upgrade(_params(tiny, out))
+    report = json.loads((out / "report.json").read_text())
+    assert CONTRACT_KEYS <= set(report)
+    assert report["method"] == "xbt" and report["old"] == tiny["old"] and report["new"] == tiny["new"]
+    for d in ("t2i", "i2t"):
+        assert list(report["recall"][d]) == CASES
+        assert all(list(r) == ["1", "5", "10", "50"] for r in report["recall"][d].values())
+    assert set(report["gate"]) == {"passed", "criterion", "ks", "failures"} and report["gate"]["ks"] == [1, 5, 10]
+    assert set(report["timings_s"]) == {"extract", "embed", "pretrain", "train", "evaluate"}
+
+    # Counts against an independent reading of the inputs.
+    corpus = [t for t in pq.read_table(tiny["corpus"]).column("caption").to_pylist() if t and t.strip()]
+    ev = pq.read_table(tiny["eval"]).to_pydict()
+    assert report["counts"] == {"corpus": len(set(corpus)), "pairs": pq.read_metadata(tiny["pairs"]).num_rows,
+                                "eval_images": len(set(ev["image_id"])), "eval_captions": len(ev["caption"])}
+
+    # new/old t2i recomputed by brute force from the reloaded bundle and the old model.
+    evalset = read_pairs(tiny["eval"])
+    compat, meta = load_compatible(out / "bundle")
+    assert meta.method == "xbt" and meta.root_model == tiny["old"]
+    images = [evalset.load_image(i) for i in range(evalset.n_images)]
+    old_images = DualEncoder.from_pretrained(tiny["old"]).embed_images(images)
+    w_bar = compat.embed_texts(evalset.captions)
+    for k in (1, 5, 10):
+        assert report["recall"]["t2i"]["new/old"][str(k)] == _t2i_recall(w_bar, old_images, evalset.caption_image, k)
+
+    assert report["promotion"]["promoted"] == report["gate"]["passed"]
+    assert all(report["steps"][s] == "Completed" for s in CACHED_STEPS)
+
+    upgrade(_params(tiny, out))
+    again = json.loads((out / "report.json").read_text())
+    assert all(again["steps"][s] == "Cached" for s in CACHED_STEPS)
+    assert again["recall"] == report["recall"]
+    assert again["promotion"]["version"] == report["promotion"]["version"]  # same bundle, same version
+
+
+def test_bad_inputs_fail_before_training(prefect_harness, tiny, tmp_path):
+    import pyarrow as pa
+
+    from flows.upgrade import upgrade
+
+    table = pq.read_table(tiny["pairs"])
+    no_caption = tmp_path / "pairs.parquet"
+    pq.write_table(table.drop_columns(["caption"]), no_caption)
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match=r"pairs\.parquet: missing column 'caption'"):
+        upgrade(_params(tiny, out, pairs=str(no_caption)))
+    assert not (out / "bundle").exists() and not (out / "work" / "phi.safetensors").exists()
+
+    broken = tmp_path / "eval.parquet"
+    ev = pq.read_table(tiny["eval"])
+    ids = ev.column("image_id").to_pylist()
+    images = [b"\x89PNG not really" if i == ids[0] else im for i, im in zip(ids, ev.column("image").to_pylist())]
+    pq.write_table(ev.set_column(ev.schema.get_field_index("image"), "image", pa.array(images, pa.binary())), broken)
+    with pytest.raises(InputError, match=r"eval\.parquet: column 'image': images do not decode"):
+        upgrade(_params(tiny, out, eval=str(broken)))
+    assert not (out / "bundle").exists()
+
+    with pytest.raises(ValidationError, match="method"):
+        _params(tiny, out, method="magic")
+    with pytest.raises(ValidationError, match="no such file or folder"):
+        _params(tiny, out, corpus=str(tmp_path / "missing.parquet"))
+    with pytest.raises(ValidationError, match="unknown setting 'nope'"):
+        _params(tiny, out, pretrain={"nope": 1})
+
+
+def test_diverging_loss_fails_the_run_and_promotes_nothing(prefect_harness, tiny, tmp_path, monkeypatch):
+    import xbtcore.pretrain
+    from flows.upgrade import upgrade
+    from xbtcore.finetune import DivergedError
+
+    def nan_loss(a, b, scale):
+        return (a.sum() + b.sum()) * float("nan")
+
+    monkeypatch.setattr(xbtcore.pretrain, "clip_loss", nan_loss)
+    out = tmp_path / "run"
+    with pytest.raises(DivergedError, match="pretrain loss became nan"):
+        upgrade(_params(tiny, out))
+    assert not (out / "report.json").exists() and not (out / "bundle").exists()
+
+
+def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, tmp_path, monkeypatch):
+    import tasks.evaluate
+    from flows.upgrade import upgrade
+    from tasks import registry
+    from xbtcore.gate import GateResult
+
+    monkeypatch.setattr(tasks.evaluate, "eqn2_gate", lambda recall, ks: GateResult(passed=True, ks=list(ks)))
+    first = upgrade(_params(tiny, tmp_path / "a", seed=11))
+    name = first["promotion"]["model"]
+    assert first["promotion"]["promoted"]
+    c = registry.client()
+    assert registry.champion_version(c, name) == first["promotion"]["version"]
+
+    failing = GateResult(passed=False, ks=[1, 5, 10], failures=[["t2i", 1, 1.0, 2.0]])
+    monkeypatch.setattr(tasks.evaluate, "eqn2_gate", lambda recall, ks: failing)
+    second = upgrade(_params(tiny, tmp_path / "b", seed=12))
+    assert not second["promotion"]["promoted"] and "not promoted" in second["promotion"]["reason"]
+    assert second["gate"] == failing.to_dict()
+    assert registry.champion_version(c, name) == first["promotion"]["version"]
+    assert str(c.get_model_version_by_alias(name, "candidate").version) == second["promotion"]["version"]
+
+    # A chain link: the champion bundle is the old model; the gallery stays the root model's.
+    monkeypatch.undo()
+    third = upgrade(_params(tiny, tmp_path / "c", old=f"models:/{name}@champion", method="procrustes"))
+    assert list(third["recall"]["t2i"]) == [*CASES, "prev/old"]
+    assert third["no_regression"]["criterion"] == "no-regression"
+    assert third["recall"]["t2i"]["old/old"] == first["recall"]["t2i"]["old/old"]
+    assert third["promotion"]["model"] == name  # same gallery space, same registered model
+    assert Path(third["bundle"]).is_dir()

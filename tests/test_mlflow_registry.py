@@ -1,0 +1,94 @@
+"""MLflow registration and promotion: candidate always, champion only on a passing gate, rollback, URIs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks import registry
+
+KS = ("1", "5", "10", "50")
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
+    return tmp_path
+
+
+def _report(tmp_path: Path, tag: str, passed: bool):
+    """A bundle folder (unique content per tag), its report.json and the gate verdict."""
+    bundle = tmp_path / tag / "bundle"
+    bundle.mkdir(parents=True)
+    (bundle / "xbt_bundle.json").write_text(json.dumps({"tag": tag}))
+    (bundle / "phi.safetensors").write_bytes(tag.encode() * 10)
+    recall = {d: {c: {k: 10.0 for k in KS} for c in ("old/old", "new/old", "new/new", "orig-new/new")}
+              for d in ("t2i", "i2t")}
+    failures = [] if passed else [["t2i", 1, 9.0, 10.0]]
+    gate = {"passed": passed, "criterion": "eqn2", "ks": [1, 5, 10], "failures": failures}
+    report = {"method": "xbt", "old": "/m/old", "new": f"/m/{tag}", "recall": recall, "gate": gate,
+              "counts": {"corpus": 1, "pairs": 1, "eval_images": 1, "eval_captions": 1},
+              "timings_s": {"extract": 0.1, "embed": 0.1, "pretrain": 0.1, "train": 0.1, "evaluate": 0.1}}
+    path = tmp_path / tag / "report.json"
+    path.write_text(json.dumps(report))
+    verdict = {"eqn2": gate, "passed": passed}
+    return str(path), str(bundle), verdict
+
+
+def _register(tmp_path, tag, passed):
+    path, bundle, verdict = _report(tmp_path, tag, passed)
+    histories = {"train": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]}
+    return registry.register_and_promote.fn(path, bundle, "/m/old", verdict, histories, [])
+
+
+def test_champion_moves_on_pass_not_on_fail_and_rolls_back(mlflow_store):
+    c = registry.client()
+    first = _register(mlflow_store, "v1", passed=True)
+    name = first["name"]
+    assert first["promoted"] and registry.champion_version(c, name) == first["version"]
+    assert c.get_model_version(name, first["version"]).tags[registry.TAG_PREVIOUS] == "none"
+
+    failed = _register(mlflow_store, "v2", passed=False)
+    assert not failed["promoted"]
+    assert str(c.get_model_version_by_alias(name, "candidate").version) == failed["version"]
+    assert registry.champion_version(c, name) == first["version"]  # did not move
+    tags = c.get_model_version(name, failed["version"]).tags
+    assert tags["gate.passed"] == "false" and "t2i@1" in tags["xbt.not_promoted"]
+    assert json.loads(tags["gate.failures"]) == [["t2i", 1, 9.0, 10.0]]
+
+    third = _register(mlflow_store, "v3", passed=True)
+    assert registry.champion_version(c, name) == third["version"]
+    assert c.get_model_version(name, third["version"]).tags[registry.TAG_PREVIOUS] == first["version"]
+
+    again = registry.promote(c, name, third["version"], "test")  # idempotent
+    assert not again["changed"] and registry.champion_version(c, name) == third["version"]
+
+    back = registry.rollback(c, name)
+    assert back == {"name": name, "version": first["version"], "rolled_back_from": third["version"]}
+    assert registry.champion_version(c, name) == first["version"]
+    with pytest.raises(ValueError, match="nothing to roll back to"):
+        registry.rollback(c, name)
+
+
+def test_same_bundle_is_one_version_and_metrics_are_logged(mlflow_store):
+    a = _register(mlflow_store, "same", passed=True)
+    path, bundle, verdict = _report(mlflow_store / "again", "same", passed=True)
+    b = registry.register_and_promote.fn(path, bundle, "/m/old", verdict, {}, [])
+    assert a["version"] == b["version"]
+    c = registry.client()
+    run = c.get_run(a["run_id"])
+    assert run.data.metrics["t2i.new_old.R1"] == 10.0
+    assert [m.value for m in c.get_metric_history(a["run_id"], "train_loss")] == [2.0, 1.5]
+    assert "report.json" in [f.path for f in c.list_artifacts(a["run_id"])]
+    assert c.get_experiment(a["experiment"]).name == f"xbt/{registry.space_of('/m/old')}"
+
+
+def test_models_uri_resolves_to_a_local_bundle(mlflow_store):
+    first = _register(mlflow_store, "v1", passed=True)
+    local = registry.resolve_ref(f"models:/{first['name']}@champion")
+    assert json.loads((Path(local) / "xbt_bundle.json").read_text()) == {"tag": "v1"}
+    assert registry.resolve_ref(f"models:/{first['name']}/{first['version']}") == local  # downloaded once
+    with pytest.raises(ValueError, match="not found in the MLflow registry"):
+        registry.resolve_ref(f"models:/{first['name']}@nope")
+    assert registry.resolve_ref("/some/dir") == "/some/dir"
