@@ -16,7 +16,7 @@ export XBT_STATE_DIR := $(STATE)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench zoo clean
+.PHONY: install demo test bench zoo servers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: $(STAMP)
 # Rebuild the committed demo zoo (old, mid, new) from its seed.
 zoo: $(STAMP)
 	$(BIN)/python scripts/build_zoo.py --out zoo --seed 0
+
+# Prefect and MLflow servers on loopback (docs/deployment.md).
+servers: $(STAMP)
+	$(BIN)/python -m flows.servers
 
 clean:
 	rm -rf $(VENV) $(STATE) out

@@ -13,6 +13,7 @@ adapters switched off (`adapters_off`) it is the original new model exactly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -101,22 +102,23 @@ def load_bundle(bundle_dir: str | Path, device="cpu", dtype: torch.dtype = torch
     phi = Phi(PhiConfig(**meta.phi))
     phi.load_state_dict(load_file(bundle_dir / "phi.safetensors"))
     phi.to(device).eval()
-    return CompatibleEncoder(base, phi), meta
+    return CompatibleEncoder(base, phi, ref=str(bundle_dir)), meta
 
 
 class CompatibleEncoder:
     """The upgraded new model as a query encoder into the old space: φ(normalize(E_new(x)))."""
 
-    def __init__(self, encoder, phi: Phi):
+    def __init__(self, encoder, phi: torch.nn.Module, ref: str | None = None):
         self.encoder = encoder  # DualEncoder of the new model, adapters installed
-        self.phi = phi
+        self.phi = phi  # φ, or a fitted linear map (buffers only)
+        self.ref = ref or f"{encoder.ref}+compat"  # a bundle's path when loaded from one
 
     @property
     def embed_dim(self) -> int:
         return self.phi.cfg.out_dim
 
     def _map(self, new_emb: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-        device = next(self.phi.parameters()).device
+        device = next(itertools.chain(self.phi.parameters(), self.phi.buffers())).device
         with torch.inference_mode():
             out = [self.phi(new_emb[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(new_emb), batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
