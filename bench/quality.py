@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xbtcore import world  # noqa: E402
 from xbtcore.bundle import CompatibleEncoder  # noqa: E402
 from xbtcore.cache import CacheStats, EmbeddingCache  # noqa: E402
-from xbtcore.data import read_pairs  # noqa: E402
+from xbtcore.data import LazyImages, read_pairs  # noqa: E402
 from xbtcore.encoders import DualEncoder  # noqa: E402
 from xbtcore.evaluate import Side, evaluate_cases  # noqa: E402
 from xbtcore.finetune import METHODS, FinetuneConfig, count_trainable, finetune  # noqa: E402
@@ -134,7 +134,7 @@ def run(args) -> dict:
                     run_info["train_split"] = hist[-1]
                     trainable = count_trainable(new, phi)
                     up = CompatibleEncoder(new, phi)
-                    up_side = Side(text=up.embed_texts(evalset.captions), image=up.embed_images(_images(evalset)))
+                    up_side = Side(text=up.embed_texts(evalset.captions), image=up.embed_images(LazyImages(evalset)))
             recall = evaluate_cases(old_side, up_side, orig_side, evalset.caption_image)
             gate = eqn2_gate(recall)
             run_info.update({"recall": recall, "gate": gate.to_dict(), "timings_s": timer.seconds,
@@ -148,17 +148,6 @@ def run(args) -> dict:
                               "orig": {d: recall[d]["orig-new/new"] for d in recall},
                               "timings": timer.seconds}), file=sys.stderr, flush=True)
     return results
-
-
-class _images:
-    def __init__(self, pairs):
-        self.pairs = pairs
-
-    def __len__(self):
-        return self.pairs.n_images
-
-    def __getitem__(self, i):
-        return self.pairs.load_image(i)
 
 
 def main():

@@ -96,7 +96,7 @@ def cmd_embed(a) -> int:
     from tasks.common import absolute_ref, state_dir
     from tasks.registry import resolve_ref, space_of
     from xbtcore.bundle import is_bundle
-    from xbtcore.data import write_embeddings_parquet
+    from xbtcore.data import LazyImages, write_embeddings_parquet
     from xbtcore.embed_input import read_images, read_texts
     from xbtcore.encoders import DualEncoder
     from xbtcore.linear_bundle import load_compatible
@@ -114,23 +114,12 @@ def cmd_embed(a) -> int:
     if a.modality == "text":
         emb = encoder.embed_texts(items, batch_size=a.batch_size, progress=True)
     else:
-        emb = encoder.embed_images(_Images(items), batch_size=a.batch_size, progress=True)
+        emb = encoder.embed_images(LazyImages(items), batch_size=a.batch_size, progress=True)
     out = write_embeddings_parquet(a.out, emb)
     Catalog(state_dir() / "catalog.duckdb").record_gallery(str(Path(out).absolute()), a.model, space_of(root),
                                                            a.modality, int(emb.shape[0]), int(emb.shape[1]))
     print(f"{emb.shape[0]} {a.modality} embeddings (dim {emb.shape[1]}, space {space_of(root)}) -> {out}")
     return 0
-
-
-class _Images:
-    def __init__(self, pairs):
-        self.pairs = pairs
-
-    def __len__(self):
-        return self.pairs.n_images
-
-    def __getitem__(self, i):
-        return self.pairs.load_image(i)
 
 
 def cmd_promote(a) -> int:

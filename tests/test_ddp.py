@@ -2,10 +2,7 @@
 the loss (global negatives through the gradient-carrying all_gather) and the
 gradients, for φ pretraining (Eqn. 3) and XBT training (Eqn. 5)."""
 
-import dataclasses
-import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

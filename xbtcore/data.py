@@ -317,3 +317,18 @@ def write_embeddings_parquet(path, embeddings, rows=None, ids=None) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+class LazyImages:
+    """Images [start, stop) of anything with `load_image(i)` and `n_images`,
+    decoded on access: embedding decodes one batch at a time."""
+
+    def __init__(self, source, start: int = 0, stop: int | None = None):
+        self.source, self.start = source, start
+        self.n = (source.n_images if stop is None else stop) - start
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.source.load_image(self.start + i)

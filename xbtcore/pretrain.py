@@ -22,10 +22,10 @@ from .phi import Phi
 @dataclass(frozen=True)
 class PretrainConfig:
     sigma: float = field(default=0.1, metadata={"help": "std of the Gaussian noise added to w_new (Eqn. 3)"})
-    batch_size: int = field(default=8192, metadata={"help": "paper: 8,192"})
+    batch_size: int = field(default=1024, metadata={"help": "paper: 8,192 on 8 GPUs; 1,024 here (docs/method.md)"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)"})
-    epochs: int = field(default=40, metadata={"help": "passes over the corpus (cheap: embeddings are cached)"})
+    epochs: int = field(default=3, metadata={"help": "passes over the corpus (cheap: embeddings are cached)"})
     log_logit_scale: float = field(default=PAPER_LOG_LOGIT_SCALE, metadata={"help": "τ_pre (paper: 2.6592)"})
     seed: int = 0
 

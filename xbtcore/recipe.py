@@ -18,6 +18,7 @@ import torch
 
 from .bundle import CompatibleEncoder
 from .cache import CacheStats, EmbeddingCache, fingerprint_items, fingerprint_model, fingerprint_texts
+from .data import LazyImages
 from .evaluate import Side
 from .phi import Phi, PhiConfig
 from .pretrain import PretrainConfig, text_only_pretrain
@@ -62,7 +63,7 @@ def cached_image_embeddings(cache: EmbeddingCache, encoder, pairs, progress=Fals
         fingerprint_items(pairs.images),
         "image",
         pairs.n_images,
-        lambda a, b: encoder.embed_images(_LazyImages(pairs, a, b), batch_size=batch_size, progress=progress),
+        lambda a, b: encoder.embed_images(LazyImages(pairs, a, b), batch_size=batch_size, progress=progress),
         meta={"model_ref": encoder.ref},
         stats=stats,
     )
@@ -71,19 +72,6 @@ def cached_image_embeddings(cache: EmbeddingCache, encoder, pairs, progress=Fals
 def _variant(encoder) -> str:
     # A compatible encoder (bundle) embeds into the old space: key it apart from its base model.
     return "-compat" if isinstance(encoder, CompatibleEncoder) else ""
-
-
-class _LazyImages:
-    """Decode images of rows [a, b) on access, one batch at a time."""
-
-    def __init__(self, pairs, a: int, b: int):
-        self.pairs, self.a, self.n = pairs, a, b - a
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.pairs.load_image(self.a + i)
 
 
 def pretrain_phi(w_new: torch.Tensor, w_old: torch.Tensor, cfg: PretrainConfig, device="cpu", on_step=None):
@@ -101,7 +89,7 @@ def side_of(encoder, pairs, cache: EmbeddingCache | None = None, progress=False)
         image = cached_image_embeddings(cache, encoder, pairs, progress)
     else:
         text = encoder.embed_texts(pairs.captions, progress=progress)
-        image = encoder.embed_images(_LazyImages(pairs, 0, pairs.n_images), progress=progress)
+        image = encoder.embed_images(LazyImages(pairs, 0, pairs.n_images), progress=progress)
     return Side(text=text, image=image)
 
 
