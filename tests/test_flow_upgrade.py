@@ -32,7 +32,10 @@ def _t2i_recall(query: torch.Tensor, gallery: torch.Tensor, owner: torch.Tensor,
     return round(100.0 * (top == owner[:, None]).any(1).float().mean().item(), 2)
 
 
-def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness, tiny, tmp_path):
+def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness, tiny, tmp_path, monkeypatch):
+    # Its own task-result store: other tests run the same inputs, and their
+    # cached results would make this "first" run come back Cached.
+    monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
     from flows.upgrade import upgrade
     from xbtcore.data import read_pairs
     from xbtcore.encoders import DualEncoder
