@@ -7,6 +7,7 @@ import torch
 
 from xbtcore import world
 from xbtcore.adapters import adapters_off, find_prompts
+from xbtcore.augment import AugmentConfig
 from xbtcore.bundle import BundleMeta, CompatibleEncoder, load_bundle, save_bundle
 from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder
@@ -14,7 +15,8 @@ from xbtcore.finetune import DivergedError, FinetuneConfig, finetune
 from xbtcore.phi import Phi, PhiConfig
 from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip
 
-FAST = FinetuneConfig(batch_size=32, checkpoint_every=2)
+# Augmentation on (off by default) so the resume test also covers its per-row RNG.
+FAST = FinetuneConfig(batch_size=32, checkpoint_every=2, augment=AugmentConfig(enabled=True))
 
 
 @pytest.fixture(scope="module")

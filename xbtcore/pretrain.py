@@ -21,7 +21,7 @@ from .phi import Phi
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    sigma: float = field(default=0.1, metadata={"help": "std of the Gaussian noise added to w_new (Eqn. 3)"})
+    sigma: float = field(default=0.05, metadata={"help": "std of the Gaussian noise added to w_new (Eqn. 3); not given in the paper, chosen in docs/method.md"})
     batch_size: int = field(default=1024, metadata={"help": "paper: 8,192 on 8 GPUs; 1,024 here (docs/method.md)"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)"})
