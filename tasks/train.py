@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from xbtcore.bundle import BundleMeta, save_bundle
 from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder
-from xbtcore.finetune import METHODS, DivergedError, FinetuneConfig, count_trainable, finetune
+from xbtcore.finetune import METHODS, DivergedError, FinetuneConfig, count_trainable, finetune, prompt_count
 from xbtcore.linear_bundle import LINEAR_METHODS, save_linear_bundle
 from xbtcore.phi import Phi, PhiConfig
 from xbtcore.pretrain import PretrainConfig
@@ -133,7 +133,7 @@ def train(new_ref: str, old_ref: str, root_ref: str, chain: list[str], pairs_pat
                        on_step=_loss_logger(method, steps, history), progress=progress)
         trainable = count_trainable(new, phi)
         meta = BundleMeta(new_ref, old_ref, root_ref, method, phi=dataclasses.asdict(phi.cfg),
-                          n_prompts=cfg.n_prompts if METHODS[method].prompts else 0, chain=[*chain, new_ref])
+                          n_prompts=prompt_count(new), chain=[*chain, new_ref])
         save_bundle(bundle_dir, new, phi, meta)
         ckpt.unlink(missing_ok=True)
         resumed_from = run[0].get("resumed_from", 0) if run else 0

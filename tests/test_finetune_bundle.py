@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from xbtcore import world
-from xbtcore.adapters import adapters_off, find_prompts
+from xbtcore.adapters import adapters_off, auto_prompt_count, find_prompts
 from xbtcore.augment import AugmentConfig
 from xbtcore.bundle import BundleMeta, CompatibleEncoder, load_bundle, save_bundle
 from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder
-from xbtcore.finetune import DivergedError, FinetuneConfig, finetune
+from xbtcore.finetune import DivergedError, FinetuneConfig, finetune, prompt_count
 from xbtcore.phi import Phi, PhiConfig
 from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip
 
@@ -52,7 +52,7 @@ def test_xbt_trains_only_lora_prompts_and_phi_layernorms(tiny):
     assert lora and any("vision_model" in n for n in lora) and any("text_model" in n for n in lora)
     trainable = {n for n, p in enc.model.named_parameters() if p.requires_grad}
     assert all("lora_" in n or n.endswith("prompts") for n in trainable)
-    assert find_prompts(enc.model).prompts.shape == (10, 48)
+    assert find_prompts(enc.model).prompts.shape == (auto_prompt_count(enc.model), 48)
     # base weights are untouched (peft prefixes names; compare by suffix)
     frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in enc.model.named_parameters()
               if not p.requires_grad}
@@ -72,7 +72,7 @@ def test_bundle_roundtrip_is_bit_identical_and_off_is_original(tiny, tmp_path):
     t1, i1 = up.embed_texts(ev.captions), up.embed_images(_images(ev))
     assert t1.shape == (len(ev.captions), 24)
     meta = BundleMeta(base_model=tiny["new"], old_model=tiny["old"], root_model=tiny["old"], method="xbt",
-                      phi=dataclasses.asdict(phi.cfg), n_prompts=10)
+                      phi=dataclasses.asdict(phi.cfg), n_prompts=prompt_count(enc))
     save_bundle(tmp_path / "bundle", enc, phi, meta)
     assert not (tmp_path / "bundle.tmp").exists()
     up2, meta2 = load_bundle(tmp_path / "bundle")
@@ -137,3 +137,13 @@ def test_nan_loss_stops_the_run(tiny):
         phi.net[0].weight.fill_(float("nan"))
     with pytest.raises(DivergedError, match="nan"):
         finetune(enc, phi, tiny["pairs"], "xbt", FAST)
+
+
+@pytest.mark.parametrize("image_size,patch,expect", [(224, 14, 10), (224, 32, 2), (32, 8, 1), (336, 14, 10)])
+def test_auto_prompt_count_keeps_the_papers_share(image_size, patch, expect):
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=image_size, patch_size=patch),
+                     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+    assert auto_prompt_count(CLIPModel(cfg)) == expect

@@ -78,8 +78,22 @@ class PromptedEmbeddings(nn.Module):
         return torch.cat([x[:, :1], p, x[:, 1:]], dim=1)  # (B, 1 + P + Np, W)
 
 
-def add_vision_prompts(model: nn.Module, n_prompts: int) -> PromptedEmbeddings | None:
-    """Insert soft prompts into the vision tower; 0 prompts is a no-op."""
+PAPER_PROMPT_SHARE = 10 / 257  # 10 prompts beside ViT-L/14's 256 patches + CLS (Sec. 4.1)
+
+
+def auto_prompt_count(model: nn.Module, cap: int = 10) -> int:
+    """The paper's 10 prompts, scaled so prompts stay the same share of the vision
+    tokens: 10 for ViT-L/14, 2 for B/32, 1 for the 16-patch demo zoo. Ten
+    prompts among 17 tokens swamp a small tower (docs/method.md)."""
+    cfg = vision_embeddings_owner(model).config
+    n_patches = (cfg.image_size // cfg.patch_size) ** 2
+    return max(1, min(cap, round(PAPER_PROMPT_SHARE * (n_patches + 1))))
+
+
+def add_vision_prompts(model: nn.Module, n_prompts: int | None) -> PromptedEmbeddings | None:
+    """Insert soft prompts into the vision tower; None picks auto_prompt_count, 0 is a no-op."""
+    if n_prompts is None:
+        n_prompts = auto_prompt_count(model)
     if n_prompts <= 0:
         return None
     vm = vision_embeddings_owner(model)

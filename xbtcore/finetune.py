@@ -53,7 +53,9 @@ METHODS = {
 @dataclass(frozen=True)
 class FinetuneConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
-    n_prompts: int = field(default=10, metadata={"help": "vision soft prompts (paper: 10)"})
+    n_prompts: int | None = field(
+        default=None, metadata={"help": "vision soft prompts; None: the paper's 10 scaled to the patch count (adapters.auto_prompt_count)"}
+    )
     lr: float = field(default=1e-4, metadata={"help": "AdamW lr for LoRA, φ and full weights (paper: 1e-4)"})
     prompt_lr: float = field(default=1e-2, metadata={"help": "soft prompt lr (paper: 100x, 1e-2)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)"})
@@ -71,7 +73,7 @@ class FinetuneConfig:
             raise ValueError(f"batch_size must be >= 2 for a contrastive loss, got {self.batch_size}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.n_prompts < 0:
+        if self.n_prompts is not None and self.n_prompts < 0:
             raise ValueError(f"n_prompts must be >= 0, got {self.n_prompts}")
 
 
@@ -255,3 +257,9 @@ def count_trainable(encoder, phi: Phi) -> int:
 def prompts_of(encoder) -> nn.Parameter | None:
     found = find_prompts(encoder.model)
     return None if found is None else found.prompts
+
+
+def prompt_count(encoder) -> int:
+    """How many soft prompts training installed (0 for methods without them)."""
+    found = find_prompts(encoder.model)
+    return 0 if found is None else int(found.prompts.shape[0])
