@@ -59,6 +59,14 @@ def _override(cfg, key: str, value: str):
     return dataclasses.replace(cfg, **{key: parsed})
 
 
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def run(args) -> dict:
     data = Path(args.data)
     if not (data / "eval.parquet").exists():
@@ -89,11 +97,11 @@ def run(args) -> dict:
         else:
             raise SystemExit(f"--set scope must be pretrain or finetune, got {scope!r}")
 
-    results = {"old": args.old, "new": args.new, "corpus": len(corpus), "pairs": len(pairs.captions),
+    results = {"device": _device_name(args.device), "old": args.old, "new": args.new, "corpus": len(corpus), "pairs": len(pairs.captions),
                "pretrain": dataclasses.asdict(pre_cfg), "finetune": dataclasses.asdict(ft_cfg), "runs": []}
-    old = DualEncoder.from_pretrained(args.old)
+    old = DualEncoder.from_pretrained(args.old, device=args.device)
     old_side = side_of(old, evalset, cache)
-    new_base = DualEncoder.from_pretrained(args.new)
+    new_base = DualEncoder.from_pretrained(args.new, device=args.device)
     orig_side = side_of(new_base, evalset, cache)
 
     for seed in args.seeds:
@@ -110,15 +118,15 @@ def run(args) -> dict:
                 up_side = map_side(orig_side, phi)
                 trainable = phi.weight.numel()
             else:
-                new = DualEncoder.from_pretrained(args.new)
+                new = DualEncoder.from_pretrained(args.new, device=args.device)
                 torch.manual_seed(seed)
                 if method == "phi-only" or METHODS[method].phi == "layernorm":
                     with timer("pretrain"):
-                        phi, hist = pretrain_phi(w_new, w_old, dataclasses.replace(pre_cfg, seed=seed))
+                        phi, hist = pretrain_phi(w_new, w_old, dataclasses.replace(pre_cfg, seed=seed), device=args.device)
                     run_info["pretrain_loss"] = [round(h["loss"], 4) for h in hist[:: max(1, len(hist) // 10)]]
                     run_info["phi_only"] = evaluate_cases(old_side, map_side(orig_side, phi), orig_side, evalset.caption_image)
                 else:
-                    phi = Phi(PhiConfig(new.embed_dim, old.embed_dim))
+                    phi = Phi(PhiConfig(new.embed_dim, old.embed_dim)).to(args.device)
                 if method == "phi-only":
                     up_side, trainable = map_side(orig_side, phi), sum(p.numel() for p in phi.parameters())
                 else:
@@ -162,6 +170,7 @@ def main():
     ap.add_argument("--corpus-limit", type=int, default=0)
     ap.add_argument("--pairs-limit", type=int, default=0, help="use only the first N pair images")
     ap.add_argument("--set", action="append", default=[], help="override, e.g. pretrain.sigma=0.05")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (training and embedding run there)")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--json-out", default="")
     args = ap.parse_args()

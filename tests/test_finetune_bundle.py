@@ -147,3 +147,14 @@ def test_auto_prompt_count_keeps_the_papers_share(image_size, patch, expect):
                                         num_attention_heads=2, image_size=image_size, patch_size=patch),
                      text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
     assert auto_prompt_count(CLIPModel(cfg)) == expect
+
+
+def test_prompts_are_created_on_the_towers_device(tiny):
+    # A model already on an accelerator gets its prompts there too (found on the
+    # GPU machine: prompts made on the CPU broke the first cuda training step).
+    from xbtcore.adapters import add_vision_prompts
+
+    enc = DualEncoder.from_pretrained(tiny["new"])
+    enc.model.to("meta")
+    prompts = add_vision_prompts(enc.model, 2)
+    assert prompts.prompts.device.type == "meta"

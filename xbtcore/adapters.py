@@ -67,7 +67,8 @@ class PromptedEmbeddings(nn.Module):
     def __init__(self, inner: nn.Module, n_prompts: int, width: int, init_std: float = 0.02):
         super().__init__()
         self.inner = inner
-        self.prompts = nn.Parameter(torch.randn(n_prompts, width) * init_std)  # (P, W)
+        device = next(inner.parameters()).device  # prompts live beside the tower (cuda when it is there)
+        self.prompts = nn.Parameter(torch.randn(n_prompts, width, device=device) * init_std)  # (P, W)
         self.enabled = True
 
     def forward(self, *args, **kwargs) -> torch.Tensor:

@@ -11,6 +11,7 @@ and experiments call them directly. Nothing here imports prefect or mlflow.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -121,8 +122,9 @@ class LinearMap(torch.nn.Module):
 
 def map_side(side: Side, phi: torch.nn.Module) -> Side:
     """Apply φ to cached new-model embeddings (no encoder run)."""
+    device = next(itertools.chain(phi.parameters(), phi.buffers())).device
     with torch.inference_mode():
-        return Side(text=phi(side.text), image=phi(side.image))
+        return Side(text=phi(side.text.to(device)).float().cpu(), image=phi(side.image.to(device)).float().cpu())
 
 
 __all__ = [
