@@ -1,7 +1,7 @@
 """The `xbt-upgrade` flow: old model + new model + data -> a gated, registered compatible query encoder.
 
     check inputs -> extract corpus -> embed (cache) -> pretrain φ (Eqn. 3) -> train (Eqn. 5 or a baseline)
-    -> evaluate (CONTRACT.md cases) -> Eqn. 2 gate -> report -> MLflow register (+ promote) -> catalog
+    -> evaluate (CONTRACT.md cases) -> Eqn. 2 gate -> report (JSON, HTML) -> MLflow register (+ promote) -> catalog
 
 Every step is a task in tasks/; this module only composes them. Finished steps
 are cached on their inputs (which carry the fingerprints of the files they
@@ -26,7 +26,7 @@ from tasks.embed import embed_corpus
 from tasks.evaluate import check_inputs, evaluate, gate
 from tasks.extract import extract_corpus
 from tasks.registry import register_and_promote, resolve_model, space_of
-from tasks.report import draw_figures, publish_artifacts, record_datasets, record_run, write_report
+from tasks.report import draw_figures, publish_artifacts, record_datasets, record_run, write_html_report, write_report
 from tasks.servers import check_servers
 from tasks.train import apply_overrides, pretrain, train
 from xbtcore import world
@@ -150,7 +150,7 @@ def _histories(work: Path) -> dict:
 
 @flow(name="xbt-upgrade", log_prints=True)
 def upgrade(params: UpgradeParams) -> dict:
-    """One upgrade; writes OUT/report.json and OUT/bundle/, registers the bundle in MLflow."""
+    """One upgrade; writes OUT/report.json, OUT/report.html and OUT/bundle/, registers the bundle in MLflow."""
     check_servers()
     run = _Steps()
     out = Path(params.out).expanduser().absolute()
@@ -189,9 +189,10 @@ def upgrade(params: UpgradeParams) -> dict:
                  fingerprint=_digest(data_fp["pairs"], model_fp, fingerprint_content(phi_path) if phi_path else ""),
                  progress=params.progress, produces=lambda r: r)
 
+    sample_path = str(work / "eval_sample.safetensors")  # the HTML report's map and examples
     recall_path = run("evaluate", evaluate, data["eval"], root, new, bundle, prev, cache_root, str(work / "recall.json"),
                       fingerprint=_digest(data_fp["eval"], model_fp, fingerprint_content(bundle)),
-                      produces=lambda r: r)
+                      sample_path=sample_path, produces=lambda r: r)
     verdict = run(None, gate, recall_path, params.gate_ks, prev is not None)
     recall = json.loads(Path(recall_path).read_text())
 
@@ -209,6 +210,8 @@ def upgrade(params: UpgradeParams) -> dict:
     histories = _histories(work)
     figures = run(None, draw_figures, histories, recall_path, str(work / "figures"))
     run(None, write_report, report, str(work / "report.json"))
+    # MLflow's copy of report.html (before promotion); OUT/report.html below adds the promotion.
+    run(None, write_html_report, str(work / "report.json"), data["eval"], sample_path, str(work / "report.html"))
     space = space_of(root)
     reg = run(None, register_and_promote, str(work / "report.json"), bundle, root, verdict, histories, figures)
 
@@ -222,7 +225,8 @@ def upgrade(params: UpgradeParams) -> dict:
     report["space"] = space
     report["steps"] = dict(run.states)
     report_path = run(None, write_report, report, str(out / "report.json"))
-    run(None, publish_artifacts, report, verdict)
+    html_path = run(None, write_html_report, report_path, data["eval"], sample_path, str(out / "report.html"))
+    run(None, publish_artifacts, report, verdict, html_path)
     run(None, record_datasets, [{"path": os.path.abspath(data[k]), "kind": k, "fingerprint": data_fp[k], "rows": n}
                                 for k, n in (("corpus", corpus["rows"]), ("pairs", inputs["pairs"]), ("eval", inputs["eval_captions"]))])
     run_id = str(runtime.flow_run.id or _digest(report_path, time.time()))

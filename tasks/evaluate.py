@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from prefect import task
+from safetensors.torch import save_file
 
 from xbtcore.bundle import is_bundle, read_meta
 from xbtcore.cache import EmbeddingCache
@@ -17,6 +18,7 @@ from xbtcore.linear_bundle import load_compatible
 from xbtcore.recipe import side_of
 
 from .common import CACHED, log
+from xbtcore.inspect_sample import report_sample
 
 
 @task(name="check-inputs", **CACHED)
@@ -42,10 +44,12 @@ def check_inputs(old_ref: str, new_ref: str, pairs_path: str, eval_path: str, fi
 
 @task(name="evaluate", **CACHED)
 def evaluate(eval_path: str, root_ref: str, new_ref: str, bundle_dir: str, prev_bundle: str | None,
-             cache_root: str, out_path: str, fingerprint: str = "") -> str:
+             cache_root: str, out_path: str, fingerprint: str = "", sample_path: str | None = None) -> str:
     """The four cases (and prev/old for a chain) on the eval set; writes the recall JSON, -> its path.
 
     The gallery side is always the root model, embedded once into the cache.
+    With sample_path, also saves the few embeddings the HTML report's map and
+    retrieval examples need (tasks/html_report.report_sample).
     """
     evalset = read_pairs(eval_path)
     cache = EmbeddingCache(cache_root)
@@ -54,6 +58,9 @@ def evaluate(eval_path: str, root_ref: str, new_ref: str, bundle_dir: str, prev_
     upgraded_side = side_of(load_compatible(bundle_dir)[0], evalset)
     prev_side = side_of(load_compatible(prev_bundle)[0], evalset) if prev_bundle else None
     recall = evaluate_cases(old_side, upgraded_side, orig_side, evalset.caption_image, prev=prev_side)
+    if sample_path:
+        Path(sample_path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(report_sample(old_side, upgraded_side, orig_side, evalset.caption_image), sample_path)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(recall, indent=2))

@@ -175,6 +175,9 @@ def _log_run(c, exp_id: str, report: dict, bundle_dir: str, histories: dict, fig
     for i in range(0, max(len(metrics), len(param_list)), 900):  # log_batch takes at most 1000 metrics
         c.log_batch(rid, metrics=metrics[i : i + 900], params=param_list[i : i + 90])
     c.log_artifact(rid, report_path)
+    html = Path(report_path).with_name("report.html")  # written next to report.json (tasks/report.py)
+    if html.exists():
+        c.log_artifact(rid, str(html))
     for f in figures:
         c.log_artifact(rid, f, "figures")
     c.log_artifacts(rid, bundle_dir, "bundle")

@@ -8,26 +8,47 @@ from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from safetensors.torch import load_file
 
 from catalog import Catalog
+from xbtcore.data import read_pairs
 from xbtcore.evaluate import format_table
 
 from .common import IO_RETRIES, state_dir
+from .html_report import examples_of, map_panels, render_report
 
 
 def catalog() -> Catalog:
     return Catalog(state_dir() / "catalog.duckdb")
 
 
-@task(name="write-report")
-def write_report(report: dict, path: str) -> str:
-    """Atomic: a report.json that exists is a finished one."""
+def _write_atomic(path: str, text: str) -> str:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out)
     return str(out)
+
+
+@task(name="write-report")
+def write_report(report: dict, path: str) -> str:
+    """Atomic: a report.json that exists is a finished one."""
+    return _write_atomic(path, json.dumps(report, indent=2))
+
+
+@task(name="write-html-report")
+def write_html_report(report_path: str, eval_path: str, sample_path: str | None, out_path: str) -> str:
+    """report.html for people from report.json and the evaluate step's embedding sample (see
+    tasks/html_report.py); without the sample, the recall sections only. Atomic, -> its path."""
+    report = json.loads(Path(report_path).read_text())
+    panels = examples = n_points = None
+    if sample_path and Path(sample_path).exists():
+        sample = load_file(sample_path)
+        evalset = read_pairs(eval_path)
+        panels, n_points = map_panels(sample), len(sample["map_images"])
+        examples = examples_of(sample, evalset.captions, evalset.image_ids, evalset.load_image)
+    return _write_atomic(out_path, render_report(report, panels, examples, n_points))
 
 
 @task(name="draw-figures")
@@ -81,11 +102,13 @@ def gate_rows(recall: dict, verdict: dict) -> list[dict]:
 
 
 @task(name="publish-artifacts")
-def publish_artifacts(report: dict, verdict: dict) -> None:
-    """The gate as a table artifact and a short markdown report on the flow run."""
+def publish_artifacts(report: dict, verdict: dict, html_path: str | None = None) -> None:
+    """The gate as a table artifact and a short markdown report on the flow run, linking report.html."""
     create_table_artifact(gate_rows(report["recall"], verdict), key="xbt-gate",
                           description=f"Eqn. 2 gate: {'passed' if verdict['passed'] else 'failed'}")
     promo = report["promotion"]
+    html_link = [(f"- full report (recall bars, embedding map, retrieval examples): [{html_path}]"
+                  f"({Path(html_path).as_uri()}), also in the MLflow run's artifacts")] if html_path else []
     md = "\n".join([
         f"# xbt upgrade: {report['method']}",
         f"- old: `{report['old']}`  new: `{report['new']}`",
@@ -93,6 +116,7 @@ def publish_artifacts(report: dict, verdict: dict) -> None:
         f"- MLflow: `{promo.get('model')}` version {promo.get('version')}: "
         f"{'champion' if promo.get('promoted') else 'candidate only'} ({promo.get('reason')})",
         f"- timings (s): {report['timings_s']}",
+        *html_link,
         "", "```", format_table(report["recall"]), "```",
     ])
     create_markdown_artifact(md, key="xbt-report", description="XBT upgrade report")

@@ -70,6 +70,9 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
 
     assert report["promotion"]["promoted"] == report["gate"]["passed"]
     assert all(report["steps"][s] == "Completed" for s in CACHED_STEPS)
+    # The HTML report next to it: the map and 6 example queries (own image + top 5 of each model).
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Embedding map" in page and page.count('<img class="thumb') == 6 * (1 + 2 * 5)
 
     upgrade(_params(tiny, out))
     again = json.loads((out / "report.json").read_text())
