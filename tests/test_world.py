@@ -59,3 +59,10 @@ def test_full_size_meets_issue_minimums():
     assert distinct >= 200_000, distinct  # what survives exact-duplicate removal
     assert spec.eval_images >= 1000
     assert distinct > 5 * spec.pair_images * spec.captions_per_pair_image  # corpus far larger than pairs
+
+
+def test_parallel_rendering_gives_the_serial_bytes():
+    items = world.scenes_with_captions(0, "pairs", 2_000, 1)
+    parallel = world._encoded_images(items, "pairs", 0)
+    serial = [world.png_bytes(img) for img in world.render_split(items, "pairs", 0)]
+    assert parallel == serial
