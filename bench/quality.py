@@ -7,6 +7,12 @@ embedding cache, so methods are compared on exactly the same data. Config
 overrides (for the experiments in docs/method.md) use dotted keys:
 
     --set pretrain.sigma=0.05 --set finetune.batch_size=256 --set finetune.epochs=2
+
+Ablations (the paper's Table 4) add `--pair-images N` (a world whose pairs split
+has N images, every other split the same) and `--pretrain-on image` (φ
+pretrained with Eqn. 3's loss on the pairs' image embeddings v_new -> v_old
+instead of the corpus texts). bench/ablations.py, bench/chain.py and
+bench/zeroshot.py reuse this module's loaders and `xbt_upgrade`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xbtcore import world  # noqa: E402
+from xbtcore import config, world  # noqa: E402
 from xbtcore.bundle import CompatibleEncoder  # noqa: E402
 from xbtcore.cache import CacheStats, EmbeddingCache  # noqa: E402
 from xbtcore.data import LazyImages, read_pairs  # noqa: E402
@@ -45,20 +51,6 @@ from xbtcore.recipe import (  # noqa: E402
 )
 
 
-def _override(cfg, key: str, value: str):
-    field_types = {f.name: f.type for f in dataclasses.fields(cfg)}
-    if "." in key:
-        head, rest = key.split(".", 1)
-        return dataclasses.replace(cfg, **{head: _override(getattr(cfg, head), rest, value)})
-    if key not in field_types:
-        raise SystemExit(f"unknown setting {key!r} for {type(cfg).__name__}")
-    current = getattr(cfg, key)
-    parsed = json.loads(value) if not isinstance(current, str) else value
-    if isinstance(current, tuple):
-        parsed = tuple(parsed)
-    return dataclasses.replace(cfg, **{key: parsed})
-
-
 def _device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(device)
@@ -67,13 +59,45 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run(args) -> dict:
+def read_corpus(data: Path) -> list[str]:
+    """Distinct non-blank captions of a world's corpus, in file order."""
+    import pyarrow.parquet as pq
+
+    return list(dict.fromkeys(c for c in pq.read_table(data / "corpus.parquet")["caption"].to_pylist() if c and c.strip()))
+
+
+def world_dir(args) -> Path:
+    """The world folder, written if missing. With --pair-images N, a sibling folder
+    whose pairs split has N images; corpus and eval are copied from the base world
+    (the pairs stream is seeded apart, so its first images are the base world's)."""
     data = Path(args.data)
     if not (data / "eval.parquet").exists():
         world.write_world(data, world.WorldSpec(seed=args.world_seed))
-    import pyarrow.parquet as pq
+    n = getattr(args, "pair_images", 0)
+    if not n:
+        return data
+    out = data.with_name(f"{data.name}-pairs{n}")
+    if not (out / "eval.parquet").exists():
+        import shutil
+        import tempfile
 
-    corpus = list(dict.fromkeys(c for c in pq.read_table(data / "corpus.parquet")["caption"].to_pylist() if c and c.strip()))
+        base = read_pairs(data / "pairs.parquet")
+        per_image = len(base.captions) // base.n_images
+        with tempfile.TemporaryDirectory(dir=data.parent) as tmp:
+            spec = world.WorldSpec(seed=args.world_seed, corpus_captions=1, pair_images=n,
+                                   captions_per_pair_image=per_image, eval_images=1)
+            world.write_world(tmp, spec)
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(tmp) / "pairs.parquet", out / "pairs.parquet")
+        for name in ("corpus", "eval"):  # eval last: its presence marks the folder finished
+            shutil.copy(data / f"{name}.parquet", out / f"{name}.parquet")
+    return out
+
+
+def load_inputs(args):
+    """-> (corpus texts, pairs PairSet, eval PairSet), with --corpus-limit and --pairs-limit applied."""
+    data = world_dir(args)
+    corpus = read_corpus(data)
     if args.corpus_limit:
         corpus = corpus[: args.corpus_limit]
     pairs = read_pairs(data / "pairs.parquet")
@@ -83,22 +107,46 @@ def run(args) -> dict:
         n = args.pairs_limit
         keep = pairs.caption_image < n
         pairs = PairSet(pairs.images[:n], [c for c, k in zip(pairs.captions, keep) if k], pairs.caption_image[keep], pairs.image_ids[:n], pairs.source)
-    evalset = read_pairs(data / "eval.parquet")
-    cache = EmbeddingCache(args.cache)
+    return corpus, pairs, read_pairs(data / "eval.parquet")
 
-    pre_cfg, ft_cfg = PretrainConfig(), FinetuneConfig()
-    for kv in args.set:
-        key, value = kv.split("=", 1)
-        scope, key = key.split(".", 1)
-        if scope == "pretrain":
-            pre_cfg = _override(pre_cfg, key, value)
-        elif scope == "finetune":
-            ft_cfg = _override(ft_cfg, key, value)
-        else:
-            raise SystemExit(f"--set scope must be pretrain or finetune, got {scope!r}")
+
+def parse_settings(settings: list[str]) -> tuple[PretrainConfig, FinetuneConfig]:
+    """--set scope.key=value overrides on the default configs (the CLI's syntax, xbtcore.config)."""
+    try:
+        scoped = config.parse_settings(settings)
+        return (config.apply_overrides(PretrainConfig(), scoped["pretrain"]),
+                config.apply_overrides(FinetuneConfig(), scoped["finetune"]))
+    except (ValueError, TypeError) as e:
+        raise SystemExit(str(e)) from e
+
+
+def xbt_upgrade(new_ref: str, w_new: torch.Tensor, w_old: torch.Tensor, pairs, pre_cfg: PretrainConfig,
+                ft_cfg: FinetuneConfig, seed: int, device: str = "cpu", progress: bool = False, timer: Timer | None = None):
+    """The XBT recipe in-process: φ pretrained on row-aligned (w_new, w_old) (Eqn. 3), then
+    Eqn. 5 on the pairs. -> (new encoder with adapters, φ, info dict)."""
+    timer = timer or Timer()
+    new = DualEncoder.from_pretrained(new_ref, device=device)
+    torch.manual_seed(seed)
+    with timer("pretrain"):
+        phi, pre_hist = pretrain_phi(w_new, w_old, dataclasses.replace(pre_cfg, seed=seed), device=device)
+    with timer("train"):
+        hist = finetune(new, phi, pairs, "xbt", dataclasses.replace(ft_cfg, seed=seed), progress=progress)
+    info = {"pretrain_loss": [round(h["loss"], 4) for h in pre_hist[:: max(1, len(pre_hist) // 10)]],
+            "train_loss": [round(h["loss"], 4) for h in hist if "loss" in h][:: max(1, len(hist) // 10)],
+            "trainable_params": count_trainable(new, phi)}
+    return new, phi, info
+
+
+def run(args) -> dict:
+    corpus, pairs, evalset = load_inputs(args)
+    cache = EmbeddingCache(args.cache)
+    pre_cfg, ft_cfg = parse_settings(args.set)
+    pretrain_on = getattr(args, "pretrain_on", "text")
 
     results = {"device": _device_name(args.device), "old": args.old, "new": args.new, "corpus": len(corpus), "pairs": len(pairs.captions),
                "pretrain": dataclasses.asdict(pre_cfg), "finetune": dataclasses.asdict(ft_cfg), "runs": []}
+    if pretrain_on != "text":
+        results["pretrain_on"] = pretrain_on
     old = DualEncoder.from_pretrained(args.old, device=args.device)
     old_side = side_of(old, evalset, cache)
     new_base = DualEncoder.from_pretrained(args.new, device=args.device)
@@ -121,8 +169,14 @@ def run(args) -> dict:
                 new = DualEncoder.from_pretrained(args.new, device=args.device)
                 torch.manual_seed(seed)
                 if method == "phi-only" or METHODS[method].phi == "layernorm":
+                    if pretrain_on == "image":  # ablation: Eqn. 3's loss on the pairs' images, v_new -> v_old
+                        with timer("embed"):
+                            pre_new = cached_image_embeddings(cache, new_base, pairs, stats=stats)
+                            pre_old = cached_image_embeddings(cache, old, pairs, stats=stats)
+                    else:
+                        pre_new, pre_old = w_new, w_old
                     with timer("pretrain"):
-                        phi, hist = pretrain_phi(w_new, w_old, dataclasses.replace(pre_cfg, seed=seed), device=args.device)
+                        phi, hist = pretrain_phi(pre_new, pre_old, dataclasses.replace(pre_cfg, seed=seed), device=args.device)
                     run_info["pretrain_loss"] = [round(h["loss"], 4) for h in hist[:: max(1, len(hist) // 10)]]
                     run_info["phi_only"] = evaluate_cases(old_side, map_side(orig_side, phi), orig_side, evalset.caption_image)
                 else:
@@ -158,21 +212,34 @@ def run(args) -> dict:
     return results
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(description: str = __doc__, methods: bool = True, seeds: bool = True, pretrain_on: bool = True) -> argparse.ArgumentParser:
+    """The shared flags; bench scripts that train only text-pretrained XBT, or one seed, leave some out."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", default="zoo/old")
     ap.add_argument("--new", default="zoo/new")
     ap.add_argument("--data", default=".state/world-0", help="world folder (written if missing)")
     ap.add_argument("--world-seed", type=int, default=0)
     ap.add_argument("--cache", default=".state/cache")
-    ap.add_argument("--methods", nargs="+", default=["xbt"], choices=[*METHODS, "procrustes", "lstsq", "phi-only"])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    if methods:
+        ap.add_argument("--methods", nargs="+", default=["xbt"], choices=[*METHODS, "procrustes", "lstsq", "phi-only"])
+    if seeds:
+        ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--corpus-limit", type=int, default=0)
     ap.add_argument("--pairs-limit", type=int, default=0, help="use only the first N pair images")
+    ap.add_argument("--pair-images", type=int, default=0,
+                    help="use a world whose pairs split has N images (written beside --data as DATA-pairsN)")
+    if pretrain_on:
+        ap.add_argument("--pretrain-on", choices=["text", "image"], default="text",
+                        help="φ pretraining data: corpus texts (Eqn. 3) or the pairs' images (ablation)")
     ap.add_argument("--set", action="append", default=[], help="override, e.g. pretrain.sigma=0.05")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (training and embedding run there)")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--json-out", default="")
+    return ap
+
+
+def main():
+    ap = parser()
     args = ap.parse_args()
     res = run(args)
     text = json.dumps(res, indent=2)

@@ -22,7 +22,9 @@ import time
 
 import torch
 
-from xbtcore.recall import recall_at_k
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from xbtcore.recall import recall_at_k  # noqa: E402
 
 GOAL_RATIO = 1.3
 

@@ -16,6 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from xbtcore.config import parse_settings
+
 
 def _set_env_defaults() -> None:
     state = Path(os.environ.get("XBT_STATE_DIR") or Path.cwd() / ".state").expanduser().absolute()
@@ -43,20 +45,6 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def _overrides(pairs: list[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {"pretrain": {}, "finetune": {}}
-    for kv in pairs:
-        key, sep, value = kv.partition("=")
-        scope, _, field = key.partition(".")
-        if not sep or scope not in out or not field:
-            raise ValueError(f"--set {kv!r}: use pretrain.FIELD=VALUE or finetune.FIELD=VALUE")
-        try:
-            out[scope][field] = json.loads(value)
-        except json.JSONDecodeError:
-            out[scope][field] = value
-    return out
-
-
 def _print_result(report: dict) -> None:
     from xbtcore.evaluate import format_table
 
@@ -82,13 +70,13 @@ def _run_upgrade(**fields) -> int:
 
 
 def cmd_demo(a) -> int:
-    return _run_upgrade(old=a.old, new=a.new, out=a.out, method=a.method, seed=a.seed, **_overrides(a.set))
+    return _run_upgrade(old=a.old, new=a.new, out=a.out, method=a.method, seed=a.seed, **parse_settings(a.set))
 
 
 def cmd_upgrade(a) -> int:
     return _run_upgrade(old=a.old, new=a.new, corpus=a.corpus, pairs=a.pairs, eval=a.eval, out=a.out, method=a.method,
                         seed=a.seed, text_column=a.text_column, min_chars=a.min_chars, max_chars=a.max_chars,
-                        sample=a.sample, progress=not a.no_progress, **_overrides(a.set))
+                        sample=a.sample, progress=not a.no_progress, **parse_settings(a.set))
 
 
 def cmd_embed(a) -> int:

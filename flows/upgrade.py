@@ -28,8 +28,9 @@ from tasks.extract import extract_corpus
 from tasks.registry import register_and_promote, resolve_model, space_of
 from tasks.report import draw_figures, publish_artifacts, record_datasets, record_run, write_html_report, write_report
 from tasks.servers import check_servers
-from tasks.train import apply_overrides, pretrain, train
+from tasks.train import pretrain, train
 from xbtcore import world
+from xbtcore.config import apply_overrides
 from xbtcore.data import parquet_files
 from xbtcore.finetune import METHODS, FinetuneConfig
 from xbtcore.linear_bundle import LINEAR_METHODS

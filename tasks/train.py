@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -17,9 +16,10 @@ from prefect import task
 from safetensors.torch import load_file, save_file
 
 from xbtcore.bundle import BundleMeta, save_bundle
+from xbtcore.config import apply_overrides
 from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder
-from xbtcore.finetune import METHODS, DivergedError, FinetuneConfig, count_trainable, finetune, prompt_count
+from xbtcore.finetune import METHODS, FinetuneConfig, count_trainable, finetune, prompt_count
 from xbtcore.linear_bundle import LINEAR_METHODS, save_linear_bundle
 from xbtcore.phi import Phi, PhiConfig
 from xbtcore.pretrain import PretrainConfig
@@ -29,32 +29,11 @@ from .common import CACHED, log
 from .embed import load_cached
 
 
-def apply_overrides(cfg, overrides: dict):
-    """A config dataclass with `overrides` applied; dotted keys reach nested configs ("lora.rank")."""
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    changes: dict = {}
-    nested: dict[str, dict] = {}
-    for key, value in overrides.items():
-        head, _, rest = key.partition(".")
-        if head not in fields:
-            raise ValueError(f"unknown setting {key!r} for {type(cfg).__name__}; known: {sorted(fields)}")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            current = getattr(cfg, head)
-            changes[head] = tuple(value) if isinstance(current, tuple) else value
-    for head, sub in nested.items():
-        changes[head] = apply_overrides(getattr(cfg, head), sub)
-    return dataclasses.replace(cfg, **changes)
-
-
 def _loss_logger(name: str, total: int, history: list):
     logger = log()
     every = max(1, total // 10)
 
-    def on_step(step: int, loss: float):
-        if not math.isfinite(loss) or loss > 1e4:
-            raise DivergedError(f"{name} loss became {loss} at step {step}; nothing is promoted")
+    def on_step(step: int, loss: float):  # xbtcore stops a diverged run itself (losses.check_loss)
         history.append({"step": step, "loss": loss})
         if step % every == 0 or step == total:
             logger.info("%s step %d/%d loss %.4f", name, step, total, loss)

@@ -68,3 +68,15 @@ def test_pretrain_config_rejects_bad_values():
         PretrainConfig(sigma=-1)
     with pytest.raises(ValueError, match="batch_size"):
         PretrainConfig(batch_size=1)
+
+
+def test_pretraining_stops_itself_on_a_nan_loss():
+    import pytest
+
+    from xbtcore.losses import DivergedError
+
+    w_new = F.normalize(torch.randn(64, 8), dim=-1)
+    w_new[5] = float("nan")
+    w_old = F.normalize(torch.randn(64, 4), dim=-1)
+    with pytest.raises(DivergedError, match="pretrain loss became nan at step 1"):
+        text_only_pretrain(Phi(PhiConfig(8, 4)), w_new, w_old, PretrainConfig(batch_size=64, epochs=1))

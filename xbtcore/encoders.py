@@ -301,13 +301,19 @@ class DualEncoder:
         longest text: padding is masked out, so results equal one-at-a-time ones.
         """
         texts = list(texts)
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_text_length)["input_ids"]]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        # Tokenize once, unpadded; each batch is then only padded (on a GPU the tokenizer is the bottleneck).
+        tokens = self.tokenizer(texts, truncation=True, max_length=self.max_text_length)
+        keys = [k for k in ("input_ids", "attention_mask") if k in tokens]
+        order = sorted(range(len(texts)), key=lambda i: -len(tokens["input_ids"][i]))
+        to_max = _pads_to_max_length(self.model)
         chunks = []
         with torch.inference_mode(), self._autocast(), _progress(len(texts), "embed texts", progress) as bar:
             for start in range(0, len(texts), batch_size):
                 idx = order[start : start + batch_size]
-                enc = self.tokenize([texts[i] for i in idx])
+                enc = self.tokenizer.pad({k: [tokens[k][i] for i in idx] for k in keys},
+                                         padding="max_length" if to_max else True,
+                                         max_length=self.max_text_length if to_max else None, return_tensors="pt")
+                enc = {k: enc[k].to(self.device) for k in keys}
                 feats = self.text_features(enc["input_ids"], enc.get("attention_mask"))  # (b, D)
                 chunks.append(F.normalize(feats.float(), dim=-1).cpu())
                 bar.update(len(idx))

@@ -27,7 +27,15 @@ import torch.nn.functional as F
 
 from .adapters import LoraSettings, add_lora, add_vision_prompts, find_prompts
 from .augment import AugmentConfig, augment_image
-from .losses import PAPER_LOG_LOGIT_SCALE, average_gradients, clip_loss, local_slice, world_info
+from .losses import (  # noqa: F401  (DivergedError: raised here, caught by callers)
+    PAPER_LOG_LOGIT_SCALE,
+    DivergedError,
+    average_gradients,
+    check_loss,
+    clip_loss,
+    local_slice,
+    world_info,
+)
 from .phi import Phi
 
 
@@ -75,10 +83,6 @@ class FinetuneConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.n_prompts is not None and self.n_prompts < 0:
             raise ValueError(f"n_prompts must be >= 0, got {self.n_prompts}")
-
-
-class DivergedError(RuntimeError):
-    """The loss became NaN/inf or blew up: the run must stop and promote nothing."""
 
 
 def prepare_model(encoder, phi: Phi, method: str, cfg: FinetuneConfig) -> list[dict]:
@@ -216,8 +220,7 @@ def finetune(
                 v_old, w_old = _direct_targets(old_targets, img_idx, rows, device)
                 loss = clip_loss(v_bar, w_old, scale) + clip_loss(w_bar, v_old, scale)
         value = loss.item()
-        if not math.isfinite(value) or value > 1e4:
-            raise DivergedError(f"{method} loss became {value} at step {step + 1}; nothing is promoted")
+        check_loss(method, value, step + 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(p for g in groups for p in g["params"])

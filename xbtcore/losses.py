@@ -87,3 +87,16 @@ def average_gradients(params) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN/inf or blew up: the run must stop and promote nothing."""
+
+
+DIVERGED_LOSS = 1e4  # a CLIP loss over B rows starts near log(B); far above that is a blow-up
+
+
+def check_loss(name: str, value: float, step: int) -> None:
+    """Raise DivergedError when a training loss is not finite or has blown up (both loops call it)."""
+    if not math.isfinite(value) or value > DIVERGED_LOSS:
+        raise DivergedError(f"{name} loss became {value} at step {step}; nothing is promoted")

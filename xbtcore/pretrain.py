@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .losses import PAPER_LOG_LOGIT_SCALE, average_gradients, clip_loss, local_slice, world_info
+from .losses import PAPER_LOG_LOGIT_SCALE, average_gradients, check_loss, clip_loss, local_slice, world_info
 from .phi import Phi
 
 
@@ -78,14 +78,16 @@ def text_only_pretrain(
             x = add_embedding_noise(w_new[idx].to(device), cfg.sigma)  # (B, D_new), same noise on every rank
             mine = local_slice(bs)
             loss = clip_loss(phi(x[mine]), w_old[idx][mine].to(device), scale)  # φ(x): (B/W, D_old)
+            value = loss.item()
+            check_loss("pretrain", value, step + 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(phi.parameters())
             opt.step()
             step += 1
-            total, count = total + loss.item(), count + 1
+            total, count = total + value, count + 1
             if on_step is not None:
-                on_step(step, loss.item())
+                on_step(step, value)
         history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "seconds": time.perf_counter() - t0})
     phi.eval()
     return history

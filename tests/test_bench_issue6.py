@@ -1,0 +1,110 @@
+"""bench/zeroshot.py, bench/ablations.py, bench/chain.py and quality.py's ablation flags, on a tiny world."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from xbtcore import world
+from xbtcore.data import read_pairs
+from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import ablations, chain, quality, zeroshot
+
+SPEC = world.WorldSpec(corpus_captions=300, pair_images=96, eval_images=16)
+SMALL = ["--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=64", "--set", "finetune.batch_size=32",
+         "--set", "finetune.checkpoint_every=1000"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench6")
+    world.write_world(root / "world", SPEC)
+    make_tiny_clip(root / "old", TinyClipSpec(width=32, layers=1, heads=2, embed_dim=24), seed=1)
+    make_tiny_clip(root / "mid", TinyClipSpec(width=40, layers=1, heads=2, embed_dim=32), seed=3)
+    make_tiny_clip(root / "new", TinyClipSpec(width=48, layers=1, heads=2, embed_dim=40), seed=2)
+    return root
+
+
+def _flags(root: Path) -> list[str]:
+    return ["--old", str(root / "old"), "--new", str(root / "new"), "--data", str(root / "world"),
+            "--cache", str(root / "cache"), "--device", "cpu", *SMALL]
+
+
+def _in_range(recall: dict) -> bool:
+    """Every R@K of a {direction or case: {case or direction: {K: r}}} dict is a percentage."""
+    return all(0 <= r <= 100 for d in recall.values() for case in d.values() for r in case.values())
+
+
+def test_zeroshot_labels_match_the_eval_split_and_accuracies_are_percentages(tiny):
+    evalset = read_pairs(tiny / "world" / "eval.parquet")
+    keep, labels = zeroshot.single_object_labels(evalset, SPEC.seed)
+    items = world.scenes_with_captions(SPEC.seed, "eval", SPEC.eval_images, SPEC.captions_per_eval_image)
+    assert keep.tolist() == [i for i, (s, _) in enumerate(items) if len(s.objects) == 1] and len(keep) > 0
+    assert [list(world.SHAPES)[j] for j in labels["shape"]] == [items[i][0].objects[0].shape for i in keep]
+    assert [list(world.COLOURS)[j] for j in labels["colour"]] == [items[i][0].objects[0].colour for i in keep]
+    with pytest.raises(SystemExit, match="world seed"):
+        zeroshot.single_object_labels(evalset, SPEC.seed + 1)
+
+    res = zeroshot.run(zeroshot.parser().parse_args(_flags(tiny)))
+    assert res["images"] == len(keep)
+    assert set(res["accuracy"]) == {"shape", "colour"}
+    for acc in res["accuracy"].values():
+        assert set(acc) == {"old/old", "orig-new/new", "new/old", "new/new"}
+        assert all(0 <= a <= 100 for a in acc.values())
+
+
+def test_accuracy_is_top1_against_an_independent_count():
+    images = torch.nn.functional.normalize(torch.randn(50, 6), dim=-1)
+    classes = torch.nn.functional.normalize(torch.randn(4, 6), dim=-1)
+    labels = torch.randint(0, 4, (50,))
+    hits = sum(int(max(range(4), key=lambda c: float(images[i] @ classes[c])) == labels[i]) for i in range(50))
+    assert zeroshot.accuracy(images, classes, labels) == round(100 * hits / 50, 2)
+
+
+def test_pair_images_world_keeps_the_other_splits_and_extends_the_pairs(tiny):
+    args = quality.parser().parse_args([*_flags(tiny), "--pair-images", "120"])
+    data = quality.world_dir(args)
+    assert data.name == "world-pairs120"
+    base, more = read_pairs(tiny / "world" / "pairs.parquet"), read_pairs(data / "pairs.parquet")
+    assert more.n_images == 120 and more.images[:96] == base.images and more.captions[:96] == base.captions
+    for name in ("corpus", "eval"):
+        assert (data / f"{name}.parquet").read_bytes() == (tiny / "world" / f"{name}.parquet").read_bytes()
+
+
+def test_ablations_table(tiny):
+    args = ablations.parser().parse_args(_flags(tiny))
+    configs = ablations.configurations(args)
+    assert configs["pairs-x2"][-2:] == ["--pair-images", "192"]  # the tiny world has 96 pair images
+    res = ablations.run(ablations.parser().parse_args([*_flags(tiny), "--only", "default", "corpus-1/4", "image-pretrain"]))
+    rows = res["ablations"]
+    assert list(rows) == ["default", "corpus-1/4", "image-pretrain"]
+    assert rows["corpus-1/4"]["corpus"] == rows["default"]["corpus"] // 4
+    for row in rows.values():
+        assert set(row["new/old"]) == {"t2i", "i2t"} and _in_range({"new/old": row["new/old"], "new/new": row["new/new"]})
+        assert row["gate_passed"] == [r["gate"]["passed"] for r in row["runs"]]
+    assert rows["default"]["old/old"] == rows["image-pretrain"]["old/old"]  # same gallery, same eval
+
+
+def test_chain_has_both_links_a_gate_each_and_the_direct_run(tiny):
+    res = chain.run(chain.parser().parse_args([*_flags(tiny), "--mid", str(tiny / "mid"), "--work", str(tiny / "chain")]))
+    (run,) = res["runs"]
+    assert [link["link"] for link in run["links"]] == ["old->mid", "mid->new"]
+    for link in [*run["links"], run["direct"]]:
+        assert link["gate"]["criterion"] == "eqn2" and isinstance(link["gate"]["passed"], bool)
+        assert _in_range(link["recall"])
+    assert run["links"][1]["no_regression"]["criterion"] == "no-regression"
+    # every link is measured against the same root gallery; link 2's prev/old is link 1's new/old
+    assert run["links"][0]["recall"]["t2i"]["old/old"] == run["links"][1]["recall"]["t2i"]["old/old"] \
+        == run["direct"]["recall"]["t2i"]["old/old"]
+    assert run["links"][1]["recall"]["i2t"]["prev/old"] == run["links"][0]["recall"]["i2t"]["new/old"]
+    assert set(run["table"]["t2i"]) == {"old/old", "mid/old", "new/old (chain)", "new/old (direct)"}
+
+    # zeroshot takes a chain's bundle: the gallery side is its root, the base its new model
+    bundle = tiny / "chain" / "seed0" / "link1" / "bundle"
+    zs = zeroshot.run(zeroshot.parser().parse_args([*_flags(tiny), "--bundle", str(bundle)]))
+    assert (zs["old"], zs["new"]) == (str(tiny / "old"), str(tiny / "mid")) and zs["seed"] is None
+    assert all(0 <= a <= 100 for acc in zs["accuracy"].values() for a in acc.values())

@@ -1,0 +1,49 @@
+"""Config overrides from the command line, in one place for the CLI, the flow and the benchmarks.
+
+    parse_settings(["pretrain.sigma=0.05", "finetune.lora.rank=8"])
+        -> {"pretrain": {"sigma": 0.05}, "finetune": {"lora.rank": 8}}
+    apply_overrides(FinetuneConfig(), {"lora.rank": 8}) -> FinetuneConfig(lora=LoraSettings(rank=8, ...))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+SCOPES = ("pretrain", "finetune")
+
+
+def parse_settings(items: list[str]) -> dict[str, dict]:
+    """["SCOPE.FIELD=VALUE", ...] -> {scope: {field: value}}; values are JSON where they parse, else strings."""
+    out: dict[str, dict] = {scope: {} for scope in SCOPES}
+    for kv in items:
+        key, sep, value = kv.partition("=")
+        scope, _, field = key.partition(".")
+        if not sep or scope not in out or not field:
+            raise ValueError(f"--set {kv!r}: use pretrain.FIELD=VALUE or finetune.FIELD=VALUE")
+        try:
+            out[scope][field] = json.loads(value)
+        except json.JSONDecodeError:
+            out[scope][field] = value
+    return out
+
+
+def apply_overrides(cfg, overrides: dict):
+    """A config dataclass with `overrides` applied; dotted keys reach nested configs ("lora.rank")."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    changes: dict = {}
+    nested: dict[str, dict] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in fields:
+            raise ValueError(f"unknown setting {key!r} for {type(cfg).__name__}; known: {sorted(fields)}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            current = getattr(cfg, head)
+            if isinstance(current, str) and not isinstance(value, str):
+                value = str(value)
+            changes[head] = tuple(value) if isinstance(current, tuple) else value
+    for head, sub in nested.items():
+        changes[head] = apply_overrides(getattr(cfg, head), sub)
+    return dataclasses.replace(cfg, **changes)
