@@ -47,7 +47,7 @@ def pretrain(embeddings: dict, cache_root: str, out_path: str, overrides: dict, 
     cfg = apply_overrides(PretrainConfig(seed=seed), overrides)
     w_new, w_old = load_cached(cache_root, embeddings["w_new"]), load_cached(cache_root, embeddings["w_old"])
     history: list = []
-    steps = cfg.epochs * max(1, len(w_new) // min(cfg.batch_size, len(w_new)))
+    steps = cfg.epochs_for(len(w_new)) * max(1, len(w_new) // min(cfg.batch_size, len(w_new)))
     phi, epochs = pretrain_phi(w_new, w_old, cfg, on_step=_loss_logger("pretrain", steps, history))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -80,3 +80,11 @@ def test_pretraining_stops_itself_on_a_nan_loss():
     w_old = F.normalize(torch.randn(64, 4), dim=-1)
     with pytest.raises(DivergedError, match="pretrain loss became nan at step 1"):
         text_only_pretrain(Phi(PhiConfig(8, 4)), w_new, w_old, PretrainConfig(batch_size=64, epochs=1))
+
+
+def test_default_passes_keep_a_small_corpus_at_min_steps():
+    cfg = PretrainConfig()  # epochs=None: at least 3 passes and at least min_steps steps
+    assert cfg.epochs_for(209_155) == 3  # 204 steps a pass at batch 1,024
+    assert cfg.epochs_for(104_000) == 6  # 101 steps a pass
+    assert cfg.epochs_for(10) == cfg.min_steps  # one step a pass
+    assert PretrainConfig(epochs=2).epochs_for(104_000) == 2  # an explicit count is kept
