@@ -1,5 +1,7 @@
 """bench/zeroshot.py, bench/ablations.py, bench/chain.py and quality.py's ablation flags, on a tiny world."""
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,3 +110,16 @@ def test_chain_has_both_links_a_gate_each_and_the_direct_run(tiny):
     zs = zeroshot.run(zeroshot.parser().parse_args([*_flags(tiny), "--bundle", str(bundle)]))
     assert (zs["old"], zs["new"]) == (str(tiny / "old"), str(tiny / "mid")) and zs["seed"] is None
     assert all(0 <= a <= 100 for acc in zs["accuracy"].values() for a in acc.values())
+
+
+def test_cost_bench_splits_each_methods_time(tiny):
+    args = ["--old", str(tiny / "old"), "--new", str(tiny / "new"), "--data", str(tiny / "world"),
+            "--methods", "xbt", "base", "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=64",
+            "--set", "finetune.batch_size=32"]
+    out = subprocess.run([sys.executable, "bench/cost.py", *args], check=True, capture_output=True, text=True)
+    res = json.loads(out.stdout)
+    xbt, base = res["rows"]
+    assert xbt["pretrain_s"] > 0 and base["pretrain_s"] == 0  # only XBT pretrains φ
+    assert xbt["samples"]["corpus_texts"] > 0 and base["samples"]["old_model_images"] > 0
+    assert xbt["samples"]["old_model_images"] == 0  # XBT never runs the old image encoder
+    assert res["xbt_over_base"] == round(xbt["upgrade_s"] / base["upgrade_s"], 2)
