@@ -1,16 +1,24 @@
 """Two CPU processes (gloo) equal one process on the concatenated batch:
 the loss (global negatives through the gradient-carrying all_gather) and the
-gradients, for φ pretraining (Eqn. 3) and XBT training (Eqn. 5)."""
+gradients, for clip_loss itself, φ pretraining (Eqn. 3) and the fine-tuning
+loop (XBT, Eqn. 5, and the Eqn. 6 baseline "base") on tiny CLIPs."""
 
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from xbtcore import world
+from xbtcore.adapters import LoraSettings
+from xbtcore.data import read_pairs
+from xbtcore.encoders import DualEncoder
+from xbtcore.finetune import FinetuneConfig, finetune, trainable_state
 from xbtcore.losses import average_gradients, clip_loss, local_slice
 from xbtcore.phi import Phi, PhiConfig
 from xbtcore.pretrain import PretrainConfig, text_only_pretrain
+from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip
 
 WORLD = 2
 
@@ -85,3 +93,92 @@ def test_pretraining_under_two_ranks_equals_one(tmp_path):
         got = torch.load(tmp_path / f"pre-{rank}.pt")
         for k, v in phi.state_dict().items():
             torch.testing.assert_close(got[k], v, atol=1e-5, rtol=1e-4)
+
+
+# --- XBT fine-tuning (Eqn. 5) and an Eqn. 6 baseline (xbtcore.finetune) ---------------------------------
+
+# LoRA dropout 0: finetune seeds the global RNG per step (torch.manual_seed(seed*1_000_003+step)), the same on
+# every rank, so rank 1 draws the masks rank 0 draws instead of those a single process draws for rows 16..31
+# of the global batch (and each tower's draws shift with the local batch size). With dropout on, a two-rank
+# step is a valid but different sample, not the single-process one; everything else must match exactly.
+# A checkpoint after every step: the ranks share one checkpoint path, as tasks/train.py passes it.
+FT = FinetuneConfig(batch_size=32, checkpoint_every=1, lora=LoraSettings(dropout=0.0))
+FT_METHODS = ("xbt", "base")  # Eqn. 5, and an Eqn. 6 baseline (random trainable φ against old targets)
+
+
+def _run_finetune(new, pairs_path, method, cfg, targets, checkpoint_path=None):
+    """-> per-step losses, per-step gradients of every trainable parameter, trained state."""
+    enc = DualEncoder.from_pretrained(new)
+    torch.manual_seed(0)
+    phi = Phi(PhiConfig(40, 24))
+    torch.manual_seed(1)  # LoRA and soft-prompt initialisation draw from the global RNG
+    grads = []
+
+    def on_step(step, value):  # after opt.step; .grad still holds this step's averaged gradient
+        named = [*(("model." + n, p) for n, p in enc.model.named_parameters()),
+                 *(("phi." + n, p) for n, p in phi.named_parameters())]
+        grads.append({n: p.grad.clone() for n, p in named if p.requires_grad})
+
+    hist = finetune(enc, phi, read_pairs(pairs_path), method, cfg, old_targets=None if method == "xbt" else targets,
+                    checkpoint_path=checkpoint_path, on_step=on_step)
+    return {"losses": [h["loss"] for h in hist if "loss" in h], "grads": grads, "state": trainable_state(enc, phi)}
+
+
+def _worker_finetune(rank, init_file, out_dir, new, pairs_path, cfg, targets):
+    _init(rank, init_file)
+    # one spawn for both methods: importing transformers and peft is most of a worker's time
+    out = {m: _run_finetune(new, pairs_path, m, cfg, targets, f"{out_dir}/{m}.ckpt") for m in FT_METHODS}
+    torch.save(out, f"{out_dir}/ft-{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ft_runs(tmp_path_factory):
+    """The same fine-tuning in one process and in two gloo ranks: (args, [rank0, rank1] results)."""
+    root = tmp_path_factory.mktemp("ddp_ft")
+    paths = world.write_world(root / "world", world.WorldSpec(corpus_captions=300, pair_images=96, eval_images=16))
+    make_tiny_clip(root / "new", TinyClipSpec(width=48, layers=1, heads=2, embed_dim=40), seed=2)
+    n_pairs = len(read_pairs(paths["pairs"]))
+    assert n_pairs // FT.batch_size >= 3  # a few steps: Adam's state and the weights carry across them
+    g = torch.Generator().manual_seed(3)  # Eqn. 6 targets: stand-ins for the old model's cached embeddings
+    targets = (F.normalize(torch.randn(n_pairs, 24, generator=g), dim=-1),  # one image per caption here
+               F.normalize(torch.randn(n_pairs, 24, generator=g), dim=-1))
+    args = (str(root / "new"), paths["pairs"], FT, targets)
+    _spawn(_worker_finetune, root, *args)
+    return args, [torch.load(root / f"ft-{rank}.pt") for rank in range(WORLD)], n_pairs // FT.batch_size, root
+
+
+@pytest.mark.parametrize("method", FT_METHODS)
+def test_finetune_under_two_ranks_equals_one(ft_runs, method):
+    (new, pairs_path, cfg, targets), ranks, steps, root = ft_runs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run; more threads only contend on a busy machine (9 s vs 0.2 s here)
+    try:
+        want = _run_finetune(new, pairs_path, method, cfg, targets)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(want["losses"]) == len(want["grads"]) == steps
+    keys = want["state"].keys()
+    assert any("lora_" in k for k in keys) and any(k.endswith("prompts") for k in keys)
+    assert any(k.startswith("phi.") for k in keys)
+    for k in keys:  # no vacuous comparison (LoRA A's gradient is 0 only at step 1, while B is still 0)
+        assert any(g[k].abs().max() > 0 for g in want["grads"]), k
+    for rank, runs in enumerate(ranks):
+        got = runs[method]
+        # every rank logs the loss over the global batch (global negatives), step by step
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), atol=1e-5, rtol=1e-5)
+        # gradients after the all_gather backward and the rank average: exactly dL/dθ of the global batch
+        # (checked directly: Adam's update barely changes if every gradient were scaled by a constant)
+        for step, (g_got, g_want) in enumerate(zip(got["grads"], want["grads"], strict=True), 1):
+            assert g_got.keys() == g_want.keys()
+            for k, v in g_want.items():
+                torch.testing.assert_close(g_got[k], v, atol=1e-5, rtol=1e-4,
+                                           msg=lambda m, k=k, s=step, r=rank: f"rank {r} step {s} grad {k}: {m}")
+        assert got["state"].keys() == keys
+        for k, v in want["state"].items():
+            torch.testing.assert_close(got["state"][k], v, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m, k=k, r=rank: f"rank {r} weight {k}: {m}")
+    # the shared checkpoint (the last one is written before the last step): one writer, no race on its .tmp
+    ckpt = torch.load(root / f"{method}.ckpt", weights_only=False)
+    assert ckpt["step"] == steps - 1 and ckpt["trainable"].keys() == keys
+    assert not (root / f"{method}.tmp").exists()

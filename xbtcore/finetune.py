@@ -228,7 +228,8 @@ def finetune(
         t_data, t_model = t_data + (t1 - t0), t_model + (time.perf_counter() - t1)
 
         history.append({"step": step + 1, "epoch": epoch + 1, "loss": value})
-        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0) and step + 1 < total:
+        # Rank 0 writes for all (every rank holds the same state): ranks sharing the .tmp race on os.replace.
+        if ckpt is not None and world_info()[0] == 0 and ((step + 1) % cfg.checkpoint_every == 0) and step + 1 < total:
             _save_checkpoint(ckpt, encoder, phi, opt, step + 1)
         if on_step is not None:  # after the checkpoint: a kill here loses nothing
             on_step(step + 1, value)
