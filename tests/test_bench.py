@@ -1,0 +1,65 @@
+"""The benchmark scripts at toy sizes: one JSON object each, both sides agreeing, and the doc rendered from it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def bench(script: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, "a bench prints exactly one JSON object on stdout"
+    return json.loads(lines[0])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return tmp_path_factory.mktemp("results")
+
+
+def test_extract_bench_sides_agree(results):
+    r = bench("extract_bench.py", "--rows", "20000", "--files", "4", "--repeats", "1")
+    assert r["same_output"] and r["same_distinct_count"]
+    # about 2% nulls and blanks and a fifth duplicates are dropped
+    assert 0.5 * r["rows"] < r["distinct_rows"] < 0.95 * r["rows"]
+    assert r["ours_peak_rss_mb"] > r["ours_rss_after_imports_mb"] > 0 and r["pandas_peak_rss_mb"] > 0
+    assert r["ratio"] == pytest.approx(r["pandas_s"] / r["ours_s"], rel=0.01)
+    assert r["machine"].startswith("cpu: ")
+    (results / "extract.json").write_text(json.dumps(r))
+
+
+def test_embed_bench_outputs_agree(results):
+    r = bench("embed_bench.py", "--n", "256", "--batch-size", "64")
+    assert r["outputs_agree"] and r["max_abs_diff"] < r["atol"]
+    assert r["texts"] == 256 and r["ours_texts_per_s"] > 0 and r["naive_texts_per_s"] > 0
+    (results / "embed.json").write_text(json.dumps(r))
+
+
+def test_pretrain_bench_cache_matches_recompute(results):
+    r = bench("pretrain_bench.py", "--n", "512", "--epochs", "1")
+    assert r["outputs_agree"]
+    assert r["epochs"] == 1 and r["texts"] == 512
+    # the cached side skips both encoders, which is most of the recomputing side's work
+    assert r["recompute_s"] > r["cached_s"] and r["cached_samples_per_s"] > r["recompute_samples_per_s"]
+    (results / "pretrain.json").write_text(json.dumps(r))
+
+
+def test_render_from_saved_results(results, tmp_path):
+    (results / "quality.json").write_text(json.dumps({"device": "cpu", "runs": [{"method": "xbt", "seed": 0, "gate": True}]}))
+    doc = tmp_path / "benchmarks.md"
+    out = subprocess.run([sys.executable, "bench/run_all.py", "--render-only", "--results", str(results),
+                          "--doc", str(doc)], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = doc.read_text()
+    for item in ("3a extraction throughput", "3a/4 extraction peak memory", "3b text embedding throughput",
+                 "3d φ pretraining samples/s", "### quality", "made by `python bench/quality.py", "| xbt | 0 | True |"):
+        assert item in text
+    # a toy-sized extraction cannot meet the goal stated at 10 million rows
+    assert "run at 20,000 rows, not the goal's 10,000,000" in text
+    assert "`recall` (`bench/run_all.py --only recall`)" in text
