@@ -106,11 +106,7 @@ def parser():
 
 def main():
     args = parser().parse_args()
-    res = run(args)
-    text = json.dumps(res, indent=2)
-    if args.json_out:
-        Path(args.json_out).write_text(text)
-    print(text)
+    quality.emit(run(args), args.json_out)
 
 
 if __name__ == "__main__":

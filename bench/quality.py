@@ -238,14 +238,17 @@ def parser(description: str = __doc__, methods: bool = True, seeds: bool = True,
     return ap
 
 
-def main():
-    ap = parser()
-    args = ap.parse_args()
-    res = run(args)
+def emit(res: dict, json_out: str) -> None:
+    """Print the result JSON (and save it with --json-out): every quality-style bench ends here."""
     text = json.dumps(res, indent=2)
-    if args.json_out:
-        Path(args.json_out).write_text(text)
+    if json_out:
+        Path(json_out).write_text(text)
     print(text)
+
+
+def main():
+    args = parser().parse_args()
+    emit(run(args), args.json_out)
 
 
 if __name__ == "__main__":
