@@ -287,6 +287,17 @@ def render_paper_table(name: str, data) -> str | None:
                             "per sample than text; the demo zoo's old image tower reads 16 px images, so on this world "
                             "images are cheap and the text corpus is ten times the pairs."]
         return "\n".join(out) + "\n"
+    if kind == "chain" and isinstance(data, dict) and data.get("runs"):
+        out = [f"Table 3 on our world: {data['old']} -> {data['mid']} -> {data['new']} against the root old gallery, "
+               "and the direct old -> new upgrade; R@1 / R@5 / R@10.", ""]
+        for run in data["runs"]:
+            t = run["table"]
+            out += [f"Seed {run['seed']}:", "", "| case | t2i | i2t |", "|---|---|---|"]
+            out += [f"| {case} | {_r(t['t2i'][case])} | {_r(t['i2t'][case])} |" for case in t["t2i"]]
+            gates = ", ".join(f"link {i + 1}: {'passed' if link['gate']['passed'] else 'failed'} "
+                              f"({len(link['gate']['failures'])} failing checks)" for i, link in enumerate(run["links"]))
+            out += ["", f"Eqn. 2 gate per link: {gates}.", ""]
+        return "\n".join(out) + "\n"
     if kind == "zeroshot" and isinstance(data, dict) and "accuracy" in data:
         cases = list(next(iter(data["accuracy"].values())))
         out = [f"Table 7 on our world: top-1 accuracy (%) on the {data['images']} one-object eval images, class prompts "
