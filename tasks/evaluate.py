@@ -49,7 +49,7 @@ def evaluate(eval_path: str, root_ref: str, new_ref: str, bundle_dir: str, prev_
 
     The gallery side is always the root model, embedded once into the cache.
     With sample_path, also saves the few embeddings the HTML report's map and
-    retrieval examples need (tasks/html_report.report_sample).
+    retrieval examples need (xbtcore.inspect_sample.report_sample).
     """
     evalset = read_pairs(eval_path)
     cache = EmbeddingCache(cache_root)
