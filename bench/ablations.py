@@ -53,7 +53,8 @@ def configurations(args, names=ABLATIONS) -> dict[str, list[str]]:
 
 def _common_flags(args) -> list[str]:
     flags = ["--old", args.old, "--new", args.new, "--data", args.data, "--world-seed", str(args.world_seed),
-             "--cache", args.cache, "--device", args.device, "--methods", "xbt", "--seeds", *map(str, args.seeds)]
+             "--cache", args.cache, "--device", args.device, "--methods", "xbt", "--seeds", *map(str, args.seeds),
+             "--user-phrasing", str(args.user_phrasing)]
     if args.pair_images:
         flags += ["--pair-images", str(args.pair_images)]  # pairs-x2 overrides it: argparse keeps the last
     for kv in args.set:

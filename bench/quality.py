@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import machine  # noqa: E402
 from xbtcore import config, world  # noqa: E402
 from xbtcore.bundle import CompatibleEncoder  # noqa: E402
 from xbtcore.cache import CacheStats, EmbeddingCache  # noqa: E402
@@ -51,14 +52,6 @@ from xbtcore.recipe import (  # noqa: E402
 )
 
 
-def _device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def read_corpus(data: Path) -> list[str]:
     """Distinct non-blank captions of a world's corpus, in file order."""
     import pyarrow.parquet as pq
@@ -72,7 +65,7 @@ def world_dir(args) -> Path:
     (the pairs stream is seeded apart, so its first images are the base world's)."""
     data = Path(args.data)
     if not (data / "eval.parquet").exists():
-        world.write_world(data, world.WorldSpec(seed=args.world_seed))
+        world.write_world(data, world.WorldSpec(seed=args.world_seed, user_phrasing=args.user_phrasing))
     n = getattr(args, "pair_images", 0)
     if not n:
         return data
@@ -85,7 +78,8 @@ def world_dir(args) -> Path:
         per_image = len(base.captions) // base.n_images
         with tempfile.TemporaryDirectory(dir=data.parent) as tmp:
             spec = world.WorldSpec(seed=args.world_seed, corpus_captions=1, pair_images=n,
-                                   captions_per_pair_image=per_image, eval_images=1)
+                                   captions_per_pair_image=per_image, eval_images=1,
+                                   user_phrasing=args.user_phrasing)
             world.write_world(tmp, spec)
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy(Path(tmp) / "pairs.parquet", out / "pairs.parquet")
@@ -143,7 +137,7 @@ def run(args) -> dict:
     pre_cfg, ft_cfg = parse_settings(args.set)
     pretrain_on = getattr(args, "pretrain_on", "text")
 
-    results = {"device": _device_name(args.device), "old": args.old, "new": args.new, "corpus": len(corpus), "pairs": len(pairs.captions),
+    results = {"device": machine(args.device), "old": args.old, "new": args.new, "corpus": len(corpus), "pairs": len(pairs.captions),
                "pretrain": dataclasses.asdict(pre_cfg), "finetune": dataclasses.asdict(ft_cfg), "runs": []}
     if pretrain_on != "text":
         results["pretrain_on"] = pretrain_on
@@ -219,6 +213,9 @@ def parser(description: str = __doc__, methods: bool = True, seeds: bool = True,
     ap.add_argument("--new", default="zoo/new")
     ap.add_argument("--data", default=".state/world-0", help="world folder (written if missing)")
     ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--user-phrasing", type=float, default=0.0,
+                    help="share of corpus, pairs and eval captions in word orders the zoo never saw "
+                         "(WorldSpec.user_phrasing; used when --data is written, so give a new --data)")
     ap.add_argument("--cache", default=".state/cache")
     if methods:
         ap.add_argument("--methods", nargs="+", default=["xbt"], choices=[*METHODS, "procrustes", "lstsq", "phi-only"])

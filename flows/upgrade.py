@@ -68,7 +68,7 @@ class UpgradeParams(BaseModel):
     gate_ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
     pretrain: dict[str, Any] = Field(default_factory=dict, description="PretrainConfig overrides, e.g. {'epochs': 5}")
     finetune: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig overrides ('lora.rank': 8)")
-    world: dict[str, int] = Field(default_factory=lambda: dict(DEMO_WORLD), description="WorldSpec overrides for the built-in world")
+    world: dict[str, int | float] = Field(default_factory=lambda: dict(DEMO_WORLD), description="WorldSpec overrides for the built-in world")
     progress: bool = True
 
     @field_validator("corpus", "pairs", "eval")

@@ -1,6 +1,7 @@
 """The built-in world: deterministic, CONTRACT-shaped, neither trivial nor degenerate."""
 
 import io
+import re
 
 import pyarrow.parquet as pq
 from PIL import Image
@@ -66,3 +67,32 @@ def test_parallel_rendering_gives_the_serial_bytes():
     parallel = world._encoded_images(items, "pairs", 0)
     serial = [world.png_bytes(img) for img in world.render_split(items, "pairs", 0)]
     assert parallel == serial
+
+
+def test_user_phrasing_names_every_object_in_zoo_words_only():
+    import random
+    import re
+
+    from xbtcore.tinyclip import world_vocabulary
+
+    vocab = set(world_vocabulary())
+    rng = random.Random(1)
+    for _ in range(300):
+        scene = world.sample_scene(rng)
+        cap = world._user_caption(scene, rng)
+        for obj in scene.objects:
+            assert obj.colour in cap
+            assert any(name in cap for name in world.SHAPES[obj.shape])
+        assert set(re.findall(r"\w+|[,:]", cap)) <= vocab, cap  # no <unk>: the zoo's tokenizer knows every word
+
+
+def test_user_phrasing_share_and_default_is_the_zoo_style():
+    base = world.scenes_with_captions(0, "eval", 300, 2)
+    assert world.scenes_with_captions(0, "eval", 300, 2, user_phrasing=0.0) == base  # 0 draws nothing extra
+    zoo_style = {c for _, cs in base for c in cs}
+    mixed = [c for _, cs in world.scenes_with_captions(0, "eval", 300, 2, user_phrasing=0.5) for c in cs]
+    # the user's word orders: "there is" after a place or relation, or a shape name before its colour
+    user = [c for c in mixed if re.search(r"^(in|at|on|left|right|above|below) .* there is|^(" + "|".join(
+        n for names in world.SHAPES.values() for n in names) + r") (" + "|".join(world.COLOURS) + ")", c)]
+    assert 0.25 < len(user) / len(mixed) < 0.75, len(user) / len(mixed)
+    assert not any(c in zoo_style for c in user)

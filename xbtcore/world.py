@@ -171,9 +171,48 @@ def _relation(a: SceneObject, b: SceneObject) -> str | None:
     return None
 
 
-def caption_scene(scene: Scene, rng: random.Random) -> str:
+def _user_caption(scene: Scene, rng: random.Random) -> str:
+    """The user's house style: the same facts and words as `caption_scene`, in
+    word orders the zoo's pretraining captions never use (place before the
+    object, the relation's anchor first, shape before colour)."""
+    objs = list(scene.objects)
+    rng.shuffle(objs)
+    p_size, p_place = rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.6)
+    template = rng.randrange(3)
+    if len(objs) >= 2 and template == 0:
+        rel = _relation(objs[0], objs[1])
+        if rel is not None:
+            a = _noun_phrase(objs[0], rng, rng.random() < p_size, False)
+            b = _noun_phrase(objs[1], rng, rng.random() < p_size, False)
+            rest = [f"and {_a(_noun_phrase(o, rng, rng.random() < p_size, False))}" for o in objs[2:]]
+            return " ".join([f"{rel} {_a(b)} there is {_a(a)}", *rest])
+    if template == 1:
+        parts = []
+        for o in objs:
+            np_ = _a(_noun_phrase(o, rng, rng.random() < p_size, False))
+            if rng.random() < p_place:
+                parts.append(f"{rng.choice(CELL_PHRASES[:3]).format(CELL_NAMES[o.cell])} there is {np_}")
+            else:
+                parts.append(f"there is {np_}")
+        return " and ".join(parts)
+    parts = []
+    for o in objs:
+        words = [rng.choice(SHAPES[o.shape]), o.colour]
+        if rng.random() < p_size:
+            words.append(rng.choice(SIZES[o.size]))
+        if rng.random() < p_place:
+            words.append(rng.choice(CELL_PHRASES).format(CELL_NAMES[o.cell]))
+        parts.append(" ".join(words))
+    return ", ".join(parts)
+
+
+def caption_scene(scene: Scene, rng: random.Random, user_phrasing: float = 0.0) -> str:
     """One paraphrase. Every object is named by colour and shape; size, place and
-    a relation are each added with some probability, in one of several templates."""
+    a relation are each added with some probability, in one of several templates.
+    With probability `user_phrasing` the caption is in the user's house style
+    (`_user_caption`) instead; at 0 no extra random draw is made."""
+    if user_phrasing and rng.random() < user_phrasing:
+        return _user_caption(scene, rng)
     objs = list(scene.objects)
     rng.shuffle(objs)
     p_size, p_place = rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.6)
@@ -205,6 +244,7 @@ class WorldSpec:
     captions_per_pair_image: int = 1
     eval_images: int = 1_000
     captions_per_eval_image: int = 5
+    user_phrasing: float = 0.0  # share of corpus, pairs and eval captions in the user's house style
 
 
 _SPLIT_TAGS = {"corpus": 1, "pairs": 2, "eval": 3, "zoo": 4}
@@ -220,18 +260,20 @@ def _noise_seed(seed: int, split: str, index: int) -> list[int]:
     return [seed, _SPLIT_TAGS[split], index]
 
 
-def corpus_captions(seed: int, n: int) -> list[str]:
+def corpus_captions(seed: int, n: int, user_phrasing: float = 0.0) -> list[str]:
     """Text corpus: captions of scenes that are never rendered (text is cheap)."""
     rng = _stream(seed, "corpus")
-    return [caption_scene(sample_scene(rng), rng) for _ in range(n)]
+    return [caption_scene(sample_scene(rng), rng, user_phrasing) for _ in range(n)]
 
 
-def scenes_with_captions(seed: int, split: str, n_images: int, captions_per_image: int) -> list[tuple[Scene, list[str]]]:
+def scenes_with_captions(
+    seed: int, split: str, n_images: int, captions_per_image: int, user_phrasing: float = 0.0
+) -> list[tuple[Scene, list[str]]]:
     rng = _stream(seed, split)
     out = []
     for _ in range(n_images):
         scene = sample_scene(rng)
-        out.append((scene, [caption_scene(scene, rng) for _ in range(captions_per_image)]))
+        out.append((scene, [caption_scene(scene, rng, user_phrasing) for _ in range(captions_per_image)]))
     return out
 
 
@@ -282,12 +324,16 @@ def write_world(out_dir, spec: WorldSpec = WorldSpec()) -> dict[str, str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tables = {
-        "corpus": pa.table({"caption": corpus_captions(spec.seed, spec.corpus_captions)}),
+        "corpus": pa.table({"caption": corpus_captions(spec.seed, spec.corpus_captions, spec.user_phrasing)}),
         "pairs": _pairs_table(
-            scenes_with_captions(spec.seed, "pairs", spec.pair_images, spec.captions_per_pair_image), "pairs", spec.seed
+            scenes_with_captions(spec.seed, "pairs", spec.pair_images, spec.captions_per_pair_image, spec.user_phrasing),
+            "pairs",
+            spec.seed,
         ),
         "eval": _pairs_table(
-            scenes_with_captions(spec.seed, "eval", spec.eval_images, spec.captions_per_eval_image), "eval", spec.seed
+            scenes_with_captions(spec.seed, "eval", spec.eval_images, spec.captions_per_eval_image, spec.user_phrasing),
+            "eval",
+            spec.seed,
         ),
     }
     paths = {}
