@@ -268,6 +268,20 @@ def render_paper_table(name: str, data) -> str | None:
                 f"{_r(r['new/old']['i2t'])} | {_r(r['new/new']['t2i'])} | {_r(r['new/new']['i2t'])} | "
                 f"{r['gate_passed']} of {len(r['seeds'])} |" for r in data["rows"]]
         return "\n".join(out) + "\n"
+    if kind == "quality" and isinstance(data, dict) and data.get("runs") and all("recall" in r for r in data["runs"]):
+        first = data["runs"][0]["recall"]
+        out = [*([data["note"], ""] if data.get("note") else []),
+               f"R@1 / R@5 / R@10. old/old: t2i {_r(first['t2i']['old/old'])}, i2t {_r(first['i2t']['old/old'])}; "
+               f"orig-new/new: t2i {_r(first['t2i']['orig-new/new'])}, i2t {_r(first['i2t']['orig-new/new'])}.", "",
+               "| method | seed | new/old t2i | new/old i2t | new/new R@1 t2i / i2t | Eqn. 2 gate | failing checks |",
+               "|---|---|---|---|---|---|---|"]
+        for r in data["runs"]:
+            rec, gate = r["recall"], r["gate"]
+            fails = "; ".join(f"{d} R@{k} {a} vs {b}" for d, k, a, b in gate["failures"]) or "none"
+            out.append(f"| {r['method']} | {r['seed']} | {_r(rec['t2i']['new/old'])} | {_r(rec['i2t']['new/old'])} | "
+                       f"{rec['t2i']['new/new']['1']} / {rec['i2t']['new/new']['1']} | "
+                       f"{'passed' if gate['passed'] else 'failed'} | {fails} |")
+        return "\n".join(out) + "\n"
     if kind == "cost" and isinstance(data, dict) and "rows" in data:
         out = ["| method | embed s | pretrain s | train s | upgrade s | trainable params | peak RSS MB | corpus texts | "
                "old-model images | new/old R@1 t2i / i2t |", "|---|---|---|---|---|---|---|---|---|---|"]
