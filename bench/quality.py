@@ -39,7 +39,7 @@ from xbtcore.evaluate import Side, evaluate_cases  # noqa: E402
 from xbtcore.finetune import METHODS, FinetuneConfig, count_trainable, finetune  # noqa: E402
 from xbtcore.gate import eqn2_gate  # noqa: E402
 from xbtcore.phi import Phi, PhiConfig  # noqa: E402
-from xbtcore.pretrain import PretrainConfig  # noqa: E402
+from xbtcore.pretrain import PRETRAIN_SOURCES, PretrainConfig, pretraining_rows  # noqa: E402
 from xbtcore.recipe import (  # noqa: E402
     LinearMap,
     Timer,
@@ -135,7 +135,9 @@ def run(args) -> dict:
     corpus, pairs, evalset = load_inputs(args)
     cache = EmbeddingCache(args.cache)
     pre_cfg, ft_cfg = parse_settings(args.set)
-    pretrain_on = getattr(args, "pretrain_on", "text")
+    if getattr(args, "pretrain_on", None):  # the ablation flag is PretrainConfig.source
+        pre_cfg = dataclasses.replace(pre_cfg, source=args.pretrain_on)
+    pretrain_on = pre_cfg.source
 
     results = {"device": machine(args.device), "old": args.old, "new": args.new, "corpus": len(corpus), "pairs": len(pairs.captions),
                "pretrain": dataclasses.asdict(pre_cfg), "finetune": dataclasses.asdict(ft_cfg), "runs": []}
@@ -163,12 +165,12 @@ def run(args) -> dict:
                 new = DualEncoder.from_pretrained(args.new, device=args.device)
                 torch.manual_seed(seed)
                 if method == "phi-only" or METHODS[method].phi == "layernorm":
-                    if pretrain_on == "image":  # ablation: Eqn. 3's loss on the pairs' images, v_new -> v_old
+                    image = None
+                    if pre_cfg.uses_images:  # Eqn. 3's loss on the pairs' images, v_new -> v_old
                         with timer("embed"):
-                            pre_new = cached_image_embeddings(cache, new_base, pairs, stats=stats)
-                            pre_old = cached_image_embeddings(cache, old, pairs, stats=stats)
-                    else:
-                        pre_new, pre_old = w_new, w_old
+                            image = (cached_image_embeddings(cache, new_base, pairs, stats=stats),
+                                     cached_image_embeddings(cache, old, pairs, stats=stats))
+                    pre_new, pre_old = pretraining_rows(pre_cfg.source, text=(w_new, w_old), image=image)
                     with timer("pretrain"):
                         phi, hist = pretrain_phi(pre_new, pre_old, dataclasses.replace(pre_cfg, seed=seed), device=args.device)
                     run_info["pretrain_loss"] = [round(h["loss"], 4) for h in hist[:: max(1, len(hist) // 10)]]
@@ -226,8 +228,9 @@ def parser(description: str = __doc__, methods: bool = True, seeds: bool = True,
     ap.add_argument("--pair-images", type=int, default=0,
                     help="use a world whose pairs split has N images (written beside --data as DATA-pairsN)")
     if pretrain_on:
-        ap.add_argument("--pretrain-on", choices=["text", "image"], default="text",
-                        help="φ pretraining data: corpus texts (Eqn. 3) or the pairs' images (ablation)")
+        ap.add_argument("--pretrain-on", choices=list(PRETRAIN_SOURCES), default=None,
+                        help="φ pretraining data (PretrainConfig.source): corpus texts (Eqn. 3, the default), "
+                             "the pairs' images (ablation) or both")
     ap.add_argument("--set", action="append", default=[], help="override, e.g. pretrain.sigma=0.05")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (training and embedding run there)")
     ap.add_argument("--progress", action="store_true")

@@ -183,8 +183,10 @@ def upgrade(params: UpgradeParams) -> dict:
                  produces=lambda r: r["path"])
 
     eqn6 = params.method in METHODS and METHODS[params.method].loss == "eqn6"
-    embeddings = run("embed", embed_corpus, corpus["path"], root, new, cache_root, data["pairs"] if eqn6 else None,
-                     fingerprint=_digest(corpus, data_fp["pairs"] if eqn6 else "", model_fp), progress=params.progress)
+    # The pairs are embedded (old and new image towers) only for Eqn. 6 targets or a φ pretrained on images.
+    with_pairs = eqn6 or (params.method == "xbt" and apply_overrides(PretrainConfig(), params.pretrain).uses_images)
+    embeddings = run("embed", embed_corpus, corpus["path"], root, new, cache_root, data["pairs"] if with_pairs else None,
+                     fingerprint=_digest(corpus, data_fp["pairs"] if with_pairs else "", model_fp), progress=params.progress)
 
     phi_path = None
     if params.method == "xbt":  # only XBT starts from the text-pretrained φ (Sec. 3.2)

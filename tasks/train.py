@@ -22,7 +22,7 @@ from xbtcore.encoders import DualEncoder
 from xbtcore.finetune import METHODS, FinetuneConfig, count_trainable, finetune, prompt_count
 from xbtcore.linear_bundle import LINEAR_METHODS, save_linear_bundle
 from xbtcore.phi import Phi, PhiConfig
-from xbtcore.pretrain import PretrainConfig
+from xbtcore.pretrain import PretrainConfig, pretraining_rows
 from xbtcore.recipe import fit_linear_map, pretrain_phi
 
 from .common import CACHED, log
@@ -43,12 +43,19 @@ def _loss_logger(name: str, total: int, history: list):
 
 @task(name="pretrain-phi", **CACHED)
 def pretrain(embeddings: dict, cache_root: str, out_path: str, overrides: dict, seed: int) -> str:
-    """Eqn. 3 on the cached corpus embeddings; writes φ (safetensors, PhiConfig in its metadata)."""
+    """Eqn. 3 on the cached corpus embeddings (or the pairs' images, `PretrainConfig.source`);
+    writes φ (safetensors, PhiConfig in its metadata)."""
     cfg = apply_overrides(PretrainConfig(seed=seed), overrides)
-    w_new, w_old = load_cached(cache_root, embeddings["w_new"]), load_cached(cache_root, embeddings["w_old"])
+
+    def rows(new_key: str, old_key: str):
+        return (load_cached(cache_root, embeddings[new_key]), load_cached(cache_root, embeddings[old_key])) \
+            if new_key in embeddings else None
+
+    a_new, a_old = pretraining_rows(cfg.source, text=rows("w_new", "w_old") if cfg.source != "image" else None,
+                                    image=rows("v_new_pairs", "v_old_pairs") if cfg.uses_images else None)
     history: list = []
-    steps = cfg.epochs_for(len(w_new)) * max(1, len(w_new) // min(cfg.batch_size, len(w_new)))
-    phi, epochs = pretrain_phi(w_new, w_old, cfg, on_step=_loss_logger("pretrain", steps, history))
+    steps = cfg.epochs_for(len(a_new)) * max(1, len(a_new) // min(cfg.batch_size, len(a_new)))
+    phi, epochs = pretrain_phi(a_new, a_old, cfg, on_step=_loss_logger("pretrain", steps, history))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in phi.state_dict().items()}, out,

@@ -109,6 +109,26 @@ def test_bad_inputs_fail_before_training(prefect_harness, tiny, tmp_path):
         _params(tiny, out, corpus=str(tmp_path / "missing.parquet"))
     with pytest.raises(ValidationError, match="unknown setting 'nope'"):
         _params(tiny, out, pretrain={"nope": 1})
+    with pytest.raises(ValidationError, match="source must be one of"):
+        _params(tiny, out, pretrain={"source": "pixels"})
+
+
+def test_phi_pretrained_on_text_and_the_pairs_images(prefect_harness, tiny, tmp_path, monkeypatch):
+    """pretrain.source=text+image: φ's rows are the distinct corpus texts plus one per pair image."""
+    monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
+    from flows.upgrade import upgrade
+    from xbtcore.data import read_pairs
+
+    out = tmp_path / "run"
+    pretrain = {**FAST["pretrain"], "source": "text+image"}
+    upgrade(_params(tiny, out, pretrain=pretrain))
+    history = json.loads((out / "work" / "phi.history.json").read_text())
+    corpus = {t for t in pq.read_table(tiny["corpus"]).column("caption").to_pylist() if t and t.strip()}
+    rows = len(corpus) + read_pairs(tiny["pairs"]).n_images
+    assert history["config"]["source"] == "text+image"
+    assert len(history["steps"]) == len(history["epochs"]) * (rows // pretrain["batch_size"])  # text alone: fewer
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"]["pretrain-phi"] == "Completed" and (out / "bundle").exists()
 
 
 def test_diverging_loss_fails_the_run_and_promotes_nothing(prefect_harness, tiny, tmp_path, monkeypatch):

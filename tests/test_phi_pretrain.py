@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from xbtcore.losses import clip_loss
 from xbtcore.phi import Phi, PhiConfig
-from xbtcore.pretrain import PretrainConfig, add_embedding_noise, text_only_pretrain
+from xbtcore.pretrain import PretrainConfig, add_embedding_noise, pretraining_rows, text_only_pretrain
 
 
 def test_phi_architecture_matches_paper():
@@ -68,6 +68,26 @@ def test_pretrain_config_rejects_bad_values():
         PretrainConfig(sigma=-1)
     with pytest.raises(ValueError, match="batch_size"):
         PretrainConfig(batch_size=1)
+    with pytest.raises(ValueError, match="source must be one of text, image, text\\+image"):
+        PretrainConfig(source="images")
+
+
+def test_pretraining_rows_per_source():
+    import pytest
+
+    text = (torch.full((5, 4), 1.0), torch.full((5, 3), 2.0))
+    image = (torch.full((2, 4), 3.0), torch.full((2, 3), 4.0))
+    assert PretrainConfig().source == "text" and not PretrainConfig().uses_images  # the paper's Eqn. 3 by default
+    a, b = pretraining_rows("text", text=text, image=image)
+    assert a.equal(text[0]) and b.equal(text[1])
+    a, b = pretraining_rows("image", image=image)
+    assert a.equal(image[0]) and b.equal(image[1])
+    a, b = pretraining_rows("text+image", text=text, image=image)
+    assert a.shape == (7, 4) and b.shape == (7, 3)
+    assert a[:5].eq(1).all() and a[5:].eq(3).all() and b[:5].eq(2).all() and b[5:].eq(4).all()  # rows stay aligned
+    assert PretrainConfig(source="text+image").uses_images
+    with pytest.raises(ValueError, match="needs the image embeddings"):
+        pretraining_rows("text+image", text=text)
 
 
 def test_pretraining_stops_itself_on_a_nan_loss():

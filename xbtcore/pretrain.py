@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from .losses import PAPER_LOG_LOGIT_SCALE, average_gradients, check_loss, clip_loss, local_slice, world_info
 from .phi import Phi
 
+PRETRAIN_SOURCES = ("text", "image", "text+image")
+
 
 @dataclass(frozen=True)
 class PretrainConfig:
@@ -28,6 +30,9 @@ class PretrainConfig:
     epochs: int | None = field(default=None, metadata={"help": "passes over the corpus; None: at least 3 and at least min_steps steps (docs/method.md)"})
     min_steps: int = field(default=600, metadata={"help": "with epochs=None, a small corpus gets more passes until φ has taken this many steps"})
     log_logit_scale: float = field(default=PAPER_LOG_LOGIT_SCALE, metadata={"help": "τ_pre (paper: 2.6592)"})
+    source: str = field(default="text", metadata={"help": "φ's pretraining rows: 'text' (Eqn. 3, the corpus: w_new -> w_old), "
+                                                  "'image' (the pairs' images: v_new -> v_old, runs the old image tower on "
+                                                  "the pairs, never the gallery) or 'text+image' (both)"})
     seed: int = 0
 
     def __post_init__(self):
@@ -39,6 +44,12 @@ class PretrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.min_steps < 0:
             raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
+        if self.source not in PRETRAIN_SOURCES:
+            raise ValueError(f"source must be one of {', '.join(PRETRAIN_SOURCES)}, got {self.source!r}")
+
+    @property
+    def uses_images(self) -> bool:
+        return "image" in self.source.split("+")
 
     def epochs_for(self, n_rows: int) -> int:
         """Passes over a corpus of n_rows: `epochs` if set, else max(3, enough for min_steps).
@@ -51,6 +62,17 @@ class PretrainConfig:
             return self.epochs
         per_epoch = max(1, n_rows // max(1, min(self.batch_size, n_rows)))
         return max(3, math.ceil(self.min_steps / per_epoch))
+
+
+def pretraining_rows(source: str, text=None, image=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-aligned (new, old) embeddings φ pretrains on: the corpus texts
+    (w_new, w_old), the pairs' images (v_new, v_old), or both stacked."""
+    parts = {"text": text, "image": image}
+    wanted = source.split("+")
+    missing = [p for p in wanted if parts.get(p) is None]
+    if missing:
+        raise ValueError(f"pretraining source {source!r} needs the {' and '.join(missing)} embeddings")
+    return torch.cat([parts[p][0] for p in wanted]), torch.cat([parts[p][1] for p in wanted])
 
 
 def add_embedding_noise(w: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
