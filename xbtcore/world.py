@@ -171,6 +171,14 @@ def _relation(a: SceneObject, b: SceneObject) -> str | None:
     return None
 
 
+def _related_pair(objs: list[SceneObject], rng: random.Random, p_size: float) -> tuple[str, str, str] | None:
+    """(how objs[0] lies to objs[1], a noun phrase for each), or None when no direction word fits."""
+    rel = _relation(objs[0], objs[1])
+    if rel is None:
+        return None
+    return rel, _noun_phrase(objs[0], rng, rng.random() < p_size, False), _noun_phrase(objs[1], rng, rng.random() < p_size, False)
+
+
 def _user_caption(scene: Scene, rng: random.Random) -> str:
     """The user's house style: the same facts and words as `caption_scene`, in
     word orders the zoo's pretraining captions never use (place before the
@@ -179,13 +187,10 @@ def _user_caption(scene: Scene, rng: random.Random) -> str:
     rng.shuffle(objs)
     p_size, p_place = rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.6)
     template = rng.randrange(3)
-    if len(objs) >= 2 and template == 0:
-        rel = _relation(objs[0], objs[1])
-        if rel is not None:
-            a = _noun_phrase(objs[0], rng, rng.random() < p_size, False)
-            b = _noun_phrase(objs[1], rng, rng.random() < p_size, False)
-            rest = [f"and {_a(_noun_phrase(o, rng, rng.random() < p_size, False))}" for o in objs[2:]]
-            return " ".join([f"{rel} {_a(b)} there is {_a(a)}", *rest])
+    if len(objs) >= 2 and template == 0 and (related := _related_pair(objs, rng, p_size)):
+        rel, a, b = related
+        rest = [f"and {_a(_noun_phrase(o, rng, rng.random() < p_size, False))}" for o in objs[2:]]
+        return " ".join([f"{rel} {_a(b)} there is {_a(a)}", *rest])
     if template == 1:
         parts = []
         for o in objs:
@@ -218,13 +223,10 @@ def caption_scene(scene: Scene, rng: random.Random, user_phrasing: float = 0.0) 
     p_size, p_place = rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.6)
     phrases = [_noun_phrase(o, rng, rng.random() < p_size, rng.random() < p_place) for o in objs]
     template = rng.randrange(5)
-    if len(objs) >= 2 and template == 0:
-        rel = _relation(objs[0], objs[1])
-        if rel is not None:
-            a = _noun_phrase(objs[0], rng, rng.random() < p_size, False)
-            b = _noun_phrase(objs[1], rng, rng.random() < p_size, False)
-            rest = [f"and {_a(p)}" for p in phrases[2:]]
-            return " ".join([f"{_a(a)} {rel} {_a(b)}", *rest])
+    if len(objs) >= 2 and template == 0 and (related := _related_pair(objs, rng, p_size)):
+        rel, a, b = related
+        rest = [f"and {_a(p)}" for p in phrases[2:]]
+        return " ".join([f"{_a(a)} {rel} {_a(b)}", *rest])
     if template == 1:
         return f"{NUMBER_WORDS[len(objs)]} {'shape' if len(objs) == 1 else 'shapes'}: " + ", ".join(phrases)
     if template == 2:
