@@ -189,7 +189,7 @@ def upgrade(params: UpgradeParams) -> dict:
                      fingerprint=_digest(corpus, data_fp["pairs"] if with_pairs else "", model_fp), progress=params.progress)
 
     phi_path = None
-    if params.method == "xbt":  # only XBT starts from the text-pretrained φ (Sec. 3.2)
+    if params.method == "xbt":  # only XBT starts from a pretrained φ (Sec. 3.2; text by default, PretrainConfig.source)
         phi_path = run("pretrain", pretrain, embeddings, cache_root, str(work / "phi.safetensors"), params.pretrain,
                        params.seed, produces=lambda r: r)
 

@@ -171,6 +171,13 @@ def _relation(a: SceneObject, b: SceneObject) -> str | None:
     return None
 
 
+def _shuffled_objects(scene: Scene, rng: random.Random) -> tuple[list[SceneObject], float, float]:
+    """The scene's objects in a random order, and this caption's chances to name a size and a place."""
+    objs = list(scene.objects)
+    rng.shuffle(objs)
+    return objs, rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.6)
+
+
 def _related_pair(objs: list[SceneObject], rng: random.Random, p_size: float) -> tuple[str, str, str] | None:
     """(how objs[0] lies to objs[1], a noun phrase for each), or None when no direction word fits."""
     rel = _relation(objs[0], objs[1])
@@ -183,9 +190,7 @@ def _user_caption(scene: Scene, rng: random.Random) -> str:
     """The user's house style: the same facts and words as `caption_scene`, in
     word orders the zoo's pretraining captions never use (place before the
     object, the relation's anchor first, shape before colour)."""
-    objs = list(scene.objects)
-    rng.shuffle(objs)
-    p_size, p_place = rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.6)
+    objs, p_size, p_place = _shuffled_objects(scene, rng)
     template = rng.randrange(3)
     if len(objs) >= 2 and template == 0 and (related := _related_pair(objs, rng, p_size)):
         rel, a, b = related
@@ -218,9 +223,7 @@ def caption_scene(scene: Scene, rng: random.Random, user_phrasing: float = 0.0) 
     (`_user_caption`) instead; at 0 no extra random draw is made."""
     if user_phrasing and rng.random() < user_phrasing:
         return _user_caption(scene, rng)
-    objs = list(scene.objects)
-    rng.shuffle(objs)
-    p_size, p_place = rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.6)
+    objs, p_size, p_place = _shuffled_objects(scene, rng)
     phrases = [_noun_phrase(o, rng, rng.random() < p_size, rng.random() < p_place) for o in objs]
     template = rng.randrange(5)
     if len(objs) >= 2 and template == 0 and (related := _related_pair(objs, rng, p_size)):
