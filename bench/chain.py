@@ -34,7 +34,7 @@ from xbtcore.encoders import DualEncoder  # noqa: E402
 from xbtcore.evaluate import Side, evaluate_cases  # noqa: E402
 from xbtcore.finetune import prompt_count  # noqa: E402
 from xbtcore.gate import eqn2_gate, no_regression_gate  # noqa: E402
-from xbtcore.recipe import Timer, cached_text_embeddings, side_of  # noqa: E402
+from xbtcore.recipe import Timer, cached_image_embeddings, cached_text_embeddings, side_of  # noqa: E402
 
 
 def _side(up: CompatibleEncoder, evalset) -> Side:
@@ -50,12 +50,17 @@ def run(args) -> dict:
     old_side = side_of(old, evalset, cache)  # the root gallery
     mid_side, new_side = side_of(mid, evalset, cache), side_of(new, evalset, cache)
     w_old, w_mid, w_new = (cached_text_embeddings(cache, e, corpus) for e in (old, mid, new))
+
+    def pair_images(new_enc, old_enc):  # (v_new, v_old) of the pairs, for φ pretrained on images (pretrain.source)
+        return (cached_image_embeddings(cache, new_enc, pairs), cached_image_embeddings(cache, old_enc, pairs)) \
+            if pre_cfg.uses_images else None
     results = {"old": args.old, "mid": args.mid, "new": args.new, "corpus": len(corpus), "pairs": len(pairs.captions),
                "pretrain": dataclasses.asdict(pre_cfg), "finetune": dataclasses.asdict(ft_cfg), "runs": []}
     for seed in args.seeds:
         t0, timer = time.perf_counter(), Timer()
         # Link 1: old -> mid, saved as a bundle so that link 2's targets are cached under its weights.
-        enc1, phi1, info1 = quality.xbt_upgrade(args.mid, w_mid, w_old, pairs, pre_cfg, ft_cfg, seed, dev, args.progress, timer)
+        enc1, phi1, info1 = quality.xbt_upgrade(args.mid, w_mid, w_old, pairs, pre_cfg, ft_cfg, seed, dev, args.progress, timer,
+                                                image=pair_images(mid, old))
         bundle1 = Path(args.work) / f"seed{seed}" / "link1" / "bundle"
         save_bundle(bundle1, enc1, phi1, BundleMeta(args.mid, args.old, args.old, "xbt", dataclasses.asdict(phi1.cfg),
                                                     n_prompts=prompt_count(enc1), chain=[args.old, args.mid]))
@@ -66,12 +71,15 @@ def run(args) -> dict:
         # Link 2: mid -> new; the "old" targets of Eqn. 3 are link 1's compatible corpus embeddings.
         with timer("embed"):
             w_mid_compat = cached_text_embeddings(cache, up1, corpus)  # φ1(w̄_mid), keyed "-compat" by the bundle
-        enc2, phi2, info2 = quality.xbt_upgrade(args.new, w_new, w_mid_compat, pairs, pre_cfg, ft_cfg, seed, dev, args.progress, timer)
+            image2 = pair_images(new, up1)  # link 1's compatible image embeddings stand in for v_old
+        enc2, phi2, info2 = quality.xbt_upgrade(args.new, w_new, w_mid_compat, pairs, pre_cfg, ft_cfg, seed, dev, args.progress, timer,
+                                                image=image2)
         with timer("evaluate"):
             up2_side = _side(CompatibleEncoder(enc2, phi2), evalset)
         recall2 = evaluate_cases(old_side, up2_side, new_side, evalset.caption_image, prev=up1_side)
         # Direct: old -> new in one link.
-        enc_d, phi_d, info_d = quality.xbt_upgrade(args.new, w_new, w_old, pairs, pre_cfg, ft_cfg, seed, dev, args.progress, timer)
+        enc_d, phi_d, info_d = quality.xbt_upgrade(args.new, w_new, w_old, pairs, pre_cfg, ft_cfg, seed, dev, args.progress, timer,
+                                                   image=pair_images(new, old))
         with timer("evaluate"):
             direct_side = _side(CompatibleEncoder(enc_d, phi_d), evalset)
         recall_d = evaluate_cases(old_side, direct_side, new_side, evalset.caption_image)

@@ -115,14 +115,17 @@ def parse_settings(settings: list[str]) -> tuple[PretrainConfig, FinetuneConfig]
 
 
 def xbt_upgrade(new_ref: str, w_new: torch.Tensor, w_old: torch.Tensor, pairs, pre_cfg: PretrainConfig,
-                ft_cfg: FinetuneConfig, seed: int, device: str = "cpu", progress: bool = False, timer: Timer | None = None):
-    """The XBT recipe in-process: φ pretrained on row-aligned (w_new, w_old) (Eqn. 3), then
-    Eqn. 5 on the pairs. -> (new encoder with adapters, φ, info dict)."""
+                ft_cfg: FinetuneConfig, seed: int, device: str = "cpu", progress: bool = False, timer: Timer | None = None,
+                image: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """The XBT recipe in-process: φ pretrained on the rows `pre_cfg.source` picks, the corpus'
+    row-aligned (w_new, w_old) (Eqn. 3) and/or `image`, the pairs' (v_new, v_old); then Eqn. 5
+    on the pairs. -> (new encoder with adapters, φ, info dict)."""
     timer = timer or Timer()
     new = DualEncoder.from_pretrained(new_ref, device=device)
+    rows = pretraining_rows(pre_cfg.source, text=(w_new, w_old), image=image)  # an image source without images fails here
     torch.manual_seed(seed)
     with timer("pretrain"):
-        phi, pre_hist = pretrain_phi(w_new, w_old, dataclasses.replace(pre_cfg, seed=seed), device=device)
+        phi, pre_hist = pretrain_phi(*rows, dataclasses.replace(pre_cfg, seed=seed), device=device)
     with timer("train"):
         hist = finetune(new, phi, pairs, "xbt", dataclasses.replace(ft_cfg, seed=seed), progress=progress)
     info = {"pretrain_loss": [round(h["loss"], 4) for h in pre_hist[:: max(1, len(pre_hist) // 10)]],

@@ -112,6 +112,19 @@ def test_chain_has_both_links_a_gate_each_and_the_direct_run(tiny):
     assert all(0 <= a <= 100 for acc in zs["accuracy"].values() for a in acc.values())
 
 
+def test_image_source_needs_the_pairs_images_and_never_falls_back_to_text(tiny):
+    pre, ft = quality.parse_settings([*SMALL[1::2], "pretrain.source=image"])
+    pairs = read_pairs(tiny / "world" / "pairs.parquet")
+    w_new, w_old = torch.randn(64, 40), torch.randn(64, 24)
+    with pytest.raises(ValueError, match="needs the image embeddings"):
+        quality.xbt_upgrade(str(tiny / "new"), w_new, w_old, pairs, pre, ft, seed=0)
+    # the chain passes each link's pair images: link 2's stand-in for v_old is link 1's compatible space
+    res = chain.run(chain.parser().parse_args([*_flags(tiny), "--mid", str(tiny / "mid"), "--work", str(tiny / "chain-img"),
+                                               "--set", "pretrain.source=image"]))
+    assert res["pretrain"]["source"] == "image"
+    assert all(isinstance(link["gate"]["passed"], bool) for link in res["runs"][0]["links"])
+
+
 def test_cost_bench_splits_each_methods_time(tiny):
     args = ["--old", str(tiny / "old"), "--new", str(tiny / "new"), "--data", str(tiny / "world"),
             "--methods", "xbt", "base", "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=64",
