@@ -12,6 +12,9 @@ old gallery (the one embedded once and never re-embedded):
                           the flow does when --old is a bundle), XBT on new.
     direct  (old -> new)  φ pretrained on (w_new, w_old), XBT on new.
 
+With `--set pretrain.source=image` each φ is pretrained on the pairs' images
+instead: (v_mid, v_old), (v_new, φ1(v̄_mid)) and (v_new, v_old).
+
 Per link the Eqn. 2 gate (`new/old` > `old/old`); link 2 also the
 no-regression gate against link 1 (`new/old` >= `prev/old`, CONTRACT.md).
 """
