@@ -10,10 +10,12 @@ import pyarrow.parquet as pq
 import torch
 from prefect import task
 
-from xbtcore.cache import EmbeddingCache, fingerprint_items, fingerprint_model, fingerprint_texts
+from xbtcore.bundle import is_bundle
+from xbtcore.cache import EmbeddingCache, fingerprint_items, fingerprint_texts
 from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder
-from xbtcore.recipe import cached_image_embeddings, cached_text_embeddings
+from xbtcore.linear_bundle import load_compatible
+from xbtcore.recipe import cache_model_key, cached_image_embeddings, cached_text_embeddings
 
 from .common import CACHED, log
 
@@ -22,9 +24,15 @@ def read_corpus(path: str) -> list[str]:
     return pq.read_table(path, columns=["caption"]).column("caption").to_pylist()
 
 
-def _key(ref: str, data_fp: str, modality: str, rows: int) -> dict:
-    # The same key recipe.cached_*_embeddings uses for a plain DualEncoder.
-    return {"model": fingerprint_model(ref), "data": data_fp, "modality": modality, "rows": rows}
+def _key(encoder, data_fp: str, modality: str, rows: int) -> dict:
+    # The same key recipe.cached_*_embeddings uses.
+    return {"model": cache_model_key(encoder), "data": data_fp, "modality": modality, "rows": rows}
+
+
+def old_space_encoder(ref: str):
+    """The encoder whose space "old" means: a model, or for a chain link the champion
+    bundle, whose compatible (φ-mapped) embeddings stand in for the old ones (Eqn. 3)."""
+    return load_compatible(ref)[0] if is_bundle(ref) else DualEncoder.from_pretrained(ref)
 
 
 def load_cached(cache_root: str, key: dict) -> torch.Tensor:
@@ -39,7 +47,8 @@ def load_cached(cache_root: str, key: dict) -> torch.Tensor:
 @task(name="embed-corpus", **CACHED)
 def embed_corpus(corpus_path: str, old_ref: str, new_ref: str, cache_root: str, pairs_path: str | None = None,
                  fingerprint: str = "", progress: bool = True) -> dict:
-    """Embed the corpus with the old (gallery) and new text encoders; with `pairs_path`,
+    """Embed the corpus with the old and new text encoders ("old": a model, or in a chain
+    link the champion bundle, `old_space_encoder`); with `pairs_path`,
     also the pairs' images and captions with the old model (Eqn. 6 targets) and the
     pairs' images with the new model (φ pretrained on images, `PretrainConfig.source`).
 
@@ -48,19 +57,19 @@ def embed_corpus(corpus_path: str, old_ref: str, new_ref: str, cache_root: str, 
     logger = log()
     texts = read_corpus(corpus_path)
     cache = EmbeddingCache(cache_root)
-    old, new = DualEncoder.from_pretrained(old_ref), DualEncoder.from_pretrained(new_ref)
+    old, new = old_space_encoder(old_ref), DualEncoder.from_pretrained(new_ref)
     cached_text_embeddings(cache, new, texts, progress=progress)
     cached_text_embeddings(cache, old, texts, progress=progress)
     corpus_fp = fingerprint_texts(texts)
-    keys = {"w_new": _key(new.ref, corpus_fp, "text", len(texts)), "w_old": _key(old.ref, corpus_fp, "text", len(texts))}
+    keys = {"w_new": _key(new, corpus_fp, "text", len(texts)), "w_old": _key(old, corpus_fp, "text", len(texts))}
     if pairs_path is not None:
         pairs = read_pairs(pairs_path)
         cached_image_embeddings(cache, old, pairs, progress=progress)
         cached_image_embeddings(cache, new, pairs, progress=progress)
         cached_text_embeddings(cache, old, pairs.captions, progress=progress)
         images_fp = fingerprint_items(pairs.images)
-        keys["v_old_pairs"] = _key(old.ref, images_fp, "image", pairs.n_images)
-        keys["v_new_pairs"] = _key(new.ref, images_fp, "image", pairs.n_images)
-        keys["w_old_pairs"] = _key(old.ref, fingerprint_texts(pairs.captions), "text", len(pairs.captions))
+        keys["v_old_pairs"] = _key(old, images_fp, "image", pairs.n_images)
+        keys["v_new_pairs"] = _key(new, images_fp, "image", pairs.n_images)
+        keys["w_old_pairs"] = _key(old, fingerprint_texts(pairs.captions), "text", len(pairs.captions))
     logger.info("embedded %d corpus texts with %s and %s", len(texts), new_ref, old_ref)
     return keys

@@ -173,5 +173,11 @@ def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, t
     assert list(third["recall"]["t2i"]) == [*CASES, "prev/old"]
     assert third["no_regression"]["criterion"] == "no-regression"
     assert third["recall"]["t2i"]["old/old"] == first["recall"]["t2i"]["old/old"]
+    # Eqn. 3's "old" in the link is the champion's compatible space: the link's corpus was embedded by the
+    # champion bundle (a "-compat" cache entry of the corpus' size), never by the root model alone.
+    from tasks.common import cache_dir
+
+    compat = [json.loads(m.read_text()) for m in cache_dir().glob("text-*-compat-*/manifest.json")]
+    assert any(m["rows"] == third["counts"]["corpus"] and m["complete"] for m in compat), compat
     assert third["promotion"]["model"] == name  # same gallery space, same registered model
     assert Path(third["bundle"]).is_dir()

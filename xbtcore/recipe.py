@@ -47,7 +47,7 @@ class Timer:
 def cached_text_embeddings(cache: EmbeddingCache, encoder, texts: list[str], progress=False, stats=None, batch_size=512):
     """(N, D) embeddings of `texts` by a frozen encoder, through the cache."""
     return cache.get_or_compute(
-        fingerprint_model(encoder.ref) + _variant(encoder),
+        cache_model_key(encoder),
         fingerprint_texts(texts),
         "text",
         len(texts),
@@ -60,7 +60,7 @@ def cached_text_embeddings(cache: EmbeddingCache, encoder, texts: list[str], pro
 def cached_image_embeddings(cache: EmbeddingCache, encoder, pairs, progress=False, stats=None, batch_size=256):
     """(N_images, D) embeddings of a PairSet's distinct images by a frozen encoder, through the cache."""
     return cache.get_or_compute(
-        fingerprint_model(encoder.ref) + _variant(encoder),
+        cache_model_key(encoder),
         fingerprint_items(pairs.images),
         "image",
         pairs.n_images,
@@ -70,9 +70,10 @@ def cached_image_embeddings(cache: EmbeddingCache, encoder, pairs, progress=Fals
     )
 
 
-def _variant(encoder) -> str:
-    # A compatible encoder (bundle) embeds into the old space: key it apart from its base model.
-    return "-compat" if isinstance(encoder, CompatibleEncoder) else ""
+def cache_model_key(encoder) -> str:
+    """The cache's model key: a compatible encoder (bundle) embeds into the old space, so
+    it is keyed apart from its base model."""
+    return fingerprint_model(encoder.ref) + ("-compat" if isinstance(encoder, CompatibleEncoder) else "")
 
 
 def pretrain_phi(w_new: torch.Tensor, w_old: torch.Tensor, cfg: PretrainConfig, device="cpu", on_step=None):
