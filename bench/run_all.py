@@ -302,7 +302,8 @@ def render_paper_table(name: str, data) -> str | None:
                             "images are cheap and the text corpus is ten times the pairs."]
         return "\n".join(out) + "\n"
     if kind == "chain" and isinstance(data, dict) and data.get("runs"):
-        out = [f"Table 3 on our world: {data['old']} -> {data['mid']} -> {data['new']} against the root old gallery, "
+        out = [*([data["note"], ""] if data.get("note") else []),
+               f"Table 3 on our world: {data['old']} -> {data['mid']} -> {data['new']} against the root old gallery, "
                "and the direct old -> new upgrade; R@1 / R@5 / R@10.", ""]
         for run in data["runs"]:
             t = run["table"]
