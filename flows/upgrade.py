@@ -184,10 +184,12 @@ def upgrade(params: UpgradeParams) -> dict:
 
     eqn6 = params.method in METHODS and METHODS[params.method].loss == "eqn6"
     # The pairs are embedded (old and new image towers) only for Eqn. 6 targets or a φ pretrained on images.
-    with_pairs = eqn6 or (params.method == "xbt" and apply_overrides(PretrainConfig(), params.pretrain).uses_images)
+    image_phi = params.method == "xbt" and apply_overrides(PretrainConfig(), params.pretrain).uses_images
+    with_pairs = eqn6 or image_phi
     # "old" in Eqns. 3 and 6 is the old model, or in a chain link the champion's compatible space (old = its bundle).
     embeddings = run("embed", embed_corpus, corpus["path"], old, new, cache_root, data["pairs"] if with_pairs else None,
-                     fingerprint=_digest(corpus, data_fp["pairs"] if with_pairs else "", model_fp), progress=params.progress)
+                     fingerprint=_digest(corpus, data_fp["pairs"] if with_pairs else "", model_fp), progress=params.progress,
+                     new_images=image_phi)
 
     phi_path = None
     if params.method == "xbt":  # only XBT starts from a pretrained φ (Sec. 3.2; text by default, PretrainConfig.source)

@@ -46,11 +46,12 @@ def load_cached(cache_root: str, key: dict) -> torch.Tensor:
 
 @task(name="embed-corpus", **CACHED)
 def embed_corpus(corpus_path: str, old_ref: str, new_ref: str, cache_root: str, pairs_path: str | None = None,
-                 fingerprint: str = "", progress: bool = True) -> dict:
+                 fingerprint: str = "", progress: bool = True, new_images: bool = False) -> dict:
     """Embed the corpus with the old and new text encoders ("old": a model, or in a chain
     link the champion bundle, `old_space_encoder`); with `pairs_path`,
-    also the pairs' images and captions with the old model (Eqn. 6 targets) and the
-    pairs' images with the new model (φ pretrained on images, `PretrainConfig.source`).
+    also the pairs' images and captions with the old model (Eqn. 6 targets); with
+    `new_images`, the pairs' images with the new model too (φ pretrained on images,
+    `PretrainConfig.source`).
 
     -> {"w_new": key, "w_old": key[, "v_old_pairs": key, "v_new_pairs": key, "w_old_pairs": key]}.
     """
@@ -65,11 +66,12 @@ def embed_corpus(corpus_path: str, old_ref: str, new_ref: str, cache_root: str, 
     if pairs_path is not None:
         pairs = read_pairs(pairs_path)
         cached_image_embeddings(cache, old, pairs, progress=progress)
-        cached_image_embeddings(cache, new, pairs, progress=progress)
         cached_text_embeddings(cache, old, pairs.captions, progress=progress)
         images_fp = fingerprint_items(pairs.images)
         keys["v_old_pairs"] = _key(old, images_fp, "image", pairs.n_images)
-        keys["v_new_pairs"] = _key(new, images_fp, "image", pairs.n_images)
+        if new_images:
+            cached_image_embeddings(cache, new, pairs, progress=progress)
+            keys["v_new_pairs"] = _key(new, images_fp, "image", pairs.n_images)
         keys["w_old_pairs"] = _key(old, fingerprint_texts(pairs.captions), "text", len(pairs.captions))
     logger.info("embedded %d corpus texts with %s and %s", len(texts), new_ref, old_ref)
     return keys
