@@ -106,6 +106,7 @@ class UpgradeParams(BaseModel):
         world_fields = {f.name for f in dataclasses.fields(world.WorldSpec)}
         if set(self.world) - world_fields:
             raise ValueError(f"unknown world settings {sorted(set(self.world) - world_fields)}; known: {sorted(world_fields)}")
+        world.WorldSpec(**self.world)  # a fractional row count fails here, not in the world writer
         return self
 
 

@@ -111,6 +111,11 @@ def test_bad_inputs_fail_before_training(prefect_harness, tiny, tmp_path):
         _params(tiny, out, pretrain={"nope": 1})
     with pytest.raises(ValidationError, match="source must be one of"):
         _params(tiny, out, pretrain={"source": "pixels"})
+    builtin = dict(corpus=None, pairs=None, eval=None)
+    with pytest.raises(ValidationError, match="pair_images must be a positive whole number, got 2.5"):
+        _params(tiny, out, **builtin, world={"pair_images": 2.5})
+    with pytest.raises(ValidationError, match="unknown world settings"):
+        _params(tiny, out, **builtin, world={"pairs": 10})
 
 
 def test_phi_pretrained_on_text_and_the_pairs_images(prefect_harness, tiny, tmp_path, monkeypatch):

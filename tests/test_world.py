@@ -4,6 +4,7 @@ import io
 import re
 
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from xbtcore import world
@@ -96,3 +97,17 @@ def test_user_phrasing_share_and_default_is_the_zoo_style():
         n for names in world.SHAPES.values() for n in names) + r") (" + "|".join(world.COLOURS) + ")", c)]
     assert 0.25 < len(user) / len(mixed) < 0.75, len(user) / len(mixed)
     assert not any(c in zoo_style for c in user)
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (dict(pair_images=2.5), "pair_images must be a positive whole number, got 2.5"),
+    (dict(eval_images=0), "eval_images must be a positive whole number"),
+    (dict(seed=-1), "seed must be a non-negative whole number"),
+    (dict(corpus_captions=True), "corpus_captions must be a positive whole number"),
+    (dict(user_phrasing=1.5), "user_phrasing must be a share in [0, 1]"),
+])
+def test_bad_sizes_fail_when_the_spec_is_made(bad, needle):
+    with pytest.raises(ValueError) as err:
+        world.WorldSpec(**bad)
+    assert needle in str(err.value)
+    world.WorldSpec(user_phrasing=1)  # an int share is a share

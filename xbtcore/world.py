@@ -16,7 +16,7 @@ import io
 import math
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -250,6 +250,17 @@ class WorldSpec:
     eval_images: int = 1_000
     captions_per_eval_image: int = 5
     user_phrasing: float = 0.0  # share of corpus, pairs and eval captions in the user's house style
+
+    def __post_init__(self):
+        # Checked here, not when the writer is half-way through a split.
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "user_phrasing":
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                    raise ValueError(f"world setting user_phrasing must be a share in [0, 1], got {v!r}")
+            elif isinstance(v, bool) or not isinstance(v, int) or v < (0 if f.name == "seed" else 1):
+                least = "a non-negative" if f.name == "seed" else "a positive"
+                raise ValueError(f"world setting {f.name} must be {least} whole number, got {v!r}")
 
 
 _SPLIT_TAGS = {"corpus": 1, "pairs": 2, "eval": 3, "zoo": 4}
