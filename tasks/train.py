@@ -21,6 +21,7 @@ from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder
 from xbtcore.finetune import METHODS, FinetuneConfig, count_trainable, finetune, prompt_count
 from xbtcore.linear_bundle import LINEAR_METHODS, save_linear_bundle
+from xbtcore.losses import on_main_rank
 from xbtcore.phi import Phi, PhiConfig
 from xbtcore.pretrain import PretrainConfig, pretraining_rows
 from xbtcore.recipe import fit_linear_map, pretrain_phi
@@ -57,11 +58,15 @@ def pretrain(embeddings: dict, cache_root: str, out_path: str, overrides: dict, 
     steps = cfg.epochs_for(len(a_new)) * max(1, len(a_new) // min(cfg.batch_size, len(a_new)))
     phi, epochs = pretrain_phi(a_new, a_old, cfg, on_step=_loss_logger("pretrain", steps, history))
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in phi.state_dict().items()}, out,
-              metadata={"phi": json.dumps(dataclasses.asdict(phi.cfg))})
-    out.with_suffix(".history.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "steps": history,
-                                                            "epochs": epochs}))
+
+    def write():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in phi.state_dict().items()}, out,
+                  metadata={"phi": json.dumps(dataclasses.asdict(phi.cfg))})
+        out.with_suffix(".history.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "steps": history,
+                                                                "epochs": epochs}))
+
+    on_main_rank(write)
     return str(out)
 
 
@@ -97,7 +102,7 @@ def train(new_ref: str, old_ref: str, root_ref: str, chain: list[str], pairs_pat
                                 method)  # (D_new, D_old)
         meta = BundleMeta(new_ref, old_ref, root_ref, method, phi={"in_dim": weight.shape[0], "out_dim": weight.shape[1]},
                           chain=[*chain, new_ref])
-        save_linear_bundle(bundle_dir, new, weight, meta)
+        on_main_rank(lambda: save_linear_bundle(bundle_dir, new, weight, meta))
         trainable = weight.numel()
     else:
         cfg = apply_overrides(FinetuneConfig(seed=seed), overrides)
@@ -120,10 +125,9 @@ def train(new_ref: str, old_ref: str, root_ref: str, chain: list[str], pairs_pat
         trainable = count_trainable(new, phi)
         meta = BundleMeta(new_ref, old_ref, root_ref, method, phi=dataclasses.asdict(phi.cfg),
                           n_prompts=prompt_count(new), chain=[*chain, new_ref])
-        save_bundle(bundle_dir, new, phi, meta)
-        ckpt.unlink(missing_ok=True)
+        on_main_rank(lambda: (save_bundle(bundle_dir, new, phi, meta), ckpt.unlink(missing_ok=True)))
         resumed_from = run[0].get("resumed_from", 0) if run else 0
-    (work / "train_history.json").write_text(json.dumps({"method": method, "trainable_params": trainable,
-                                                         "resumed_from": resumed_from, "steps": history}))
+    on_main_rank(lambda: (work / "train_history.json").write_text(json.dumps(
+        {"method": method, "trainable_params": trainable, "resumed_from": resumed_from, "steps": history})))
     logger.info("%s: %d trainable parameters; bundle -> %s", method, trainable, bundle_dir)
     return str(bundle_dir)

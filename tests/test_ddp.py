@@ -15,7 +15,7 @@ from xbtcore.adapters import LoraSettings
 from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder
 from xbtcore.finetune import FinetuneConfig, finetune, trainable_state
-from xbtcore.losses import average_gradients, clip_loss, local_slice
+from xbtcore.losses import average_gradients, clip_loss, local_slice, on_main_rank
 from xbtcore.phi import Phi, PhiConfig
 from xbtcore.pretrain import PretrainConfig, text_only_pretrain
 from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip
@@ -65,6 +65,30 @@ def _worker_pretrain(rank, init_file, out_dir, w_new, w_old, cfg):
 def _spawn(fn, tmp_path, *args):
     init_file = tmp_path / "init"
     mp.spawn(fn, args=(str(init_file), str(tmp_path), *args), nprocs=WORLD, join=True)
+
+
+def _worker_write(rank, init_file, out_dir):
+    import time
+    from pathlib import Path
+
+    _init(rank, init_file)
+    artefact = Path(out_dir) / "artefact.txt"
+
+    def write():  # slow on purpose: the other rank must wait for it, not race past
+        time.sleep(0.5)
+        with open(Path(out_dir) / "writers.txt", "a") as f:
+            f.write(f"{rank}\n")
+        artefact.write_text("done")
+
+    on_main_rank(write)
+    (Path(out_dir) / f"saw-{rank}.txt").write_text(artefact.read_text() if artefact.exists() else "missing")
+    dist.destroy_process_group()
+
+
+def test_only_rank_zero_writes_and_every_rank_waits_for_it(tmp_path):
+    _spawn(_worker_write, tmp_path)
+    assert (tmp_path / "writers.txt").read_text().split() == ["0"]
+    assert [(tmp_path / f"saw-{r}.txt").read_text() for r in range(WORLD)] == ["done"] * WORLD
 
 
 def test_gathered_loss_and_grads_equal_single_process(tmp_path):

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .losses import world_info
+
 SHARD_ROWS = 16_384
 
 
@@ -71,14 +73,6 @@ class CacheStats:
     seconds: float = 0.0
 
 
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class EmbeddingCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -119,7 +113,7 @@ class EmbeddingCache:
         else:
             _atomic_write_text(manifest, json.dumps(info, indent=2))
 
-        rank, world = _dist()
+        rank, world = world_info()
         for i in range(n_shards):
             path = d / f"shard-{i:05d}.safetensors"
             start, stop = i * shard_rows, min((i + 1) * shard_rows, n_rows)

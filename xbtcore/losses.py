@@ -69,6 +69,16 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
+def on_main_rank(write) -> None:
+    """Run `write()` on rank 0 only, then hold every rank until it is done: under
+    torchrun each rank trained the same weights, and one writer keeps artefacts whole."""
+    rank, world = world_info()
+    if rank == 0:
+        write()
+    if world > 1:
+        dist.barrier()
+
+
 def local_slice(n: int) -> slice:
     """This rank's contiguous part of a global batch of n rows (rank order = gather order)."""
     rank, world = world_info()
