@@ -47,12 +47,15 @@ def _fail(message: str, code: int = 1) -> int:
 
 def _print_result(report: dict) -> None:
     from xbtcore.evaluate import format_table
+    from xbtcore.margins import format_margins
 
     print(format_table(report["recall"]))
     promo = report["promotion"]
     verdict = "PASSED" if report["gate"]["passed"] else "FAILED"
     print(f"gate (Eqn. 2): {verdict}" + "".join(f"\n  failing: {d} R@{k} new/old {a} <= old/old {b}"
                                               for d, k, a, b in report["gate"]["failures"]))
+    if "gate_margins" in report:
+        print(format_margins(report["gate_margins"]))
     print(f"{promo['model']} version {promo['version']}: {promo['reason']}")
     print(f"report: {Path(report['bundle']).parent / 'report.json'}")
 

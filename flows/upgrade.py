@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tasks.common import CACHED, absolute_ref, cache_dir, fingerprint_content, fingerprint_files, results_dir, state_dir
 from tasks.embed import embed_corpus
-from tasks.evaluate import check_inputs, evaluate, gate
+from tasks.evaluate import check_inputs, evaluate, gate, margins_path
 from tasks.extract import extract_corpus
 from tasks.registry import register_and_promote, resolve_model, space_of
 from tasks.report import draw_figures, publish_artifacts, record_datasets, record_run, write_html_report, write_report
@@ -220,6 +220,8 @@ def upgrade(params: UpgradeParams) -> dict:
     }
     if prev:
         report["no_regression"] = verdict["no_regression"]
+    # how much the verdict means: each Eqn. 2 margin with a bootstrap interval (xbtcore.margins)
+    report["gate_margins"] = json.loads(margins_path(recall_path).read_text())
     histories = _histories(work)
     figures = run(None, draw_figures, histories, recall_path, str(work / "figures"))
     run(None, write_report, report, str(work / "report.json"))

@@ -15,6 +15,7 @@ from xbtcore.encoders import DualEncoder
 from xbtcore.evaluate import evaluate_cases
 from xbtcore.gate import eqn2_gate, no_regression_gate
 from xbtcore.linear_bundle import load_compatible
+from xbtcore.margins import gate_margins
 from xbtcore.recipe import side_of
 
 from .common import CACHED, log
@@ -63,8 +64,14 @@ def evaluate(eval_path: str, root_ref: str, new_ref: str, bundle_dir: str, prev_
         save_file(report_sample(old_side, upgraded_side, orig_side, evalset.caption_image), sample_path)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(recall, indent=2))
+    margins_path(out).write_text(json.dumps(gate_margins(upgraded_side, old_side, evalset.caption_image), indent=2))
+    out.write_text(json.dumps(recall, indent=2))  # last: its presence means the step finished
     return str(out)
+
+
+def margins_path(recall_path: str | Path) -> Path:
+    """Where evaluate writes the gate margins (xbtcore.margins), next to the recall JSON."""
+    return Path(recall_path).with_name("gate_margins.json")
 
 
 @task(name="gate")

@@ -209,7 +209,7 @@ def _bars_svg(direction: str, cases: dict) -> str:
     return "".join(out)
 
 
-def _recall_table(direction: str, cases: dict, gate: dict) -> str:
+def _recall_table(direction: str, cases: dict, gate: dict, margins: dict | None = None) -> str:
     """The numbers under a chart; the gate's new/old cells green (pass) or red (fail)."""
     gate_ks = {str(k) for k in gate["ks"]}
     failed = {str(k) for d, k, *_ in gate["failures"] if d == direction}
@@ -228,6 +228,11 @@ def _recall_table(direction: str, cases: dict, gate: dict) -> str:
         delta = "".join(f'<td class="muted">{float(cases["new/old"][k]) - float(cases["old/old"][k]):+.2f}</td>'
                         for k in ks)
         rows.append(f'<tr><td class="muted">&Delta; new/old &minus; old/old</td>{delta}</tr>')
+    if margins and direction in margins:
+        ci = "".join(f'<td class="muted">{m["low"]:+.2f}..{m["high"]:+.2f}</td>' if (m := margins[direction].get(k))
+                     else "<td></td>" for k in ks)
+        rows.append(f'<tr><td class="muted" title="paired bootstrap over the eval images, '
+                    f'{margins["n_boot"]} resamples">{round(100 * margins["level"])}% interval of &Delta;</td>{ci}</tr>')
     return f"<table>{''.join(rows)}</table>"
 
 
@@ -237,7 +242,7 @@ def _recall_section(report: dict) -> str:
                      f'fill="{CASE_COLOURS.get(c, "#495057")}"/></svg>{_e(c)}</span>' for c in next(iter(recall.values())))
     legend += ('<span><svg width="18" height="12"><line x1="0" x2="18" y1="6" y2="6" stroke="#343a40" '
                'stroke-dasharray="3 2"/></svg>old/old (the system today)</span>')
-    charts = "".join(f"<div>{_bars_svg(d, cases)}{_recall_table(d, cases, report['gate'])}</div>"
+    charts = "".join(f"<div>{_bars_svg(d, cases)}{_recall_table(d, cases, report['gate'], report.get('gate_margins'))}</div>"
                      for d, cases in recall.items())
     return ("<section><h2>Recall per case and K</h2>"
             '<p class="muted small">Cases are query/gallery (CONTRACT.md): <b>new/old</b> is the upgraded new '

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from catalog import Catalog
 from xbtcore.data import read_pairs
 from xbtcore.evaluate import format_table
+from xbtcore.margins import format_margins
 
 from .common import IO_RETRIES, state_dir
 from .html_report import examples_of, map_panels, render_report
@@ -117,7 +118,8 @@ def publish_artifacts(report: dict, verdict: dict, html_path: str | None = None)
         f"{'champion' if promo.get('promoted') else 'candidate only'} ({promo.get('reason')})",
         f"- timings (s): {report['timings_s']}",
         *html_link,
-        "", "```", format_table(report["recall"]), "```",
+        "", "```", format_table(report["recall"]), "",
+        *([format_margins(report["gate_margins"])] if "gate_margins" in report else []), "```",
     ])
     create_markdown_artifact(md, key="xbt-report", description="XBT upgrade report")
 

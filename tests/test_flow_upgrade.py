@@ -68,6 +68,13 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
     for k in (1, 5, 10):
         assert report["recall"]["t2i"]["new/old"][str(k)] == _t2i_recall(w_bar, old_images, evalset.caption_image, k)
 
+    # Each gate check's margin with its bootstrap interval, matching the recall table.
+    for d in ("t2i", "i2t"):
+        for k in ("1", "5", "10"):
+            m = report["gate_margins"][d][k]
+            assert m["margin"] == pytest.approx(report["recall"][d]["new/old"][k] - report["recall"][d]["old/old"][k], abs=0.011)
+            assert m["low"] <= m["margin"] <= m["high"]
+
     assert report["promotion"]["promoted"] == report["gate"]["passed"]
     assert all(report["steps"][s] == "Completed" for s in CACHED_STEPS)
     # The HTML report next to it: the map and 6 example queries (own image + top 5 of each model).

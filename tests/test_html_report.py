@@ -117,6 +117,18 @@ def test_render_without_sample_or_failures():
     assert "the map is not available" in page and "no examples" in page and "<img" not in page
 
 
+def test_gate_margins_row_under_each_recall_table():
+    report = _report()
+    assert "interval of &Delta;" not in render_report(report)  # older reports have no margins
+    margins = {"n_boot": 2000, "level": 0.95, "unit": "eval image",
+               **{d: {k: {"margin": 1.0, "low": -0.25 - i, "high": 2.5, "p_better": 0.9} for i, k in enumerate(("1", "5", "10"))}
+                  for d in ("t2i", "i2t")}}
+    page = render_report({**report, "gate_margins": margins})
+    assert page.count("95% interval of &Delta;") == 2
+    assert page.count("<td class=\"muted\">-1.25..+2.50</td>") == 2  # R@5 of each direction
+    assert page.count("<td></td>") == 2  # R@50 is not a gate check: no interval
+
+
 def test_write_html_report_task(tmp_path):
     from tasks.report import write_html_report
 

@@ -87,14 +87,28 @@ def recall_at_k(
     image_emb = image_emb.detach().to(text_emb.device).float().contiguous()
     out = {}
     for direction in directions:
-        if backend == "torch" and direction == "t2i":
-            ranks = _ranks(text_emb, image_emb, caption_image[:, None], chunk_size)
-        elif backend == "torch":
-            ranks = _ranks(image_emb, text_emb, _captions_per_image(caption_image, len(image_emb)), chunk_size)
+        if backend == "torch":
+            ranks = query_ranks(text_emb, image_emb, caption_image, direction, chunk_size)
         else:
             ranks = _faiss_ranks(text_emb, image_emb, caption_image, max(ks), direction)
         out[direction] = _percent(ranks, ks)
     return out
+
+
+def query_ranks(
+    text_emb: torch.Tensor, image_emb: torch.Tensor, caption_image: torch.Tensor, direction: str, chunk_size: int = 4096
+) -> torch.Tensor:
+    """Per query, the number of gallery items that score strictly above its own: (Nc,) for
+    t2i (caption queries), (Ni,) for i2t (image queries); a hit at K is rank < K.
+    The measurement recall_at_k summarises; kept per query for paired comparisons."""
+    caption_image = caption_image.to(device=text_emb.device, dtype=torch.long)
+    text_emb = text_emb.detach().float().contiguous()
+    image_emb = image_emb.detach().to(text_emb.device).float().contiguous()
+    if direction == "t2i":
+        return _ranks(text_emb, image_emb, caption_image[:, None], chunk_size)
+    if direction == "i2t":
+        return _ranks(image_emb, text_emb, _captions_per_image(caption_image, len(image_emb)), chunk_size)
+    raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
 
 
 def recall_at_k_reference(
