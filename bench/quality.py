@@ -38,6 +38,7 @@ from xbtcore.encoders import DualEncoder  # noqa: E402
 from xbtcore.evaluate import Side, evaluate_cases  # noqa: E402
 from xbtcore.finetune import METHODS, FinetuneConfig, count_trainable, finetune  # noqa: E402
 from xbtcore.gate import eqn2_gate  # noqa: E402
+from xbtcore.margins import gate_margins  # noqa: E402
 from xbtcore.phi import Phi, PhiConfig  # noqa: E402
 from xbtcore.pretrain import PRETRAIN_SOURCES, PretrainConfig, pretraining_rows  # noqa: E402
 from xbtcore.recipe import (  # noqa: E402
@@ -199,6 +200,7 @@ def run(args) -> dict:
             recall = evaluate_cases(old_side, up_side, orig_side, evalset.caption_image)
             gate = eqn2_gate(recall)
             run_info.update({"recall": recall, "gate": gate.to_dict(), "timings_s": timer.seconds,
+                             "gate_margins": gate_margins(up_side, old_side, evalset.caption_image),
                              "total_s": round(time.perf_counter() - t_start, 2), "trainable_params": trainable,
                              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
             results["runs"].append(run_info)

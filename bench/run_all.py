@@ -253,6 +253,14 @@ def _r(case: dict, ks=("1", "5", "10")) -> str:
     return " / ".join(f"{case[k]['mean'] if isinstance(case[k], dict) else case[k]:.2f}" for k in ks)
 
 
+def _tightest(margins: dict | None) -> str:
+    """The gate check with the smallest margin and its bootstrap interval (xbtcore.margins); runs before it: n/a."""
+    if not margins:
+        return "n/a"
+    d, k, m = min(((d, k, m) for d in ("t2i", "i2t") for k, m in margins[d].items()), key=lambda x: x[2]["margin"])
+    return f"{d} R@{k} {m['margin']:+.2f} [{m['low']:+.2f}, {m['high']:+.2f}]"
+
+
 def render_paper_table(name: str, data) -> str | None:
     """The paper's tables (1, 3, 4, 6, 7) as readable rows; None for other files."""
     kind = name.split("-")[0]
@@ -273,14 +281,15 @@ def render_paper_table(name: str, data) -> str | None:
         out = [*([data["note"], ""] if data.get("note") else []),
                f"R@1 / R@5 / R@10. old/old: t2i {_r(first['t2i']['old/old'])}, i2t {_r(first['i2t']['old/old'])}; "
                f"orig-new/new: t2i {_r(first['t2i']['orig-new/new'])}, i2t {_r(first['i2t']['orig-new/new'])}.", "",
-               "| method | seed | new/old t2i | new/old i2t | new/new R@1 t2i / i2t | Eqn. 2 gate | failing checks |",
-               "|---|---|---|---|---|---|---|"]
+               "| method | seed | new/old t2i | new/old i2t | new/new R@1 t2i / i2t | Eqn. 2 gate | failing checks | "
+               "tightest check: margin [95% interval] |",
+               "|---|---|---|---|---|---|---|---|"]
         for r in data["runs"]:
             rec, gate = r["recall"], r["gate"]
             fails = "; ".join(f"{d} R@{k} {a} vs {b}" for d, k, a, b in gate["failures"]) or "none"
             out.append(f"| {r['method']} | {r['seed']} | {_r(rec['t2i']['new/old'])} | {_r(rec['i2t']['new/old'])} | "
                        f"{rec['t2i']['new/new']['1']} / {rec['i2t']['new/new']['1']} | "
-                       f"{'passed' if gate['passed'] else 'failed'} | {fails} |")
+                       f"{'passed' if gate['passed'] else 'failed'} | {fails} | {_tightest(r.get('gate_margins'))} |")
         return "\n".join(out) + "\n"
     if kind == "cost" and isinstance(data, dict) and "rows" in data:
         out = ["| method | embed s | pretrain s | train s | upgrade s | trainable params | peak RSS MB | corpus texts | "

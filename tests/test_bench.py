@@ -77,5 +77,10 @@ def test_quality_runs_render_as_table_with_failing_checks():
            "gate": {"passed": False, "failures": [["t2i", 5, 0.5, 1.0]]}}
     text = render_paper_table("quality-x", {"note": "a note", "runs": [run]})
     assert "a note" in text
-    assert "| xbt | 2 | 1.00 / 0.50 / 1.00 | 1.00 / 1.00 / 1.00 | 1.0 / 1.0 | failed | t2i R@5 0.5 vs 1.0 |" in text
+    assert "| xbt | 2 | 1.00 / 0.50 / 1.00 | 1.00 / 1.00 / 1.00 | 1.0 / 1.0 | failed | t2i R@5 0.5 vs 1.0 | n/a |" in text
+    margin = {"margin": 0.3, "low": -0.1, "high": 0.7, "p_better": 0.8}
+    run["gate_margins"] = {d: {k: dict(margin) for k in ("1", "5", "10")} for d in ("t2i", "i2t")}
+    run["gate_margins"]["i2t"]["10"] = {"margin": -0.5, "low": -1.25, "high": 0.25, "p_better": 0.1}
+    text = render_paper_table("quality-x", {"runs": [run]})
+    assert "| t2i R@5 0.5 vs 1.0 | i2t R@10 -0.50 [-1.25, +0.25] |" in text
     assert render_paper_table("quality", {"runs": [{"method": "xbt", "seed": 0, "gate": True}]}) is None  # no recall: generic
