@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, runtime, task
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.common import CACHED, absolute_ref, cache_dir, fingerprint_content, fingerprint_files, results_dir, state_dir
-from tasks.embed import embed_corpus
+from tasks.embed import embed_corpus, embeddings_needed
 from tasks.evaluate import check_inputs, evaluate, gate, margins_path
 from tasks.extract import extract_corpus
 from tasks.registry import register_and_promote, resolve_model, space_of
@@ -183,14 +183,15 @@ def upgrade(params: UpgradeParams) -> dict:
                  params.min_chars, params.max_chars, params.sample, params.seed, fingerprint=data_fp["corpus"],
                  produces=lambda r: r["path"])
 
-    eqn6 = params.method in METHODS and METHODS[params.method].loss == "eqn6"
-    # The pairs are embedded (old and new image towers) only for Eqn. 6 targets or a φ pretrained on images.
-    image_phi = params.method == "xbt" and apply_overrides(PretrainConfig(), params.pretrain).uses_images
-    with_pairs = eqn6 or image_phi
+    # Only what the method reads is embedded (tasks.embed.embeddings_needed): XBT's φ pretraining rows
+    # (corpus texts by default, the pairs' images with pretrain.source=image), Eqn. 6's old-model
+    # targets of the pairs, a training-free map's corpus texts.
+    needs = embeddings_needed(params.method, apply_overrides(PretrainConfig(), params.pretrain).source)
+    with_pairs = any(n.endswith("_pairs") for n in needs)
     # "old" in Eqns. 3 and 6 is the old model, or in a chain link the champion's compatible space (old = its bundle).
-    embeddings = run("embed", embed_corpus, corpus["path"], old, new, cache_root, data["pairs"] if with_pairs else None,
-                     fingerprint=_digest(corpus, data_fp["pairs"] if with_pairs else "", model_fp), progress=params.progress,
-                     new_images=image_phi)
+    embeddings = run("embed", embed_corpus, corpus["path"], old, new, cache_root, needs,
+                     data["pairs"] if with_pairs else None,
+                     fingerprint=_digest(corpus, data_fp["pairs"] if with_pairs else "", model_fp), progress=params.progress)
 
     phi_path = None
     if params.method == "xbt":  # only XBT starts from a pretrained φ (Sec. 3.2; text by default, PretrainConfig.source)

@@ -1,4 +1,4 @@
-"""Frozen encoders embed the corpus (and, for Eqn. 6 baselines, the pairs) into the cache.
+"""Frozen encoders embed what the method reads (the corpus texts, the pairs) into the cache.
 
 Tasks downstream get cache keys, never tensors, and read the entries back
 with `load_cached` without loading any encoder.
@@ -14,7 +14,8 @@ from xbtcore.bundle import is_bundle
 from xbtcore.cache import EmbeddingCache, fingerprint_items, fingerprint_texts
 from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder
-from xbtcore.linear_bundle import load_compatible
+from xbtcore.finetune import METHODS
+from xbtcore.linear_bundle import LINEAR_METHODS, load_compatible
 from xbtcore.recipe import cache_model_key, cached_image_embeddings, cached_text_embeddings
 
 from .common import CACHED, log
@@ -44,34 +45,60 @@ def load_cached(cache_root: str, key: dict) -> torch.Tensor:
     return EmbeddingCache(cache_root).get_or_compute(key["model"], key["data"], key["modality"], key["rows"], missing)
 
 
-@task(name="embed-corpus", **CACHED)
-def embed_corpus(corpus_path: str, old_ref: str, new_ref: str, cache_root: str, pairs_path: str | None = None,
-                 fingerprint: str = "", progress: bool = True, new_images: bool = False) -> dict:
-    """Embed the corpus with the old and new text encoders ("old": a model, or in a chain
-    link the champion bundle, `old_space_encoder`); with `pairs_path`,
-    also the pairs' images and captions with the old model (Eqn. 6 targets); with
-    `new_images`, the pairs' images with the new model too (φ pretrained on images,
-    `PretrainConfig.source`).
+EMBEDDINGS = ("w_new", "w_old", "v_new_pairs", "v_old_pairs", "w_old_pairs")
 
-    -> {"w_new": key, "w_old": key[, "v_old_pairs": key, "v_new_pairs": key, "w_old_pairs": key]}.
+
+def embeddings_needed(method: str, pretrain_source: str = "text") -> list[str]:
+    """The frozen embeddings `method` reads, and so all the embed step computes:
+    XBT's φ pretraining rows (corpus texts and/or the pairs' images, `PretrainConfig.source`),
+    an Eqn. 6 baseline's old-model targets of the pairs, a training-free map's corpus texts."""
+    if method in LINEAR_METHODS:
+        return ["w_new", "w_old"]
+    if METHODS[method].loss == "eqn6":
+        return ["v_old_pairs", "w_old_pairs"]
+    parts = pretrain_source.split("+")
+    return [*(["w_new", "w_old"] if "text" in parts else []), *(["v_new_pairs", "v_old_pairs"] if "image" in parts else [])]
+
+
+@task(name="embed-corpus", **CACHED)
+def embed_corpus(corpus_path: str, old_ref: str, new_ref: str, cache_root: str, needs: list[str],
+                 pairs_path: str | None = None, fingerprint: str = "", progress: bool = True) -> dict:
+    """Embed what `needs` names (`embeddings_needed`) into the cache and return its keys:
+    w_new / w_old, the corpus texts by the new and old text encoders; v_new_pairs /
+    v_old_pairs, the pairs' images by the new and old image encoders; w_old_pairs, the
+    pairs' captions by the old text encoder. "old" is a model, or in a chain link the
+    champion bundle (`old_space_encoder`), whose compatible embeddings stand in for it.
+
+    -> {name: cache key} for each name in `needs`.
     """
+    unknown = sorted(set(needs) - set(EMBEDDINGS))
+    if unknown or not needs:
+        raise ValueError(f"embed: needs must name some of {EMBEDDINGS}, got {list(needs)}")
+    if pairs_path is None and any(n.endswith("_pairs") for n in needs):
+        raise ValueError(f"embed: {[n for n in needs if n.endswith('_pairs')]} need the pairs (pairs_path)")
     logger = log()
-    texts = read_corpus(corpus_path)
     cache = EmbeddingCache(cache_root)
-    old, new = old_space_encoder(old_ref), DualEncoder.from_pretrained(new_ref)
-    cached_text_embeddings(cache, new, texts, progress=progress)
-    cached_text_embeddings(cache, old, texts, progress=progress)
-    corpus_fp = fingerprint_texts(texts)
-    keys = {"w_new": _key(new, corpus_fp, "text", len(texts)), "w_old": _key(old, corpus_fp, "text", len(texts))}
-    if pairs_path is not None:
+    old = old_space_encoder(old_ref)
+    new = DualEncoder.from_pretrained(new_ref) if {"w_new", "v_new_pairs"} & set(needs) else None
+    keys = {}
+    if "w_new" in needs or "w_old" in needs:
+        texts = read_corpus(corpus_path)
+        corpus_fp = fingerprint_texts(texts)
+        for name, encoder in (("w_new", new), ("w_old", old)):
+            if name in needs:
+                cached_text_embeddings(cache, encoder, texts, progress=progress)
+                keys[name] = _key(encoder, corpus_fp, "text", len(texts))
+        logger.info("embedded %d corpus texts (%s)", len(texts), ", ".join(k for k in keys))
+    if pairs_path is not None and any(n.endswith("_pairs") for n in needs):
         pairs = read_pairs(pairs_path)
-        cached_image_embeddings(cache, old, pairs, progress=progress)
-        cached_text_embeddings(cache, old, pairs.captions, progress=progress)
         images_fp = fingerprint_items(pairs.images)
-        keys["v_old_pairs"] = _key(old, images_fp, "image", pairs.n_images)
-        if new_images:
-            cached_image_embeddings(cache, new, pairs, progress=progress)
-            keys["v_new_pairs"] = _key(new, images_fp, "image", pairs.n_images)
-        keys["w_old_pairs"] = _key(old, fingerprint_texts(pairs.captions), "text", len(pairs.captions))
-    logger.info("embedded %d corpus texts with %s and %s", len(texts), new_ref, old_ref)
-    return keys
+        for name, encoder in (("v_new_pairs", new), ("v_old_pairs", old)):
+            if name in needs:
+                cached_image_embeddings(cache, encoder, pairs, progress=progress)
+                keys[name] = _key(encoder, images_fp, "image", pairs.n_images)
+        if "w_old_pairs" in needs:
+            cached_text_embeddings(cache, old, pairs.captions, progress=progress)
+            keys["w_old_pairs"] = _key(old, fingerprint_texts(pairs.captions), "text", len(pairs.captions))
+        logger.info("embedded %d pair images and %d captions (%s)", pairs.n_images, len(pairs.captions),
+                    ", ".join(k for k in keys if k.endswith("_pairs")))
+    return {n: keys[n] for n in needs}

@@ -111,7 +111,7 @@ def train(new_ref: str, old_ref: str, root_ref: str, chain: list[str], pairs_pat
         if phi_path is not None:
             phi = load_phi(phi_path)
         else:
-            w_old_dim = load_cached(cache_root, embeddings["w_old"]).shape[1]
+            w_old_dim = load_cached(cache_root, embeddings["w_old_pairs"]).shape[1]
             phi = Phi(PhiConfig(new.embed_dim, w_old_dim))
         old_targets = None
         if METHODS[method].loss == "eqn6":

@@ -193,3 +193,27 @@ def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, t
     assert any(m["rows"] == third["counts"]["corpus"] and m["complete"] for m in compat), compat
     assert third["promotion"]["model"] == name  # same gallery space, same registered model
     assert Path(third["bundle"]).is_dir()
+
+
+@pytest.mark.parametrize("method, source, needs", [
+    ("xbt", "text", ["w_new", "w_old"]),
+    ("xbt", "image", ["v_new_pairs", "v_old_pairs"]),
+    ("xbt", "text+image", ["w_new", "w_old", "v_new_pairs", "v_old_pairs"]),
+    ("base", "text", ["v_old_pairs", "w_old_pairs"]),
+    ("procrustes", "image", ["w_new", "w_old"]),
+])
+def test_embed_step_computes_only_what_the_method_reads(tiny, tmp_path, method, source, needs):
+    from tasks.embed import embed_corpus, embeddings_needed, load_cached
+
+    assert embeddings_needed(method, source) == needs
+    cache = tmp_path / "cache"
+    keys = embed_corpus.fn(tiny["corpus"], tiny["old"], tiny["new"], str(cache), needs, tiny["pairs"], progress=False)
+    assert list(keys) == needs
+    assert len(list(cache.rglob("manifest.json"))) == len(needs)  # nothing else was embedded
+    rows = {"w": pq.read_metadata(tiny["corpus"]).num_rows,  # the extract step's output in the flow; here the raw file
+            "v": len(set(pq.read_table(tiny["pairs"]).column("image_id").to_pylist()))}
+    for name in needs:
+        n = pq.read_metadata(tiny["pairs"]).num_rows if name == "w_old_pairs" else rows[name[0]]
+        assert load_cached(str(cache), keys[name]).shape[0] == n, name
+    with pytest.raises(ValueError, match="need the pairs"):
+        embed_corpus.fn(tiny["corpus"], tiny["old"], tiny["new"], str(cache), ["v_old_pairs"], None, progress=False)

@@ -3,10 +3,10 @@
 Prefect tasks (tasks/) wrap the same steps with paths and caching; benchmarks
 and experiments call them directly. Nothing here imports prefect or mlflow.
 
-    embed_corpus   frozen new and old text encoders -> cached w_new, w_old (Eqn. 3 inputs)
-    pretrain_phi   text-only pretraining of φ (Eqn. 3)
-    train_method   XBT (Eqn. 5) or an Eqn. 6 baseline, or a training-free map
-    embed_eval     the eval set through old, original new and upgraded models
+    cached_text_embeddings / cached_image_embeddings   frozen encoders -> the cache (Eqn. 3 and 6 inputs)
+    pretrain_phi     pretraining of φ (Eqn. 3)
+    fit_linear_map   the training-free map (least squares or Procrustes)
+    side_of          the eval set through one model (old, original new or upgraded)
 """
 
 from __future__ import annotations
