@@ -136,3 +136,20 @@ def test_cost_bench_splits_each_methods_time(tiny):
     assert xbt["samples"]["corpus_texts"] > 0 and base["samples"]["old_model_images"] > 0
     assert xbt["samples"]["old_model_images"] == 0  # XBT never runs the old image encoder
     assert res["xbt_over_base"] == round(xbt["upgrade_s"] / base["upgrade_s"], 2)
+
+
+def test_phi_transfer_diagnostics_by_hand():
+    from bench.phi_transfer import transfer
+    from xbtcore.evaluate import Side
+
+    g = torch.Generator().manual_seed(0)
+    caption_image = torch.arange(6).repeat_interleave(2)  # 6 images, 2 captions each
+    image = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(image[caption_image] + 0.3 * torch.randn(12, 8, generator=g), dim=-1)
+    old = Side(text=text, image=image)
+    exact = transfer(old, old, caption_image)  # a φ that lands every image on its own old image
+    assert exact["i2i"] == {"1": 100.0, "5": 100.0, "10": 100.0} and exact["i2i_mean_cos"] == pytest.approx(1.0)
+    assert exact["image_lands_in_text_region"] == 0.0 and exact["t2t"]["1"] == 100.0
+    # a φ that lands each image on its first caption: in the text region, everywhere
+    on_caption = Side(text=text, image=text[::2])
+    assert transfer(on_caption, old, caption_image)["image_lands_in_text_region"] == 100.0
