@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine  # noqa: E402
+from bench.quality import read_corpus  # noqa: E402
 from xbtcore import world  # noqa: E402
 from xbtcore.cache import EmbeddingCache  # noqa: E402
 from xbtcore.data import read_pairs  # noqa: E402
@@ -74,9 +75,7 @@ def main():
     if not (data / "eval.parquet").exists():
         world.write_world(data, world.WorldSpec(seed=args.world_seed))
     cache = EmbeddingCache(args.cache)
-    import pyarrow.parquet as pq
-
-    corpus = list(dict.fromkeys(c for c in pq.read_table(data / "corpus.parquet")["caption"].to_pylist() if c and c.strip()))
+    corpus = read_corpus(data)
     pairs, evalset = read_pairs(data / "pairs.parquet"), read_pairs(data / "eval.parquet")
     old, new = DualEncoder.from_pretrained(args.old), DualEncoder.from_pretrained(args.new)
     text = (cached_text_embeddings(cache, new, corpus), cached_text_embeddings(cache, old, corpus))

@@ -16,6 +16,7 @@ from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder
 from xbtcore.finetune import METHODS
 from xbtcore.linear_bundle import LINEAR_METHODS, load_compatible
+from xbtcore.pretrain import source_parts
 from xbtcore.recipe import cache_model_key, cached_image_embeddings, cached_text_embeddings
 
 from .common import CACHED, log
@@ -56,7 +57,7 @@ def embeddings_needed(method: str, pretrain_source: str = "text") -> list[str]:
         return ["w_new", "w_old"]
     if METHODS[method].loss == "eqn6":
         return ["v_old_pairs", "w_old_pairs"]
-    parts = pretrain_source.split("+")
+    parts = source_parts(pretrain_source)
     return [*(["w_new", "w_old"] if "text" in parts else []), *(["v_new_pairs", "v_old_pairs"] if "image" in parts else [])]
 
 

@@ -43,16 +43,19 @@ def test_splits_are_disjoint_streams():
     assert ev != pr
 
 
+def _assert_names_every_object(scene, cap: str) -> None:
+    for obj in scene.objects:
+        assert obj.colour in cap
+        assert any(name in cap for name in world.SHAPES[obj.shape])
+
+
 def test_captions_name_every_object():
     import random
 
     rng = random.Random(0)
     for _ in range(200):
         scene = world.sample_scene(rng)
-        cap = world.caption_scene(scene, rng)
-        for obj in scene.objects:
-            assert obj.colour in cap
-            assert any(name in cap for name in world.SHAPES[obj.shape])
+        _assert_names_every_object(scene, world.caption_scene(scene, rng))
 
 
 def test_full_size_meets_issue_minimums():
@@ -81,9 +84,7 @@ def test_user_phrasing_names_every_object_in_zoo_words_only():
     for _ in range(300):
         scene = world.sample_scene(rng)
         cap = world._user_caption(scene, rng)
-        for obj in scene.objects:
-            assert obj.colour in cap
-            assert any(name in cap for name in world.SHAPES[obj.shape])
+        _assert_names_every_object(scene, cap)
         assert set(re.findall(r"\w+|[,:]", cap)) <= vocab, cap  # no <unk>: the zoo's tokenizer knows every word
 
 

@@ -21,6 +21,11 @@ from .phi import Phi
 PRETRAIN_SOURCES = ("text", "image", "text+image")
 
 
+def source_parts(source: str) -> list[str]:
+    """The kinds of rows a pretraining source names: "text+image" -> ["text", "image"]."""
+    return source.split("+")
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     sigma: float = field(default=0.05, metadata={"help": "std of the Gaussian noise added to w_new (Eqn. 3); not given in the paper, chosen in docs/method.md"})
@@ -49,7 +54,7 @@ class PretrainConfig:
 
     @property
     def uses_images(self) -> bool:
-        return "image" in self.source.split("+")
+        return "image" in source_parts(self.source)
 
     def epochs_for(self, n_rows: int) -> int:
         """Passes over a corpus of n_rows: `epochs` if set, else max(3, enough for min_steps).
@@ -68,7 +73,7 @@ def pretraining_rows(source: str, text=None, image=None) -> tuple[torch.Tensor, 
     """Row-aligned (new, old) embeddings φ pretrains on: the corpus texts
     (w_new, w_old), the pairs' images (v_new, v_old), or both stacked."""
     parts = {"text": text, "image": image}
-    wanted = source.split("+")
+    wanted = source_parts(source)
     missing = [p for p in wanted if parts.get(p) is None]
     if missing:
         raise ValueError(f"pretraining source {source!r} needs the {' and '.join(missing)} embeddings")
