@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.quality import add_output_flags, emit  # noqa: E402
 from xbtcore import world  # noqa: E402
 from xbtcore.cache import EmbeddingCache  # noqa: E402
 from xbtcore.data import read_pairs  # noqa: E402
@@ -63,6 +64,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    add_output_flags(ap)
     args = ap.parse_args()
 
     data = Path(args.data)
@@ -86,7 +88,7 @@ def main():
             mapped = phi(new_side.text.to(args.device)).float().cpu()
         result["heads"].append({"epochs": epochs, "new/old": t2i(mapped)})
         print(json.dumps(result["heads"][-1]), file=sys.stderr, flush=True)
-    print(json.dumps(result, indent=2))
+    emit(result, args)
 
 
 if __name__ == "__main__":

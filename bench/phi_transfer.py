@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine  # noqa: E402
-from bench.quality import read_corpus  # noqa: E402
+from bench.quality import add_output_flags, emit, read_corpus  # noqa: E402
 from xbtcore import world  # noqa: E402
 from xbtcore.cache import EmbeddingCache  # noqa: E402
 from xbtcore.data import read_pairs  # noqa: E402
@@ -68,7 +68,7 @@ def main():
     ap.add_argument("--cache", default=".state/cache")
     ap.add_argument("--sources", nargs="+", default=["text", "image"], choices=list(PRETRAIN_SOURCES))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json-out", default="")
+    add_output_flags(ap)
     args = ap.parse_args()
 
     data = Path(args.data)
@@ -94,10 +94,7 @@ def main():
         with torch.inference_mode():
             result["phi"][source] = transfer(map_side(new_side, phi), old_side, evalset.caption_image)
         print(json.dumps({source: result["phi"][source]}), file=sys.stderr, flush=True)
-    text_out = json.dumps(result, indent=2)
-    print(text_out)
-    if args.json_out:
-        Path(args.json_out).write_text(text_out + "\n")
+    emit(result, args)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ import argparse
 import dataclasses
 import json
 import resource
+import shlex
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -239,21 +241,31 @@ def parser(description: str = __doc__, methods: bool = True, seeds: bool = True,
     ap.add_argument("--set", action="append", default=[], help="override, e.g. pretrain.sigma=0.05")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (training and embedding run there)")
     ap.add_argument("--progress", action="store_true")
-    ap.add_argument("--json-out", default="")
+    add_output_flags(ap)
     return ap
 
 
-def emit(res: dict, json_out: str) -> None:
-    """Print the result JSON (and save it with --json-out): every quality-style bench ends here."""
+def add_output_flags(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--json-out", default="", help="also save the result JSON here (bench/results/NAME.json for the docs)")
+    ap.add_argument("--note", default="", help="what the run is for; saved with the command that made it, "
+                                               "and shown above its table in docs/benchmarks.md")
+
+
+def emit(res: dict, args: argparse.Namespace) -> None:
+    """Print the result JSON (and save it with --json-out): every quality-style bench ends here.
+    With --note, the note and this very command line are saved first, for the doc's "made by"."""
+    if args.note:
+        command = shlex.join([".venv/bin/python", *sys.argv])
+        res = {"note": args.note, "run": {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}, **res}
     text = json.dumps(res, indent=2)
-    if json_out:
-        Path(json_out).write_text(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text)
     print(text)
 
 
 def main():
     args = parser().parse_args()
-    emit(run(args), args.json_out)
+    emit(run(args), args)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def parser():
 
 def main():
     args = parser().parse_args()
-    quality.emit(run(args), args.json_out)
+    quality.emit(run(args), args)
 
 
 if __name__ == "__main__":

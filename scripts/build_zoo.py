@@ -3,6 +3,11 @@
     python scripts/build_zoo.py --out zoo --seed 0            # all tiers (make zoo)
     python scripts/build_zoo.py --out zoo --tiers old --seed 0
 
+Variants for experiments (docs/method.md, "Other zoos"), never the committed zoo:
+
+    python scripts/build_zoo.py --out .state/zoo-variants/old-text32x1 --tiers old --spec text_width=32 text_layers=1
+    python scripts/build_zoo.py --out .state/zoo-variants/varied --tiers mid new --zoo-user-phrasing 0.5
+
 Each tier is an ordinary CLIPModel saved in the Hugging Face layout, trained
 from scratch with CLIP's contrastive loss on the world's "zoo" split (disjoint
 from the corpus, the pairs and the eval set). Tiers differ in width, depth,
@@ -13,6 +18,7 @@ upgrade then has something real to gain.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -79,16 +85,20 @@ def quick_recall(model, tok, proc, eval_items, eval_imgs) -> dict:
     }
 
 
-def train_tier(name: str, out: Path, seed: int, eval_every: int) -> dict:
+def train_tier(name: str, out: Path, seed: int, eval_every: int, spec_overrides: dict | None = None,
+               steps: int | None = None, zoo_user_phrasing: float = 0.0) -> dict:
+    """Train one tier; the overrides make an experiment's variant (defaults: the committed zoo)."""
     cfg = TIERS[name]
-    spec: TinyClipSpec = cfg["spec"]
+    spec: TinyClipSpec = dataclasses.replace(cfg["spec"], **(spec_overrides or {}))
     torch.manual_seed(seed)
     tok = build_tokenizer(world_vocabulary(), spec.max_text_len)
     proc = build_image_processor(spec)
     model = build_clip(spec, len(tok), seed)
 
     t0 = time.time()
-    items = world.scenes_with_captions(seed, "zoo", TRAIN_IMAGES, CAPTIONS_PER_IMAGE)
+    # zoo_user_phrasing: a share of the training captions in the house style of
+    # WorldSpec.user_phrasing, as if this tier had been trained on more varied text.
+    items = world.scenes_with_captions(seed, "zoo", TRAIN_IMAGES, CAPTIONS_PER_IMAGE, zoo_user_phrasing)
     # noise stream 99 (not the split tag): this is what trained the committed zoo
     imgs = [world.render_scene(s, noise_seed=[seed, 99, i]) for i, (s, _) in enumerate(items)]
     pixels = torch.cat([proc(images=imgs[i : i + 2000], return_tensors="pt")["pixel_values"] for i in range(0, len(imgs), 2000)])
@@ -99,7 +109,7 @@ def train_tier(name: str, out: Path, seed: int, eval_every: int) -> dict:
     print(f"[{name}] data ready in {time.time() - t0:.1f}s", flush=True)
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.1)
-    steps, warmup = cfg["steps"], 100
+    steps, warmup = steps or cfg["steps"], 100
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
@@ -127,6 +137,8 @@ def train_tier(name: str, out: Path, seed: int, eval_every: int) -> dict:
     save_checkpoint(model, tok, proc, out / name)
     meta = {"tier": name, "spec": spec.__dict__, "seed": seed, "steps": steps, "lr": cfg["lr"], "batch": BATCH,
             "train_images": TRAIN_IMAGES, "eval": final, "train_s": round(time.time() - t0, 1)}
+    if zoo_user_phrasing:
+        meta["zoo_user_phrasing"] = zoo_user_phrasing
     (out / name / "xbt_zoo.json").write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -137,9 +149,30 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiers", nargs="+", default=list(TIERS), choices=list(TIERS))
     ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--spec", nargs="+", default=[], metavar="FIELD=VALUE",
+                    help="TinyClipSpec overrides for every tier trained, e.g. text_width=32 text_layers=1")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: each tier's own)")
+    ap.add_argument("--zoo-user-phrasing", type=float, default=0.0,
+                    help="share of the training captions in the world's house style (WorldSpec.user_phrasing)")
     args = ap.parse_args()
+    overrides = parse_spec(args.spec)
+    if not 0.0 <= args.zoo_user_phrasing <= 1.0:
+        ap.error(f"--zoo-user-phrasing must be a share in [0, 1], got {args.zoo_user_phrasing}")
     for name in args.tiers:
-        print(json.dumps(train_tier(name, args.out, args.seed, args.eval_every)), flush=True)
+        meta = train_tier(name, args.out, args.seed, args.eval_every, overrides, args.steps, args.zoo_user_phrasing)
+        print(json.dumps(meta), flush=True)
+
+
+def parse_spec(items: list[str]) -> dict:
+    """["text_width=32", ...] -> {"text_width": 32}, checked against TinyClipSpec's fields."""
+    known = {f.name for f in dataclasses.fields(TinyClipSpec)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known or not value.isdigit():
+            raise SystemExit(f"--spec {item!r}: use FIELD=INTEGER with FIELD one of {', '.join(sorted(known))}")
+        out[key] = int(value)
+    return out
 
 
 if __name__ == "__main__":

@@ -32,9 +32,14 @@ class TinyClipSpec:
     image_size: int = 32
     patch_size: int = 8
     max_text_len: int = 40
+    # The text tower's own width and depth; None: the vision tower's. Lets an
+    # experiment give a tier a weaker text tower than image tower (docs/method.md).
+    text_width: int | None = None
+    text_layers: int | None = None
 
     def __post_init__(self):
         assert self.width % self.heads == 0, "width must divide into heads"
+        assert self.text_width is None or self.text_width % self.heads == 0, "text_width must divide into heads"
         assert self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size"
 
 
@@ -79,11 +84,12 @@ def build_clip(spec: TinyClipSpec, vocab_size: int, seed: int = 0):
     import torch
     from transformers import CLIPConfig, CLIPModel
 
+    text_width = spec.text_width or spec.width
     text = dict(
         vocab_size=vocab_size,
-        hidden_size=spec.width,
-        intermediate_size=4 * spec.width,
-        num_hidden_layers=spec.layers,
+        hidden_size=text_width,
+        intermediate_size=4 * text_width,
+        num_hidden_layers=spec.text_layers or spec.layers,
         num_attention_heads=spec.heads,
         max_position_embeddings=spec.max_text_len,
         pad_token_id=PAD_ID,

@@ -1,0 +1,75 @@
+"""Experiment variants of the demo zoo (scripts/build_zoo.py --spec / --steps / --zoo-user-phrasing)
+and the note a bench result carries into docs/benchmarks.md."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from xbtcore import world
+from xbtcore.encoders import DualEncoder
+from xbtcore.tinyclip import TinyClipSpec, build_clip
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import build_zoo  # noqa: E402
+from bench import quality  # noqa: E402
+
+
+def test_text_tower_takes_its_own_width_and_depth():
+    spec = TinyClipSpec(width=32, layers=2, heads=2, embed_dim=16, text_width=16, text_layers=1)
+    cfg = build_clip(spec, vocab_size=50).config
+    assert (cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers) == (16, 1)
+    assert (cfg.vision_config.hidden_size, cfg.vision_config.num_hidden_layers) == (32, 2)
+    same = build_clip(TinyClipSpec(width=32, layers=2, heads=2, embed_dim=16), vocab_size=50).config
+    assert (same.text_config.hidden_size, same.text_config.num_hidden_layers) == (32, 2)
+    with pytest.raises(AssertionError, match="text_width"):
+        TinyClipSpec(width=32, heads=2, text_width=15)
+
+
+def test_spec_overrides_are_checked_against_the_spec():
+    assert build_zoo.parse_spec(["text_width=32", "text_layers=1"]) == {"text_width": 32, "text_layers": 1}
+    assert build_zoo.parse_spec([]) == {}
+    for bad in ("text_width", "colour=3", "image_size=big"):
+        with pytest.raises(SystemExit, match="FIELD=INTEGER"):
+            build_zoo.parse_spec([bad])
+
+
+def test_variant_tier_trains_on_house_style_captions_with_its_overrides(tmp_path, monkeypatch):
+    drawn = []
+    real = world.scenes_with_captions
+
+    def spy(seed, split, n, c, user_phrasing=0.0):
+        drawn.append((split, user_phrasing))
+        return real(seed, split, n, c, user_phrasing)
+
+    monkeypatch.setattr(build_zoo.world, "scenes_with_captions", spy)
+    monkeypatch.setattr(build_zoo, "TRAIN_IMAGES", 48)
+    monkeypatch.setattr(build_zoo, "BATCH", 16)
+    meta = build_zoo.train_tier("old", tmp_path, seed=0, eval_every=1, spec_overrides={"text_width": 32, "text_layers": 1},
+                                steps=2, zoo_user_phrasing=0.5)
+    assert ("zoo", 0.5) in drawn and ("eval", 0.0) in drawn  # the eval split keeps the world's own phrasing
+    assert meta["steps"] == 2 and meta["zoo_user_phrasing"] == 0.5
+    assert meta["spec"]["text_width"] == 32 and meta["spec"]["width"] == build_zoo.TIERS["old"]["spec"].width
+    saved = json.loads((tmp_path / "old" / "xbt_zoo.json").read_text())
+    assert saved == meta
+    enc = DualEncoder.from_pretrained(str(tmp_path / "old"))  # the product's loader reads the variant
+    assert enc.model.config.text_config.hidden_size == 32
+    w = enc.embed_texts(["a red circle"])
+    assert w.shape == (1, build_zoo.TIERS["old"]["spec"].embed_dim) and torch.allclose(w.norm(dim=-1), torch.ones(1))
+
+
+def test_a_note_saves_the_command_that_made_the_result(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench/quality.py", "--methods", "xbt", "--note", "why it ran"])
+    out = tmp_path / "r.json"
+    quality.emit({"runs": []}, argparse.Namespace(note="why it ran", json_out=str(out)))
+    saved = json.loads(out.read_text())
+    assert saved["note"] == "why it ran" and saved["runs"] == []
+    assert saved["run"]["command"] == ".venv/bin/python bench/quality.py --methods xbt --note 'why it ran'"
+    quality.emit({"runs": []}, argparse.Namespace(note="", json_out=str(out)))
+    assert json.loads(out.read_text()) == {"runs": []}  # no note: the result as it was
