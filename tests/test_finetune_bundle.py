@@ -86,6 +86,35 @@ def test_bundle_roundtrip_is_bit_identical_and_off_is_original(tiny, tmp_path):
     assert torch.equal(up2.embed_texts(ev.captions), t1)
 
 
+def test_bundle_carries_a_local_base_model_and_loads_after_it_moves(tiny, tmp_path):
+    import shutil
+
+    from xbtcore.linear_bundle import load_compatible, save_linear_bundle
+
+    ev = tiny["eval"]
+    base_dir = tmp_path / "models" / "new"
+    shutil.copytree(tiny["new"], base_dir)
+    enc, phi = DualEncoder.from_pretrained(str(base_dir)), _new_phi()
+    finetune(enc, phi, tiny["pairs"], "xbt", FAST)
+    want = CompatibleEncoder(enc, phi).embed_texts(ev.captions)
+    meta = BundleMeta(base_model=str(base_dir), old_model=tiny["old"], root_model=tiny["old"], method="xbt",
+                      phi=dataclasses.asdict(phi.cfg), n_prompts=prompt_count(enc))
+    save_bundle(tmp_path / "bundle", enc, phi, meta)
+    weights = tmp_path / "bundle" / "base" / "model.safetensors"
+    assert weights.stat().st_ino == (base_dir / "model.safetensors").stat().st_ino  # a hard link, no second copy
+
+    linear = torch.linalg.qr(torch.randn(40, 24))[0]  # a fitted-map bundle carries its base the same way
+    save_linear_bundle(tmp_path / "linear", DualEncoder.from_pretrained(str(base_dir)), linear,
+                       dataclasses.replace(meta, method="procrustes", n_prompts=0))
+    want_linear = load_compatible(tmp_path / "linear")[0].embed_texts(ev.captions)
+
+    shutil.move(base_dir, tmp_path / "moved")  # the checkpoint folder is reorganised after registration
+    up, meta2 = load_bundle(tmp_path / "bundle")
+    assert meta2.base_model == str(base_dir) and up.encoder.ref == str(base_dir)
+    assert torch.equal(up.embed_texts(ev.captions), want)
+    assert torch.equal(load_compatible(tmp_path / "linear")[0].embed_texts(ev.captions), want_linear)
+
+
 @pytest.mark.parametrize("method", ["base", "lora-only", "full-tune"])
 def test_eqn6_baselines_train_phi_fully(tiny, method):
     pairs = tiny["pairs"]

@@ -6,6 +6,10 @@
       prompts.safetensors    vision soft prompts (absent when the method has none)
       adapter/               peft LoRA adapter (adapter_config.json, adapter_model.safetensors)
       model/                 full weights, only for Full-tune (it has no adapter to ship)
+      base/                  the base new model's files, when it was a local directory
+                             (hard links where the filesystem allows): a registered
+                             bundle must still load after that directory moves or goes.
+                             A hub id stays a reference.
 
 Loaded, it gives bit-identical embeddings to the in-memory model. With the
 adapters switched off (`adapters_off`) it is the original new model exactly.
@@ -61,11 +65,25 @@ def save_bundle(out_dir: str | Path, encoder, phi: Phi, meta: BundleMeta) -> Pat
         encoder.model.save_pretrained(tmp / "adapter")
     elif meta.method == "full-tune":
         encoder.model.save_pretrained(tmp / "model")
+    if not (tmp / "model").exists() and Path(meta.base_model).is_dir():
+        shutil.copytree(meta.base_model, tmp / "base", copy_function=_link_or_copy, ignore=_NOT_LOADED)
     (tmp / BUNDLE_FILE).write_text(json.dumps(asdict(meta), indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+# What a Hugging Face checkpoint folder may hold that the torch loader never reads.
+_NOT_LOADED = shutil.ignore_patterns(".git", ".cache", "*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "*.lock")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link costs no space; another filesystem (or one without links) gets a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def read_meta(bundle_dir: str | Path) -> BundleMeta:
@@ -79,19 +97,26 @@ def read_meta(bundle_dir: str | Path) -> BundleMeta:
     return BundleMeta(**raw)
 
 
+def base_encoder(bundle_dir: Path, meta: BundleMeta, device="cpu", dtype: torch.dtype = torch.float32):
+    """The new model a bundle's adapters sit on: the weights it carries (full-tuned, or its
+    copy of a local base model) or else the REF it names."""
+    from .encoders import DualEncoder
+
+    own = next((bundle_dir / d for d in ("model", "base") if (bundle_dir / d).is_dir()), None)
+    if own is None:
+        return DualEncoder.from_pretrained(meta.base_model, device=device, dtype=dtype)
+    base = DualEncoder.from_pretrained(str(own), device=device, dtype=dtype)
+    base.ref = meta.base_model  # the name it was trained from, for reports and cache keys
+    return base
+
+
 def load_bundle(bundle_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
     """-> (CompatibleEncoder, BundleMeta). Loads the base new model through the one loader."""
     from peft import PeftModel
 
-    from .encoders import DualEncoder
-
     bundle_dir = Path(bundle_dir)
     meta = read_meta(bundle_dir)
-    if (bundle_dir / "model").is_dir():
-        base = DualEncoder.from_pretrained(str(bundle_dir / "model"), device=device, dtype=dtype)
-        base.ref = meta.base_model
-    else:
-        base = DualEncoder.from_pretrained(meta.base_model, device=device, dtype=dtype)
+    base = base_encoder(bundle_dir, meta, device, dtype)
     if meta.n_prompts:
         emb = add_vision_prompts(base.model, meta.n_prompts)
         with torch.no_grad():

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from .bundle import BundleMeta, CompatibleEncoder, load_bundle, read_meta, save_bundle
+from .bundle import BundleMeta, CompatibleEncoder, base_encoder, load_bundle, read_meta, save_bundle
 from .recipe import LinearMap
 
 LINEAR_METHODS = ("procrustes", "lstsq")
@@ -40,8 +40,6 @@ def load_compatible(bundle_dir: str | Path, device="cpu", dtype: torch.dtype = t
     meta = read_meta(bundle_dir)
     if meta.method not in LINEAR_METHODS:
         return load_bundle(bundle_dir, device=device, dtype=dtype)
-    from .encoders import DualEncoder
-
-    base = DualEncoder.from_pretrained(meta.base_model, device=device, dtype=dtype)
+    base = base_encoder(Path(bundle_dir), meta, device, dtype)
     weight = load_file(Path(bundle_dir) / "phi.safetensors")["weight"]
     return CompatibleEncoder(base, FrozenLinearMap(weight).to(device).eval()), meta
