@@ -235,7 +235,8 @@ def upgrade(params: UpgradeParams) -> dict:
     report["promotion"] = {
         "promoted": reg["promoted"], "model": reg["name"], "version": reg["version"], "champion": reg["champion"],
         "reason": "gate passed: champion moved to this version" if reg["promoted"]
-        else f"gate failed ({len(failures)} failing checks): not promoted, champion stays {reg['champion']}",
+        else f"gate failed ({len(failures)} failing checks): not promoted, champion stays "
+        + (f"version {reg['champion']}" if reg["champion"] is not None else "unset (no version has passed yet)"),
     }
     report["mlflow"] = {"experiment": reg["experiment"], "run_id": reg["run_id"], "uri": reg["uri"]}
     report["space"] = space

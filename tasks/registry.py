@@ -225,6 +225,6 @@ def register_and_promote(report_path: str, bundle_dir: str, root_ref: str, verdi
         c.set_model_version_tag(name, version, "xbt.not_promoted", "gate failed: " + "; ".join(
             f"{d}@{k} {a} vs {b}" for d, k, a, b in failures))
         logger.info("%s version %s is candidate only: the gate failed, champion stays %s", name, version,
-                 champion_version(c, name))
+                    champion_version(c, name) or "unset")
     return {"name": name, "version": version, "experiment": exp_id, "run_id": mv.run_id, "promoted": passed,
             "champion": champion_version(c, name), "uri": f"models:/{name}/{version}"}

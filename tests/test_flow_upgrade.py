@@ -175,6 +175,7 @@ def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, t
     monkeypatch.setattr(tasks.evaluate, "eqn2_gate", lambda recall, ks: failing)
     second = upgrade(_params(tiny, tmp_path / "b", seed=12))
     assert not second["promotion"]["promoted"] and "not promoted" in second["promotion"]["reason"]
+    assert second["promotion"]["reason"].endswith(f"champion stays version {first['promotion']['version']}")
     assert second["gate"] == failing.to_dict()
     assert registry.champion_version(c, name) == first["promotion"]["version"]
     assert str(c.get_model_version_by_alias(name, "candidate").version) == second["promotion"]["version"]
