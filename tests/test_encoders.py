@@ -5,16 +5,10 @@ import time
 import pytest
 import torch
 
+from families import EMBED_DIM, save_tiny_family, tiny_family_model
 from xbtcore import world
 from xbtcore.encoders import DualEncoder, ModelLoadError
-from xbtcore.tinyclip import (
-    TinyClipSpec,
-    build_image_processor,
-    build_tokenizer,
-    make_tiny_clip,
-    save_checkpoint,
-    world_vocabulary,
-)
+from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip, save_checkpoint
 
 SPEC = TinyClipSpec(width=32, layers=1, heads=2, embed_dim=16)
 
@@ -98,40 +92,13 @@ def test_given_model_is_used(enc, clip_dir):
     assert other.model is enc.model and other.ref == str(clip_dir)
 
 
-def _tiny_blip():
-    from transformers import BlipConfig, BlipForImageTextRetrieval
-
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    config = BlipConfig(
-        text_config=dict(tower, vocab_size=len(world_vocabulary()) + 4, max_position_embeddings=SPEC.max_text_len,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3, sep_token_id=3),
-        vision_config=dict(tower, image_size=SPEC.image_size, patch_size=SPEC.patch_size),
-        image_text_hidden_size=24,
-    )
-    return BlipForImageTextRetrieval(config)
-
-
-def _tiny_siglip():
-    from transformers import SiglipConfig, SiglipModel
-
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    config = SiglipConfig(
-        text_config=dict(tower, vocab_size=len(world_vocabulary()) + 4, max_position_embeddings=SPEC.max_text_len,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3),
-        vision_config=dict(tower, image_size=SPEC.image_size, patch_size=SPEC.patch_size),
-    )
-    return SiglipModel(config)
-
-
 @pytest.mark.parametrize("family", ["blip", "siglip"])
 def test_other_families_match_their_own_forward(family, texts, images, tmp_path):
-    torch.manual_seed(0)
-    model = _tiny_blip() if family == "blip" else _tiny_siglip()
-    save_checkpoint(model, build_tokenizer(world_vocabulary(), SPEC.max_text_len), build_image_processor(SPEC), tmp_path)
+    save_tiny_family(family, tmp_path)
     enc = DualEncoder.from_pretrained(str(tmp_path))
-    assert type(enc.model).__name__ == type(model).__name__  # BLIP: not AutoModel's BlipModel
+    assert type(enc.model).__name__ == type(tiny_family_model(family)).__name__  # BLIP: not AutoModel's BlipModel
     t, v = enc.embed_texts(texts, batch_size=4), enc.embed_images(images)
-    assert t.shape[1] == v.shape[1] == enc.embed_dim == (24 if family == "blip" else 32)
+    assert t.shape[1] == v.shape[1] == enc.embed_dim == EMBED_DIM[family]
     pixels = enc.preprocess_images(images)
     with torch.no_grad():
         if family == "blip":

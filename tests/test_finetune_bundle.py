@@ -4,13 +4,14 @@ import dataclasses
 
 import pytest
 import torch
+from families import EMBED_DIM, save_tiny_family
 
 from xbtcore import world
 from xbtcore.adapters import adapters_off, auto_prompt_count, find_prompts
 from xbtcore.augment import AugmentConfig
 from xbtcore.bundle import BundleMeta, CompatibleEncoder, load_bundle, save_bundle
 from xbtcore.data import read_pairs
-from xbtcore.encoders import DualEncoder
+from xbtcore.encoders import DualEncoder, ModelLoadError
 from xbtcore.finetune import DivergedError, FinetuneConfig, finetune, prompt_count
 from xbtcore.phi import Phi, PhiConfig
 from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip
@@ -113,6 +114,87 @@ def test_bundle_carries_a_local_base_model_and_loads_after_it_moves(tiny, tmp_pa
     assert meta2.base_model == str(base_dir) and up.encoder.ref == str(base_dir)
     assert torch.equal(up.embed_texts(ev.captions), want)
     assert torch.equal(load_compatible(tmp_path / "linear")[0].embed_texts(ev.captions), want_linear)
+
+
+def _hub_cache(cache, repo_id: str, model_dir) -> None:
+    """Lay `model_dir` out as huggingface_hub caches a download: blobs, a snapshot of symlinks, refs/main."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    for d in (snapshot, repo / "blobs", repo / "refs"):
+        d.mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    for f in Path(model_dir).iterdir():
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
+
+
+def test_bundle_carries_a_hub_cached_base_model_and_loads_after_the_cache_is_cleared(tiny, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _hub_cache(tmp_path / "hub", "xbt-test/tiny-new", tiny["new"])
+    ev = tiny["eval"]
+    enc, phi = DualEncoder.from_pretrained("xbt-test/tiny-new"), _new_phi()  # loaded from the cache, offline
+    finetune(enc, phi, tiny["pairs"], "xbt", FAST)
+    want = CompatibleEncoder(enc, phi).embed_images(_images(ev))
+    meta = BundleMeta(base_model="xbt-test/tiny-new", old_model=tiny["old"], root_model=tiny["old"], method="xbt",
+                      phi=dataclasses.asdict(phi.cfg), n_prompts=prompt_count(enc))
+    save_bundle(tmp_path / "bundle", enc, phi, meta)
+    carried = tmp_path / "bundle" / "base" / "model.safetensors"
+    assert carried.is_file() and not carried.is_symlink()  # the blob itself, not a link into the cache
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # evicted
+    with pytest.raises(ModelLoadError, match="xbt-test/tiny-new"):
+        DualEncoder.from_pretrained("xbt-test/tiny-new")
+    up, meta2 = load_bundle(tmp_path / "bundle")
+    assert meta2.base_model == up.encoder.ref == "xbt-test/tiny-new"
+    assert torch.equal(up.embed_images(_images(ev)), want)
+
+
+def test_a_hub_id_outside_the_cache_stays_a_reference(tiny, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
+    meta = BundleMeta(base_model="xbt-test/never-downloaded", old_model=tiny["old"], root_model=tiny["old"],
+                      method="xbt", phi=dataclasses.asdict(phi.cfg))
+    save_bundle(tmp_path / "bundle", enc, phi, meta)
+    assert not (tmp_path / "bundle" / "base").exists()
+
+
+@pytest.mark.parametrize("family", ["blip", "siglip"])
+def test_xbt_trains_saves_and_switches_off_on_other_families(family, tiny, tmp_path):
+    # LoRA on all linear layers and the soft prompts must fit BLIP retrieval and SigLIP
+    # (no CLS token) as they fit CLIP: one default for every family of CONTRACT.md.
+    ev = tiny["eval"]
+    base_dir = save_tiny_family(family, tmp_path / family)
+    orig = DualEncoder.from_pretrained(str(base_dir))
+    orig_t, orig_i = orig.embed_texts(ev.captions), orig.embed_images(_images(ev))
+    enc = DualEncoder.from_pretrained(str(base_dir))
+    torch.manual_seed(0)
+    phi = Phi(PhiConfig(EMBED_DIM[family], 24))
+    finetune(enc, phi, tiny["pairs"], "xbt", FAST)
+    assert prompt_count(enc) >= 1
+    with adapters_off(enc.model):
+        moved = enc.embed_images(_images(ev))
+    assert torch.equal(moved, orig_i)
+    assert not torch.equal(enc.embed_images(_images(ev)), orig_i)  # the prompts and LoRA did train
+    up = CompatibleEncoder(enc, phi)
+    t1, i1 = up.embed_texts(ev.captions), up.embed_images(_images(ev))
+    meta = BundleMeta(base_model=str(base_dir), old_model=tiny["old"], root_model=tiny["old"], method="xbt",
+                      phi=dataclasses.asdict(phi.cfg), n_prompts=prompt_count(enc))
+    save_bundle(tmp_path / "bundle", enc, phi, meta)
+    up2, _ = load_bundle(tmp_path / "bundle")
+    assert torch.equal(up2.embed_texts(ev.captions), t1) and torch.equal(up2.embed_images(_images(ev)), i1)
+    with adapters_off(up2.encoder.model):
+        assert torch.equal(up2.encoder.embed_texts(ev.captions), orig_t)
+        assert torch.equal(up2.encoder.embed_images(_images(ev)), orig_i)
 
 
 @pytest.mark.parametrize("method", ["base", "lora-only", "full-tune"])

@@ -6,10 +6,11 @@
       prompts.safetensors    vision soft prompts (absent when the method has none)
       adapter/               peft LoRA adapter (adapter_config.json, adapter_model.safetensors)
       model/                 full weights, only for Full-tune (it has no adapter to ship)
-      base/                  the base new model's files, when it was a local directory
-                             (hard links where the filesystem allows): a registered
-                             bundle must still load after that directory moves or goes.
-                             A hub id stays a reference.
+      base/                  the base new model's files (hard links where the filesystem
+                             allows): from its local directory, or for a hub id from the
+                             Hugging Face cache's snapshot. A registered bundle must still
+                             load after that directory moves or the cache is cleared.
+                             A hub id that is not in the cache stays a reference.
 
 Loaded, it gives bit-identical embeddings to the in-memory model. With the
 adapters switched off (`adapters_off`) it is the original new model exactly.
@@ -65,8 +66,9 @@ def save_bundle(out_dir: str | Path, encoder, phi: Phi, meta: BundleMeta) -> Pat
         encoder.model.save_pretrained(tmp / "adapter")
     elif meta.method == "full-tune":
         encoder.model.save_pretrained(tmp / "model")
-    if not (tmp / "model").exists() and Path(meta.base_model).is_dir():
-        shutil.copytree(meta.base_model, tmp / "base", copy_function=_link_or_copy, ignore=_NOT_LOADED)
+    files = None if (tmp / "model").exists() else _base_files(meta.base_model)
+    if files is not None:
+        shutil.copytree(files, tmp / "base", copy_function=_link_or_copy, ignore=_NOT_LOADED)
     (tmp / BUNDLE_FILE).write_text(json.dumps(asdict(meta), indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -74,14 +76,30 @@ def save_bundle(out_dir: str | Path, encoder, phi: Phi, meta: BundleMeta) -> Pat
     return out
 
 
+def _base_files(ref: str) -> Path | None:
+    """The folder that holds the base model's files: its local directory, or the
+    Hugging Face cache's snapshot of a hub id (symlinks into the cache's blobs,
+    followed when carried). None when neither exists: the REF stays a reference."""
+    if Path(ref).is_dir():
+        return Path(ref)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref, local_files_only=True))
+    except Exception:  # not cached, or not a hub id at all
+        return None
+
+
 # What a Hugging Face checkpoint folder may hold that the torch loader never reads.
 _NOT_LOADED = shutil.ignore_patterns(".git", ".cache", "*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "*.lock")
 
 
 def _link_or_copy(src: str, dst: str) -> None:
-    """A hard link costs no space; another filesystem (or one without links) gets a copy."""
+    """A hard link costs no space; another filesystem (or one without links) gets a copy.
+    A symlink (the hub cache's snapshot files) is resolved first: os.link would link the
+    symlink itself, which dangles once it sits in the bundle."""
     try:
-        os.link(src, dst)
+        os.link(os.path.realpath(src), dst)
     except OSError:
         shutil.copy2(src, dst)
 
