@@ -63,7 +63,7 @@ def run(args) -> dict:
         t0, timer = time.perf_counter(), Timer()
         # Link 1: old -> mid, saved as a bundle so that link 2's targets are cached under its weights.
         enc1, phi1, info1 = quality.xbt_upgrade(args.mid, w_mid, w_old, pairs, pre_cfg, ft_cfg, seed, dev, args.progress, timer,
-                                                image=pair_images(mid, old))
+                                                image=pair_images(mid, old), cache=cache)
         bundle1 = Path(args.work) / f"seed{seed}" / "link1" / "bundle"
         save_bundle(bundle1, enc1, phi1, BundleMeta(args.mid, args.old, args.old, "xbt", dataclasses.asdict(phi1.cfg),
                                                     n_prompts=prompt_count(enc1), chain=[args.old, args.mid]))
@@ -76,13 +76,13 @@ def run(args) -> dict:
             w_mid_compat = cached_text_embeddings(cache, up1, corpus)  # φ1(w̄_mid), keyed "-compat" by the bundle
             image2 = pair_images(new, up1)  # link 1's compatible image embeddings stand in for v_old
         enc2, phi2, info2 = quality.xbt_upgrade(args.new, w_new, w_mid_compat, pairs, pre_cfg, ft_cfg, seed, dev, args.progress, timer,
-                                                image=image2)
+                                                image=image2, cache=cache)
         with timer("evaluate"):
             up2_side = _side(CompatibleEncoder(enc2, phi2), evalset)
         recall2 = evaluate_cases(old_side, up2_side, new_side, evalset.caption_image, prev=up1_side)
         # Direct: old -> new in one link.
         enc_d, phi_d, info_d = quality.xbt_upgrade(args.new, w_new, w_old, pairs, pre_cfg, ft_cfg, seed, dev, args.progress, timer,
-                                                   image=pair_images(new, old))
+                                                   image=pair_images(new, old), cache=cache)
         with timer("evaluate"):
             direct_side = _side(CompatibleEncoder(enc_d, phi_d), evalset)
         recall_d = evaluate_cases(old_side, direct_side, new_side, evalset.caption_image)

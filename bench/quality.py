@@ -50,6 +50,7 @@ from xbtcore.recipe import (  # noqa: E402
     cached_text_embeddings,
     fit_linear_map,
     map_side,
+    pair_rows,
     pretrain_phi,
     side_of,
 )
@@ -117,18 +118,30 @@ def parse_settings(settings: list[str]) -> tuple[PretrainConfig, FinetuneConfig]
         raise SystemExit(str(e)) from e
 
 
+def new_pair_rows(cache: EmbeddingCache, new_base, pairs, stats=None):
+    """The pair term's rows (PretrainConfig.pair_weight): the pairs by the frozen new model."""
+    return pair_rows(cached_image_embeddings(cache, new_base, pairs, stats=stats),
+                     cached_text_embeddings(cache, new_base, pairs.captions, stats=stats), pairs.caption_image)
+
+
 def xbt_upgrade(new_ref: str, w_new: torch.Tensor, w_old: torch.Tensor, pairs, pre_cfg: PretrainConfig,
                 ft_cfg: FinetuneConfig, seed: int, device: str = "cpu", progress: bool = False, timer: Timer | None = None,
-                image: tuple[torch.Tensor, torch.Tensor] | None = None):
+                image: tuple[torch.Tensor, torch.Tensor] | None = None, cache: EmbeddingCache | None = None):
     """The XBT recipe in-process: φ pretrained on the rows `pre_cfg.source` picks, the corpus'
-    row-aligned (w_new, w_old) (Eqn. 3) and/or `image`, the pairs' (v_new, v_old); then Eqn. 5
-    on the pairs. -> (new encoder with adapters, φ, info dict)."""
+    row-aligned (w_new, w_old) (Eqn. 3) and/or `image`, the pairs' (v_new, v_old), with the
+    pair term on the frozen new model's pairs when pre_cfg.pair_weight > 0 (through `cache`);
+    then Eqn. 5 on the pairs. -> (new encoder with adapters, φ, info dict)."""
     timer = timer or Timer()
     new = DualEncoder.from_pretrained(new_ref, device=device)
     rows = pretraining_rows(pre_cfg.source, text=(w_new, w_old), image=image)  # an image source without images fails here
+    pair_term = None
+    if pre_cfg.pair_weight:
+        assert cache is not None, "pretrain.pair_weight > 0: pass the embedding cache for the pairs' new-model rows"
+        with timer("embed"):
+            pair_term = new_pair_rows(cache, new, pairs)
     torch.manual_seed(seed)
     with timer("pretrain"):
-        phi, pre_hist = pretrain_phi(*rows, dataclasses.replace(pre_cfg, seed=seed), device=device)
+        phi, pre_hist = pretrain_phi(*rows, dataclasses.replace(pre_cfg, seed=seed), device=device, pairs=pair_term)
     with timer("train"):
         hist = finetune(new, phi, pairs, "xbt", dataclasses.replace(ft_cfg, seed=seed), progress=progress)
     info = {"pretrain_loss": [round(h["loss"], 4) for h in pre_hist[:: max(1, len(pre_hist) // 10)]],
@@ -177,8 +190,13 @@ def run(args) -> dict:
                             image = (cached_image_embeddings(cache, new_base, pairs, stats=stats),
                                      cached_image_embeddings(cache, old, pairs, stats=stats))
                     pre_new, pre_old = pretraining_rows(pre_cfg.source, text=(w_new, w_old), image=image)
+                    pair_term = None
+                    if pre_cfg.pair_weight:
+                        with timer("embed"):
+                            pair_term = new_pair_rows(cache, new_base, pairs, stats=stats)
                     with timer("pretrain"):
-                        phi, hist = pretrain_phi(pre_new, pre_old, dataclasses.replace(pre_cfg, seed=seed), device=args.device)
+                        phi, hist = pretrain_phi(pre_new, pre_old, dataclasses.replace(pre_cfg, seed=seed), device=args.device,
+                                                 pairs=pair_term)
                     run_info["pretrain_loss"] = [round(h["loss"], 4) for h in hist[:: max(1, len(hist) // 10)]]
                     run_info["phi_only"] = evaluate_cases(old_side, map_side(orig_side, phi), orig_side, evalset.caption_image)
                 else:

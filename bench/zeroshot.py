@@ -87,7 +87,7 @@ def run(args) -> dict:
             image = (cached_image_embeddings(cache, orig, pairs), cached_image_embeddings(cache, old, pairs)) \
                 if pre_cfg.uses_images else None  # φ pretrained on the pairs' images (pretrain.source)
         new, phi, info = quality.xbt_upgrade(new_ref, w_new, w_old, pairs, pre_cfg, ft_cfg, args.seed, args.device,
-                                             args.progress, timer, image=image)
+                                             args.progress, timer, image=image, cache=cache)
         upgraded = CompatibleEncoder(new, phi)
     keep, labels = single_object_labels(evalset, args.world_seed)
     with timer("evaluate"):

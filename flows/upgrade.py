@@ -186,7 +186,8 @@ def upgrade(params: UpgradeParams) -> dict:
     # Only what the method reads is embedded (tasks.embed.embeddings_needed): XBT's φ pretraining rows
     # (corpus texts by default, the pairs' images with pretrain.source=image), Eqn. 6's old-model
     # targets of the pairs, a training-free map's corpus texts.
-    needs = embeddings_needed(params.method, apply_overrides(PretrainConfig(), params.pretrain).source)
+    pre_cfg = apply_overrides(PretrainConfig(), params.pretrain)
+    needs = embeddings_needed(params.method, pre_cfg)
     with_pairs = any(n.endswith("_pairs") for n in needs)
     # "old" in Eqns. 3 and 6 is the old model, or in a chain link the champion's compatible space (old = its bundle).
     embeddings = run("embed", embed_corpus, corpus["path"], old, new, cache_root, needs,
@@ -196,7 +197,7 @@ def upgrade(params: UpgradeParams) -> dict:
     phi_path = None
     if params.method == "xbt":  # only XBT starts from a pretrained φ (Sec. 3.2; text by default, PretrainConfig.source)
         phi_path = run("pretrain", pretrain, embeddings, cache_root, str(work / "phi.safetensors"), params.pretrain,
-                       params.seed, produces=lambda r: r)
+                       params.seed, data["pairs"] if pre_cfg.pair_weight else None, produces=lambda r: r)
 
     bundle = run("train", train, new, old, root, inputs["chain"] if prev else [root], data["pairs"], params.method,
                  phi_path, embeddings, cache_root, str(out / "bundle"), str(work), params.finetune, params.seed,

@@ -16,7 +16,7 @@ from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder
 from xbtcore.finetune import METHODS
 from xbtcore.linear_bundle import LINEAR_METHODS, load_compatible
-from xbtcore.pretrain import source_parts
+from xbtcore.pretrain import PretrainConfig, source_parts
 from xbtcore.recipe import cache_model_key, cached_image_embeddings, cached_text_embeddings
 
 from .common import CACHED, log
@@ -46,19 +46,24 @@ def load_cached(cache_root: str, key: dict) -> torch.Tensor:
     return EmbeddingCache(cache_root).get_or_compute(key["model"], key["data"], key["modality"], key["rows"], missing)
 
 
-EMBEDDINGS = ("w_new", "w_old", "v_new_pairs", "v_old_pairs", "w_old_pairs")
+EMBEDDINGS = ("w_new", "w_old", "v_new_pairs", "v_old_pairs", "w_old_pairs", "w_new_pairs")
 
 
-def embeddings_needed(method: str, pretrain_source: str = "text") -> list[str]:
+def embeddings_needed(method: str, pretrain: PretrainConfig | None = None) -> list[str]:
     """The frozen embeddings `method` reads, and so all the embed step computes:
-    XBT's φ pretraining rows (corpus texts and/or the pairs' images, `PretrainConfig.source`),
+    XBT's φ pretraining rows (corpus texts and/or the pairs' images, `PretrainConfig.source`;
+    the pairs by the new model for the pair term, `PretrainConfig.pair_weight`),
     an Eqn. 6 baseline's old-model targets of the pairs, a training-free map's corpus texts."""
     if method in LINEAR_METHODS:
         return ["w_new", "w_old"]
     if METHODS[method].loss == "eqn6":
         return ["v_old_pairs", "w_old_pairs"]
-    parts = source_parts(pretrain_source)
-    return [*(["w_new", "w_old"] if "text" in parts else []), *(["v_new_pairs", "v_old_pairs"] if "image" in parts else [])]
+    pretrain = pretrain or PretrainConfig()
+    parts = source_parts(pretrain.source)
+    needs = [*(["w_new", "w_old"] if "text" in parts else []), *(["v_new_pairs", "v_old_pairs"] if "image" in parts else [])]
+    if pretrain.pair_weight:
+        needs += [n for n in ("v_new_pairs", "w_new_pairs") if n not in needs]
+    return needs
 
 
 @task(name="embed-corpus", **CACHED)
@@ -66,8 +71,8 @@ def embed_corpus(corpus_path: str, old_ref: str, new_ref: str, cache_root: str, 
                  pairs_path: str | None = None, fingerprint: str = "", progress: bool = True) -> dict:
     """Embed what `needs` names (`embeddings_needed`) into the cache and return its keys:
     w_new / w_old, the corpus texts by the new and old text encoders; v_new_pairs /
-    v_old_pairs, the pairs' images by the new and old image encoders; w_old_pairs, the
-    pairs' captions by the old text encoder. "old" is a model, or in a chain link the
+    v_old_pairs, the pairs' images by the new and old image encoders; w_old_pairs /
+    w_new_pairs, the pairs' captions by the old and new text encoders. "old" is a model, or in a chain link the
     champion bundle (`old_space_encoder`), whose compatible embeddings stand in for it.
 
     -> {name: cache key} for each name in `needs`.
@@ -80,7 +85,7 @@ def embed_corpus(corpus_path: str, old_ref: str, new_ref: str, cache_root: str, 
     logger = log()
     cache = EmbeddingCache(cache_root)
     old = old_space_encoder(old_ref)
-    new = DualEncoder.from_pretrained(new_ref) if {"w_new", "v_new_pairs"} & set(needs) else None
+    new = DualEncoder.from_pretrained(new_ref) if {"w_new", "v_new_pairs", "w_new_pairs"} & set(needs) else None
     keys = {}
     if "w_new" in needs or "w_old" in needs:
         texts = read_corpus(corpus_path)
@@ -97,9 +102,10 @@ def embed_corpus(corpus_path: str, old_ref: str, new_ref: str, cache_root: str, 
             if name in needs:
                 cached_image_embeddings(cache, encoder, pairs, progress=progress)
                 keys[name] = _key(encoder, images_fp, "image", pairs.n_images)
-        if "w_old_pairs" in needs:
-            cached_text_embeddings(cache, old, pairs.captions, progress=progress)
-            keys["w_old_pairs"] = _key(old, fingerprint_texts(pairs.captions), "text", len(pairs.captions))
+        for name, encoder in (("w_old_pairs", old), ("w_new_pairs", new)):
+            if name in needs:
+                cached_text_embeddings(cache, encoder, pairs.captions, progress=progress)
+                keys[name] = _key(encoder, fingerprint_texts(pairs.captions), "text", len(pairs.captions))
         logger.info("embedded %d pair images and %d captions (%s)", pairs.n_images, len(pairs.captions),
                     ", ".join(k for k in keys if k.endswith("_pairs")))
     return {n: keys[n] for n in needs}

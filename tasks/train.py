@@ -24,7 +24,7 @@ from xbtcore.linear_bundle import LINEAR_METHODS, save_linear_bundle
 from xbtcore.losses import on_main_rank
 from xbtcore.phi import Phi, PhiConfig
 from xbtcore.pretrain import PretrainConfig, pretraining_rows
-from xbtcore.recipe import fit_linear_map, pretrain_phi
+from xbtcore.recipe import fit_linear_map, pair_rows, pretrain_phi
 
 from .common import CACHED, log
 from .embed import load_cached
@@ -43,9 +43,11 @@ def _loss_logger(name: str, total: int, history: list):
 
 
 @task(name="pretrain-phi", **CACHED)
-def pretrain(embeddings: dict, cache_root: str, out_path: str, overrides: dict, seed: int) -> str:
-    """Eqn. 3 on the cached corpus embeddings (or the pairs' images, `PretrainConfig.source`);
-    writes φ (safetensors, PhiConfig in its metadata)."""
+def pretrain(embeddings: dict, cache_root: str, out_path: str, overrides: dict, seed: int,
+             pairs_path: str | None = None) -> str:
+    """Eqn. 3 on the cached corpus embeddings (or the pairs' images, `PretrainConfig.source`),
+    with the pair term on the pairs' new-model embeddings when `PretrainConfig.pair_weight` > 0
+    (pairs_path gives each caption's image); writes φ (safetensors, PhiConfig in its metadata)."""
     cfg = apply_overrides(PretrainConfig(seed=seed), overrides)
 
     def rows(new_key: str, old_key: str):
@@ -56,7 +58,13 @@ def pretrain(embeddings: dict, cache_root: str, out_path: str, overrides: dict, 
                                     image=rows("v_new_pairs", "v_old_pairs") if cfg.uses_images else None)
     history: list = []
     steps = cfg.epochs_for(len(a_new)) * max(1, len(a_new) // min(cfg.batch_size, len(a_new)))
-    phi, epochs = pretrain_phi(a_new, a_old, cfg, on_step=_loss_logger("pretrain", steps, history))
+    pairs = None
+    if cfg.pair_weight:
+        if pairs_path is None:
+            raise ValueError("pretrain.pair_weight > 0 needs the pairs (pairs_path)")
+        pairs = pair_rows(load_cached(cache_root, embeddings["v_new_pairs"]), load_cached(cache_root, embeddings["w_new_pairs"]),
+                          read_pairs(pairs_path).caption_image)
+    phi, epochs = pretrain_phi(a_new, a_old, cfg, on_step=_loss_logger("pretrain", steps, history), pairs=pairs)
     out = Path(out_path)
 
     def write():

@@ -53,11 +53,11 @@ def _worker_loss(rank, init_file, out_dir):
     dist.destroy_process_group()
 
 
-def _worker_pretrain(rank, init_file, out_dir, w_new, w_old, cfg):
+def _worker_pretrain(rank, init_file, out_dir, w_new, w_old, cfg, pairs=None):
     _init(rank, init_file)
     torch.manual_seed(0)
     phi = Phi(PhiConfig(w_new.shape[1], w_old.shape[1]))
-    text_only_pretrain(phi, w_new, w_old, cfg)
+    text_only_pretrain(phi, w_new, w_old, cfg, pairs=pairs)
     torch.save(phi.state_dict(), f"{out_dir}/pre-{rank}.pt")
     dist.destroy_process_group()
 
@@ -104,15 +104,17 @@ def test_gathered_loss_and_grads_equal_single_process(tmp_path):
             torch.testing.assert_close(g_got, g_want, atol=1e-6, rtol=1e-5)
 
 
-def test_pretraining_under_two_ranks_equals_one(tmp_path):
+@pytest.mark.parametrize("pair_weight", [0.0, 1.0])
+def test_pretraining_under_two_ranks_equals_one(tmp_path, pair_weight):
     g = torch.Generator().manual_seed(1)
     w_new = F.normalize(torch.randn(256, 12, generator=g), dim=-1)
     w_old = F.normalize(torch.randn(256, 8, generator=g), dim=-1)
-    cfg = PretrainConfig(sigma=0.1, batch_size=64, lr=1e-3, epochs=2)
-    _spawn(_worker_pretrain, tmp_path, w_new, w_old, cfg)
+    pairs = (F.normalize(torch.randn(96, 12, generator=g), dim=-1), F.normalize(torch.randn(96, 12, generator=g), dim=-1))
+    cfg = PretrainConfig(sigma=0.1, batch_size=64, lr=1e-3, epochs=2, pair_weight=pair_weight, pair_batch_size=32)
+    _spawn(_worker_pretrain, tmp_path, w_new, w_old, cfg, pairs)
     torch.manual_seed(0)
     phi = Phi(PhiConfig(12, 8))
-    text_only_pretrain(phi, w_new, w_old, cfg)
+    text_only_pretrain(phi, w_new, w_old, cfg, pairs=pairs)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"pre-{rank}.pt")
         for k, v in phi.state_dict().items():

@@ -143,6 +143,30 @@ def test_phi_pretrained_on_text_and_the_pairs_images(prefect_harness, tiny, tmp_
     assert report["steps"]["pretrain-phi"] == "Completed" and (out / "bundle").exists()
 
 
+def test_pair_term_reads_the_pairs_by_the_new_model(prefect_harness, tiny, tmp_path, monkeypatch):
+    """pretrain.pair_weight > 0: the embed step caches the pairs by the new model and φ's
+    pretraining gets one (v_new, w_new) row per pair caption."""
+    monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
+    import xbtcore.pretrain
+    from flows.upgrade import upgrade
+    from xbtcore.data import read_pairs
+
+    seen = {}
+    real = xbtcore.pretrain.text_only_pretrain
+
+    def spy(phi, w_new, w_old, cfg, on_step=None, pairs=None):
+        seen.update(weight=cfg.pair_weight, rows=None if pairs is None else [tuple(t.shape) for t in pairs])
+        return real(phi, w_new, w_old, cfg, on_step=on_step, pairs=pairs)
+
+    monkeypatch.setattr("xbtcore.recipe.text_only_pretrain", spy)
+    out = tmp_path / "run"
+    upgrade(_params(tiny, out, pretrain={**FAST["pretrain"], "pair_weight": 1.0, "pair_batch_size": 16}))
+    n = len(read_pairs(tiny["pairs"]).captions)
+    assert seen == {"weight": 1.0, "rows": [(n, 32), (n, 32)]}  # zoo "new" of the tiny world embeds in 32 dims
+    history = json.loads((out / "work" / "phi.history.json").read_text())
+    assert history["config"]["pair_weight"] == 1.0 and (out / "bundle").exists()
+
+
 def test_diverging_loss_fails_the_run_and_promotes_nothing(prefect_harness, tiny, tmp_path, monkeypatch):
     import xbtcore.pretrain
     from flows.upgrade import upgrade
@@ -196,17 +220,19 @@ def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, t
     assert Path(third["bundle"]).is_dir()
 
 
-@pytest.mark.parametrize("method, source, needs", [
-    ("xbt", "text", ["w_new", "w_old"]),
-    ("xbt", "image", ["v_new_pairs", "v_old_pairs"]),
-    ("xbt", "text+image", ["w_new", "w_old", "v_new_pairs", "v_old_pairs"]),
-    ("base", "text", ["v_old_pairs", "w_old_pairs"]),
-    ("procrustes", "image", ["w_new", "w_old"]),
+@pytest.mark.parametrize("method, pretrain, needs", [
+    ("xbt", {"pair_weight": 0}, ["w_new", "w_old"]),
+    ("xbt", {"source": "image", "pair_weight": 0}, ["v_new_pairs", "v_old_pairs"]),
+    ("xbt", {"source": "text+image", "pair_weight": 0}, ["w_new", "w_old", "v_new_pairs", "v_old_pairs"]),
+    ("xbt", {"pair_weight": 1}, ["w_new", "w_old", "v_new_pairs", "w_new_pairs"]),
+    ("base", {"pair_weight": 1}, ["v_old_pairs", "w_old_pairs"]),
+    ("procrustes", {"source": "image"}, ["w_new", "w_old"]),
 ])
-def test_embed_step_computes_only_what_the_method_reads(tiny, tmp_path, method, source, needs):
+def test_embed_step_computes_only_what_the_method_reads(tiny, tmp_path, method, pretrain, needs):
     from tasks.embed import embed_corpus, embeddings_needed, load_cached
+    from xbtcore.pretrain import PretrainConfig
 
-    assert embeddings_needed(method, source) == needs
+    assert embeddings_needed(method, PretrainConfig(**pretrain)) == needs
     cache = tmp_path / "cache"
     keys = embed_corpus.fn(tiny["corpus"], tiny["old"], tiny["new"], str(cache), needs, tiny["pairs"], progress=False)
     assert list(keys) == needs
@@ -214,7 +240,7 @@ def test_embed_step_computes_only_what_the_method_reads(tiny, tmp_path, method, 
     rows = {"w": pq.read_metadata(tiny["corpus"]).num_rows,  # the extract step's output in the flow; here the raw file
             "v": len(set(pq.read_table(tiny["pairs"]).column("image_id").to_pylist()))}
     for name in needs:
-        n = pq.read_metadata(tiny["pairs"]).num_rows if name == "w_old_pairs" else rows[name[0]]
+        n = pq.read_metadata(tiny["pairs"]).num_rows if name in ("w_old_pairs", "w_new_pairs") else rows[name[0]]
         assert load_cached(str(cache), keys[name]).shape[0] == n, name
     with pytest.raises(ValueError, match="need the pairs"):
         embed_corpus.fn(tiny["corpus"], tiny["old"], tiny["new"], str(cache), ["v_old_pairs"], None, progress=False)

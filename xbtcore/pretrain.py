@@ -1,9 +1,16 @@
 """Text-only pretraining of φ (Sec. 3.2, Eqn. 3), on cached text embeddings.
 
     L_pre = E_t [ L_c( φ(normalize(w_new + ε)), w_old ; τ_pre ) ],  ε ~ N(0, σ²)
+          + λ E_(v,w) [ L_c( φ(v_new), φ(w_new) ; τ_pre ) ]        (ours, λ = pair_weight)
 
-Both text encoders are frozen, so their outputs are computed once (the
-embedding cache) and this loop touches no encoder at all.
+The second term is Eqn. 5's loss on the frozen new model's embeddings of the
+pairs (no old model): text alone teaches φ the old text space and nothing
+about keeping the new model's own image-text matching, which Eqn. 5 cannot
+give back later through φ's LayerNorms alone (docs/method.md, "φ keeps the
+new model's matching"). At λ = 0 it is the paper's Eqn. 3.
+
+All encoders are frozen, so their outputs are computed once (the embedding
+cache) and this loop touches no encoder at all.
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ class PretrainConfig:
     source: str = field(default="text", metadata={"help": "φ's pretraining rows: 'text' (Eqn. 3, the corpus: w_new -> w_old), "
                                                   "'image' (the pairs' images: v_new -> v_old, runs the old image tower on "
                                                   "the pairs, never the gallery) or 'text+image' (both)"})
+    pair_weight: float = field(default=0.0, metadata={"help": "λ of the pair term: Eqn. 5's loss on the frozen new model's "
+                                                        "embeddings of the pairs, trained into φ beside Eqn. 3 "
+                                                        "(ours; 0 = the paper's text-only Eqn. 3)"})
+    pair_batch_size: int = field(default=256, metadata={"help": "pairs per step of the pair term (XBT's own batch size)"})
     seed: int = 0
 
     def __post_init__(self):
@@ -49,6 +60,10 @@ class PretrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.min_steps < 0:
             raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
+        if self.pair_weight < 0:
+            raise ValueError(f"pair_weight must be >= 0, got {self.pair_weight}")
+        if self.pair_batch_size < 2:
+            raise ValueError(f"pair_batch_size must be >= 2 for a contrastive loss, got {self.pair_batch_size}")
         if self.source not in PRETRAIN_SOURCES:
             raise ValueError(f"source must be one of {', '.join(PRETRAIN_SOURCES)}, got {self.source!r}")
 
@@ -92,10 +107,14 @@ def text_only_pretrain(
     w_old: torch.Tensor,
     cfg: PretrainConfig,
     on_step=None,
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[dict]:
     """Train all of φ on row-aligned (w_new, w_old) text embeddings; returns per-epoch history.
 
     w_new: (N, D_new), w_old: (N, D_old), both L2-normalised, same row order.
+    pairs: (v_new, w_new) of the pairs by the frozen new model, row-aligned (each
+    caption with its image's embedding), (P, D_new) each; read when
+    cfg.pair_weight > 0, a pair batch per step, cycling through the pairs.
     `on_step(step, loss)` may raise to stop (the NaN guard lives with the caller).
     Under torchrun every rank passes the same rows and draws the same global
     batch; each embeds its own contiguous slice, negatives are all-gathered
@@ -103,6 +122,8 @@ def text_only_pretrain(
     """
     assert w_new.shape[0] == w_old.shape[0], "w_new and w_old must be row-aligned"
     assert w_new.shape[1] == phi.cfg.in_dim and w_old.shape[1] == phi.cfg.out_dim
+    if cfg.pair_weight and pairs is None:
+        raise ValueError("pair_weight > 0 needs the pairs' new-model embeddings (pairs=(v_new, w_new))")
     device = next(phi.parameters()).device
     torch.manual_seed(cfg.seed)  # noise and order; a CPU generator could not feed a CUDA randn
     opt = torch.optim.AdamW(phi.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -110,6 +131,7 @@ def text_only_pretrain(
     n = w_new.shape[0]
     bs = min(cfg.batch_size, n)
     bs -= bs % world_info()[1]  # a global batch splits evenly over ranks
+    pair_batches = _pair_batches(pairs, cfg.pair_batch_size) if cfg.pair_weight else None
     history, step = [], 0
     phi.train()
     for epoch in range(cfg.epochs_for(n)):
@@ -120,6 +142,9 @@ def text_only_pretrain(
             x = add_embedding_noise(w_new[idx].to(device), cfg.sigma)  # (B, D_new), same noise on every rank
             mine = local_slice(bs)
             loss = clip_loss(phi(x[mine]), w_old[idx][mine].to(device), scale)  # φ(x): (B/W, D_old)
+            if pair_batches is not None:
+                v, w, pmine = next(pair_batches)  # (P, D_new) each, the same rows on every rank
+                loss = loss + cfg.pair_weight * clip_loss(phi(v[pmine].to(device)), phi(w[pmine].to(device)), scale)
             value = loss.item()
             check_loss("pretrain", value, step + 1)
             opt.zero_grad(set_to_none=True)
@@ -133,3 +158,20 @@ def text_only_pretrain(
         history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "seconds": time.perf_counter() - t0})
     phi.eval()
     return history
+
+
+def _pair_batches(pairs: tuple[torch.Tensor, torch.Tensor], batch_size: int):
+    """Endless (v_new, w_new, this rank's slice) batches of the pairs, reshuffled each
+    pass (drawn from the global RNG, so every rank draws the same rows)."""
+    v_new, w_new = pairs
+    assert v_new.shape == w_new.shape, "the pairs' v_new and w_new must be row-aligned"
+    n = v_new.shape[0]
+    bs = min(batch_size, n)
+    bs -= bs % world_info()[1]
+    assert bs >= 2, f"the pair term needs at least 2 pairs per step, got {n}"
+    mine = local_slice(bs)
+    while True:
+        order = torch.randperm(n)
+        for i in range(0, n - bs + 1, bs):
+            idx = order[i : i + bs]
+            yield v_new[idx], w_new[idx], mine

@@ -4,7 +4,8 @@ Prefect tasks (tasks/) wrap the same steps with paths and caching; benchmarks
 and experiments call them directly. Nothing here imports prefect or mlflow.
 
     cached_text_embeddings / cached_image_embeddings   frozen encoders -> the cache (Eqn. 3 and 6 inputs)
-    pretrain_phi     pretraining of φ (Eqn. 3)
+    pretrain_phi     pretraining of φ (Eqn. 3, and the pair term of PretrainConfig.pair_weight)
+    pair_rows        the pairs by the frozen new model, (v_new, w_new) per caption: the pair term's rows
     fit_linear_map   the training-free map (least squares or Procrustes)
     side_of          the eval set through one model (old, original new or upgraded)
 """
@@ -76,12 +77,20 @@ def cache_model_key(encoder) -> str:
     return fingerprint_model(encoder.ref) + ("-compat" if isinstance(encoder, CompatibleEncoder) else "")
 
 
-def pretrain_phi(w_new: torch.Tensor, w_old: torch.Tensor, cfg: PretrainConfig, device="cpu", on_step=None):
-    """-> (φ, history). φ maps D_new -> D_old; all of it trains (Eqn. 3)."""
+def pretrain_phi(w_new: torch.Tensor, w_old: torch.Tensor, cfg: PretrainConfig, device="cpu", on_step=None,
+                 pairs: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """-> (φ, history). φ maps D_new -> D_old; all of it trains (Eqn. 3; with
+    cfg.pair_weight > 0 also on `pairs`, see `pair_rows`)."""
     torch.manual_seed(cfg.seed)
     phi = Phi(PhiConfig(in_dim=w_new.shape[1], out_dim=w_old.shape[1])).to(device)
-    history = text_only_pretrain(phi, w_new, w_old, cfg, on_step=on_step)
+    history = text_only_pretrain(phi, w_new, w_old, cfg, on_step=on_step, pairs=pairs)
     return phi, history
+
+
+def pair_rows(v_new_images: torch.Tensor, w_new_captions: torch.Tensor, caption_image: torch.Tensor):
+    """(v_new, w_new) row-aligned per caption: each pair caption's embedding beside its
+    image's, both by the frozen new model (the rows of the pair term)."""
+    return v_new_images[caption_image], w_new_captions  # (P, D_new) each
 
 
 def side_of(encoder, pairs, cache: EmbeddingCache | None = None, progress=False) -> Side:
@@ -137,6 +146,7 @@ __all__ = [
     "cached_text_embeddings",
     "fit_linear_map",
     "map_side",
+    "pair_rows",
     "pretrain_phi",
     "side_of",
 ]
