@@ -118,10 +118,15 @@ def parse_settings(settings: list[str]) -> tuple[PretrainConfig, FinetuneConfig]
         raise SystemExit(str(e)) from e
 
 
-def new_pair_rows(cache: EmbeddingCache, new_base, pairs, stats=None):
-    """The pair term's rows (PretrainConfig.pair_weight): the pairs by the frozen new model."""
-    return pair_rows(cached_image_embeddings(cache, new_base, pairs, stats=stats),
-                     cached_text_embeddings(cache, new_base, pairs.captions, stats=stats), pairs.caption_image)
+def pair_term_rows(pre_cfg: PretrainConfig, cache: EmbeddingCache | None, new_base, pairs, timer: Timer, stats=None):
+    """The pair term's rows (PretrainConfig.pair_weight): the pairs by the frozen new model,
+    through the cache; None when the term is off."""
+    if not pre_cfg.pair_weight:
+        return None
+    assert cache is not None, "pretrain.pair_weight > 0: pass the embedding cache for the pairs' new-model rows"
+    with timer("embed"):
+        return pair_rows(cached_image_embeddings(cache, new_base, pairs, stats=stats),
+                         cached_text_embeddings(cache, new_base, pairs.captions, stats=stats), pairs.caption_image)
 
 
 def xbt_upgrade(new_ref: str, w_new: torch.Tensor, w_old: torch.Tensor, pairs, pre_cfg: PretrainConfig,
@@ -134,11 +139,7 @@ def xbt_upgrade(new_ref: str, w_new: torch.Tensor, w_old: torch.Tensor, pairs, p
     timer = timer or Timer()
     new = DualEncoder.from_pretrained(new_ref, device=device)
     rows = pretraining_rows(pre_cfg.source, text=(w_new, w_old), image=image)  # an image source without images fails here
-    pair_term = None
-    if pre_cfg.pair_weight:
-        assert cache is not None, "pretrain.pair_weight > 0: pass the embedding cache for the pairs' new-model rows"
-        with timer("embed"):
-            pair_term = new_pair_rows(cache, new, pairs)
+    pair_term = pair_term_rows(pre_cfg, cache, new, pairs, timer)
     torch.manual_seed(seed)
     with timer("pretrain"):
         phi, pre_hist = pretrain_phi(*rows, dataclasses.replace(pre_cfg, seed=seed), device=device, pairs=pair_term)
@@ -190,10 +191,7 @@ def run(args) -> dict:
                             image = (cached_image_embeddings(cache, new_base, pairs, stats=stats),
                                      cached_image_embeddings(cache, old, pairs, stats=stats))
                     pre_new, pre_old = pretraining_rows(pre_cfg.source, text=(w_new, w_old), image=image)
-                    pair_term = None
-                    if pre_cfg.pair_weight:
-                        with timer("embed"):
-                            pair_term = new_pair_rows(cache, new_base, pairs, stats=stats)
+                    pair_term = pair_term_rows(pre_cfg, cache, new_base, pairs, timer, stats)
                     with timer("pretrain"):
                         phi, hist = pretrain_phi(pre_new, pre_old, dataclasses.replace(pre_cfg, seed=seed), device=args.device,
                                                  pairs=pair_term)
