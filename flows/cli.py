@@ -57,6 +57,8 @@ def _print_result(report: dict) -> None:
     if "gate_margins" in report:
         print(format_margins(report["gate_margins"]))
     print(f"{promo['model']} version {promo['version']}: {promo['reason']}")
+    if report.get("next_steps"):
+        print("next steps:" + "".join(f"\n  - {line}" for line in report["next_steps"]))
     print(f"report: {Path(report['bundle']).parent / 'report.json'}")
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, runtime, task
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks.advice import next_steps
 from tasks.common import CACHED, absolute_ref, cache_dir, fingerprint_content, fingerprint_files, results_dir, state_dir
 from tasks.embed import embed_corpus, embeddings_needed
 from tasks.evaluate import check_inputs, evaluate, gate, margins_path
@@ -242,6 +243,7 @@ def upgrade(params: UpgradeParams) -> dict:
     report["mlflow"] = {"experiment": reg["experiment"], "run_id": reg["run_id"], "uri": reg["uri"]}
     report["space"] = space
     report["steps"] = dict(run.states)
+    report["next_steps"] = next_steps(report, pre_cfg)
     report_path = run(None, write_report, report, str(out / "report.json"))
     html_path = run(None, write_html_report, report_path, data["eval"], sample_path, str(out / "report.html"))
     run(None, publish_artifacts, report, verdict, html_path)

@@ -157,6 +157,8 @@ def _header(report: dict) -> str:
             lines.append('<ul class="failures">' + "".join(
                 f"<li>{_e(d)} R@{_e(k)}: new/old {_e(a)} {'&le;' if v['criterion'] == 'eqn2' else '&lt;'} "
                 f"{reference} {_e(b)}</li>" for d, k, a, b in v["failures"]) + "</ul>")
+    if report.get("next_steps"):
+        lines.append("<p><b>next steps</b></p><ul>" + "".join(f"<li>{_e(s)}</li>" for s in report["next_steps"]) + "</ul>")
     counts = "".join(f"<tr><td>{_e(k.replace('_', ' '))}</td><td>{int(n):,}</td></tr>"
                      for k, n in report.get("counts", {}).items())
     timings = report.get("timings_s", {})
@@ -337,7 +339,7 @@ def render_report(report: dict, panels: list[dict] | None = None, examples: list
     """The whole report as one HTML string.
 
     report: report.json's dict (method, old, new, recall, gate, counts, timings_s; optional
-    no_regression, promotion, space, bundle). panels: `map_panels`' output. examples: one dict per
+    no_regression, promotion, space, bundle, next_steps). panels: `map_panels`' output. examples: one dict per
     query: caption, gt_image (its id), gt_png, rows = [{label, rank, hits = [{image, score, is_gt, png}]}].
     Every string from the data is escaped.
     """

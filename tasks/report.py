@@ -118,6 +118,7 @@ def publish_artifacts(report: dict, verdict: dict, html_path: str | None = None)
         f"{'champion' if promo.get('promoted') else 'candidate only'} ({promo.get('reason')})",
         f"- timings (s): {report['timings_s']}",
         *html_link,
+        *(["- next steps:", *(f"  - {line}" for line in report["next_steps"])] if report.get("next_steps") else []),
         "", "```", format_table(report["recall"]), "",
         *([format_margins(report["gate_margins"])] if "gate_margins" in report else []), "```",
     ])

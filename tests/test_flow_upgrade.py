@@ -37,9 +37,11 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
     # cached results would make this "first" run come back Cached.
     monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
     from flows.upgrade import upgrade
+    from tasks.advice import next_steps
     from xbtcore.data import read_pairs
     from xbtcore.encoders import DualEncoder
     from xbtcore.linear_bundle import load_compatible
+    from xbtcore.pretrain import PretrainConfig
 
     out = tmp_path / "run"
     upgrade(_params(tiny, out))
@@ -76,6 +78,7 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
             assert m["low"] <= m["margin"] <= m["high"]
 
     assert report["promotion"]["promoted"] == report["gate"]["passed"]
+    assert report["next_steps"] == next_steps(report, PretrainConfig())  # what the CLI prints under the verdict
     assert all(report["steps"][s] == "Completed" for s in CACHED_STEPS)
     # The HTML report next to it: the map and 6 example queries (own image + top 5 of each model).
     page = (out / "report.html").read_text(encoding="utf-8")
