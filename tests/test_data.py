@@ -161,6 +161,23 @@ def test_conflicting_images_for_one_image_id(tmp_path, pngs):
     assert "'image_id'" in msg and "(row 1)" in msg
 
 
+@pytest.mark.parametrize("bad_row", [0, 2])
+def test_a_broken_image_in_an_image_id_group_is_named_as_broken(tmp_path, pngs, bad_row):
+    # The broken bytes differ from the group's other rows too; the error must say what is wrong with which row.
+    images = [pngs[0]] * 4 + [pngs[1]]
+    images[bad_row] = b"notanimage"
+    msg = _error(_write(tmp_path / "p.parquet", image=images, caption=list("abcde"), image_id=[1, 1, 1, 1, 2]))
+    assert "do not decode" in msg and f"(row {bad_row})" in msg
+
+
+def test_a_broken_first_row_in_an_earlier_file_is_named_there(tmp_path, pngs):
+    (tmp_path / "parts").mkdir()
+    _write(tmp_path / "parts" / "a.parquet", image=[b"notanimage"], caption=["a"], image_id=["i0"])
+    _write(tmp_path / "parts" / "b.parquet", image=[pngs[0]], caption=["b"], image_id=["i0"])
+    msg = _error(tmp_path / "parts")
+    assert "a.parquet" in msg and "do not decode" in msg and "(row 0)" in msg
+
+
 def test_nothing_to_read(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "no *.parquet" in _error(tmp_path / "empty")

@@ -206,21 +206,31 @@ def read_pairs(path) -> PairSet:
                 image_ids.append(key)
                 first_row[i] = (file, r, image_col)
             elif images[i] != src:
-                conflicts.append(r)
+                conflicts.append((r, i))
             captions.append(cap)
             caption_image.append(i)
         if conflicts:
+            # A row whose image is broken also differs from the rest of its group: name it as broken, not as
+            # another image (the group's first row counts too, wherever it appeared).
+            _raise_image_problems([first_row[i] + (images[i],) for _, i in conflicts]
+                                  + [(file, r, image_col, sources[r]) for r, _ in conflicts])
             raise InputError(file, "rows share an image_id but not the same image",
-                             "give different images different image_ids", column="image_id", rows=conflicts)
+                             "give different images different image_ids", column="image_id",
+                             rows=[r for r, _ in conflicts])
         offset += len(caps)
     if not captions:
         raise InputError(path, "no rows", "pass a non-empty input")
 
     # Rows are reported where each distinct image first appears, file by file.
+    _raise_image_problems([first_row[i] + (src,) for i, src in enumerate(images)])
+    return PairSet(images, captions, torch.tensor(caption_image, dtype=torch.long), image_ids, str(path))
+
+
+def _raise_image_problems(places: list[tuple]) -> None:
+    """places: (file, row, column, image source). Raises for the first file with a missing or undecodable image."""
     missing: dict[Path, list[int]] = {}
     undecodable: dict[tuple[Path, str], list[int]] = {}
-    for i, src in enumerate(images):
-        file, r, col = first_row[i]
+    for file, r, col, src in places:
         if col == "image_path" and not Path(src).is_file():
             missing.setdefault(file, []).append(r)
         elif not _check_decodes(src):
@@ -228,12 +238,10 @@ def read_pairs(path) -> PairSet:
     if missing:
         file, rows = next(iter(missing.items()))
         raise InputError(file, "image files do not exist", "fix the paths (relative ones are relative to the Parquet "
-                         "file's folder)", column="image_path", rows=rows)
+                         "file's folder)", column="image_path", rows=sorted(set(rows)))
     if undecodable:
         (file, col), rows = next(iter(undecodable.items()))
-        raise InputError(file, "images do not decode", "store PNG or JPEG images", column=col, rows=rows)
-
-    return PairSet(images, captions, torch.tensor(caption_image, dtype=torch.long), image_ids, str(path))
+        raise InputError(file, "images do not decode", "store PNG or JPEG images", column=col, rows=sorted(set(rows)))
 
 
 # --- gallery embeddings -------------------------------------------------------
