@@ -205,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_weight_loading() -> None:
+    """No "Loading weights" bar from transformers on stderr: it is noise beside the one-line error a failed
+    command prints there (CONTRACT.md), and ours cover the long steps. Download bars from the hub stay."""
+    from transformers.utils import logging as hf_logging
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") == "Loading weights":
+            kwargs = {**kwargs, "disable": True}
+        return factory(*args, **kwargs)
+
+    hf_logging.set_tqdm_hook(hook)
+
+
 def main(argv: list[str] | None = None) -> int:
     _set_env_defaults()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -216,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    _quiet_weight_loading()
     from pydantic import ValidationError
 
     from tasks.servers import ServerUnreachable

@@ -53,6 +53,15 @@ def test_bad_paths_fail_fast_with_the_path(tiny, tmp_path):
     _one_line_error(xbt(*_upgrade_args(tiny, tmp_path / "o"), "--set", "finetune.nope=1"), "unknown setting 'nope'")
 
 
+def test_bad_input_found_after_the_models_load_is_still_one_line(tiny, tmp_path):
+    # The models load before the inputs are read; transformers' "Loading weights" bars must not reach stderr.
+    bad = tmp_path / "pairs.parquet"
+    pq.write_table(pq.read_table(tiny["pairs"]).drop_columns(["caption"]), bad)
+    out = tmp_path / "o"
+    _one_line_error(xbt(*_upgrade_args({**tiny, "pairs": bad}, out), "--no-progress"), str(bad), "missing column 'caption'")
+    assert not (out / "report.json").exists() and not (out / "bundle").exists()
+
+
 @pytest.mark.parametrize("env, name", [
     ({"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "MLflow tracking server at http://127.0.0.1:9"),
     ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, "Prefect API at http://127.0.0.1:9/api/health"),
