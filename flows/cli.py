@@ -206,14 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_weight_loading() -> None:
-    """No "Loading weights" bar from transformers on stderr: it is noise beside the one-line error a failed
-    command prints there (CONTRACT.md), and ours cover the long steps. Download bars from the hub stay."""
+    """No bars from transformers itself ("Loading weights", "Writing model shards") on stderr: they are noise
+    beside the one-line error a failed command prints there (CONTRACT.md), and ours cover the long steps.
+    Download bars (huggingface_hub's own) stay."""
     from transformers.utils import logging as hf_logging
 
     def hook(factory, args, kwargs):
-        if kwargs.get("desc") == "Loading weights":
-            kwargs = {**kwargs, "disable": True}
-        return factory(*args, **kwargs)
+        return factory(*args, **{**kwargs, "disable": True})
 
     hf_logging.set_tqdm_hook(hook)
 

@@ -116,6 +116,29 @@ def test_bundle_carries_a_local_base_model_and_loads_after_it_moves(tiny, tmp_pa
     assert torch.equal(load_compatible(tmp_path / "linear")[0].embed_texts(ev.captions), want_linear)
 
 
+def test_full_tune_bundle_is_a_whole_checkpoint(tiny, tmp_path):
+    # Full-tune has no adapter: its bundle carries the whole model, tokenizer and image processor included,
+    # and loads (bit-identical) with the base model's folder gone.
+    import shutil
+
+    ev = tiny["eval"]
+    base_dir = tmp_path / "new"
+    shutil.copytree(tiny["new"], base_dir)
+    enc, phi = DualEncoder.from_pretrained(str(base_dir)), _new_phi()
+    targets = (torch.nn.functional.normalize(torch.randn(tiny["pairs"].n_images, 24), dim=-1),
+               torch.nn.functional.normalize(torch.randn(len(tiny["pairs"].captions), 24), dim=-1))
+    finetune(enc, phi, tiny["pairs"], "full-tune", FAST, old_targets=targets)
+    up = CompatibleEncoder(enc, phi)
+    want_t, want_i = up.embed_texts(ev.captions), up.embed_images(_images(ev))
+    meta = BundleMeta(base_model=str(base_dir), old_model=tiny["old"], root_model=tiny["old"], method="full-tune",
+                      phi=dataclasses.asdict(phi.cfg))
+    save_bundle(tmp_path / "bundle", enc, phi, meta)
+    shutil.rmtree(base_dir)
+    up2, _ = load_bundle(tmp_path / "bundle")
+    assert torch.equal(up2.embed_texts(ev.captions), want_t)
+    assert torch.equal(up2.embed_images(_images(ev)), want_i)
+
+
 def _hub_cache(cache, repo_id: str, model_dir) -> None:
     """Lay `model_dir` out as huggingface_hub caches a download: blobs, a snapshot of symlinks, refs/main."""
     import hashlib

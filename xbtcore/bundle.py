@@ -64,8 +64,10 @@ def save_bundle(out_dir: str | Path, encoder, phi: Phi, meta: BundleMeta) -> Pat
         save_file({"prompts": prompts.prompts.detach().cpu().contiguous()}, tmp / "prompts.safetensors")
     if hasattr(encoder.model, "peft_config"):
         encoder.model.save_pretrained(tmp / "adapter")
-    elif meta.method == "full-tune":
+    elif meta.method == "full-tune":  # a whole checkpoint: weights, tokenizer and image processor
         encoder.model.save_pretrained(tmp / "model")
+        encoder.tokenizer.save_pretrained(tmp / "model")
+        encoder.image_processor.save_pretrained(tmp / "model")
     files = None if (tmp / "model").exists() else _base_files(meta.base_model)
     if files is not None:
         shutil.copytree(files, tmp / "base", copy_function=_link_or_copy, ignore=_NOT_LOADED)
