@@ -7,9 +7,11 @@ with). Every upgrade of that space is a version of its registered model:
     champion    the version serving queries; moves only when the gate passes
                 (or a reviewer runs `xbt promote`), idempotently
 
-Each version carries the gate's thresholds and verdict as tags, and on
-promotion the version it replaced (`xbt.previous_champion`): `xbt rollback`
-moves champion back to it.
+Each version carries the gate's thresholds and verdict as tags, and on its
+first promotion the version it replaced (`xbt.previous_champion`): `xbt
+rollback` moves champion back to it. Promoting a version again keeps that tag,
+so rollbacks always reach older champions and can never cycle between two
+versions a reviewer promoted back and forth.
 """
 
 from __future__ import annotations
@@ -84,14 +86,16 @@ def champion_version(c, name: str) -> str | None:
 
 
 def promote(c, name: str, version: str, reason: str) -> dict:
-    """Move champion to `version`; records the champion it replaces. Idempotent."""
+    """Move champion to `version`; on its first promotion records the champion it replaces. Idempotent."""
     version = str(version)
     current = champion_version(c, name)
+    tags = c.get_model_version(name, version).tags  # raises for a version that does not exist
     if current == version:
-        return {"name": name, "version": version, "previous": c.get_model_version(name, version).tags.get(TAG_PREVIOUS),
-                "changed": False}
-    c.get_model_version(name, version)  # raises for a version that does not exist
-    c.set_model_version_tag(name, version, TAG_PREVIOUS, current or "none")
+        return {"name": name, "version": version, "previous": tags.get(TAG_PREVIOUS), "changed": False}
+    if TAG_PREVIOUS not in tags:
+        # Only the first time: a re-promotion that recorded the champion it replaces now would let
+        # rollback step forward to a later version, and two such versions roll back to each other.
+        c.set_model_version_tag(name, version, TAG_PREVIOUS, current or "none")
     c.set_model_version_tag(name, version, "xbt.promoted", f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {reason}")
     c.set_registered_model_alias(name, CHAMPION, version)
     return {"name": name, "version": version, "previous": current, "changed": True}

@@ -71,6 +71,22 @@ def test_champion_moves_on_pass_not_on_fail_and_rolls_back(mlflow_store):
         registry.rollback(c, name)
 
 
+def test_promoting_back_and_forth_still_rolls_back_to_the_first_champion(mlflow_store):
+    c = registry.client()
+    v1 = _register(mlflow_store, "r1", passed=True)["version"]
+    name = _register(mlflow_store, "r2", passed=False)["name"]
+    v2 = c.get_model_version_by_alias(name, "candidate").version
+    v3 = _register(mlflow_store, "r3", passed=False)["version"]
+    for v in (v3, v2, v3):  # a reviewer changes their mind twice
+        registry.promote(c, name, v, "review")
+    seen = [registry.rollback(c, name)["version"]]
+    while seen[-1] != v1 and len(seen) < 5:
+        seen.append(registry.rollback(c, name)["version"])
+    assert seen[-1] == v1 and len(seen) < 5, seen  # reached v1, no cycle between v2 and v3
+    with pytest.raises(ValueError, match="nothing to roll back to"):
+        registry.rollback(c, name)
+
+
 def test_same_bundle_is_one_version_and_metrics_are_logged(mlflow_store):
     a = _register(mlflow_store, "same", passed=True)
     path, bundle, verdict = _report(mlflow_store / "again", "same", passed=True)
