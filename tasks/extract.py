@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from xbtcore.data import InputError, parquet_files
+from xbtcore.data import InputError, is_text_type, parquet_files
 
 from .common import CACHED, log
 
@@ -36,7 +36,7 @@ def check_text_column(files: list[Path], column: str) -> None:
         if column not in schema.names:
             raise InputError(f, f"missing column '{column}'; the file has columns {schema.names}", _FIX_COLUMN)
         kind = schema.field(column).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        if not is_text_type(kind):
             raise InputError(f, f"has type {kind}, not string", _FIX_COLUMN, column=column)
 
 

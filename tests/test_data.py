@@ -178,6 +178,18 @@ def test_a_broken_first_row_in_an_earlier_file_is_named_there(tmp_path, pngs):
     assert "a.parquet" in msg and "do not decode" in msg and "(row 0)" in msg
 
 
+def test_dictionary_encoded_columns_read_as_their_values(tmp_path, pngs):
+    # pandas' `category` dtype writes dictionary-encoded columns: captions, ids and paths as usual.
+    (tmp_path / "a.png").write_bytes(pngs[0])
+    (tmp_path / "b.png").write_bytes(pngs[1])
+    plain = {"image_path": ["a.png", "b.png", "a.png"], "caption": ["x", "y", "x"], "image_id": ["i", "j", "i"]}
+    _write(tmp_path / "plain.parquet", **plain)
+    _write(tmp_path / "dict.parquet", **{k: pa.array(v).dictionary_encode() for k, v in plain.items()})
+    want, got = read_pairs(tmp_path / "plain.parquet"), read_pairs(tmp_path / "dict.parquet")
+    assert got.captions == want.captions and got.image_ids == want.image_ids and got.images == want.images
+    assert torch.equal(got.caption_image, want.caption_image)
+
+
 def test_nothing_to_read(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "no *.parquet" in _error(tmp_path / "empty")

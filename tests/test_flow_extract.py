@@ -66,6 +66,13 @@ def test_text_column(tmp_path):
     assert _run(tmp_path / "t.parquet", tmp_path, text_column="text")[1] == ["b", "a"]
 
 
+def test_pandas_category_column_reads_as_text(tmp_path):
+    # pandas writes a `category` column dictionary-encoded; it holds strings all the same.
+    pd.DataFrame({"caption": pd.Series(FILE_A, dtype="category")}).to_parquet(tmp_path / "c.parquet")
+    assert pa.types.is_dictionary(pq.read_schema(tmp_path / "c.parquet").field("caption").type)
+    assert _run(tmp_path / "c.parquet", tmp_path)[1] == _reference([FILE_A])
+
+
 def test_missing_column_names_file_and_column(corpus_dir, tmp_path):
     with pytest.raises(InputError, match=r"a\.parquet: missing column 'text'.*--text-column"):
         _run(corpus_dir, tmp_path, text_column="text")

@@ -83,11 +83,19 @@ def _missing_column(file: Path, wanted: str, schema: pa.Schema, fix: str) -> Inp
     return InputError(file, f"missing column {wanted}; the file has columns {schema.names}", fix)
 
 
-def _is_text(t: pa.DataType) -> bool:
+def _values(t: pa.DataType) -> pa.DataType:
+    """The type of the values a column holds: a dictionary-encoded column (pandas' `category`) holds its
+    dictionary's type, and reads back as plain values."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def is_text_type(t: pa.DataType) -> bool:
+    t = _values(t)
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def _is_bytes(t: pa.DataType) -> bool:
+    t = _values(t)
     return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
@@ -149,7 +157,7 @@ def _read_pairs_file(file: Path):
     columns = ["caption", image_col] + (["image_id"] if "image_id" in schema.names else [])
     table = _read_table(file, columns)
 
-    for name, ok in [("caption", _is_text), (image_col, _is_bytes if image_col == "image" else _is_text)]:
+    for name, ok in [("caption", is_text_type), (image_col, _is_bytes if image_col == "image" else is_text_type)]:
         if not ok(table.schema.field(name).type):
             raise InputError(file, f"has type {table.schema.field(name).type}",
                              "store captions and image paths as strings and images as binary", column=name)
@@ -171,7 +179,7 @@ def _read_pairs_file(file: Path):
     ids = None
     if "image_id" in table.column_names:
         id_col = table.column("image_id")
-        if not (_is_text(id_col.type) or pa.types.is_integer(id_col.type)):
+        if not (is_text_type(id_col.type) or pa.types.is_integer(_values(id_col.type))):
             raise InputError(file, f"has type {id_col.type}", "store image ids as strings or integers", column="image_id")
         null_ids = _null_rows(id_col)
         if null_ids:

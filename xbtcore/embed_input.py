@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from .data import InputError, PairSet, _is_bytes, _is_text, _read_table, _schema, parquet_files
+from .data import InputError, PairSet, _is_bytes, _read_table, _schema, is_text_type, parquet_files
 
 _IMAGE_FIX = "store images as 'image' (PNG/JPEG bytes) or 'image_path' (string) columns"
 
@@ -24,7 +24,7 @@ def read_texts(path, column: str = "caption") -> list[str]:
             raise InputError(file, f"missing column '{column}'; the file has columns {schema.names}",
                              "name the text column with --text-column NAME")
         col = _read_table(file, [column]).column(column)
-        if not _is_text(col.type):
+        if not is_text_type(col.type):
             raise InputError(file, f"has type {col.type}", "store texts as strings", column=column)
         nulls = [i for i, v in enumerate(pc.is_null(col).to_pylist()) if v]
         if nulls:
@@ -46,7 +46,7 @@ def read_images(path) -> PairSet:
         if col_name is None:
             raise InputError(file, f"missing column 'image' or 'image_path'; the file has columns {schema.names}", _IMAGE_FIX)
         col = _read_table(file, [col_name]).column(col_name)
-        if not (_is_bytes(col.type) if col_name == "image" else _is_text(col.type)):
+        if not (_is_bytes(col.type) if col_name == "image" else is_text_type(col.type)):
             raise InputError(file, f"has type {col.type}", _IMAGE_FIX, column=col_name)
         values = col.to_pylist()
         nulls = [r for r, v in enumerate(values) if v is None or v == ""]
