@@ -89,11 +89,12 @@ def cmd_embed(a) -> int:
     from tasks.common import absolute_ref, state_dir
     from tasks.registry import resolve_ref, space_of
     from xbtcore.bundle import is_bundle
-    from xbtcore.data import LazyImages, write_embeddings_parquet
+    from xbtcore.data import LazyImages, check_output, write_embeddings_parquet
     from xbtcore.embed_input import read_images, read_texts
     from xbtcore.encoders import DualEncoder
     from xbtcore.linear_bundle import load_compatible
 
+    check_output(a.out, folder=False)
     ref = absolute_ref(resolve_ref(a.model))
     if a.modality == "text":
         items = read_texts(a.input, a.text_column)

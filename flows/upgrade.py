@@ -32,7 +32,7 @@ from tasks.servers import check_servers
 from tasks.train import pretrain, train
 from xbtcore import world
 from xbtcore.config import apply_overrides
-from xbtcore.data import parquet_files
+from xbtcore.data import check_output, parquet_files
 from xbtcore.finetune import METHODS, FinetuneConfig
 from xbtcore.linear_bundle import LINEAR_METHODS
 from xbtcore.pretrain import PretrainConfig
@@ -77,6 +77,12 @@ class UpgradeParams(BaseModel):
     def _data_exists(cls, v):
         if v is not None:
             parquet_files(v)  # InputError (a ValueError) naming the path
+        return v
+
+    @field_validator("out")
+    @classmethod
+    def _out_writable(cls, v):
+        check_output(v, folder=True)  # a file in the way or a read-only folder fails now, not after training
         return v
 
     @field_validator("old", "new")

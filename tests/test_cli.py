@@ -62,6 +62,16 @@ def test_bad_input_found_after_the_models_load_is_still_one_line(tiny, tmp_path)
     assert not (out / "report.json").exists() and not (out / "bundle").exists()
 
 
+def test_unwritable_outputs_fail_before_any_work(tiny, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    _one_line_error(xbt(*_upgrade_args(tiny, tmp_path / "afile")), "afile", "is a file, not a folder")
+    _one_line_error(xbt(*_upgrade_args(tiny, tmp_path / "afile" / "run")), "cannot be created", "is a file")
+    _one_line_error(xbt("embed", "--model", tiny["new"], "--input", tiny["eval"], "--modality", "text",
+                        "--out", tmp_path), "is a folder")
+    _one_line_error(xbt("embed", "--model", tiny["new"], "--input", tiny["eval"], "--modality", "text",
+                        "--out", tmp_path / "afile" / "e.parquet"), "cannot be created")
+
+
 @pytest.mark.parametrize("env, name", [
     ({"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "MLflow tracking server at http://127.0.0.1:9"),
     ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, "Prefect API at http://127.0.0.1:9/api/health"),

@@ -190,6 +190,34 @@ def test_dictionary_encoded_columns_read_as_their_values(tmp_path, pngs):
     assert torch.equal(got.caption_image, want.caption_image)
 
 
+def test_check_output_names_a_read_only_folder(tmp_path, monkeypatch):
+    import os
+
+    from xbtcore.data import check_output
+
+    assert check_output(tmp_path / "new" / "deeper", folder=True) == tmp_path / "new" / "deeper"
+    # root ignores permission bits, so a read-only mount is what os.access reports here
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))
+    with pytest.raises(InputError, match=rf"cannot be written: {tmp_path} is read-only"):
+        check_output(tmp_path / "run", folder=True)
+
+
+def test_sixteen_bit_grey_keeps_its_picture(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    grey = np.tile(np.linspace(0, 255, 16).round().astype(np.uint8), (16, 1))  # (16, 16) a left-to-right ramp
+    wide = Image.fromarray(grey.astype(np.uint16) * 257)  # the same picture at 16 bits (PNG mode I;16)
+    buf = io.BytesIO()
+    wide.save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    pairs = read_pairs(_write(tmp_path / "p.parquet", image=[buf.getvalue()], caption=["a ramp"]))
+    got = np.asarray(pairs.load_image(0))
+    assert got.shape == (16, 16, 3) and (got == grey[..., None]).all()
+
+
 def test_nothing_to_read(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "no *.parquet" in _error(tmp_path / "empty")

@@ -159,3 +159,13 @@ def test_incomplete_or_missing_directories(clip_dir, tmp_path):
     (tmp_path / "partial" / "tokenizer.json").write_bytes((clip_dir / "tokenizer.json").read_bytes())
     with pytest.raises(ModelLoadError, match="cannot load the image processor"):
         DualEncoder.from_pretrained(str(tmp_path / "partial"))
+
+    # A tokenizer without a pad token cannot batch captions: say so and where, at load.
+    import json
+    import shutil
+
+    shutil.copytree(clip_dir, tmp_path / "nopad")
+    cfg = json.loads((tmp_path / "nopad" / "tokenizer_config.json").read_text())
+    (tmp_path / "nopad" / "tokenizer_config.json").write_text(json.dumps({**cfg, "pad_token": None}))
+    with pytest.raises(ModelLoadError, match=r"nopad.*no pad token"):
+        DualEncoder.from_pretrained(str(tmp_path / "nopad"))

@@ -44,6 +44,23 @@ class InputError(ValueError):
 # --- files --------------------------------------------------------------------
 
 
+def check_output(path, folder: bool) -> Path:
+    """Fail before any work when `path` (an output folder, or a file when folder=False) cannot be written."""
+    p = Path(path).expanduser()
+    if folder and p.exists() and not p.is_dir():
+        raise InputError(path, "is a file, not a folder", "pass a folder for the run's outputs")
+    if not folder and p.is_dir():
+        raise InputError(path, "is a folder", "pass a file path such as DIR/embeddings.parquet")
+    here = p if folder and p.is_dir() else p.parent
+    while not here.exists():
+        here = here.parent
+    if not here.is_dir():
+        raise InputError(path, f"cannot be created: {here} is a file", "pass a path under a folder")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise InputError(path, f"cannot be written: {here} is read-only or not ours", "pass a writable path")
+    return p
+
+
 def parquet_files(path) -> list[Path]:
     """One file, every *.parquet in a folder (sorted), or the files a glob matches (sorted)."""
     text = str(path)
@@ -134,7 +151,15 @@ class PairSet:
     def load_image(self, i: int) -> Image.Image:
         src = self.images[i]
         img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
-        return img.convert("RGB")
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with 16-bit grey (PNG) scaled to 8 bits: PIL's own convert clips it, so all but the
+    darkest pixels turn white."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def _check_decodes(src) -> bool:

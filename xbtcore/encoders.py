@@ -22,6 +22,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .data import to_rgb
+
 # Files a local checkpoint directory must hold for AutoModel to load it.
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # Architectures AutoModel would load as a different class (losing the heads we need).
@@ -140,6 +142,8 @@ def _load_parts(ref: str, dtype: torch.dtype, with_model: bool, local_files_only
         tokenizer = AutoTokenizer.from_pretrained(ref, **kw)
         if len(tokenizer) < _MIN_VOCAB:
             raise ValueError(f"the tokenizer has only {len(tokenizer)} tokens (its vocabulary files are missing)")
+        if tokenizer.pad_token is None:  # batches of captions are padded; guessing a pad token could change the model
+            raise ValueError("the tokenizer has no pad token (set pad_token in its tokenizer_config.json)")
     except Exception as e:
         raise _PartError("tokenizer", e) from e
     try:
@@ -284,7 +288,7 @@ class DualEncoder:
 
     def preprocess_images(self, images) -> torch.Tensor:
         """PIL images -> (B, C, H, W) pixel values (on the CPU, float32)."""
-        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        rgb = [im if im.mode == "RGB" else to_rgb(im) for im in images]
         return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
 
     # inference (normalised embeddings)
