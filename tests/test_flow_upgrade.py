@@ -247,3 +247,23 @@ def test_embed_step_computes_only_what_the_method_reads(tiny, tmp_path, method, 
         assert load_cached(str(cache), keys[name]).shape[0] == n, name
     with pytest.raises(ValueError, match="need the pairs"):
         embed_corpus.fn(tiny["corpus"], tiny["old"], tiny["new"], str(cache), ["v_old_pairs"], None, progress=False)
+
+
+@pytest.mark.parametrize("method", ["base", "lora-only", "full-tune", "lstsq"])
+def test_every_method_upgrades_end_to_end_and_its_bundle_embeds(prefect_harness, tiny, tmp_path, method):
+    # Each baseline through the whole flow, as `xbt upgrade --method M` runs it: Full-tune's bundle once
+    # lacked its tokenizer, which only the evaluate step and `xbt embed` noticed.
+    from flows.upgrade import upgrade
+    from xbtcore.data import read_pairs
+    from xbtcore.encoders import DualEncoder
+    from xbtcore.linear_bundle import load_compatible
+
+    out = tmp_path / method
+    report = upgrade(_params(tiny, out, method=method))
+    assert report["method"] == method and json.loads((out / "report.json").read_text())["method"] == method
+    compat, meta = load_compatible(out / "bundle")
+    assert meta.method == method
+    captions = read_pairs(tiny["eval"]).captions
+    emb = compat.embed_texts(captions)
+    assert emb.shape == (len(captions), DualEncoder.from_pretrained(tiny["old"]).embed_dim)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(len(captions)), atol=1e-5)
