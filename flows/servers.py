@@ -1,7 +1,8 @@
 """Start a Prefect API server and an MLflow tracking server on loopback, state under the state folder.
 
     python -m flows.servers            # Ctrl-C stops both
-    export PREFECT_API_URL=http://127.0.0.1:4200/api MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+    export PATH=$PWD/.venv/bin:$PATH PREFECT_API_URL=http://127.0.0.1:4200/api MLFLOW_TRACKING_URI=http://127.0.0.1:5000 \
+        XBT_STATE_DIR=$PWD/.state PREFECT_HOME=$PWD/.state/prefect DO_NOT_TRACK=true   (it prints this line)
 
 Both stay on 127.0.0.1: nothing is exposed beyond this machine.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -28,6 +30,15 @@ def _wait(url: str, what: str, timeout_s: float = 90) -> None:
             pass
         time.sleep(0.5)
     raise SystemExit(f"xbt: error: {what} did not answer at {url} within {timeout_s:.0f} s")
+
+
+def export_line(state: Path, bin_dir: Path, prefect_port: int, mlflow_port: int) -> str:
+    """The shell line that points `prefect`, `xbt` and the worker at these servers, with every other piece of
+    state under the state folder too (no ~/.prefect) and telemetry off (no ~/.config/mlflow)."""
+    q = shlex.quote
+    return (f'export PATH="{bin_dir}:$PATH" PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api '
+            f"MLFLOW_TRACKING_URI=http://127.0.0.1:{mlflow_port} XBT_STATE_DIR={q(str(state))} "
+            f"PREFECT_HOME={q(str(state / 'prefect'))} DO_NOT_TRACK=true")
 
 
 def main() -> int:
@@ -51,8 +62,7 @@ def main() -> int:
     try:
         _wait(f"http://127.0.0.1:{a.prefect_port}/api/health", "the Prefect server")
         _wait(f"http://127.0.0.1:{a.mlflow_port}/health", "the MLflow server")
-        print(f"export PREFECT_API_URL=http://127.0.0.1:{a.prefect_port}/api "
-              f"MLFLOW_TRACKING_URI=http://127.0.0.1:{a.mlflow_port}", flush=True)
+        print(export_line(state, bin_dir, a.prefect_port, a.mlflow_port), flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(1)
     except KeyboardInterrupt:
