@@ -54,6 +54,10 @@ def _print_result(report: dict) -> None:
     verdict = "PASSED" if report["gate"]["passed"] else "FAILED"
     print(f"gate (Eqn. 2): {verdict}" + "".join(f"\n  failing: {d} R@{k} new/old {a} <= old/old {b}"
                                               for d, k, a, b in report["gate"]["failures"]))
+    regress = report.get("no_regression")
+    if regress:  # a chain link: also no worse than the champion link it would replace
+        print(f"no regression (new/old >= prev/old): {'PASSED' if regress['passed'] else 'FAILED'}"
+              + "".join(f"\n  failing: {d} R@{k} new/old {a} < prev/old {b}" for d, k, a, b in regress["failures"]))
     if "gate_margins" in report:
         print(format_margins(report["gate_margins"]))
     print(f"{promo['model']} version {promo['version']}: {promo['reason']}")
@@ -87,7 +91,7 @@ def cmd_upgrade(a) -> int:
 def cmd_embed(a) -> int:
     from catalog import Catalog
     from tasks.common import absolute_ref, state_dir
-    from tasks.registry import resolve_ref, space_of
+    from tasks.registry import pinned_ref, resolve_ref, space_of
     from xbtcore.bundle import is_bundle
     from xbtcore.data import LazyImages, check_output, write_embeddings_parquet
     from xbtcore.embed_input import read_images, read_texts
@@ -95,7 +99,8 @@ def cmd_embed(a) -> int:
     from xbtcore.linear_bundle import load_compatible
 
     check_output(a.out, folder=False)
-    ref = absolute_ref(resolve_ref(a.model))
+    resolved = resolve_ref(a.model)
+    ref = absolute_ref(resolved)
     if a.modality == "text":
         items = read_texts(a.input, a.text_column)
     else:
@@ -110,7 +115,7 @@ def cmd_embed(a) -> int:
     else:
         emb = encoder.embed_images(LazyImages(items), batch_size=a.batch_size, progress=True)
     out = write_embeddings_parquet(a.out, emb)
-    Catalog(state_dir() / "catalog.duckdb").record_gallery(str(Path(out).absolute()), a.model, space_of(root),
+    Catalog(state_dir() / "catalog.duckdb").record_gallery(str(Path(out).absolute()), pinned_ref(a.model, resolved), space_of(root),
                                                            a.modality, int(emb.shape[0]), int(emb.shape[1]))
     print(f"{emb.shape[0]} {a.modality} embeddings (dim {emb.shape[1]}, space {space_of(root)}) -> {out}")
     return 0
@@ -123,7 +128,7 @@ def cmd_promote(a) -> int:
     name = pick_model(c, a.model)
     version = a.version or str(c.get_model_version_by_alias(name, CANDIDATE).version)
     r = promote(c, name, version, "promoted by a reviewer (xbt promote)")
-    print(f"{name} version {r['version']} is champion" + (f" (was {r['previous']})" if r["changed"] else " (already)"))
+    print(f"{name} version {r['version']} is champion" + (f" (was {r['previous'] or 'unset'})" if r["changed"] else " (already)"))
     return 0
 
 

@@ -16,6 +16,7 @@ versions a reviewer promoted back and forth.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -87,9 +88,15 @@ def champion_version(c, name: str) -> str | None:
 
 def promote(c, name: str, version: str, reason: str) -> dict:
     """Move champion to `version`; on its first promotion records the champion it replaces. Idempotent."""
+    from mlflow.exceptions import MlflowException
+
     version = str(version)
     current = champion_version(c, name)
-    tags = c.get_model_version(name, version).tags  # raises for a version that does not exist
+    try:
+        tags = c.get_model_version(name, version).tags
+    except MlflowException as e:
+        raise ValueError(f"{name} version {version} is not in the MLflow registry at {tracking_uri()} "
+                         f"({str(e).splitlines()[0]}); list the versions with `xbt catalog`") from e
     if current == version:
         return {"name": name, "version": version, "previous": tags.get(TAG_PREVIOUS), "changed": False}
     if TAG_PREVIOUS not in tags:
@@ -145,7 +152,9 @@ def resolve_ref(ref: str) -> str:
     except MlflowException as e:
         raise ValueError(f"{ref}: not found in the MLflow registry at {tracking_uri()} "
                          f"({str(e).splitlines()[0]}); list versions with `xbt catalog`") from e
-    dst = state_dir() / "models" / name / f"v{version}"
+    # Keyed by registry too: two registries (the embedded SQLite one, a server) each have a version 1 of a name.
+    registry = hashlib.sha256(tracking_uri().encode()).hexdigest()[:8]
+    dst = state_dir() / "models" / registry / name / f"v{version}"
     if not (dst / BUNDLE_FILE).is_file():
         import mlflow
 
@@ -156,6 +165,15 @@ def resolve_ref(ref: str) -> str:
         shutil.rmtree(dst, ignore_errors=True)
         os.replace(tmp, dst)
     return str(dst)
+
+
+def pinned_ref(ref: str, resolved: str) -> str:
+    """What to record for a model: an alias URI (models:/NAME@champion) becomes the version it
+    resolved to (models:/NAME/3), since the alias moves on; anything else as given."""
+    if not str(ref).startswith("models:/"):
+        return ref
+    path = Path(resolved)  # resolve_ref's .../models/REGISTRY/NAME/vN
+    return f"models:/{path.parent.name}/{path.name.removeprefix('v')}"
 
 
 resolve_model = task(name="resolve-model", **IO_RETRIES)(resolve_ref)

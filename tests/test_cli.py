@@ -177,3 +177,20 @@ def test_upgrade_killed_mid_training_resumes_from_checkpoint(tiny, tmp_path):
     assert report["steps"]["embed-corpus"] == "Cached" and report["steps"]["train"] == "Completed"
     assert "gate (Eqn. 2):" in r.stdout and "old/old" in r.stdout
     assert not ckpt.exists()
+
+
+def test_chain_result_lists_the_no_regression_failures_too(capsys):
+    from flows.cli import _print_result
+    from xbtcore.gate import eqn2_gate, no_regression_gate
+
+    ks = ("1", "5", "10", "50")
+    recall = {d: {"old/old": dict.fromkeys(ks, 40.0), "new/old": dict.fromkeys(ks, 45.0),
+                  "new/new": dict.fromkeys(ks, 50.0), "orig-new/new": dict.fromkeys(ks, 50.0),
+                  "prev/old": dict.fromkeys(ks, 46.0 if d == "i2t" else 44.0)} for d in ("t2i", "i2t")}
+    report = {"recall": recall, "gate": eqn2_gate(recall).to_dict(), "no_regression": no_regression_gate(recall).to_dict(),
+              "promotion": {"model": "xbt-x", "version": "2", "reason": "gate failed (3 failing checks): not promoted"},
+              "bundle": "/tmp/run/bundle"}
+    _print_result(report)
+    out = capsys.readouterr().out
+    assert "gate (Eqn. 2): PASSED" in out and "no regression (new/old >= prev/old): FAILED" in out
+    assert out.count("failing: i2t R@") == 3 and "new/old 45.0 < prev/old 46.0" in out

@@ -108,3 +108,28 @@ def test_models_uri_resolves_to_a_local_bundle(mlflow_store):
     with pytest.raises(ValueError, match="not found in the MLflow registry"):
         registry.resolve_ref(f"models:/{first['name']}@nope")
     assert registry.resolve_ref("/some/dir") == "/some/dir"
+    # What gets recorded: the version the alias stood at, not the alias that moves on.
+    assert registry.pinned_ref(f"models:/{first['name']}@champion", local) == f"models:/{first['name']}/{first['version']}"
+    assert registry.pinned_ref("/some/dir", "/some/dir") == "/some/dir"
+
+
+def test_same_name_and_version_in_two_registries_are_two_bundles(tmp_path, monkeypatch):
+    # The embedded SQLite registry and a server each have "version 1" of a space: never serve one for the other.
+    monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
+    got = {}
+    for store in ("a", "b"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / store / 'mlflow.db'}")
+        (tmp_path / store).mkdir()
+        first = _register(tmp_path / store, f"from-{store}", passed=True)
+        got[store] = registry.resolve_ref(f"models:/{first['name']}/{first['version']}")
+    assert got["a"] != got["b"]
+    assert [json.loads((Path(got[s]) / "xbt_bundle.json").read_text())["tag"] for s in "ab"] == ["from-a", "from-b"]
+
+
+def test_promoting_a_missing_version_names_it(mlflow_store):
+    c = registry.client()
+    name = _register(mlflow_store, "p1", passed=True)["name"]
+    with pytest.raises(ValueError, match=rf"{name} version 99 is not in the MLflow registry"):
+        registry.promote(c, name, "99", "review")
+    with pytest.raises(ValueError, match="xbt-nope version 1 is not in the MLflow registry"):
+        registry.promote(c, "xbt-nope", "1", "review")
