@@ -223,6 +223,20 @@ def _quiet_weight_loading() -> None:
     hf_logging.set_tqdm_hook(hook)
 
 
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed task's traceback to the run log (stdout here); for an input the user can fix,
+    the one-line message says everything, so its record keeps the message and drops the traceback."""
+
+    def __init__(self, kinds: tuple[type, ...]):
+        super().__init__()
+        self.kinds = kinds
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.kinds):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     _set_env_defaults()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -238,8 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from tasks.servers import ServerUnreachable
+    from xbtcore.data import InputError
     from xbtcore.encoders import ModelLoadError
     from xbtcore.finetune import DivergedError
+
+    quiet = _UserErrorsWithoutTraceback((InputError, ModelLoadError, DivergedError))
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(quiet)
 
     try:
         return args.func(args)

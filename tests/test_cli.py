@@ -58,7 +58,9 @@ def test_bad_input_found_after_the_models_load_is_still_one_line(tiny, tmp_path)
     bad = tmp_path / "pairs.parquet"
     pq.write_table(pq.read_table(tiny["pairs"]).drop_columns(["caption"]), bad)
     out = tmp_path / "o"
-    _one_line_error(xbt(*_upgrade_args({**tiny, "pairs": bad}, out), "--no-progress"), str(bad), "missing column 'caption'")
+    r = xbt(*_upgrade_args({**tiny, "pairs": bad}, out), "--no-progress")
+    _one_line_error(r, str(bad), "missing column 'caption'")
+    assert "missing column 'caption'" in r.stdout and "Traceback" not in r.stdout  # the run log: message, no traceback
     assert not (out / "report.json").exists() and not (out / "bundle").exists()
 
 
