@@ -133,20 +133,28 @@ def _digest(*parts) -> str:
 class _Steps:
     """Runs tasks, adds their wall time to a report step, remembers each task's final state."""
 
-    def __init__(self):
+    def __init__(self, keys_dir: Path):
         self.timings = {s: 0.0 for s in STEPS}
         self.states: dict[str, str] = {}
         self.log = get_run_logger()
+        self.keys_dir = keys_dir  # which inputs last wrote each step's output (see __call__)
 
     def __call__(self, step: str | None, t, *args, produces=None, **kw):
         t = t.with_options(result_storage=results_dir()) if t.cache_policy is not None and t.persist_result else t
         t0 = time.perf_counter()
         state = t(*args, return_state=True, **kw)
         result = state.result()
-        if produces is not None and not Path(produces(result)).exists():
-            # A cached step whose output was deleted since: run it again.
-            state = t.with_options(refresh_cache=True)(*args, return_state=True, **kw)
-            result = state.result()
+        if produces is not None:
+            # A cached result is a path in the run folder. It is stale when the file is gone, or when a run
+            # with other inputs has overwritten it since (change a setting, then change it back).
+            record = self.keys_dir / f"{t.name}.key"
+            key = _digest(t.name, args, kw)
+            written_by = record.read_text() if record.exists() else None
+            if not Path(produces(result)).exists() or (state.name == "Cached" and written_by != key):
+                state = t.with_options(refresh_cache=True)(*args, return_state=True, **kw)
+                result = state.result()
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(key)
         seconds = time.perf_counter() - t0
         if step is not None:
             self.timings[step] = round(self.timings[step] + seconds, 3)
@@ -167,9 +175,9 @@ def _histories(work: Path) -> dict:
 def upgrade(params: UpgradeParams) -> dict:
     """One upgrade; writes OUT/report.json, OUT/report.html and OUT/bundle/, registers the bundle in MLflow."""
     check_servers()
-    run = _Steps()
     out = Path(params.out).expanduser().absolute()
     work = out / "work"
+    run = _Steps(work / "keys")
     cache_root = str(cache_dir())
 
     if params.corpus is None:
@@ -199,7 +207,8 @@ def upgrade(params: UpgradeParams) -> dict:
     # "old" in Eqns. 3 and 6 is the old model, or in a chain link the champion's compatible space (old = its bundle).
     embeddings = run("embed", embed_corpus, corpus["path"], old, new, cache_root, needs,
                      data["pairs"] if with_pairs else None,
-                     fingerprint=_digest(corpus, data_fp["pairs"] if with_pairs else "", model_fp), progress=params.progress)
+                     fingerprint=_digest(corpus, fingerprint_content(corpus["path"]), data_fp["pairs"] if with_pairs else "",
+                                         model_fp), progress=params.progress)
 
     phi_path = None
     if params.method == "xbt":  # only XBT starts from a pretrained φ (Sec. 3.2; text by default, PretrainConfig.source)

@@ -49,3 +49,21 @@ def test_keys_separate_models_and_data(tmp_path):
     assert not cache.is_complete("m2", "d", "text")
     manifest = json.loads((cache.entry_dir("m1", "d", "text") / "manifest.json").read_text())
     assert manifest["rows"] == 2 and manifest["dim"] == 3
+
+
+def test_model_fingerprint_sees_an_edit_inside_a_large_weights_file(tmp_path):
+    import os
+
+    from xbtcore.cache import fingerprint_model
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(bytes(5 << 20))  # 5 MiB: the first and last MiB are hashed, the middle is not
+    (tmp_path / "config.json").write_text("{}")
+    before = fingerprint_model(str(tmp_path))
+    st = weights.stat()
+    with weights.open("r+b") as fh:  # same size, same head and tail
+        fh.seek(2 << 20)
+        fh.write(b"\x01" * 64)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a later write, on any clock granularity
+    assert weights.stat().st_size == st.st_size
+    assert fingerprint_model(str(tmp_path)) != before

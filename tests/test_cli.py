@@ -161,14 +161,23 @@ def test_upgrade_killed_mid_training_resumes_from_checkpoint(tiny, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *map(str, args)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    ckpt = out / "work" / "train.ckpt"
     deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    while not (ckpts := list((out / "work").glob("train*.ckpt"))) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert ckpt.exists(), "training never wrote a checkpoint"
+    assert ckpts, "training never wrote a checkpoint"
+    ckpt = ckpts[0]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "report.json").exists()
+
+    # The checkpoint belongs to those settings: the same run folder with another lr trains from the start.
+    import shutil
+
+    other = tmp_path / "other-lr"
+    shutil.copytree(out, other)
+    r = xbt(*[other if str(a) == str(out) else a for a in args], "--set", "finetune.lr=3e-4")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((other / "work" / "train_history.json").read_text())["resumed_from"] == 0
 
     r = xbt(*args)
     assert r.returncode == 0, r.stderr

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -267,3 +268,31 @@ def test_every_method_upgrades_end_to_end_and_its_bundle_embeds(prefect_harness,
     emb = compat.embed_texts(captions)
     assert emb.shape == (len(captions), DualEncoder.from_pretrained(tiny["old"]).embed_dim)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(len(captions)), atol=1e-5)
+
+
+def test_reruns_never_serve_an_output_that_changed_since(prefect_harness, tiny, tmp_path, monkeypatch):
+    # Cached steps return paths in the run folder; a run with other inputs may have overwritten them since.
+    import shutil
+
+    from flows.upgrade import upgrade
+    from tasks.common import fingerprint_content
+
+    monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
+    out = tmp_path / "run"
+    first = upgrade(_params(tiny, out))
+    bundle = fingerprint_content(out / "bundle")
+    other = upgrade(_params(tiny, out, finetune={**FAST["finetune"], "lr": 1e-3}))
+    assert fingerprint_content(out / "bundle") != bundle and other["steps"]["train"] == "Completed"
+    back = upgrade(_params(tiny, out))  # the first settings again, in the same folder
+    assert fingerprint_content(out / "bundle") == bundle and back["recall"] == first["recall"]
+
+    # A corpus edited in place, as many distinct rows as before: everything from the embeddings on is redone.
+    corpus = tmp_path / "corpus.parquet"
+    shutil.copy(tiny["corpus"], corpus)
+    params = dict(corpus=str(corpus), out=str(tmp_path / "edit"))
+    upgrade(_params(tiny, **params))
+    table = pq.read_table(corpus)
+    reversed_text = [t[::-1] for t in table.column("caption").to_pylist()]
+    pq.write_table(table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(reversed_text)), corpus)
+    edited = upgrade(_params(tiny, **params))
+    assert all(edited["steps"][s] == "Completed" for s in ("embed-corpus", "pretrain-phi", "train", "evaluate"))
