@@ -59,11 +59,13 @@ def test_model_fingerprint_sees_an_edit_inside_a_large_weights_file(tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(bytes(5 << 20))  # 5 MiB: the first and last MiB are hashed, the middle is not
     (tmp_path / "config.json").write_text("{}")
-    before = fingerprint_model(str(tmp_path))
+    before, space = fingerprint_model(str(tmp_path), with_mtime=True), fingerprint_model(str(tmp_path))
     st = weights.stat()
     with weights.open("r+b") as fh:  # same size, same head and tail
         fh.seek(2 << 20)
         fh.write(b"\x01" * 64)
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a later write, on any clock granularity
     assert weights.stat().st_size == st.st_size
-    assert fingerprint_model(str(tmp_path)) != before
+    assert fingerprint_model(str(tmp_path), with_mtime=True) != before  # the embedding cache's key
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000))  # touched again, same bytes
+    assert fingerprint_model(str(tmp_path)) == space  # a gallery space's id is about content, not mtimes

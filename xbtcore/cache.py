@@ -48,17 +48,19 @@ def fingerprint_items(items: Sequence) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint_model(ref: str) -> str:
-    """A local directory hashes its config and weight files (size, modification time, head and tail),
-    so a retrained or edited checkpoint in the same folder gets a new key (an edit inside a large file
-    changes neither its size nor its first and last MiB); a hub id is its name."""
+def fingerprint_model(ref: str, with_mtime: bool = False) -> str:
+    """A local directory hashes its config and weight files (size, head and tail), so a retrained
+    checkpoint in the same folder gets a new key; a hub id is its name. with_mtime adds each file's
+    modification time, for keys that must also see an edit inside a large file (which changes neither
+    its size nor its first and last MiB): the embedding cache's. Without it the id survives a copy or
+    checkout of the same files (a gallery space's name in the registry)."""
     p = Path(ref)
     h = hashlib.sha256(str(ref).encode())
     if p.is_dir():
         for f in sorted(p.rglob("*")):
             if f.is_file() and f.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}:
                 st = f.stat()
-                h.update(f"{f.relative_to(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
+                h.update(f"{f.relative_to(p)}|{st.st_size}".encode() + (f"|{st.st_mtime_ns}".encode() if with_mtime else b""))
                 with f.open("rb") as fh:
                     h.update(fh.read(1 << 20))
                     if st.st_size > 2 << 20:

@@ -74,7 +74,7 @@ def cached_image_embeddings(cache: EmbeddingCache, encoder, pairs, progress=Fals
 def cache_model_key(encoder) -> str:
     """The cache's model key: a compatible encoder (bundle) embeds into the old space, so
     it is keyed apart from its base model."""
-    return fingerprint_model(encoder.ref) + ("-compat" if isinstance(encoder, CompatibleEncoder) else "")
+    return fingerprint_model(encoder.ref, with_mtime=True) + ("-compat" if isinstance(encoder, CompatibleEncoder) else "")
 
 
 def pretrain_phi(w_new: torch.Tensor, w_old: torch.Tensor, cfg: PretrainConfig, device="cpu", on_step=None,
