@@ -11,7 +11,6 @@ read) and code, so re-running the same upgrade skips them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -22,7 +21,8 @@ from prefect import flow, get_run_logger, runtime, task
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.advice import next_steps
-from tasks.common import CACHED, absolute_ref, cache_dir, fingerprint_content, fingerprint_files, results_dir, state_dir
+from tasks.common import (CACHED, absolute_ref, cache_dir, digest, fingerprint_content, fingerprint_files, results_dir,
+                          state_dir)
 from tasks.embed import embed_corpus, embeddings_needed
 from tasks.evaluate import check_inputs, evaluate, gate, margins_path
 from tasks.extract import extract_corpus
@@ -126,10 +126,6 @@ def ensure_world(spec: dict, out_dir: str) -> dict:
     return world.write_world(out_dir, world.WorldSpec(**spec))
 
 
-def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class _Steps:
     """Runs tasks, adds their wall time to a report step, remembers each task's final state."""
 
@@ -148,7 +144,7 @@ class _Steps:
             # A cached result is a path in the run folder. It is stale when the file is gone, or when a run
             # with other inputs has overwritten it since (change a setting, then change it back).
             record = self.keys_dir / f"{t.name}.key"
-            key = _digest(t.name, args, kw)
+            key = digest(t.name, args, kw)
             written_by = record.read_text() if record.exists() else None
             if not Path(produces(result)).exists() or (state.name == "Cached" and written_by != key):
                 state = t.with_options(refresh_cache=True)(*args, return_state=True, **kw)
@@ -182,7 +178,7 @@ def upgrade(params: UpgradeParams) -> dict:
 
     if params.corpus is None:
         spec = dataclasses.asdict(world.WorldSpec(**params.world))
-        data = run(None, ensure_world, spec, str(state_dir() / f"world-{_digest(spec)}"), produces=lambda r: r["eval"])
+        data = run(None, ensure_world, spec, str(state_dir() / f"world-{digest(spec)}"), produces=lambda r: r["eval"])
     else:
         data = {"corpus": params.corpus, "pairs": params.pairs, "eval": params.eval}
     data_fp = {k: fingerprint_files(parquet_files(v)) for k, v in data.items()}
@@ -192,7 +188,7 @@ def upgrade(params: UpgradeParams) -> dict:
                 "new": fingerprint_files([new]) if Path(new).exists() else new}
 
     # Bad input of any kind fails here, before anything trains.
-    inputs = run("extract", check_inputs, old, new, data["pairs"], data["eval"], fingerprint=_digest(data_fp, model_fp))
+    inputs = run("extract", check_inputs, old, new, data["pairs"], data["eval"], fingerprint=digest(data_fp, model_fp))
     root, prev = inputs["root"], inputs["prev"]
     corpus = run("extract", extract_corpus, data["corpus"], str(work / "corpus.parquet"), params.text_column,
                  params.min_chars, params.max_chars, params.sample, params.seed, fingerprint=data_fp["corpus"],
@@ -207,8 +203,7 @@ def upgrade(params: UpgradeParams) -> dict:
     # "old" in Eqns. 3 and 6 is the old model, or in a chain link the champion's compatible space (old = its bundle).
     embeddings = run("embed", embed_corpus, corpus["path"], old, new, cache_root, needs,
                      data["pairs"] if with_pairs else None,
-                     fingerprint=_digest(corpus, fingerprint_content(corpus["path"]), data_fp["pairs"] if with_pairs else "",
-                                         model_fp), progress=params.progress)
+                     fingerprint=digest(corpus, data_fp["pairs"] if with_pairs else "", model_fp), progress=params.progress)
 
     phi_path = None
     if params.method == "xbt":  # only XBT starts from a pretrained φ (Sec. 3.2; text by default, PretrainConfig.source)
@@ -217,12 +212,12 @@ def upgrade(params: UpgradeParams) -> dict:
 
     bundle = run("train", train, new, old, root, inputs["chain"] if prev else [root], data["pairs"], params.method,
                  phi_path, embeddings, cache_root, str(out / "bundle"), str(work), params.finetune, params.seed,
-                 fingerprint=_digest(data_fp["pairs"], model_fp, fingerprint_content(phi_path) if phi_path else ""),
+                 fingerprint=digest(data_fp["pairs"], model_fp, fingerprint_content(phi_path) if phi_path else ""),
                  progress=params.progress, produces=lambda r: r)
 
     sample_path = str(work / "eval_sample.safetensors")  # the HTML report's map and examples
     recall_path = run("evaluate", evaluate, data["eval"], root, new, bundle, prev, cache_root, str(work / "recall.json"),
-                      fingerprint=_digest(data_fp["eval"], model_fp, fingerprint_content(bundle)),
+                      fingerprint=digest(data_fp["eval"], model_fp, fingerprint_content(bundle)),
                       sample_path=sample_path, produces=lambda r: r)
     verdict = run(None, gate, recall_path, params.gate_ks, prev is not None)
     recall = json.loads(Path(recall_path).read_text())
@@ -264,7 +259,7 @@ def upgrade(params: UpgradeParams) -> dict:
     run(None, publish_artifacts, report, verdict, html_path)
     run(None, record_datasets, [{"path": os.path.abspath(data[k]), "kind": k, "fingerprint": data_fp[k], "rows": n}
                                 for k, n in (("corpus", corpus["rows"]), ("pairs", inputs["pairs"]), ("eval", inputs["eval_captions"]))])
-    run_id = str(runtime.flow_run.id or _digest(report_path, time.time()))
+    run_id = str(runtime.flow_run.id or digest(report_path, time.time()))
     run(None, record_run, {"run_id": run_id, "method": params.method, "old": old, "new": new, "root_model": root,
                            "space": space, "out_dir": str(out), "bundle": bundle, "gate_passed": verdict["passed"], "promoted": reg["promoted"], "mlflow_model": reg["name"],
                            "mlflow_version": reg["version"], "report": report_path},

@@ -8,6 +8,7 @@ of the working directory.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -31,6 +32,11 @@ def results_dir() -> Path:
 
 def cache_dir() -> Path:
     return state_dir() / "cache"
+
+
+def digest(*parts) -> str:
+    """A short, stable hash of JSON-able parts (paths, settings, fingerprints): cache keys and names."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def fingerprint_files(paths) -> str:

@@ -12,7 +12,7 @@ from prefect import task
 
 from xbtcore.data import InputError, is_text_type, parquet_files
 
-from .common import CACHED, log
+from .common import CACHED, fingerprint_content, log
 
 _FIX_COLUMN = "name the text column with --text-column NAME"
 
@@ -96,4 +96,5 @@ def extract_corpus(source: str, out_path: str, text_column: str = "caption", min
     pq.write_table(table, tmp)
     os.replace(tmp, out)  # atomic: no half-written corpus looks finished
     log().info("corpus: %d distinct texts from %d file(s) -> %s", table.num_rows, len(files), out)
-    return {"path": str(out), "rows": table.num_rows}
+    # Its content's fingerprint keys the steps that read it: an edited corpus with as many rows is new input.
+    return {"path": str(out), "rows": table.num_rows, "fingerprint": fingerprint_content(out)}

@@ -16,7 +16,6 @@ versions a reviewer promoted back and forth.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from prefect import task
 from xbtcore.bundle import BUNDLE_FILE
 from xbtcore.cache import fingerprint_model
 
-from .common import IO_RETRIES, fingerprint_content, log, state_dir
+from .common import IO_RETRIES, digest, fingerprint_content, log, state_dir
 from .servers import artifact_root, tracking_uri
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -153,8 +152,7 @@ def resolve_ref(ref: str) -> str:
         raise ValueError(f"{ref}: not found in the MLflow registry at {tracking_uri()} "
                          f"({str(e).splitlines()[0]}); list versions with `xbt catalog`") from e
     # Keyed by registry too: two registries (the embedded SQLite one, a server) each have a version 1 of a name.
-    registry = hashlib.sha256(tracking_uri().encode()).hexdigest()[:8]
-    dst = state_dir() / "models" / registry / name / f"v{version}"
+    dst = state_dir() / "models" / digest(tracking_uri())[:8] / name / f"v{version}"
     if not (dst / BUNDLE_FILE).is_file():
         import mlflow
 

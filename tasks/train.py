@@ -8,7 +8,6 @@ to the artefact (MLflow logs them as metrics).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from xbtcore.phi import Phi, PhiConfig
 from xbtcore.pretrain import PretrainConfig, pretraining_rows
 from xbtcore.recipe import fit_linear_map, pair_rows, pretrain_phi
 
-from .common import CACHED, fingerprint_content, log
+from .common import CACHED, digest, fingerprint_content, log
 from .embed import load_cached
 
 
@@ -127,9 +126,9 @@ def train(new_ref: str, old_ref: str, root_ref: str, chain: list[str], pairs_pat
             old_targets = (load_cached(cache_root, embeddings["v_old_pairs"]), load_cached(cache_root, embeddings["w_old_pairs"]))
         # The checkpoint belongs to these inputs: a killed run resumes only the same training, never one
         # with other settings, data, φ or models (its optimizer state would even carry the old lr).
-        inputs = json.dumps([new_ref, old_ref, pairs_path, method, fingerprint_content(phi_path) if phi_path else None,
-                             overrides, seed, fingerprint], sort_keys=True, default=str)
-        ckpt = work / f"train-{hashlib.sha256(inputs.encode()).hexdigest()[:16]}.ckpt"
+        inputs = digest(new_ref, old_ref, pairs_path, method, fingerprint_content(phi_path) if phi_path else None,
+                        overrides, seed, fingerprint)
+        ckpt = work / f"train-{inputs}.ckpt"
         for stale in work.glob("train*.ckpt"):
             if stale != ckpt:
                 stale.unlink()
