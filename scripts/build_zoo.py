@@ -11,8 +11,14 @@ Variants for experiments (docs/method.md, "Other zoos"), never the committed zoo
 Each tier is an ordinary CLIPModel saved in the Hugging Face layout, trained
 from scratch with CLIP's contrastive loss on the world's "zoo" split (disjoint
 from the corpus, the pairs and the eval set). Tiers differ in width, depth,
-embedding size and training budget, so each beats the one below: the demo's
-upgrade then has something real to gain.
+embedding size, image resolution and training budget, so each beats the one
+below: the demo's upgrade then has something real to gain. And, as each CLIP
+generation was trained on more and more varied text than the last, `old` was
+trained on plainer captions: only the two commonest words for each shape and
+size (`world.plain_words`), so "donut", "block" or "tiny" in a user's caption
+mean little to it. `zoo/old-same-text` is the first old tier, trained on the
+same text as mid and new (`--tiers old --known-synonyms 3` rebuilds it), which
+every experiment before session 8 used (docs/method.md).
 """
 
 from __future__ import annotations
@@ -43,9 +49,13 @@ from xbtcore.tinyclip import (  # noqa: E402
 # A capacity ladder like B/32 -> L/14 -> H/14: each tier sees the images at a
 # higher resolution (same 16 patch tokens, so the same cost), is wider and
 # trains longer. Resolution is what separates the tiers most reliably: at 16 px
-# a star and a cross are hard to tell apart, at 32 px they are not.
+# a star and a cross are hard to tell apart, at 32 px they are not. The old
+# tier also reads less: it was trained on plainer text (known_synonyms), so a
+# newer tier can beat it on the users' text queries too, not only on images
+# (docs/method.md, "The zoo's generations").
 TIERS = {
-    "old": dict(spec=TinyClipSpec(width=64, layers=2, heads=4, embed_dim=64, image_size=16, patch_size=4), steps=600, lr=1e-3),
+    "old": dict(spec=TinyClipSpec(width=64, layers=2, heads=4, embed_dim=64, image_size=16, patch_size=4), steps=600, lr=1e-3,
+                known_synonyms=2),
     "mid": dict(spec=TinyClipSpec(width=96, layers=3, heads=4, embed_dim=96, image_size=24, patch_size=6), steps=800, lr=1e-3),
     "new": dict(spec=TinyClipSpec(width=128, layers=3, heads=4, embed_dim=128, image_size=32, patch_size=8), steps=1000, lr=1e-3),
 }
@@ -86,9 +96,10 @@ def quick_recall(model, tok, proc, eval_items, eval_imgs) -> dict:
 
 
 def train_tier(name: str, out: Path, seed: int, eval_every: int, spec_overrides: dict | None = None,
-               steps: int | None = None, zoo_user_phrasing: float = 0.0) -> dict:
+               steps: int | None = None, zoo_user_phrasing: float = 0.0, known_synonyms: int | None = None) -> dict:
     """Train one tier; the overrides make an experiment's variant (defaults: the committed zoo)."""
     cfg = TIERS[name]
+    known_synonyms = known_synonyms or cfg.get("known_synonyms")
     spec: TinyClipSpec = dataclasses.replace(cfg["spec"], **(spec_overrides or {}))
     torch.manual_seed(seed)
     tok = build_tokenizer(world_vocabulary(), spec.max_text_len)
@@ -99,6 +110,8 @@ def train_tier(name: str, out: Path, seed: int, eval_every: int, spec_overrides:
     # zoo_user_phrasing: a share of the training captions in the house style of
     # WorldSpec.user_phrasing, as if this tier had been trained on more varied text.
     items = world.scenes_with_captions(seed, "zoo", TRAIN_IMAGES, CAPTIONS_PER_IMAGE, zoo_user_phrasing)
+    if known_synonyms:  # a tier trained on plainer text: rarer synonyms never seen
+        items = [(s, [world.plain_words(c, known_synonyms) for c in cs]) for s, cs in items]
     # noise stream 99 (not the split tag): this is what trained the committed zoo
     imgs = [world.render_scene(s, noise_seed=[seed, 99, i]) for i, (s, _) in enumerate(items)]
     pixels = torch.cat([proc(images=imgs[i : i + 2000], return_tensors="pt")["pixel_values"] for i in range(0, len(imgs), 2000)])
@@ -139,6 +152,8 @@ def train_tier(name: str, out: Path, seed: int, eval_every: int, spec_overrides:
             "train_images": TRAIN_IMAGES, "eval": final, "train_s": round(time.time() - t0, 1)}
     if zoo_user_phrasing:
         meta["zoo_user_phrasing"] = zoo_user_phrasing
+    if known_synonyms:
+        meta["known_synonyms"] = known_synonyms
     (out / name / "xbt_zoo.json").write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -154,12 +169,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: each tier's own)")
     ap.add_argument("--zoo-user-phrasing", type=float, default=0.0,
                     help="share of the training captions in the world's house style (WorldSpec.user_phrasing)")
+    ap.add_argument("--known-synonyms", type=int, default=None,
+                    help="train on captions that use only the first K words for each shape and size (world.plain_words; "
+                         "default: the tier's own, 2 for old; 3 or more: every word)")
     args = ap.parse_args()
     overrides = parse_spec(args.spec)
+    if args.known_synonyms is not None and args.known_synonyms < 1:
+        ap.error(f"--known-synonyms must be at least 1, got {args.known_synonyms}")
     if not 0.0 <= args.zoo_user_phrasing <= 1.0:
         ap.error(f"--zoo-user-phrasing must be a share in [0, 1], got {args.zoo_user_phrasing}")
     for name in args.tiers:
-        meta = train_tier(name, args.out, args.seed, args.eval_every, overrides, args.steps, args.zoo_user_phrasing)
+        meta = train_tier(name, args.out, args.seed, args.eval_every, overrides, args.steps, args.zoo_user_phrasing,
+                          args.known_synonyms)
         print(json.dumps(meta), flush=True)
 
 

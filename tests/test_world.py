@@ -112,3 +112,12 @@ def test_bad_sizes_fail_when_the_spec_is_made(bad, needle):
         world.WorldSpec(**bad)
     assert needle in str(err.value)
     world.WorldSpec(user_phrasing=1)  # an int share is a share
+
+
+def test_plain_words_keeps_the_first_k_synonyms_and_nothing_else_changes():
+    caption = "a tiny red round dot left of a huge blue hex and a green plus sign, a hexagon in the top"
+    assert world.plain_words(caption, 1) == "a small red circle left of a large blue hexagon and a green cross, a hexagon in the top"
+    assert world.plain_words(caption, 2) == "a small red circle left of a large blue hex and a green plus sign, a hexagon in the top"
+    assert world.plain_words(caption, 3) == caption
+    with pytest.raises(ValueError, match="known_synonyms"):
+        world.plain_words(caption, 0)

@@ -1,8 +1,10 @@
-"""Experiment variants of the demo zoo (scripts/build_zoo.py --spec / --steps / --zoo-user-phrasing)
+"""Experiment variants of the demo zoo (scripts/build_zoo.py --spec / --steps / --zoo-user-phrasing
+/ --known-synonyms)
 and the note a bench result carries into docs/benchmarks.md."""
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from xbtcore.encoders import DualEncoder
 from xbtcore.tinyclip import TinyClipSpec, build_clip
 
 REPO = Path(__file__).resolve().parents[1]
+ZOO = REPO / "zoo"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
@@ -62,6 +65,30 @@ def test_variant_tier_trains_on_house_style_captions_with_its_overrides(tmp_path
     assert enc.model.config.text_config.hidden_size == 32
     w = enc.embed_texts(["a red circle"])
     assert w.shape == (1, build_zoo.TIERS["old"]["spec"].embed_dim) and torch.allclose(w.norm(dim=-1), torch.ones(1))
+
+
+def test_old_tier_trains_on_plainer_text_and_the_committed_zoo_records_it(tmp_path, monkeypatch):
+    """The old tier's training captions use only the two commonest words for each shape
+    and size; mid and new read every word; the committed zoo/old says so in its metadata."""
+    seen = {}
+    real = world.plain_words
+
+    def spy(caption, known):
+        seen.setdefault(known, []).append(real(caption, known))
+        return seen[known][-1]
+
+    monkeypatch.setattr(build_zoo.world, "plain_words", spy)
+    monkeypatch.setattr(build_zoo, "TRAIN_IMAGES", 48)
+    monkeypatch.setattr(build_zoo, "BATCH", 16)
+    build_zoo.train_tier("old", tmp_path, seed=0, eval_every=1, steps=1)
+    assert list(seen) == [2] and len(seen[2]) == 48 * build_zoo.CAPTIONS_PER_IMAGE
+    rare = {w for words in (*world.SHAPES.values(), *world.SIZES.values()) for w in words[2:]}
+    assert not any(re.search(rf"\b{w}\b", c) for c in seen[2] for w in rare)
+    seen.clear()
+    build_zoo.train_tier("mid", tmp_path, seed=0, eval_every=1, steps=1)
+    assert seen == {}
+    assert json.loads((ZOO / "old" / "xbt_zoo.json").read_text())["known_synonyms"] == 2
+    assert "known_synonyms" not in json.loads((ZOO / "old-same-text" / "xbt_zoo.json").read_text())
 
 
 def test_a_note_saves_the_command_that_made_the_result(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import io
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -237,6 +238,20 @@ def caption_scene(scene: Scene, rng: random.Random, user_phrasing: float = 0.0) 
     if template == 3:
         return ", ".join(phrases)
     return "there is " + " and ".join(_a(p) for p in phrases)
+
+
+def plain_words(caption: str, known_synonyms: int) -> str:
+    """The caption as a model that learned only the first `known_synonyms`
+    words for each shape and size would have seen it in training: every rarer
+    synonym ("disc", "hoop", "tiny") replaced by the common word ("circle",
+    "ring", "small"). Earlier model generations were trained on less, and less
+    varied, text; `scripts/build_zoo.py --known-synonyms` builds such a tier."""
+    if known_synonyms < 1:
+        raise ValueError(f"known_synonyms must be at least 1, got {known_synonyms!r}")
+    for words in (*SHAPES.values(), *SIZES.values()):
+        for rare in words[known_synonyms:]:
+            caption = re.sub(rf"\b{re.escape(rare)}\b", words[0], caption)
+    return caption
 
 
 @dataclass(frozen=True)
