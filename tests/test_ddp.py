@@ -28,6 +28,14 @@ def _init(rank, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
 
 
+def _finish():
+    """Both ranks reach here before either tears gloo down: destroying the group while the
+    other rank's gloo threads still talk to it aborted a worker now and then (SIGABRT,
+    "terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _loss_and_grads(a, b, phi):
     loss = clip_loss(phi(a), b, 14.3)
     loss.backward()
@@ -50,7 +58,7 @@ def _worker_loss(rank, init_file, out_dir):
     loss, _ = _loss_and_grads(a[mine], b[mine], phi)
     average_gradients(phi.parameters())
     torch.save({"loss": loss, "grads": [p.grad for p in phi.parameters()]}, f"{out_dir}/loss-{rank}.pt")
-    dist.destroy_process_group()
+    _finish()
 
 
 def _worker_pretrain(rank, init_file, out_dir, w_new, w_old, cfg, pairs=None):
@@ -59,7 +67,7 @@ def _worker_pretrain(rank, init_file, out_dir, w_new, w_old, cfg, pairs=None):
     phi = Phi(PhiConfig(w_new.shape[1], w_old.shape[1]))
     text_only_pretrain(phi, w_new, w_old, cfg, pairs=pairs)
     torch.save(phi.state_dict(), f"{out_dir}/pre-{rank}.pt")
-    dist.destroy_process_group()
+    _finish()
 
 
 def _spawn(fn, tmp_path, *args):
@@ -82,7 +90,7 @@ def _worker_write(rank, init_file, out_dir):
 
     on_main_rank(write)
     (Path(out_dir) / f"saw-{rank}.txt").write_text(artefact.read_text() if artefact.exists() else "missing")
-    dist.destroy_process_group()
+    _finish()
 
 
 def test_only_rank_zero_writes_and_every_rank_waits_for_it(tmp_path):
@@ -110,7 +118,8 @@ def test_pretraining_under_two_ranks_equals_one(tmp_path, pair_weight):
     w_new = F.normalize(torch.randn(256, 12, generator=g), dim=-1)
     w_old = F.normalize(torch.randn(256, 8, generator=g), dim=-1)
     pairs = (F.normalize(torch.randn(96, 12, generator=g), dim=-1), F.normalize(torch.randn(96, 12, generator=g), dim=-1))
-    cfg = PretrainConfig(sigma=0.1, batch_size=64, lr=1e-3, epochs=2, pair_weight=pair_weight, pair_batch_size=32)
+    cfg = PretrainConfig(sigma=0.1, batch_size=64, lr=1e-3, epochs=2, pair_weight=pair_weight, pair_batch_size=32,
+                         fit_weight=1.0)  # the fit term is a per-row mean: equal over ranks too
     _spawn(_worker_pretrain, tmp_path, w_new, w_old, cfg, pairs)
     torch.manual_seed(0)
     phi = Phi(PhiConfig(12, 8))
@@ -155,7 +164,7 @@ def _worker_finetune(rank, init_file, out_dir, new, pairs_path, cfg, targets):
     # one spawn for both methods: importing transformers and peft is most of a worker's time
     out = {m: _run_finetune(new, pairs_path, m, cfg, targets, f"{out_dir}/{m}.ckpt") for m in FT_METHODS}
     torch.save(out, f"{out_dir}/ft-{rank}.pt")
-    dist.destroy_process_group()
+    _finish()
 
 
 @pytest.fixture(scope="module")
