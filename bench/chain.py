@@ -76,7 +76,7 @@ def run(args) -> dict:
             w_mid_compat = cached_text_embeddings(cache, up1, corpus)  # φ1(w̄_mid), keyed "-compat" by the bundle
             image2 = pair_images(new, up1)  # link 1's compatible image embeddings stand in for v_old
         enc2, phi2, info2 = quality.xbt_upgrade(args.new, w_new, w_mid_compat, pairs, pre_cfg, ft_cfg, seed, dev, args.progress, timer,
-                                                image=image2, cache=cache)
+                                                image=image2, cache=cache, chain_link=True)
         with timer("evaluate"):
             up2_side = _side(CompatibleEncoder(enc2, phi2), evalset)
         recall2 = evaluate_cases(old_side, up2_side, new_side, evalset.caption_image, prev=up1_side)

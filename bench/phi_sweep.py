@@ -62,7 +62,8 @@ def main():
     rows = []
     for combo in itertools.product(*values):
         for seed in args.seeds:
-            cfg = PretrainConfig(**dict(zip(keys, combo)), seed=seed)
+            # Eqn. 3 alone (no pair term, λ = 0) unless the grid sets it: this sweep has no pairs
+            cfg = PretrainConfig(**{"pair_weight": 0.0, **dict(zip(keys, combo))}, seed=seed)
             t0 = time.perf_counter()
             phi, hist = pretrain_phi(w_new, w_old, cfg)
             secs = time.perf_counter() - t0

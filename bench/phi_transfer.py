@@ -7,7 +7,8 @@ which pulls φ(w̄_new) towards φ(v̄_new), pulls them towards v_old: i.e. if �
 fitted on one kind of row (Eqn. 3: corpus texts; Table 4 (h): the pairs'
 images), maps the new model's image embeddings near the old model's image
 embeddings of the same images. This bench pretrains φ on each source with the
-default PretrainConfig and measures on the eval set, with no fine-tuning:
+default PretrainConfig without the pair term (λ = 0, Eqn. 3 alone) and
+measures on the eval set, with no fine-tuning:
 
 - i2i: φ(v_new) as a query against the old image gallery v_old, a hit when
   its own image ranks in the top K (R@1/5/10), and the mean cosine to it;
@@ -88,7 +89,8 @@ def main():
               "corpus": len(corpus), "pair_images": pairs.n_images, "seed": args.seed,
               "old_model": {"image_caption_mean_cos": round(w_own.mean().item(), 4)}, "phi": {}}
     for source in args.sources:
-        cfg = dataclasses.replace(PretrainConfig(seed=args.seed), source=source)
+        # Eqn. 3 alone (λ = 0): where φ fitted to the old space puts the images, without the pair term
+        cfg = dataclasses.replace(PretrainConfig(seed=args.seed, pair_weight=0.0), source=source)
         torch.manual_seed(args.seed)
         phi, _ = pretrain_phi(*pretraining_rows(source, text=text, image=image), cfg)
         with torch.inference_mode():

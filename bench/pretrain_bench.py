@@ -4,7 +4,8 @@
         [--epochs 3] [--device cpu|cuda]
 
 Same corpus (`--n` captions of the built-in world), same PretrainConfig (the
-product's defaults, with `--epochs` passes), one process:
+product's defaults, with `--epochs` passes and without the pair term, whose
+20k pairs are cached the same way), one process:
 
 - cached: what tasks/train.py does: both models' corpus embeddings come from the
   EmbeddingCache (filled once beforehand, timed apart as `fill_s`), then
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = check_device(args.device)
 
     texts = corpus_captions(0, args.n)
-    cfg = PretrainConfig(epochs=args.epochs)
+    cfg = PretrainConfig(epochs=args.epochs, pair_weight=0.0)  # the corpus rows the cache saves; no pairs here
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     new = DualEncoder.from_pretrained(args.new, device=device, dtype=dtype)
     old = DualEncoder.from_pretrained(args.old, device=device, dtype=dtype)

@@ -131,12 +131,15 @@ def pair_term_rows(pre_cfg: PretrainConfig, cache: EmbeddingCache | None, new_ba
 
 def xbt_upgrade(new_ref: str, w_new: torch.Tensor, w_old: torch.Tensor, pairs, pre_cfg: PretrainConfig,
                 ft_cfg: FinetuneConfig, seed: int, device: str = "cpu", progress: bool = False, timer: Timer | None = None,
-                image: tuple[torch.Tensor, torch.Tensor] | None = None, cache: EmbeddingCache | None = None):
+                image: tuple[torch.Tensor, torch.Tensor] | None = None, cache: EmbeddingCache | None = None,
+                chain_link: bool = False):
     """The XBT recipe in-process: φ pretrained on the rows `pre_cfg.source` picks, the corpus'
     row-aligned (w_new, w_old) (Eqn. 3) and/or `image`, the pairs' (v_new, v_old), with the
     pair term on the frozen new model's pairs when pre_cfg.pair_weight > 0 (through `cache`);
-    then Eqn. 5 on the pairs. -> (new encoder with adapters, φ, info dict)."""
+    then Eqn. 5 on the pairs. chain_link: w_old are a bundle's compatible embeddings (the fit
+    term's default, PretrainConfig.for_targets). -> (new encoder with adapters, φ, info dict)."""
     timer = timer or Timer()
+    pre_cfg = pre_cfg.for_targets(compatible=chain_link)
     new = DualEncoder.from_pretrained(new_ref, device=device)
     rows = pretraining_rows(pre_cfg.source, text=(w_new, w_old), image=image)  # an image source without images fails here
     pair_term = pair_term_rows(pre_cfg, cache, new, pairs, timer)
@@ -147,7 +150,7 @@ def xbt_upgrade(new_ref: str, w_new: torch.Tensor, w_old: torch.Tensor, pairs, p
         hist = finetune(new, phi, pairs, "xbt", dataclasses.replace(ft_cfg, seed=seed), progress=progress)
     info = {"pretrain_loss": [round(h["loss"], 4) for h in pre_hist[:: max(1, len(pre_hist) // 10)]],
             "train_loss": [round(h["loss"], 4) for h in hist if "loss" in h][:: max(1, len(hist) // 10)],
-            "trainable_params": count_trainable(new, phi)}
+            "trainable_params": count_trainable(new, phi), "fit_weight": pre_cfg.fit_weight}
     return new, phi, info
 
 

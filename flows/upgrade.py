@@ -208,7 +208,7 @@ def upgrade(params: UpgradeParams) -> dict:
     phi_path = None
     if params.method == "xbt":  # only XBT starts from a pretrained φ (Sec. 3.2; text by default, PretrainConfig.source)
         phi_path = run("pretrain", pretrain, embeddings, cache_root, str(work / "phi.safetensors"), params.pretrain,
-                       params.seed, data["pairs"] if pre_cfg.pair_weight else None, produces=lambda r: r)
+                       params.seed, data["pairs"] if pre_cfg.pair_weight else None, prev is not None, produces=lambda r: r)
 
     bundle = run("train", train, new, old, root, inputs["chain"] if prev else [root], data["pairs"], params.method,
                  phi_path, embeddings, cache_root, str(out / "bundle"), str(work), params.finetune, params.seed,

@@ -57,10 +57,14 @@ def test_failures_inside_their_interval_are_called_ties(interval, says_tie):
 
 
 def test_new_new_gap_past_a_point_points_at_the_pair_term():
-    steps = next_steps(_report(new_new=(60.0, 58.5)), TEXT)
-    assert len(steps) == 1 and "pretrain.pair_weight=1" in steps[0] and "1.50 points i2t R@1" in steps[0]
-    assert next_steps(_report(new_new=(59.0, 59.5)), TEXT) == []  # within a point
-    assert next_steps(_report(new_new=(50.0, 50.0)), dataclasses.replace(TEXT, pair_weight=1.0)) == []
+    off = dataclasses.replace(TEXT, pair_weight=0.0)
+    steps = next_steps(_report(new_new=(60.0, 58.5)), off)
+    assert len(steps) == 1 and "pretrain.pair_weight=2 (the default)" in steps[0] and "1.50 points i2t R@1" in steps[0]
+    assert next_steps(_report(new_new=(59.0, 59.5)), off) == []  # within a point
+    # At the default weight or above, the advice is a larger weight, naming the one used.
+    steps = next_steps(_report(new_new=(50.0, 50.0)), TEXT)
+    assert len(steps) == 1 and "larger --set pretrain.pair_weight (now 2)" in steps[0]
+    assert not any("pair_weight" in s for s in next_steps(_report(method="base", new_new=(50.0, 50.0)), off))
 
 
 def test_a_chain_link_worse_than_the_champion_says_the_champion_stays():

@@ -10,11 +10,12 @@ import torch
 
 from xbtcore import world
 from xbtcore.data import read_pairs
+from xbtcore.pretrain import CHAIN_FIT_WEIGHT
 from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import ablations, chain, quality, zeroshot
+from bench import ablations, chain, chain_fit, quality, zeroshot
 
 SPEC = world.WorldSpec(corpus_captions=300, pair_images=96, eval_images=16)
 SMALL = ["--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=64", "--set", "finetune.batch_size=32",
@@ -104,6 +105,8 @@ def test_chain_has_both_links_a_gate_each_and_the_direct_run(tiny):
         == run["direct"]["recall"]["t2i"]["old/old"]
     assert run["links"][1]["recall"]["i2t"]["prev/old"] == run["links"][0]["recall"]["i2t"]["new/old"]
     assert set(run["table"]["t2i"]) == {"old/old", "mid/old", "new/old (chain)", "new/old (direct)"}
+    # the fit term is on where φ's targets are link 1's compatible embeddings, and only there
+    assert [link["train"]["fit_weight"] for link in (*run["links"], run["direct"])] == [0.0, CHAIN_FIT_WEIGHT, 0.0]
 
     # zeroshot takes a chain's bundle: the gallery side is its root, the base its new model
     bundle = tiny / "chain" / "seed0" / "link1" / "bundle"
@@ -153,3 +156,17 @@ def test_phi_transfer_diagnostics_by_hand():
     # a φ that lands each image on its first caption: in the text region, everywhere
     on_caption = Side(text=text, image=text[::2])
     assert transfer(on_caption, old, caption_image)["image_lands_in_text_region"] == 100.0
+
+
+def test_chain_fit_compares_link2_fit_weights_against_the_root_gallery(tiny):
+    res = chain_fit.run(chain_fit.parser().parse_args(
+        [*_flags(tiny), "--mid", str(tiny / "mid"), "--link1-pair-weights", "0", "2", "--fit-weights", "0", "10"]))
+    assert list(res["old/old"]) == ["1", "5", "10"]
+    assert [r["fit_weight"] for r in res["direct"]] == [0.0, 10.0]
+    assert [r["pair_weight"] for r in res["link1"]] == [0.0, 2.0]
+    for row in res["link1"]:
+        assert [r["fit_weight"] for r in row["link2"]] == [0.0, 10.0]
+        assert all(0 <= v <= 100 for r in [row, *row["link2"]] for v in r["t2i"].values())
+    # the fit term changes φ2, so it changes where its text queries land
+    assert res["link1"][1]["link2"][0]["t2i"] != res["link1"][1]["link2"][1]["t2i"] or \
+        res["direct"][0]["t2i"] != res["direct"][1]["t2i"]

@@ -223,6 +223,16 @@ def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, t
     assert third["promotion"]["model"] == name  # same gallery space, same registered model
     assert Path(third["bundle"]).is_dir()
 
+    # An XBT chain link fits φ onto the champion's compatible embeddings (the fit term, μ = 10);
+    # a first upgrade fits the old model's own with the paper's contrastive loss alone (μ = 0).
+    from xbtcore.pretrain import CHAIN_FIT_WEIGHT
+
+    fourth = upgrade(_params(tiny, tmp_path / "d", old=f"models:/{name}@champion"))
+    assert fourth["method"] == "xbt" and "prev/old" in fourth["recall"]["t2i"]
+    fit = {run: json.loads((tmp_path / run / "work" / "phi.history.json").read_text())["config"]["fit_weight"]
+           for run in ("a", "d")}
+    assert fit == {"a": 0.0, "d": CHAIN_FIT_WEIGHT}
+
 
 @pytest.mark.parametrize("method, pretrain, needs", [
     ("xbt", {"pair_weight": 0}, ["w_new", "w_old"]),

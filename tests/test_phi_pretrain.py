@@ -57,7 +57,7 @@ def test_pretraining_learns_a_hidden_map():
     phi = Phi(PhiConfig(24, 16))
     with torch.no_grad():
         before = (phi(w_new) @ w_old.T).argmax(1).eq(torch.arange(4096)).float().mean()
-    hist = text_only_pretrain(phi, w_new, w_old, PretrainConfig(sigma=0.05, batch_size=512, lr=1e-3, epochs=8))
+    hist = text_only_pretrain(phi, w_new, w_old, PretrainConfig(sigma=0.05, batch_size=512, lr=1e-3, epochs=8, pair_weight=0.0))
     with torch.no_grad():
         after = (phi(w_new) @ w_old.T).argmax(1).eq(torch.arange(4096)).float().mean()
     assert hist[-1]["loss"] < hist[0]["loss"] * 0.7
@@ -82,16 +82,51 @@ def test_pair_term_keeps_the_new_models_matching_through_phi():
         with torch.no_grad():
             return (phi(pairs[0]) @ phi(pairs[1]).T).argmax(1).eq(torch.arange(512)).float().mean().item()
 
-    base = PretrainConfig(sigma=0.05, batch_size=256, lr=1e-3, epochs=4, pair_batch_size=128)
+    base = PretrainConfig(sigma=0.05, batch_size=256, lr=1e-3, epochs=4, pair_weight=0.0, pair_batch_size=128)
     without, with_pairs = pair_r1(base), pair_r1(dataclasses.replace(base, pair_weight=1.0))
     assert with_pairs > without + 0.2, (without, with_pairs)  # measured 0.66 -> 0.96
+
+
+def test_fit_term_lands_phi_on_the_old_embeddings_not_only_in_their_order():
+    # The targets share a common direction c (a cone, as real embedding spaces do). A batch
+    # contrastive loss barely sees c: each φ(w_new) only has to be nearest its own target.
+    # The fit term must put φ's outputs in the cone, onto their targets.
+    torch.manual_seed(0)
+    w_new = F.normalize(torch.randn(2048, 24), dim=-1)
+    c = F.normalize(torch.randn(1, 16), dim=-1)
+    w_old = F.normalize(1.5 * c + F.normalize(torch.tanh(w_new @ torch.randn(24, 16)), dim=-1), dim=-1)
+
+    def landing(fit_weight):
+        torch.manual_seed(0)
+        phi = Phi(PhiConfig(24, 16))
+        cfg = PretrainConfig(sigma=0.0, batch_size=256, lr=1e-3, epochs=6, pair_weight=0.0, fit_weight=fit_weight)
+        text_only_pretrain(phi, w_new, w_old, cfg)
+        with torch.no_grad():
+            out = phi(w_new)
+        return (out * w_old).sum(-1).mean().item(), (out @ c.T).mean().item()
+
+    (cos_without, c_without), (cos_with, c_with) = landing(0.0), landing(10.0)
+    assert (w_old @ c.T).mean() > 0.8  # the cone the targets sit in
+    assert cos_without < 0.6 and c_without < 0.2, (cos_without, c_without)  # measured 0.49, 0.04
+    assert cos_with > 0.85 and c_with > 0.7, (cos_with, c_with)  # measured 0.92, 0.82
+
+
+def test_fit_term_is_settled_by_the_targets_unless_set():
+    from xbtcore.pretrain import CHAIN_FIT_WEIGHT
+
+    cfg = PretrainConfig()
+    assert cfg.fit_weight is None  # settled per upgrade: its targets decide
+    assert cfg.for_targets(compatible=False).fit_weight == 0.0  # an old model's own embeddings: the paper's Eqn. 3
+    assert cfg.for_targets(compatible=True).fit_weight == CHAIN_FIT_WEIGHT == 10.0  # a chain link's
+    assert PretrainConfig(fit_weight=3.0).for_targets(compatible=True).fit_weight == 3.0  # a user's value is kept
+    assert PretrainConfig(fit_weight=0.0).for_targets(compatible=True).fit_weight == 0.0
 
 
 def test_pair_term_off_ignores_the_pairs_and_on_needs_them():
     torch.manual_seed(0)
     w_new, w_old = F.normalize(torch.randn(512, 24), dim=-1), F.normalize(torch.randn(512, 16), dim=-1)
     pairs = (F.normalize(torch.randn(64, 24), dim=-1), F.normalize(torch.randn(64, 24), dim=-1))
-    cfg = PretrainConfig(batch_size=128, epochs=1)
+    cfg = PretrainConfig(batch_size=128, epochs=1, pair_weight=0.0)
     states = []
     for given in (None, pairs):  # λ = 0 is the paper's Eqn. 3 exactly, whatever is passed
         torch.manual_seed(0)
@@ -114,6 +149,8 @@ def test_pretrain_config_rejects_bad_values():
         PretrainConfig(pair_weight=-0.5)
     with pytest.raises(ValueError, match="pair_batch_size"):
         PretrainConfig(pair_batch_size=1)
+    with pytest.raises(ValueError, match="fit_weight"):
+        PretrainConfig(fit_weight=-1.0)
     with pytest.raises(ValueError, match="source must be one of text, image, text\\+image"):
         PretrainConfig(source="images")
 
@@ -123,7 +160,7 @@ def test_pretraining_rows_per_source():
 
     text = (torch.full((5, 4), 1.0), torch.full((5, 3), 2.0))
     image = (torch.full((2, 4), 3.0), torch.full((2, 3), 4.0))
-    assert PretrainConfig().source == "text" and not PretrainConfig().uses_images  # the paper's Eqn. 3 by default
+    assert PretrainConfig().source == "text" and not PretrainConfig().uses_images  # the corpus texts by default, as the paper
     a, b = pretraining_rows("text", text=text, image=image)
     assert a.equal(text[0]) and b.equal(text[1])
     a, b = pretraining_rows("image", image=image)
@@ -145,12 +182,13 @@ def test_pretraining_stops_itself_on_a_nan_loss():
     w_new[5] = float("nan")
     w_old = F.normalize(torch.randn(64, 4), dim=-1)
     with pytest.raises(DivergedError, match="pretrain loss became nan at step 1"):
-        text_only_pretrain(Phi(PhiConfig(8, 4)), w_new, w_old, PretrainConfig(batch_size=64, epochs=1))
+        text_only_pretrain(Phi(PhiConfig(8, 4)), w_new, w_old, PretrainConfig(batch_size=64, epochs=1, pair_weight=0.0))
 
 
 def test_default_passes_keep_a_small_corpus_at_min_steps():
     cfg = PretrainConfig()  # epochs=None: at least 3 passes and at least min_steps steps
-    assert cfg.epochs_for(209_155) == 3  # 204 steps a pass at batch 1,024
-    assert cfg.epochs_for(104_000) == 6  # 101 steps a pass
+    assert cfg.epochs_for(2_100_000) == 3  # 2,050 steps a pass at batch 1,024
+    assert cfg.epochs_for(209_155) == 6  # 204 steps a pass
+    assert cfg.epochs_for(104_000) == 12  # 101 steps a pass
     assert cfg.epochs_for(10) == cfg.min_steps  # one step a pass
     assert PretrainConfig(epochs=2).epochs_for(104_000) == 2  # an explicit count is kept

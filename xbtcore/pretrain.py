@@ -1,13 +1,24 @@
 """Text-only pretraining of φ (Sec. 3.2, Eqn. 3), on cached text embeddings.
 
-    L_pre = E_t [ L_c( φ(normalize(w_new + ε)), w_old ; τ_pre ) ],  ε ~ N(0, σ²)
+    L_pre = E_t [ L_c( φ(w̃_new), w_old ; τ_pre ) ],  w̃_new = normalize(w_new + ε),  ε ~ N(0, σ²)
+          + μ E_t [ 1 - cos( φ(w̃_new), w_old ) ]                  (ours, μ = fit_weight)
           + λ E_(v,w) [ L_c( φ(v_new), φ(w_new) ; τ_pre ) ]        (ours, λ = pair_weight)
 
 The second term is Eqn. 5's loss on the frozen new model's embeddings of the
 pairs (no old model): text alone teaches φ the old text space and nothing
 about keeping the new model's own image-text matching, which Eqn. 5 cannot
 give back later through φ's LayerNorms alone (docs/method.md, "φ keeps the
-new model's matching"). At λ = 0 it is the paper's Eqn. 3.
+new model's matching"). The fit term asks φ to land on w_old, not only to
+rank it first among the batch: the contrastive loss alone fits the directions
+that tell captions apart and leaves φ's output off the target elsewhere, which
+costs little against the old model's own text space but made a chain's second
+link (whose targets are the first link's compatible embeddings, spread out by
+its pair term) lose 7 points t2i R@1 on the root gallery (docs/method.md,
+"Chains need the fit term"). At μ = λ = 0 it is the paper's Eqn. 3. The
+defaults, λ = 2 and μ = 0 against an old model's own embeddings (μ = 10 in a
+chain link, `PretrainConfig.for_targets`), pass Eqn. 2 and keep new/new
+within a point of the original new model on the built-in world; μ = 10 there
+too would cost new/new 3.5 points R@1.
 
 All encoders are frozen, so their outputs are computed once (the embedding
 cache) and this loop touches no encoder at all.
@@ -17,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +37,11 @@ from .losses import PAPER_LOG_LOGIT_SCALE, average_gradients, check_loss, clip_l
 from .phi import Phi
 
 PRETRAIN_SOURCES = ("text", "image", "text+image")
+# μ of the fit term when φ's targets are a champion bundle's compatible embeddings (a chain
+# link). They are spread out by the first link's pair term, and the contrastive loss alone
+# fitted their order, not their place: the second link lost 7 points t2i R@1 on the root
+# gallery without it (docs/method.md, "Chains need the fit term").
+CHAIN_FIT_WEIGHT = 10.0
 
 
 def source_parts(source: str) -> list[str]:
@@ -40,15 +56,21 @@ class PretrainConfig:
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)"})
     epochs: int | None = field(default=None, metadata={"help": "passes over the corpus; None: at least 3 and at least min_steps steps (docs/method.md)"})
-    min_steps: int = field(default=600, metadata={"help": "with epochs=None, a small corpus gets more passes until φ has taken this many steps"})
+    min_steps: int = field(default=1200, metadata={"help": "with epochs=None, a small corpus gets more passes until φ has taken this many steps"})
     log_logit_scale: float = field(default=PAPER_LOG_LOGIT_SCALE, metadata={"help": "τ_pre (paper: 2.6592)"})
     source: str = field(default="text", metadata={"help": "φ's pretraining rows: 'text' (Eqn. 3, the corpus: w_new -> w_old), "
                                                   "'image' (the pairs' images: v_new -> v_old, runs the old image tower on "
                                                   "the pairs, never the gallery) or 'text+image' (both)"})
-    pair_weight: float = field(default=0.0, metadata={"help": "λ of the pair term: Eqn. 5's loss on the frozen new model's "
-                                                        "embeddings of the pairs, trained into φ beside Eqn. 3 "
-                                                        "(ours; 0 = the paper's text-only Eqn. 3)"})
+    pair_weight: float = field(default=2.0, metadata={"help": "λ of the pair term: Eqn. 5's loss on the frozen new model's "
+                                                        "embeddings of the pairs, trained into φ beside Eqn. 3, so that "
+                                                        "new/new stays within a point of the original new model "
+                                                        "(ours; 0 = the paper's text-only Eqn. 3; docs/method.md)"})
     pair_batch_size: int = field(default=256, metadata={"help": "pairs per step of the pair term (XBT's own batch size)"})
+    fit_weight: float | None = field(default=None, metadata={"help": "μ of the fit term: μ (1 - cos(φ(w̃_new), w_old)) beside "
+                                                               "Eqn. 3, so that φ lands on its targets and not only in their "
+                                                               "order; None: 0 (the paper's Eqn. 3) against an old model's own "
+                                                               "embeddings, 10 against a champion bundle's compatible ones "
+                                                               "(a chain link; ours, docs/method.md)"})
     seed: int = 0
 
     def __post_init__(self):
@@ -62,10 +84,20 @@ class PretrainConfig:
             raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if self.pair_weight < 0:
             raise ValueError(f"pair_weight must be >= 0, got {self.pair_weight}")
+        if self.fit_weight is not None and self.fit_weight < 0:
+            raise ValueError(f"fit_weight must be >= 0, got {self.fit_weight}")
         if self.pair_batch_size < 2:
             raise ValueError(f"pair_batch_size must be >= 2 for a contrastive loss, got {self.pair_batch_size}")
         if self.source not in PRETRAIN_SOURCES:
             raise ValueError(f"source must be one of {', '.join(PRETRAIN_SOURCES)}, got {self.source!r}")
+
+    def for_targets(self, compatible: bool) -> "PretrainConfig":
+        """This config with `fit_weight` settled for φ's targets: an old model's own embeddings
+        (compatible=False: 0, the paper's Eqn. 3) or a chain link's, the champion bundle's
+        compatible embeddings (CHAIN_FIT_WEIGHT). A value the user set is kept."""
+        if self.fit_weight is not None:
+            return self
+        return replace(self, fit_weight=CHAIN_FIT_WEIGHT if compatible else 0.0)
 
     @property
     def uses_images(self) -> bool:
@@ -141,7 +173,10 @@ def text_only_pretrain(
             idx = order[i : i + bs]
             x = add_embedding_noise(w_new[idx].to(device), cfg.sigma)  # (B, D_new), same noise on every rank
             mine = local_slice(bs)
-            loss = clip_loss(phi(x[mine]), w_old[idx][mine].to(device), scale)  # φ(x): (B/W, D_old)
+            mapped, target = phi(x[mine]), w_old[idx][mine].to(device)  # (B/W, D_old) each, unit length
+            loss = clip_loss(mapped, target, scale)
+            if cfg.fit_weight:  # None (not settled for the targets, for_targets) is the paper's 0
+                loss = loss + cfg.fit_weight * (1 - (mapped * target).sum(-1)).mean()
             if pair_batches is not None:
                 v, w, pmine = next(pair_batches)  # (P, D_new) each, the same rows on every rank
                 loss = loss + cfg.pair_weight * clip_loss(phi(v[pmine].to(device)), phi(w[pmine].to(device)), scale)
