@@ -58,6 +58,13 @@ the other in the same run on the same machine (these machines are shared and
 noisy, so absolute times from different runs are not compared); the CPU-time
 ratio beside it (all threads' CPU seconds) is steadier when other jobs share the
 cores. Peak memory is each side's own peak RSS, each side in its own process.
+
+The zoo's old tier changed on 2026-11-30 (session 8): it is now trained on
+plainer text (docs/method.md, "The zoo's generations"). Results dated before
+that were made with the first old tier, kept byte for byte as
+`zoo/old-same-text`; their recorded commands say `zoo/old` (or leave it to
+the default), so add `--old zoo/old-same-text` to rerun them as they ran. The
+`*-ladder-*` results and `chain-fit` use the current zoo.
 """
 
 
@@ -320,6 +327,10 @@ def render_paper_table(name: str, data) -> str | None:
             out += [f"| {case} | {_r(t['t2i'][case])} | {_r(t['i2t'][case])} |" for case in t["t2i"]]
             gates = ", ".join(f"link {i + 1}: {'passed' if link['gate']['passed'] else 'failed'} "
                               f"({len(link['gate']['failures'])} failing checks)" for i, link in enumerate(run["links"]))
+            regress = run["links"][-1].get("no_regression")
+            if regress:
+                gates += (f"; link {len(run['links'])} against link {len(run['links']) - 1} (no regression): "
+                          f"{'passed' if regress['passed'] else 'failed'} ({len(regress['failures'])} failing checks)")
             out += ["", f"Eqn. 2 gate per link: {gates}.", ""]
         return "\n".join(out) + "\n"
     if kind == "zeroshot" and isinstance(data, dict) and "accuracy" in data:
