@@ -79,8 +79,7 @@ def parser():
 
 
 def main():
-    args = parser().parse_args()
-    quality.emit(run(args), args)
+    quality.run_and_emit(parser, run)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,12 @@ def add_output_flags(ap: argparse.ArgumentParser) -> None:
                                                "and shown above its table in docs/benchmarks.md")
 
 
+def run_and_emit(parser, run) -> None:
+    """The main() of every bench script built on this module: parse its flags, run, emit."""
+    args = parser().parse_args()
+    emit(run(args), args)
+
+
 def emit(res: dict, args: argparse.Namespace) -> None:
     """Print the result JSON (and save it with --json-out): every quality-style bench ends here.
     With --note, the note and this very command line are saved first, for the doc's "made by"."""
