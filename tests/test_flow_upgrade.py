@@ -122,6 +122,11 @@ def test_bad_inputs_fail_before_training(prefect_harness, tiny, tmp_path):
         _params(tiny, out, pretrain={"nope": 1})
     with pytest.raises(ValidationError, match="source must be one of"):
         _params(tiny, out, pretrain={"source": "pixels"})
+    # a word where a number goes is named, not a TypeError from deep inside the config
+    with pytest.raises(ValidationError, match="setting 'fit_weight' of PretrainConfig takes a number, got 'ten'"):
+        _params(tiny, out, pretrain={"fit_weight": "ten"})
+    with pytest.raises(ValidationError, match="setting 'sigma' of PretrainConfig takes a number, got 'x'"):
+        _params(tiny, out, pretrain={"sigma": "x"})
     builtin = dict(corpus=None, pairs=None, eval=None)
     with pytest.raises(ValidationError, match="pair_images must be a positive whole number, got 2.5"):
         _params(tiny, out, **builtin, world={"pair_images": 2.5})

@@ -30,7 +30,8 @@ def parse_settings(items: list[str]) -> dict[str, dict]:
 
 def apply_overrides(cfg, overrides: dict):
     """A config dataclass with `overrides` applied; dotted keys reach nested configs ("lora.rank")."""
-    fields = {f.name for f in dataclasses.fields(cfg)}
+    types = {f.name: str(f.type) for f in dataclasses.fields(cfg)}
+    fields = set(types)
     changes: dict = {}
     nested: dict[str, dict] = {}
     for key, value in overrides.items():
@@ -41,6 +42,9 @@ def apply_overrides(cfg, overrides: dict):
             nested.setdefault(head, {})[rest] = value
         else:
             current = getattr(cfg, head)
+            numeric = any(t in types[head].split(" | ") for t in ("int", "float"))
+            if numeric and (isinstance(value, (str, bool)) or not isinstance(value, (int, float, type(None)))):
+                raise ValueError(f"setting {key!r} of {type(cfg).__name__} takes a number, got {value!r}")
             if isinstance(current, str) and not isinstance(value, str):
                 value = str(value)
             changes[head] = tuple(value) if isinstance(current, tuple) else value

@@ -18,7 +18,7 @@ its pair term) lose 7 points t2i R@1 on the root gallery (docs/method.md,
 defaults, λ = 2 and μ = 0 against an old model's own embeddings (μ = 10 in a
 chain link, `PretrainConfig.for_targets`), pass Eqn. 2 and keep new/new
 within a point of the original new model on the built-in world; μ = 10 there
-too would cost new/new 3.5 points R@1.
+too would cost new/new 3 to 4 points R@1.
 
 All encoders are frozen, so their outputs are computed once (the embedding
 cache) and this loop touches no encoder at all.
