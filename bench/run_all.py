@@ -333,6 +333,19 @@ def render_paper_table(name: str, data) -> str | None:
                           f"{'passed' if regress['passed'] else 'failed'} ({len(regress['failures'])} failing checks)")
             out += ["", f"Eqn. 2 gate per link: {gates}.", ""]
         return "\n".join(out) + "\n"
+    if kind == "ablations" and isinstance(data, dict) and isinstance(data.get("ablations"), dict):
+        rows = data["ablations"]
+        first = next(iter(rows.values()))
+        out = [*([data["note"], ""] if data.get("note") else []),
+               f"Table 4 on our world: {data.get('old', '?')} -> {data.get('new', '?')}, mean over seeds "
+               f"{', '.join(map(str, data.get('seeds', [])))}; R@1 / R@5 / R@10. old/old: t2i "
+               f"{_r(first['old/old']['t2i'])}, i2t {_r(first['old/old']['i2t'])}.", "",
+               "| ablation | corpus texts | pair images | new/old t2i | new/old i2t | new/new R@1 t2i / i2t | "
+               "Eqn. 2 gate passed |", "|---|---|---|---|---|---|---|"]
+        out += [f"| {name} | {r['corpus']:,} | {r['pairs']:,} | {_r(r['new/old']['t2i'])} | {_r(r['new/old']['i2t'])} | "
+                f"{r['new/new']['t2i']['1']} / {r['new/new']['i2t']['1']} | "
+                f"{sum(r['gate_passed'])} of {len(r['gate_passed'])} |" for name, r in rows.items()]
+        return "\n".join(out) + "\n"
     if kind == "zeroshot" and isinstance(data, dict) and "accuracy" in data:
         cases = list(next(iter(data["accuracy"].values())))
         out = [f"Table 7 on our world: top-1 accuracy (%) on the {data['images']} one-object eval images, class prompts "
