@@ -44,25 +44,28 @@ def run(args) -> dict:
     def t2i(query: torch.Tensor) -> dict:
         return {k: v for k, v in recall_at_k(query, old_side.image, evalset.caption_image)["t2i"].items() if k != "50"}
 
-    def fit(src, targets, cfg, model):
+    on = dataclasses.replace(base_cfg, pair_weight=1.0)  # read the rows once, whatever weight each fit uses
+    pair_term = {m: quality.pair_term_rows(on, cache, e, pairs, Timer()) for m, e in (("mid", mid), ("new", new))}
+
+    def fit(src, targets, cfg, model):  # model: whose pairs the pair term reads, when cfg.pair_weight > 0
         torch.manual_seed(cfg.seed)
-        phi, _ = pretrain_phi(src, targets, cfg, pairs=quality.pair_term_rows(cfg, cache, model, pairs, Timer()))
+        phi, _ = pretrain_phi(src, targets, cfg, pairs=pair_term[model] if cfg.pair_weight else None)
         return phi
 
     out = {"device": machine("cpu"), "old": args.old, "mid": args.mid, "new": args.new, "corpus": len(corpus),
            "pretrain": dataclasses.asdict(base_cfg), "old/old": t2i(old_side.text), "link1": [], "direct": []}
     for mu in args.fit_weights:
-        phi = fit(w_new, w_old, dataclasses.replace(base_cfg, fit_weight=mu), new)
+        phi = fit(w_new, w_old, dataclasses.replace(base_cfg, fit_weight=mu), "new")
         with torch.no_grad():
             out["direct"].append({"fit_weight": mu, "t2i": t2i(phi(new_side.text))})
         print(out["direct"][-1], file=sys.stderr, flush=True)
     for lam in args.link1_pair_weights:
-        phi1 = fit(w_mid, w_old, dataclasses.replace(base_cfg, pair_weight=lam, fit_weight=0.0), mid)
+        phi1 = fit(w_mid, w_old, dataclasses.replace(base_cfg, pair_weight=lam, fit_weight=0.0), "mid")
         with torch.no_grad():
             targets, link1 = phi1(w_mid), t2i(phi1(mid_side.text))
         row = {"pair_weight": lam, "t2i": link1, "link2": []}
         for mu in args.fit_weights:
-            phi2 = fit(w_new, targets, dataclasses.replace(base_cfg, fit_weight=mu), new)
+            phi2 = fit(w_new, targets, dataclasses.replace(base_cfg, fit_weight=mu), "new")
             with torch.no_grad():
                 row["link2"].append({"fit_weight": mu, "t2i": t2i(phi2(new_side.text))})
             print(lam, row["link2"][-1], file=sys.stderr, flush=True)

@@ -43,7 +43,7 @@ def apply_overrides(cfg, overrides: dict):
         else:
             current = getattr(cfg, head)
             numeric = any(t in types[head].split(" | ") for t in ("int", "float"))
-            if numeric and (isinstance(value, (str, bool)) or not isinstance(value, (int, float, type(None)))):
+            if numeric and (isinstance(value, bool) or not isinstance(value, (int, float, type(None)))):
                 raise ValueError(f"setting {key!r} of {type(cfg).__name__} takes a number, got {value!r}")
             if isinstance(current, str) and not isinstance(value, str):
                 value = str(value)
