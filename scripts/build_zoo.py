@@ -56,7 +56,8 @@ from xbtcore.tinyclip import (  # noqa: E402
 TIERS = {
     "old": dict(spec=TinyClipSpec(width=64, layers=2, heads=4, embed_dim=64, image_size=16, patch_size=4), steps=600, lr=1e-3,
                 known_synonyms=2),
-    "mid": dict(spec=TinyClipSpec(width=96, layers=3, heads=4, embed_dim=96, image_size=24, patch_size=6), steps=800, lr=1e-3),
+    "mid": dict(spec=TinyClipSpec(width=96, layers=3, heads=4, embed_dim=96, image_size=24, patch_size=6), steps=800, lr=1e-3,
+                known_synonyms={"size": 2}),
     "new": dict(spec=TinyClipSpec(width=128, layers=3, heads=4, embed_dim=128, image_size=32, patch_size=8), steps=1000, lr=1e-3),
 }
 TRAIN_IMAGES = 30_000
@@ -96,7 +97,7 @@ def quick_recall(model, tok, proc, eval_items, eval_imgs) -> dict:
 
 
 def train_tier(name: str, out: Path, seed: int, eval_every: int, spec_overrides: dict | None = None,
-               steps: int | None = None, zoo_user_phrasing: float = 0.0, known_synonyms: int | None = None) -> dict:
+               steps: int | None = None, zoo_user_phrasing: float = 0.0, known_synonyms: int | dict[str, int] | None = None) -> dict:
     """Train one tier; the overrides make an experiment's variant (defaults: the committed zoo)."""
     cfg = TIERS[name]
     known_synonyms = known_synonyms or cfg.get("known_synonyms")
@@ -169,18 +170,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: each tier's own)")
     ap.add_argument("--zoo-user-phrasing", type=float, default=0.0,
                     help="share of the training captions in the world's house style (WorldSpec.user_phrasing)")
-    ap.add_argument("--known-synonyms", type=int, default=None,
-                    help="train on captions that use only the first K words for each shape and size (world.plain_words; "
-                         "default: the tier's own, 2 for old; 3 or more: every word)")
+    ap.add_argument("--known-synonyms", default=None, metavar="K|KIND=K,...",
+                    help="train on captions that use only the first K words for each shape and size, or per kind, "
+                         "e.g. size=2 (world.plain_words; default: the tier's own, 2 for old, size=2 for mid; "
+                         "3 or more: every word)")
     args = ap.parse_args()
     overrides = parse_spec(args.spec)
-    if args.known_synonyms is not None and args.known_synonyms < 1:
-        ap.error(f"--known-synonyms must be at least 1, got {args.known_synonyms}")
+    try:
+        known_synonyms = None if args.known_synonyms is None else parse_known_synonyms(args.known_synonyms)
+    except ValueError as e:
+        ap.error(f"--known-synonyms {args.known_synonyms!r}: {e}")
     if not 0.0 <= args.zoo_user_phrasing <= 1.0:
         ap.error(f"--zoo-user-phrasing must be a share in [0, 1], got {args.zoo_user_phrasing}")
     for name in args.tiers:
         meta = train_tier(name, args.out, args.seed, args.eval_every, overrides, args.steps, args.zoo_user_phrasing,
-                          args.known_synonyms)
+                          known_synonyms)
         print(json.dumps(meta), flush=True)
 
 
@@ -194,6 +198,21 @@ def parse_spec(items: list[str]) -> dict:
             raise SystemExit(f"--spec {item!r}: use FIELD=INTEGER with FIELD one of {', '.join(sorted(known))}")
         out[key] = int(value)
     return out
+
+
+def parse_known_synonyms(text: str) -> int | dict[str, int]:
+    """"2" -> 2 (shapes and sizes alike); "size=2" or "shape=1,size=2" -> K per kind; checked by world.plain_words."""
+    if text.strip().isdigit():
+        value: int | dict[str, int] = int(text)
+    else:
+        value = {}
+        for item in text.split(","):
+            kind, sep, k = item.strip().partition("=")
+            if not sep or not k.strip().isdigit():
+                raise ValueError(f"{item!r} is not KIND=K; write 2, or size=2, or shape=1,size=2")
+            value[kind.strip()] = int(k)
+    world.plain_words("a red circle", value)  # names a bad kind or K before any training
+    return value
 
 
 if __name__ == "__main__":

@@ -121,3 +121,14 @@ def test_plain_words_keeps_the_first_k_synonyms_and_nothing_else_changes():
     assert world.plain_words(caption, 3) == caption
     with pytest.raises(ValueError, match="known_synonyms"):
         world.plain_words(caption, 0)
+
+
+def test_plain_words_per_kind_leaves_the_other_kind_alone():
+    caption = "a tiny red round dot left of a huge blue hex"
+    assert world.plain_words(caption, {"size": 2}) == "a small red round dot left of a large blue hex"
+    assert world.plain_words(caption, {"shape": 1}) == "a tiny red circle left of a huge blue hexagon"
+    assert world.plain_words(caption, {"shape": 2, "size": 2}) == world.plain_words(caption, 2)
+    with pytest.raises(ValueError, match="colour"):
+        world.plain_words(caption, {"colour": 1})
+    with pytest.raises(ValueError, match="at least 1.*size"):
+        world.plain_words(caption, {"size": 0})

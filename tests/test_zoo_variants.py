@@ -67,28 +67,47 @@ def test_variant_tier_trains_on_house_style_captions_with_its_overrides(tmp_path
     assert w.shape == (1, build_zoo.TIERS["old"]["spec"].embed_dim) and torch.allclose(w.norm(dim=-1), torch.ones(1))
 
 
-def test_old_tier_trains_on_plainer_text_and_the_committed_zoo_records_it(tmp_path, monkeypatch):
-    """The old tier's training captions use only the two commonest words for each shape
-    and size; mid and new read every word; the committed zoo/old says so in its metadata."""
+def test_each_generation_reads_more_words_and_the_committed_zoo_records_it(tmp_path, monkeypatch):
+    """old's training captions use only the two commonest words for each shape and size; mid's
+    every shape word but only the two commonest size words; new reads every word. The committed
+    zoo's metadata says so."""
     seen = {}
     real = world.plain_words
 
     def spy(caption, known):
-        seen.setdefault(known, []).append(real(caption, known))
-        return seen[known][-1]
+        seen.setdefault(json.dumps(known), []).append(real(caption, known))
+        return seen[json.dumps(known)][-1]
+
+    def rare(words):  # the words a caption uses beyond the first two of each group
+        return {w for group in words.values() for w in group[2:]}
+
+    def uses(captions, words):
+        return any(re.search(rf"\b{w}\b", c) for c in captions for w in words)
 
     monkeypatch.setattr(build_zoo.world, "plain_words", spy)
     monkeypatch.setattr(build_zoo, "TRAIN_IMAGES", 48)
     monkeypatch.setattr(build_zoo, "BATCH", 16)
     build_zoo.train_tier("old", tmp_path, seed=0, eval_every=1, steps=1)
-    assert list(seen) == [2] and len(seen[2]) == 48 * build_zoo.CAPTIONS_PER_IMAGE
-    rare = {w for words in (*world.SHAPES.values(), *world.SIZES.values()) for w in words[2:]}
-    assert not any(re.search(rf"\b{w}\b", c) for c in seen[2] for w in rare)
+    assert list(seen) == ["2"] and len(seen["2"]) == 48 * build_zoo.CAPTIONS_PER_IMAGE
+    assert not uses(seen["2"], rare(world.SHAPES) | rare(world.SIZES))
     seen.clear()
     build_zoo.train_tier("mid", tmp_path, seed=0, eval_every=1, steps=1)
+    (mid,) = seen.values()
+    assert list(seen) == ['{"size": 2}'] and not uses(mid, rare(world.SIZES)) and uses(mid, rare(world.SHAPES))
+    seen.clear()
+    build_zoo.train_tier("new", tmp_path, seed=0, eval_every=1, steps=1)
     assert seen == {}
-    assert json.loads((ZOO / "old" / "xbt_zoo.json").read_text())["known_synonyms"] == 2
-    assert "known_synonyms" not in json.loads((ZOO / "old-same-text" / "xbt_zoo.json").read_text())
+    meta = {t: json.loads((ZOO / t / "xbt_zoo.json").read_text()).get("known_synonyms") for t in ("old", "mid", "new", "old-same-text")}
+    assert meta == {"old": 2, "mid": {"size": 2}, "new": None, "old-same-text": None}
+
+
+def test_known_synonyms_flag_takes_one_k_or_k_per_kind_and_names_a_bad_one():
+    assert build_zoo.parse_known_synonyms("2") == 2
+    assert build_zoo.parse_known_synonyms("size=2") == {"size": 2}
+    assert build_zoo.parse_known_synonyms("shape=1, size=2") == {"shape": 1, "size": 2}
+    for bad, says in (("colour=2", "colour"), ("size", "KIND=K"), ("size=x", "KIND=K"), ("0", "at least 1")):
+        with pytest.raises(ValueError, match=says):
+            build_zoo.parse_known_synonyms(bad)
 
 
 def test_a_note_saves_the_command_that_made_the_result(tmp_path, monkeypatch):

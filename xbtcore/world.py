@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -240,17 +241,27 @@ def caption_scene(scene: Scene, rng: random.Random, user_phrasing: float = 0.0) 
     return "there is " + " and ".join(_a(p) for p in phrases)
 
 
-def plain_words(caption: str, known_synonyms: int) -> str:
+WORD_KINDS = {"shape": SHAPES, "size": SIZES}  # the words a model generation may know only in part
+
+
+def plain_words(caption: str, known_synonyms: int | Mapping[str, int]) -> str:
     """The caption as a model that learned only the first `known_synonyms`
     words for each shape and size would have seen it in training: every rarer
     synonym ("disc", "hoop", "tiny") replaced by the common word ("circle",
     "ring", "small"). Earlier model generations were trained on less, and less
-    varied, text; `scripts/build_zoo.py --known-synonyms` builds such a tier."""
-    if known_synonyms < 1:
-        raise ValueError(f"known_synonyms must be at least 1, got {known_synonyms!r}")
-    for words in (*SHAPES.values(), *SIZES.values()):
-        for rare in words[known_synonyms:]:
-            caption = re.sub(rf"\b{re.escape(rare)}\b", words[0], caption)
+    varied, text; `scripts/build_zoo.py --known-synonyms` builds such a tier.
+
+    known_synonyms: one K for shapes and sizes alike, or K per kind of word,
+    e.g. {"size": 2}: the first two size words, every shape word."""
+    per_kind = known_synonyms if isinstance(known_synonyms, Mapping) else dict.fromkeys(WORD_KINDS, known_synonyms)
+    for kind, k in per_kind.items():
+        if kind not in WORD_KINDS:
+            raise ValueError(f"known_synonyms: no kind of word {kind!r}; the kinds are {sorted(WORD_KINDS)}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"known_synonyms must be at least 1, got {k!r} for {kind}")
+        for words in WORD_KINDS[kind].values():
+            for rare in words[k:]:
+                caption = re.sub(rf"\b{re.escape(rare)}\b", words[0], caption)
     return caption
 
 
