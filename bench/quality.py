@@ -150,7 +150,7 @@ def xbt_upgrade(new_ref: str, w_new: torch.Tensor, w_old: torch.Tensor, pairs, p
         hist = finetune(new, phi, pairs, "xbt", dataclasses.replace(ft_cfg, seed=seed), progress=progress)
     info = {"pretrain_loss": [round(h["loss"], 4) for h in pre_hist[:: max(1, len(pre_hist) // 10)]],
             "train_loss": [round(h["loss"], 4) for h in hist if "loss" in h][:: max(1, len(hist) // 10)],
-            "trainable_params": count_trainable(new, phi), "fit_weight": pre_cfg.fit_weight}
+            "trainable_params": count_trainable(new, phi), "fit_weight": pre_cfg.fit_weight, "source": pre_cfg.source}
     return new, phi, info
 
 
