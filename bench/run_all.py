@@ -65,6 +65,14 @@ that were made with the first old tier, kept byte for byte as
 `zoo/old-same-text`; their recorded commands say `zoo/old` (or leave it to
 the default), so add `--old zoo/old-same-text` to rerun them as they ran. The
 `*-ladder-*` results and `chain-fit` use the current zoo.
+
+The zoo's mid tier changed later on 2026-11-30 (session 9): it now reads every
+shape word but only the two commonest size words (docs/method.md, "The chain
+with three generations of words"). Results that name `zoo/mid` and are dated
+before that used the mid tier that read every word (in git history at
+5738861: `git worktree add DIR 5738861` and pass `--mid DIR/zoo/mid` or
+`--new DIR/zoo/mid`); `chain-ladder` and the `quality-ladder-*-mid`
+results were rerun on the current mid, `chain-fit` was not.
 """
 
 
