@@ -13,10 +13,11 @@ from scratch with CLIP's contrastive loss on the world's "zoo" split (disjoint
 from the corpus, the pairs and the eval set). Tiers differ in width, depth,
 embedding size, image resolution and training budget, so each beats the one
 below: the demo's upgrade then has something real to gain. And, as each CLIP
-generation was trained on more and more varied text than the last, `old` was
-trained on plainer captions: only the two commonest words for each shape and
-size (`world.plain_words`), so "donut", "block" or "tiny" in a user's caption
-mean little to it. `zoo/old-same-text` is the first old tier, trained on the
+generation was trained on more and more varied text than the last, each tier
+reads more words (`world.plain_words`): `old` only the two commonest words for
+each shape and size, so "donut", "block" or "tiny" in a user's caption mean
+little to it; `mid` every shape word but only the two commonest size words;
+`new` every word. `zoo/old-same-text` is the first old tier, trained on the
 same text as mid and new (`--tiers old --known-synonyms 3` rebuilds it), which
 every experiment before session 8 used (docs/method.md).
 """
