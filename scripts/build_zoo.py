@@ -17,8 +17,8 @@ generation was trained on more and more varied text than the last, each tier
 reads more words (`world.plain_words`): `old` only the two commonest words for
 each shape and size, so "donut", "block" or "tiny" in a user's caption mean
 little to it; `mid` every shape word but only the two commonest size words;
-`new` every word. `zoo/old-same-text` is the first old tier, trained on the
-same text as mid and new (`--tiers old --known-synonyms 3` rebuilds it), which
+`new` every word. `zoo/old-same-text` is the first old tier, trained on every
+word, as new (`--tiers old --known-synonyms 3` rebuilds it), which
 every experiment before session 8 used (docs/method.md).
 """
 
