@@ -143,7 +143,9 @@ def train(new_ref: str, old_ref: str, root_ref: str, chain: list[str], pairs_pat
         meta = BundleMeta(new_ref, old_ref, root_ref, method, phi=dataclasses.asdict(phi.cfg),
                           n_prompts=prompt_count(new), chain=[*chain, new_ref])
         on_main_rank(lambda: (save_bundle(bundle_dir, new, phi, meta), ckpt.unlink(missing_ok=True)))
-        resumed_from = run[0].get("resumed_from", 0) if run else 0
+        resumed_from = next((h["resumed_from"] for h in run if "resumed_from" in h), 0)
+        # The loss curve of every step, those before a kill too (on_step saw only the steps after it).
+        history = [{"step": h["step"], "loss": h["loss"]} for h in run if "loss" in h]
     on_main_rank(lambda: (work / "train_history.json").write_text(json.dumps(
         {"method": method, "trainable_params": trainable, "resumed_from": resumed_from, "steps": history})))
     logger.info("%s: %d trainable parameters; bundle -> %s", method, trainable, bundle_dir)

@@ -242,7 +242,7 @@ def test_eqn6_needs_old_targets(tiny):
 def test_resume_from_checkpoint_equals_uninterrupted_run(tiny, tmp_path):
     ev = tiny["eval"]
     full_enc, full_phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
-    finetune(full_enc, full_phi, tiny["pairs"], "xbt", FAST)
+    full_hist = finetune(full_enc, full_phi, tiny["pairs"], "xbt", FAST)
     want = CompatibleEncoder(full_enc, full_phi).embed_texts(ev.captions)
 
     ckpt = tmp_path / "ckpt.pt"
@@ -260,8 +260,11 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny, tmp_path):
         calls["n"] += 1
     enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
     hist = finetune(enc, phi, tiny["pairs"], "xbt", FAST, checkpoint_path=ckpt, on_step=count)
-    assert hist[0]["resumed_from"] == 2
+    assert [h["resumed_from"] for h in hist if "resumed_from" in h] == [2]
     assert calls["n"] == 3 - 2  # 96 pairs / 32 = 3 steps; only step 3 ran again
+    # The loss curve is whole: steps 1-2 come back from the checkpoint, each step once, same losses.
+    assert [h["step"] for h in hist if "loss" in h] == [1, 2, 3]
+    assert [h["loss"] for h in hist if "loss" in h] == pytest.approx([h["loss"] for h in full_hist if "loss" in h], abs=1e-5)
     torch.testing.assert_close(CompatibleEncoder(enc, phi).embed_texts(ev.captions), want, atol=1e-6, rtol=0)
 
 

@@ -127,9 +127,10 @@ def _load_trainable(encoder, phi: Phi, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(t)
 
 
-def _save_checkpoint(path: Path, encoder, phi, opt, step: int) -> None:
+def _save_checkpoint(path: Path, encoder, phi, opt, step: int, losses: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "trainable": trainable_state(encoder, phi), "optimizer": opt.state_dict()}, tmp)
+    torch.save({"step": step, "trainable": trainable_state(encoder, phi), "optimizer": opt.state_dict(),
+                "losses": losses}, tmp)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
 
 
@@ -156,7 +157,9 @@ def finetune(
     on_step=None,
     progress: bool = False,
 ) -> list[dict]:
-    """Train `encoder` (a DualEncoder of the new model) and `phi` in place; return per-step history.
+    """Train `encoder` (a DualEncoder of the new model) and `phi` in place; return per-step history:
+    {"step", "epoch", "loss"} for every step, those trained before a resume too (kept in the
+    checkpoint), a {"resumed_from": step} record where a resume began, and a closing timing record.
 
     pairs: a PairSet (distinct images, caption rows, caption_image).
     old_targets: (v_old (N_images, D_old), w_old (N_captions, D_old)) for Eqn. 6 methods.
@@ -180,12 +183,14 @@ def finetune(
     steps_per_epoch = n // bs  # drop the ragged tail: a tiny batch has too few negatives
     total = steps_per_epoch * cfg.epochs
     start = 0
+    losses: list[dict] = []  # {"step", "epoch", "loss"} of every step trained, those before a resume too
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         _load_trainable(encoder, phi, state["trainable"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
+        losses = state.get("losses", [])
 
     t_decode = time.perf_counter()
     images = [pairs.load_image(i) for i in range(pairs.n_images)]  # decode once, reuse every epoch
@@ -194,7 +199,7 @@ def finetune(
 
     encoder.model.train()
     phi.train()
-    history: list[dict] = [{"step": start, "resumed_from": start, "decode_s": round(t_decode, 2)}] if start else []
+    history: list[dict] = [*losses, {"step": start, "resumed_from": start, "decode_s": round(t_decode, 2)}] if start else []
     bar = _progress_bar(total, start, f"{method} training", progress)
     t_data = t_model = 0.0
     for step in range(start, total):
@@ -227,10 +232,12 @@ def finetune(
         opt.step()
         t_data, t_model = t_data + (t1 - t0), t_model + (time.perf_counter() - t1)
 
-        history.append({"step": step + 1, "epoch": epoch + 1, "loss": value})
+        record = {"step": step + 1, "epoch": epoch + 1, "loss": value}
+        history.append(record)
+        losses.append(record)
         # Rank 0 writes for all (every rank holds the same state): ranks sharing the .tmp race on os.replace.
         if ckpt is not None and world_info()[0] == 0 and ((step + 1) % cfg.checkpoint_every == 0) and step + 1 < total:
-            _save_checkpoint(ckpt, encoder, phi, opt, step + 1)
+            _save_checkpoint(ckpt, encoder, phi, opt, step + 1, losses)
         if on_step is not None:  # after the checkpoint: a kill here loses nothing
             on_step(step + 1, value)
         if bar is not None:
