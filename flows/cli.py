@@ -12,7 +12,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -33,6 +35,15 @@ def _set_env_defaults() -> None:
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
+
+
+class _Terminated(BaseException):
+    """SIGTERM as an exception in the main thread: a run ends as on Ctrl-C (Prefect records it as
+    crashed, the private API stops) instead of dying mid-write."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,13 +78,14 @@ def _print_result(report: dict) -> None:
 
 
 def _run_upgrade(**fields) -> int:
-    from tasks.servers import check_servers
+    from tasks.servers import check_servers, prefect_api
 
     from .upgrade import UpgradeParams, upgrade
 
     params = UpgradeParams(**fields)  # every path and setting checked before Prefect starts
     check_servers()
-    report = upgrade(params)
+    with prefect_api():
+        report = upgrade(params)
     _print_result(report)
     return 0
 
@@ -260,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(quiet)
 
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, _on_sigterm)  # during a flow Prefect's handler hands the signal on to this one
     try:
         return args.func(args)
     except ValidationError as e:
@@ -268,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}")
     except (ValueError, ModelLoadError, ServerUnreachable, DivergedError, FileNotFoundError) as e:
         return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted; the same command again resumes from the last finished step", 130)
+    except _Terminated:
+        return _fail("terminated (SIGTERM); the same command again resumes from the last finished step", 143)
     except Exception as e:
         if os.environ.get("XBT_DEBUG"):
             raise

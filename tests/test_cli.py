@@ -192,6 +192,50 @@ def test_upgrade_killed_mid_training_resumes_from_checkpoint(tiny, tmp_path):
     assert not ckpt.exists()
 
 
+def _processes_with(needle: str) -> list[str]:
+    """Command lines of the running processes that contain `needle`."""
+    found = []
+    for proc in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{proc}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if needle in cmd:
+            found.append(cmd)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, says", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_to_the_process_group_ends_the_run_in_seconds(tiny, tmp_path, sig, code, says):
+    """The signal reaches the terminal's whole process group. Prefect's temporary API server used to share
+    it, died first, and left xbt retrying the dead API for 2.5 minutes; the private API lives in a session
+    of its own, records the crash and stops with xbt."""
+    out = tmp_path / "run"
+    args = _upgrade_args(tiny, out) + ["--no-progress", "--set", "pretrain.epochs=2", "--set", "finetune.batch_size=8",
+                                       "--set", "finetune.epochs=8", "--set", "finetune.checkpoint_every=2"]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *map(str, args)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's job has it
+    deadline = time.time() + 300
+    while not list((out / "work").glob("train*.ckpt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before training"
+    assert _processes_with(f"--parent {proc.pid}"), "no private Prefect API is running"
+    os.killpg(proc.pid, sig)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - t0 < 30
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1].startswith(f"xbt: error: {says}"), err
+    assert not (out / "report.json").exists()
+    deadline = time.time() + 10
+    while _processes_with(f"--parent {proc.pid}") and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _processes_with(f"--parent {proc.pid}"), "the private Prefect API outlived xbt"
+
+
 def test_chain_result_lists_the_no_regression_failures_too(capsys):
     from flows.cli import _print_result
     from xbtcore.gate import eqn2_gate, no_regression_gate
