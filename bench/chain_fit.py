@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/chain_fit.py --json-out bench/results/chain-fit.json --note "..."
 
-A chain's second link pretrains φ2 on (w_new, φ1(w_mid)): link 1's compatible
-embeddings of the corpus stand in for the old ones (Eqn. 3). This bench
+A chain's second link trained towards the champion (`pretrain.chain_targets=champion`;
+the default trains towards the root) pretrains φ2 on (w_new, φ1(w_mid)): link 1's
+compatible embeddings of the corpus stand in for the old ones (Eqn. 3). This bench
 isolates that step from Eqn. 5 training, on cached embeddings only:
 
     link 1  φ1 pretrained old -> mid (w_mid -> w_old), at each pair weight λ1 in --link1-pair-weights

@@ -73,6 +73,12 @@ before that used the mid tier that read every word (in git history at
 5738861: `git worktree add DIR 5738861` and pass `--mid DIR/zoo/mid` or
 `--new DIR/zoo/mid`); `chain-ladder` and the `quality-ladder-*-mid`
 results were rerun on the current mid, `chain-fit` was not.
+
+A chain link's default targets changed on 2026-12-01 (session 10): it trains
+towards the gallery's root model (`pretrain.chain_targets=root`). Chain
+results made before that trained link 2 towards the champion; their commands
+need `--set pretrain.chain_targets=champion` to rerun as they ran
+(`chain-ladder-champion` was rerun so, with the same figures).
 """
 
 

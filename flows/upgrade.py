@@ -200,15 +200,19 @@ def upgrade(params: UpgradeParams) -> dict:
     pre_cfg = apply_overrides(PretrainConfig(), params.pretrain)
     needs = embeddings_needed(params.method, pre_cfg)
     with_pairs = any(n.endswith("_pairs") for n in needs)
-    # "old" in Eqns. 3 and 6 is the old model, or in a chain link the champion's compatible space (old = its bundle).
-    embeddings = run("embed", embed_corpus, corpus["path"], old, new, cache_root, needs,
+    # "old" in Eqns. 3 and 6 is the old model; in a chain link the gallery's root model, or with
+    # pretrain.chain_targets=champion the champion's compatible space (its bundle; PretrainConfig.chain_targets).
+    targets = root if prev is not None and pre_cfg.chain_targets == "root" else old
+    embeddings = run("embed", embed_corpus, corpus["path"], targets, new, cache_root, needs,
                      data["pairs"] if with_pairs else None,
-                     fingerprint=digest(corpus, data_fp["pairs"] if with_pairs else "", model_fp), progress=params.progress)
+                     fingerprint=digest(corpus, data_fp["pairs"] if with_pairs else "", model_fp,
+                                        fingerprint_files([targets]) if Path(targets).exists() else targets),
+                     progress=params.progress)
 
     phi_path = None
     if params.method == "xbt":  # only XBT starts from a pretrained φ (Sec. 3.2; text by default, PretrainConfig.source)
         phi_path = run("pretrain", pretrain, embeddings, cache_root, str(work / "phi.safetensors"), params.pretrain,
-                       params.seed, data["pairs"] if pre_cfg.pair_weight else None, prev is not None, produces=lambda r: r)
+                       params.seed, data["pairs"] if pre_cfg.pair_weight else None, targets != root, produces=lambda r: r)
 
     bundle = run("train", train, new, old, root, inputs["chain"] if prev else [root], data["pairs"], params.method,
                  phi_path, embeddings, cache_root, str(out / "bundle"), str(work), params.finetune, params.seed,

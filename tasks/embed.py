@@ -32,8 +32,9 @@ def _key(encoder, data_fp: str, modality: str, rows: int) -> dict:
 
 
 def old_space_encoder(ref: str):
-    """The encoder whose space "old" means: a model, or for a chain link the champion
-    bundle, whose compatible (φ-mapped) embeddings stand in for the old ones (Eqn. 3)."""
+    """The encoder whose space "old" means for training: a model, or a champion bundle, whose
+    compatible (φ-mapped) embeddings stand in for the old ones (Eqn. 3; a chain link with
+    `PretrainConfig.chain_targets` "champion")."""
     return load_compatible(ref)[0] if is_bundle(ref) else DualEncoder.from_pretrained(ref)
 
 
@@ -72,8 +73,9 @@ def embed_corpus(corpus_path: str, old_ref: str, new_ref: str, cache_root: str, 
     """Embed what `needs` names (`embeddings_needed`) into the cache and return its keys:
     w_new / w_old, the corpus texts by the new and old text encoders; v_new_pairs /
     v_old_pairs, the pairs' images by the new and old image encoders; w_old_pairs /
-    w_new_pairs, the pairs' captions by the old and new text encoders. "old" is a model, or in a chain link the
-    champion bundle (`old_space_encoder`), whose compatible embeddings stand in for it.
+    w_new_pairs, the pairs' captions by the old and new text encoders. "old" is a model (in a chain link
+    the root model, by default), or the champion bundle (`old_space_encoder`), whose compatible embeddings
+    stand in for it (`PretrainConfig.chain_targets`).
 
     -> {name: cache key} for each name in `needs`.
     """

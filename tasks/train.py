@@ -44,13 +44,14 @@ def _loss_logger(name: str, total: int, history: list):
 
 @task(name="pretrain-phi", **CACHED)
 def pretrain(embeddings: dict, cache_root: str, out_path: str, overrides: dict, seed: int,
-             pairs_path: str | None = None, chain_link: bool = False) -> str:
+             pairs_path: str | None = None, compatible_targets: bool = False) -> str:
     """Eqn. 3 on the cached corpus embeddings (or the pairs' images, `PretrainConfig.source`),
     with the pair term on the pairs' new-model embeddings when `PretrainConfig.pair_weight` > 0
-    (pairs_path gives each caption's image), and the fit term settled for the targets: a chain
-    link's are the champion's compatible embeddings (`PretrainConfig.for_targets`); writes φ
+    (pairs_path gives each caption's image), and the fit term settled for the targets:
+    compatible_targets when they are a champion bundle's compatible embeddings (a chain link
+    with `PretrainConfig.chain_targets` "champion"; `PretrainConfig.for_targets`); writes φ
     (safetensors, PhiConfig in its metadata)."""
-    cfg = apply_overrides(PretrainConfig(seed=seed), overrides).for_targets(compatible=chain_link)
+    cfg = apply_overrides(PretrainConfig(seed=seed), overrides).for_targets(compatible=compatible_targets)
 
     def rows(new_key: str, old_key: str):
         return (load_cached(cache_root, embeddings[new_key]), load_cached(cache_root, embeddings[old_key])) \

@@ -70,3 +70,7 @@ def test_new_new_gap_past_a_point_points_at_the_pair_term():
 def test_a_chain_link_worse_than_the_champion_says_the_champion_stays():
     steps = next_steps(_report(prev_old=(50.0, 51.0)), TEXT)
     assert len(steps) == 1 and "champion stays" in steps[0] and "i2t R@1 50.0 < 51.0" in steps[0]
+    # Trained towards the champion's compatible embeddings, the advice also points at the root targets.
+    towards_champion = dataclasses.replace(TEXT, chain_targets="champion")
+    steps = next_steps(_report(prev_old=(50.0, 51.0)), towards_champion)
+    assert len(steps) == 2 and "--set pretrain.chain_targets=root" in steps[1]

@@ -105,8 +105,10 @@ def test_chain_has_both_links_a_gate_each_and_the_direct_run(tiny):
         == run["direct"]["recall"]["t2i"]["old/old"]
     assert run["links"][1]["recall"]["i2t"]["prev/old"] == run["links"][0]["recall"]["i2t"]["new/old"]
     assert set(run["table"]["t2i"]) == {"old/old", "mid/old", "new/old (chain)", "new/old (direct)"}
-    # the fit term is on where φ's targets are link 1's compatible embeddings, and only there
-    assert [link["train"]["fit_weight"] for link in (*run["links"], run["direct"])] == [0.0, CHAIN_FIT_WEIGHT, 0.0]
+    # by default link 2 trains towards the root model, as the direct upgrade does: the same training, run once
+    assert run["link2_targets"] == "root" and run["links"][1]["train"]["same_training_as"] == "direct"
+    assert all(run["links"][1]["recall"][d]["new/old"] == run["direct"]["recall"][d]["new/old"] for d in ("t2i", "i2t"))
+    assert [link["train"]["fit_weight"] for link in (*run["links"], run["direct"])] == [0.0, 0.0, 0.0]
 
     # zeroshot takes a chain's bundle: the gallery side is its root, the base its new model
     bundle = tiny / "chain" / "seed0" / "link1" / "bundle"
@@ -121,11 +123,16 @@ def test_image_source_needs_the_pairs_images_and_never_falls_back_to_text(tiny):
     w_new, w_old = torch.randn(64, 40), torch.randn(64, 24)
     with pytest.raises(ValueError, match="needs the image embeddings"):
         quality.xbt_upgrade(str(tiny / "new"), w_new, w_old, pairs, pre, ft, seed=0)
-    # the chain passes each link's pair images: link 2's stand-in for v_old is link 1's compatible space
+    # the chain passes each link's pair images: with champion targets link 2's stand-in for v_old is link 1's
+    # compatible space, and the fit term is on there, and only there
     res = chain.run(chain.parser().parse_args([*_flags(tiny), "--mid", str(tiny / "mid"), "--work", str(tiny / "chain-img"),
-                                               "--set", "pretrain.source=image"]))
+                                               "--set", "pretrain.source=image", "--set", "pretrain.chain_targets=champion"]))
     assert res["pretrain"]["source"] == "image"
-    assert all(isinstance(link["gate"]["passed"], bool) for link in res["runs"][0]["links"])
+    (run,) = res["runs"]
+    assert run["link2_targets"] == "champion" and "same_training_as" not in run["links"][1]["train"]
+    assert all(isinstance(link["gate"]["passed"], bool) for link in run["links"])
+    assert [link["train"]["fit_weight"] for link in (*run["links"], run["direct"])] == [0.0, CHAIN_FIT_WEIGHT, 0.0]
+    assert run["links"][1]["recall"]["i2t"]["prev/old"] == run["links"][0]["recall"]["i2t"]["new/old"]
 
 
 def test_cost_bench_splits_each_methods_time(tiny):

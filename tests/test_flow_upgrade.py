@@ -122,6 +122,8 @@ def test_bad_inputs_fail_before_training(prefect_harness, tiny, tmp_path):
         _params(tiny, out, pretrain={"nope": 1})
     with pytest.raises(ValidationError, match="source must be one of"):
         _params(tiny, out, pretrain={"source": "pixels"})
+    with pytest.raises(ValidationError, match="chain_targets must be one of root, champion, got 'mid'"):
+        _params(tiny, out, pretrain={"chain_targets": "mid"})
     # a word where a number goes is named, not a TypeError from deep inside the config
     with pytest.raises(ValidationError, match="setting 'fit_weight' of PretrainConfig takes a number, got 'ten'"):
         _params(tiny, out, pretrain={"fit_weight": "ten"})
@@ -215,28 +217,41 @@ def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, t
 
     # A chain link: the champion bundle is the old model; the gallery stays the root model's.
     monkeypatch.undo()
-    third = upgrade(_params(tiny, tmp_path / "c", old=f"models:/{name}@champion", method="procrustes"))
+    champion = f"models:/{name}@champion"
+    third = upgrade(_params(tiny, tmp_path / "c", old=champion, method="procrustes"))
     assert list(third["recall"]["t2i"]) == [*CASES, "prev/old"]
     assert third["no_regression"]["criterion"] == "no-regression"
     assert third["recall"]["t2i"]["old/old"] == first["recall"]["t2i"]["old/old"]
-    # Eqn. 3's "old" in the link is the champion's compatible space: the link's corpus was embedded by the
-    # champion bundle (a "-compat" cache entry of the corpus' size), never by the root model alone.
-    from tasks.common import cache_dir
-
-    compat = [json.loads(m.read_text()) for m in cache_dir().glob("text-*-compat-*/manifest.json")]
-    assert any(m["rows"] == third["counts"]["corpus"] and m["complete"] for m in compat), compat
     assert third["promotion"]["model"] == name  # same gallery space, same registered model
     assert Path(third["bundle"]).is_dir()
 
-    # An XBT chain link fits φ onto the champion's compatible embeddings (the fit term, μ = 10);
-    # a first upgrade fits the old model's own with the paper's contrastive loss alone (μ = 0).
+    # What the link trains towards (pretrain.chain_targets). By default the gallery's root model: the link's
+    # map is the one a first upgrade from the root fits. With "champion", the champion's compatible space:
+    # its corpus was embedded by the champion bundle (a "-compat" cache entry of the corpus' size).
+    from tasks.common import cache_dir
+    from xbtcore.data import read_pairs
+    from xbtcore.linear_bundle import load_compatible
+
+    from_root = upgrade(_params(tiny, tmp_path / "c-root", method="procrustes"))
+    towards_champion = upgrade(_params(tiny, tmp_path / "c-champion", old=champion, method="procrustes",
+                                       pretrain={**FAST["pretrain"], "chain_targets": "champion"}))
+    captions = read_pairs(tiny["eval"]).captions
+    maps = {run["bundle"]: load_compatible(run["bundle"])[0].embed_texts(captions) for run in (third, from_root, towards_champion)}
+    torch.testing.assert_close(maps[third["bundle"]], maps[from_root["bundle"]])
+    assert not torch.allclose(maps[towards_champion["bundle"]], maps[from_root["bundle"]], atol=1e-3)
+    compat = [json.loads(m.read_text()) for m in cache_dir().glob("text-*-compat-*/manifest.json")]
+    assert any(m["rows"] == towards_champion["counts"]["corpus"] and m["complete"] for m in compat), compat
+
+    # XBT's φ fits the root's own embeddings with the paper's contrastive loss alone (μ = 0), as a first
+    # upgrade does; towards a champion's compatible embeddings it adds the fit term (μ = 10).
     from xbtcore.pretrain import CHAIN_FIT_WEIGHT
 
-    fourth = upgrade(_params(tiny, tmp_path / "d", old=f"models:/{name}@champion"))
+    fourth = upgrade(_params(tiny, tmp_path / "d", old=champion))
     assert fourth["method"] == "xbt" and "prev/old" in fourth["recall"]["t2i"]
+    upgrade(_params(tiny, tmp_path / "e", old=champion, pretrain={**FAST["pretrain"], "chain_targets": "champion"}))
     fit = {run: json.loads((tmp_path / run / "work" / "phi.history.json").read_text())["config"]["fit_weight"]
-           for run in ("a", "d")}
-    assert fit == {"a": 0.0, "d": CHAIN_FIT_WEIGHT}
+           for run in ("a", "d", "e")}
+    assert fit == {"a": 0.0, "d": 0.0, "e": CHAIN_FIT_WEIGHT}
 
 
 @pytest.mark.parametrize("method, pretrain, needs", [
