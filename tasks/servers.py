@@ -1,7 +1,7 @@
 """Where Prefect and MLflow live, and a fast check that a configured server answers.
 
 Nothing configured: each `xbt` run gets a private Prefect API on loopback
-(`private_prefect_api`) and MLflow a SQLite store under the state folder.
+(`prefect_api`) and MLflow a SQLite store under the state folder.
 PREFECT_API_URL / MLFLOW_TRACKING_URI point at servers; one that does not
 answer fails the run in seconds, before any training.
 
@@ -75,7 +75,6 @@ def check_servers() -> None:
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         _check("the MLflow tracking server", uri.rstrip("/") + "/health", "MLFLOW_TRACKING_URI")
-
 
 
 def _start_timeout_s() -> float:
