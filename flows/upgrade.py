@@ -184,8 +184,10 @@ def upgrade(params: UpgradeParams) -> dict:
     data_fp = {k: fingerprint_files(parquet_files(v)) for k, v in data.items()}
     old = absolute_ref(run(None, resolve_model, params.old))
     new = absolute_ref(run(None, resolve_model, params.new))
-    model_fp = {"old": fingerprint_files([old]) if Path(old).exists() else old,
-                "new": fingerprint_files([new]) if Path(new).exists() else new}
+    def ref_fp(ref: str) -> str:  # a local model's files, or a hub id as it is
+        return fingerprint_files([ref]) if Path(ref).exists() else ref
+
+    model_fp = {"old": ref_fp(old), "new": ref_fp(new)}
 
     # Bad input of any kind fails here, before anything trains.
     inputs = run("extract", check_inputs, old, new, data["pairs"], data["eval"], fingerprint=digest(data_fp, model_fp))
@@ -206,7 +208,7 @@ def upgrade(params: UpgradeParams) -> dict:
     embeddings = run("embed", embed_corpus, corpus["path"], targets, new, cache_root, needs,
                      data["pairs"] if with_pairs else None,
                      fingerprint=digest(corpus, data_fp["pairs"] if with_pairs else "", model_fp,
-                                        fingerprint_files([targets]) if Path(targets).exists() else targets),
+                                        ref_fp(targets)),
                      progress=params.progress)
 
     phi_path = None

@@ -153,17 +153,28 @@ def test_promote_and_rollback_commands(tmp_path):
     _one_line_error(xbt("promote", "--model", "xbt-nope", env=env))
 
 
-@pytest.mark.slow
-def test_upgrade_killed_mid_training_resumes_from_checkpoint(tiny, tmp_path):
-    out = tmp_path / "run"
-    args = _upgrade_args(tiny, out) + ["--set", "pretrain.epochs=2", "--set", "finetune.batch_size=8",
-                                       "--set", "finetune.epochs=8", "--set", "finetune.checkpoint_every=2"]
+# A small upgrade that checkpoints every 2 training steps, for the tests that stop it mid-training.
+KILLABLE = ["--set", "pretrain.epochs=2", "--set", "finetune.batch_size=8", "--set", "finetune.epochs=8",
+            "--set", "finetune.checkpoint_every=2"]
+
+
+def _run_until_checkpoint(args, out, **popen):
+    """Start `xbt ARGS` in a process group of its own and wait until training wrote a checkpoint (or the
+    run ended, or 300 s); -> (the process, the checkpoints found)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, start_new_session=True, **popen)
     deadline = time.time() + 300
     while not (ckpts := list((out / "work").glob("train*.ckpt"))) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    return proc, ckpts
+
+
+@pytest.mark.slow
+def test_upgrade_killed_mid_training_resumes_from_checkpoint(tiny, tmp_path):
+    out = tmp_path / "run"
+    args = _upgrade_args(tiny, out) + KILLABLE
+    proc, ckpts = _run_until_checkpoint(args, out, stderr=subprocess.DEVNULL)
     assert ckpts, "training never wrote a checkpoint"
     ckpt = ckpts[0]
     os.killpg(proc.pid, signal.SIGKILL)
@@ -212,15 +223,8 @@ def test_ctrl_c_or_sigterm_to_the_process_group_ends_the_run_in_seconds(tiny, tm
     it, died first, and left xbt retrying the dead API for 2.5 minutes; the private API lives in a session
     of its own, records the crash and stops with xbt."""
     out = tmp_path / "run"
-    args = _upgrade_args(tiny, out) + ["--no-progress", "--set", "pretrain.epochs=2", "--set", "finetune.batch_size=8",
-                                       "--set", "finetune.epochs=8", "--set", "finetune.checkpoint_every=2"]
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *map(str, args)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's job has it
-    deadline = time.time() + 300
-    while not list((out / "work").glob("train*.ckpt")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    proc, _ = _run_until_checkpoint(_upgrade_args(tiny, out) + ["--no-progress", *KILLABLE], out, stderr=subprocess.PIPE,
+                                    text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal job's
     assert proc.poll() is None, "the run ended before training"
     assert _processes_with(f"--parent {proc.pid}"), "no private Prefect API is running"
     os.killpg(proc.pid, sig)
