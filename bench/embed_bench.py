@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.common import Clock, check_device, emit, machine, progress  # noqa: E402
 from xbtcore.encoders import DualEncoder  # noqa: E402
 from xbtcore.recipe import cached_text_embeddings  # noqa: E402
-from xbtcore.world import corpus_captions  # noqa: E402
+from worlds.shapes import corpus_captions  # noqa: E402
 
 GOAL_RATIO = 3.0
 NAIVE_BATCH = 32

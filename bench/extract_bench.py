@@ -58,7 +58,7 @@ def synthesise(rows: int, files: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from xbtcore.world import corpus_captions
+    from worlds.shapes import corpus_captions
 
     out = corpus_dir(rows, files)
     done = out / "DONE"

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.quality import add_output_flags, emit  # noqa: E402
-from xbtcore import world  # noqa: E402
+from worlds import shapes  # noqa: E402
 from xbtcore.cache import EmbeddingCache  # noqa: E402
 from xbtcore.data import read_pairs  # noqa: E402
 from xbtcore.encoders import DualEncoder  # noqa: E402
@@ -69,7 +69,7 @@ def main():
 
     data = Path(args.data)
     if not (data / "eval.parquet").exists():
-        world.write_world(data)
+        shapes.write_world(data)
     cache = EmbeddingCache(args.cache)
     pairs, evalset = read_pairs(data / "pairs.parquet"), read_pairs(data / "eval.parquet")
     old = DualEncoder.from_pretrained(args.old, device=args.device)

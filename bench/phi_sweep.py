@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from xbtcore import world  # noqa: E402
+from worlds import shapes  # noqa: E402
 from xbtcore.cache import EmbeddingCache  # noqa: E402
 from xbtcore.data import read_pairs  # noqa: E402
 from xbtcore.encoders import DualEncoder  # noqa: E402
@@ -44,7 +44,7 @@ def main():
 
     data = Path(args.data)
     if not (data / "eval.parquet").exists():
-        world.write_world(data)
+        shapes.write_world(data)
     corpus = list(dict.fromkeys(c for c in pq.read_table(data / "corpus.parquet")["caption"].to_pylist() if c and c.strip()))
     if args.corpus_limit:
         corpus = corpus[: args.corpus_limit]

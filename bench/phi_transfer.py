@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine  # noqa: E402
 from bench.quality import add_output_flags, emit, read_corpus  # noqa: E402
-from xbtcore import world  # noqa: E402
+from worlds import shapes  # noqa: E402
 from xbtcore.cache import EmbeddingCache  # noqa: E402
 from xbtcore.data import read_pairs  # noqa: E402
 from xbtcore.encoders import DualEncoder  # noqa: E402
@@ -74,7 +74,7 @@ def main():
 
     data = Path(args.data)
     if not (data / "eval.parquet").exists():
-        world.write_world(data, world.WorldSpec(seed=args.world_seed))
+        shapes.write_world(data, shapes.WorldSpec(seed=args.world_seed))
     cache = EmbeddingCache(args.cache)
     corpus = read_corpus(data)
     pairs, evalset = read_pairs(data / "pairs.parquet"), read_pairs(data / "eval.parquet")

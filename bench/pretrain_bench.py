@@ -41,7 +41,7 @@ from xbtcore.encoders import DualEncoder  # noqa: E402
 from xbtcore.phi import Phi, PhiConfig  # noqa: E402
 from xbtcore.pretrain import PretrainConfig, text_only_pretrain  # noqa: E402
 from xbtcore.recipe import cached_text_embeddings, pretrain_phi  # noqa: E402
-from xbtcore.world import corpus_captions  # noqa: E402
+from worlds.shapes import corpus_captions  # noqa: E402
 
 EMBED_BATCH = inspect.signature(cached_text_embeddings).parameters["batch_size"].default  # as the cache embeds
 

@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine  # noqa: E402
-from xbtcore import config, world  # noqa: E402
+from worlds import shapes  # noqa: E402
+from xbtcore import config  # noqa: E402
 from xbtcore.bundle import CompatibleEncoder  # noqa: E402
 from xbtcore.cache import CacheStats, EmbeddingCache  # noqa: E402
 from xbtcore.data import LazyImages, read_pairs  # noqa: E402
@@ -69,7 +70,7 @@ def world_dir(args) -> Path:
     (the pairs stream is seeded apart, so its first images are the base world's)."""
     data = Path(args.data)
     if not (data / "eval.parquet").exists():
-        world.write_world(data, world.WorldSpec(seed=args.world_seed, user_phrasing=args.user_phrasing))
+        shapes.write_world(data, shapes.WorldSpec(seed=args.world_seed, user_phrasing=args.user_phrasing))
     n = getattr(args, "pair_images", 0)
     if not n:
         return data
@@ -81,10 +82,10 @@ def world_dir(args) -> Path:
         base = read_pairs(data / "pairs.parquet")
         per_image = len(base.captions) // base.n_images
         with tempfile.TemporaryDirectory(dir=data.parent) as tmp:
-            spec = world.WorldSpec(seed=args.world_seed, corpus_captions=1, pair_images=n,
+            spec = shapes.WorldSpec(seed=args.world_seed, corpus_captions=1, pair_images=n,
                                    captions_per_pair_image=per_image, eval_images=1,
                                    user_phrasing=args.user_phrasing)
-            world.write_world(tmp, spec)
+            shapes.write_world(tmp, spec)
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy(Path(tmp) / "pairs.parquet", out / "pairs.parquet")
         for name in ("corpus", "eval"):  # eval last: its presence marks the folder finished

@@ -4,7 +4,7 @@
     python bench/zeroshot.py --bundle out/demo/bundle                # or takes an upgrade bundle
 
 Two tasks on the eval images that hold exactly one object: its shape (8
-classes) and its colour (8 classes), from xbtcore/world.py's vocabulary. Each
+classes) and its colour (8 classes), from xbtcore/shapes.py's vocabulary. Each
 class is the mean of its prompt templates' text embeddings, re-normalised, as
 CLIP does; an image is classified by cosine similarity. Top-1 accuracy in
 percent for each case (query image / class text, named as in the recall protocol):
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import quality  # noqa: E402
-from xbtcore import world  # noqa: E402
+from worlds import shapes  # noqa: E402
 from xbtcore.bundle import CompatibleEncoder, load_bundle  # noqa: E402
 from xbtcore.cache import EmbeddingCache  # noqa: E402
 from xbtcore.encoders import DualEncoder  # noqa: E402
@@ -38,13 +38,13 @@ TEMPLATES = {
     "shape": ["a {}", "a photo of a {}", "one shape: a {}", "there is a {}", "a picture of a {}"],
     "colour": ["a {} shape", "a photo of a {} object", "one shape: a {} thing", "there is a {} shape", "something {}"],
 }
-CLASSES = {"shape": list(world.SHAPES), "colour": list(world.COLOURS)}
+CLASSES = {"shape": list(shapes.SHAPES), "colour": list(shapes.COLOURS)}
 
 
 def single_object_labels(evalset, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """-> (indices of eval images with one object, {task: class index per such image})."""
     per_image = len(evalset.captions) // evalset.n_images
-    items = world.scenes_with_captions(seed, "eval", evalset.n_images, per_image)
+    items = shapes.scenes_with_captions(seed, "eval", evalset.n_images, per_image)
     regenerated = [c for _, caps in items for c in caps]
     if regenerated != list(evalset.captions):
         raise SystemExit(f"{evalset.source}: captions differ from world seed {seed}'s eval split; "

@@ -30,7 +30,7 @@ from tasks.registry import register_and_promote, resolve_model, space_of
 from tasks.report import draw_figures, publish_artifacts, record_datasets, record_run, write_html_report, write_report
 from tasks.servers import check_servers
 from tasks.train import pretrain, train
-from xbtcore import world
+from worlds import shapes
 from xbtcore.config import apply_overrides
 from xbtcore.data import check_output, parquet_files
 from xbtcore.finetune import METHODS, FinetuneConfig
@@ -110,10 +110,10 @@ class UpgradeParams(BaseModel):
             raise ValueError(f"min_chars {self.min_chars} > max_chars {self.max_chars}")
         apply_overrides(PretrainConfig(), self.pretrain)  # unknown keys and bad values fail here
         apply_overrides(FinetuneConfig(), self.finetune)
-        world_fields = {f.name for f in dataclasses.fields(world.WorldSpec)}
+        world_fields = {f.name for f in dataclasses.fields(shapes.WorldSpec)}
         if set(self.world) - world_fields:
             raise ValueError(f"unknown world settings {sorted(set(self.world) - world_fields)}; known: {sorted(world_fields)}")
-        world.WorldSpec(**self.world)  # a fractional row count fails here, not in the world writer
+        shapes.WorldSpec(**self.world)  # a fractional row count fails here, not in the world writer
         return self
 
 
@@ -123,7 +123,7 @@ def ensure_world(spec: dict, out_dir: str) -> dict:
     paths = {k: str(Path(out_dir) / f"{k}.parquet") for k in ("corpus", "pairs", "eval")}
     if all(Path(p).exists() for p in paths.values()):
         return paths
-    return world.write_world(out_dir, world.WorldSpec(**spec))
+    return shapes.write_world(out_dir, shapes.WorldSpec(**spec))
 
 
 class _Steps:
@@ -177,7 +177,7 @@ def upgrade(params: UpgradeParams) -> dict:
     cache_root = str(cache_dir())
 
     if params.corpus is None:
-        spec = dataclasses.asdict(world.WorldSpec(**params.world))
+        spec = dataclasses.asdict(shapes.WorldSpec(**params.world))
         data = run(None, ensure_world, spec, str(state_dir() / f"world-{digest(spec)}"), produces=lambda r: r["eval"])
     else:
         data = {"corpus": params.corpus, "pairs": params.pairs, "eval": params.eval}

@@ -14,7 +14,7 @@ from the corpus, the pairs and the eval set). Tiers differ in width, depth,
 embedding size, image resolution and training budget, so each beats the one
 below: the demo's upgrade then has something real to gain. And, as each CLIP
 generation was trained on more and more varied text than the last, each tier
-reads more words (`world.plain_words`): `old` only the two commonest words for
+reads more words (`shapes.plain_words`): `old` only the two commonest words for
 each shape and size, so "donut", "block" or "tiny" in a user's caption mean
 little to it; `mid` every shape word but only the two commonest size words;
 `new` every word. `zoo/old-same-text` is the first old tier, trained on every
@@ -36,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xbtcore import world  # noqa: E402
+from worlds import shapes  # noqa: E402
 from xbtcore.losses import clip_loss  # noqa: E402
-from xbtcore.tinyclip import (  # noqa: E402
+from worlds.tinyclip import (  # noqa: E402
     TinyClipSpec,
     build_clip,
     build_image_processor,
@@ -111,16 +111,16 @@ def train_tier(name: str, out: Path, seed: int, eval_every: int, spec_overrides:
     t0 = time.time()
     # zoo_user_phrasing: a share of the training captions in the house style of
     # WorldSpec.user_phrasing, as if this tier had been trained on more varied text.
-    items = world.scenes_with_captions(seed, "zoo", TRAIN_IMAGES, CAPTIONS_PER_IMAGE, zoo_user_phrasing)
+    items = shapes.scenes_with_captions(seed, "zoo", TRAIN_IMAGES, CAPTIONS_PER_IMAGE, zoo_user_phrasing)
     if known_synonyms:  # a tier trained on plainer text: rarer synonyms never seen
-        items = [(s, [world.plain_words(c, known_synonyms) for c in cs]) for s, cs in items]
+        items = [(s, [shapes.plain_words(c, known_synonyms) for c in cs]) for s, cs in items]
     # noise stream 99 (not the split tag): this is what trained the committed zoo
-    imgs = [world.render_scene(s, noise_seed=[seed, 99, i]) for i, (s, _) in enumerate(items)]
+    imgs = [shapes.render_scene(s, noise_seed=[seed, 99, i]) for i, (s, _) in enumerate(items)]
     pixels = torch.cat([proc(images=imgs[i : i + 2000], return_tensors="pt")["pixel_values"] for i in range(0, len(imgs), 2000)])
     caps = [c for _, cs in items for c in cs]  # image i owns rows i*C .. i*C+C-1
     enc = tok(caps, padding="max_length", max_length=spec.max_text_len, truncation=True, return_tensors="pt")
-    eval_items = world.scenes_with_captions(seed, "eval", 1000, 5)
-    eval_imgs = world.render_split(eval_items, "eval", seed)
+    eval_items = shapes.scenes_with_captions(seed, "eval", 1000, 5)
+    eval_imgs = shapes.render_split(eval_items, "eval", seed)
     print(f"[{name}] data ready in {time.time() - t0:.1f}s", flush=True)
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.1)
@@ -173,7 +173,7 @@ def main() -> None:
                     help="share of the training captions in the world's house style (WorldSpec.user_phrasing)")
     ap.add_argument("--known-synonyms", default=None, metavar="K|KIND=K,...",
                     help="train on captions that use only the first K words for each shape and size, or per kind, "
-                         "e.g. size=2 (world.plain_words; default: the tier's own, 2 for old, size=2 for mid; "
+                         "e.g. size=2 (shapes.plain_words; default: the tier's own, 2 for old, size=2 for mid; "
                          "3 or more: every word)")
     args = ap.parse_args()
     overrides = parse_spec(args.spec)
@@ -202,7 +202,7 @@ def parse_spec(items: list[str]) -> dict:
 
 
 def parse_known_synonyms(text: str) -> int | dict[str, int]:
-    """"2" -> 2 (shapes and sizes alike); "size=2" or "shape=1,size=2" -> K per kind; checked by world.plain_words."""
+    """"2" -> 2 (shapes and sizes alike); "size=2" or "shape=1,size=2" -> K per kind; checked by shapes.plain_words."""
     if text.strip().isdigit():
         value: int | dict[str, int] = int(text)
     else:
@@ -212,7 +212,7 @@ def parse_known_synonyms(text: str) -> int | dict[str, int]:
             if not sep or not k.strip().isdigit():
                 raise ValueError(f"{item!r} is not KIND=K; write 2, or size=2, or shape=1,size=2")
             value[kind.strip()] = int(k)
-    world.plain_words("a red circle", value)  # names a bad kind or K before any training
+    shapes.plain_words("a red circle", value)  # names a bad kind or K before any training
     return value
 
 

@@ -38,11 +38,11 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny built-in world and two untrained tiny CLIPs of different embedding sizes."""
-    from xbtcore import world
-    from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip
+    from worlds import shapes
+    from worlds.tinyclip import TinyClipSpec, make_tiny_clip
 
     root = tmp_path_factory.mktemp("tiny")
-    paths = world.write_world(root / "world", world.WorldSpec(**TINY_WORLD))
+    paths = shapes.write_world(root / "world", shapes.WorldSpec(**TINY_WORLD))
     old = make_tiny_clip(root / "old", TinyClipSpec(width=32, layers=1, heads=2, embed_dim=24), seed=1)
     new = make_tiny_clip(root / "new", TinyClipSpec(width=32, layers=1, heads=2, embed_dim=32), seed=2)
     return {"root": root, **paths, "old": str(old), "new": str(new)}

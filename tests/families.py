@@ -3,7 +3,7 @@ the other dual-encoder families of CONTRACT.md, for tests that must not be CLIP-
 
 import torch
 
-from xbtcore.tinyclip import TinyClipSpec, build_image_processor, build_tokenizer, save_checkpoint, world_vocabulary
+from worlds.tinyclip import TinyClipSpec, build_image_processor, build_tokenizer, save_checkpoint, world_vocabulary
 
 SPEC = TinyClipSpec(width=32, layers=1, heads=2, embed_dim=16)
 _TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)

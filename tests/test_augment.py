@@ -5,12 +5,12 @@ import random
 import numpy as np
 import pytest
 
-from xbtcore import world
+from worlds import shapes
 from xbtcore.augment import AugmentConfig, augment_image
 
 
 def _img():
-    return world.render_split(world.scenes_with_captions(0, "eval", 1, 1), "eval", 0)[0]
+    return shapes.render_split(shapes.scenes_with_captions(0, "eval", 1, 1), "eval", 0)[0]
 
 
 def test_same_rng_same_image_other_rng_differs():

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from xbtcore import world
+from worlds import shapes
 from xbtcore.data import read_pairs
 from xbtcore.pretrain import CHAIN_FIT_WEIGHT
-from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip
+from worlds.tinyclip import TinyClipSpec, make_tiny_clip
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import ablations, chain, chain_fit, quality, zeroshot
 
-SPEC = world.WorldSpec(corpus_captions=300, pair_images=96, eval_images=16)
+SPEC = shapes.WorldSpec(corpus_captions=300, pair_images=96, eval_images=16)
 SMALL = ["--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=64", "--set", "finetune.batch_size=32",
          "--set", "finetune.checkpoint_every=1000"]
 
@@ -25,7 +25,7 @@ SMALL = ["--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=64", "--set
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench6")
-    world.write_world(root / "world", SPEC)
+    shapes.write_world(root / "world", SPEC)
     make_tiny_clip(root / "old", TinyClipSpec(width=32, layers=1, heads=2, embed_dim=24), seed=1)
     make_tiny_clip(root / "mid", TinyClipSpec(width=40, layers=1, heads=2, embed_dim=32), seed=3)
     make_tiny_clip(root / "new", TinyClipSpec(width=48, layers=1, heads=2, embed_dim=40), seed=2)
@@ -45,10 +45,10 @@ def _in_range(recall: dict) -> bool:
 def test_zeroshot_labels_match_the_eval_split_and_accuracies_are_percentages(tiny):
     evalset = read_pairs(tiny / "world" / "eval.parquet")
     keep, labels = zeroshot.single_object_labels(evalset, SPEC.seed)
-    items = world.scenes_with_captions(SPEC.seed, "eval", SPEC.eval_images, SPEC.captions_per_eval_image)
+    items = shapes.scenes_with_captions(SPEC.seed, "eval", SPEC.eval_images, SPEC.captions_per_eval_image)
     assert keep.tolist() == [i for i, (s, _) in enumerate(items) if len(s.objects) == 1] and len(keep) > 0
-    assert [list(world.SHAPES)[j] for j in labels["shape"]] == [items[i][0].objects[0].shape for i in keep]
-    assert [list(world.COLOURS)[j] for j in labels["colour"]] == [items[i][0].objects[0].colour for i in keep]
+    assert [list(shapes.SHAPES)[j] for j in labels["shape"]] == [items[i][0].objects[0].shape for i in keep]
+    assert [list(shapes.COLOURS)[j] for j in labels["colour"]] == [items[i][0].objects[0].colour for i in keep]
     with pytest.raises(SystemExit, match="world seed"):
         zeroshot.single_object_labels(evalset, SPEC.seed + 1)
 

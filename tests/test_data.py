@@ -5,20 +5,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from xbtcore import world
+from worlds import shapes
 from xbtcore.data import InputError, read_gallery, read_pairs, write_embeddings_parquet
 
 
 @pytest.fixture(scope="module")
 def world_files(tmp_path_factory):
-    spec = world.WorldSpec(corpus_captions=200, pair_images=20, eval_images=10, captions_per_eval_image=3)
-    return world.write_world(tmp_path_factory.mktemp("world"), spec)
+    spec = shapes.WorldSpec(corpus_captions=200, pair_images=20, eval_images=10, captions_per_eval_image=3)
+    return shapes.write_world(tmp_path_factory.mktemp("world"), spec)
 
 
 @pytest.fixture(scope="module")
 def pngs():
-    scenes = world.scenes_with_captions(0, "pairs", 6, 1)
-    return [world.png_bytes(world.render_scene(s, noise_seed=i)) for i, (s, _) in enumerate(scenes)]
+    scenes = shapes.scenes_with_captions(0, "pairs", 6, 1)
+    return [shapes.png_bytes(shapes.render_scene(s, noise_seed=i)) for i, (s, _) in enumerate(scenes)]
 
 
 def _write(path, **columns):
@@ -39,7 +39,7 @@ def test_image_id_groups_captions_in_first_appearance_order(world_files):
     # Independent check: each caption row points at the image with its own image_id.
     assert [pairs.image_ids[i] for i in pairs.caption_image.tolist()] == table["image_id"]
     assert pairs.caption_image.dtype == torch.long
-    assert pairs.load_image(3).mode == "RGB" and pairs.load_image(3).size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
+    assert pairs.load_image(3).mode == "RGB" and pairs.load_image(3).size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
 
 
 def test_interleaved_image_ids(tmp_path, pngs):

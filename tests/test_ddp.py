@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from xbtcore import world
+from worlds import shapes
 from xbtcore.adapters import LoraSettings
 from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder
@@ -18,7 +18,7 @@ from xbtcore.finetune import FinetuneConfig, finetune, trainable_state
 from xbtcore.losses import average_gradients, clip_loss, local_slice, on_main_rank
 from xbtcore.phi import Phi, PhiConfig
 from xbtcore.pretrain import PretrainConfig, text_only_pretrain
-from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip
+from worlds.tinyclip import TinyClipSpec, make_tiny_clip
 
 WORLD = 2
 
@@ -171,7 +171,7 @@ def _worker_finetune(rank, init_file, out_dir, new, pairs_path, cfg, targets):
 def ft_runs(tmp_path_factory):
     """The same fine-tuning in one process and in two gloo ranks: (args, [rank0, rank1] results)."""
     root = tmp_path_factory.mktemp("ddp_ft")
-    paths = world.write_world(root / "world", world.WorldSpec(corpus_captions=300, pair_images=96, eval_images=16))
+    paths = shapes.write_world(root / "world", shapes.WorldSpec(corpus_captions=300, pair_images=96, eval_images=16))
     make_tiny_clip(root / "new", TinyClipSpec(width=48, layers=1, heads=2, embed_dim=40), seed=2)
     n_pairs = len(read_pairs(paths["pairs"]))
     assert n_pairs // FT.batch_size >= 3  # a few steps: Adam's state and the weights carry across them

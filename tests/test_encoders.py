@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from families import EMBED_DIM, save_tiny_family, tiny_family_model
-from xbtcore import world
+from worlds import shapes
 from xbtcore.encoders import DualEncoder, ModelLoadError
-from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip, save_checkpoint
+from worlds.tinyclip import TinyClipSpec, make_tiny_clip, save_checkpoint
 
 SPEC = TinyClipSpec(width=32, layers=1, heads=2, embed_dim=16)
 
@@ -26,12 +26,12 @@ def enc(clip_dir):
 @pytest.fixture(scope="module")
 def texts():
     # Lengths vary a lot, so length-sorted batches differ in padding.
-    return world.corpus_captions(seed=0, n=18) + ["star", "a"]
+    return shapes.corpus_captions(seed=0, n=18) + ["star", "a"]
 
 
 @pytest.fixture(scope="module")
 def images():
-    return [world.render_scene(s, noise_seed=i) for i, (s, _) in enumerate(world.scenes_with_captions(0, "eval", 6, 1))]
+    return [shapes.render_scene(s, noise_seed=i) for i, (s, _) in enumerate(shapes.scenes_with_captions(0, "eval", 6, 1))]
 
 
 def test_embed_texts_is_normalised_and_order_preserving(enc, texts):

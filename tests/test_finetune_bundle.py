@@ -6,7 +6,7 @@ import pytest
 import torch
 from families import EMBED_DIM, save_tiny_family
 
-from xbtcore import world
+from worlds import shapes
 from xbtcore.adapters import adapters_off, auto_prompt_count, find_prompts
 from xbtcore.augment import AugmentConfig
 from xbtcore.bundle import BundleMeta, CompatibleEncoder, load_bundle, save_bundle
@@ -14,7 +14,7 @@ from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder, ModelLoadError
 from xbtcore.finetune import DivergedError, FinetuneConfig, finetune, prompt_count
 from xbtcore.phi import Phi, PhiConfig
-from xbtcore.tinyclip import TinyClipSpec, make_tiny_clip
+from worlds.tinyclip import TinyClipSpec, make_tiny_clip
 
 # Augmentation on (off by default) so the resume test also covers its per-row RNG.
 FAST = FinetuneConfig(batch_size=32, checkpoint_every=2, augment=AugmentConfig(enabled=True))
@@ -23,7 +23,7 @@ FAST = FinetuneConfig(batch_size=32, checkpoint_every=2, augment=AugmentConfig(e
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    paths = world.write_world(root / "world", world.WorldSpec(corpus_captions=300, pair_images=96, eval_images=16))
+    paths = shapes.write_world(root / "world", shapes.WorldSpec(corpus_captions=300, pair_images=96, eval_images=16))
     make_tiny_clip(root / "old", TinyClipSpec(width=32, layers=1, heads=2, embed_dim=24), seed=1)
     make_tiny_clip(root / "new", TinyClipSpec(width=48, layers=1, heads=2, embed_dim=40), seed=2)
     return {"root": root, "pairs": read_pairs(paths["pairs"]), "eval": read_pairs(paths["eval"]),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xbtcore import world
+from worlds import shapes
 from xbtcore.encoders import DualEncoder
 from xbtcore.recall import recall_at_k
 
@@ -19,9 +19,9 @@ ZOO = Path(__file__).resolve().parents[1] / "zoo"
 
 @pytest.fixture(scope="module")
 def zoo_recall():
-    spec = world.WorldSpec()
-    items = world.scenes_with_captions(spec.seed, "eval", spec.eval_images, spec.captions_per_eval_image)
-    images = world.render_split(items, "eval", spec.seed)
+    spec = shapes.WorldSpec()
+    items = shapes.scenes_with_captions(spec.seed, "eval", spec.eval_images, spec.captions_per_eval_image)
+    images = shapes.render_split(items, "eval", spec.seed)
     captions = [c for _, cs in items for c in cs]
     caption_image = torch.tensor([i for i, (_, cs) in enumerate(items) for _ in cs])
     out = {}

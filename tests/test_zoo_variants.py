@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from xbtcore import world
+from worlds import shapes
 from xbtcore.encoders import DualEncoder
-from xbtcore.tinyclip import TinyClipSpec, build_clip
+from worlds.tinyclip import TinyClipSpec, build_clip
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "zoo"
@@ -45,7 +45,7 @@ def test_spec_overrides_are_checked_against_the_spec():
 
 def test_variant_tier_trains_on_house_style_captions_with_its_overrides(tmp_path, monkeypatch):
     drawn = []
-    real = world.scenes_with_captions
+    real = shapes.scenes_with_captions
 
     def spy(seed, split, n, c, user_phrasing=0.0):
         drawn.append((split, user_phrasing))
@@ -72,7 +72,7 @@ def test_each_generation_reads_more_words_and_the_committed_zoo_records_it(tmp_p
     every shape word but only the two commonest size words; new reads every word. The committed
     zoo's metadata says so."""
     seen = {}
-    real = world.plain_words
+    real = shapes.plain_words
 
     def spy(caption, known):
         seen.setdefault(json.dumps(known), []).append(real(caption, known))
@@ -89,11 +89,11 @@ def test_each_generation_reads_more_words_and_the_committed_zoo_records_it(tmp_p
     monkeypatch.setattr(build_zoo, "BATCH", 16)
     build_zoo.train_tier("old", tmp_path, seed=0, eval_every=1, steps=1)
     assert list(seen) == ["2"] and len(seen["2"]) == 48 * build_zoo.CAPTIONS_PER_IMAGE
-    assert not uses(seen["2"], rare(world.SHAPES) | rare(world.SIZES))
+    assert not uses(seen["2"], rare(shapes.SHAPES) | rare(shapes.SIZES))
     seen.clear()
     build_zoo.train_tier("mid", tmp_path, seed=0, eval_every=1, steps=1)
     (mid,) = seen.values()
-    assert list(seen) == ['{"size": 2}'] and not uses(mid, rare(world.SIZES)) and uses(mid, rare(world.SHAPES))
+    assert list(seen) == ['{"size": 2}'] and not uses(mid, rare(shapes.SIZES)) and uses(mid, rare(shapes.SHAPES))
     seen.clear()
     build_zoo.train_tier("new", tmp_path, seed=0, eval_every=1, steps=1)
     assert seen == {}

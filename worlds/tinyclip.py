@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import world
+from . import shapes
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 # CLIP's text tower pools at the first eos_token_id; an eos id of 2 triggers the
@@ -46,9 +46,9 @@ class TinyClipSpec:
 def world_vocabulary() -> list[str]:
     """Every word the world's captions can use, plus punctuation."""
     words: set[str] = set()
-    phrases = [*sum(world.SHAPES.values(), []), *world.COLOURS, *sum(world.SIZES.values(), [])]
-    phrases += list(world.CELL_NAMES.values()) + [p.format("") for p in world.CELL_PHRASES]
-    phrases += list(world.NUMBER_WORDS.values())
+    phrases = [*sum(shapes.SHAPES.values(), []), *shapes.COLOURS, *sum(shapes.SIZES.values(), [])]
+    phrases += list(shapes.CELL_NAMES.values()) + [p.format("") for p in shapes.CELL_PHRASES]
+    phrases += list(shapes.NUMBER_WORDS.values())
     phrases += ["a an and there is picture of shape shapes left right of above below"]
     for p in phrases:
         words.update(re.findall(r"\w+", p))
