@@ -104,11 +104,10 @@ def cmd_embed(a) -> int:
     from catalog import Catalog
     from tasks.common import absolute_ref, state_dir
     from tasks.registry import pinned_ref, resolve_ref, space_of
-    from xbtcore.bundle import is_bundle
+    from xbtcore.bundle import is_bundle, load_compatible
     from xbtcore.data import LazyImages, check_output, write_embeddings_parquet
     from xbtcore.embed_input import read_images, read_texts
     from xbtcore.encoders import DualEncoder
-    from xbtcore.linear_bundle import load_compatible
 
     check_output(a.out, folder=False)
     resolved = resolve_ref(a.model)
@@ -153,6 +152,23 @@ def cmd_rollback(a) -> int:
     return 0
 
 
+def cmd_methods(a) -> int:
+    from xbtcore.methods import COST_CLASSES, by_cost
+
+    rows = [{"method": m.name, "cost": m.cost, "old encoder at query": "yes" if m.old_encoder_at_query else "no",
+             "trains": m.trains, "bundle": m.bundle, "summary": m.summary} for m in by_cost()]
+    if a.json:
+        print(json.dumps({"methods": rows, "cost_classes": COST_CLASSES}, indent=2))
+        return 0
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in ("method", "cost", "old encoder at query")}
+    print("  ".join(k.ljust(w) for k, w in widths.items()) + "  what it is")
+    for r in rows:
+        print("  ".join(str(r[k]).ljust(w) for k, w in widths.items()) + f"  {r['summary']}")
+        print(" " * (sum(widths.values()) + 2 * len(widths)) + f"trains: {r['trains']}; bundle: {r['bundle']}")
+    print("cost classes: " + "; ".join(f"{k} = {v}" for k, v in COST_CLASSES.items()))
+    return 0
+
+
 def cmd_catalog(a) -> int:
     from catalog.store import TABLES
     from tasks.report import catalog
@@ -170,7 +186,9 @@ def cmd_catalog(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    methods = ["xbt", "base", "lora-only", "full-tune", "procrustes", "lstsq"]
+    from xbtcore.methods import by_cost
+
+    methods = [m.name for m in by_cost()]
     p = _Parser(prog="xbt", description="Backfill-free upgrades of vision-language retrieval models (XBT).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -215,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="move alias champion back to the version it replaced")
     rb.add_argument("--model")
     rb.set_defaults(func=cmd_rollback)
+
+    m = sub.add_parser("methods", help="the registered upgrade methods: what each trains, its bundle and its cost")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_methods)
 
     c = sub.add_parser("catalog", help="list datasets, spaces, galleries, runs and lineage")
     c.add_argument("--table", action="append", choices=["datasets", "spaces", "galleries", "runs", "lineage"])
@@ -266,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.servers import ServerUnreachable
     from xbtcore.data import InputError
     from xbtcore.encoders import ModelLoadError
-    from xbtcore.finetune import DivergedError
+    from xbtcore.losses import DivergedError
 
     quiet = _UserErrorsWithoutTraceback((InputError, ModelLoadError, DivergedError))
     for name in ("prefect.task_runs", "prefect.flow_runs"):

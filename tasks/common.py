@@ -12,11 +12,11 @@ import json
 import os
 from pathlib import Path
 
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from dataclasses import dataclass
+from typing import Any
 
-# A finished step is skipped when its inputs (which carry the fingerprints of
-# the files they name) and its code are unchanged.
-CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+
 # Retries only where a step talks to a disk or a server that can hiccup.
 IO_RETRIES = dict(retries=2, retry_delay_seconds=2)
 
@@ -63,6 +63,49 @@ def fingerprint_content(path) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]
+
+
+def step_path(work: Path, name: str, *inputs, suffix: str = "") -> str:
+    """Where a step writes its output: named by a digest of its inputs, so a run with other inputs
+    in the same folder writes beside it, and a cached step's path always holds what these inputs made."""
+    return str(Path(work) / f"{name}-{digest(*inputs)}{suffix}")
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+@dataclass
+class WhileOutputExists(CachePolicy):
+    """A finished step is skipped when its inputs (which carry the fingerprints of the files they
+    read, and its output path, named by `step_path`), its code and the state folder are unchanged,
+    and the output it wrote (its `out` input) is still there; a step whose output was removed runs
+    again."""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kw) -> str | None:
+        policy = INPUTS - "progress" + TASK_SOURCE
+        key = policy.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters=flow_parameters, **kw)
+        if key is None:
+            return None
+        key = digest(key, str(state_dir()))  # each state folder (a deployment, a test) keeps its own results
+        out = inputs.get("out")
+        if out is not None and not Path(out).exists():
+            _forget(key)
+        return key
+
+
+def _forget(key: str) -> None:
+    """Remove the result record of `key`, so the step runs again and records anew."""
+    from prefect.results import get_result_store
+
+    store = get_result_store()
+    storage = store.metadata_storage or store.result_storage
+    base = getattr(storage, "basepath", None)
+    if base is not None:
+        Path(base, key).unlink(missing_ok=True)
+
+
+CACHED = dict(cache_policy=WhileOutputExists(), persist_result=True)
 
 
 def absolute_ref(ref: str) -> str:

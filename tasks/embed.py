@@ -1,4 +1,4 @@
-"""Frozen encoders embed what the method reads (the corpus texts, the pairs) into the cache.
+"""Frozen encoders embed what a method reads (the corpus texts, the pairs) into the cache.
 
 Tasks downstream get cache keys, never tensors, and read the entries back
 with `load_cached` without loading any encoder.
@@ -10,14 +10,12 @@ import pyarrow.parquet as pq
 import torch
 from prefect import task
 
-from xbtcore.bundle import is_bundle
-from xbtcore.cache import EmbeddingCache, fingerprint_items, fingerprint_texts
+from xbtcore.bundle import is_bundle, load_compatible
+from xbtcore.cache import (EmbeddingCache, cache_model_key, cached_image_embeddings, cached_text_embeddings,
+                           fingerprint_items, fingerprint_texts)
 from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder
-from xbtcore.finetune import METHODS
-from xbtcore.linear_bundle import LINEAR_METHODS, load_compatible
-from xbtcore.pretrain import PretrainConfig, source_parts
-from xbtcore.recipe import cache_model_key, cached_image_embeddings, cached_text_embeddings
+from xbtcore.methods import EMBEDDINGS
 
 from .common import CACHED, log
 
@@ -26,14 +24,9 @@ def read_corpus(path: str) -> list[str]:
     return pq.read_table(path, columns=["caption"]).column("caption").to_pylist()
 
 
-def _key(encoder, data_fp: str, modality: str, rows: int) -> dict:
-    # The same key recipe.cached_*_embeddings uses.
-    return {"model": cache_model_key(encoder), "data": data_fp, "modality": modality, "rows": rows}
-
-
 def old_space_encoder(ref: str):
     """The encoder whose space "old" means for training: a model, or a champion bundle, whose
-    compatible (φ-mapped) embeddings stand in for the old ones (Eqn. 3; a chain link with
+    compatible (φ-mapped) embeddings stand in for the old ones (a chain link with
     `PretrainConfig.chain_targets` "champion")."""
     return load_compatible(ref)[0] if is_bundle(ref) else DualEncoder.from_pretrained(ref)
 
@@ -47,37 +40,13 @@ def load_cached(cache_root: str, key: dict) -> torch.Tensor:
     return EmbeddingCache(cache_root).get_or_compute(key["model"], key["data"], key["modality"], key["rows"], missing)
 
 
-EMBEDDINGS = ("w_new", "w_old", "v_new_pairs", "v_old_pairs", "w_old_pairs", "w_new_pairs")
+@task(name="embed-frozen", **CACHED)
+def embed_frozen(needs: list[str], corpus_path: str, pairs_path: str | None, old_ref: str, new_ref: str,
+                 cache_root: str, fingerprint: str = "", progress: bool = True) -> dict:
+    """Embed what `needs` names (from methods.EMBEDDINGS) into the cache; -> {name: cache key}.
 
-
-def embeddings_needed(method: str, pretrain: PretrainConfig | None = None) -> list[str]:
-    """The frozen embeddings `method` reads, and so all the embed step computes:
-    XBT's φ pretraining rows (corpus texts and/or the pairs' images, `PretrainConfig.source`;
-    the pairs by the new model for the pair term, `PretrainConfig.pair_weight`),
-    an Eqn. 6 baseline's old-model targets of the pairs, a training-free map's corpus texts."""
-    if method in LINEAR_METHODS:
-        return ["w_new", "w_old"]
-    if METHODS[method].loss == "eqn6":
-        return ["v_old_pairs", "w_old_pairs"]
-    pretrain = pretrain or PretrainConfig()
-    parts = source_parts(pretrain.source)
-    needs = [*(["w_new", "w_old"] if "text" in parts else []), *(["v_new_pairs", "v_old_pairs"] if "image" in parts else [])]
-    if pretrain.pair_weight:
-        needs += [n for n in ("v_new_pairs", "w_new_pairs") if n not in needs]
-    return needs
-
-
-@task(name="embed-corpus", **CACHED)
-def embed_corpus(corpus_path: str, old_ref: str, new_ref: str, cache_root: str, needs: list[str],
-                 pairs_path: str | None = None, fingerprint: str = "", progress: bool = True) -> dict:
-    """Embed what `needs` names (`embeddings_needed`) into the cache and return its keys:
-    w_new / w_old, the corpus texts by the new and old text encoders; v_new_pairs /
-    v_old_pairs, the pairs' images by the new and old image encoders; w_old_pairs /
-    w_new_pairs, the pairs' captions by the old and new text encoders. "old" is a model (in a chain link
-    the root model, by default), or the champion bundle (`old_space_encoder`), whose compatible embeddings
-    stand in for it (`PretrainConfig.chain_targets`).
-
-    -> {name: cache key} for each name in `needs`.
+    "old" is a model (in a chain link the root model, by default), or the champion bundle
+    (`old_space_encoder`), whose compatible embeddings stand in for it.
     """
     unknown = sorted(set(needs) - set(EMBEDDINGS))
     if unknown or not needs:
@@ -88,6 +57,10 @@ def embed_corpus(corpus_path: str, old_ref: str, new_ref: str, cache_root: str, 
     cache = EmbeddingCache(cache_root)
     old = old_space_encoder(old_ref)
     new = DualEncoder.from_pretrained(new_ref) if {"w_new", "v_new_pairs", "w_new_pairs"} & set(needs) else None
+
+    def key(encoder, data_fp: str, modality: str, rows: int) -> dict:  # cache.cached_*_embeddings' key
+        return {"model": cache_model_key(encoder), "data": data_fp, "modality": modality, "rows": rows}
+
     keys = {}
     if "w_new" in needs or "w_old" in needs:
         texts = read_corpus(corpus_path)
@@ -95,19 +68,19 @@ def embed_corpus(corpus_path: str, old_ref: str, new_ref: str, cache_root: str, 
         for name, encoder in (("w_new", new), ("w_old", old)):
             if name in needs:
                 cached_text_embeddings(cache, encoder, texts, progress=progress)
-                keys[name] = _key(encoder, corpus_fp, "text", len(texts))
-        logger.info("embedded %d corpus texts (%s)", len(texts), ", ".join(k for k in keys))
-    if pairs_path is not None and any(n.endswith("_pairs") for n in needs):
+                keys[name] = key(encoder, corpus_fp, "text", len(texts))
+        logger.info("embedded %d corpus texts (%s)", len(texts), ", ".join(keys))
+    if any(n.endswith("_pairs") for n in needs):
         pairs = read_pairs(pairs_path)
         images_fp = fingerprint_items(pairs.images)
         for name, encoder in (("v_new_pairs", new), ("v_old_pairs", old)):
             if name in needs:
                 cached_image_embeddings(cache, encoder, pairs, progress=progress)
-                keys[name] = _key(encoder, images_fp, "image", pairs.n_images)
+                keys[name] = key(encoder, images_fp, "image", pairs.n_images)
         for name, encoder in (("w_old_pairs", old), ("w_new_pairs", new)):
             if name in needs:
                 cached_text_embeddings(cache, encoder, pairs.captions, progress=progress)
-                keys[name] = _key(encoder, fingerprint_texts(pairs.captions), "text", len(pairs.captions))
+                keys[name] = key(encoder, fingerprint_texts(pairs.captions), "text", len(pairs.captions))
         logger.info("embedded %d pair images and %d captions (%s)", pairs.n_images, len(pairs.captions),
                     ", ".join(k for k in keys if k.endswith("_pairs")))
     return {n: keys[n] for n in needs}

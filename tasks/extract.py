@@ -70,10 +70,10 @@ def corpus_query(files: list[Path], column: str, min_chars: int | None, max_char
 
 
 @task(name="extract-corpus", **CACHED)
-def extract_corpus(source: str, out_path: str, text_column: str = "caption", min_chars: int | None = None,
+def extract_corpus(source: str, out: str, text_column: str = "caption", min_chars: int | None = None,
                    max_chars: int | None = None, sample: int | None = None, seed: int = 0,
                    fingerprint: str = "") -> dict:
-    """Parquet file/folder/glob -> out_path (one `caption` column); -> {"path", "rows"}.
+    """Parquet file/folder/glob -> out (one `caption` column); -> {"path", "rows", "fingerprint"}.
 
     Nulls and blank strings are dropped and exact duplicates removed, keeping
     each text's first appearance. `fingerprint` (of the source files) is part
@@ -90,7 +90,7 @@ def extract_corpus(source: str, out_path: str, text_column: str = "caption", min
     if table.num_rows == 0:
         raise InputError(source, "no text left after dropping nulls, blanks and duplicates and the length filter",
                          "pass a corpus with text in that column (or relax the length filter)", column=text_column)
-    out = Path(out_path)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     pq.write_table(table, tmp)
@@ -98,3 +98,15 @@ def extract_corpus(source: str, out_path: str, text_column: str = "caption", min
     log().info("corpus: %d distinct texts from %d file(s) -> %s", table.num_rows, len(files), out)
     # Its content's fingerprint keys the steps that read it: an edited corpus with as many rows is new input.
     return {"path": str(out), "rows": table.num_rows, "fingerprint": fingerprint_content(out)}
+
+
+@task(name="ensure-world", **CACHED)
+def ensure_world(spec: dict, out: str) -> dict:
+    """The built-in world (worlds.shapes) with WorldSpec fields `spec`, written once into the folder `out`;
+    -> the paths of its corpus, pairs and eval Parquet files."""
+    from worlds import shapes
+
+    paths = {k: str(Path(out) / f"{k}.parquet") for k in ("corpus", "pairs", "eval")}
+    if all(Path(p).exists() for p in paths.values()):
+        return paths
+    return shapes.write_world(out, shapes.WorldSpec(**spec))

@@ -177,41 +177,38 @@ def pinned_ref(ref: str, resolved: str) -> str:
 resolve_model = task(name="resolve-model", **IO_RETRIES)(resolve_ref)
 
 
-def _log_run(c, exp_id: str, report: dict, bundle_dir: str, histories: dict, figures: list[str], report_path: str) -> str:
+def _log_run(c, exp_id: str, run: dict, recall: dict, bundle_dir: str, histories: dict, figures: list[str]) -> str:
+    """An MLflow run with the upgrade's settings, recall, timings, loss curves, figures and bundle; left
+    open for `attach_report`."""
     from mlflow.entities import Metric, Param
 
-    run = c.create_run(exp_id, tags={"xbt.method": report["method"], "xbt.new": report["new"], "xbt.old": report["old"]},
-                       run_name=f"{report['method']}:{Path(report['new']).name}")
-    rid = run.info.run_id
+    mrun = c.create_run(exp_id, tags={"xbt.method": run["method"], "xbt.new": run["new"], "xbt.old": run["old"]},
+                        run_name=f"{run['method']}:{Path(run['new']).name}")
+    rid = mrun.info.run_id
     now = int(time.time() * 1000)
-    params = {"method": report["method"], "old": report["old"], "new": report["new"], **_flat("counts", report["counts"]),
-              **_flat("config", report.get("config", {}))}
+    params = {"method": run["method"], "old": run["old"], "new": run["new"], **_flat("counts", run["counts"]),
+              **_flat("config", run.get("config", {}))}
     metrics = [Metric(_metric_key(f"{d}.{case.replace('/', '_')}.R{k}"), float(v), now, 0)
-               for d, cases in report["recall"].items() for case, rs in cases.items() for k, v in rs.items()]
-    metrics += [Metric(f"time_s.{k}", float(v), now, 0) for k, v in report["timings_s"].items()]
+               for d, cases in recall.items() for case, rs in cases.items() for k, v in rs.items()]
+    metrics += [Metric(f"time_s.{k}", float(v), now, 0) for k, v in run["timings_s"].items()]
     for name, steps in histories.items():
         metrics += [Metric(f"{name}_loss", float(s["loss"]), now, int(s["step"])) for s in steps]
     param_list = [Param(k, str(v)[:500]) for k, v in params.items()]
     for i in range(0, max(len(metrics), len(param_list)), 900):  # log_batch takes at most 1000 metrics
         c.log_batch(rid, metrics=metrics[i : i + 900], params=param_list[i : i + 90])
-    c.log_artifact(rid, report_path)
-    html = Path(report_path).with_name("report.html")  # written next to report.json (tasks/report.py)
-    if html.exists():
-        c.log_artifact(rid, str(html))
     for f in figures:
         c.log_artifact(rid, f, "figures")
     c.log_artifacts(rid, bundle_dir, "bundle")
-    c.set_terminated(rid)
     return rid
 
 
 @task(name="register-and-promote")
-def register_and_promote(report_path: str, bundle_dir: str, root_ref: str, verdict: dict, histories: dict,
+def register_and_promote(run: dict, recall: dict, bundle_dir: str, root_ref: str, verdict: dict, histories: dict,
                          figures: list[str]) -> dict:
     """Log the run, register the bundle as a version (alias candidate) and, if the gate
-    passed, move champion to it. The same bundle registered twice is one version."""
+    passed, move champion to it. The same bundle registered twice is one version.
+    -> name, version, experiment, run_id, new_run (a run was logged now), promoted, champion, uri."""
     logger = log()
-    report = json.loads(Path(report_path).read_text())
     c = client()
     space = space_of(root_ref)
     name = model_name(space)
@@ -221,16 +218,15 @@ def register_and_promote(report_path: str, bundle_dir: str, root_ref: str, verdi
                                   description=f"Compatible query encoders for the gallery embedded with {root_ref}")
     sha = fingerprint_content(bundle_dir)
     found = c.search_model_versions(f"name = '{name}' and tags.`xbt.bundle_sha` = '{sha}'")
-    gate = report["gate"]
     failures = [f for k, v in verdict.items() if k != "passed" for f in v["failures"]]
     if found:
         mv = found[0]
         logger.info("bundle %s is already %s version %s", sha, name, mv.version)
     else:
-        rid = _log_run(c, exp_id, report, bundle_dir, histories, figures, report_path)
-        tags = {"xbt.bundle_sha": sha, "xbt.method": report["method"], "xbt.new": report["new"], "xbt.old": report["old"],
+        rid = _log_run(c, exp_id, run, recall, bundle_dir, histories, figures)
+        tags = {"xbt.bundle_sha": sha, "xbt.method": run["method"], "xbt.new": run["new"], "xbt.old": run["old"],
                 "gate.criteria": ",".join(v["criterion"] for k, v in verdict.items() if k != "passed"),
-                "gate.ks": json.dumps(gate["ks"]),
+                "gate.ks": json.dumps(verdict["eqn2"]["ks"]),
                 "gate.rule": "eqn2: new/old > old/old; no-regression (chains): new/old >= prev/old; every K, t2i and i2t"}
         mv = c.create_model_version(name, source=f"{c.get_run(rid).info.artifact_uri}/bundle", run_id=rid, tags=tags)
     version = str(mv.version)
@@ -246,5 +242,14 @@ def register_and_promote(report_path: str, bundle_dir: str, root_ref: str, verdi
             f"{d}@{k} {a} vs {b}" for d, k, a, b in failures))
         logger.info("%s version %s is candidate only: the gate failed, champion stays %s", name, version,
                     champion_version(c, name) or "unset")
-    return {"name": name, "version": version, "experiment": exp_id, "run_id": mv.run_id, "promoted": passed,
-            "champion": champion_version(c, name), "uri": f"models:/{name}/{version}"}
+    return {"name": name, "version": version, "experiment": exp_id, "run_id": mv.run_id, "new_run": not found,
+            "promoted": passed, "champion": champion_version(c, name), "uri": f"models:/{name}/{version}"}
+
+
+@task(name="attach-report", **IO_RETRIES)
+def attach_report(run_id: str, paths: list[str]) -> None:
+    """The finished report.json and report.html as artifacts of the MLflow run, which ends here."""
+    c = client()
+    for path in paths:
+        c.log_artifact(run_id, path)
+    c.set_terminated(run_id)

@@ -19,6 +19,32 @@ from .common import IO_RETRIES, state_dir
 from .html_report import examples_of, map_panels, render_report
 
 
+def read_histories(paths: dict[str, str | None]) -> dict:
+    """{stage: loss history} of the steps that wrote one (tasks.train.history_path); each entry's "steps"."""
+    from .train import history_path
+
+    out = {}
+    for stage, path in paths.items():
+        if path and history_path(path).exists():
+            out[stage] = json.loads(history_path(path).read_text())["steps"]
+    return out
+
+
+def step_states() -> dict[str, str]:
+    """Each task of the running flow by name, with its final state (Completed, Cached, ...), from Prefect's API."""
+    from prefect import runtime
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = runtime.flow_run.id
+    if flow_run_id is None:
+        return {}
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in sorted(runs, key=lambda r: r.expected_start_time)
+            if r.state is not None}
+
+
 def catalog() -> Catalog:
     return Catalog(state_dir() / "catalog.duckdb")
 
@@ -32,28 +58,41 @@ def _write_atomic(path: str, text: str) -> str:
     return str(out)
 
 
+@task(name="build-report")
+def build_report(run: dict, recall: dict, verdict: dict, margins: dict, promotion: dict, advice: list[str]) -> dict:
+    """report.json's content: CONTRACT.md's keys, then the gate margins, the promotion and what to try next.
+
+    run: method, old, new, counts, timings_s, config, bundle, space, steps, mlflow (the flow's record of the run).
+    """
+    report = {"method": run["method"], "old": run["old"], "new": run["new"], "recall": recall,
+              "gate": verdict["eqn2"], "counts": run["counts"], "timings_s": run["timings_s"]}
+    if "no_regression" in verdict:
+        report["no_regression"] = verdict["no_regression"]
+    report["gate_margins"] = margins
+    report.update({k: run[k] for k in ("config", "bundle", "space", "steps", "mlflow")})
+    report["promotion"] = promotion
+    report["next_steps"] = advice
+    return report
+
+
 @task(name="write-report")
-def write_report(report: dict, path: str) -> str:
-    """Atomic: a report.json that exists is a finished one."""
-    return _write_atomic(path, json.dumps(report, indent=2))
-
-
-@task(name="write-html-report")
-def write_html_report(report_path: str, eval_path: str, sample_path: str | None, out_path: str) -> str:
-    """report.html for people from report.json and the evaluate step's embedding sample (see
-    tasks/html_report.py); without the sample, the recall sections only. Atomic, -> its path."""
-    report = json.loads(Path(report_path).read_text())
+def write_report(report: dict, eval_path: str, sample_path: str | None, out_dir: str) -> dict:
+    """OUT/report.json and OUT/report.html, each atomic (one that exists is a finished one); -> their paths.
+    The HTML is for people (tasks/html_report.py): the recall sections, and with the evaluate step's
+    embedding sample the map and the retrieval examples."""
     panels = examples = n_points = None
     if sample_path and Path(sample_path).exists():
         sample = load_file(sample_path)
         evalset = read_pairs(eval_path)
         panels, n_points = map_panels(sample), len(sample["map_images"])
         examples = examples_of(sample, evalset.captions, evalset.image_ids, evalset.load_image)
-    return _write_atomic(out_path, render_report(report, panels, examples, n_points))
+    out = Path(out_dir)
+    return {"json": _write_atomic(str(out / "report.json"), json.dumps(report, indent=2)),
+            "html": _write_atomic(str(out / "report.html"), render_report(report, panels, examples, n_points))}
 
 
 @task(name="draw-figures")
-def draw_figures(histories: dict, recall_path: str, out_dir: str) -> list[str]:
+def draw_figures(histories: dict, recall: dict, out_dir: str) -> list[str]:
     """Loss curves of pretraining and training, and the recall of each case at each K."""
     import matplotlib
 
@@ -73,7 +112,6 @@ def draw_figures(histories: dict, recall_path: str, out_dir: str) -> list[str]:
         fig.savefig(out / "loss.png", dpi=100)
         plt.close(fig)
         paths.append(str(out / "loss.png"))
-    recall = json.loads(Path(recall_path).read_text())
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, direction in zip(axes, ("t2i", "i2t")):
         for case, rs in recall[direction].items():

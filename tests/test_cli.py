@@ -87,10 +87,10 @@ def test_unreachable_server_fails_in_seconds_naming_it(tiny, tmp_path, env, name
 
 
 def test_embed_text_and_image_and_bundle(tiny, tmp_path):
-    from xbtcore.bundle import BundleMeta
+    from xbtcore.bundle import BundleMeta, save_bundle
     from xbtcore.data import read_gallery, read_pairs
     from xbtcore.encoders import DualEncoder
-    from xbtcore.linear_bundle import save_linear_bundle
+    from xbtcore.phi import LinearMap
 
     new = DualEncoder.from_pretrained(tiny["new"])
     evalset = read_pairs(tiny["eval"])
@@ -109,8 +109,8 @@ def test_embed_text_and_image_and_bundle(tiny, tmp_path):
 
     # A bundle embeds into the old space: φ(normalize(E_new(x))) with a fitted W here.
     weight = torch.linalg.qr(torch.randn(32, 24, generator=torch.Generator().manual_seed(0)))[0]  # (32, 24)
-    save_linear_bundle(tmp_path / "bundle", new, weight,
-                       BundleMeta(tiny["new"], tiny["old"], tiny["old"], "procrustes", {"in_dim": 32, "out_dim": 24}))
+    save_bundle(tmp_path / "bundle", new, LinearMap.of(weight),
+                BundleMeta(tiny["new"], tiny["old"], tiny["old"], "procrustes", {"in_dim": 32, "out_dim": 24}))
     r = xbt("embed", "--model", tmp_path / "bundle", "--input", tiny["eval"], "--modality", "text",
             "--out", tmp_path / "b.parquet")
     assert r.returncode == 0, r.stderr
@@ -198,7 +198,7 @@ def test_upgrade_killed_mid_training_resumes_from_checkpoint(tiny, tmp_path):
     assert [s["step"] for s in history["steps"]] == list(range(1, len(history["steps"]) + 1))
     report = json.loads((out / "report.json").read_text())
     assert len(history["steps"]) == report["counts"]["pairs"] // 8 * 8  # batch 8, 8 epochs
-    assert report["steps"]["embed-corpus"] == "Cached" and report["steps"]["train"] == "Completed"
+    assert report["steps"]["embed-frozen"] == "Cached" and report["steps"]["train"] == "Completed"
     assert "gate (Eqn. 2):" in r.stdout and "old/old" in r.stdout
     assert not ckpt.exists()
 

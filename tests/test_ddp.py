@@ -15,7 +15,9 @@ from xbtcore.adapters import LoraSettings
 from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder
 from xbtcore.finetune import FinetuneConfig, finetune, trainable_state
-from xbtcore.losses import average_gradients, clip_loss, local_slice, on_main_rank
+from xbtcore.ddp import average_gradients, local_slice, on_main_rank
+from xbtcore.losses import clip_loss
+from xbtcore.methods import get_method
 from xbtcore.phi import Phi, PhiConfig
 from xbtcore.pretrain import PretrainConfig, text_only_pretrain
 from worlds.tinyclip import TinyClipSpec, make_tiny_clip
@@ -154,7 +156,7 @@ def _run_finetune(new, pairs_path, method, cfg, targets, checkpoint_path=None):
                  *(("phi." + n, p) for n, p in phi.named_parameters())]
         grads.append({n: p.grad.clone() for n, p in named if p.requires_grad})
 
-    hist = finetune(enc, phi, read_pairs(pairs_path), method, cfg, old_targets=None if method == "xbt" else targets,
+    hist = finetune(enc, phi, read_pairs(pairs_path), get_method(method).plan, cfg, old_targets=None if method == "xbt" else targets,
                     checkpoint_path=checkpoint_path, on_step=on_step)
     return {"losses": [h["loss"] for h in hist if "loss" in h], "grads": grads, "state": trainable_state(enc, phi)}
 

@@ -9,11 +9,13 @@ from families import EMBED_DIM, save_tiny_family
 from worlds import shapes
 from xbtcore.adapters import adapters_off, auto_prompt_count, find_prompts
 from xbtcore.augment import AugmentConfig
-from xbtcore.bundle import BundleMeta, CompatibleEncoder, load_bundle, save_bundle
+from xbtcore.bundle import BundleMeta, CompatibleEncoder, load_compatible, save_bundle
 from xbtcore.data import read_pairs
 from xbtcore.encoders import DualEncoder, ModelLoadError
-from xbtcore.finetune import DivergedError, FinetuneConfig, finetune, prompt_count
-from xbtcore.phi import Phi, PhiConfig
+from xbtcore.finetune import FinetuneConfig, finetune, prompt_count
+from xbtcore.losses import DivergedError
+from xbtcore.methods import get_method
+from xbtcore.phi import LinearMap, Phi, PhiConfig
 from worlds.tinyclip import TinyClipSpec, make_tiny_clip
 
 # Augmentation on (off by default) so the resume test also covers its per-row RNG.
@@ -30,6 +32,10 @@ def tiny(tmp_path_factory):
             "old": str(root / "old"), "new": str(root / "new")}
 
 
+def plan(method: str):
+    return get_method(method).plan
+
+
 def _images(pairs):
     return [pairs.load_image(i) for i in range(pairs.n_images)]
 
@@ -44,7 +50,7 @@ def test_xbt_trains_only_lora_prompts_and_phi_layernorms(tiny):
     base = {n: p.detach().clone() for n, p in enc.model.named_parameters()}
     phi = _new_phi()
     phi_before = {n: p.detach().clone() for n, p in phi.named_parameters()}
-    finetune(enc, phi, tiny["pairs"], "xbt", FAST)
+    finetune(enc, phi, tiny["pairs"], plan("xbt"), FAST)
     for n, p in phi.named_parameters():
         is_ln = n.startswith("net.1.") or n.startswith("net.4.")
         assert p.requires_grad == is_ln, n
@@ -68,7 +74,7 @@ def test_bundle_roundtrip_is_bit_identical_and_off_is_original(tiny, tmp_path):
     orig_t, orig_i = orig.embed_texts(ev.captions), orig.embed_images(_images(ev))
 
     enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
-    finetune(enc, phi, tiny["pairs"], "xbt", FAST)
+    finetune(enc, phi, tiny["pairs"], plan("xbt"), FAST)
     up = CompatibleEncoder(enc, phi)
     t1, i1 = up.embed_texts(ev.captions), up.embed_images(_images(ev))
     assert t1.shape == (len(ev.captions), 24)
@@ -76,7 +82,7 @@ def test_bundle_roundtrip_is_bit_identical_and_off_is_original(tiny, tmp_path):
                       phi=dataclasses.asdict(phi.cfg), n_prompts=prompt_count(enc))
     save_bundle(tmp_path / "bundle", enc, phi, meta)
     assert not (tmp_path / "bundle.tmp").exists()
-    up2, meta2 = load_bundle(tmp_path / "bundle")
+    up2, meta2 = load_compatible(tmp_path / "bundle")
     assert meta2 == meta
     assert torch.equal(up2.embed_texts(ev.captions), t1)
     assert torch.equal(up2.embed_images(_images(ev)), i1)
@@ -90,13 +96,11 @@ def test_bundle_roundtrip_is_bit_identical_and_off_is_original(tiny, tmp_path):
 def test_bundle_carries_a_local_base_model_and_loads_after_it_moves(tiny, tmp_path):
     import shutil
 
-    from xbtcore.linear_bundle import load_compatible, save_linear_bundle
-
     ev = tiny["eval"]
     base_dir = tmp_path / "models" / "new"
     shutil.copytree(tiny["new"], base_dir)
     enc, phi = DualEncoder.from_pretrained(str(base_dir)), _new_phi()
-    finetune(enc, phi, tiny["pairs"], "xbt", FAST)
+    finetune(enc, phi, tiny["pairs"], plan("xbt"), FAST)
     want = CompatibleEncoder(enc, phi).embed_texts(ev.captions)
     meta = BundleMeta(base_model=str(base_dir), old_model=tiny["old"], root_model=tiny["old"], method="xbt",
                       phi=dataclasses.asdict(phi.cfg), n_prompts=prompt_count(enc))
@@ -105,12 +109,12 @@ def test_bundle_carries_a_local_base_model_and_loads_after_it_moves(tiny, tmp_pa
     assert weights.stat().st_ino == (base_dir / "model.safetensors").stat().st_ino  # a hard link, no second copy
 
     linear = torch.linalg.qr(torch.randn(40, 24))[0]  # a fitted-map bundle carries its base the same way
-    save_linear_bundle(tmp_path / "linear", DualEncoder.from_pretrained(str(base_dir)), linear,
-                       dataclasses.replace(meta, method="procrustes", n_prompts=0))
+    save_bundle(tmp_path / "linear", DualEncoder.from_pretrained(str(base_dir)), LinearMap.of(linear),
+                dataclasses.replace(meta, method="procrustes", n_prompts=0))
     want_linear = load_compatible(tmp_path / "linear")[0].embed_texts(ev.captions)
 
     shutil.move(base_dir, tmp_path / "moved")  # the checkpoint folder is reorganised after registration
-    up, meta2 = load_bundle(tmp_path / "bundle")
+    up, meta2 = load_compatible(tmp_path / "bundle")
     assert meta2.base_model == str(base_dir) and up.encoder.ref == str(base_dir)
     assert torch.equal(up.embed_texts(ev.captions), want)
     assert torch.equal(load_compatible(tmp_path / "linear")[0].embed_texts(ev.captions), want_linear)
@@ -127,14 +131,14 @@ def test_full_tune_bundle_is_a_whole_checkpoint(tiny, tmp_path):
     enc, phi = DualEncoder.from_pretrained(str(base_dir)), _new_phi()
     targets = (torch.nn.functional.normalize(torch.randn(tiny["pairs"].n_images, 24), dim=-1),
                torch.nn.functional.normalize(torch.randn(len(tiny["pairs"].captions), 24), dim=-1))
-    finetune(enc, phi, tiny["pairs"], "full-tune", FAST, old_targets=targets)
+    finetune(enc, phi, tiny["pairs"], plan("full-tune"), FAST, old_targets=targets)
     up = CompatibleEncoder(enc, phi)
     want_t, want_i = up.embed_texts(ev.captions), up.embed_images(_images(ev))
     meta = BundleMeta(base_model=str(base_dir), old_model=tiny["old"], root_model=tiny["old"], method="full-tune",
                       phi=dataclasses.asdict(phi.cfg))
-    save_bundle(tmp_path / "bundle", enc, phi, meta)
+    save_bundle(tmp_path / "bundle", enc, phi, meta, full_weights=True)
     shutil.rmtree(base_dir)
-    up2, _ = load_bundle(tmp_path / "bundle")
+    up2, _ = load_compatible(tmp_path / "bundle")
     assert torch.equal(up2.embed_texts(ev.captions), want_t)
     assert torch.equal(up2.embed_images(_images(ev)), want_i)
 
@@ -164,7 +168,7 @@ def test_bundle_carries_a_hub_cached_base_model_and_loads_after_the_cache_is_cle
     _hub_cache(tmp_path / "hub", "xbt-test/tiny-new", tiny["new"])
     ev = tiny["eval"]
     enc, phi = DualEncoder.from_pretrained("xbt-test/tiny-new"), _new_phi()  # loaded from the cache, offline
-    finetune(enc, phi, tiny["pairs"], "xbt", FAST)
+    finetune(enc, phi, tiny["pairs"], plan("xbt"), FAST)
     want = CompatibleEncoder(enc, phi).embed_images(_images(ev))
     meta = BundleMeta(base_model="xbt-test/tiny-new", old_model=tiny["old"], root_model=tiny["old"], method="xbt",
                       phi=dataclasses.asdict(phi.cfg), n_prompts=prompt_count(enc))
@@ -175,7 +179,7 @@ def test_bundle_carries_a_hub_cached_base_model_and_loads_after_the_cache_is_cle
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # evicted
     with pytest.raises(ModelLoadError, match="xbt-test/tiny-new"):
         DualEncoder.from_pretrained("xbt-test/tiny-new")
-    up, meta2 = load_bundle(tmp_path / "bundle")
+    up, meta2 = load_compatible(tmp_path / "bundle")
     assert meta2.base_model == up.encoder.ref == "xbt-test/tiny-new"
     assert torch.equal(up.embed_images(_images(ev)), want)
 
@@ -202,7 +206,7 @@ def test_xbt_trains_saves_and_switches_off_on_other_families(family, tiny, tmp_p
     enc = DualEncoder.from_pretrained(str(base_dir))
     torch.manual_seed(0)
     phi = Phi(PhiConfig(EMBED_DIM[family], 24))
-    finetune(enc, phi, tiny["pairs"], "xbt", FAST)
+    finetune(enc, phi, tiny["pairs"], plan("xbt"), FAST)
     assert prompt_count(enc) >= 1
     with adapters_off(enc.model):
         moved = enc.embed_images(_images(ev))
@@ -213,7 +217,7 @@ def test_xbt_trains_saves_and_switches_off_on_other_families(family, tiny, tmp_p
     meta = BundleMeta(base_model=str(base_dir), old_model=tiny["old"], root_model=tiny["old"], method="xbt",
                       phi=dataclasses.asdict(phi.cfg), n_prompts=prompt_count(enc))
     save_bundle(tmp_path / "bundle", enc, phi, meta)
-    up2, _ = load_bundle(tmp_path / "bundle")
+    up2, _ = load_compatible(tmp_path / "bundle")
     assert torch.equal(up2.embed_texts(ev.captions), t1) and torch.equal(up2.embed_images(_images(ev)), i1)
     with adapters_off(up2.encoder.model):
         assert torch.equal(up2.encoder.embed_texts(ev.captions), orig_t)
@@ -226,7 +230,7 @@ def test_eqn6_baselines_train_phi_fully(tiny, method):
     enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
     targets = (torch.nn.functional.normalize(torch.randn(pairs.n_images, 24), dim=-1),
                torch.nn.functional.normalize(torch.randn(len(pairs.captions), 24), dim=-1))
-    finetune(enc, phi, pairs, method, FAST, old_targets=targets)
+    finetune(enc, phi, pairs, plan(method), FAST, old_targets=targets)
     assert all(p.requires_grad for p in phi.parameters())
     has_prompts = find_prompts(enc.model) is not None
     assert has_prompts == (method == "base")
@@ -236,13 +240,13 @@ def test_eqn6_baselines_train_phi_fully(tiny, method):
 
 def test_eqn6_needs_old_targets(tiny):
     with pytest.raises(ValueError, match="old_targets"):
-        finetune(DualEncoder.from_pretrained(tiny["new"]), _new_phi(), tiny["pairs"], "base", FAST)
+        finetune(DualEncoder.from_pretrained(tiny["new"]), _new_phi(), tiny["pairs"], plan("base"), FAST)
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(tiny, tmp_path):
     ev = tiny["eval"]
     full_enc, full_phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
-    full_hist = finetune(full_enc, full_phi, tiny["pairs"], "xbt", FAST)
+    full_hist = finetune(full_enc, full_phi, tiny["pairs"], plan("xbt"), FAST)
     want = CompatibleEncoder(full_enc, full_phi).embed_texts(ev.captions)
 
     ckpt = tmp_path / "ckpt.pt"
@@ -253,13 +257,13 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny, tmp_path):
             raise KeyboardInterrupt  # killed right after the step-2 checkpoint
     enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
     with pytest.raises(KeyboardInterrupt):
-        finetune(enc, phi, tiny["pairs"], "xbt", FAST, checkpoint_path=ckpt, on_step=crash)
+        finetune(enc, phi, tiny["pairs"], plan("xbt"), FAST, checkpoint_path=ckpt, on_step=crash)
     assert ckpt.exists()
 
     def count(step, loss):
         calls["n"] += 1
     enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
-    hist = finetune(enc, phi, tiny["pairs"], "xbt", FAST, checkpoint_path=ckpt, on_step=count)
+    hist = finetune(enc, phi, tiny["pairs"], plan("xbt"), FAST, checkpoint_path=ckpt, on_step=count)
     assert [h["resumed_from"] for h in hist if "resumed_from" in h] == [2]
     assert calls["n"] == 3 - 2  # 96 pairs / 32 = 3 steps; only step 3 ran again
     # The loss curve is whole: steps 1-2 come back from the checkpoint, each step once, same losses.
@@ -273,7 +277,7 @@ def test_nan_loss_stops_the_run(tiny):
     with torch.no_grad():
         phi.net[0].weight.fill_(float("nan"))
     with pytest.raises(DivergedError, match="nan"):
-        finetune(enc, phi, tiny["pairs"], "xbt", FAST)
+        finetune(enc, phi, tiny["pairs"], plan("xbt"), FAST)
 
 
 @pytest.mark.parametrize("image_size,patch,expect", [(224, 14, 10), (224, 32, 2), (32, 8, 1), (336, 14, 10)])

@@ -14,7 +14,7 @@ from xbtcore.data import InputError
 
 CONTRACT_KEYS = {"method", "old", "new", "recall", "gate", "counts", "timings_s"}
 CASES = ["old/old", "new/old", "new/new", "orig-new/new"]
-CACHED_STEPS = ["check-inputs", "extract-corpus", "embed-corpus", "pretrain-phi", "train", "evaluate"]
+CACHED_STEPS = ["check-inputs", "extract-corpus", "embed-frozen", "fit-head", "train", "evaluate"]
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +25,12 @@ def _params(tiny, out, **kw):
     base = dict(old=tiny["old"], new=tiny["new"], corpus=tiny["corpus"], pairs=tiny["pairs"], eval=tiny["eval"],
                 out=str(out), progress=False, **FAST)
     return UpgradeParams(**{**base, **kw})
+
+
+def _head_history(out: Path) -> dict:
+    """The loss history the fit-head step wrote beside the head (its path is in the report's config)."""
+    (path,) = (out / "work").glob("head-*.safetensors.history.json")
+    return json.loads(path.read_text())
 
 
 def _t2i_recall(query: torch.Tensor, gallery: torch.Tensor, owner: torch.Tensor, k: int) -> float:
@@ -41,7 +47,7 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
     from tasks.advice import next_steps
     from xbtcore.data import read_pairs
     from xbtcore.encoders import DualEncoder
-    from xbtcore.linear_bundle import load_compatible
+    from xbtcore.bundle import load_compatible
     from xbtcore.pretrain import PretrainConfig
 
     out = tmp_path / "run"
@@ -141,17 +147,19 @@ def test_phi_pretrained_on_text_and_the_pairs_images(prefect_harness, tiny, tmp_
     monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
     from flows.upgrade import upgrade
     from xbtcore.data import read_pairs
+    from xbtcore.pretrain import PretrainConfig
 
     out = tmp_path / "run"
     pretrain = {**FAST["pretrain"], "source": "text+image"}
     upgrade(_params(tiny, out, pretrain=pretrain))
-    history = json.loads((out / "work" / "phi.history.json").read_text())
+    history = _head_history(out)
     corpus = {t for t in pq.read_table(tiny["corpus"]).column("caption").to_pylist() if t and t.strip()}
     rows = len(corpus) + read_pairs(tiny["pairs"]).n_images
-    assert history["config"]["source"] == "text+image"
-    assert len(history["steps"]) == len(history["epochs"]) * (rows // pretrain["batch_size"])  # text alone: fewer
+    assert history["config"]["pretrain"]["source"] == "text+image"
+    epochs = PretrainConfig(**pretrain).epochs_for(rows)
+    assert len(history["steps"]) == epochs * (rows // pretrain["batch_size"])  # text alone: fewer
     report = json.loads((out / "report.json").read_text())
-    assert report["steps"]["pretrain-phi"] == "Completed" and (out / "bundle").exists()
+    assert report["steps"]["fit-head"] == "Completed" and (out / "bundle").exists()
 
 
 def test_pair_term_reads_the_pairs_by_the_new_model(prefect_harness, tiny, tmp_path, monkeypatch):
@@ -169,24 +177,23 @@ def test_pair_term_reads_the_pairs_by_the_new_model(prefect_harness, tiny, tmp_p
         seen.update(weight=cfg.pair_weight, rows=None if pairs is None else [tuple(t.shape) for t in pairs])
         return real(phi, w_new, w_old, cfg, on_step=on_step, pairs=pairs)
 
-    monkeypatch.setattr("xbtcore.recipe.text_only_pretrain", spy)
+    monkeypatch.setattr("xbtcore.pretrain.text_only_pretrain", spy)
     out = tmp_path / "run"
     upgrade(_params(tiny, out, pretrain={**FAST["pretrain"], "pair_weight": 1.0, "pair_batch_size": 16}))
     n = len(read_pairs(tiny["pairs"]).captions)
     assert seen == {"weight": 1.0, "rows": [(n, 32), (n, 32)]}  # zoo "new" of the tiny world embeds in 32 dims
-    history = json.loads((out / "work" / "phi.history.json").read_text())
-    assert history["config"]["pair_weight"] == 1.0 and (out / "bundle").exists()
+    assert _head_history(out)["config"]["pretrain"]["pair_weight"] == 1.0 and (out / "bundle").exists()
 
 
 def test_diverging_loss_fails_the_run_and_promotes_nothing(prefect_harness, tiny, tmp_path, monkeypatch):
     import xbtcore.pretrain
     from flows.upgrade import upgrade
-    from xbtcore.finetune import DivergedError
+    from xbtcore.losses import DivergedError
 
-    def nan_loss(a, b, scale):
-        return (a.sum() + b.sum()) * float("nan")
+    def nan_loss(mapped, w_old, scale, **terms):
+        return (mapped.sum() + w_old.sum()) * float("nan")
 
-    monkeypatch.setattr(xbtcore.pretrain, "clip_loss", nan_loss)
+    monkeypatch.setattr(xbtcore.pretrain, "eqn3_loss", nan_loss)
     out = tmp_path / "run"
     with pytest.raises(DivergedError, match="pretrain loss became nan"):
         upgrade(_params(tiny, out))
@@ -230,7 +237,7 @@ def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, t
     # its corpus was embedded by the champion bundle (a "-compat" cache entry of the corpus' size).
     from tasks.common import cache_dir
     from xbtcore.data import read_pairs
-    from xbtcore.linear_bundle import load_compatible
+    from xbtcore.bundle import load_compatible
 
     from_root = upgrade(_params(tiny, tmp_path / "c-root", method="procrustes"))
     towards_champion = upgrade(_params(tiny, tmp_path / "c-champion", old=champion, method="procrustes",
@@ -249,8 +256,7 @@ def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, t
     fourth = upgrade(_params(tiny, tmp_path / "d", old=champion))
     assert fourth["method"] == "xbt" and "prev/old" in fourth["recall"]["t2i"]
     upgrade(_params(tiny, tmp_path / "e", old=champion, pretrain={**FAST["pretrain"], "chain_targets": "champion"}))
-    fit = {run: json.loads((tmp_path / run / "work" / "phi.history.json").read_text())["config"]["fit_weight"]
-           for run in ("a", "d", "e")}
+    fit = {run: _head_history(tmp_path / run)["config"]["pretrain"]["fit_weight"] for run in ("a", "d", "e")}
     assert fit == {"a": 0.0, "d": 0.0, "e": CHAIN_FIT_WEIGHT}
 
 
@@ -263,12 +269,15 @@ def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, t
     ("procrustes", {"source": "image"}, ["w_new", "w_old"]),
 ])
 def test_embed_step_computes_only_what_the_method_reads(tiny, tmp_path, method, pretrain, needs):
-    from tasks.embed import embed_corpus, embeddings_needed, load_cached
+    from tasks.embed import embed_frozen, load_cached
+    from xbtcore.config import Settings
+    from xbtcore.methods import get_method
     from xbtcore.pretrain import PretrainConfig
 
-    assert embeddings_needed(method, PretrainConfig(**pretrain)) == needs
+    spec = get_method(method)
+    assert list(spec.needs(spec.config(Settings(pretrain=PretrainConfig(**pretrain))))) == needs
     cache = tmp_path / "cache"
-    keys = embed_corpus.fn(tiny["corpus"], tiny["old"], tiny["new"], str(cache), needs, tiny["pairs"], progress=False)
+    keys = embed_frozen.fn(needs, tiny["corpus"], tiny["pairs"], tiny["old"], tiny["new"], str(cache), progress=False)
     assert list(keys) == needs
     assert len(list(cache.rglob("manifest.json"))) == len(needs)  # nothing else was embedded
     rows = {"w": pq.read_metadata(tiny["corpus"]).num_rows,  # the extract step's output in the flow; here the raw file
@@ -277,7 +286,7 @@ def test_embed_step_computes_only_what_the_method_reads(tiny, tmp_path, method, 
         n = pq.read_metadata(tiny["pairs"]).num_rows if name in ("w_old_pairs", "w_new_pairs") else rows[name[0]]
         assert load_cached(str(cache), keys[name]).shape[0] == n, name
     with pytest.raises(ValueError, match="need the pairs"):
-        embed_corpus.fn(tiny["corpus"], tiny["old"], tiny["new"], str(cache), ["v_old_pairs"], None, progress=False)
+        embed_frozen.fn(["v_old_pairs"], tiny["corpus"], None, tiny["old"], tiny["new"], str(cache), progress=False)
 
 
 @pytest.mark.parametrize("method", ["base", "lora-only", "full-tune", "lstsq"])
@@ -287,7 +296,7 @@ def test_every_method_upgrades_end_to_end_and_its_bundle_embeds(prefect_harness,
     from flows.upgrade import upgrade
     from xbtcore.data import read_pairs
     from xbtcore.encoders import DualEncoder
-    from xbtcore.linear_bundle import load_compatible
+    from xbtcore.bundle import load_compatible
 
     out = tmp_path / method
     report = upgrade(_params(tiny, out, method=method))
@@ -325,4 +334,4 @@ def test_reruns_never_serve_an_output_that_changed_since(prefect_harness, tiny, 
     reversed_text = [t[::-1] for t in table.column("caption").to_pylist()]
     pq.write_table(table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(reversed_text)), corpus)
     edited = upgrade(_params(tiny, **params))
-    assert all(edited["steps"][s] == "Completed" for s in ("embed-corpus", "pretrain-phi", "train", "evaluate"))
+    assert all(edited["steps"][s] == "Completed" for s in ("embed-frozen", "fit-head", "train", "evaluate"))

@@ -2,7 +2,7 @@
 
     bundle/
       xbt_bundle.json        base new model, old model, root (gallery) model, dims, method, chain
-      phi.safetensors        φ (Sec. 3.2)
+      phi.safetensors        the head: φ (Sec. 3.2), or a fitted linear map (xbt_bundle.json's "head")
       prompts.safetensors    vision soft prompts (absent when the method has none)
       adapter/               peft LoRA adapter (adapter_config.json, adapter_model.safetensors)
       model/                 full weights, only for Full-tune (it has no adapter to ship)
@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .adapters import add_vision_prompts, find_prompts
-from .phi import Phi, PhiConfig
+from .phi import HEADS, PhiConfig, head_kind
 
 BUNDLE_FILE = "xbt_bundle.json"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
+READS_VERSIONS = (1, 2)  # version 1 had no "head": its kind shows in phi.safetensors (a lone "weight" is linear)
 
 
 @dataclass
@@ -42,7 +43,8 @@ class BundleMeta:
     old_model: str  # the model this link was made compatible with (REF or bundle)
     root_model: str  # the model the gallery was embedded with (first link of a chain)
     method: str
-    phi: dict  # PhiConfig fields
+    phi: dict  # PhiConfig fields of the head
+    head: str = "phi"  # the head's kind, a key of phi.HEADS
     n_prompts: int = 0
     chain: list[str] = field(default_factory=list)  # base models from the root onwards
     version: int = BUNDLE_VERSION
@@ -52,8 +54,11 @@ def is_bundle(ref: str | os.PathLike) -> bool:
     return (Path(ref) / BUNDLE_FILE).is_file()
 
 
-def save_bundle(out_dir: str | Path, encoder, phi: Phi, meta: BundleMeta) -> Path:
-    """Write to a sibling temp folder, then rename: no half-written bundle looks finished."""
+def save_bundle(out_dir: str | Path, encoder, phi: torch.nn.Module, meta: BundleMeta, full_weights: bool = False) -> Path:
+    """Write to a sibling temp folder, then rename: no half-written bundle looks finished.
+    `phi` is the head (a key of phi.HEADS); meta.head and meta.phi are set from it. full_weights:
+    every encoder weight was trained, so the bundle carries the whole checkpoint."""
+    meta.head, meta.phi = head_kind(phi), asdict(phi.cfg)
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -64,13 +69,13 @@ def save_bundle(out_dir: str | Path, encoder, phi: Phi, meta: BundleMeta) -> Pat
         save_file({"prompts": prompts.prompts.detach().cpu().contiguous()}, tmp / "prompts.safetensors")
     if hasattr(encoder.model, "peft_config"):
         encoder.model.save_pretrained(tmp / "adapter")
-    elif meta.method == "full-tune":  # a whole checkpoint: weights, tokenizer and image processor
+    elif full_weights:  # weights, tokenizer and image processor
         encoder.model.save_pretrained(tmp / "model")
         encoder.tokenizer.save_pretrained(tmp / "model")
         encoder.image_processor.save_pretrained(tmp / "model")
     files = None if (tmp / "model").exists() else _base_files(meta.base_model)
     if files is not None:
-        shutil.copytree(files, tmp / "base", copy_function=_link_or_copy, ignore=_NOT_LOADED)
+        shutil.copytree(files, tmp / "base", copy_function=link_or_copy, ignore=_NOT_LOADED)
     (tmp / BUNDLE_FILE).write_text(json.dumps(asdict(meta), indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -96,7 +101,7 @@ def _base_files(ref: str) -> Path | None:
 _NOT_LOADED = shutil.ignore_patterns(".git", ".cache", "*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "*.lock")
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str, dst: str) -> None:
     """A hard link costs no space; another filesystem (or one without links) gets a copy.
     A symlink (the hub cache's snapshot files) is resolved first: os.link would link the
     symlink itself, which dangles once it sits in the bundle."""
@@ -112,8 +117,11 @@ def read_meta(bundle_dir: str | Path) -> BundleMeta:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable xbt bundle ({e}); pass the DIR/bundle folder written by `xbt upgrade`") from e
-    if raw.get("version") != BUNDLE_VERSION:
-        raise ValueError(f"{path}: bundle version {raw.get('version')} is not supported (expected {BUNDLE_VERSION})")
+    if raw.get("version") not in READS_VERSIONS:
+        raise ValueError(f"{path}: bundle version {raw.get('version')} is not supported (this xbt reads {READS_VERSIONS})")
+    if "head" not in raw:
+        keys = load_file(Path(bundle_dir) / "phi.safetensors").keys()
+        raw["head"] = "linear" if set(keys) == {"weight"} else "phi"
     return BundleMeta(**raw)
 
 
@@ -130,8 +138,9 @@ def base_encoder(bundle_dir: Path, meta: BundleMeta, device="cpu", dtype: torch.
     return base
 
 
-def load_bundle(bundle_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
-    """-> (CompatibleEncoder, BundleMeta). Loads the base new model through the one loader."""
+def load_compatible(bundle_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
+    """-> (CompatibleEncoder, BundleMeta) for a bundle of any method: the base new model through
+    the one loader, its adapters, and its head."""
     from peft import PeftModel
 
     bundle_dir = Path(bundle_dir)
@@ -144,7 +153,7 @@ def load_bundle(bundle_dir: str | Path, device="cpu", dtype: torch.dtype = torch
     if (bundle_dir / "adapter").is_dir():
         base.model = PeftModel.from_pretrained(base.model, bundle_dir / "adapter")
     base.model.to(device).eval()
-    phi = Phi(PhiConfig(**meta.phi))
+    phi = HEADS[meta.head](PhiConfig(**meta.phi))
     phi.load_state_dict(load_file(bundle_dir / "phi.safetensors"))
     phi.to(device).eval()
     return CompatibleEncoder(base, phi, ref=str(bundle_dir)), meta
@@ -152,6 +161,8 @@ def load_bundle(bundle_dir: str | Path, device="cpu", dtype: torch.dtype = torch
 
 class CompatibleEncoder:
     """The upgraded new model as a query encoder into the old space: φ(normalize(E_new(x)))."""
+
+    compatible = True  # embeds into the old space (the embedding cache keys it apart from its base model)
 
     def __init__(self, encoder, phi: torch.nn.Module, ref: str | None = None):
         self.encoder = encoder  # DualEncoder of the new model, adapters installed
@@ -174,7 +185,3 @@ class CompatibleEncoder:
 
     def embed_images(self, images, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         return self._map(self.encoder.embed_images(images, batch_size, progress))
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)

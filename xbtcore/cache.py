@@ -7,7 +7,8 @@ stopped; the entry is complete when every shard exists. Under torchrun each
 rank embeds the shards i with i % world_size == rank.
 
 φ pretraining and the Eqn. 6 baselines read embeddings from here and load no
-encoder at all.
+encoder at all. `cached_text_embeddings` / `cached_image_embeddings` are the
+one way a frozen encoder's embeddings of a dataset reach the cache.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .losses import world_info
+from .ddp import world_info
 
 SHARD_ROWS = 16_384
 
@@ -150,3 +151,37 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def cache_model_key(encoder) -> str:
+    """The cache's model key: a compatible encoder (a bundle's, `compatible=True`) embeds into the
+    old space, so it is keyed apart from its base model."""
+    return fingerprint_model(encoder.ref, with_mtime=True) + ("-compat" if getattr(encoder, "compatible", False) else "")
+
+
+def cached_text_embeddings(cache: EmbeddingCache, encoder, texts: list[str], progress=False, stats=None, batch_size=512):
+    """(N, D) embeddings of `texts` by a frozen encoder, through the cache."""
+    return cache.get_or_compute(
+        cache_model_key(encoder),
+        fingerprint_texts(texts),
+        "text",
+        len(texts),
+        lambda a, b: encoder.embed_texts(texts[a:b], batch_size=batch_size, progress=progress),
+        meta={"model_ref": encoder.ref},
+        stats=stats,
+    )
+
+
+def cached_image_embeddings(cache: EmbeddingCache, encoder, pairs, progress=False, stats=None, batch_size=256):
+    """(N_images, D) embeddings of a PairSet's distinct images by a frozen encoder, through the cache."""
+    from .data import LazyImages
+
+    return cache.get_or_compute(
+        cache_model_key(encoder),
+        fingerprint_items(pairs.images),
+        "image",
+        pairs.n_images,
+        lambda a, b: encoder.embed_images(LazyImages(pairs, a, b), batch_size=batch_size, progress=progress),
+        meta={"model_ref": encoder.ref},
+        stats=stats,
+    )

@@ -1,16 +1,40 @@
-"""Config overrides from the command line, in one place for the CLI, the flow and the benchmarks.
+"""An upgrade's settings, one config per concern, parsed once for the CLI, the flow and the benchmarks.
 
     parse_settings(["pretrain.sigma=0.05", "finetune.lora.rank=8"])
         -> {"pretrain": {"sigma": 0.05}, "finetune": {"lora.rank": 8}}
     apply_overrides(FinetuneConfig(), {"lora.rank": 8}) -> FinetuneConfig(lora=LoraSettings(rank=8, ...))
+    Settings.of(parse_settings([...])) -> Settings(pretrain=PretrainConfig(sigma=0.05), finetune=...)
+
+A method reads the scopes its config names (`methods.MethodSpec.config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass, field
 
-SCOPES = ("pretrain", "finetune")
+from .finetune import FinetuneConfig
+from .pretrain import PretrainConfig
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every concern's config; `--set SCOPE.FIELD=VALUE` reaches SCOPE."""
+
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig, metadata={"help": "φ's pretraining (Eqn. 3)"})
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"help": "training on the pairs"})
+
+    @classmethod
+    def of(cls, overrides: dict[str, dict]) -> "Settings":
+        """{scope: {field: value}} -> Settings; an unknown scope, field or a bad value is a ValueError naming it."""
+        unknown = sorted(set(overrides) - set(SCOPES))
+        if unknown:
+            raise ValueError(f"unknown settings scope {unknown[0]!r}; use one of {', '.join(SCOPES)}")
+        return cls(**{scope: apply_overrides(cls_(), overrides.get(scope, {})) for scope, cls_ in SCOPES.items()})
+
+
+SCOPES = {f.name: f.default_factory for f in dataclasses.fields(Settings)}
 
 
 def parse_settings(items: list[str]) -> dict[str, dict]:
@@ -20,7 +44,7 @@ def parse_settings(items: list[str]) -> dict[str, dict]:
         key, sep, value = kv.partition("=")
         scope, _, field = key.partition(".")
         if not sep or scope not in out or not field:
-            raise ValueError(f"--set {kv!r}: use pretrain.FIELD=VALUE or finetune.FIELD=VALUE")
+            raise ValueError(f"--set {kv!r}: use SCOPE.FIELD=VALUE with SCOPE one of {', '.join(SCOPES)}")
         try:
             out[scope][field] = json.loads(value)
         except json.JSONDecodeError:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .data import LazyImages
 from .recall import KS, recall_at_k
 
 
@@ -24,6 +25,25 @@ from .recall import KS, recall_at_k
 class Side:
     text: torch.Tensor  # (Nc, D) L2-normalised caption embeddings
     image: torch.Tensor  # (Ni, D) L2-normalised image embeddings
+
+
+def side_of(encoder, pairs, cache=None, progress=False) -> Side:
+    """Embed an eval PairSet's captions and distinct images with one model (through `cache`, an
+    EmbeddingCache, when given: frozen models only)."""
+    if cache is not None:
+        from .cache import cached_image_embeddings, cached_text_embeddings
+
+        return Side(text=cached_text_embeddings(cache, encoder, pairs.captions, progress),
+                    image=cached_image_embeddings(cache, encoder, pairs, progress))
+    return Side(text=encoder.embed_texts(pairs.captions, progress=progress),
+                image=encoder.embed_images(LazyImages(pairs, 0, pairs.n_images), progress=progress))
+
+
+def map_side(side: Side, phi: torch.nn.Module) -> Side:
+    """Apply a head to a frozen new model's embeddings of the eval set (no encoder run)."""
+    device = next(phi.parameters()).device
+    with torch.inference_mode():
+        return Side(text=phi(side.text.to(device)).float().cpu(), image=phi(side.image.to(device)).float().cpu())
 
 
 def cross_recall(query: Side, gallery: Side, caption_image: torch.Tensor, ks=KS) -> dict:

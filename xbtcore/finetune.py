@@ -1,15 +1,15 @@
-"""Fine-tuning the new encoders towards the old space: XBT (Eqn. 5) and the
-Eqn. 6 baselines (Full-tune, LoRA-only, Base), in one loop.
+"""Fine-tuning the new encoders towards the old space: XBT (Eqn. 5) and the Eqn. 6 baselines, one loop.
 
-    XBT    L_X      = L_c( φ(v_new), φ(w_new) )                         (Eqn. 5)
+    XBT    L_X      = L_c( φ(v_new), φ(w_new) )                         (Eqn. 5, losses.eqn5_loss)
            trains LoRA (both towers), vision soft prompts, φ's LayerNorms.
            Needs no old model at all: φ was pretrained on text (Eqn. 3).
-    Direct L_Direct = L_c( φ(v_new), w_old ) + L_c( φ(w_new), v_old )   (Eqn. 6)
+    Direct L_Direct = L_c( φ(v_new), w_old ) + L_c( φ(w_new), v_old )   (Eqn. 6, losses.eqn6_loss)
            with a randomly initialised, fully trainable φ, against the old
            model's cached embeddings of the same pairs.
 
-One epoch by default (Sec. 4.1). A checkpoint every few steps makes a killed
-run resume where it stopped, with the same data order and augmentation.
+What a method trains is its `TrainPlan` (the method registry holds one per
+method). One epoch by default (Sec. 4.1). A checkpoint every few steps makes a
+killed run resume where it stopped, with the same data order and augmentation.
 """
 
 from __future__ import annotations
@@ -27,35 +27,25 @@ import torch.nn.functional as F
 
 from .adapters import LoraSettings, add_lora, add_vision_prompts, find_prompts
 from .augment import AugmentConfig, augment_image
-from .losses import (  # noqa: F401  (DivergedError: raised here, caught by callers)
-    PAPER_LOG_LOGIT_SCALE,
-    DivergedError,
-    average_gradients,
-    check_loss,
-    clip_loss,
-    local_slice,
-    world_info,
-)
+from .ddp import average_gradients, global_batch, local_slice, world_info
+from .losses import PAPER_LOG_LOGIT_SCALE, check_loss, eqn5_loss, eqn6_loss
 from .phi import Phi
+
+LOSSES = ("eqn5", "eqn6")
 
 
 @dataclass(frozen=True)
-class MethodSpec:
+class TrainPlan:
     """What a method trains and which loss it uses (Sec. 4.2, "Different training options")."""
 
-    lora: bool
-    prompts: bool
-    phi: str  # "layernorm" (XBT keeps the pretrained φ) or "all" (baselines start from random φ)
-    loss: str  # "eqn5" or "eqn6"
-    full: bool = False  # Full-tune: every encoder weight trains
+    loss: str  # "eqn5": no old model; "eqn6": against the old model's embeddings of the pairs
+    lora: bool  # LoRA on both towers
+    prompts: bool  # vision soft prompts
+    head: str  # "layernorm": the pretrained φ keeps all but its LayerNorms; "all": a random φ, all trained
+    full: bool = False  # every encoder weight trains (Full-tune)
 
-
-METHODS = {
-    "xbt": MethodSpec(lora=True, prompts=True, phi="layernorm", loss="eqn5"),
-    "base": MethodSpec(lora=True, prompts=True, phi="all", loss="eqn6"),
-    "lora-only": MethodSpec(lora=True, prompts=False, phi="all", loss="eqn6"),
-    "full-tune": MethodSpec(lora=False, prompts=False, phi="all", loss="eqn6", full=True),
-}
+    def __post_init__(self):
+        assert self.loss in LOSSES and self.head in ("layernorm", "all"), self
 
 
 @dataclass(frozen=True)
@@ -85,22 +75,21 @@ class FinetuneConfig:
             raise ValueError(f"n_prompts must be >= 0, got {self.n_prompts}")
 
 
-def prepare_model(encoder, phi: Phi, method: str, cfg: FinetuneConfig) -> list[dict]:
-    """Install adapters for `method` on encoder.model, set requires_grad, return optimizer groups."""
-    spec = METHODS[method]
+def prepare_model(encoder, phi: Phi, plan: TrainPlan, cfg: FinetuneConfig) -> list[dict]:
+    """Install the plan's adapters on encoder.model, set requires_grad, return optimizer groups."""
     prompts = None
-    if spec.prompts:
+    if plan.prompts:
         prompts = add_vision_prompts(encoder.model, cfg.n_prompts)
-    if spec.lora:
+    if plan.lora:
         encoder.model = add_lora(encoder.model, cfg.lora)  # freezes every base weight
     for p in encoder.model.parameters():
-        p.requires_grad_(spec.full)
-    if spec.lora:
+        p.requires_grad_(plan.full)
+    if plan.lora:
         for n, p in encoder.model.named_parameters():
             if "lora_" in n:
                 p.requires_grad_(True)
     for p in phi.parameters():
-        p.requires_grad_(spec.phi == "all")
+        p.requires_grad_(plan.head == "all")
     for p in phi.layernorm_parameters():
         p.requires_grad_(True)
 
@@ -141,45 +130,39 @@ def _batch_pixels(encoder, images: list, img_idx: torch.Tensor, rows: torch.Tens
     return encoder.preprocess_images(out)  # (B, 3, H, W)
 
 
-def _direct_targets(old_targets, image_idx, caption_rows, device):
-    v_old, w_old = old_targets
-    return v_old[image_idx].to(device), w_old[caption_rows].to(device)
-
-
 def finetune(
     encoder,
     phi: Phi,
     pairs,
-    method: str,
+    plan: TrainPlan,
     cfg: FinetuneConfig,
     old_targets: tuple[torch.Tensor, torch.Tensor] | None = None,
     checkpoint_path: str | Path | None = None,
     on_step=None,
     progress: bool = False,
+    name: str = "train",
 ) -> list[dict]:
-    """Train `encoder` (a DualEncoder of the new model) and `phi` in place; return per-step history:
-    {"step", "epoch", "loss"} for every step, those trained before a resume too (kept in the
-    checkpoint), a {"resumed_from": step} record where a resume began, and a closing timing record.
+    """Train `encoder` (a DualEncoder of the new model) and `phi` in place as `plan` says; return
+    per-step history: {"step", "epoch", "loss"} for every step, those trained before a resume too
+    (kept in the checkpoint), a {"resumed_from": step} record where a resume began, and a closing
+    timing record.
 
     pairs: a PairSet (distinct images, caption rows, caption_image).
-    old_targets: (v_old (N_images, D_old), w_old (N_captions, D_old)) for Eqn. 6 methods.
+    old_targets: (v_old (N_images, D_old), w_old (N_captions, D_old)) for an Eqn. 6 plan.
     checkpoint_path: if given, resume from it when it exists and save to it every
         cfg.checkpoint_every steps; the caller deletes it when the run is done.
+    name: what a diverged loss's message calls this training.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    spec = METHODS[method]
-    if spec.loss == "eqn6" and old_targets is None:
-        raise ValueError(f"method {method!r} trains against the old model's embeddings (Eqn. 6): pass old_targets")
+    if plan.loss == "eqn6" and old_targets is None:
+        raise ValueError(f"{name} trains against the old model's embeddings (Eqn. 6): pass old_targets")
     device = encoder.device
-    groups = prepare_model(encoder, phi, method, cfg)
+    groups = prepare_model(encoder, phi, plan, cfg)
     phi.to(device)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     scale = math.exp(cfg.log_logit_scale)
 
     n = len(pairs.captions)
-    bs = min(cfg.batch_size, n)
-    bs -= bs % world_info()[1]  # a global batch splits evenly over ranks
+    bs = global_batch(cfg.batch_size, n)
     steps_per_epoch = n // bs  # drop the ragged tail: a tiny batch has too few negatives
     total = steps_per_epoch * cfg.epochs
     start = 0
@@ -200,7 +183,7 @@ def finetune(
     encoder.model.train()
     phi.train()
     history: list[dict] = [*losses, {"step": start, "resumed_from": start, "decode_s": round(t_decode, 2)}] if start else []
-    bar = _progress_bar(total, start, f"{method} training", progress)
+    bar = _progress_bar(total, start, f"{name} training", progress)
     t_data = t_model = 0.0
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
@@ -219,13 +202,13 @@ def finetune(
             v_new = F.normalize(encoder.image_features(pixels), dim=-1)  # (B, D_new)
             w_new = F.normalize(encoder.text_features(tok["input_ids"], tok.get("attention_mask")), dim=-1)
             v_bar, w_bar = phi(v_new.float()), phi(w_new.float())  # (B, D_old) synthetic old embeddings, Eqn. 4
-            if spec.loss == "eqn5":
-                loss = clip_loss(v_bar, w_bar, scale)
+            if plan.loss == "eqn5":
+                loss = eqn5_loss(v_bar, w_bar, scale)
             else:
-                v_old, w_old = _direct_targets(old_targets, img_idx, rows, device)
-                loss = clip_loss(v_bar, w_old, scale) + clip_loss(w_bar, v_old, scale)
+                v_old, w_old = old_targets[0][img_idx].to(device), old_targets[1][rows].to(device)  # (B, D_old)
+                loss = eqn6_loss(v_bar, w_bar, v_old, w_old, scale)
         value = loss.item()
-        check_loss(method, value, step + 1)
+        check_loss(name, value, step + 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(p for g in groups for p in g["params"])

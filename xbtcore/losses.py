@@ -1,9 +1,13 @@
-"""The CLIP contrastive loss L_c used by Eqns. 3, 5 and 6, in one place.
+"""The losses of the paper, each one named function: L_c and Eqns. 3, 5 and 6.
 
-Under DDP the negatives are global: each rank all-gathers the other ranks'
-embeddings *with* gradient (as open_clip's `gather_features` with
-`gather_with_grad=True`), so the loss and gradients equal those of a single
-process on the concatenated batch.
+    L_c(a, b)   CLIP's symmetric InfoNCE between row-aligned embeddings      (Sec. 3.1)
+    Eqn. 3      L_c(φ(w̃_new), w_old)                       text-only pretraining of φ
+    Eqn. 5      L_c(φ(v_new), φ(w_new))                    XBT training, no old model
+    Eqn. 6      L_c(φ(v_new), w_old) + L_c(φ(w_new), v_old)    the direct baselines
+
+Every function takes embeddings already mapped and L2-normalised, shapes (B, D),
+and a logit scale (exp of the paper's τ). Negatives are global under DDP
+(`ddp.gather_features`): each rank returns the loss of the whole global batch.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-# The paper fixes tau_pre = tau_X = tau_N = 2.6592 (Sec. 4.1): CLIP's initial
+from .ddp import gather_features
+
+# The paper fixes τ_pre = τ_X = τ_N = 2.6592 (Sec. 4.1): CLIP's initial log
 # logit scale, i.e. logits are multiplied by exp(2.6592) = 1 / 0.07.
 PAPER_LOG_LOGIT_SCALE = 2.6592
 
@@ -23,80 +28,62 @@ def logit_scale_from_log(log_scale: float = PAPER_LOG_LOGIT_SCALE) -> float:
     return math.exp(log_scale)
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward returns each rank its own slice of the summed grads."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        g = torch.stack(grads)  # (W, B, D)
-        dist.all_reduce(g)  # every rank's loss depends on every slice
-        return g[dist.get_rank()]
-
-
-def gather_features(x: torch.Tensor) -> torch.Tensor:
-    """(B, D) local -> (W*B, D) global, differentiable; identity without DDP."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return torch.cat(_AllGatherWithGrad.apply(x), dim=0)
-
-
 def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: float | torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE between row-aligned embeddings a and b (CLIP's L_c).
+    """L_c: symmetric InfoNCE between row-aligned, L2-normalised a and b, (B, D) each.
 
-    a, b: (B, D), L2-normalised. Under DDP, call with local rows; negatives come
-    from all ranks. Each rank returns the mean loss over the global batch, so the
-    DDP-averaged gradient equals the single-process gradient.
+    Under DDP, call with local rows; negatives come from all ranks. Every rank
+    computes the same global loss; the gather's backward sums the W identical
+    contributions to each slice and `ddp.average_gradients` divides by W again,
+    so parameter gradients equal the single-process ones.
     """
     a_all, b_all = gather_features(a), gather_features(b)  # (N, D), N = W*B
     logits = logit_scale * a_all @ b_all.T  # (N, N)
     labels = torch.arange(logits.shape[0], device=logits.device)
-    # Every rank computes the same global loss. The gather's backward sums the
-    # W identical contributions to each slice (W * dL/dx_r); DDP's gradient
-    # averaging divides by W again, so parameter gradients are exactly dL/dθ.
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def world_info() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) outside torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def fit_term(mapped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """E[1 - cos(mapped, target)] over rows of unit vectors, (B, D) each: landing on the target, not only ranking it first."""
+    return (1 - (mapped * target).sum(-1)).mean()
 
 
-def on_main_rank(write) -> None:
-    """Run `write()` on rank 0 only, then hold every rank until it is done: under
-    torchrun each rank trained the same weights, and one writer keeps artefacts whole."""
-    rank, world = world_info()
-    if rank == 0:
-        write()
-    if world > 1:
-        dist.barrier()
+def eqn3_loss(
+    mapped: torch.Tensor,
+    w_old: torch.Tensor,
+    logit_scale: float,
+    *,
+    fit_weight: float = 0.0,
+    pair: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pair_weight: float = 0.0,
+) -> torch.Tensor:
+    """Eqn. 3, L_c(φ(w̃_new), w_old), with two optional terms of ours.
+
+    mapped: φ(w̃_new), (B, D_old); w_old: (B, D_old), row-aligned.
+    fit_weight μ: μ · fit_term(φ(w̃_new), w_old).
+    pair, pair_weight λ: λ · L_c(φ(v_new), φ(w_new)) on a batch of the frozen new
+    model's pairs, (P, D_old) each: Eqn. 5's loss during pretraining.
+    At μ = λ = 0 it is the paper's Eqn. 3.
+    """
+    loss = clip_loss(mapped, w_old, logit_scale)
+    if fit_weight:
+        loss = loss + fit_weight * fit_term(mapped, w_old)
+    if pair_weight:
+        assert pair is not None, "pair_weight > 0 needs a batch of mapped pairs"
+        loss = loss + pair_weight * eqn5_loss(*pair, logit_scale)
+    return loss
 
 
-def local_slice(n: int) -> slice:
-    """This rank's contiguous part of a global batch of n rows (rank order = gather order)."""
-    rank, world = world_info()
-    assert n % world == 0, f"global batch {n} must divide by world size {world}"
-    per = n // world
-    return slice(rank * per, (rank + 1) * per)
+def eqn5_loss(v_bar: torch.Tensor, w_bar: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Eqn. 5, L_X = L_c(φ(v_new), φ(w_new)): synthetic old embeddings of a pair, (B, D_old) each."""
+    return clip_loss(v_bar, w_bar, logit_scale)
 
 
-def average_gradients(params) -> None:
-    """What DDP's reducer does: average .grad over ranks. Called explicitly because the
-    encoders are reached through feature methods, not a DDP-wrapped forward."""
-    rank, world = world_info()
-    if world == 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
+def eqn6_loss(
+    v_bar: torch.Tensor, w_bar: torch.Tensor, v_old: torch.Tensor, w_old: torch.Tensor, logit_scale: float
+) -> torch.Tensor:
+    """Eqn. 6, L_Direct = L_c(φ(v_new), w_old) + L_c(φ(w_new), v_old): each new query against the
+    old model's embedding of its pair in the other modality, (B, D_old) each."""
+    return clip_loss(v_bar, w_old, logit_scale) + clip_loss(w_bar, v_old, logit_scale)
 
 
 class DivergedError(RuntimeError):
@@ -107,6 +94,6 @@ DIVERGED_LOSS = 1e4  # a CLIP loss over B rows starts near log(B); far above tha
 
 
 def check_loss(name: str, value: float, step: int) -> None:
-    """Raise DivergedError when a training loss is not finite or has blown up (both loops call it)."""
+    """Raise DivergedError when a training loss is not finite or has blown up (every loop calls it)."""
     if not math.isfinite(value) or value > DIVERGED_LOSS:
         raise DivergedError(f"{name} loss became {value} at step {step}; nothing is promoted")

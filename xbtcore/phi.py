@@ -45,3 +45,36 @@ class Phi(nn.Module):
     def layernorm_parameters(self) -> list[nn.Parameter]:
         """The only part of φ that XBT training updates (Sec. 3.3)."""
         return [p for m in self.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+
+
+class LinearMap(nn.Module):
+    """A fitted linear map in φ's place: x -> normalize(x W), W (D_new, D_old) frozen.
+
+    The training-free methods (methods/maps.py) fit W in closed form; W is a
+    parameter without gradient so that `.parameters()` finds its device as φ's.
+    """
+
+    def __init__(self, cfg: PhiConfig, weight: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        w = torch.zeros(cfg.in_dim, cfg.out_dim) if weight is None else weight
+        assert w.shape == (cfg.in_dim, cfg.out_dim), f"W must be ({cfg.in_dim}, {cfg.out_dim}), got {tuple(w.shape)}"
+        self.weight = nn.Parameter(w, requires_grad=False)  # (D_new, D_old)
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> "LinearMap":
+        return cls(PhiConfig(in_dim=weight.shape[0], out_dim=weight.shape[1]), weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x @ self.weight, dim=-1)  # (B, D_old)
+
+    def layernorm_parameters(self) -> list[nn.Parameter]:
+        return []
+
+
+# A bundle names its head's kind; the loader builds it from PhiConfig and loads its weights.
+HEADS = {"phi": Phi, "linear": LinearMap}
+
+
+def head_kind(head: nn.Module) -> str:
+    return next(kind for kind, cls in HEADS.items() if type(head) is cls)

@@ -1,24 +1,18 @@
-"""Text-only pretraining of φ (Sec. 3.2, Eqn. 3), on cached text embeddings.
+"""Text-only pretraining of φ (Sec. 3.2, Eqn. 3), on cached embeddings.
 
-    L_pre = E_t [ L_c( φ(w̃_new), w_old ; τ_pre ) ],  w̃_new = normalize(w_new + ε),  ε ~ N(0, σ²)
+    L_pre = E_t [ L_c( φ(w̃_new), w_old ) ],  w̃_new = normalize(w_new + ε),  ε ~ N(0, σ²)
           + μ E_t [ 1 - cos( φ(w̃_new), w_old ) ]                  (ours, μ = fit_weight)
-          + λ E_(v,w) [ L_c( φ(v_new), φ(w_new) ; τ_pre ) ]        (ours, λ = pair_weight)
+          + λ E_(v,w) [ L_c( φ(v_new), φ(w_new) ) ]                (ours, λ = pair_weight)
 
-The second term is Eqn. 5's loss on the frozen new model's embeddings of the
-pairs (no old model): text alone teaches φ the old text space and nothing
-about keeping the new model's own image-text matching, which Eqn. 5 cannot
-give back later through φ's LayerNorms alone (docs/method.md, "φ keeps the
-new model's matching"). The fit term asks φ to land on w_old, not only to
-rank it first among the batch: the contrastive loss alone fits the directions
-that tell captions apart and leaves φ's output off the target elsewhere, which
-costs little against the old model's own text space but made a chain's second
-link trained towards the first link's compatible embeddings (spread out by its
-pair term; `chain_targets="champion"`) lose 7 points t2i R@1 on the root
-gallery (docs/method.md, "Chains need the fit term"). At μ = λ = 0 it is the
-paper's Eqn. 3. The defaults, λ = 2 and μ = 0 against an old model's own
-embeddings (μ = 10 against a champion's, `PretrainConfig.for_targets`), pass Eqn. 2 and keep new/new
-within a point of the original new model on the built-in world; μ = 10 there
-too would cost new/new 3 to 4 points R@1.
+The loss is `losses.eqn3_loss`; this module holds its configuration and the
+loop that feeds it. The pair term is Eqn. 5's loss on the frozen new model's
+embeddings of the pairs (no old model): text alone teaches φ the old text
+space and nothing about keeping the new model's own image-text matching, which
+Eqn. 5 cannot give back later through φ's LayerNorms alone. The fit term asks
+φ to land on w_old, not only to rank it first within the batch; it matters when
+the targets are a champion bundle's compatible embeddings (a chain link with
+`chain_targets="champion"`). At μ = λ = 0 it is the paper's Eqn. 3. Why each
+default is what it is, with the measurement behind it: docs/method.md.
 
 All encoders are frozen, so their outputs are computed once (the embedding
 cache) and this loop touches no encoder at all.
@@ -33,21 +27,18 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from .losses import PAPER_LOG_LOGIT_SCALE, average_gradients, check_loss, clip_loss, local_slice, world_info
-from .phi import Phi
+from .ddp import average_gradients, global_batch, local_slice
+from .losses import PAPER_LOG_LOGIT_SCALE, check_loss, eqn3_loss
+from .phi import Phi, PhiConfig
 
 PRETRAIN_SOURCES = ("text", "image", "text+image")
 # What "old" means for a chain link's training targets (Eqn. 3's w_old; Eqn. 6's targets too).
-# "root": the gallery's own model, which the link's gate runs anyway for old/old: the gallery's
-# space itself. "champion": the champion bundle's compatible embeddings, the paper's Sec. 4.3
-# protocol, whose approximation of the root space the new link inherits: on the built-in world
-# its second link tied the first on image queries and failed no-regression in 3 of 3 seeds,
-# where root targets passed in 3 of 3 (docs/method.md, "Which old a chain link trains against").
+# "root": the gallery's own model, which the link's gate runs anyway for old/old. "champion": the
+# champion bundle's compatible embeddings, the paper's Sec. 4.3 protocol, whose approximation of the
+# root space the new link inherits (docs/method.md, "Which old a chain link trains against").
 CHAIN_TARGETS = ("root", "champion")
-# μ of the fit term when φ's targets are a champion bundle's compatible embeddings (a chain
-# link). They are spread out by the first link's pair term, and the contrastive loss alone
-# fitted their order, not their place: the second link lost 7 points t2i R@1 on the root
-# gallery without it (docs/method.md, "Chains need the fit term").
+# μ of the fit term when φ's targets are a champion bundle's compatible embeddings: the contrastive
+# loss alone fits their order, not their place (docs/method.md, "The fit term").
 CHAIN_FIT_WEIGHT = 10.0
 
 
@@ -154,16 +145,16 @@ def text_only_pretrain(
     on_step=None,
     pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[dict]:
-    """Train all of φ on row-aligned (w_new, w_old) text embeddings; returns per-epoch history.
+    """Train all of φ on row-aligned (w_new, w_old) rows with `losses.eqn3_loss`; returns per-epoch history.
 
     w_new: (N, D_new), w_old: (N, D_old), both L2-normalised, same row order.
     pairs: (v_new, w_new) of the pairs by the frozen new model, row-aligned (each
     caption with its image's embedding), (P, D_new) each; read when
     cfg.pair_weight > 0, a pair batch per step, cycling through the pairs.
-    `on_step(step, loss)` may raise to stop (the NaN guard lives with the caller).
-    Under torchrun every rank passes the same rows and draws the same global
-    batch; each embeds its own contiguous slice, negatives are all-gathered
-    (losses.py) and gradients averaged, so the result equals one process.
+    `on_step(step, loss)` may raise to stop. Under torchrun every rank passes the
+    same rows and draws the same global batch; each maps its own contiguous
+    slice, negatives are all-gathered and gradients averaged, so the result
+    equals one process.
     """
     assert w_new.shape[0] == w_old.shape[0], "w_new and w_old must be row-aligned"
     assert w_new.shape[1] == phi.cfg.in_dim and w_old.shape[1] == phi.cfg.out_dim
@@ -174,8 +165,7 @@ def text_only_pretrain(
     opt = torch.optim.AdamW(phi.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scale = math.exp(cfg.log_logit_scale)
     n = w_new.shape[0]
-    bs = min(cfg.batch_size, n)
-    bs -= bs % world_info()[1]  # a global batch splits evenly over ranks
+    bs = global_batch(cfg.batch_size, n)
     pair_batches = _pair_batches(pairs, cfg.pair_batch_size) if cfg.pair_weight else None
     history, step = [], 0
     phi.train()
@@ -187,12 +177,13 @@ def text_only_pretrain(
             x = add_embedding_noise(w_new[idx].to(device), cfg.sigma)  # (B, D_new), same noise on every rank
             mine = local_slice(bs)
             mapped, target = phi(x[mine]), w_old[idx][mine].to(device)  # (B/W, D_old) each, unit length
-            loss = clip_loss(mapped, target, scale)
-            if cfg.fit_weight:  # None (not settled for the targets, for_targets) is the paper's 0
-                loss = loss + cfg.fit_weight * (1 - (mapped * target).sum(-1)).mean()
+            pair = None
             if pair_batches is not None:
                 v, w, pmine = next(pair_batches)  # (P, D_new) each, the same rows on every rank
-                loss = loss + cfg.pair_weight * clip_loss(phi(v[pmine].to(device)), phi(w[pmine].to(device)), scale)
+                pair = (phi(v[pmine].to(device)), phi(w[pmine].to(device)))  # (P/W, D_old) each
+            # fit_weight None (not settled for the targets, PretrainConfig.for_targets) is the paper's 0
+            loss = eqn3_loss(mapped, target, scale, fit_weight=cfg.fit_weight or 0.0, pair=pair,
+                             pair_weight=cfg.pair_weight)
             value = loss.item()
             check_loss("pretrain", value, step + 1)
             opt.zero_grad(set_to_none=True)
@@ -208,14 +199,28 @@ def text_only_pretrain(
     return history
 
 
+def pretrain_phi(w_new: torch.Tensor, w_old: torch.Tensor, cfg: PretrainConfig, device="cpu", on_step=None,
+                 pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[Phi, list[dict]]:
+    """-> (φ, per-epoch history): a fresh φ, D_new -> D_old, all of it trained by `text_only_pretrain`."""
+    torch.manual_seed(cfg.seed)
+    phi = Phi(PhiConfig(in_dim=w_new.shape[1], out_dim=w_old.shape[1])).to(device)
+    history = text_only_pretrain(phi, w_new, w_old, cfg, on_step=on_step, pairs=pairs)
+    return phi, history
+
+
+def pair_rows(v_new_images: torch.Tensor, w_new_captions: torch.Tensor, caption_image: torch.Tensor):
+    """(v_new, w_new) row-aligned per caption: each pair caption's embedding beside its
+    image's, both by the frozen new model (the rows of the pair term)."""
+    return v_new_images[caption_image], w_new_captions  # (P, D_new) each
+
+
 def _pair_batches(pairs: tuple[torch.Tensor, torch.Tensor], batch_size: int):
     """Endless (v_new, w_new, this rank's slice) batches of the pairs, reshuffled each
     pass (drawn from the global RNG, so every rank draws the same rows)."""
     v_new, w_new = pairs
     assert v_new.shape == w_new.shape, "the pairs' v_new and w_new must be row-aligned"
     n = v_new.shape[0]
-    bs = min(batch_size, n)
-    bs -= bs % world_info()[1]
+    bs = global_batch(batch_size, n)
     assert bs >= 2, f"the pair term needs at least 2 pairs per step, got {n}"
     mine = local_slice(bs)
     while True:

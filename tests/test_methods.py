@@ -1,0 +1,77 @@
+"""The method registry and the paper's losses, each against an independent computation."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xbtcore.config import Settings
+from xbtcore.losses import clip_loss, eqn3_loss, eqn5_loss, eqn6_loss
+from xbtcore.methods import COST_CLASSES, EMBEDDINGS, METHODS, by_cost, get_method
+
+
+def _unit(n, d, seed):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def _infonce(a, b, scale):
+    """L_c written out: the mean over rows of -log softmax of the matching pair, both directions."""
+    logits = scale * a @ b.T
+    n = len(a)
+    row = -sum(logits[i, i] - torch.logsumexp(logits[i], 0) for i in range(n)) / n
+    col = -sum(logits[i, i] - torch.logsumexp(logits[:, i], 0) for i in range(n)) / n
+    return (row + col) / 2
+
+
+def test_clip_loss_is_symmetric_infonce():
+    a, b = _unit(6, 4, 0), _unit(6, 4, 1)
+    torch.testing.assert_close(clip_loss(a, b, 14.0), _infonce(a, b, 14.0))
+
+
+def test_eqn3_terms_add_up_and_vanish_at_zero_weights():
+    mapped, w_old, v, w = _unit(8, 4, 0), _unit(8, 4, 1), _unit(5, 4, 2), _unit(5, 4, 3)
+    fit = (1 - (mapped * w_old).sum(-1)).mean()
+    want = _infonce(mapped, w_old, 10.0) + 3.0 * fit + 2.0 * _infonce(v, w, 10.0)
+    torch.testing.assert_close(eqn3_loss(mapped, w_old, 10.0, fit_weight=3.0, pair=(v, w), pair_weight=2.0), want)
+    torch.testing.assert_close(eqn3_loss(mapped, w_old, 10.0, pair=(v, w)), _infonce(mapped, w_old, 10.0))
+
+
+def test_eqn5_and_eqn6_are_the_papers_sums():
+    v_bar, w_bar, v_old, w_old = (_unit(7, 4, s) for s in range(4))
+    torch.testing.assert_close(eqn5_loss(v_bar, w_bar, 5.0), _infonce(v_bar, w_bar, 5.0))
+    want = _infonce(v_bar, w_old, 5.0) + _infonce(w_bar, v_old, 5.0)
+    torch.testing.assert_close(eqn6_loss(v_bar, w_bar, v_old, w_old, 5.0), want)
+
+
+def test_every_method_is_registered_once_with_what_a_run_needs():
+    assert {"xbt", "base", "lora-only", "full-tune", "procrustes", "lstsq"} <= set(METHODS)
+    settings = Settings()
+    for name, spec in METHODS.items():
+        assert spec.name == name and spec.cost in COST_CLASSES
+        assert set(spec.needs(spec.config(settings))) <= set(EMBEDDINGS), name
+        assert spec.fit_head is not None or spec.plan is not None, name
+    costs = [m.cost for m in by_cost()]
+    assert costs == sorted(costs)
+    with pytest.raises(ValueError, match="unknown method 'magic'.*xbt methods"):
+        get_method("magic")
+
+
+def test_a_method_config_reads_its_scopes_of_the_settings():
+    settings = Settings.of({"pretrain": {"sigma": 0.2}, "finetune": {"batch_size": 64}})
+    xbt = get_method("xbt").config(settings)
+    assert xbt.pretrain.sigma == 0.2 and xbt.finetune.batch_size == 64
+    base = get_method("base").config(settings)
+    assert [f.name for f in dataclasses.fields(base)] == ["finetune"] and base.finetune.batch_size == 64
+    with pytest.raises(ValueError, match="unknown settings scope 'train'"):
+        Settings.of({"train": {}})
+
+
+def test_procrustes_recovers_a_rotation():
+    from xbtcore.methods.maps import fit_linear_map
+
+    q = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))[0]
+    w_new = _unit(200, 6, 1)
+    torch.testing.assert_close(fit_linear_map(w_new, w_new @ q, "procrustes"), q, atol=1e-5, rtol=0)
+    assert math.isclose(float((fit_linear_map(w_new, w_new @ q, "lstsq") - q).abs().max()), 0.0, abs_tol=1e-4)

@@ -1,0 +1,91 @@
+"""The method registry: every upgrade method registered once, with what it trains and costs.
+
+As PEFT registers a method (`register_peft_method(name=..., config_cls=...,
+model_cls=...)`), each family module here calls `register_method` for its
+methods; the CLI's choices, the flow, the report, the advice and the benches
+read `METHODS`. A method is at most two stages:
+
+    head   fit a head (φ or a linear map) on cached frozen embeddings        (no encoder runs)
+    plan   fine-tune the new encoders with the head (`finetune.TrainPlan`)   (LoRA, prompts, weights)
+
+and its bundle holds the head, plus the adapters or weights its plan trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..finetune import TrainPlan
+
+# Frozen embeddings a method may read (the embed step computes only what it names):
+# w_new / w_old the corpus texts by the new / old text tower; v_new_pairs / v_old_pairs
+# the pairs' distinct images by the new / old image tower; w_new_pairs / w_old_pairs the
+# pairs' captions by the new / old text tower.
+EMBEDDINGS = ("w_new", "w_old", "v_new_pairs", "v_old_pairs", "w_new_pairs", "w_old_pairs")
+
+# What a method costs, cheapest first: the order `--method auto` tries candidates in.
+COST_CLASSES = {
+    0: "training-free: a map fitted in closed form on cached embeddings",
+    1: "a head trained on cached embeddings; no encoder runs in training",
+    2: "adapters (LoRA, prompts) trained on the new encoders",
+    3: "every weight of the new encoders trained",
+}
+
+
+@dataclass
+class HeadInputs:
+    """What a head stage reads: cached frozen embeddings by name, the pairs' layout, sizes, seed."""
+
+    frozen: Callable[[str], torch.Tensor]  # name in EMBEDDINGS -> (rows, D) embeddings
+    caption_image: torch.Tensor | None  # (P,) the pairs' caption -> distinct-image index
+    new_dim: int
+    old_dim: int
+    seed: int
+    on_step: Callable[[int, float], None] | None = None
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    family: str  # the module that registers it
+    summary: str  # one line: what it is, where it comes from
+    config_cls: type  # its settings: a dataclass whose fields are settings scopes (pretrain, finetune, ...)
+    needs: Callable[[object], tuple[str, ...]]  # config -> the frozen embeddings it reads, from EMBEDDINGS
+    cost: int  # a key of COST_CLASSES
+    trains: str  # what training changes
+    bundle: str  # what its bundle holds beside the unmodified new model
+    fit_head: Callable[[HeadInputs, object], torch.nn.Module] | None = None  # None: the plan starts from a random φ
+    plan: TrainPlan | None = None  # None: no encoder is fine-tuned
+    old_encoder_at_query: bool = False  # a query also runs the old encoder
+
+    def __post_init__(self):
+        assert self.cost in COST_CLASSES, self
+        assert self.fit_head is not None or self.plan is not None, f"{self.name}: a method trains something"
+
+    def config(self, settings) -> object:
+        """This method's config from the run's parsed settings (each field is a scope of settings)."""
+        return self.config_cls(**{f.name: getattr(settings, f.name) for f in fields(self.config_cls)})
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    assert spec.name not in METHODS, f"method {spec.name!r} is registered twice"
+    METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)} (`xbt methods` lists them)")
+    return METHODS[name]
+
+
+def by_cost() -> list[MethodSpec]:
+    """Every method, cheapest first (ties in registration order)."""
+    return sorted(METHODS.values(), key=lambda m: m.cost)
