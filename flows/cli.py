@@ -106,7 +106,7 @@ def cmd_embed(a) -> int:
     from tasks.registry import pinned_ref, resolve_ref, space_of
     from xbtcore.bundle import is_bundle, load_compatible
     from xbtcore.data import LazyImages, check_output, write_embeddings_parquet
-    from xbtcore.embed_input import read_images, read_texts
+    from xbtcore.embed_input import read_ids, read_images, read_texts
     from xbtcore.encoders import DualEncoder
 
     check_output(a.out, folder=False)
@@ -125,7 +125,7 @@ def cmd_embed(a) -> int:
         emb = encoder.embed_texts(items, batch_size=a.batch_size, progress=True)
     else:
         emb = encoder.embed_images(LazyImages(items), batch_size=a.batch_size, progress=True)
-    out = write_embeddings_parquet(a.out, emb)
+    out = write_embeddings_parquet(a.out, emb, ids=read_ids(a.input))  # `id`: what a gallery is matched on
     Catalog(state_dir() / "catalog.duckdb").record_gallery(str(Path(out).absolute()), pinned_ref(a.model, resolved), space_of(root),
                                                            a.modality, int(emb.shape[0]), int(emb.shape[1]))
     print(f"{emb.shape[0]} {a.modality} embeddings (dim {emb.shape[1]}, space {space_of(root)}) -> {out}")

@@ -129,8 +129,8 @@ def test_gate_margins_row_under_each_recall_table():
     assert page.count("<td></td>") == 2  # R@50 is not a gate check: no interval
 
 
-def test_write_html_report_task(tmp_path):
-    from tasks.report import write_html_report
+def test_write_report_task(tmp_path):
+    from tasks.report import write_report
 
     n_images = 12
     captions = [EVIL if c == 0 else f"caption {c}" for c in range(2 * n_images)]
@@ -140,11 +140,10 @@ def test_write_html_report_task(tmp_path):
     old, upgraded, orig, caption_image = _sides(n_images)
     sample = report_sample(old, upgraded, orig, caption_image, n_map=6, n_queries=4, k=5)
     save_file(sample, tmp_path / "sample.safetensors")
-    (tmp_path / "report.json").write_text(json.dumps(_report()))
-
-    path = write_html_report.fn(str(tmp_path / "report.json"), str(tmp_path / "eval.parquet"),
-                                str(tmp_path / "sample.safetensors"), str(tmp_path / "out" / "report.html"))
-    page = Path(path).read_text(encoding="utf-8")
+    written = write_report.fn(_report(), str(tmp_path / "eval.parquet"), str(tmp_path / "sample.safetensors"),
+                              str(tmp_path / "out"))
+    assert json.loads(Path(written["json"]).read_text()) == _report()
+    page = Path(written["html"]).read_text(encoding="utf-8")
     assert page.count('<img class="thumb') == 4 * (1 + 2 * 5)
     for q, c in enumerate(sample["query_captions"].tolist()):
         assert f"own image: im{c // 2}<" in page
@@ -153,9 +152,9 @@ def test_write_html_report_task(tmp_path):
                      lambda i: Image.open(io.BytesIO(table["image"][2 * i].as_py())))
     assert [h["image"] for h in ex[0]["rows"][0]["hits"]] == [f"im{i}" for i in sample["top_new"][0].tolist()]
 
-    no_sample = write_html_report.fn(str(tmp_path / "report.json"), str(tmp_path / "eval.parquet"),
-                                     str(tmp_path / "missing.safetensors"), str(tmp_path / "bare.html"))
-    assert "the map is not available" in Path(no_sample).read_text(encoding="utf-8")
+    no_sample = write_report.fn(_report(), str(tmp_path / "eval.parquet"), str(tmp_path / "missing.safetensors"),
+                                str(tmp_path / "bare"))
+    assert "the map is not available" in Path(no_sample["html"]).read_text(encoding="utf-8")
 
 
 def test_mlflow_run_logs_report_html(tmp_path, monkeypatch):
@@ -170,5 +169,6 @@ def test_mlflow_run_logs_report_html(tmp_path, monkeypatch):
     (tmp_path / "report.json").write_text(json.dumps(report))
     (tmp_path / "report.html").write_text(render_report(report))
     verdict = {"eqn2": report["gate"], "passed": True}
-    reg = registry.register_and_promote.fn(str(tmp_path / "report.json"), str(bundle), "/m/old", verdict, {}, [])
+    reg = registry.register_and_promote.fn(report, report["recall"], str(bundle), "/m/old", verdict, {}, [])
+    registry.attach_report.fn(reg["run_id"], [str(tmp_path / "report.json"), str(tmp_path / "report.html")])
     assert "report.html" in {a.path for a in registry.client().list_artifacts(reg["run_id"])}

@@ -39,7 +39,11 @@ def _report(tmp_path: Path, tag: str, passed: bool):
 def _register(tmp_path, tag, passed):
     path, bundle, verdict = _report(tmp_path, tag, passed)
     histories = {"train": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]}
-    return registry.register_and_promote.fn(path, bundle, "/m/old", verdict, histories, [])
+    report = json.loads(Path(path).read_text())
+    reg = registry.register_and_promote.fn(report, report["recall"], bundle, "/m/old", verdict, histories, [])
+    if reg["new_run"]:
+        registry.attach_report.fn(reg["run_id"], [path])
+    return reg
 
 
 def test_champion_moves_on_pass_not_on_fail_and_rolls_back(mlflow_store):
@@ -90,8 +94,9 @@ def test_promoting_back_and_forth_still_rolls_back_to_the_first_champion(mlflow_
 def test_same_bundle_is_one_version_and_metrics_are_logged(mlflow_store):
     a = _register(mlflow_store, "same", passed=True)
     path, bundle, verdict = _report(mlflow_store / "again", "same", passed=True)
-    b = registry.register_and_promote.fn(path, bundle, "/m/old", verdict, {}, [])
-    assert a["version"] == b["version"]
+    report = json.loads(Path(path).read_text())
+    b = registry.register_and_promote.fn(report, report["recall"], bundle, "/m/old", verdict, {}, [])
+    assert a["version"] == b["version"] and a["new_run"] and not b["new_run"]
     c = registry.client()
     run = c.get_run(a["run_id"])
     assert run.data.metrics["t2i.new_old.R1"] == 10.0

@@ -148,3 +148,31 @@ def test_accepts_grad_and_float64_inputs(pairs, backend):
     expected = recall_at_k(text, image, caption_image, backend=backend)
     got = recall_at_k(text.clone().requires_grad_(), image.double(), caption_image, backend=backend)
     assert got == expected
+
+
+def test_a_near_tie_does_not_outrank_the_own_item_and_a_clear_lead_does():
+    from xbtcore.recall import TIE_TOLERANCE
+
+    # one caption query, two images: the other image scores above the own one by d
+    def t2i_r1(d: float) -> float:
+        own = unit(torch.tensor([[1.0, 0.0]]))
+        cos = 0.5
+        other_cos = cos + d
+        image = torch.tensor([[cos, math.sqrt(1 - cos**2)], [other_cos, math.sqrt(1 - other_cos**2)]])
+        return recall_at_k(own, image, torch.tensor([0]), ks=(1,), directions=("t2i",))["t2i"]["1"]
+
+    assert t2i_r1(0.4 * TIE_TOLERANCE) == 100.0  # float noise between batches: still a hit
+    assert t2i_r1(3 * TIE_TOLERANCE) == 0.0  # a real lead outranks
+
+
+def test_identical_captions_embedded_apart_do_not_outrank_each_other():
+    # i2t: image 0 owns caption 0; caption 1 (image 1's) is the same text, embedded in another batch
+    g = torch.Generator().manual_seed(0)
+    image = unit(torch.randn(2, 16, generator=g))
+    caption = unit(image[0] + 0.1 * torch.randn(16, generator=g))
+    noisy = unit(caption + 1e-7 * torch.randn(16, generator=g))  # the same caption, other float noise
+    text = torch.stack([caption, noisy])
+    r = recall_at_k(text, image, torch.tensor([0, 1]), ks=(1,), directions=("i2t",))
+    assert r["i2t"]["1"] >= 50.0  # image 0 finds its caption first whichever copy scores a hair higher
+    copies = recall_at_k(torch.stack([noisy, caption]), image, torch.tensor([0, 1]), ks=(1,), directions=("i2t",))
+    assert r == copies  # the order the copies were embedded in does not matter

@@ -5,7 +5,8 @@
       phi.safetensors        the head: φ (Sec. 3.2), or a fitted linear map (xbt_bundle.json's "head")
       prompts.safetensors    vision soft prompts (absent when the method has none)
       adapter/               peft LoRA adapter (adapter_config.json, adapter_model.safetensors)
-      model/                 full weights, only for Full-tune (it has no adapter to ship)
+      model/                 full weights, when every encoder weight trained (no adapter to ship)
+      old/                   the gallery's model, for a head that blends with the old model's query
       base/                  the base new model's files (hard links where the filesystem
                              allows): from its local directory, or for a hub id from the
                              Hugging Face cache's snapshot. A registered bundle must still
@@ -76,6 +77,9 @@ def save_bundle(out_dir: str | Path, encoder, phi: torch.nn.Module, meta: Bundle
     files = None if (tmp / "model").exists() else _base_files(meta.base_model)
     if files is not None:
         shutil.copytree(files, tmp / "base", copy_function=link_or_copy, ignore=_NOT_LOADED)
+    old_files = _base_files(meta.root_model) if phi.blends else None  # a blending head's queries run the old model
+    if old_files is not None:
+        shutil.copytree(old_files, tmp / "old", copy_function=link_or_copy, ignore=_NOT_LOADED)
     (tmp / BUNDLE_FILE).write_text(json.dumps(asdict(meta), indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -156,32 +160,46 @@ def load_compatible(bundle_dir: str | Path, device="cpu", dtype: torch.dtype = t
     phi = HEADS[meta.head](PhiConfig(**meta.phi))
     phi.load_state_dict(load_file(bundle_dir / "phi.safetensors"))
     phi.to(device).eval()
-    return CompatibleEncoder(base, phi, ref=str(bundle_dir)), meta
+    old = None
+    if phi.blends:
+        from .encoders import DualEncoder
+
+        own = bundle_dir / "old"
+        old = DualEncoder.from_pretrained(str(own) if own.is_dir() else meta.root_model, device=device, dtype=dtype)
+    return CompatibleEncoder(base, phi, ref=str(bundle_dir), old=old), meta
 
 
 class CompatibleEncoder:
-    """The upgraded new model as a query encoder into the old space: φ(normalize(E_new(x)))."""
+    """The upgraded new model as a query encoder into the old space: φ(normalize(E_new(x))), or for a
+    head that blends (`head.blends`) φ(normalize(E_new(x)), E_old(x)) with the old encoder `old`."""
 
     compatible = True  # embeds into the old space (the embedding cache keys it apart from its base model)
 
-    def __init__(self, encoder, phi: torch.nn.Module, ref: str | None = None):
+    def __init__(self, encoder, phi: torch.nn.Module, ref: str | None = None, old=None):
+        assert (old is not None) == bool(getattr(phi, "blends", False)), "a blending head needs the old encoder"
         self.encoder = encoder  # DualEncoder of the new model, adapters installed
-        self.phi = phi  # φ, or a fitted linear map (buffers only)
+        self.phi = phi  # the head: φ, or a fitted map
+        self.old = old  # DualEncoder of the old model, for a blending head
         self.ref = ref or f"{encoder.ref}+compat"  # a bundle's path when loaded from one
 
     @property
     def embed_dim(self) -> int:
         return self.phi.cfg.out_dim
 
-    def _map(self, new_emb: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+    def _map(self, new_emb: torch.Tensor, old_emb: torch.Tensor | None, batch_size: int = 8192) -> torch.Tensor:
         device = next(itertools.chain(self.phi.parameters(), self.phi.buffers())).device
+        out = []
         with torch.inference_mode():
-            out = [self.phi(new_emb[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(new_emb), batch_size)]
+            for i in range(0, len(new_emb), batch_size):
+                extra = () if old_emb is None else (old_emb[i : i + batch_size].to(device),)
+                out.append(self.phi(new_emb[i : i + batch_size].to(device), *extra).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 
     def embed_texts(self, texts, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-        """(N,) texts -> (N, D_old) compatible embeddings, L2-normalised (φ normalises)."""
-        return self._map(self.encoder.embed_texts(texts, batch_size, progress))
+        """(N,) texts -> (N, D_old) compatible embeddings, L2-normalised (the head normalises)."""
+        old = None if self.old is None else self.old.embed_texts(texts, batch_size, progress)
+        return self._map(self.encoder.embed_texts(texts, batch_size, progress), old)
 
     def embed_images(self, images, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-        return self._map(self.encoder.embed_images(images, batch_size, progress))
+        old = None if self.old is None else self.old.embed_images(images, batch_size, progress)
+        return self._map(self.encoder.embed_images(images, batch_size, progress), old)

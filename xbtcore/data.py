@@ -10,7 +10,9 @@ run never leaves a file that looks finished.
 from __future__ import annotations
 
 import glob as _glob
+import hashlib
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +154,63 @@ class PairSet:
         src = self.images[i]
         img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
         return to_rgb(img)
+
+    def subset(self, image_indices) -> "PairSet":
+        """These distinct images (in this order) with all their captions, in row order."""
+        keep = torch.as_tensor(list(image_indices), dtype=torch.long)  # (k,)
+        new_index = torch.full((self.n_images,), -1, dtype=torch.long)
+        new_index[keep] = torch.arange(len(keep))
+        rows = (new_index[self.caption_image] >= 0).nonzero().flatten()  # (r,) caption rows kept
+        return PairSet([self.images[i] for i in keep.tolist()], [self.captions[r] for r in rows.tolist()],
+                       new_index[self.caption_image[rows]], [self.image_ids[i] for i in keep.tolist()], self.source)
+
+
+@dataclass(frozen=True)
+class ValSplit:
+    """A validation share of the pairs' images, held out of all training (CONTRACT.md, --val-fraction).
+
+    The images are drawn by a hash of (seed, image id): the same ids give the same split whatever
+    the row order. At least `min_images` go to validation (half the images at most).
+    """
+
+    fraction: float = 0.1
+    min_images: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.fraction}")
+
+    def val_images(self, image_ids: Sequence) -> list[int]:
+        """Indices of the validation images, in their original order; none at fraction 0."""
+        n = len(image_ids)
+        if self.fraction == 0 or n < 2:
+            return []
+        n_val = min(max(math.ceil(self.fraction * n), self.min_images), n // 2)
+        rank = sorted(range(n), key=lambda i: hashlib.sha1(f"{self.seed}:{image_ids[i]!r}".encode()).digest())
+        return sorted(rank[:n_val])
+
+
+def split_pairs(pairs: PairSet, split: ValSplit | None) -> tuple[PairSet, PairSet | None]:
+    """(train, validation) pairs; the whole set and None without a split."""
+    val = split.val_images(pairs.image_ids) if split is not None else []
+    if not val:
+        return pairs, None
+    held = set(val)
+    return pairs.subset(i for i in range(pairs.n_images) if i not in held), pairs.subset(val)
+
+
+def read_part(path, part: str = "all", split: ValSplit | None = None) -> PairSet:
+    """The pairs at `path`, or one part of them: "train" or "val" of `split` (split_pairs)."""
+    pairs = read_pairs(path)
+    if part == "all":
+        return pairs
+    train, val = split_pairs(pairs, split)
+    if part == "train":
+        return train
+    if part == "val" and val is not None:
+        return val
+    raise ValueError(f"part must be all, train or val (val needs a split with fraction > 0), got {part!r}")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -320,6 +379,17 @@ def read_gallery(path) -> tuple[list, torch.Tensor]:
     if not ids:
         raise InputError(path, "no rows", "pass a non-empty gallery")
     return ids, torch.from_numpy(np.concatenate(blocks))
+
+
+def gallery_rows(gallery_ids: list, wanted_ids: Sequence) -> list[int | None]:
+    """For each wanted id, the row of the gallery that holds it (its first, when an id repeats), or None.
+
+    Ids match as written, and integer-like strings match integers ("7" and 7), since a Parquet
+    column holds one type and the pairs' image_id may be stored as the other."""
+    first: dict = {}
+    for r, i in enumerate(gallery_ids):
+        first.setdefault(str(i), r)
+    return [first.get(str(i)) for i in wanted_ids]
 
 
 def write_embeddings_parquet(path, embeddings, rows=None, ids=None) -> Path:

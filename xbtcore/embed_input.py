@@ -64,3 +64,19 @@ def read_images(path) -> PairSet:
     import torch
 
     return PairSet(images, [], torch.arange(0), list(range(len(images))), str(path))
+
+
+def read_ids(path) -> list | None:
+    """Each row's id: the `id` column, else `image_id`, else None (the rows are their own ids)."""
+    names = [_schema(f).names for f in parquet_files(path)]
+    column = next((c for c in ("id", "image_id") if all(c in n for n in names)), None)
+    if column is None:
+        return None
+    ids: list = []
+    for file in parquet_files(path):
+        col = _read_table(file, [column]).column(column)
+        if col.null_count:
+            raise InputError(file, "null ids", f"give every row an {column} (or drop the column)", column=column,
+                             rows=[i for i, v in enumerate(pc.is_null(col).to_pylist()) if v])
+        ids += col.to_pylist()
+    return ids

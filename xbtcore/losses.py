@@ -55,14 +55,19 @@ def eqn3_loss(
     fit_weight: float = 0.0,
     pair: tuple[torch.Tensor, torch.Tensor] | None = None,
     pair_weight: float = 0.0,
+    anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
+    anchor_weight: float = 0.0,
 ) -> torch.Tensor:
-    """Eqn. 3, L_c(φ(w̃_new), w_old), with two optional terms of ours.
+    """Eqn. 3, L_c(φ(w̃_new), w_old), with three optional terms of ours.
 
     mapped: φ(w̃_new), (B, D_old); w_old: (B, D_old), row-aligned.
     fit_weight μ: μ · fit_term(φ(w̃_new), w_old).
     pair, pair_weight λ: λ · L_c(φ(v_new), φ(w_new)) on a batch of the frozen new
-    model's pairs, (P, D_old) each: Eqn. 5's loss during pretraining.
-    At μ = λ = 0 it is the paper's Eqn. 3.
+    model's pairs, pair = (φ(v_new), φ(w_new)), (P, D_old) each: Eqn. 5's loss.
+    anchor, anchor_weight γ: γ · Eqn. 6 on the same pair batch against the old
+    model's own embeddings of it, anchor = (v_old, w_old), (P, D_old) each: each
+    query modality towards the gallery's space in the other modality.
+    At μ = λ = γ = 0 it is the paper's Eqn. 3.
     """
     loss = clip_loss(mapped, w_old, logit_scale)
     if fit_weight:
@@ -70,6 +75,9 @@ def eqn3_loss(
     if pair_weight:
         assert pair is not None, "pair_weight > 0 needs a batch of mapped pairs"
         loss = loss + pair_weight * eqn5_loss(*pair, logit_scale)
+    if anchor_weight:
+        assert pair is not None and anchor is not None, "anchor_weight > 0 needs mapped pairs and their old embeddings"
+        loss = loss + anchor_weight * eqn6_loss(*pair, *anchor, logit_scale)
     return loss
 
 

@@ -28,6 +28,8 @@ class PhiConfig:
 
 
 class Phi(nn.Module):
+    blends = False  # the head maps the new embedding alone
+
     def __init__(self, cfg: PhiConfig):
         super().__init__()
         self.cfg = cfg
@@ -54,6 +56,8 @@ class LinearMap(nn.Module):
     parameter without gradient so that `.parameters()` finds its device as φ's.
     """
 
+    blends = False  # the head maps the new embedding alone
+
     def __init__(self, cfg: PhiConfig, weight: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
@@ -72,8 +76,37 @@ class LinearMap(nn.Module):
         return []
 
 
+def slerp(u: torch.Tensor, m: torch.Tensor, alpha: float, eps: float = 1e-7) -> torch.Tensor:
+    """Spherical interpolation from the old model's query u towards the mapped new query m, (B, D_old) each.
+
+    u is unit length; m = x W with W (semi-)orthogonal has length at most 1: it is the first D_old
+    coordinates of the unit vector an orthogonal map of x into a zero-padded old space gives, so the
+    angle is taken with m as it is and the result is the padded interpolation's first D_old coordinates.
+    alpha 0 is the old model's own query, 1 the mapped new one. -> (B, D_old), L2-normalised.
+    """
+    cos = (u * m).sum(-1, keepdim=True).clamp(-1 + eps, 1 - eps)  # (B, 1)
+    theta = torch.acos(cos)
+    q = torch.sin((1 - alpha) * theta) * u + torch.sin(alpha * theta) * m  # (B, D_old), sin(θ) cancels in normalize
+    return F.normalize(q, dim=-1)
+
+
+class SlerpHead(LinearMap):
+    """A fitted map blended with the old model's own query (SLERP-BC): slerp(u_old, x W, alpha).
+
+    It reads the old model's embedding of the same input (`blends`): a query runs the old encoder too."""
+
+    blends = True
+
+    def __init__(self, cfg: PhiConfig, weight: torch.Tensor | None = None, alpha: float = 0.5):
+        super().__init__(cfg, weight)
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+
+    def forward(self, x: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return slerp(old, x @ self.weight, float(self.alpha))  # (B, D_old)
+
+
 # A bundle names its head's kind; the loader builds it from PhiConfig and loads its weights.
-HEADS = {"phi": Phi, "linear": LinearMap}
+HEADS = {"phi": Phi, "linear": LinearMap, "slerp": SlerpHead}
 
 
 def head_kind(head: nn.Module) -> str:

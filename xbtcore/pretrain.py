@@ -64,6 +64,9 @@ class PretrainConfig:
                                                         "new/new stays within a point of the original new model "
                                                         "(ours; 0 = the paper's text-only Eqn. 3; docs/method.md)"})
     pair_batch_size: int = field(default=256, metadata={"help": "pairs per step of the pair term (XBT's own batch size)"})
+    anchor_weight: float = field(default=0.0, metadata={"help": "γ of the gallery anchors: Eqn. 6 on the frozen new "
+                                                            "model's pairs against the old model's own embeddings "
+                                                            "of them (ours; needs the old embeddings of the pairs)"})
     fit_weight: float | None = field(default=None, metadata={"help": "μ of the fit term: μ (1 - cos(φ(w̃_new), w_old)) beside "
                                                                "Eqn. 3, so that φ lands on its targets and not only in their "
                                                                "order; None: 0 (the paper's Eqn. 3) against an old model's own "
@@ -86,6 +89,8 @@ class PretrainConfig:
             raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if self.pair_weight < 0:
             raise ValueError(f"pair_weight must be >= 0, got {self.pair_weight}")
+        if self.anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
         if self.fit_weight is not None and self.fit_weight < 0:
             raise ValueError(f"fit_weight must be >= 0, got {self.fit_weight}")
         if self.pair_batch_size < 2:
@@ -143,14 +148,15 @@ def text_only_pretrain(
     w_old: torch.Tensor,
     cfg: PretrainConfig,
     on_step=None,
-    pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pairs: tuple[torch.Tensor, ...] | None = None,
 ) -> list[dict]:
     """Train all of φ on row-aligned (w_new, w_old) rows with `losses.eqn3_loss`; returns per-epoch history.
 
     w_new: (N, D_new), w_old: (N, D_old), both L2-normalised, same row order.
     pairs: (v_new, w_new) of the pairs by the frozen new model, row-aligned (each
-    caption with its image's embedding), (P, D_new) each; read when
-    cfg.pair_weight > 0, a pair batch per step, cycling through the pairs.
+    caption with its image's embedding), (P, D_new) each, and for the gallery
+    anchors (cfg.anchor_weight > 0) also (v_old, w_old), (P, D_old) each; read when
+    cfg.pair_weight or cfg.anchor_weight > 0, a pair batch per step, cycling through the pairs.
     `on_step(step, loss)` may raise to stop. Under torchrun every rank passes the
     same rows and draws the same global batch; each maps its own contiguous
     slice, negatives are all-gathered and gradients averaged, so the result
@@ -158,15 +164,17 @@ def text_only_pretrain(
     """
     assert w_new.shape[0] == w_old.shape[0], "w_new and w_old must be row-aligned"
     assert w_new.shape[1] == phi.cfg.in_dim and w_old.shape[1] == phi.cfg.out_dim
-    if cfg.pair_weight and pairs is None:
+    if (cfg.pair_weight or cfg.anchor_weight) and pairs is None:
         raise ValueError("pair_weight > 0 needs the pairs' new-model embeddings (pairs=(v_new, w_new))")
+    if cfg.anchor_weight and len(pairs) != 4:
+        raise ValueError("anchor_weight > 0 needs the pairs' old embeddings too (pairs=(v_new, w_new, v_old, w_old))")
     device = next(phi.parameters()).device
     torch.manual_seed(cfg.seed)  # noise and order; a CPU generator could not feed a CUDA randn
     opt = torch.optim.AdamW(phi.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scale = math.exp(cfg.log_logit_scale)
     n = w_new.shape[0]
     bs = global_batch(cfg.batch_size, n)
-    pair_batches = _pair_batches(pairs, cfg.pair_batch_size) if cfg.pair_weight else None
+    pair_batches = _pair_batches(pairs, cfg.pair_batch_size) if cfg.pair_weight or cfg.anchor_weight else None
     history, step = [], 0
     phi.train()
     for epoch in range(cfg.epochs_for(n)):
@@ -177,13 +185,14 @@ def text_only_pretrain(
             x = add_embedding_noise(w_new[idx].to(device), cfg.sigma)  # (B, D_new), same noise on every rank
             mine = local_slice(bs)
             mapped, target = phi(x[mine]), w_old[idx][mine].to(device)  # (B/W, D_old) each, unit length
-            pair = None
+            pair = anchor = None
             if pair_batches is not None:
-                v, w, pmine = next(pair_batches)  # (P, D_new) each, the same rows on every rank
-                pair = (phi(v[pmine].to(device)), phi(w[pmine].to(device)))  # (P/W, D_old) each
+                rows, pmine = next(pair_batches)  # (P, D) each, the same rows on every rank
+                pair = (phi(rows[0][pmine].to(device)), phi(rows[1][pmine].to(device)))  # (P/W, D_old) each
+                anchor = tuple(r[pmine].to(device) for r in rows[2:]) or None  # (v_old, w_old), (P/W, D_old) each
             # fit_weight None (not settled for the targets, PretrainConfig.for_targets) is the paper's 0
             loss = eqn3_loss(mapped, target, scale, fit_weight=cfg.fit_weight or 0.0, pair=pair,
-                             pair_weight=cfg.pair_weight)
+                             pair_weight=cfg.pair_weight, anchor=anchor, anchor_weight=cfg.anchor_weight)
             value = loss.item()
             check_loss("pretrain", value, step + 1)
             opt.zero_grad(set_to_none=True)
@@ -208,18 +217,22 @@ def pretrain_phi(w_new: torch.Tensor, w_old: torch.Tensor, cfg: PretrainConfig, 
     return phi, history
 
 
-def pair_rows(v_new_images: torch.Tensor, w_new_captions: torch.Tensor, caption_image: torch.Tensor):
+def pair_rows(v_new_images: torch.Tensor, w_new_captions: torch.Tensor, caption_image: torch.Tensor,
+              v_old_images: torch.Tensor | None = None, w_old_captions: torch.Tensor | None = None):
     """(v_new, w_new) row-aligned per caption: each pair caption's embedding beside its
-    image's, both by the frozen new model (the rows of the pair term)."""
-    return v_new_images[caption_image], w_new_captions  # (P, D_new) each
+    image's, both by the frozen new model (the rows of the pair term); with the old
+    model's embeddings given, (v_new, w_new, v_old, w_old) (the gallery anchors' rows too)."""
+    rows = (v_new_images[caption_image], w_new_captions)  # (P, D_new) each
+    if v_old_images is None:
+        return rows
+    return (*rows, v_old_images[caption_image], w_old_captions)  # + (P, D_old) each
 
 
-def _pair_batches(pairs: tuple[torch.Tensor, torch.Tensor], batch_size: int):
-    """Endless (v_new, w_new, this rank's slice) batches of the pairs, reshuffled each
+def _pair_batches(pairs: tuple[torch.Tensor, ...], batch_size: int):
+    """Endless (rows, this rank's slice) batches of the row-aligned pair tensors, reshuffled each
     pass (drawn from the global RNG, so every rank draws the same rows)."""
-    v_new, w_new = pairs
-    assert v_new.shape == w_new.shape, "the pairs' v_new and w_new must be row-aligned"
-    n = v_new.shape[0]
+    n = pairs[0].shape[0]
+    assert all(t.shape[0] == n for t in pairs), "the pairs' embeddings must be row-aligned"
     bs = global_batch(batch_size, n)
     assert bs >= 2, f"the pair term needs at least 2 pairs per step, got {n}"
     mine = local_slice(bs)
@@ -227,4 +240,4 @@ def _pair_batches(pairs: tuple[torch.Tensor, torch.Tensor], batch_size: int):
         order = torch.randperm(n)
         for i in range(0, n - bs + 1, bs):
             idx = order[i : i + bs]
-            yield v_new[idx], w_new[idx], mine
+            yield tuple(t[idx] for t in pairs), mine

@@ -12,10 +12,14 @@ is Recall@K in both directions (see ../shared/CONTRACT.md, "Recall protocol"):
 
 The gallery can be large (35k images, 175k captions), so the similarity matrix is
 never held whole. A query's rank is the number of gallery items that score
-strictly higher than its own item (for i2t: than its best own caption); a hit at K
+more than TIE_TOLERANCE above its own item (for i2t: than its best own caption); a hit at K
 is rank < K. That needs one matmul, one comparison and one row sum per chunk of
-queries: no sort, no top-k, no per-query Python. Ties resolve in favour of the
-query (an equal score does not push the own item down).
+queries: no sort, no top-k, no per-query Python.
+
+Ties (CONTRACT.md): another item outranks the query's own only when its cosine
+is higher by more than TIE_TOLERANCE. Identical captions embedded in different
+batches differ by float noise (padding to another length changes the summation
+order), and must not outrank each other.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 KS = (1, 5, 10, 50)
+TIE_TOLERANCE = 1e-5
 DIRECTIONS = ("t2i", "i2t")
 BACKENDS = ("torch", "faiss")
 
@@ -70,11 +75,8 @@ def recall_at_k(
     text_emb gallery. caption_image (Nc,) gives the image index of each caption
     (see `group_captions`); every image must have at least one caption for i2t.
 
-    Ties resolve in favour of the query: a gallery item that scores exactly as
-    high as the query's own item does not count against it (torch backend).
-    The faiss backend ranks ties in faiss's order, and its BLAS sums the dot
-    products in another order, so a near-tie within float32 rounding (about
-    1e-7) can rank the other way; otherwise the backends agree exactly.
+    Ties resolve in favour of the query: a gallery item within TIE_TOLERANCE of
+    the query's own item does not count against it, in both backends.
 
     Returns {"t2i": {"1": r1, "5": r5, ...}, "i2t": {...}} for the requested
     directions. chunk_size is the number of queries scored per matmul: the
@@ -98,7 +100,7 @@ def recall_at_k(
 def query_ranks(
     text_emb: torch.Tensor, image_emb: torch.Tensor, caption_image: torch.Tensor, direction: str, chunk_size: int = 4096
 ) -> torch.Tensor:
-    """Per query, the number of gallery items that score strictly above its own: (Nc,) for
+    """Per query, the number of gallery items that outrank its own (by more than TIE_TOLERANCE): (Nc,) for
     t2i (caption queries), (Ni,) for i2t (image queries); a hit at K is rank < K.
     The measurement recall_at_k summarises; kept per query for paired comparisons."""
     caption_image = caption_image.to(device=text_emb.device, dtype=torch.long)
@@ -117,19 +119,20 @@ def recall_at_k_reference(
     caption_image: torch.Tensor,
     ks: Sequence[int] = KS,
 ) -> dict:
-    """Brute force recall_at_k: the full similarity matrix and a full argsort.
+    """Brute force recall_at_k: the full similarity matrix, every comparison written out.
 
     Obviously correct and O(Nc * Ni) memory; for tests against the chunked paths.
     """
     sims = text_emb.float() @ image_emb.float().T  # (Nc, Ni)
     caption_image = caption_image.long()
-    # t2i: position of the caption's own image in its sorted row
-    order = torch.argsort(sims, dim=1, descending=True)  # (Nc, Ni)
-    t2i = (order == caption_image[:, None]).float().argmax(1)  # (Nc,)
-    # i2t: position of the first caption that belongs to the image
-    order = torch.argsort(sims.T, dim=1, descending=True)  # (Ni, Nc)
-    own = caption_image[order] == torch.arange(len(image_emb), device=order.device)[:, None]  # (Ni, Nc)
-    i2t = own.float().argmax(1)  # (Ni,)
+    n_images = len(image_emb)
+    # t2i: images scoring above the caption's own image by more than the tolerance
+    own_t2i = sims[torch.arange(len(sims)), caption_image]  # (Nc,)
+    t2i = (sims > own_t2i[:, None] + TIE_TOLERANCE).sum(1)  # (Nc,)
+    # i2t: other images' captions scoring above the image's best own caption by more than the tolerance
+    owns = caption_image[None, :] == torch.arange(n_images)[:, None]  # (Ni, Nc)
+    best = sims.T.masked_fill(~owns, float("-inf")).amax(1)  # (Ni,)
+    i2t = ((sims.T > best[:, None] + TIE_TOLERANCE) & ~owns).sum(1)  # (Ni,)
     return {"t2i": _percent(t2i, ks), "i2t": _percent(i2t, ks)}
 
 
@@ -140,11 +143,11 @@ def _percent(ranks: torch.Tensor, ks: Sequence[int]) -> dict:
 
 
 def _ranks(queries: torch.Tensor, gallery: torch.Tensor, own: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Per query: how many gallery items score strictly higher than its best own item.
+    """Per query: how many gallery items score more than TIE_TOLERANCE above its best own item.
 
     own (Nq, M) lists each query's own gallery items (t2i: its image, M = 1;
     i2t: its captions). Own items never exceed their own maximum, so only
-    other items are counted; an equal score is not (ties go to the query).
+    other items are counted; a near-equal score is not (ties go to the query).
     """
     ranks = torch.empty(len(queries), device=queries.device)  # (Nq,)
     # float32 counts 0/1 values exactly up to 2**24
@@ -154,7 +157,7 @@ def _ranks(queries: torch.Tensor, gallery: torch.Tensor, own: torch.Tensor, chun
     for a in range(0, len(queries), chunk):
         q = queries[a : a + chunk]  # (B, D)
         sims = torch.matmul(q, gallery.T, out=buf[: len(q)])  # (B, Ng)
-        best = sims.gather(1, own[a : a + chunk]).amax(1, keepdim=True)  # (B, 1)
+        best = sims.gather(1, own[a : a + chunk]).amax(1, keepdim=True) + TIE_TOLERANCE  # (B, 1)
         # 0/1 floats in place: no (B, Ng) bool buffer, and a float row sum is
         # several times faster than summing bools on CPU
         torch.gt(sims, best, out=sims)  # (B, Ng)
@@ -177,23 +180,24 @@ def _captions_per_image(caption_image: torch.Tensor, n_images: int) -> torch.Ten
 
 
 def _faiss_ranks(text: torch.Tensor, image: torch.Tensor, caption_image: torch.Tensor, k: int, direction: str):
-    """Rank of the own item from an exact faiss top-k; k means "not in the top k"."""
+    """Rank of the own item from an exact faiss top-k, with the tie rule; k means "not in the top k"."""
     import faiss
 
     queries, gallery = (text, image) if direction == "t2i" else (image, text)
     k = min(k, len(gallery))
     index = faiss.IndexFlatIP(gallery.shape[1])
     index.add(np.ascontiguousarray(gallery.cpu().numpy()))
-    _, ids = index.search(np.ascontiguousarray(queries.cpu().numpy()), k)  # (Nq, k)
-    ids = torch.from_numpy(ids)
+    scores, ids = index.search(np.ascontiguousarray(queries.cpu().numpy()), k)  # (Nq, k) each
+    scores, ids = torch.from_numpy(scores), torch.from_numpy(ids)
     caption_image = caption_image.cpu()
+    own = _captions_per_image(caption_image, len(image)) if direction == "i2t" else caption_image[:, None]  # (Nq, M)
+    best = (queries.cpu()[:, None, :] * gallery.cpu()[own]).sum(-1).amax(1, keepdim=True)  # (Nq, 1)
     if direction == "t2i":
-        own = ids == caption_image[:, None]  # (Nc, k)
+        is_own = ids == caption_image[:, None]  # (Nc, k)
     else:
-        own = caption_image[ids] == torch.arange(len(image))[:, None]  # (Ni, k)
-    # first own position; a row with no own item in the top k gets rank k
-    first = own.float().argmax(1)  # (Nq,)
-    return torch.where(own.any(1), first, torch.full_like(first, k))
+        is_own = caption_image[ids] == torch.arange(len(image))[:, None]  # (Ni, k)
+    # Every gallery item above the own one by more than the tolerance is in the top k unless k of them are.
+    return ((scores > best + TIE_TOLERANCE) & ~is_own).sum(1)  # (Nq,)
 
 
 def _check_inputs(text_emb, image_emb, caption_image, ks, chunk_size, backend, directions):

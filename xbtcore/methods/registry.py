@@ -22,9 +22,11 @@ from ..finetune import TrainPlan
 
 # Frozen embeddings a method may read (the embed step computes only what it names):
 # w_new / w_old the corpus texts by the new / old text tower; v_new_pairs / v_old_pairs
-# the pairs' distinct images by the new / old image tower; w_new_pairs / w_old_pairs the
-# pairs' captions by the new / old text tower.
-EMBEDDINGS = ("w_new", "w_old", "v_new_pairs", "v_old_pairs", "w_new_pairs", "w_old_pairs")
+# the training pairs' distinct images by the new / old image tower (the old ones from the
+# stored gallery where it holds them); w_new_pairs / w_old_pairs the training pairs'
+# captions by the new / old text tower; *_val the same of the validation pairs.
+PAIR_EMBEDDINGS = ("v_new_pairs", "v_old_pairs", "w_new_pairs", "w_old_pairs")
+EMBEDDINGS = ("w_new", "w_old", *PAIR_EMBEDDINGS, *(n.replace("_pairs", "_val") for n in PAIR_EMBEDDINGS))
 
 # What a method costs, cheapest first: the order `--method auto` tries candidates in.
 COST_CLASSES = {
@@ -40,10 +42,11 @@ class HeadInputs:
     """What a head stage reads: cached frozen embeddings by name, the pairs' layout, sizes, seed."""
 
     frozen: Callable[[str], torch.Tensor]  # name in EMBEDDINGS -> (rows, D) embeddings
-    caption_image: torch.Tensor | None  # (P,) the pairs' caption -> distinct-image index
+    caption_image: torch.Tensor | None  # (P,) the training pairs' caption -> distinct-image index
     new_dim: int
     old_dim: int
     seed: int
+    val_caption_image: torch.Tensor | None = None  # (V,) the same of the validation pairs; None without a split
     on_step: Callable[[int, float], None] | None = None
     device: str = "cpu"
 
@@ -61,6 +64,7 @@ class MethodSpec:
     fit_head: Callable[[HeadInputs, object], torch.nn.Module] | None = None  # None: the plan starts from a random φ
     plan: TrainPlan | None = None  # None: no encoder is fine-tuned
     old_encoder_at_query: bool = False  # a query also runs the old encoder
+    portfolio: bool = False  # a candidate of `--method auto`
 
     def __post_init__(self):
         assert self.cost in COST_CLASSES, self
