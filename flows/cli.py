@@ -57,9 +57,12 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def _print_result(report: dict) -> None:
+    from tasks.report import format_candidates
     from xbtcore.evaluate import format_table
     from xbtcore.margins import format_margins
 
+    if "candidates" in report:
+        print(format_candidates(report["candidates"], report["chosen"]))
     print(format_table(report["recall"]))
     promo = report["promotion"]
     verdict = "PASSED" if report["gate"]["passed"] else "FAILED"
@@ -74,7 +77,8 @@ def _print_result(report: dict) -> None:
     print(f"{promo['model']} version {promo['version']}: {promo['reason']}")
     if report.get("next_steps"):
         print("next steps:" + "".join(f"\n  - {line}" for line in report["next_steps"]))
-    print(f"report: {Path(report['bundle']).parent / 'report.json'}")
+    out = Path(report["bundle"]).parent
+    print(f"report: {out / 'report.json'} and {out / 'report.html'}")
 
 
 def _run_upgrade(**fields) -> int:
@@ -90,14 +94,20 @@ def _run_upgrade(**fields) -> int:
     return 0
 
 
+def _choice(a) -> dict:
+    """The flags every upgrade takes: which method, how it is chosen and validated."""
+    return dict(method=a.method, seed=a.seed, val_fraction=a.val_fraction, allow_old_encoder=a.allow_old_encoder,
+                **parse_settings(a.set))
+
+
 def cmd_demo(a) -> int:
-    return _run_upgrade(old=a.old, new=a.new, out=a.out, method=a.method, seed=a.seed, **parse_settings(a.set))
+    return _run_upgrade(old=a.old, new=a.new, out=a.out, **_choice(a))
 
 
 def cmd_upgrade(a) -> int:
-    return _run_upgrade(old=a.old, new=a.new, corpus=a.corpus, pairs=a.pairs, eval=a.eval, out=a.out, method=a.method,
-                        seed=a.seed, text_column=a.text_column, min_chars=a.min_chars, max_chars=a.max_chars,
-                        sample=a.sample, progress=not a.no_progress, **parse_settings(a.set))
+    return _run_upgrade(old=a.old, new=a.new, corpus=a.corpus, pairs=a.pairs, eval=a.eval, out=a.out,
+                        gallery=a.gallery, text_column=a.text_column, min_chars=a.min_chars, max_chars=a.max_chars,
+                        sample=a.sample, progress=not a.no_progress, **_choice(a))
 
 
 def cmd_embed(a) -> int:
@@ -193,8 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(sp):
-        sp.add_argument("--method", default="xbt", choices=methods)
+        sp.add_argument("--method", default="auto", choices=["auto", *methods])
         sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--val-fraction", type=float, default=0.1)
+        sp.add_argument("--allow-old-encoder", action="store_true")
         sp.add_argument("--set", action="append", default=[], metavar="SCOPE.FIELD=VALUE",
                         help="config override, e.g. pretrain.epochs=5 or finetune.batch_size=256")
 
@@ -209,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("--old", "--new", "--corpus", "--pairs", "--eval", "--out"):
         u.add_argument(name, required=True)
     common(u)
+    u.add_argument("--gallery")
     u.add_argument("--text-column", default="caption")
     u.add_argument("--min-chars", type=int)
     u.add_argument("--max-chars", type=int)

@@ -17,15 +17,16 @@ import dataclasses
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, runtime
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.advice import next_steps
-from tasks.common import absolute_ref, cache_dir, digest, fingerprint_content, fingerprint_files, state_dir, step_path
+from tasks.common import (absolute_ref, cache_dir, digest, fingerprint_content, fingerprint_files, read_json, state_dir,
+                          step_path)
 from tasks.embed import embed_frozen
-from tasks.common import read_json
 from tasks.evaluate import check_inputs, evaluate, gate
 from tasks.extract import ensure_world, extract_corpus
 from tasks.registry import attach_report, register_and_promote, resolve_model, space_of
@@ -35,12 +36,13 @@ from tasks.servers import check_servers
 from tasks.train import fit_head, publish_bundle, train
 from worlds import shapes
 from xbtcore.config import Settings, apply_overrides
-from xbtcore.data import check_output, parquet_files
+from xbtcore.data import Gallery, ValSplit, check_output, parquet_files
 from xbtcore.finetune import FinetuneConfig
-from xbtcore.methods import get_method
+from xbtcore.methods import by_cost, get_method
+from xbtcore.methods.select import choose, passes_clearly
 from xbtcore.pretrain import PretrainConfig
 
-STEPS = ("extract", "embed", "pretrain", "train", "evaluate")  # report.json's timings_s
+STEPS = ("extract", "embed", "pretrain", "train", "validate", "evaluate")  # report.json's timings_s
 
 # The demo's built-in world: half the benchmark world's corpus (115k rows, ~104k distinct).
 # φ takes the same number of steps either way (PretrainConfig.min_steps), and embedding
@@ -59,7 +61,13 @@ class UpgradeParams(BaseModel):
     pairs: str | None = Field(None, description="image-text pairs Parquet")
     eval: str | None = Field(None, description="eval set Parquet")
     out: str = Field("out/upgrade", description="run folder: report.json, report.html, bundle/, work/")
-    method: str = Field("xbt", description="a registered method (`xbt methods`)")
+    method: str = Field("auto", description="a registered method (`xbt methods`), or auto: the cheapest candidate "
+                        "that passes on the validation pairs")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of the pairs' images held out for validation "
+                                "(at least 500 images, at most half); 0: no validation")
+    gallery: str | None = Field(None, description="the stored old gallery (`xbt embed` output, `id` = the pairs' "
+                                "image_id): old image embeddings read instead of computed")
+    allow_old_encoder: bool = Field(False, description="auto may choose a method whose queries run the old encoder")
     seed: int = Field(0, ge=0)
     text_column: str = Field("caption", min_length=1)
     min_chars: int | None = Field(None, ge=1, description="drop corpus texts shorter than this")
@@ -82,10 +90,11 @@ class UpgradeParams(BaseModel):
     @field_validator("method")
     @classmethod
     def _method(cls, v):
-        get_method(v)  # an unknown name fails here, naming the registered ones
+        if v != "auto":
+            get_method(v)  # an unknown name fails here, naming the registered ones
         return v
 
-    @field_validator("corpus", "pairs", "eval")
+    @field_validator("corpus", "pairs", "eval", "gallery")
     @classmethod
     def _data_exists(cls, v):
         if v is not None:
@@ -125,6 +134,10 @@ class UpgradeParams(BaseModel):
         if set(self.world) - world_fields:
             raise ValueError(f"unknown world settings {sorted(set(self.world) - world_fields)}; known: {sorted(world_fields)}")
         shapes.WorldSpec(**self.world)  # a fractional row count fails here, not in the world writer
+        if self.method == "auto" and not self.val_fraction:
+            raise ValueError("--method auto chooses on the validation pairs: give --val-fraction above 0")
+        if self.gallery is not None:
+            Gallery(self.gallery)  # no id or embedding column fails here
         return self
 
     @property
@@ -152,16 +165,89 @@ def model_fingerprint(ref: str) -> str:
     return fingerprint_files([ref]) if Path(ref).exists() else ref
 
 
+@dataclass
+class Context:
+    """What every candidate of one upgrade shares: its inputs, resolved once."""
+
+    params: UpgradeParams
+    settings: Settings
+    work: Path
+    cache_root: str
+    clock: StepClock
+    data: dict
+    data_fp: dict
+    model_fp: dict
+    corpus: dict
+    inputs: dict
+    lineage: dict
+    targets: str
+    split: ValSplit | None
+
+
+def train_candidate(ctx: Context, method: str) -> dict:
+    """One method through the tasks: embed what it reads, fit its head, train, validate on the held-out pairs.
+    -> {"method", "bundle", "validation" (its evaluate folder, or None), "needs", "seconds"}."""
+    t0 = time.perf_counter()
+    p, spec = ctx.params, get_method(method)
+    needs = list(spec.needs(spec.config(ctx.settings)))
+    pairs_fp = ctx.data_fp["pairs"] if any(n not in ("w_new", "w_old") for n in needs) else ""
+    with ctx.clock("embed"):
+        embeddings = embed_frozen(needs, ctx.corpus["path"], ctx.data["pairs"], ctx.targets, ctx.lineage["new"],
+                                  ctx.cache_root, ctx.split, p.gallery,
+                                  fingerprint=digest(ctx.corpus["fingerprint"], pairs_fp, ctx.model_fp,
+                                                     model_fingerprint(ctx.targets), p.gallery),
+                                  progress=p.progress)
+    compatible_targets = ctx.targets != ctx.inputs["root"]
+    head = None
+    if spec.fit_head is not None:
+        with ctx.clock("pretrain"):
+            head = fit_head(method, ctx.settings, embeddings, ctx.cache_root, ctx.data["pairs"], ctx.split,
+                            ctx.inputs["new_dim"], ctx.inputs["old_dim"], p.seed,
+                            step_path(ctx.work, f"head-{method}", ctx.settings, embeddings, ctx.data_fp["pairs"],
+                                      ctx.split, p.seed, compatible_targets, suffix=".safetensors"),
+                            compatible_targets=compatible_targets)
+    with ctx.clock("train"):
+        bundle = train(method, ctx.settings, head, embeddings, ctx.cache_root, ctx.data["pairs"], ctx.split,
+                       ctx.lineage, p.seed,
+                       step_path(ctx.work, f"bundle-{method}", ctx.settings, embeddings, ctx.data_fp["pairs"],
+                                 ctx.split, ctx.model_fp, fingerprint_content(head) if head else "", ctx.lineage,
+                                 p.seed),
+                       progress=p.progress)
+    validation = None
+    if ctx.split is not None:
+        with ctx.clock("validate"):
+            validation = evaluate(ctx.data["pairs"], ctx.inputs["root"], ctx.lineage["new"], bundle,
+                                  ctx.inputs["prev"], ctx.cache_root,
+                                  step_path(ctx.work, f"validate-{method}", ctx.data_fp["pairs"], ctx.split,
+                                            ctx.model_fp, fingerprint_content(bundle), p.gallery),
+                                  part="val", split=ctx.split, gallery=p.gallery)
+    return {"method": method, "bundle": bundle, "head": head, "validation": validation, "needs": needs,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def candidate_record(method: str, eligible: bool, run: dict | None, why_not_run: str = "") -> dict:
+    """report.json's entry for a candidate: its validation recall and margins, wall time and what it ran."""
+    spec = get_method(method)
+    record = {"method": method, "cost": spec.cost, "eligible": eligible, "old_encoder_at_query": spec.old_encoder_at_query,
+              "trains": spec.trains}
+    if run is None:
+        return {**record, "ran": False, "why": why_not_run, "margins": None}
+    folder = Path(run["validation"]) if run["validation"] else None
+    margins = read_json(folder / "gate_margins.json") if folder else None
+    return {**record, "ran": True, "seconds": run["seconds"], "embedded": run["needs"],
+            "recall": read_json(folder / "recall.json") if folder else None, "margins": margins}
+
+
 @flow(name="xbt-upgrade", log_prints=True)
 def upgrade(params: UpgradeParams) -> dict:
     """One upgrade; writes OUT/report.json, OUT/report.html and OUT/bundle/, registers the bundle in MLflow."""
+    t_start = time.perf_counter()
     check_servers()
     out = Path(params.out).expanduser().absolute()
     work = out / "work"
-    cache_root = str(cache_dir())
     clock = StepClock()
-    spec, settings = get_method(params.method), params.settings
-    method_cfg = spec.config(settings)
+    settings = params.settings
+    split = ValSplit(params.val_fraction, seed=params.seed) if params.val_fraction else None
 
     if params.corpus is None:
         world = dataclasses.asdict(shapes.WorldSpec(**params.world))
@@ -174,7 +260,8 @@ def upgrade(params: UpgradeParams) -> dict:
     model_fp = {"old": model_fingerprint(old), "new": model_fingerprint(new)}
 
     with clock("extract"):  # bad input of any kind fails here, before anything trains
-        inputs = check_inputs(old, new, data["pairs"], data["eval"], fingerprint=digest(data_fp, model_fp))
+        inputs = check_inputs(old, new, data["pairs"], data["eval"], split, params.gallery,
+                              fingerprint=digest(data_fp, model_fp, params.gallery and fingerprint_files([params.gallery])))
         corpus_filter = (params.text_column, params.min_chars, params.max_chars, params.sample, params.seed)
         corpus = extract_corpus(data["corpus"], step_path(work, "corpus", data_fp["corpus"], corpus_filter, suffix=".parquet"),
                                 *corpus_filter, fingerprint=data_fp["corpus"])
@@ -182,41 +269,39 @@ def upgrade(params: UpgradeParams) -> dict:
     # "old" in Eqns. 3 and 6 is the old model; in a chain link the gallery's root model, or with
     # pretrain.chain_targets=champion the champion's compatible space (its bundle).
     targets = root if prev is not None and settings.pretrain.chain_targets == "root" else old
-    needs = list(spec.needs(method_cfg))
-    pairs_read = data["pairs"] if any(n.endswith("_pairs") for n in needs) else None
-    embedded_fp = digest(corpus["fingerprint"], data_fp["pairs"] if pairs_read else "", model_fp, model_fingerprint(targets))
-    with clock("embed"):
-        embeddings = embed_frozen(needs, corpus["path"], pairs_read, targets, new, cache_root, fingerprint=embedded_fp,
-                                  progress=params.progress)
+    ctx = Context(params, settings, work, str(cache_dir()), clock, data, data_fp, model_fp, corpus, inputs,
+                  {"new": new, "old": old, "root": root, "chain": inputs["chain"] if prev else [root]}, targets, split)
 
-    head = None
-    if spec.fit_head is not None:
-        head_inputs = (params.method, settings, embeddings, data_fp["pairs"], params.seed, targets != root)
-        with clock("pretrain"):
-            head = fit_head(params.method, settings, embeddings, cache_root, data["pairs"], inputs["new_dim"],
-                            inputs["old_dim"], params.seed, step_path(work, "head", *head_inputs, suffix=".safetensors"),
-                            compatible_targets=targets != root)
-    lineage = {"new": new, "old": old, "root": root, "chain": inputs["chain"] if prev else [root]}
-    with clock("train"):
-        trained = train(params.method, settings, head, embeddings, cache_root, data["pairs"], lineage, params.seed,
-                        step_path(work, "bundle", params.method, settings, embeddings, data_fp["pairs"], model_fp,
-                                  fingerprint_content(head) if head else "", lineage, params.seed),
-                        progress=params.progress)
-    bundle = publish_bundle(trained, str(out / "bundle"))
+    candidates, runs = [], {}
+    for method in portfolio(params.method, params.allow_old_encoder):
+        eligible = params.method != "auto" or params.allow_old_encoder or not get_method(method).old_encoder_at_query
+        done = params.method == "auto" and any(c["eligible"] and passes_clearly(c["margins"]) for c in candidates
+                                               if c["margins"] is not None)
+        if done and eligible:
+            candidates.append(candidate_record(method, eligible, None, "a cheaper candidate passed on validation"))
+            continue
+        runs[method] = train_candidate(ctx, method)
+        candidates.append(candidate_record(method, eligible, runs[method]))
+    chosen = choose(candidates) if params.method == "auto" else {"method": params.method, "reason": "--method"}
+    run_of = runs[chosen["method"]]
+    spec = get_method(chosen["method"])
+    bundle = publish_bundle(run_of["bundle"], str(out / "bundle"))
 
     with clock("evaluate"):
-        evaluated = evaluate(data["eval"], root, new, bundle, prev, cache_root,
-                             step_path(work, "evaluate", data_fp["eval"], model_fp, fingerprint_content(bundle), prev))
+        evaluated = evaluate(data["eval"], root, new, bundle, prev, ctx.cache_root,
+                             step_path(work, "evaluate", data_fp["eval"], model_fp, fingerprint_content(bundle), prev,
+                                       params.gallery),
+                             gallery=params.gallery)
     recall = read_json(Path(evaluated) / "recall.json")
     verdict = gate(recall, params.gate_ks, prev is not None)
 
-    run = {"method": params.method, "old": params.old, "new": params.new,
+    run = {"method": chosen["method"], "old": params.old, "new": params.new,
            "counts": {"corpus": corpus["rows"], "pairs": inputs["pairs"], "eval_images": inputs["eval_images"],
-                      "eval_captions": inputs["eval_captions"]},
+                      "eval_captions": inputs["eval_captions"], "val_images": inputs["val_images"]},
            "timings_s": dict(clock.seconds), "bundle": bundle, "space": space_of(root),
-           "config": {"seed": params.seed, **dataclasses.asdict(method_cfg), "text_column": params.text_column,
-                      "data": data}}
-    histories = read_histories({"pretrain": head, "train": trained})
+           "config": {"seed": params.seed, "val_fraction": params.val_fraction,
+                      **dataclasses.asdict(spec.config(settings)), "text_column": params.text_column, "data": data}}
+    histories = read_histories({"pretrain": run_of["head"], "train": run_of["bundle"]})
     figures = draw_figures(histories, recall, str(work / "figures"))
     reg = register_and_promote(run, recall, bundle, root, verdict, histories, figures)
     failures = [f for k, v in verdict.items() if k != "passed" for f in v["failures"]]
@@ -228,10 +313,13 @@ def upgrade(params: UpgradeParams) -> dict:
     }
     run["mlflow"] = {"experiment": reg["experiment"], "run_id": reg["run_id"], "uri": reg["uri"]}
     run["steps"] = step_states()
+    run["timings_s"] = {**clock.seconds, "total": round(time.perf_counter() - t_start, 2)}
+    run["old_image_tower"] = old_images_embedded(inputs["images"], [r["needs"] for r in runs.values()])
     margins = read_json(Path(evaluated) / "gate_margins.json")
-    advice = next_steps({"method": params.method, "gate": verdict["eqn2"], "gate_margins": margins, "recall": recall,
-                         "no_regression": verdict.get("no_regression")}, settings.pretrain)
-    report = build_report(run, recall, verdict, margins, promotion, advice)
+    advice = next_steps({"method": chosen["method"], "gate": verdict["eqn2"], "gate_margins": margins,
+                         "recall": recall, "no_regression": verdict.get("no_regression"), "candidates": candidates},
+                        settings.pretrain)
+    report = build_report(run, recall, verdict, margins, promotion, advice, candidates, chosen)
     written = write_report(report, data["eval"], str(Path(evaluated) / "sample.safetensors"), str(out))
     if reg["new_run"]:
         attach_report(reg["run_id"], [written["json"], written["html"]])
@@ -239,8 +327,25 @@ def upgrade(params: UpgradeParams) -> dict:
     record_datasets([{"path": os.path.abspath(data[k]), "kind": k, "fingerprint": data_fp[k], "rows": n}
                      for k, n in (("corpus", corpus["rows"]), ("pairs", inputs["pairs"]), ("eval", inputs["eval_captions"]))])
     run_id = str(runtime.flow_run.id or digest(written["json"], time.time()))
-    record_run({"run_id": run_id, "method": params.method, "old": old, "new": new, "root_model": root,
+    record_run({"run_id": run_id, "method": chosen["method"], "old": old, "new": new, "root_model": root,
                 "space": run["space"], "out_dir": str(out), "bundle": bundle, "gate_passed": verdict["passed"],
                 "promoted": reg["promoted"], "mlflow_model": reg["name"], "mlflow_version": reg["version"],
                 "report": written["json"]}, run["space"], root, inputs["old_dim"])
     return report
+
+
+def portfolio(method: str, allow_old_encoder: bool) -> list[str]:
+    """The methods an upgrade runs: the one named, or for "auto" the registry's candidates, cheapest first
+    (one needing the old encoder at query time runs too, for the report, but is eligible only when allowed)."""
+    if method != "auto":
+        return [method]
+    return [m.name for m in by_cost() if m.portfolio]
+
+
+def old_images_embedded(images: dict, needs: list[list[str]]) -> dict:
+    """How many distinct images the old image tower embedded (those the stored gallery does not hold): the
+    eval set's and the validation pairs' always, the training pairs' when a candidate read their old embeddings."""
+    parts = ["eval", "val"] + (["train"] if any("v_old_pairs" in n for n in needs) else [])
+    counts = {part: images[part]["images"] - images[part]["in_gallery"] for part in parts if part in images}
+    return {"images": sum(counts.values()), "by_part": counts,
+            "from_gallery": sum(images[p]["in_gallery"] for p in parts if p in images)}

@@ -1,11 +1,10 @@
 """What to try next when an upgrade does not pass: a pure function of the report.
 
-A failed gate stops a promotion; this says which setting has moved the failing
-checks in our measurements (docs/method.md), and how much a failure means. Each
-line names a measured finding, never a promise: the gate decides again on the
-next run.
+Each line rests on this run's own evidence (its recall, its margins, the candidates it
+validated) and names the setting that acts on it; none promises a result: the gate
+decides again on the next run.
 
-    next_steps(report, PretrainConfig())  -> ["text queries fail ...: try --set pretrain.source=image ...", ...]
+    next_steps(report, PretrainConfig())  -> ["every failing check ... spans zero: ...", ...]
 """
 
 from __future__ import annotations
@@ -13,15 +12,16 @@ from __future__ import annotations
 from dataclasses import fields
 
 from xbtcore.methods import get_method
+from xbtcore.methods.select import min_margin, passes_clearly
 from xbtcore.pretrain import PretrainConfig
 
-# new/new may sit this many points R@1 under the original new model before we
-# point at the pair term's weight (the quality goal allows 1 point).
+# new/new may sit this many points R@1 under the original new model before the advice
+# points at the pair term (the quality goal allows 1 point).
 NEW_NEW_SLACK = 1.0
 
 
 def _pretrains_phi(method: str) -> bool:
-    """The method pretrains φ with Eqn. 3 (its config has a pretraining scope)."""
+    """The method pretrains φ (its config has a pretraining scope)."""
     return "pretrain" in {f.name for f in fields(get_method(method).config_cls)}
 
 
@@ -29,19 +29,8 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
     """Lines for a person reading a finished run's report; empty when nothing is worth changing."""
     steps: list[str] = []
     failing = {(d, int(k)) for d, k, *_ in report["gate"]["failures"]}
-    directions = {d for d, _ in failing}
     method = report["method"]
-
-    if failing and not _pretrains_phi(method):
-        steps.append(f"the gate failed with --method {method}; XBT (--method xbt, the default) beat every "
-                     "baseline on new/old in our measurements (docs/method.md, 'Three seeds, every method')")
-    if directions == {"t2i"} and _pretrains_phi(method) and pretrain.source == "text":
-        steps.append("text queries fail while image queries pass: φ learned the old space from text alone, so text "
-                     "queries beat the old model's own only where the new model reads the captions better than the "
-                     "old one did; with an old model trained on the same text as the new one they tied "
-                     "(docs/method.md, 'Why text queries only tie'); "
-                     "try --set pretrain.source=image, which also fits φ to the old model's embeddings of the "
-                     "training pairs' images (never the gallery) and passed old -> new in 3 of 3 seeds there")
+    candidates = {c["method"]: c for c in report.get("candidates") or []}
 
     margins = report.get("gate_margins")
     if failing and margins:
@@ -51,18 +40,30 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
             steps.append(f"every failing check ({checks}) has a 95% interval that spans zero: this eval set "
                          "cannot tell the upgrade from the old model there; a larger eval set can")
 
+    chosen = candidates.get(method)
+    if failing and chosen and chosen.get("margins") and passes_clearly(chosen["margins"]):
+        steps.append(f"{method} passed on the validation pairs (smallest margin {min_margin(chosen['margins']):+.2f} "
+                     "points) but fails on the eval set: the eval data differ from the pairs; pairs drawn like the "
+                     "eval set make the choice on data like it")
+    if failing:
+        blocked = [c for c in candidates.values()
+                   if not c["eligible"] and c.get("margins") and passes_clearly(c["margins"])]
+        for c in blocked:
+            steps.append(f"{c['method']} passed on the validation pairs (smallest margin {min_margin(c['margins']):+.2f} "
+                         "points), but its queries run the old encoder: --allow-old-encoder lets auto choose it")
+    if failing and len(candidates) <= 1:
+        steps.append(f"the gate failed with --method {method}; --method auto tries the registered methods cheapest "
+                     "first and keeps the first that passes on the validation pairs")
+
     if _pretrains_phi(method):
         gaps = {d: report["recall"][d]["orig-new/new"]["1"] - report["recall"][d]["new/new"]["1"]
                 for d in ("t2i", "i2t")}
         worst = max(gaps, key=gaps.get)
         if gaps[worst] > NEW_NEW_SLACK:
-            default = PretrainConfig().pair_weight
-            weight = (f"--set pretrain.pair_weight={default:g} (the default) kept it within a point on the built-in "
-                      f"world" if pretrain.pair_weight < default else
-                      f"a larger --set pretrain.pair_weight (now {pretrain.pair_weight:g}) closes more of it")
             steps.append(f"new/new is {gaps[worst]:.2f} points {worst} R@1 under the original new model, so items "
-                         f"embedded by the upgraded model search worse than after a backfill; {weight}, at a few "
-                         "tenths of text-query recall against the old gallery (docs/method.md, 'the pair term')")
+                         "embedded by the upgraded model search worse than after a backfill; the pair term "
+                         f"(--set pretrain.pair_weight, now {pretrain.pair_weight:g}) trains φ on the new model's own "
+                         "pairs and holds new/new up")
 
     regress = report.get("no_regression")
     if regress and not regress["passed"]:
@@ -70,9 +71,7 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
         steps.append(f"the candidate's queries do worse than the champion link's against the same gallery "
                      f"({checks}); the champion stays, and its link is the one to keep serving")
         if pretrain.chain_targets == "champion":
-            steps.append("this link trained towards the champion's compatible embeddings, so it inherited the "
-                         "champion's approximation of the gallery's space; towards the gallery's root model "
-                         "(--set pretrain.chain_targets=root, the default) the built-in chain's second link passed "
-                         "no-regression in 3 of 3 seeds where this failed it in 3 of 3 "
-                         "(docs/method.md, 'Which old a chain link trains against')")
+            steps.append("this link trained towards the champion's compatible embeddings, an approximation of the "
+                         "gallery's space; --set pretrain.chain_targets=root (the default) trains towards the "
+                         "gallery's own model")
     return steps

@@ -11,9 +11,9 @@ import torch
 from prefect import task
 
 from xbtcore.bundle import is_bundle, load_compatible
-from xbtcore.cache import (EmbeddingCache, cache_model_key, cached_image_embeddings, cached_text_embeddings,
-                           fingerprint_items, fingerprint_texts)
-from xbtcore.data import read_pairs
+from xbtcore.cache import (EmbeddingCache, cache_model_key, cached_image_embeddings, cached_old_image_embeddings,
+                           cached_text_embeddings, fingerprint_items, fingerprint_texts)
+from xbtcore.data import Gallery, ValSplit, read_pairs, split_pairs
 from xbtcore.encoders import DualEncoder
 from xbtcore.methods import EMBEDDINGS
 
@@ -42,24 +42,29 @@ def load_cached(cache_root: str, key: dict) -> torch.Tensor:
 
 @task(name="embed-frozen", **CACHED)
 def embed_frozen(needs: list[str], corpus_path: str, pairs_path: str | None, old_ref: str, new_ref: str,
-                 cache_root: str, fingerprint: str = "", progress: bool = True) -> dict:
+                 cache_root: str, split: ValSplit | None = None, gallery: str | None = None, fingerprint: str = "",
+                 progress: bool = True) -> dict:
     """Embed what `needs` names (from methods.EMBEDDINGS) into the cache; -> {name: cache key}.
 
+    "_pairs" names are the training part of the pairs, "_val" ones the validation part (`split`).
     "old" is a model (in a chain link the root model, by default), or the champion bundle
-    (`old_space_encoder`), whose compatible embeddings stand in for it.
+    (`old_space_encoder`), whose compatible embeddings stand in for it; its image embeddings
+    come from the stored `gallery` where it holds an image's id.
     """
     unknown = sorted(set(needs) - set(EMBEDDINGS))
     if unknown or not needs:
         raise ValueError(f"embed: needs must name some of {EMBEDDINGS}, got {list(needs)}")
-    if pairs_path is None and any(n.endswith("_pairs") for n in needs):
-        raise ValueError(f"embed: {[n for n in needs if n.endswith('_pairs')]} need the pairs (pairs_path)")
+    of_pairs = [n for n in needs if n not in ("w_new", "w_old")]
+    if pairs_path is None and of_pairs:
+        raise ValueError(f"embed: {of_pairs} need the pairs (pairs_path)")
     logger = log()
     cache = EmbeddingCache(cache_root)
     old = old_space_encoder(old_ref)
-    new = DualEncoder.from_pretrained(new_ref) if {"w_new", "v_new_pairs", "w_new_pairs"} & set(needs) else None
+    new = DualEncoder.from_pretrained(new_ref) if any(n.startswith(("w_new", "v_new")) for n in needs) else None
+    stored = Gallery(gallery) if gallery else None
 
-    def key(encoder, data_fp: str, modality: str, rows: int) -> dict:  # cache.cached_*_embeddings' key
-        return {"model": cache_model_key(encoder), "data": data_fp, "modality": modality, "rows": rows}
+    def key(encoder, data_fp: str, modality: str, rows: int, extra: str = "") -> dict:  # cache.cached_*'s key
+        return {"model": cache_model_key(encoder) + extra, "data": data_fp, "modality": modality, "rows": rows}
 
     keys = {}
     if "w_new" in needs or "w_old" in needs:
@@ -70,17 +75,27 @@ def embed_frozen(needs: list[str], corpus_path: str, pairs_path: str | None, old
                 cached_text_embeddings(cache, encoder, texts, progress=progress)
                 keys[name] = key(encoder, corpus_fp, "text", len(texts))
         logger.info("embedded %d corpus texts (%s)", len(texts), ", ".join(keys))
-    if any(n.endswith("_pairs") for n in needs):
-        pairs = read_pairs(pairs_path)
-        images_fp = fingerprint_items(pairs.images)
-        for name, encoder in (("v_new_pairs", new), ("v_old_pairs", old)):
-            if name in needs:
-                cached_image_embeddings(cache, encoder, pairs, progress=progress)
-                keys[name] = key(encoder, images_fp, "image", pairs.n_images)
-        for name, encoder in (("w_old_pairs", old), ("w_new_pairs", new)):
-            if name in needs:
-                cached_text_embeddings(cache, encoder, pairs.captions, progress=progress)
-                keys[name] = key(encoder, fingerprint_texts(pairs.captions), "text", len(pairs.captions))
-        logger.info("embedded %d pair images and %d captions (%s)", pairs.n_images, len(pairs.captions),
-                    ", ".join(k for k in keys if k.endswith("_pairs")))
+    parts = {suffix: [n for n in needs if n.endswith(suffix)] for suffix in ("_pairs", "_val")}
+    if any(parts.values()):
+        train, val = split_pairs(read_pairs(pairs_path), split)
+        for suffix, pairs in (("_pairs", train), ("_val", val)):
+            if not parts[suffix]:
+                continue
+            if pairs is None:
+                raise ValueError(f"embed: {parts[suffix]} need a validation split (--val-fraction above 0)")
+            images_fp, texts_fp = fingerprint_items(pairs.images), fingerprint_texts(pairs.captions)
+            if "v_new" + suffix in needs:
+                cached_image_embeddings(cache, new, pairs, progress=progress)
+                keys["v_new" + suffix] = key(new, images_fp, "image", pairs.n_images)
+            if "v_old" + suffix in needs:
+                _, held = cached_old_image_embeddings(cache, old, pairs, stored, progress=progress)
+                extra = f"-gallery-{stored.fingerprint}" if stored else ""
+                keys["v_old" + suffix] = key(old, images_fp, "image", pairs.n_images, extra)
+                logger.info("%d of %d images%s from the gallery", held, pairs.n_images, suffix)
+            for name, encoder in (("w_old" + suffix, old), ("w_new" + suffix, new)):
+                if name in needs:
+                    cached_text_embeddings(cache, encoder, pairs.captions, progress=progress)
+                    keys[name] = key(encoder, texts_fp, "text", len(pairs.captions))
+            logger.info("embedded %d images and %d captions%s (%s)", pairs.n_images, len(pairs.captions), suffix,
+                        ", ".join(parts[suffix]))
     return {n: keys[n] for n in needs}

@@ -10,10 +10,10 @@ from prefect import task
 from safetensors.torch import save_file
 
 from xbtcore.bundle import is_bundle, load_compatible, read_meta
-from xbtcore.cache import EmbeddingCache
-from xbtcore.data import read_pairs
+from xbtcore.cache import EmbeddingCache, cached_old_image_embeddings, cached_text_embeddings
+from xbtcore.data import Gallery, ValSplit, read_part, read_pairs, split_pairs
 from xbtcore.encoders import DualEncoder
-from xbtcore.evaluate import evaluate_cases, side_of
+from xbtcore.evaluate import Side, evaluate_cases, side_of
 from xbtcore.gate import eqn2_gate, no_regression_gate
 from xbtcore.inspect_sample import report_sample
 from xbtcore.margins import gate_margins
@@ -22,11 +22,13 @@ from .common import CACHED, log
 
 
 @task(name="check-inputs", **CACHED)
-def check_inputs(old_ref: str, new_ref: str, pairs_path: str, eval_path: str, fingerprint: str = "") -> dict:
+def check_inputs(old_ref: str, new_ref: str, pairs_path: str, eval_path: str, split: ValSplit | None = None,
+                 gallery: str | None = None, fingerprint: str = "") -> dict:
     """Load both models and read every pair and eval row (images decoded) before any training.
 
-    With a bundle as the old model the upgrade is a chain link: the gallery
-    space is the bundle's root model. -> counts and the chain's refs.
+    With a bundle as the old model the upgrade is a chain link: the gallery space is the
+    bundle's root model. -> counts, the chain's refs, and per part (train, val, eval) how many
+    distinct images the stored gallery holds and how many it does not.
     """
     if is_bundle(old_ref):
         meta = read_meta(old_ref)
@@ -36,24 +38,35 @@ def check_inputs(old_ref: str, new_ref: str, pairs_path: str, eval_path: str, fi
         root, prev, chain = old_ref, None, [old_ref]
     old, new = DualEncoder.from_pretrained(root), DualEncoder.from_pretrained(new_ref)
     pairs, evalset = read_pairs(pairs_path), read_pairs(eval_path)
-    log().info("inputs ok: old %s (dim %d), new %s (dim %d), %d pairs, %d eval images",
-                          root, old.embed_dim, new_ref, new.embed_dim, len(pairs.captions), evalset.n_images)
-    return {"root": root, "prev": prev, "chain": chain, "old_dim": old.embed_dim, "new_dim": new.embed_dim, "pairs": len(pairs.captions), "pair_images": pairs.n_images,
-            "eval_images": evalset.n_images, "eval_captions": len(evalset.captions)}
+    train, val = split_pairs(pairs, split)
+    held = set(Gallery(gallery).ids()) if gallery else set()
+    images = {part: {"images": p.n_images, "in_gallery": sum(str(i) in held for i in p.image_ids)}
+              for part, p in (("train", train), ("val", val), ("eval", evalset)) if p is not None}
+    log().info("inputs ok: old %s (dim %d), new %s (dim %d), %d pairs (%d images, %d for validation), "
+               "%d eval images", root, old.embed_dim, new_ref, new.embed_dim, len(pairs.captions), pairs.n_images,
+               0 if val is None else val.n_images, evalset.n_images)
+    return {"root": root, "prev": prev, "chain": chain, "old_dim": old.embed_dim, "new_dim": new.embed_dim,
+            "pairs": len(pairs.captions), "pair_images": pairs.n_images, "val_images": 0 if val is None else val.n_images,
+            "eval_images": evalset.n_images, "eval_captions": len(evalset.captions), "images": images}
 
 
 @task(name="evaluate", **CACHED)
 def evaluate(eval_path: str, root_ref: str, new_ref: str, bundle_dir: str, prev_bundle: str | None,
-             cache_root: str, out: str, fingerprint: str = "") -> str:
-    """The cases of CONTRACT.md (and prev/old for a chain) on the eval set, into the folder `out`:
-    recall.json, gate_margins.json (xbtcore.margins) and sample.safetensors, the few embeddings the HTML
-    report's map and retrieval examples need (xbtcore.inspect_sample.report_sample); -> out.
+             cache_root: str, out: str, part: str = "all", split: ValSplit | None = None, gallery: str | None = None,
+             fingerprint: str = "") -> str:
+    """The cases of CONTRACT.md (and prev/old for a chain) on an eval set, or on one part of the pairs
+    (part "val" of `split`: the validation of a candidate), into the folder `out`: recall.json,
+    gate_margins.json (xbtcore.margins) and sample.safetensors, the few embeddings the HTML report's map
+    and retrieval examples need (xbtcore.inspect_sample.report_sample); -> out.
 
-    The gallery side is always the root model, embedded once into the cache.
+    The gallery side is always the root model, embedded once into the cache (its images from the stored
+    `gallery` where it holds them).
     """
-    evalset = read_pairs(eval_path)
+    evalset = read_part(eval_path, part, split)
     cache = EmbeddingCache(cache_root)
-    old_side = side_of(DualEncoder.from_pretrained(root_ref), evalset, cache)
+    root = DualEncoder.from_pretrained(root_ref)
+    old_image, _ = cached_old_image_embeddings(cache, root, evalset, Gallery(gallery) if gallery else None)
+    old_side = Side(text=cached_text_embeddings(cache, root, evalset.captions), image=old_image)
     orig_side = side_of(DualEncoder.from_pretrained(new_ref), evalset, cache)
     upgraded_side = side_of(load_compatible(bundle_dir)[0], evalset)
     prev_side = side_of(load_compatible(prev_bundle)[0], evalset) if prev_bundle else None

@@ -59,17 +59,22 @@ def _write_atomic(path: str, text: str) -> str:
 
 
 @task(name="build-report")
-def build_report(run: dict, recall: dict, verdict: dict, margins: dict, promotion: dict, advice: list[str]) -> dict:
-    """report.json's content: CONTRACT.md's keys, then the gate margins, the promotion and what to try next.
+def build_report(run: dict, recall: dict, verdict: dict, margins: dict, promotion: dict, advice: list[str],
+                 candidates: list[dict], chosen: dict) -> dict:
+    """report.json's content: CONTRACT.md's keys, then the gate margins, the candidates and the choice among
+    them, the promotion and what to try next.
 
-    run: method, old, new, counts, timings_s, config, bundle, space, steps, mlflow (the flow's record of the run).
+    run: method, old, new, counts, timings_s, config, bundle, space, steps, mlflow, old_image_tower (the
+    flow's record of the run).
     """
     report = {"method": run["method"], "old": run["old"], "new": run["new"], "recall": recall,
               "gate": verdict["eqn2"], "counts": run["counts"], "timings_s": run["timings_s"]}
     if "no_regression" in verdict:
         report["no_regression"] = verdict["no_regression"]
     report["gate_margins"] = margins
-    report.update({k: run[k] for k in ("config", "bundle", "space", "steps", "mlflow")})
+    report["candidates"] = candidates
+    report["chosen"] = chosen
+    report.update({k: run[k] for k in ("old_image_tower", "config", "bundle", "space", "steps", "mlflow")})
     report["promotion"] = promotion
     report["next_steps"] = advice
     return report
@@ -123,6 +128,25 @@ def draw_figures(histories: dict, recall: dict, out_dir: str) -> list[str]:
     plt.close(fig)
     paths.append(str(out / "recall.png"))
     return paths
+
+
+def format_candidates(candidates: list[dict], chosen: dict) -> str:
+    """The candidates an upgrade ran and the choice among them, a line each (CLI and markdown report)."""
+    if len(candidates) < 2 and chosen.get("reason") == "--method":
+        return f"method: {chosen['method']} (--method)"
+    lines = [f"method chosen: {chosen['method']} ({chosen['reason']})",
+             "candidates, on the validation pairs (new/old - old/old R@1 in points, the smallest margin of the gate's checks):"]
+    for c in candidates:
+        head = f"  {c['method']:<12} cost {c['cost']}"
+        if not c["ran"]:
+            lines.append(f"{head}  not run: {c['why']}")
+            continue
+        m = c["margins"]
+        score = (f"t2i {m['t2i']['1']['margin']:+.2f}  i2t {m['i2t']['1']['margin']:+.2f}  smallest "
+                 f"{min(m[d][k]['margin'] for d in ('t2i', 'i2t') for k in ('1', '5', '10')):+.2f}") if m else "no validation"
+        note = "" if c["eligible"] else "  (not eligible: its queries run the old encoder; --allow-old-encoder)"
+        lines.append(f"{head}  {c['seconds']:7.1f} s  {score}{note}")
+    return "\n".join(lines)
 
 
 def gate_rows(recall: dict, verdict: dict) -> list[dict]:

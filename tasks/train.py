@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from xbtcore.bundle import BundleMeta, link_or_copy, save_bundle
 from xbtcore.config import Settings
-from xbtcore.data import read_pairs
+from xbtcore.data import ValSplit, read_pairs, split_pairs
 from xbtcore.ddp import on_main_rank
 from xbtcore.encoders import DualEncoder
 from xbtcore.finetune import count_trainable, finetune, prompt_count
@@ -44,14 +44,15 @@ def _loss_logger(name: str, total: int | None, history: list):
     def on_step(step: int, loss: float):  # xbtcore stops a diverged run itself (losses.check_loss)
         history.append({"step": step, "loss": loss})
         if step % every == 0 or step == total:
-            logger.info("%s step %d/%d loss %.4f", name, step, total, loss)
+            logger.info("%s step %d%s loss %.4f", name, step, f"/{total}" if total else "", loss)
 
     return on_step
 
 
 @task(name="fit-head", **CACHED)
 def fit_head(method: str, settings: Settings, embeddings: dict, cache_root: str, pairs_path: str | None,
-             new_dim: int, old_dim: int, seed: int, out: str, compatible_targets: bool = False) -> str:
+             split: ValSplit | None, new_dim: int, old_dim: int, seed: int, out: str,
+             compatible_targets: bool = False) -> str:
     """The method's head on cached frozen embeddings (XBT: φ pretrained by Eqn. 3; a map: W in closed
     form), written to `out` (safetensors, kind and PhiConfig in its metadata); -> out.
 
@@ -62,9 +63,11 @@ def fit_head(method: str, settings: Settings, embeddings: dict, cache_root: str,
     settings = dataclasses.replace(settings, pretrain=settings.pretrain.for_targets(compatible=compatible_targets))
     cfg = spec.config(settings)
     history: list = []
-    caption_image = read_pairs(pairs_path).caption_image if pairs_path else None
-    inputs = HeadInputs(frozen=lambda name: load_cached(cache_root, embeddings[name]), caption_image=caption_image,
-                        new_dim=new_dim, old_dim=old_dim, seed=seed, on_step=_loss_logger(method, None, history))
+    train, val = split_pairs(read_pairs(pairs_path), split) if pairs_path else (None, None)
+    inputs = HeadInputs(frozen=lambda name: load_cached(cache_root, embeddings[name]),
+                        caption_image=None if train is None else train.caption_image,
+                        val_caption_image=None if val is None else val.caption_image, new_dim=new_dim,
+                        old_dim=old_dim, seed=seed, on_step=_loss_logger(method, None, history))
     head = spec.fit_head(inputs, cfg)
 
     def write():
@@ -91,7 +94,7 @@ def load_head(path: str) -> torch.nn.Module:
 
 @task(name="train", **CACHED)
 def train(method: str, settings: Settings, head_path: str | None, embeddings: dict, cache_root: str, pairs_path: str,
-          lineage: dict, seed: int, out: str, progress: bool = True) -> str:
+          split: ValSplit | None, lineage: dict, seed: int, out: str, progress: bool = True) -> str:
     """The method's training plan on the new encoders (none: the head alone) and its bundle at `out`; -> out.
 
     lineage: {"new", "old", "root", "chain"}, the refs the bundle records. A plan starts from the head
@@ -110,7 +113,7 @@ def train(method: str, settings: Settings, head_path: str | None, embeddings: di
         trainable = sum(p.numel() for p in head.parameters())
     else:
         cfg = dataclasses.replace(spec.config(settings).finetune, seed=seed)
-        pairs = read_pairs(pairs_path)
+        pairs = split_pairs(read_pairs(pairs_path), split)[0]  # the validation images never train
         torch.manual_seed(seed)
         if head_path is not None:
             head = load_head(head_path)

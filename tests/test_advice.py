@@ -14,7 +14,15 @@ TEXT = PretrainConfig()
 KS = ("1", "5", "10", "50")
 
 
-def _report(method="xbt", new_old=(50.0, 50.0), new_new=(60.0, 60.0), margins=None, prev_old=None):
+def _margins(margin: float, low: float, high: float) -> dict:
+    return {d: {k: {"margin": margin, "low": low, "high": high} for k in ("1", "5", "10")} for d in ("t2i", "i2t")}
+
+
+def _candidate(method, eligible=True, margins=None):
+    return {"method": method, "eligible": eligible, "ran": margins is not None, "margins": margins}
+
+
+def _report(method="xbt", new_old=(50.0, 50.0), new_new=(60.0, 60.0), margins=None, prev_old=None, candidates=None):
     """A report whose old/old is 40 everywhere; new_old and new_new per direction (t2i, i2t); orig-new/new 60."""
     recall = {}
     for i, d in enumerate(("t2i", "i2t")):
@@ -22,7 +30,7 @@ def _report(method="xbt", new_old=(50.0, 50.0), new_new=(60.0, 60.0), margins=No
                      "new/new": dict.fromkeys(KS, new_new[i]), "orig-new/new": dict.fromkeys(KS, 60.0)}
         if prev_old is not None:
             recall[d]["prev/old"] = dict.fromkeys(KS, prev_old[i])
-    report = {"method": method, "recall": recall, "gate": eqn2_gate(recall).to_dict()}
+    report = {"method": method, "recall": recall, "gate": eqn2_gate(recall).to_dict(), "candidates": candidates}
     if margins is not None:  # (low, high) for every check
         report["gate_margins"] = {d: {k: {"margin": recall[d]["new/old"][k] - 40.0, "low": margins[0], "high": margins[1]}
                                       for k in ("1", "5", "10")} for d in ("t2i", "i2t")}
@@ -35,18 +43,9 @@ def test_a_passing_upgrade_that_keeps_new_new_needs_nothing():
     assert next_steps(_report(), TEXT) == []
 
 
-def test_text_queries_failing_alone_point_at_the_image_source():
-    steps = next_steps(_report(new_old=(40.0, 50.0)), TEXT)
-    assert len(steps) == 1 and "--set pretrain.source=image" in steps[0]
-    # Not when φ already learned from images, nor when image queries fail too, nor for a baseline.
-    assert next_steps(_report(new_old=(40.0, 50.0)), dataclasses.replace(TEXT, source="image")) == []
-    assert not any("source=image" in s for s in next_steps(_report(new_old=(40.0, 39.0)), TEXT))
-    assert not any("source=image" in s for s in next_steps(_report(method="base", new_old=(40.0, 50.0)), TEXT))
-
-
-def test_a_failing_baseline_points_at_xbt():
+def test_a_failing_named_method_points_at_auto():
     steps = next_steps(_report(method="procrustes", new_old=(39.0, 39.0)), TEXT)
-    assert len(steps) == 1 and "--method xbt" in steps[0]
+    assert len(steps) == 1 and "--method auto" in steps[0]
     assert next_steps(_report(method="procrustes"), TEXT) == []  # it passed: nothing to say
 
 
@@ -56,15 +55,22 @@ def test_failures_inside_their_interval_are_called_ties(interval, says_tie):
     assert any("spans zero" in s for s in steps) == says_tie
 
 
+def test_validation_evidence_of_this_run_is_named():
+    passed, failed = _margins(3.0, 1.0, 5.0), _margins(-1.0, -2.0, 0.5)
+    candidates = [_candidate("procrustes", margins=failed), _candidate("slerp-bc", eligible=False, margins=passed),
+                  _candidate("xbt-gallery", margins=passed)]
+    steps = next_steps(_report(method="xbt-gallery", new_old=(39.0, 50.0), candidates=candidates), TEXT)
+    assert any("xbt-gallery passed on the validation pairs (smallest margin +3.00" in s and "eval" in s for s in steps)
+    assert any(s.startswith("slerp-bc passed") and "--allow-old-encoder" in s for s in steps)
+    assert not any("--method auto" in s for s in steps)  # auto ran: no point suggesting it
+    assert next_steps(_report(method="xbt-gallery", candidates=candidates), TEXT) == []  # the gate passed
+
+
 def test_new_new_gap_past_a_point_points_at_the_pair_term():
-    off = dataclasses.replace(TEXT, pair_weight=0.0)
-    steps = next_steps(_report(new_new=(60.0, 58.5)), off)
-    assert len(steps) == 1 and "pretrain.pair_weight=2 (the default)" in steps[0] and "1.50 points i2t R@1" in steps[0]
-    assert next_steps(_report(new_new=(59.0, 59.5)), off) == []  # within a point
-    # At the default weight or above, the advice is a larger weight, naming the one used.
-    steps = next_steps(_report(new_new=(50.0, 50.0)), TEXT)
-    assert len(steps) == 1 and "larger --set pretrain.pair_weight (now 2)" in steps[0]
-    assert not any("pair_weight" in s for s in next_steps(_report(method="base", new_new=(50.0, 50.0)), off))
+    steps = next_steps(_report(new_new=(60.0, 58.5)), TEXT)
+    assert len(steps) == 1 and "pretrain.pair_weight, now 2" in steps[0] and "1.50 points i2t R@1" in steps[0]
+    assert next_steps(_report(new_new=(59.0, 59.5)), TEXT) == []  # within a point
+    assert not any("pair_weight" in s for s in next_steps(_report(method="base", new_new=(50.0, 50.0)), TEXT))
 
 
 def test_a_chain_link_worse_than_the_champion_says_the_champion_stays():

@@ -231,3 +231,29 @@ def test_gallery_errors(tmp_path):
     ragged = pa.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0, 3.0]], pa.list_(pa.float32()))
     with pytest.raises(InputError, match=r"b\.parquet: column 'embedding'.*\(row 2\)"):
         read_gallery(_write(tmp_path / "b.parquet", embedding=ragged))
+
+
+def test_validation_split_holds_out_whole_images_by_id_whatever_the_row_order():
+    import random
+
+    from xbtcore.data import PairSet, ValSplit, split_pairs
+
+    ids = [f"im{i}" for i in range(40)]
+    caption_image = torch.tensor([i // 3 for i in range(120)] + [39])  # 3 captions each, one image with 4
+    captions = [f"c{r}" for r in range(len(caption_image))]
+    pairs = PairSet([f"/img/{i}.png" for i in ids], captions, caption_image, ids, "x")
+    train, val = split_pairs(pairs, ValSplit(0.1, min_images=8, seed=0))
+    assert val.n_images == 8 and train.n_images == 32  # at least min_images
+    assert not set(train.image_ids) & set(val.image_ids)
+    assert len(train.captions) + len(val.captions) == len(captions)
+    for part in (train, val):  # each caption still points at its own image
+        for c, i in zip(part.captions, part.caption_image.tolist()):
+            assert pairs.image_ids[pairs.caption_image[captions.index(c)]] == part.image_ids[i]
+
+    order = list(range(40))
+    random.Random(1).shuffle(order)
+    shuffled = pairs.subset(order)
+    assert set(split_pairs(shuffled, ValSplit(0.1, min_images=8, seed=0))[1].image_ids) == set(val.image_ids)
+    assert set(split_pairs(pairs, ValSplit(0.1, min_images=8, seed=1))[1].image_ids) != set(val.image_ids)
+    assert split_pairs(pairs, ValSplit(0.5, min_images=1, seed=0))[1].n_images == 20  # at most half
+    assert split_pairs(pairs, None) == (pairs, None) and split_pairs(pairs, ValSplit(0.0)) == (pairs, None)

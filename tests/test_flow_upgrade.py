@@ -1,6 +1,7 @@
 """The xbt-upgrade flow end to end on a tiny world with tiny CLIPs (in-process, temporary Prefect API)."""
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,7 +24,7 @@ def _params(tiny, out, **kw):
     from flows.upgrade import UpgradeParams
 
     base = dict(old=tiny["old"], new=tiny["new"], corpus=tiny["corpus"], pairs=tiny["pairs"], eval=tiny["eval"],
-                out=str(out), progress=False, **FAST)
+                out=str(out), progress=False, method="xbt", **FAST)
     return UpgradeParams(**{**base, **kw})
 
 
@@ -59,13 +60,15 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
         assert list(report["recall"][d]) == CASES
         assert all(list(r) == ["1", "5", "10", "50"] for r in report["recall"][d].values())
     assert set(report["gate"]) == {"passed", "criterion", "ks", "failures"} and report["gate"]["ks"] == [1, 5, 10]
-    assert set(report["timings_s"]) == {"extract", "embed", "pretrain", "train", "evaluate"}
+    assert set(report["timings_s"]) == {"extract", "embed", "pretrain", "train", "validate", "evaluate", "total"}
 
     # Counts against an independent reading of the inputs.
     corpus = [t for t in pq.read_table(tiny["corpus"]).column("caption").to_pylist() if t and t.strip()]
     ev = pq.read_table(tiny["eval"]).to_pydict()
+    pair_images = len(set(pq.read_table(tiny["pairs"]).column("image_id").to_pylist()))
     assert report["counts"] == {"corpus": len(set(corpus)), "pairs": pq.read_metadata(tiny["pairs"]).num_rows,
-                                "eval_images": len(set(ev["image_id"])), "eval_captions": len(ev["caption"])}
+                                "eval_images": len(set(ev["image_id"])), "eval_captions": len(ev["caption"]),
+                                "val_images": min(max(math.ceil(0.1 * pair_images), 500), pair_images // 2)}
 
     # new/old t2i recomputed by brute force from the reloaded bundle and the old model.
     evalset = read_pairs(tiny["eval"])
@@ -180,7 +183,9 @@ def test_pair_term_reads_the_pairs_by_the_new_model(prefect_harness, tiny, tmp_p
     monkeypatch.setattr("xbtcore.pretrain.text_only_pretrain", spy)
     out = tmp_path / "run"
     upgrade(_params(tiny, out, pretrain={**FAST["pretrain"], "pair_weight": 1.0, "pair_batch_size": 16}))
-    n = len(read_pairs(tiny["pairs"]).captions)
+    from xbtcore.data import ValSplit, split_pairs
+
+    n = len(split_pairs(read_pairs(tiny["pairs"]), ValSplit(0.1, seed=0))[0].captions)  # the training part's captions
     assert seen == {"weight": 1.0, "rows": [(n, 32), (n, 32)]}  # zoo "new" of the tiny world embeds in 32 dims
     assert _head_history(out)["config"]["pretrain"]["pair_weight"] == 1.0 and (out / "bundle").exists()
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .ddp import world_info
@@ -185,3 +186,30 @@ def cached_image_embeddings(cache: EmbeddingCache, encoder, pairs, progress=Fals
         meta={"model_ref": encoder.ref},
         stats=stats,
     )
+
+
+def cached_old_image_embeddings(cache: EmbeddingCache, encoder, pairs, gallery=None, progress=False, stats=None):
+    """(N_images, D) old-model embeddings of a PairSet's distinct images, through the cache: from the stored
+    gallery (data.Gallery) where it holds an image's id, by the old encoder for the rest.
+    -> (embeddings, how many images the gallery held)."""
+    if gallery is None:
+        return cached_image_embeddings(cache, encoder, pairs, progress, stats), 0
+    positions, stored = gallery.lookup(pairs.image_ids)  # (n_found,), (n_found, D)
+    assembled: list[torch.Tensor] = []  # the whole (N_images, D) tensor, made on the first shard's request
+
+    def assemble(a: int, b: int) -> torch.Tensor:
+        if not assembled:
+            missing = sorted(set(range(pairs.n_images)) - set(positions))
+            rest = cached_image_embeddings(cache, encoder, pairs.subset(missing), progress, stats) if missing else None
+            out = torch.empty(pairs.n_images, stored.shape[1] if positions else rest.shape[1])
+            if positions:
+                out[positions] = F.normalize(stored.float(), dim=-1)
+            if missing:
+                out[missing] = rest
+            assembled.append(out)
+        return assembled[0][a:b]
+
+    key = f"{cache_model_key(encoder)}-gallery-{gallery.fingerprint}"
+    emb = cache.get_or_compute(key, fingerprint_items(pairs.images), "image", pairs.n_images, assemble,
+                               meta={"model_ref": encoder.ref, "gallery": gallery.path}, stats=stats)
+    return emb, len(positions)

@@ -381,15 +381,54 @@ def read_gallery(path) -> tuple[list, torch.Tensor]:
     return ids, torch.from_numpy(np.concatenate(blocks))
 
 
-def gallery_rows(gallery_ids: list, wanted_ids: Sequence) -> list[int | None]:
-    """For each wanted id, the row of the gallery that holds it (its first, when an id repeats), or None.
+class Gallery:
+    """A stored gallery (`xbt embed` output: `embedding`, `id`), looked up by id without loading it whole.
 
-    Ids match as written, and integer-like strings match integers ("7" and 7), since a Parquet
-    column holds one type and the pairs' image_id may be stored as the other."""
-    first: dict = {}
-    for r, i in enumerate(gallery_ids):
-        first.setdefault(str(i), r)
-    return [first.get(str(i)) for i in wanted_ids]
+    Ids match as text ("7" and 7 are one id): a Parquet column holds one type, and the pairs'
+    image_id may be stored as the other.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.files = parquet_files(path)
+        for file in self.files:
+            names = _schema(file).names
+            if "embedding" not in names or "id" not in names:
+                missing = "'embedding'" if "embedding" not in names else "'id'"
+                raise _missing_column(file, missing, _schema(file),
+                                      "pass a gallery written by `xbt embed` from an input with image_id or id")
+
+    def ids(self) -> list[str]:
+        return [str(i) for f in self.files for i in _read_table(f, ["id"]).column("id").to_pylist()]
+
+    @property
+    def fingerprint(self) -> str:
+        """Names, sizes and modification times of its files: another gallery, or this one rewritten, differs."""
+        h = hashlib.sha256()
+        for f in self.files:
+            st = f.stat()
+            h.update(f"{f.absolute()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+    def lookup(self, wanted_ids: Sequence) -> tuple[list[int], torch.Tensor]:
+        """(positions in wanted_ids found in the gallery, their embeddings (n_found, D)); an id's first row wins."""
+        want: dict[str, int] = {}
+        for pos, i in enumerate(wanted_ids):
+            want.setdefault(str(i), pos)
+        found: dict[int, np.ndarray] = {}
+        for file in self.files:
+            table = _read_table(file, ["id", "embedding"])
+            ids = [str(i) for i in table.column("id").to_pylist()]
+            rows = [r for r, i in enumerate(ids) if i in want and want[i] not in found]
+            if not rows:
+                continue
+            emb = np.asarray(table.column("embedding").take(pa.array(rows)).to_pylist(), dtype=np.float32)  # (n, D)
+            for r, e in zip(rows, emb):
+                found.setdefault(want[ids[r]], e)
+        positions = sorted(found)
+        if not positions:
+            return [], torch.empty(0, 0)
+        return positions, torch.from_numpy(np.stack([found[p] for p in positions]))
 
 
 def write_embeddings_parquet(path, embeddings, rows=None, ids=None) -> Path:

@@ -64,9 +64,10 @@ class PretrainConfig:
                                                         "new/new stays within a point of the original new model "
                                                         "(ours; 0 = the paper's text-only Eqn. 3; docs/method.md)"})
     pair_batch_size: int = field(default=256, metadata={"help": "pairs per step of the pair term (XBT's own batch size)"})
-    anchor_weight: float = field(default=0.0, metadata={"help": "γ of the gallery anchors: Eqn. 6 on the frozen new "
-                                                            "model's pairs against the old model's own embeddings "
-                                                            "of them (ours; needs the old embeddings of the pairs)"})
+    anchor_weight: float | None = field(default=None, metadata={"help": "γ of the gallery anchors: Eqn. 6 on the "
+                                                                   "frozen new model's pairs against the old model's "
+                                                                   "own embeddings of them (ours); None: the "
+                                                                   "method's own (0 for xbt)"})
     fit_weight: float | None = field(default=None, metadata={"help": "μ of the fit term: μ (1 - cos(φ(w̃_new), w_old)) beside "
                                                                "Eqn. 3, so that φ lands on its targets and not only in their "
                                                                "order; None: 0 (the paper's Eqn. 3) against an old model's own "
@@ -89,7 +90,7 @@ class PretrainConfig:
             raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if self.pair_weight < 0:
             raise ValueError(f"pair_weight must be >= 0, got {self.pair_weight}")
-        if self.anchor_weight < 0:
+        if self.anchor_weight is not None and self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
         if self.fit_weight is not None and self.fit_weight < 0:
             raise ValueError(f"fit_weight must be >= 0, got {self.fit_weight}")

@@ -5,8 +5,11 @@
     maps.py     training-free maps: Procrustes, least squares
 """
 
-from . import direct, maps, xbt  # noqa: F401  (each registers its methods)
+from . import direct, maps, xbt
 from .registry import COST_CLASSES, EMBEDDINGS, METHODS, HeadInputs, MethodSpec, by_cost, get_method, register_method
 
 __all__ = ["COST_CLASSES", "EMBEDDINGS", "METHODS", "HeadInputs", "MethodSpec", "by_cost", "get_method",
            "register_method"]
+
+for _family in (maps, xbt, direct):  # methods of equal cost are tried by `--method auto` in this order
+    _family.register()

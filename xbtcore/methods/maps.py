@@ -48,17 +48,6 @@ def _fitter(kind: str):
     return fit
 
 
-for _name, _summary in (
-    ("procrustes", "Procrustes: the orthogonal map of the corpus texts' new embeddings onto their old ones"),
-    ("lstsq", "least squares: the linear map of the corpus texts' new embeddings onto their old ones"),
-):
-    register_method(MethodSpec(
-        name=_name, family="maps", summary=_summary, config_cls=MapConfig, needs=_corpus_texts, cost=0,
-        trains="nothing: W (D_new x D_old) in closed form", bundle="W", fit_head=_fitter(_name),
-        portfolio=_name == "procrustes",
-    ))
-
-
 @dataclass(frozen=True)
 class SlerpConfig:
     """SLERP-BC has no settings: α is chosen on the validation pairs."""
@@ -91,9 +80,20 @@ def fit_slerp(inputs: HeadInputs, cfg: SlerpConfig) -> SlerpHead:
     return SlerpHead(PhiConfig(weight.shape[0], weight.shape[1]), weight, alpha=best).to(inputs.device)
 
 
-register_method(MethodSpec(
-    name="slerp-bc", family="maps", config_cls=SlerpConfig, needs=_slerp_needs, cost=0, old_encoder_at_query=True,
-    portfolio=True, summary="SLERP-BC: Procrustes on the pairs, each query blended with the old model's own query",
-    trains="nothing: W in closed form, the blend α chosen on the validation pairs", bundle="W, α, the old model",
-    fit_head=fit_slerp,
-))
+def register() -> None:
+    """Register this family's methods (methods/__init__.py calls it, in cost-tie order)."""
+    for name, summary in (
+        ("procrustes", "Procrustes: the orthogonal map of the corpus texts' new embeddings onto their old ones"),
+        ("lstsq", "least squares: the linear map of the corpus texts' new embeddings onto their old ones"),
+    ):
+        register_method(MethodSpec(
+            name=name, family="maps", summary=summary, config_cls=MapConfig, needs=_corpus_texts, cost=0,
+            trains="nothing: W (D_new x D_old) in closed form", bundle="W", fit_head=_fitter(name),
+            portfolio=name == "procrustes",
+        ))
+    register_method(MethodSpec(
+        name="slerp-bc", family="maps", config_cls=SlerpConfig, needs=_slerp_needs, cost=0, old_encoder_at_query=True,
+        portfolio=True, summary="SLERP-BC: Procrustes on the pairs, each query blended with the old model's own query",
+        trains="nothing: W in closed form, the blend α chosen on the validation pairs", bundle="W, α, the old model",
+        fit_head=fit_slerp,
+    ))

@@ -1,4 +1,10 @@
-"""XBT (Sec. 3): φ pretrained on text (Eqn. 3), then LoRA, vision prompts and φ's LayerNorms (Eqn. 5)."""
+"""XBT (Sec. 3): φ pretrained on text (Eqn. 3), then LoRA, vision prompts and φ's LayerNorms (Eqn. 5);
+and gallery-anchored XBT: φ alone, trained on the frozen encoders' embeddings with Eqn. 3, the pair term and
+the gallery anchors (each query modality towards the old model's embedding of its pair in the other one).
+
+`PretrainConfig.anchor_weight` None means each method's own γ: 0 for XBT (the paper's text-only φ),
+GALLERY_ANCHOR_WEIGHT for xbt-gallery.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ from ..finetune import FinetuneConfig, TrainPlan
 from ..pretrain import PretrainConfig, pair_rows, pretrain_phi, pretraining_rows, source_parts
 from .registry import HeadInputs, MethodSpec, register_method
 
+GALLERY_ANCHOR_WEIGHT = 1.0  # γ of xbt-gallery (docs/method.md, "The gallery as teacher")
+
 
 @dataclass(frozen=True)
 class XbtConfig:
@@ -15,40 +23,83 @@ class XbtConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"help": "XBT training (Eqn. 5)"})
 
 
-def xbt_needs(cfg: XbtConfig) -> tuple[str, ...]:
-    """φ's pretraining rows (corpus texts and/or the pairs' images, `PretrainConfig.source`), and the
-    pairs by the new model for the pair term (`PretrainConfig.pair_weight`)."""
-    parts = source_parts(cfg.pretrain.source)
+def _settled(pre: PretrainConfig, anchor_weight: float) -> PretrainConfig:
+    """The pretraining config with the method's γ where the user set none."""
+    return pre if pre.anchor_weight is not None else replace(pre, anchor_weight=anchor_weight)
+
+
+def _needs(cfg: XbtConfig, anchor_weight: float) -> tuple[str, ...]:
+    """φ's pretraining rows (corpus texts and/or the pairs' images, `PretrainConfig.source`), the pairs by the
+    new model for the pair term (`pair_weight`), and by the old model for the gallery anchors (`anchor_weight`)."""
+    pre = _settled(cfg.pretrain, anchor_weight)
+    parts = source_parts(pre.source)
     needs = [*(["w_new", "w_old"] if "text" in parts else []), *(["v_new_pairs", "v_old_pairs"] if "image" in parts else [])]
-    if cfg.pretrain.pair_weight:
-        needs += [n for n in ("v_new_pairs", "w_new_pairs") if n not in needs]
-    return tuple(needs)
+    if pre.pair_weight or pre.anchor_weight:
+        needs += ["v_new_pairs", "w_new_pairs"]
+    if pre.anchor_weight:
+        needs += ["v_old_pairs", "w_old_pairs"]
+    return tuple(dict.fromkeys(needs))
 
 
-def text_pretrained_phi(inputs: HeadInputs, cfg: XbtConfig):
-    """Eqn. 3 on the rows `PretrainConfig.source` names, with the pair term when λ > 0 -> φ."""
-    pre = replace(cfg.pretrain, seed=inputs.seed)
+def _pretrained_phi(inputs: HeadInputs, cfg: XbtConfig, anchor_weight: float):
+    """Eqn. 3 on the rows `PretrainConfig.source` names, with the pair term when λ > 0 and the gallery
+    anchors when γ > 0 -> φ."""
+    pre = replace(_settled(cfg.pretrain, anchor_weight), seed=inputs.seed)
     rows = pretraining_rows(
         pre.source,
         text=(inputs.frozen("w_new"), inputs.frozen("w_old")) if "text" in source_parts(pre.source) else None,
         image=(inputs.frozen("v_new_pairs"), inputs.frozen("v_old_pairs")) if pre.uses_images else None,
     )
     pairs = None
-    if pre.pair_weight:
-        pairs = pair_rows(inputs.frozen("v_new_pairs"), inputs.frozen("w_new_pairs"), inputs.caption_image)
+    if pre.pair_weight or pre.anchor_weight:
+        old = (inputs.frozen("v_old_pairs"), inputs.frozen("w_old_pairs")) if pre.anchor_weight else ()
+        pairs = pair_rows(inputs.frozen("v_new_pairs"), inputs.frozen("w_new_pairs"), inputs.caption_image, *old)
     phi, _ = pretrain_phi(*rows, pre, device=inputs.device, on_step=inputs.on_step, pairs=pairs)
     return phi
 
 
-register_method(MethodSpec(
-    name="xbt",
-    family="xbt",
-    summary="XBT (the paper): φ pretrained on text (Eqn. 3), then Eqn. 5 on the pairs; no old model in training",
-    config_cls=XbtConfig,
-    needs=xbt_needs,
-    cost=2,
-    trains="φ on cached text embeddings; then LoRA (both towers), vision prompts, φ's LayerNorms",
-    bundle="φ, LoRA adapter, vision prompts",
-    fit_head=text_pretrained_phi,
-    plan=TrainPlan(loss="eqn5", lora=True, prompts=True, head="layernorm"),
-))
+def xbt_needs(cfg: XbtConfig) -> tuple[str, ...]:
+    return _needs(cfg, 0.0)
+
+
+def text_pretrained_phi(inputs: HeadInputs, cfg: XbtConfig):
+    return _pretrained_phi(inputs, cfg, 0.0)
+
+
+def gallery_needs(cfg: XbtConfig) -> tuple[str, ...]:
+    return _needs(cfg, GALLERY_ANCHOR_WEIGHT)
+
+
+def gallery_anchored_phi(inputs: HeadInputs, cfg: XbtConfig):
+    return _pretrained_phi(inputs, cfg, GALLERY_ANCHOR_WEIGHT)
+
+
+def register() -> None:
+    """Register this family's methods (methods/__init__.py calls it, in cost-tie order)."""
+    register_method(MethodSpec(
+        name="xbt",
+        family="xbt",
+        summary="XBT (the paper): φ pretrained on text (Eqn. 3), then Eqn. 5 on the pairs; no old model in training",
+        config_cls=XbtConfig,
+        needs=xbt_needs,
+        cost=2,
+        trains="φ on cached text embeddings; then LoRA (both towers), vision prompts, φ's LayerNorms",
+        bundle="φ, LoRA adapter, vision prompts",
+        fit_head=text_pretrained_phi,
+        plan=TrainPlan(loss="eqn5", lora=True, prompts=True, head="layernorm"),
+        portfolio=True,
+    ))
+
+    register_method(MethodSpec(
+        name="xbt-gallery",
+        family="xbt",
+        summary="gallery-anchored XBT: φ on the frozen encoders, Eqn. 3 + the pair term + each query modality "
+                "anchored to the old model's (the gallery's) embeddings of the pairs",
+        config_cls=XbtConfig,
+        needs=gallery_needs,
+        cost=1,
+        trains="φ on cached embeddings of the corpus and the pairs (new and old models)",
+        bundle="φ",
+        fit_head=gallery_anchored_phi,
+        portfolio=True,
+    ))
