@@ -32,6 +32,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	mkdir -p $(STATE)/mlflow
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

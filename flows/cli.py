@@ -143,13 +143,16 @@ def cmd_embed(a) -> int:
 
 
 def cmd_promote(a) -> int:
-    from tasks.registry import CANDIDATE, client, pick_model, promote
+    from tasks.registry import CANDIDATE, client, pick_model, promote_reviewed, tracking_uri
 
     c = client()
     name = pick_model(c, a.model)
     version = a.version or str(c.get_model_version_by_alias(name, CANDIDATE).version)
-    r = promote(c, name, version, "promoted by a reviewer (xbt promote)")
-    print(f"{name} version {r['version']} is champion" + (f" (was {r['previous'] or 'unset'})" if r["changed"] else " (already)"))
+    r = promote_reviewed(c, name, version, force=a.force)
+    for d, k, new_old, old_old in r["failures"]:
+        print(f"forced past a failing check: {d} R@{k} new/old {new_old} <= old/old {old_old}")
+    print(f"{name} version {r['version']} is champion" + (f" (was {r['previous'] or 'unset'})" if r["changed"] else " (already)")
+          + f" [registry {tracking_uri()}]")
     return 0
 
 
@@ -195,65 +198,102 @@ def cmd_catalog(a) -> int:
     return 0
 
 
+EPILOG = ("The inputs, the recall protocol, report.json and these commands are specified in docs/contract.md; "
+          "docs/method.md explains the methods. Exit status 0 on success, else one line on stderr.")
+MODEL_REF = ("a Hugging Face model id or local directory (config, weights, tokenizer, image processor), an upgrade "
+             "bundle (OUT/bundle), or a registry URI such as models:/NAME@champion")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Each flag's help with its default where it has one; descriptions kept as written."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if action.required or action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in help_text:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from xbtcore.methods import by_cost
 
     methods = [m.name for m in by_cost()]
-    p = _Parser(prog="xbt", description="Backfill-free upgrades of vision-language retrieval models (XBT).")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = _Parser(prog="xbt", description="Backfill-free upgrades of vision-language retrieval models: train a small "
+                "adapter so that a new model's queries search the gallery the old model embedded.",
+                epilog=EPILOG, formatter_class=_Help)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=_Help)
 
     def common(sp):
-        sp.add_argument("--method", default="auto", choices=["auto", *methods])
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--val-fraction", type=float, default=0.1)
-        sp.add_argument("--allow-old-encoder", action="store_true")
+        sp.add_argument("--method", default="auto", choices=["auto", *methods],
+                        help="the upgrade method (`xbt methods` lists them); auto tries the registered candidates "
+                             "cheapest first and keeps the first that passes the gate on the validation pairs")
+        sp.add_argument("--seed", type=int, default=0, help="seed of training, the validation split and sampling")
+        sp.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of the pairs' images held out of training to choose and check the method on "
+                             "(at least 500 images, at most half); 0: none (then --method must name one)")
+        sp.add_argument("--allow-old-encoder", action="store_true",
+                        help="let auto choose a method whose queries also run the old encoder (SLERP-BC)")
         sp.add_argument("--set", action="append", default=[], metavar="SCOPE.FIELD=VALUE",
-                        help="config override, e.g. pretrain.epochs=5 or finetune.batch_size=256")
+                        help="a setting of the method, repeatable: pretrain.FIELD (φ's pretraining, e.g. "
+                             "pretrain.pair_weight=1) or finetune.FIELD (training on the pairs, e.g. finetune.lora.rank=8)")
 
-    d = sub.add_parser("demo", help="the full upgrade flow on the built-in world (zoo/old -> zoo/new)")
-    d.add_argument("--out", default="out/demo")
-    d.add_argument("--old", default="zoo/old")
-    d.add_argument("--new", default="zoo/new")
+    d = command("demo", "the whole upgrade on the built-in world: zoo/old -> zoo/new, recall table, gate verdict")
+    d.add_argument("--out", default="out/demo", help="run folder: report.json, report.html, bundle/, work/")
+    d.add_argument("--old", default="zoo/old", help="the gallery's model: " + MODEL_REF)
+    d.add_argument("--new", default="zoo/new", help="the new model: " + MODEL_REF)
     common(d)
     d.set_defaults(func=cmd_demo)
 
-    u = sub.add_parser("upgrade", help="upgrade --old to --new on your Parquet data")
-    for name in ("--old", "--new", "--corpus", "--pairs", "--eval", "--out"):
-        u.add_argument(name, required=True)
+    u = command("upgrade", "upgrade --old to --new on your Parquet data, gate it, register it")
+    u.add_argument("--old", required=True, help="the model the gallery was embedded with: " + MODEL_REF)
+    u.add_argument("--new", required=True, help="the new model: " + MODEL_REF)
+    u.add_argument("--corpus", required=True, help="text corpus Parquet (a file, a folder or a glob) with a caption "
+                   "column (--text-column)")
+    u.add_argument("--pairs", required=True, help="image-text pairs Parquet: image (PNG/JPEG bytes) or image_path, "
+                   "caption, optional image_id")
+    u.add_argument("--eval", required=True, help="eval set Parquet, as --pairs; read only for the final report")
+    u.add_argument("--out", required=True, help="run folder: report.json, report.html, bundle/, work/")
     common(u)
-    u.add_argument("--gallery")
-    u.add_argument("--text-column", default="caption")
-    u.add_argument("--min-chars", type=int)
-    u.add_argument("--max-chars", type=int)
-    u.add_argument("--sample", type=int, help="keep at most this many corpus texts")
-    u.add_argument("--no-progress", action="store_true")
+    u.add_argument("--gallery", help="the stored old gallery (`xbt embed --modality image` of the old model, with "
+                   "id = the pairs' image_id): its embeddings stand in for the old image tower")
+    u.add_argument("--text-column", default="caption", help="the corpus's text column")
+    u.add_argument("--min-chars", type=int, help="drop corpus texts shorter than this")
+    u.add_argument("--max-chars", type=int, help="drop corpus texts longer than this")
+    u.add_argument("--sample", type=int, help="keep at most this many corpus texts (seeded)")
+    u.add_argument("--no-progress", action="store_true", help="no progress bars")
     u.set_defaults(func=cmd_upgrade)
 
-    e = sub.add_parser("embed", help="embed texts or images (a bundle embeds into the old space)")
-    e.add_argument("--model", required=True)
-    e.add_argument("--input", required=True)
-    e.add_argument("--modality", required=True, choices=["text", "image"])
-    e.add_argument("--out", required=True)
-    e.add_argument("--text-column", default="caption")
-    e.add_argument("--batch-size", type=int, default=256)
+    e = command("embed", "embed texts or images with a model; a bundle embeds into the old space")
+    e.add_argument("--model", required=True, help=MODEL_REF)
+    e.add_argument("--input", required=True, help="Parquet with the texts (--text-column) or images (image or "
+                   "image_path); its id or image_id column becomes the output's id")
+    e.add_argument("--modality", required=True, choices=["text", "image"], help="what to embed")
+    e.add_argument("--out", required=True, help="output Parquet: row, embedding (L2-normalised), id")
+    e.add_argument("--text-column", default="caption", help="the input's text column")
+    e.add_argument("--batch-size", type=int, default=256, help="items per forward pass")
     e.set_defaults(func=cmd_embed)
 
-    pr = sub.add_parser("promote", help="move alias champion to a version (default: the candidate)")
+    pr = command("promote", "move the alias champion to a version (a passing upgrade moves it by itself)")
     pr.add_argument("--model", help="registered model name (default: the only xbt one)")
-    pr.add_argument("--version")
+    pr.add_argument("--version", help="version number (default: the alias candidate, the latest registered)")
+    pr.add_argument("--force", action="store_true", help="promote a version whose gate failed; recorded on it")
     pr.set_defaults(func=cmd_promote)
 
-    rb = sub.add_parser("rollback", help="move alias champion back to the version it replaced")
-    rb.add_argument("--model")
+    rb = command("rollback", "move the alias champion back to the version it replaced")
+    rb.add_argument("--model", help="registered model name (default: the only xbt one)")
     rb.set_defaults(func=cmd_rollback)
 
-    m = sub.add_parser("methods", help="the registered upgrade methods: what each trains, its bundle and its cost")
-    m.add_argument("--json", action="store_true")
+    m = command("methods", "the registered upgrade methods: what each trains, its bundle and its cost")
+    m.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(func=cmd_methods)
 
-    c = sub.add_parser("catalog", help="list datasets, spaces, galleries, runs and lineage")
-    c.add_argument("--table", action="append", choices=["datasets", "spaces", "galleries", "runs", "lineage"])
-    c.add_argument("--json", action="store_true")
+    c = command("catalog", "list datasets, gallery spaces, galleries, runs and lineage from the catalog")
+    c.add_argument("--table", action="append", choices=["datasets", "spaces", "galleries", "runs", "lineage"],
+                   help="only these tables (repeatable)")
+    c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(func=cmd_catalog)
     return p
 

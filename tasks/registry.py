@@ -107,6 +107,34 @@ def promote(c, name: str, version: str, reason: str) -> dict:
     return {"name": name, "version": version, "previous": current, "changed": True}
 
 
+class GateFailed(ValueError):
+    """A version whose gate failed was asked to become champion without --force."""
+
+
+def promote_reviewed(c, name: str, version: str, force: bool = False, who: str = "") -> dict:
+    """`xbt promote`: move champion to a version a person chose. A version whose gate failed is refused
+    (GateFailed names its failing checks) unless `force`, which is then recorded on the version
+    (`xbt.forced_by`, who and when) and its failing checks returned. -> promote's result and "failures"."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = c.get_model_version(name, str(version)).tags
+    except MlflowException as e:
+        raise ValueError(f"{name} version {version} is not in the MLflow registry at {tracking_uri()} "
+                         f"({str(e).splitlines()[0]}); list the versions with `xbt catalog`") from e
+    failures = json.loads(tags.get("gate.failures", "[]"))
+    if tags.get("gate.passed") == "false" and not force:
+        checks = "; ".join(f"{d} R@{k} {a} vs {b}" for d, k, a, b in failures)
+        raise GateFailed(f"{name} version {version} failed its gate ({checks}): it stays candidate; "
+                         "pass --force to promote it anyway (recorded on the version)")
+    reason = "promoted by a reviewer (xbt promote)"
+    if tags.get("gate.passed") == "false":
+        who = who or os.environ.get("USER") or "unknown"
+        c.set_model_version_tag(name, str(version), "xbt.forced_by", f"{who} {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+        reason = f"forced past a failed gate by {who} (xbt promote --force)"
+    return {**promote(c, name, str(version), reason), "failures": failures if tags.get("gate.passed") == "false" else []}
+
+
 def rollback(c, name: str) -> dict:
     """Move champion back to the version it replaced (the champion's `xbt.previous_champion`)."""
     current = champion_version(c, name)

@@ -128,30 +128,29 @@ def test_embed_text_and_image_and_bundle(tiny, tmp_path):
     assert str(tmp_path / "b.parquet") in [g["path"] for g in galleries]
 
 
-def test_promote_and_rollback_commands(tmp_path):
+def test_promote_and_rollback_commands(tmp_path, monkeypatch):
+    from tasks import registry
     from tests.test_mlflow_registry import _register
 
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "XBT_STATE_DIR": str(tmp_path / "state")}
-    old_env = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        first = _register(tmp_path, "v1", passed=True)
-        second = _register(tmp_path, "v2", passed=False)
-    finally:
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    r = xbt("promote", env=env)  # the candidate, the only xbt model
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
+    first = _register(tmp_path, "v1", passed=True)
+    second = _register(tmp_path, "v2", passed=False)
+    name, c = first["name"], registry.client()
+    # The candidate failed its gate: refused without --force, naming the failing check; nothing moves.
+    _one_line_error(xbt("promote"), "failed its gate (t2i R@1 9.0 vs 10.0)", "--force")
+    assert registry.champion_version(c, name) == first["version"]
+    r = xbt("promote", "--force", env={"USER": "reviewer-a"})  # the candidate, the only xbt model
     assert r.returncode == 0, r.stderr
     assert f"version {second['version']} is champion (was {first['version']})" in r.stdout
-    r = xbt("promote", "--version", second["version"], env=env)
+    assert "forced past a failing check: t2i R@1 new/old 9.0 <= old/old 10.0" in r.stdout
+    assert c.get_model_version(name, second["version"]).tags["xbt.forced_by"].startswith("reviewer-a ")
+    r = xbt("promote", "--version", second["version"], "--force")
     assert "(already)" in r.stdout
-    r = xbt("rollback", "--model", first["name"], env=env)
+    r = xbt("rollback", "--model", name)
     assert r.returncode == 0 and f"to {first['version']}" in r.stdout
-    _one_line_error(xbt("rollback", env=env), "nothing to roll back to")
-    _one_line_error(xbt("promote", "--model", "xbt-nope", env=env))
+    _one_line_error(xbt("rollback"), "nothing to roll back to")
+    _one_line_error(xbt("promote", "--model", "xbt-nope"))
 
 
 # A small upgrade that checkpoints every 2 training steps, for the tests that stop it mid-training.
