@@ -3,7 +3,7 @@
     datasets   a Parquet input by path and fingerprint, with its row count
     spaces     an embedding space: the root model a gallery was embedded with
     galleries  embeddings written by `xbt embed`, and the model (and space) that made them
-    runs       one upgrade: method, models, gate verdict, bundle, MLflow version
+    runs       one upgrade: method, models, gate verdict, bundle, MLflow version and the registry it is in
     lineage    old -> new links of a space's chain, with their bundle and MLflow version
 
 Rows are upserted on their key, so re-running a step records it once.
@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS runs (run_id VARCHAR PRIMARY KEY, method VARCHAR, old
     mlflow_model VARCHAR, mlflow_version VARCHAR, report VARCHAR, recorded_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS lineage (space VARCHAR, old VARCHAR, new VARCHAR, bundle VARCHAR, mlflow_model VARCHAR,
     mlflow_version VARCHAR, run_id VARCHAR, recorded_at TIMESTAMP, PRIMARY KEY (space, old, new, bundle));
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS registry VARCHAR;
 """
 TABLES = ("datasets", "spaces", "galleries", "runs", "lineage")
 

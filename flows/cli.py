@@ -74,7 +74,7 @@ def _print_result(report: dict) -> None:
               + "".join(f"\n  failing: {d} R@{k} new/old {a} < prev/old {b}" for d, k, a, b in regress["failures"]))
     if "gate_margins" in report:
         print(format_margins(report["gate_margins"]))
-    print(f"{promo['model']} version {promo['version']}: {promo['reason']}")
+    print(f"{promo['model']} version {promo['version']}: {promo['reason']} [registry {report['mlflow']['tracking_uri']}]")
     if report.get("next_steps"):
         print("next steps:" + "".join(f"\n  - {line}" for line in report["next_steps"]))
     out = Path(report["bundle"]).parent
@@ -157,11 +157,12 @@ def cmd_promote(a) -> int:
 
 
 def cmd_rollback(a) -> int:
-    from tasks.registry import client, pick_model, rollback
+    from tasks.registry import client, pick_model, rollback, tracking_uri
 
     c = client()
     r = rollback(c, pick_model(c, a.model))
-    print(f"{r['name']} champion rolled back from version {r['rolled_back_from']} to {r['version']}")
+    print(f"{r['name']} champion rolled back from version {r['rolled_back_from']} to {r['version']} "
+          f"[registry {tracking_uri()}]")
     return 0
 
 
@@ -184,6 +185,7 @@ def cmd_methods(a) -> int:
 
 def cmd_catalog(a) -> int:
     from catalog.store import TABLES
+    from tasks.registry import tracking_uri
     from tasks.report import catalog
 
     cat = catalog()
@@ -191,6 +193,7 @@ def cmd_catalog(a) -> int:
     if a.json:
         print(json.dumps(tables, default=str, indent=2))
         return 0
+    print(f"catalog {cat.path}; registry now {tracking_uri()} (each run names the registry it was registered in)")
     for t, rows in tables.items():
         print(f"== {t} ({len(rows)})")
         for r in rows:

@@ -56,8 +56,8 @@ def main() -> int:
         subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1",
                           "--port", str(a.prefect_port)], env=env),
         subprocess.Popen([str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(a.mlflow_port),
-                          "--workers", "1", "--backend-store-uri", f"sqlite:///{state / 'mlflow' / 'server.db'}",
-                          "--artifacts-destination", str(state / "mlflow" / "server-artifacts")], env=env),
+                          "--workers", "1", "--backend-store-uri", f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
+                          "--artifacts-destination", str(state / "mlflow" / "artifacts")], env=env),
     ]
     try:
         _wait(f"http://127.0.0.1:{a.prefect_port}/api/health", "the Prefect server")

@@ -28,7 +28,7 @@ from tasks.common import (absolute_ref, cache_dir, digest, fingerprint_content, 
                           step_path)
 from tasks.embed import embed_frozen
 from tasks.evaluate import check_inputs, evaluate, gate
-from tasks.extract import ensure_world, extract_corpus
+from tasks.extract import check_corpus, ensure_world, extract_corpus
 from tasks.registry import attach_report, register_and_promote, resolve_model, space_of
 from tasks.report import (build_report, draw_figures, publish_artifacts, read_histories, record_datasets, record_run,
                           step_states, write_report)
@@ -36,7 +36,9 @@ from tasks.servers import check_servers
 from tasks.train import fit_head, publish_bundle, train
 from worlds import shapes
 from xbtcore.config import Settings, apply_overrides
-from xbtcore.data import Gallery, ValSplit, check_output, parquet_files
+from xbtcore.bundle import is_bundle
+from xbtcore.data import Gallery, ValSplit, check_output, parquet_files, read_pairs
+from xbtcore.encoders import check_model_dir
 from xbtcore.finetune import FinetuneConfig
 from xbtcore.methods import by_cost, get_method
 from xbtcore.methods.select import choose, passes_clearly
@@ -136,9 +138,22 @@ class UpgradeParams(BaseModel):
         shapes.WorldSpec(**self.world)  # a fractional row count fails here, not in the world writer
         if self.method == "auto" and not self.val_fraction:
             raise ValueError("--method auto chooses on the validation pairs: give --val-fraction above 0")
-        if self.gallery is not None:
-            Gallery(self.gallery)  # no id or embedding column fails here
+        self._preflight()
         return self
+
+    def _preflight(self) -> None:
+        """Every input a user gives, read and checked in seconds before any server starts or model loads:
+        the corpus's text column and what its filters leave, every pair and eval row (images verified),
+        the gallery's columns, and the local model folders' files."""
+        if self.corpus is not None:
+            check_corpus(self.corpus, self.text_column, self.min_chars, self.max_chars)
+            read_pairs(self.pairs)
+            read_pairs(self.eval)
+        if self.gallery is not None:
+            Gallery(self.gallery)
+        for ref in (self.old, self.new):
+            if Path(ref).expanduser().is_dir() and not is_bundle(ref):
+                check_model_dir(Path(ref).expanduser())
 
     @property
     def settings(self) -> Settings:
@@ -311,7 +326,8 @@ def upgrade(params: UpgradeParams) -> dict:
         else f"gate failed ({len(failures)} failing checks): not promoted, champion stays "
         + (f"version {reg['champion']}" if reg["champion"] is not None else "unset (no version has passed yet)"),
     }
-    run["mlflow"] = {"experiment": reg["experiment"], "run_id": reg["run_id"], "uri": reg["uri"]}
+    run["mlflow"] = {"experiment": reg["experiment"], "run_id": reg["run_id"], "uri": reg["uri"],
+                     "tracking_uri": reg["tracking_uri"]}
     run["steps"] = step_states()
     run["timings_s"] = {**clock.seconds, "total": round(time.perf_counter() - t_start, 2)}
     run["old_image_tower"] = old_images_embedded(inputs["images"], [r["needs"] for r in runs.values()])
@@ -330,7 +346,7 @@ def upgrade(params: UpgradeParams) -> dict:
     record_run({"run_id": run_id, "method": chosen["method"], "old": old, "new": new, "root_model": root,
                 "space": run["space"], "out_dir": str(out), "bundle": bundle, "gate_passed": verdict["passed"],
                 "promoted": reg["promoted"], "mlflow_model": reg["name"], "mlflow_version": reg["version"],
-                "report": written["json"]}, run["space"], root, inputs["old_dim"])
+                "registry": reg["tracking_uri"], "report": written["json"]}, run["space"], root, inputs["old_dim"])
     return report
 
 

@@ -41,11 +41,12 @@ def check_text_column(files: list[Path], column: str) -> None:
 
 
 def corpus_query(files: list[Path], column: str, min_chars: int | None, max_chars: int | None,
-                 sample: int | None, seed: int) -> str:
+                 sample: int | None, seed: int, count: bool = False) -> str:
     """SQL giving the distinct non-blank texts in order of first appearance (file, then row).
 
     A sample keeps a seeded pseudo-random subset (md5 of seed and text: the same
     on every machine and DuckDB version), still in order of first appearance.
+    count: how many distinct texts there are instead (no sample).
     """
     sources = " UNION ALL ".join(
         f"SELECT {i}::BIGINT AS f, file_row_number AS r, {_quote_ident(column)} AS text "
@@ -61,12 +62,38 @@ def corpus_query(files: list[Path], column: str, min_chars: int | None, max_char
         f"WITH src AS ({sources}), "
         f"firsts AS (SELECT text, min(f * 4294967296 + r) AS first FROM src WHERE {' AND '.join(keep)} GROUP BY text)"
     )
-    if sample is not None:
+    if count:
+        query += " SELECT count(*) FROM firsts"
+    elif sample is not None:
         query += (f", kept AS (SELECT * FROM firsts ORDER BY md5({int(seed)}::VARCHAR || ':' || text), first "
                   f"LIMIT {int(sample)}) SELECT text FROM kept ORDER BY first")
     else:
         query += " SELECT text FROM firsts ORDER BY first"
     return query
+
+
+def _empty_corpus(source, column: str, min_chars: int | None, max_chars: int | None) -> InputError:
+    filters = [f for f, v in (("--min-chars", min_chars), ("--max-chars", max_chars)) if v is not None]
+    fix = (f"relax {' and '.join(filters)}" if filters else "pass a corpus with text in that column")
+    return InputError(source, "no text left after dropping nulls and blanks"
+                      + (f" and the length filter ({', '.join(filters)})" if filters else ""), fix, column=column)
+
+
+def check_corpus(source: str, column: str = "caption", min_chars: int | None = None,
+                 max_chars: int | None = None) -> int:
+    """Before any work: the corpus is readable, has `column` as strings and keeps some text after the
+    filters; -> how many distinct texts pass them. Reads one column, counts in DuckDB."""
+    files = parquet_files(source)
+    check_text_column(files, column)
+    query = corpus_query(files, column, min_chars, max_chars, None, 0, count=True)
+    try:
+        rows = duckdb.connect().sql(query).fetchone()[0]
+    except duckdb.Error as e:
+        raise InputError(source, f"cannot be read ({str(e).splitlines()[0]})", "pass valid Parquet files",
+                         column=column) from e
+    if rows == 0:
+        raise _empty_corpus(source, column, min_chars, max_chars)
+    return rows
 
 
 @task(name="extract-corpus", **CACHED)
@@ -88,8 +115,7 @@ def extract_corpus(source: str, out: str, text_column: str = "caption", min_char
         raise InputError(source, f"cannot be read ({str(e).splitlines()[0]})", "pass valid Parquet files",
                          column=text_column) from e
     if table.num_rows == 0:
-        raise InputError(source, "no text left after dropping nulls, blanks and duplicates and the length filter",
-                         "pass a corpus with text in that column (or relax the length filter)", column=text_column)
+        raise _empty_corpus(source, text_column, min_chars, max_chars)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

@@ -271,7 +271,8 @@ def register_and_promote(run: dict, recall: dict, bundle_dir: str, root_ref: str
         logger.info("%s version %s is candidate only: the gate failed, champion stays %s", name, version,
                     champion_version(c, name) or "unset")
     return {"name": name, "version": version, "experiment": exp_id, "run_id": mv.run_id, "new_run": not found,
-            "promoted": passed, "champion": champion_version(c, name), "uri": f"models:/{name}/{version}"}
+            "promoted": passed, "champion": champion_version(c, name), "uri": f"models:/{name}/{version}",
+            "tracking_uri": tracking_uri()}
 
 
 @task(name="attach-report", **IO_RETRIES)

@@ -21,8 +21,10 @@ def read_texts(path, column: str = "caption") -> list[str]:
     for file in parquet_files(path):
         schema = _schema(file)
         if column not in schema.names:
-            raise InputError(file, f"missing column '{column}'; the file has columns {schema.names}",
-                             "name the text column with --text-column NAME")
+            images = {"image", "image_path"} & set(schema.names)
+            fix = ("it holds images: embed them with --modality image" if images
+                   else "name the text column with --text-column NAME")
+            raise InputError(file, f"missing column '{column}'; the file has columns {schema.names}", fix)
         col = _read_table(file, [column]).column(column)
         if not is_text_type(col.type):
             raise InputError(file, f"has type {col.type}", "store texts as strings", column=column)
@@ -44,7 +46,9 @@ def read_images(path) -> PairSet:
         schema = _schema(file)
         col_name = "image" if "image" in schema.names else "image_path" if "image_path" in schema.names else None
         if col_name is None:
-            raise InputError(file, f"missing column 'image' or 'image_path'; the file has columns {schema.names}", _IMAGE_FIX)
+            texts = [n for n in schema.names if is_text_type(schema.field(n).type)]
+            fix = f"it holds text ({', '.join(texts)}): embed it with --modality text" if texts else _IMAGE_FIX
+            raise InputError(file, f"missing column 'image' or 'image_path'; the file has columns {schema.names}", fix)
         col = _read_table(file, [col_name]).column(col_name)
         if not (_is_bytes(col.type) if col_name == "image" else is_text_type(col.type)):
             raise InputError(file, f"has type {col.type}", _IMAGE_FIX, column=col_name)

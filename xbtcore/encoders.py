@@ -97,7 +97,8 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
-def _check_local_dir(path: Path, need_model: bool) -> None:
+def check_model_dir(path: Path, need_model: bool = True) -> None:
+    """A local model folder holds a config, weights and tokenizer files; else a ModelLoadError naming the fix."""
     if need_model and not (path / "config.json").is_file():
         raise ModelLoadError(
             f"model directory '{path}' has no config.json: pass a directory in the Hugging Face layout "
@@ -174,7 +175,7 @@ def _load(ref: str, dtype: torch.dtype, with_model: bool):
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", _HUB_TIMEOUT_S)
     path = Path(ref).expanduser()
     if path.is_dir():
-        _check_local_dir(path, with_model)
+        check_model_dir(path, with_model)
         try:
             return _load_parts(str(path), dtype, with_model, local_files_only=True)
         except _PartError as e:
