@@ -15,8 +15,11 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
+
+STARTED = time.time()  # the report's total time counts from here
 
 from xbtcore.config import parse_settings
 
@@ -86,7 +89,7 @@ def _run_upgrade(**fields) -> int:
 
     from .upgrade import UpgradeParams, upgrade
 
-    params = UpgradeParams(**fields)  # every path and setting checked before Prefect starts
+    params = UpgradeParams(**fields, started_at=STARTED)  # every path and setting checked before Prefect starts
     check_servers()
     with prefect_api():
         report = upgrade(params)

@@ -161,13 +161,45 @@ def _header(report: dict) -> str:
         lines.append("<p><b>next steps</b></p><ul>" + "".join(f"<li>{_e(s)}</li>" for s in report["next_steps"]) + "</ul>")
     counts = "".join(f"<tr><td>{_e(k.replace('_', ' '))}</td><td>{int(n):,}</td></tr>"
                      for k, n in report.get("counts", {}).items())
-    timings = report.get("timings_s", {})
+    timings = dict(report.get("timings_s", {}))
+    total = float(timings.pop("total", sum(float(s) for s in timings.values())))
     times = "".join(f"<tr><td>{_e(k)}</td><td>{_fmt_s(float(s))}</td></tr>" for k, s in timings.items())
-    times += f"<tr><th>total</th><th>{_fmt_s(sum(float(s) for s in timings.values()))}</th></tr>"
+    rest = total - sum(float(s) for s in timings.values())
+    if rest > 0.5:  # start-up, the built-in world, registration, reports
+        times += f"<tr><td>start-up, world, registry, reports</td><td>{_fmt_s(rest)}</td></tr>"
+    times += f"<tr><th>total</th><th>{_fmt_s(total)}</th></tr>"
     lines.append('<div class="grid" style="margin-top:8px">'
                  f'<div><h3>counts</h3><table>{counts}</table></div>'
                  f'<div><h3>timings</h3><table>{times}</table></div></div>')
     return "<section>" + "\n".join(lines) + "</section>"
+
+
+def _candidates_section(report: dict) -> str:
+    """The methods `--method auto` ran, each one's margins on the validation pairs, and which it kept, why."""
+    candidates, chosen = report.get("candidates") or [], report.get("chosen") or {}
+    if len(candidates) < 2:
+        return ""
+    head = "".join(f"<th>{d} R@{k}</th>" for d in ("t2i", "i2t") for k in (1, 5, 10))
+    rows = []
+    for c in candidates:
+        name = f"<b>{_e(c['method'])}</b> (kept)" if c["method"] == chosen.get("method") else _e(c["method"])
+        if not c["ran"]:
+            rows.append(f'<tr><td>{name}</td><td>{c["cost"]}</td><td colspan="8" class="muted">not run: '
+                        f"{_e(c['why'])}</td></tr>")
+            continue
+        cells = ""
+        for d in ("t2i", "i2t"):
+            for k in ("1", "5", "10"):
+                m = c["margins"][d][k]
+                ok = m["margin"] > 0 and m["low"] > 0
+                cells += (f'<td class="{"ok" if ok else "bad"}">{m["margin"]:+.2f}<br><span class="muted small">'
+                          f'{m["low"]:+.2f}..{m["high"]:+.2f}</span></td>')
+        note = "" if c["eligible"] else '<br><span class="muted small">queries run the old encoder: not eligible</span>'
+        rows.append(f"<tr><td>{name}{note}</td><td>{c['cost']}</td><td>{_fmt_s(float(c['seconds']))}</td>{cells}</tr>")
+    return ("<section><h2>Candidates, on the validation pairs</h2>"
+            f"<p>{_e(chosen.get('reason', ''))}. Each cell: new/old &minus; old/old in points, its 95% interval "
+            "below; cost classes from <code>xbt methods</code>.</p>"
+            f"<table><tr><th>method</th><th>cost</th><th>time</th>{head}</tr>{''.join(rows)}</table></section>")
 
 
 def _bar_label(v) -> str:
@@ -349,7 +381,8 @@ def render_report(report: dict, panels: list[dict] | None = None, examples: list
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>",
-        _header(report), _recall_section(report), _map_section(panels, n_map_points), _examples_section(examples),
+        _header(report), _candidates_section(report), _recall_section(report), _map_section(panels, n_map_points),
+        _examples_section(examples),
         '<p class="muted small">Written by xbt: the same numbers are in report.json next to this file.</p>',
         "</main></body></html>",
     ])

@@ -172,3 +172,27 @@ def test_mlflow_run_logs_report_html(tmp_path, monkeypatch):
     reg = registry.register_and_promote.fn(report, report["recall"], str(bundle), "/m/old", verdict, {}, [])
     registry.attach_report.fn(reg["run_id"], [str(tmp_path / "report.json"), str(tmp_path / "report.html")])
     assert "report.html" in {a.path for a in registry.client().list_artifacts(reg["run_id"])}
+
+
+def test_the_candidates_auto_ran_and_the_one_it_kept_are_shown():
+    def margins(m, low):
+        return {d: {k: {"margin": m, "low": low, "high": m + 1} for k in ("1", "5", "10")} for d in ("t2i", "i2t")}
+
+    report = {**_report(), "method": "xbt-gallery",
+              "timings_s": {"extract": 1.0, "train": 2.0, "total": 10.0},
+              "chosen": {"method": "xbt-gallery", "reason": "the cheapest candidate that passes <clearly>"},
+              "candidates": [
+                  {"method": "procrustes", "cost": 0, "eligible": True, "ran": True, "seconds": 1.5,
+                   "margins": margins(-3.0, -4.0)},
+                  {"method": "slerp-bc", "cost": 0, "eligible": False, "ran": True, "seconds": 2.0,
+                   "margins": margins(1.0, 0.5)},
+                  {"method": "xbt-gallery", "cost": 1, "eligible": True, "ran": True, "seconds": 30.0,
+                   "margins": margins(4.0, 2.0)},
+                  {"method": "xbt", "cost": 2, "eligible": True, "ran": False, "why": "a cheaper candidate passed",
+                   "margins": None}]}
+    page = render_report(report)
+    assert "Candidates, on the validation pairs" in page and "<b>xbt-gallery</b> (kept)" in page
+    assert "not run: a cheaper candidate passed" in page and "not eligible" in page
+    assert "&lt;clearly&gt;" in page  # escaped
+    assert page.count('<td class="bad">-3.00') == 6 and page.count('<td class="ok">+4.00') == 6
+    assert "start-up, world, registry, reports" in page  # 10 s total against 3 s of steps
