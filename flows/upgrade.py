@@ -41,7 +41,7 @@ from xbtcore.data import Gallery, ValSplit, check_output, parquet_files, read_pa
 from xbtcore.encoders import check_model_dir
 from xbtcore.finetune import FinetuneConfig
 from xbtcore.methods import by_cost, get_method
-from xbtcore.methods.select import choose, passes_clearly
+from xbtcore.methods.select import choose, qualifies
 from xbtcore.pretrain import PretrainConfig
 
 STEPS = ("extract", "embed", "pretrain", "train", "validate", "evaluate")  # report.json's timings_s
@@ -292,8 +292,7 @@ def upgrade(params: UpgradeParams) -> dict:
     candidates, runs = [], {}
     for method in portfolio(params.method, params.allow_old_encoder):
         eligible = params.method != "auto" or params.allow_old_encoder or not get_method(method).old_encoder_at_query
-        done = params.method == "auto" and any(c["eligible"] and passes_clearly(c["margins"]) for c in candidates
-                                               if c["margins"] is not None)
+        done = params.method == "auto" and any(c["eligible"] and qualifies(c) for c in candidates if c["ran"])
         if done and eligible:
             candidates.append(candidate_record(method, eligible, None, "a cheaper candidate passed on validation"))
             continue

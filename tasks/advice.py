@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from xbtcore.methods import get_method
-from xbtcore.methods.select import min_margin, passes_clearly
+from xbtcore.methods.select import min_margin, qualifies
 from xbtcore.pretrain import PretrainConfig
 
 # new/new may sit this many points R@1 under the original new model before the advice
@@ -41,13 +41,12 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
                          "cannot tell the upgrade from the old model there; a larger eval set can")
 
     chosen = candidates.get(method)
-    if failing and chosen and chosen.get("margins") and passes_clearly(chosen["margins"]):
+    if failing and chosen and chosen.get("margins") and qualifies(chosen):
         steps.append(f"{method} passed on the validation pairs (smallest margin {min_margin(chosen['margins']):+.2f} "
                      "points) but fails on the eval set: the eval data differ from the pairs; pairs drawn like the "
                      "eval set make the choice on data like it")
     if failing:
-        blocked = [c for c in candidates.values()
-                   if not c["eligible"] and c.get("margins") and passes_clearly(c["margins"])]
+        blocked = [c for c in candidates.values() if not c["eligible"] and c.get("margins") and qualifies(c)]
         for c in blocked:
             steps.append(f"{c['method']} passed on the validation pairs (smallest margin {min_margin(c['margins']):+.2f} "
                          "points), but its queries run the old encoder: --allow-old-encoder lets auto choose it")

@@ -19,7 +19,8 @@ def _margins(margin: float, low: float, high: float) -> dict:
 
 
 def _candidate(method, eligible=True, margins=None):
-    return {"method": method, "eligible": eligible, "ran": margins is not None, "margins": margins}
+    recall = {d: {"new/new": {"1": 60.0}, "orig-new/new": {"1": 60.0}} for d in ("t2i", "i2t")}
+    return {"method": method, "eligible": eligible, "ran": margins is not None, "margins": margins, "recall": recall}
 
 
 def _report(method="xbt", new_old=(50.0, 50.0), new_new=(60.0, 60.0), margins=None, prev_old=None, candidates=None):

@@ -75,3 +75,29 @@ def test_procrustes_recovers_a_rotation():
     w_new = _unit(200, 6, 1)
     torch.testing.assert_close(fit_linear_map(w_new, w_new @ q, "procrustes"), q, atol=1e-5, rtol=0)
     assert math.isclose(float((fit_linear_map(w_new, w_new @ q, "lstsq") - q).abs().max()), 0.0, abs_tol=1e-4)
+
+
+def _candidate(method, margin, low, gap=0.0, eligible=True):
+    margins = {d: {k: {"margin": margin, "low": low, "high": margin + 1} for k in ("1", "5", "10")}
+               for d in ("t2i", "i2t")}
+    recall = {d: {"new/new": {"1": 50.0 - gap}, "orig-new/new": {"1": 50.0}} for d in ("t2i", "i2t")}
+    return {"method": method, "eligible": eligible, "margins": margins, "recall": recall}
+
+
+def test_auto_keeps_the_cheapest_candidate_that_passes_clearly_and_keeps_new_new():
+    from xbtcore.methods.select import choose
+
+    cands = [_candidate("procrustes", -2.0, -3.0), _candidate("slerp-bc", 5.0, 3.0, eligible=False),
+             _candidate("xbt-gallery", 3.0, 0.5, gap=1.6), _candidate("xbt", 2.0, 0.2, gap=0.4),
+             _candidate("base", 6.0, 4.0)]
+    # slerp-bc is not eligible, xbt-gallery loses 1.6 points of new/new: xbt is the cheapest that qualifies
+    got = choose(cands)
+    assert got["method"] == "xbt" and "0.40 under" in got["reason"]
+    # An interval touching zero does not pass clearly; nothing qualifies: the largest smallest margin
+    cands = [_candidate("procrustes", -2.0, -3.0), _candidate("xbt", 1.0, -0.1), _candidate("base", 0.5, -0.5)]
+    got = choose(cands)
+    assert got["method"] == "xbt" and got["reason"].startswith("no candidate passed")
+    # Not run (margins None) and not eligible never count
+    with pytest.raises(ValueError, match="no eligible candidate ran"):
+        choose([{**_candidate("slerp-bc", 5.0, 3.0, eligible=False)}, {"method": "xbt", "eligible": True,
+                                                                        "margins": None, "recall": None}])
