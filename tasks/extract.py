@@ -87,7 +87,7 @@ def check_corpus(source: str, column: str = "caption", min_chars: int | None = N
     check_text_column(files, column)
     query = corpus_query(files, column, min_chars, max_chars, None, 0, count=True)
     try:
-        rows = duckdb.connect().sql(query).fetchone()[0]
+        rows = duckdb.connect().execute(query).fetchone()[0]
     except duckdb.Error as e:
         raise InputError(source, f"cannot be read ({str(e).splitlines()[0]})", "pass valid Parquet files",
                          column=column) from e

@@ -120,7 +120,7 @@ def train(method: str, settings: Settings, head_path: str | None, embeddings: di
         else:
             head = Phi(PhiConfig(new.embed_dim, load_cached(cache_root, embeddings["w_old_pairs"]).shape[1]))
         old_targets = None
-        if spec.plan.loss == "eqn6":
+        if spec.plan.loss != "eqn5":
             old_targets = (load_cached(cache_root, embeddings["v_old_pairs"]),
                            load_cached(cache_root, embeddings["w_old_pairs"]))
         ckpt = Path(f"{out}.ckpt")  # named by the inputs like `out`: a resume continues only the same training

@@ -294,7 +294,7 @@ def test_embed_step_computes_only_what_the_method_reads(tiny, tmp_path, method, 
         embed_frozen.fn(["v_old_pairs"], tiny["corpus"], None, tiny["old"], tiny["new"], str(cache), progress=False)
 
 
-@pytest.mark.parametrize("method", ["base", "lora-only", "full-tune", "lstsq"])
+@pytest.mark.parametrize("method", ["base", "lora-only", "full-tune", "lstsq", "slerp-bc", "xbt-gallery", "xbt-gallery-lora"])
 def test_every_method_upgrades_end_to_end_and_its_bundle_embeds(prefect_harness, tiny, tmp_path, method):
     # Each baseline through the whole flow, as `xbt upgrade --method M` runs it: Full-tune's bundle once
     # lacked its tokenizer, which only the evaluate step and `xbt embed` noticed.

@@ -31,14 +31,15 @@ from .ddp import average_gradients, global_batch, local_slice, world_info
 from .losses import PAPER_LOG_LOGIT_SCALE, check_loss, eqn5_loss, eqn6_loss
 from .phi import Phi
 
-LOSSES = ("eqn5", "eqn6")
+LOSSES = ("eqn5", "eqn6", "eqn5+anchors")
 
 
 @dataclass(frozen=True)
 class TrainPlan:
     """What a method trains and which loss it uses (Sec. 4.2, "Different training options")."""
 
-    loss: str  # "eqn5": no old model; "eqn6": against the old model's embeddings of the pairs
+    loss: str  # "eqn5": no old model; "eqn6": against the old model's embeddings of the pairs;
+    # "eqn5+anchors": Eqn. 5 plus FinetuneConfig.anchor_weight times Eqn. 6 (the gallery anchors)
     lora: bool  # LoRA on both towers
     prompts: bool  # vision soft prompts
     head: str  # "layernorm": the pretrained φ keeps all but its LayerNorms; "all": a random φ, all trained
@@ -59,6 +60,9 @@ class FinetuneConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)"})
     batch_size: int = field(default=256, metadata={"help": "pairs per step (paper: 1,024 over 4M pairs; 256 gives a 20k-pair epoch 78 steps, docs/method.md)"})
     epochs: int = field(default=1, metadata={"help": "passes over the pairs (paper: a single epoch)"})
+    anchor_weight: float = field(default=1.0, metadata={"help": "γ of the gallery anchors (Eqn. 6 against the old "
+                                                                "model's embeddings of the pairs) beside Eqn. 5, for "
+                                                                "plans that anchor (ours)"})
     log_logit_scale: float = field(default=PAPER_LOG_LOGIT_SCALE, metadata={"help": "τ_X / τ_N (paper: 2.6592)"})
     # Off by default: the paper's crops and flips cut objects out and swap
     # "left"/"right" in captions that name them; measured worse in docs/method.md.
@@ -71,6 +75,8 @@ class FinetuneConfig:
             raise ValueError(f"batch_size must be >= 2 for a contrastive loss, got {self.batch_size}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
         if self.n_prompts is not None and self.n_prompts < 0:
             raise ValueError(f"n_prompts must be >= 0, got {self.n_prompts}")
 
@@ -153,7 +159,7 @@ def finetune(
         cfg.checkpoint_every steps; the caller deletes it when the run is done.
     name: what a diverged loss's message calls this training.
     """
-    if plan.loss == "eqn6" and old_targets is None:
+    if plan.loss != "eqn5" and old_targets is None:
         raise ValueError(f"{name} trains against the old model's embeddings (Eqn. 6): pass old_targets")
     device = encoder.device
     groups = prepare_model(encoder, phi, plan, cfg)
@@ -207,6 +213,8 @@ def finetune(
             else:
                 v_old, w_old = old_targets[0][img_idx].to(device), old_targets[1][rows].to(device)  # (B, D_old)
                 loss = eqn6_loss(v_bar, w_bar, v_old, w_old, scale)
+                if plan.loss == "eqn5+anchors":
+                    loss = eqn5_loss(v_bar, w_bar, scale) + cfg.anchor_weight * loss
         value = loss.item()
         check_loss(name, value, step + 1)
         opt.zero_grad(set_to_none=True)

@@ -70,6 +70,11 @@ def gallery_needs(cfg: XbtConfig) -> tuple[str, ...]:
     return _needs(cfg, GALLERY_ANCHOR_WEIGHT)
 
 
+def gallery_lora_needs(cfg: XbtConfig) -> tuple[str, ...]:
+    """xbt-gallery's, and the old model's embeddings of the pairs for the anchors while LoRA trains."""
+    return tuple(dict.fromkeys([*_needs(cfg, GALLERY_ANCHOR_WEIGHT), "v_old_pairs", "w_old_pairs"]))
+
+
 def gallery_anchored_phi(inputs: HeadInputs, cfg: XbtConfig):
     return _pretrained_phi(inputs, cfg, GALLERY_ANCHOR_WEIGHT)
 
@@ -101,5 +106,20 @@ def register() -> None:
         trains="φ on cached embeddings of the corpus and the pairs (new and old models)",
         bundle="φ",
         fit_head=gallery_anchored_phi,
+        portfolio=True,
+    ))
+
+    register_method(MethodSpec(
+        name="xbt-gallery-lora",
+        family="xbt",
+        summary="xbt-gallery's φ, then LoRA, vision prompts and φ's LayerNorms trained with Eqn. 5 plus the gallery "
+                "anchors (finetune.anchor_weight)",
+        config_cls=XbtConfig,
+        needs=gallery_lora_needs,
+        cost=2,
+        trains="φ on cached embeddings; then LoRA (both towers), vision prompts, φ's LayerNorms",
+        bundle="φ, LoRA adapter, vision prompts",
+        fit_head=gallery_anchored_phi,
+        plan=TrainPlan(loss="eqn5+anchors", lora=True, prompts=True, head="layernorm"),
         portfolio=True,
     ))
