@@ -114,13 +114,15 @@ def run_child(argv: list[str], env: dict | None = None) -> dict:
 
 
 def git_commit() -> str:
-    """The checkout's short commit, +dirty when tracked files differ from it."""
+    """The checkout's short commit, +dirty when tracked files other than the results and the doc they
+    render differ from it (a suite run rewrites those as it goes)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
     try:
-        return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if git("status", "--porcelain",
-                                                                                    "--untracked-files=no") else "")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results",
+                      ":!experiments/results", ":!docs/benchmarks.md")
+        return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if changed else "")
     except OSError:
         return "unknown"
 
@@ -142,13 +144,20 @@ def progress(msg: str) -> None:
 
 
 def world_overrides(items: list[str]) -> dict:
-    """["seed=1", "user_phrasing=0.5"] -> WorldSpec overrides (values as JSON)."""
+    """["seed=1", "user_phrasing=0.5"] -> WorldSpec overrides; a bad field or value is a ValueError naming it."""
+    from worlds import shapes
+
+    fields = sorted(f.name for f in dataclasses.fields(shapes.WorldSpec))
     out = {}
     for kv in items:
         key, sep, value = kv.partition("=")
-        if not sep:
-            raise ValueError(f"--world {kv!r}: use FIELD=VALUE with a WorldSpec field (seed, pair_images, ...)")
-        out[key] = json.loads(value)
+        if not sep or key not in fields:
+            raise ValueError(f"--world {kv!r}: use FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"--world {kv!r}: the value must be a number") from None
+    shapes.WorldSpec(**out)  # a value out of range fails here, naming the field
     return out
 
 
@@ -167,8 +176,9 @@ def world_paths(data: str | Path, overrides: dict | None = None) -> dict[str, st
         return paths
     spec = shapes.WorldSpec(**(overrides or {}))
     progress(f"writing the built-in world {spec} to {data}")
+    data.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(json.dumps(dataclasses.asdict(spec), indent=2) + "\n")  # first: a finished world has it
     shapes.write_world(data, spec)
-    spec_file.write_text(json.dumps(dataclasses.asdict(spec), indent=2) + "\n")
     return paths
 
 

@@ -30,6 +30,16 @@ def world(tmp_path_factory, tiny):
     return {"root": root, "old": tiny["old"], "mid": str(mid), "new": tiny["new"]}
 
 
+def test_world_flags_are_checked_before_anything_runs():
+    assert common.world_overrides(["seed=1", "user_phrasing=0.5"]) == {"seed": 1, "user_phrasing": 0.5}
+    for bad, says in ((["colour=1"], "FIELD one of"), (["seed"], "FIELD=VALUE"), (["seed=x"], "must be a number"),
+                      (["seed=-1"], "seed must be a non-negative")):
+        with pytest.raises(ValueError, match=says):
+            common.world_overrides(bad)
+    args = quality.parser().parse_args(["--world", "seed=1", "--world", "pair_images=50"])
+    assert common.world_dir(args) == common.BENCH_STATE / "world-pair_images50-seed1"  # named by its overrides
+
+
 def flags(world, *more: str) -> list[str]:
     return ["--old", world["old"], "--new", world["new"], "--data", str(world["root"] / "world"),
             "--out", str(world["root"] / "runs"), *SMALL, *more]
