@@ -273,11 +273,12 @@ def _quality(r: dict) -> list[str]:
 
 
 def _cost(r: dict) -> list[str]:
-    out = ["| method | embed s | pretrain s | train s | upgrade s | evaluate s | trainable params | peak RSS MB | "
-           "corpus texts | old-model images | new/old R@1 t2i / i2t |", "|---" * 11 + "|"]
-    out += [f"| {x['method']} | {x['embed_s']} | {x['pretrain_s']} | {x['train_s']} | {x['upgrade_s']} | "
-            f"{x['evaluate_s']} | {x['trainable_params']:,} | {x['peak_rss_mb']} | {x['samples']['corpus_texts']:,} | "
-            f"{x['samples']['old_model_images']:,} | {x['new_old_t2i_r1']} / {x['new_old_i2t_r1']} |"
+    out = ["| method | extract s | embed s | pretrain s | train s | upgrade s | evaluate s | trainable params | "
+           "peak RSS MB | corpus texts | old-model images | new/old R@1 t2i / i2t |", "|---" * 12 + "|"]
+    out += [f"| {x['method']} | {x['extract_s']} | {x['embed_s']} | {x['pretrain_s']} | {x['train_s']} | "
+            f"{x['upgrade_s']} | {x['evaluate_s']} | {x['trainable_params']:,} | {x['peak_rss_mb']} | "
+            f"{x['samples']['corpus_texts']:,} | {x['samples']['old_model_images']:,} | "
+            f"{x['new_old_t2i_r1']} / {x['new_old_i2t_r1']} |"
             for x in r["rows"]]
     if "xbt_over_base" in r:
         out += ["", f"XBT / Base upgrade time (extract + embed + pretrain + train): **{r['xbt_over_base']}x** "

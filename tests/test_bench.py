@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +129,13 @@ def test_chain_table_names_every_gate():
     assert "| mid/old | 1.00 / 2.00 / 3.00 | 1.00 / 2.00 / 3.00 |" in text
     assert "link 2 against link 1 (no regression): failed (2 failing checks)" in text
     assert "the world in w" in text and "['pretrain.sigma=0']" in text
+
+
+def test_the_suites_table_benches_take_the_arguments_run_all_gives_them():
+    import importlib
+
+    for name, b in run_all.BENCHES.items():
+        if not b.fast:
+            module = importlib.import_module(f"bench.{Path(b.script).stem}")
+            args = module.parser().parse_args(list(b.args))
+            assert args.json_out == "" and not args.data, name  # the bench's own world under its state folder
