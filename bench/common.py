@@ -1,24 +1,37 @@
-"""What the benchmark scripts share: which machine a figure came from, peak RSS
-of a side run in its own process, timing, and the one-JSON-object output.
+"""What the benchmark scripts share.
 
-Figures are ratios of two sides measured in the same run; peak memory is per
-side, each side in its own child process so the two never share a high-water
-mark.
+Throughput benches: which machine a figure came from, timing, peak RSS of a
+side run in its own process, and the one-JSON-object output. Figures are
+ratios of two sides measured in the same run; peak memory is per side, each
+side in its own child process so the two never share a high-water mark.
+
+Paper-table benches (quality, chain, ablations, zeroshot, cost): a world
+folder, the shared flags, and one upgrade through the product's flow
+(`flows.upgrade.upgrade`), whose report is what a table reads. `table_main`
+points Prefect, MLflow and xbt state at the bench's own folder and opens one
+private Prefect API for the whole process; a script's `run(args)` only assumes
+an API is configured, so tests call it under their own harness.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import filecmp
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Synthetic corpora and scratch caches: under XBT_STATE_DIR (make sets .state/) like all xbt state.
-BENCH_STATE = Path(os.environ.get("XBT_STATE_DIR") or ROOT / ".state") / "bench"
+# Synthetic corpora, worlds, scratch caches and the flow runs' state: under XBT_STATE_DIR (make sets .state/).
+BENCH_STATE = Path(os.environ.get("XBT_STATE_DIR") or ROOT / ".state").absolute() / "bench"
+DIRECTIONS = ("t2i", "i2t")
+GATE_KS = ("1", "5", "10")
 
 
 def cpu_name() -> str:
@@ -100,11 +113,215 @@ def run_child(argv: list[str], env: dict | None = None) -> dict:
     return result
 
 
-def emit(result: dict) -> dict:
-    """The one JSON object a bench prints on stdout (progress goes to stderr)."""
+def git_commit() -> str:
+    """The checkout's short commit, +dirty when tracked files other than the results and the doc they
+    render differ from it (a suite run rewrites those as it goes)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    try:
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results",
+                      ":!experiments/results", ":!docs/benchmarks.md")
+        return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if changed else "")
+    except OSError:
+        return "unknown"
+
+
+def emit(result: dict, json_out: str = "") -> dict:
+    """The one JSON object a bench prints on stdout (progress goes to stderr); also saved to `json_out`."""
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result), flush=True)
     return result
 
 
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+# --- paper-table benches: worlds, flags, the flow ------------------------------------------------
+
+
+def world_overrides(items: list[str]) -> dict:
+    """["seed=1", "user_phrasing=0.5"] -> WorldSpec overrides; a bad field or value is a ValueError naming it."""
+    from worlds import shapes
+
+    fields = sorted(f.name for f in dataclasses.fields(shapes.WorldSpec))
+    out = {}
+    for kv in items:
+        key, sep, value = kv.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--world {kv!r}: use FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"--world {kv!r}: the value must be a number") from None
+    shapes.WorldSpec(**out)  # a value out of range fails here, naming the field
+    return out
+
+
+def world_paths(data: str | Path, overrides: dict | None = None) -> dict[str, str]:
+    """corpus, pairs and eval Parquet of a world folder. A folder without them gets the built-in world
+    (worlds.shapes.WorldSpec with `overrides`), its spec saved beside them as world.json."""
+    from worlds import shapes
+
+    data = Path(data)
+    paths = {k: str(data / f"{k}.parquet") for k in ("corpus", "pairs", "eval")}
+    spec_file = data / "world.json"
+    if all(Path(p).exists() for p in paths.values()):
+        if overrides and spec_file.exists() and world_spec(data) != shapes.WorldSpec(**overrides):
+            raise ValueError(f"{data} holds another world ({spec_file}): give --data a new folder "
+                             f"for --world {overrides}")
+        return paths
+    spec = shapes.WorldSpec(**(overrides or {}))
+    progress(f"writing the built-in world {spec} to {data}")
+    data.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(json.dumps(dataclasses.asdict(spec), indent=2) + "\n")  # first: a finished world has it
+    shapes.write_world(data, spec)
+    return paths
+
+
+def world_spec(data: str | Path):
+    """The WorldSpec a world folder was written with (its world.json)."""
+    from worlds import shapes
+
+    spec_file = Path(data) / "world.json"
+    if not spec_file.exists():
+        raise ValueError(f"{data} has no world.json: pass a world folder the benches wrote "
+                         "(a --data that did not exist)")
+    return shapes.WorldSpec(**json.loads(spec_file.read_text()))
+
+
+def add_world_flags(ap: argparse.ArgumentParser) -> None:
+    """--old, --new and the world: --data, or the built-in world with --world overrides."""
+    ap.add_argument("--old", default="zoo/old", help="the model the gallery was embedded with")
+    ap.add_argument("--new", default="zoo/new")
+    ap.add_argument("--data", default="", help="world folder with corpus/pairs/eval.parquet (the built-in world "
+                                                 "is written there if missing); default: one under the bench's state "
+                                                 "named by --world")
+    ap.add_argument("--world", action="append", default=[], metavar="FIELD=VALUE",
+                    help="WorldSpec field of the built-in world written into a missing --data, e.g. seed=1")
+
+
+def world_dir(args) -> Path:
+    """--data, or the bench's folder of the built-in world with args' --world overrides."""
+    if args.data:
+        return Path(args.data)
+    overrides = world_overrides(args.world)
+    return BENCH_STATE / "-".join(["world", *(f"{k}{v}" for k, v in sorted(overrides.items()))])
+
+
+def world_of(args) -> dict[str, str]:
+    """args' world: its corpus, pairs and eval Parquet, written first when missing."""
+    return world_paths(world_dir(args), world_overrides(args.world))
+
+
+def table_parser(doc: str, methods: bool = True, seeds: bool = True, out: bool = True) -> argparse.ArgumentParser:
+    """The flags every paper-table bench shares; one that trains only XBT, or one seed, or keeps no run
+    folders, leaves some out."""
+    from xbtcore.methods import by_cost
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_world_flags(ap)
+    if methods:
+        names = [m.name for m in by_cost()]
+        ap.add_argument("--methods", nargs="+", default=names, choices=names)
+    if seeds:
+        ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--set", action="append", default=[], metavar="SCOPE.FIELD=VALUE",
+                    help="config override, as `xbt upgrade --set`: pretrain.sigma=0.05, finetune.batch_size=256")
+    if out:
+        ap.add_argument("--out", default=str(BENCH_STATE / "runs"),
+                        help="where each upgrade's run folder goes (named by its inputs: a rerun is served "
+                             "from the cache)")
+    ap.add_argument("--json-out", default="", help="also save the result JSON here")
+    return ap
+
+
+def data_of(args) -> dict:
+    """What a table records about its world: the folder and, when the benches wrote it, its spec."""
+    folder = world_dir(args)
+    spec = folder / "world.json"
+    return {"folder": str(folder), "world": json.loads(spec.read_text()) if spec.exists() else None}
+
+
+def upgrade(args, method: str, seed: int, old: str | None = None, new: str | None = None, **params) -> dict:
+    """One upgrade through the product's flow on args' world, models and `--set` settings -> its report.
+
+    params: further UpgradeParams fields (pairs=..., sample=...). The run folder under --out is named
+    by the parameters, so the same upgrade again (in any bench) finds its steps cached.
+    """
+    from flows.upgrade import UpgradeParams
+    from flows.upgrade import upgrade as flow
+    from tasks.common import digest
+    from xbtcore.config import parse_settings
+
+    data = world_of(args)
+    fields = {"old": old or args.old, "new": new or args.new, **data, "method": method, "seed": seed,
+              **parse_settings(args.set), **params}
+    out = Path(args.out) / f"{method}-seed{seed}-{digest(fields)}"
+    return flow(UpgradeParams(**fields, out=str(out), progress=sys.stderr.isatty()))
+
+
+def pair_images(pairs: str) -> int:
+    """Distinct images of a pairs Parquet file."""
+    import pyarrow.parquet as pq
+
+    return len(set(pq.read_table(pairs, columns=["image_id"]).column(0).to_pylist()))
+
+
+def trainable_params(report: dict) -> int:
+    """Trainable parameters of the run's training step, from the history it wrote beside the bundle it
+    published (tasks.train), found under the run's work/ by the bundle's head file."""
+    bundle = Path(report["bundle"])
+    for history in sorted((bundle.parent / "work").glob("bundle-*.history.json")):
+        trained = history.with_name(history.name.removesuffix(".history.json"))
+        if filecmp.cmp(trained / "phi.safetensors", bundle / "phi.safetensors", shallow=False):
+            return json.loads(history.read_text())["trainable_params"]
+    raise FileNotFoundError(f"no training history under {bundle.parent / 'work'} for {bundle}")
+
+
+def run_row(report: dict) -> dict:
+    """What a table keeps of one upgrade's report."""
+    keys = ("recall", "gate", "no_regression", "gate_margins", "timings_s", "counts")
+    return {**{k: report[k] for k in keys if k in report},
+            "report": str(Path(report["bundle"]).parent / "report.json"),
+            "model": f"models:/{report['promotion']['model']}/{report['promotion']['version']}"}
+
+
+def mean_recall(rows: list[dict], case: str) -> dict:
+    """{direction: {K: mean R@K over rows}} of one recall case, at the gate's K values."""
+    return {d: {k: round(statistics.fmean(r["recall"][d][case][k] for r in rows), 2) for k in GATE_KS}
+            for d in DIRECTIONS}
+
+
+def table_main(parser, run) -> dict:
+    """A paper-table script's main(): parse, state in the bench's folder, one private Prefect API, run, emit."""
+    args = parser().parse_args()
+    use_bench_state()
+    from pydantic import ValidationError
+
+    from tasks.servers import prefect_api
+    from xbtcore.config import Settings, parse_settings
+
+    try:
+        Settings.of(parse_settings(args.set))  # a bad --set fails now, not after the first upgrade
+        world_overrides(args.world)
+        with prefect_api():
+            return emit(run(args), args.json_out)
+    except (ValueError, ValidationError) as e:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: {e}") from e
+
+
+def use_bench_state(state: Path = BENCH_STATE) -> None:
+    """Prefect, MLflow and xbt state of this process's flow runs in `state`; prefect reads its settings
+    when first imported, so this runs before that."""
+    assert "prefect" not in sys.modules, "set the state folder before prefect is imported"
+    from flows.cli import _set_env_defaults
+
+    (state / "mlflow").mkdir(parents=True, exist_ok=True)
+    os.environ.update({"XBT_STATE_DIR": str(state), "PREFECT_HOME": str(state / "prefect"),
+                       "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow' / 'mlflow.db'}"})
+    _set_env_defaults()  # the CLI's defaults for the rest (analytics off, startup timeout, log stream)
+    os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM"] = "ext://sys.stderr"  # stdout holds the one JSON object

@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.common import Clock, check_device, emit, machine, progress  # noqa: E402
 from xbtcore.encoders import DualEncoder  # noqa: E402
-from xbtcore.recipe import cached_text_embeddings  # noqa: E402
+from xbtcore.cache import cached_text_embeddings  # noqa: E402
 from worlds.shapes import corpus_captions  # noqa: E402
 
 GOAL_RATIO = 3.0
@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
     ref, emb = torch.cat(refs), torch.cat(embs)  # (N, D) each
 
     # ours pads each slice's batches on their own, as it ran above
-    naive_tokens, ours_tokens, text_tokens = (sum(x) for x in zip(*(
-        token_counts(tokenizer, texts[a : a + step], max_length, args.batch_size) for a in range(0, len(texts), step))))
+    counts = [token_counts(tokenizer, texts[a : a + step], max_length, args.batch_size)
+              for a in range(0, len(texts), step)]
+    naive_tokens, ours_tokens, text_tokens = (sum(x) for x in zip(*counts))
     atol = ATOL["cuda" if device.startswith("cuda") else "cpu"]
     result = {
         "bench": "embed",

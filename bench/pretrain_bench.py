@@ -36,11 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import BENCH_STATE, Clock, check_device, emit, machine, progress  # noqa: E402
-from xbtcore.cache import EmbeddingCache  # noqa: E402
+from xbtcore.cache import EmbeddingCache, cached_text_embeddings  # noqa: E402
 from xbtcore.encoders import DualEncoder  # noqa: E402
 from xbtcore.phi import Phi, PhiConfig  # noqa: E402
-from xbtcore.pretrain import PretrainConfig, text_only_pretrain  # noqa: E402
-from xbtcore.recipe import cached_text_embeddings, pretrain_phi  # noqa: E402
+from xbtcore.pretrain import PretrainConfig, pretrain_phi, text_only_pretrain  # noqa: E402
 from worlds.shapes import corpus_captions  # noqa: E402
 
 EMBED_BATCH = inspect.signature(cached_text_embeddings).parameters["batch_size"].default  # as the cache embeds
@@ -100,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
                 phi, fresh_new, fresh_old = recompute_epoch(phi, new, old, texts, cfg, epoch, device)
             # this epoch, as a whole run of recompute epochs like it, against the cached run beside it
             pair_ratios.append(cfg.epochs * (recompute.wall - recompute_before) / cached.wall)
-            progress(f"epoch {epoch + 1}/{cfg.epochs}: cached run {cached.wall:.1f}s, recompute so far {recompute.wall:.1f}s")
+            progress(f"epoch {epoch + 1}/{cfg.epochs}: cached run {cached.wall:.1f}s, "
+                     f"recompute so far {recompute.wall:.1f}s")
     cached = sorted(cached_runs, key=lambda c: c.wall)[len(cached_runs) // 2]  # the median run
 
     samples = cfg.epochs * len(texts)

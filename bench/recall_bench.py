@@ -14,16 +14,17 @@ same query chunks recall_at_k uses, (b) recall_at_k with the torch backend and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import emit, progress  # noqa: E402
 from xbtcore.recall import recall_at_k  # noqa: E402
 
 GOAL_RATIO = 1.3
@@ -75,15 +76,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     load_before = os.getloadavg()[0]
     matmul_s, matmul_cpu, _ = timed(args.device, dense_matmul, text, image, args.chunk_size)
-    print(f"matmul {matmul_s:.1f}s", file=sys.stderr, flush=True)
+    progress(f"matmul {matmul_s:.1f}s")
     torch_s, torch_cpu, torch_recall = timed(
         args.device, recall_at_k, text, image, caption_image, chunk_size=args.chunk_size
     )
-    print(f"recall torch {torch_s:.1f}s {torch_recall}", file=sys.stderr, flush=True)
+    progress(f"recall torch {torch_s:.1f}s {torch_recall}")
     faiss_s, faiss_cpu, faiss_recall = timed(args.device, recall_at_k, text, image, caption_image, backend="faiss")
-    print(f"recall faiss {faiss_s:.1f}s {faiss_recall}", file=sys.stderr, flush=True)
+    progress(f"recall faiss {faiss_s:.1f}s {faiss_recall}")
 
     result = {
+        "bench": "recall",
         "images": args.images,
         "captions": len(text),
         "dim": args.dim,
@@ -108,8 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": args.device,
         "goal_ratio": GOAL_RATIO,
     }
-    print(json.dumps(result))
-    return result
+    return emit(result)
 
 
 if __name__ == "__main__":

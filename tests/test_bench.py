@@ -1,12 +1,17 @@
-"""The benchmark scripts at toy sizes: one JSON object each, both sides agreeing, and the doc rendered from it."""
+"""The throughput benches at toy sizes: one JSON object each, both sides agreeing; the doc rendered from results."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+
+sys.path.insert(0, str(REPO))
+
+from bench import run_all  # noqa: E402
 
 
 def bench(script: str, *args: str) -> dict:
@@ -16,6 +21,15 @@ def bench(script: str, *args: str) -> dict:
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1, "a bench prints exactly one JSON object on stdout"
     return json.loads(lines[0])
+
+
+def saved(result: dict, name: str, results) -> dict:
+    """A result as run_all saves it: with the run's command and context."""
+    result = {"machine": "cpu: test", **result, "run": {"command": f"python bench/{name}.py", "seconds": 1.0,
+                                                        "date": "2026-01-01T00:00:00+00:00", "commit": "abc",
+                                                        "memory_gb": 1.0, "loadavg_1m": [0.1, 0.2]}}
+    (results / f"{name}.json").write_text(json.dumps(result))
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +46,14 @@ def test_extract_bench_sides_agree(results):
     # both times are rounded to the millisecond and the ratio to 0.01: at toy sizes (0.05 s) that is a few percent
     assert r["ratio"] == pytest.approx(r["pandas_s"] / r["ours_s"], rel=0.03, abs=0.011)
     assert r["machine"].startswith("cpu: ")
-    (results / "extract.json").write_text(json.dumps(r))
+    saved(r, "extract", results)
 
 
 def test_embed_bench_outputs_agree(results):
     r = bench("embed_bench.py", "--n", "256", "--batch-size", "64")
     assert r["outputs_agree"] and r["max_abs_diff"] < r["atol"]
     assert r["texts"] == 256 and r["ours_texts_per_s"] > 0 and r["naive_texts_per_s"] > 0
-    (results / "embed.json").write_text(json.dumps(r))
+    saved(r, "embed", results)
 
 
 def test_pretrain_bench_cache_matches_recompute(results):
@@ -48,39 +62,80 @@ def test_pretrain_bench_cache_matches_recompute(results):
     assert r["epochs"] == 1 and r["texts"] == 512
     # the cached side skips both encoders, which is most of the recomputing side's work
     assert r["recompute_s"] > r["cached_s"] and r["cached_samples_per_s"] > r["recompute_samples_per_s"]
-    (results / "pretrain.json").write_text(json.dumps(r))
+    saved(r, "pretrain", results)
 
 
-def test_render_from_saved_results(results, tmp_path):
-    (results / "quality.json").write_text(json.dumps({"device": "cpu", "runs": [{"method": "xbt", "seed": 0, "gate": True}]}))
+def test_recall_bench_times_the_recall_of_its_data_by_brute_force(results):
+    from bench.recall_bench import synthetic
+    from xbtcore.recall import recall_at_k_reference
+
+    r = bench("recall_bench.py", "--images", "400", "--captions-per-image", "2", "--dim", "16", "--chunk-size", "128")
+    assert (r["images"], r["captions"], r["dim"]) == (400, 800, 16) and r["backends_agree"]
+    reference = recall_at_k_reference(*synthetic(400, 2, 16, "cpu"))
+    assert (r["recall_t2i"], r["recall_i2t"]) == (reference["t2i"], reference["i2t"])
+    assert 0 < r["recall_t2i"]["1"] < 100  # noisy copies: found, not always first
+    assert r["ratio_torch"] > 0 and r["ratio_faiss"] > 0 and r["peak_rss_mb"] > 0
+    saved(r, "recall", results)
+
+
+def test_doc_renders_the_suite_with_goals_and_no_missing_bench_prose(results, tmp_path):
+    (results / "notes.json").write_text(json.dumps({"not": "a bench"}))  # not the suite's: never rendered
     doc = tmp_path / "benchmarks.md"
     out = subprocess.run([sys.executable, "bench/run_all.py", "--render-only", "--results", str(results),
                           "--doc", str(doc)], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     text = doc.read_text()
-    for item in ("3a extraction throughput", "3a/4 extraction peak memory", "3b text embedding throughput",
-                 "3d φ pretraining samples/s", "### quality", "made by `python bench/quality.py", "| xbt | 0 | True |"):
+    for item in ("extraction throughput", "extraction peak memory", "text embedding throughput",
+                 "φ pretraining samples/s", "recall evaluation time", "### extract", "### recall"):
         assert item in text
     # a toy-sized extraction cannot meet the goal stated at 10 million rows
     assert "run at 20,000 rows, not the goal's 10,000,000" in text
-    assert "`recall` (`bench/run_all.py --only recall`)" in text
+    assert "notes" not in text and "### cost" not in text and "Table" not in text  # absent results: not rendered
+    assert "issue" not in text.lower() and "session" not in text.lower()
 
 
-def test_quality_runs_render_as_table_with_failing_checks():
-    sys.path.insert(0, str(REPO))
-    from bench.run_all import render_paper_table
-
-    case = {k: 1.0 for k in ("1", "5", "10")}
+def _recall(new_old_t2i_5: float = 1.0) -> dict:
+    case = {"1": 1.0, "5": 1.0, "10": 1.0, "50": 1.0}
     recall = {d: {c: dict(case) for c in ("old/old", "new/old", "new/new", "orig-new/new")} for d in ("t2i", "i2t")}
-    recall["t2i"]["new/old"]["5"] = 0.5
-    run = {"method": "xbt", "seed": 2, "recall": recall,
-           "gate": {"passed": False, "failures": [["t2i", 5, 0.5, 1.0]]}}
-    text = render_paper_table("quality-x", {"note": "a note", "runs": [run]})
-    assert "a note" in text
-    assert "| xbt | 2 | 1.00 / 0.50 / 1.00 | 1.00 / 1.00 / 1.00 | 1.0 / 1.0 | failed | t2i R@5 0.5 vs 1.0 | n/a |" in text
+    recall["t2i"]["new/old"]["5"] = new_old_t2i_5
+    return recall
+
+
+def test_quality_table_renders_each_run_with_its_failing_checks_and_tightest_margin():
     margin = {"margin": 0.3, "low": -0.1, "high": 0.7, "p_better": 0.8}
-    run["gate_margins"] = {d: {k: dict(margin) for k in ("1", "5", "10")} for d in ("t2i", "i2t")}
-    run["gate_margins"]["i2t"]["10"] = {"margin": -0.5, "low": -1.25, "high": 0.25, "p_better": 0.1}
-    text = render_paper_table("quality-x", {"runs": [run]})
-    assert "| t2i R@5 0.5 vs 1.0 | i2t R@10 -0.50 [-1.25, +0.25] |" in text
-    assert render_paper_table("quality", {"runs": [{"method": "xbt", "seed": 0, "gate": True}]}) is None  # no recall: generic
+    margins = {d: {k: dict(margin) for k in ("1", "5", "10")} for d in ("t2i", "i2t")}
+    margins["i2t"]["10"] = {"margin": -0.5, "low": -1.25, "high": 0.25, "p_better": 0.1}
+    run = {"method": "xbt", "seed": 2, "recall": _recall(0.5),
+           "gate": {"passed": False, "failures": [["t2i", 5, 0.5, 1.0]]}, "gate_margins": {"n_boot": 10, **margins},
+           "trainable_params": 1234, "timings_s": {"embed": 1.0, "train": 2.5}}
+    result = {"old": "zoo/old", "new": "zoo/new", "data": {"folder": "w", "world": {"seed": 0}}, "settings": [],
+              "seeds": [2], "runs": [run], "table": []}
+    text = "\n".join(run_all.render_result("quality", result))
+    assert ("| xbt | 2 | 1.00 / 0.50 / 1.00 | 1.00 / 1.00 / 1.00 | 1.0 / 1.0 | failed | t2i R@5 0.5 vs 1.0 | "
+            "i2t R@10 -0.50 [-1.25, +0.25] | 1,234 | 3.5 |") in text
+    assert "the built-in world {'seed': 0}" in text and "Mean over seeds" not in text  # one seed: no mean table
+
+
+def test_chain_table_names_every_gate():
+    gate = {"passed": True, "failures": []}
+    link = {"recall": _recall(), "gate": gate}
+    cases = ("old/old", "mid/old", "new/old (chain)")
+    table = {d: {c: {"1": 1.0, "5": 2.0, "10": 3.0} for c in cases} for d in ("t2i", "i2t")}
+    result = {"old": "o", "mid": "m", "new": "n", "data": {"folder": "w", "world": None},
+              "settings": ["pretrain.sigma=0"],
+              "runs": [{"seed": 0, "links": [link, {**link, "no_regression": {"passed": False, "failures": [1, 2]}}],
+                        "direct": link, "table": table}]}
+    text = "\n".join(run_all.render_result("chain", result))
+    assert "| mid/old | 1.00 / 2.00 / 3.00 | 1.00 / 2.00 / 3.00 |" in text
+    assert "link 2 against link 1 (no regression): failed (2 failing checks)" in text
+    assert "the world in w" in text and "['pretrain.sigma=0']" in text
+
+
+def test_the_suites_table_benches_take_the_arguments_run_all_gives_them():
+    import importlib
+
+    for name, b in run_all.BENCHES.items():
+        if not b.fast:
+            module = importlib.import_module(f"bench.{Path(b.script).stem}")
+            args = module.parser().parse_args(list(b.args))
+            assert args.json_out == "" and not args.data, name  # the bench's own world under its state folder

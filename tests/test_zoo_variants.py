@@ -1,8 +1,5 @@
-"""Experiment variants of the demo zoo (scripts/build_zoo.py --spec / --steps / --zoo-user-phrasing
-/ --known-synonyms)
-and the note a bench result carries into docs/benchmarks.md."""
+"""Variants of the demo zoo (scripts/build_zoo.py --spec / --steps / --zoo-user-phrasing / --known-synonyms)."""
 
-import argparse
 import json
 import re
 import sys
@@ -21,7 +18,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import build_zoo  # noqa: E402
-from bench import quality  # noqa: E402
 
 
 def test_text_tower_takes_its_own_width_and_depth():
@@ -51,10 +47,11 @@ def test_variant_tier_trains_on_house_style_captions_with_its_overrides(tmp_path
         drawn.append((split, user_phrasing))
         return real(seed, split, n, c, user_phrasing)
 
-    monkeypatch.setattr(build_zoo.world, "scenes_with_captions", spy)
+    monkeypatch.setattr(build_zoo.shapes, "scenes_with_captions", spy)
     monkeypatch.setattr(build_zoo, "TRAIN_IMAGES", 48)
     monkeypatch.setattr(build_zoo, "BATCH", 16)
-    meta = build_zoo.train_tier("old", tmp_path, seed=0, eval_every=1, spec_overrides={"text_width": 32, "text_layers": 1},
+    meta = build_zoo.train_tier("old", tmp_path, seed=0, eval_every=1,
+                                spec_overrides={"text_width": 32, "text_layers": 1},
                                 steps=2, zoo_user_phrasing=0.5)
     assert ("zoo", 0.5) in drawn and ("eval", 0.0) in drawn  # the eval split keeps the world's own phrasing
     assert meta["steps"] == 2 and meta["zoo_user_phrasing"] == 0.5
@@ -84,7 +81,7 @@ def test_each_generation_reads_more_words_and_the_committed_zoo_records_it(tmp_p
     def uses(captions, words):
         return any(re.search(rf"\b{w}\b", c) for c in captions for w in words)
 
-    monkeypatch.setattr(build_zoo.world, "plain_words", spy)
+    monkeypatch.setattr(build_zoo.shapes, "plain_words", spy)
     monkeypatch.setattr(build_zoo, "TRAIN_IMAGES", 48)
     monkeypatch.setattr(build_zoo, "BATCH", 16)
     build_zoo.train_tier("old", tmp_path, seed=0, eval_every=1, steps=1)
@@ -97,7 +94,8 @@ def test_each_generation_reads_more_words_and_the_committed_zoo_records_it(tmp_p
     seen.clear()
     build_zoo.train_tier("new", tmp_path, seed=0, eval_every=1, steps=1)
     assert seen == {}
-    meta = {t: json.loads((ZOO / t / "xbt_zoo.json").read_text()).get("known_synonyms") for t in ("old", "mid", "new", "old-same-text")}
+    meta = {t: json.loads((ZOO / t / "xbt_zoo.json").read_text()).get("known_synonyms")
+            for t in ("old", "mid", "new", "old-same-text")}
     assert meta == {"old": 2, "mid": {"size": 2}, "new": None, "old-same-text": None}
 
 
@@ -108,14 +106,3 @@ def test_known_synonyms_flag_takes_one_k_or_k_per_kind_and_names_a_bad_one():
     for bad, says in (("colour=2", "colour"), ("size", "KIND=K"), ("size=x", "KIND=K"), ("0", "at least 1")):
         with pytest.raises(ValueError, match=says):
             build_zoo.parse_known_synonyms(bad)
-
-
-def test_a_note_saves_the_command_that_made_the_result(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["bench/quality.py", "--methods", "xbt", "--note", "why it ran"])
-    out = tmp_path / "r.json"
-    quality.emit({"runs": []}, argparse.Namespace(note="why it ran", json_out=str(out)))
-    saved = json.loads(out.read_text())
-    assert saved["note"] == "why it ran" and saved["runs"] == []
-    assert saved["run"]["command"] == ".venv/bin/python bench/quality.py --methods xbt --note 'why it ran'"
-    quality.emit({"runs": []}, argparse.Namespace(note="", json_out=str(out)))
-    assert json.loads(out.read_text()) == {"runs": []}  # no note: the result as it was

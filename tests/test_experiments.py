@@ -1,0 +1,109 @@
+"""experiments/: the runner on a tiny config, every committed config's runs parsing, and the probes at toy sizes."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_WORLD
+
+sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+from experiments import headroom, phi_alone, run  # noqa: E402
+
+CONFIGS = sorted((REPO / "experiments" / "configs").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny):
+    root = tmp_path_factory.mktemp("experiments")
+    common.world_paths(root / "world", TINY_WORLD)
+    return {"root": root, "flags": ["--old", tiny["old"], "--new", tiny["new"], "--data", str(root / "world")]}
+
+
+def test_grid_and_variants_make_one_run_each():
+    config = {"script": "bench/quality.py", "args": ["--seeds", "0"],
+              "grid": {"pretrain.sigma": [0, 0.1], "--new": ["zoo/mid"]}, "variants": {"base": ["--methods", "base"]}}
+    assert run.runs_of(config) == {
+        "pretrain.sigma=0,new=zoo/mid": ["--seeds", "0", "--set", "pretrain.sigma=0", "--new", "zoo/mid"],
+        "pretrain.sigma=0.1,new=zoo/mid": ["--seeds", "0", "--set", "pretrain.sigma=0.1", "--new", "zoo/mid"],
+        "base": ["--seeds", "0", "--methods", "base"],
+    }
+    assert run.runs_of({"script": "bench/chain.py"}) == {"default": []}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_committed_config_parses(path):
+    config = run.read_config(path)
+    assert config["about"] and (REPO / config["script"]).is_file()
+    assert run.parsed_runs(path)
+
+
+def test_a_bad_setting_names_the_config_and_the_run(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"script": "bench/quality.py", "variants": {"oops": ["--set", "pretrain.nope=1"]}}))
+    with pytest.raises(ValueError, match=r"bad.json: run 'oops'.*unknown setting 'nope'"):
+        run.parsed_runs(path)
+    path.write_text(json.dumps({"script": "bench/quality.py", "variants": {"flag": ["--nope"]}}))
+    with pytest.raises(ValueError, match=r"run 'flag'.*unknown flags \['--nope'\]"):
+        run.parsed_runs(path)
+
+
+def test_runner_writes_results_named_from_the_config(prefect_harness, world, tmp_path):
+    path = tmp_path / "maps.json"
+    path.write_text(json.dumps({"about": "the two closed-form maps", "script": "bench/quality.py",
+                                "args": [*world["flags"], "--out", str(world["root"] / "runs")],
+                                "grid": {"--methods": ["procrustes", "lstsq"]}}))
+    record = run.run_config(path, tmp_path / "results")
+    saved = json.loads((tmp_path / "results" / "maps.json").read_text())
+    assert saved == record and saved["config"] == "maps" and saved["about"] == "the two closed-form maps"
+    assert saved["command"] == f"python experiments/run.py {path}" and saved["commit"] and saved["date"]
+    assert [r["name"] for r in saved["runs"]] == ["methods=procrustes", "methods=lstsq"]
+    for r, method in zip(saved["runs"], ("procrustes", "lstsq")):
+        (row,) = r["result"]["runs"]
+        assert row["method"] == method and r["flags"][-2:] == ["--methods", method]
+        assert row["recall"] == json.loads(Path(row["report"]).read_text())["recall"]
+
+
+@pytest.fixture(scope="module")
+def flow_report(prefect_harness, world):
+    """An upgrade's report on the same world and models: the probes' old/old must be its old/old."""
+    args = common.table_parser("").parse_args([*world["flags"], "--out", str(world["root"] / "runs")])
+    return common.upgrade(args, "procrustes", 0)
+
+
+def test_headroom_probe_reports_old_old_as_the_flow_does(world, flow_report):
+    res = headroom.run(headroom.parser().parse_args([*world["flags"], "--epochs", "1", "2", "--batch-size", "32"]))
+    assert res["old/old"] == flow_report["recall"]["t2i"]["old/old"]
+    assert [h["epochs"] for h in res["heads"]] == [1, 2] and res["pairs"] == TINY_WORLD["pair_images"]
+    assert all(0 <= r <= 100 for h in res["heads"] for r in h["new/old"].values())
+
+
+def test_phi_alone_is_the_xbt_head_on_the_unmodified_new_model(world, flow_report, tmp_path):
+    settings = ["--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=64", "--set", "pretrain.pair_weight=0"]
+    res = phi_alone.run(phi_alone.parser().parse_args([*world["flags"], *settings, "--out", str(tmp_path)]))
+    (seed0,) = res["runs"]
+    for d in ("t2i", "i2t"):
+        assert seed0["recall"][d]["old/old"] == flow_report["recall"][d]["old/old"]
+        assert seed0["recall"][d]["orig-new/new"] == flow_report["recall"][d]["orig-new/new"]
+    assert set(seed0["transfer"]) == {"i2i", "i2i_mean_cos", "t2t", "t2t_mean_cos", "image_lands_in_text_region"}
+    assert len(list(tmp_path.glob("head-*.safetensors"))) == 1  # the flow's head stage wrote it
+
+
+def test_transfer_diagnostics_by_hand():
+    from xbtcore.evaluate import Side
+
+    g = torch.Generator().manual_seed(0)
+    caption_image = torch.arange(6).repeat_interleave(2)  # 6 images, 2 captions each
+    image = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(image[caption_image] + 0.3 * torch.randn(12, 8, generator=g), dim=-1)
+    old = Side(text=text, image=image)
+    exact = phi_alone.transfer(old, old, caption_image)  # a φ that lands every image on its own old image
+    assert exact["i2i"] == {"1": 100.0, "5": 100.0, "10": 100.0} and exact["i2i_mean_cos"] == pytest.approx(1.0)
+    assert exact["image_lands_in_text_region"] == 0.0 and exact["t2t"]["1"] == 100.0
+    # a φ that lands each image on its first caption: in the text region, everywhere
+    on_caption = Side(text=text, image=text[::2])
+    assert phi_alone.transfer(on_caption, old, caption_image)["image_lands_in_text_region"] == 100.0
