@@ -61,14 +61,16 @@ def pretrained_phi(paths: dict, old: str, new: str, dims: tuple[int, int], setti
     from tasks.embed import embed_frozen
     from tasks.extract import extract_corpus
     from tasks.train import fit_head, load_head
+    from xbtcore.data import ValSplit
     from xbtcore.methods import get_method
 
     spec = get_method("xbt")
+    split = ValSplit(0.1, seed=seed)  # the flow's default: the validation images never train
     corpus = extract_corpus.fn(paths["corpus"], step_path(work, "corpus", paths["corpus"], suffix=".parquet"))
     keys = embed_frozen.fn(list(spec.needs(spec.config(settings))), corpus["path"], paths["pairs"], old, new,
-                           str(cache_dir()), progress=False)
-    out = step_path(work, "head", settings, keys, seed, suffix=".safetensors")
-    return load_head(fit_head.fn("xbt", settings, keys, str(cache_dir()), paths["pairs"], *dims, seed, out))
+                           str(cache_dir()), split, progress=False)
+    out = step_path(work, "head", settings, keys, split, seed, suffix=".safetensors")
+    return load_head(fit_head.fn("xbt", settings, keys, str(cache_dir()), paths["pairs"], split, *dims, seed, out))
 
 
 def run(args) -> dict:
