@@ -25,8 +25,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (data_of, mean_recall, pair_images, progress, run_row, table_main,  # noqa: E402
-                          table_parser, upgrade, world_dir, world_of, world_paths, world_spec)
+from bench.common import (
+    data_of,
+    mean_recall,
+    pair_images,
+    progress,
+    run_row,
+    table_main,  # noqa: E402
+    table_parser,
+    upgrade,
+    world_dir,
+    world_of,
+    world_paths,
+    world_spec,
+)
 
 ABLATIONS = ("default", "no-noise", "corpus-1/4", "corpus-1/2", "pairs-1/2", "pairs-x2", "image-pretrain")
 
@@ -65,12 +77,26 @@ def run(args) -> dict:
     for name, change in configurations(args, args.only or ABLATIONS).items():
         changed = argparse.Namespace(**{**vars(args), "set": [*args.set, *change["set"]]})
         runs = [{"seed": seed, **run_row(upgrade(changed, "xbt", seed, **change["params"]))} for seed in args.seeds]
-        rows[name] = {**change, "corpus": runs[0]["counts"]["corpus"], "pairs": runs[0]["counts"]["pairs"],
-                      "seeds": args.seeds, "gate_passed": [r["gate"]["passed"] for r in runs],
-                      **{case: mean_recall(runs, case) for case in ("old/old", "new/old", "new/new")}, "runs": runs}
+        rows[name] = {
+            **change,
+            "corpus": runs[0]["counts"]["corpus"],
+            "pairs": runs[0]["counts"]["pairs"],
+            "seeds": args.seeds,
+            "gate_passed": [r["gate"]["passed"] for r in runs],
+            **{case: mean_recall(runs, case) for case in ("old/old", "new/old", "new/new")},
+            "runs": runs,
+        }
         progress(f"{name}: new/old {rows[name]['new/old']}, gate {rows[name]['gate_passed']}")
-    return {"bench": "ablations", "old": args.old, "new": args.new, "data": data_of(args), "seeds": args.seeds,
-            "settings": args.set, "recall": "mean over seeds, R@K in percent", "ablations": rows}
+    return {
+        "bench": "ablations",
+        "old": args.old,
+        "new": args.new,
+        "data": data_of(args),
+        "seeds": args.seeds,
+        "settings": args.set,
+        "recall": "mean over seeds, R@K in percent",
+        "ablations": rows,
+    }
 
 
 def parser():

@@ -30,14 +30,30 @@ def run(args) -> dict:
         link1 = {"link": "old->mid", **run_row(upgrade(args, "xbt", seed, new=args.mid))}
         link2 = {"link": "mid->new", "old": link1["model"], **run_row(upgrade(args, "xbt", seed, old=link1["model"]))}
         direct = {"link": "old->new", **run_row(upgrade(args, "xbt", seed))}
-        table = {d: {"old/old": link1["recall"][d]["old/old"], "mid/old": link1["recall"][d]["new/old"],
-                     "new/old (chain)": link2["recall"][d]["new/old"],
-                     "new/old (direct)": direct["recall"][d]["new/old"]} for d in DIRECTIONS}
+        table = {
+            d: {
+                "old/old": link1["recall"][d]["old/old"],
+                "mid/old": link1["recall"][d]["new/old"],
+                "new/old (chain)": link2["recall"][d]["new/old"],
+                "new/old (direct)": direct["recall"][d]["new/old"],
+            }
+            for d in DIRECTIONS
+        }
         runs.append({"seed": seed, "links": [link1, link2], "direct": direct, "table": table})
-        progress(f"seed {seed}: gates link 1 {link1['gate']['passed']}, link 2 {link2['gate']['passed']} "
-                 f"(no regression {link2['no_regression']['passed']}), direct {direct['gate']['passed']}")
-    return {"bench": "chain", "old": args.old, "mid": args.mid, "new": args.new, "data": data_of(args),
-            "seeds": args.seeds, "settings": args.set, "runs": runs}
+        progress(
+            f"seed {seed}: gates link 1 {link1['gate']['passed']}, link 2 {link2['gate']['passed']} "
+            f"(no regression {link2['no_regression']['passed']}), direct {direct['gate']['passed']}"
+        )
+    return {
+        "bench": "chain",
+        "old": args.old,
+        "mid": args.mid,
+        "new": args.new,
+        "data": data_of(args),
+        "seeds": args.seeds,
+        "settings": args.set,
+        "runs": runs,
+    }
 
 
 def parser():

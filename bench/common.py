@@ -100,8 +100,9 @@ def rss_mb() -> float:
 def run_child(argv: list[str], env: dict | None = None) -> dict:
     """Run `python argv...` in a fresh process; -> its JSON (last stdout line) plus
     peak_rss_mb, the child's own high-water mark (wait4's rusage is per child)."""
-    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            env={**os.environ, **(env or {})}, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, text=True
+    )
     out = proc.stdout.read()
     proc.stdout.close()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -116,12 +117,21 @@ def run_child(argv: list[str], env: dict | None = None) -> dict:
 def git_commit() -> str:
     """The checkout's short commit, +dirty when tracked files other than the results and the doc they
     render differ from it (a suite run rewrites those as it goes)."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
     try:
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results",
-                      ":!experiments/results", ":!docs/benchmarks.md")
+        changed = git(
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":!bench/results",
+            ":!experiments/results",
+            ":!docs/benchmarks.md",
+        )
         return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if changed else "")
     except OSError:
         return "unknown"
@@ -171,8 +181,9 @@ def world_paths(data: str | Path, overrides: dict | None = None) -> dict[str, st
     spec_file = data / "world.json"
     if all(Path(p).exists() for p in paths.values()):
         if overrides and spec_file.exists() and world_spec(data) != shapes.WorldSpec(**overrides):
-            raise ValueError(f"{data} holds another world ({spec_file}): give --data a new folder "
-                             f"for --world {overrides}")
+            raise ValueError(
+                f"{data} holds another world ({spec_file}): give --data a new folder for --world {overrides}"
+            )
         return paths
     spec = shapes.WorldSpec(**(overrides or {}))
     progress(f"writing the built-in world {spec} to {data}")
@@ -188,8 +199,9 @@ def world_spec(data: str | Path):
 
     spec_file = Path(data) / "world.json"
     if not spec_file.exists():
-        raise ValueError(f"{data} has no world.json: pass a world folder the benches wrote "
-                         "(a --data that did not exist)")
+        raise ValueError(
+            f"{data} has no world.json: pass a world folder the benches wrote (a --data that did not exist)"
+        )
     return shapes.WorldSpec(**json.loads(spec_file.read_text()))
 
 
@@ -197,11 +209,20 @@ def add_world_flags(ap: argparse.ArgumentParser) -> None:
     """--old, --new and the world: --data, or the built-in world with --world overrides."""
     ap.add_argument("--old", default="zoo/old", help="the model the gallery was embedded with")
     ap.add_argument("--new", default="zoo/new")
-    ap.add_argument("--data", default="", help="world folder with corpus/pairs/eval.parquet (the built-in world "
-                                                 "is written there if missing); default: one under the bench's state "
-                                                 "named by --world")
-    ap.add_argument("--world", action="append", default=[], metavar="FIELD=VALUE",
-                    help="WorldSpec field of the built-in world written into a missing --data, e.g. seed=1")
+    ap.add_argument(
+        "--data",
+        default="",
+        help="world folder with corpus/pairs/eval.parquet (the built-in world "
+        "is written there if missing); default: one under the bench's state "
+        "named by --world",
+    )
+    ap.add_argument(
+        "--world",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="WorldSpec field of the built-in world written into a missing --data, e.g. seed=1",
+    )
 
 
 def world_dir(args) -> Path:
@@ -229,12 +250,19 @@ def table_parser(doc: str, methods: bool = True, seeds: bool = True, out: bool =
         ap.add_argument("--methods", nargs="+", default=names, choices=names)
     if seeds:
         ap.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ap.add_argument("--set", action="append", default=[], metavar="SCOPE.FIELD=VALUE",
-                    help="config override, as `xbt upgrade --set`: pretrain.sigma=0.05, finetune.batch_size=256")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SCOPE.FIELD=VALUE",
+        help="config override, as `xbt upgrade --set`: pretrain.sigma=0.05, finetune.batch_size=256",
+    )
     if out:
-        ap.add_argument("--out", default=str(BENCH_STATE / "runs"),
-                        help="where each upgrade's run folder goes (named by its inputs: a rerun is served "
-                             "from the cache)")
+        ap.add_argument(
+            "--out",
+            default=str(BENCH_STATE / "runs"),
+            help="where each upgrade's run folder goes (named by its inputs: a rerun is served from the cache)",
+        )
     ap.add_argument("--json-out", default="", help="also save the result JSON here")
     return ap
 
@@ -258,8 +286,15 @@ def upgrade(args, method: str, seed: int, old: str | None = None, new: str | Non
     from xbtcore.config import parse_settings
 
     data = world_of(args)
-    fields = {"old": old or args.old, "new": new or args.new, **data, "method": method, "seed": seed,
-              **parse_settings(args.set), **params}
+    fields = {
+        "old": old or args.old,
+        "new": new or args.new,
+        **data,
+        "method": method,
+        "seed": seed,
+        **parse_settings(args.set),
+        **params,
+    }
     out = Path(args.out) / f"{method}-seed{seed}-{digest(fields)}"
     return flow(UpgradeParams(**fields, out=str(out), progress=sys.stderr.isatty()))
 
@@ -285,15 +320,18 @@ def trainable_params(report: dict) -> int:
 def run_row(report: dict) -> dict:
     """What a table keeps of one upgrade's report."""
     keys = ("recall", "gate", "no_regression", "gate_margins", "timings_s", "counts")
-    return {**{k: report[k] for k in keys if k in report},
-            "report": str(Path(report["bundle"]).parent / "report.json"),
-            "model": f"models:/{report['promotion']['model']}/{report['promotion']['version']}"}
+    return {
+        **{k: report[k] for k in keys if k in report},
+        "report": str(Path(report["bundle"]).parent / "report.json"),
+        "model": f"models:/{report['promotion']['model']}/{report['promotion']['version']}",
+    }
 
 
 def mean_recall(rows: list[dict], case: str) -> dict:
     """{direction: {K: mean R@K over rows}} of one recall case, at the gate's K values."""
-    return {d: {k: round(statistics.fmean(r["recall"][d][case][k] for r in rows), 2) for k in GATE_KS}
-            for d in DIRECTIONS}
+    return {
+        d: {k: round(statistics.fmean(r["recall"][d][case][k] for r in rows), 2) for k in GATE_KS} for d in DIRECTIONS
+    }
 
 
 def table_main(parser, run) -> dict:
@@ -321,7 +359,12 @@ def use_bench_state(state: Path = BENCH_STATE) -> None:
     from flows.cli import _set_env_defaults
 
     (state / "mlflow").mkdir(parents=True, exist_ok=True)
-    os.environ.update({"XBT_STATE_DIR": str(state), "PREFECT_HOME": str(state / "prefect"),
-                       "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow' / 'mlflow.db'}"})
+    os.environ.update(
+        {
+            "XBT_STATE_DIR": str(state),
+            "PREFECT_HOME": str(state / "prefect"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
+        }
+    )
     _set_env_defaults()  # the CLI's defaults for the rest (analytics off, startup timeout, log stream)
     os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM"] = "ext://sys.stderr"  # stdout holds the one JSON object

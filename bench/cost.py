@@ -21,8 +21,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (ROOT, data_of, emit, machine, pair_images, progress, run_child,  # noqa: E402
-                          table_parser, world_dir, world_of)
+from bench.common import (
+    ROOT,
+    data_of,
+    emit,
+    machine,
+    pair_images,
+    progress,
+    run_child,  # noqa: E402
+    table_parser,
+    world_dir,
+    world_of,
+)
 
 GOAL_RATIO = 0.5
 UPGRADE_STEPS = ("extract", "embed", "pretrain", "train")
@@ -35,25 +45,46 @@ def embedded(method: str, settings: list[str], corpus: int, pairs: int, images: 
 
     spec = get_method(method)
     needs = set(spec.needs(spec.config(Settings.of(parse_settings(settings)))))
-    return {"corpus_texts": corpus if needs & {"w_new", "w_old"} else 0, "pairs": pairs,
-            "old_model_images": images if "v_old_pairs" in needs else 0}
+    return {
+        "corpus_texts": corpus if needs & {"w_new", "w_old"} else 0,
+        "pairs": pairs,
+        "old_model_images": images if "v_old_pairs" in needs else 0,
+    }
 
 
 def run_method(method: str, args, images: int) -> dict:
     """One method's upgrade in a fresh process and state folder -> its row of the table; images: the pairs'."""
     with tempfile.TemporaryDirectory(prefix=f"xbt-cost-{method}-") as state:
-        argv = [str(ROOT / "bench" / "quality.py"), "--methods", method, "--seeds", "0", "--old", args.old,
-                "--new", args.new, "--data", str(world_dir(args)), "--out", str(Path(state) / "runs"),
-                *[x for kv in args.set for x in ("--set", kv)]]
+        argv = [
+            str(ROOT / "bench" / "quality.py"),
+            "--methods",
+            method,
+            "--seeds",
+            "0",
+            "--old",
+            args.old,
+            "--new",
+            args.new,
+            "--data",
+            str(world_dir(args)),
+            "--out",
+            str(Path(state) / "runs"),
+            *[x for kv in args.set for x in ("--set", kv)],
+        ]
         res = run_child(argv, env={"XBT_STATE_DIR": state})
     (r,) = res["runs"]
     t, counts = r["timings_s"], r["counts"]
     # Milliseconds kept: a tiny run's φ pretraining takes a few of them, and 0.0 would read as "did not run".
-    return {"method": method, **{f"{k}_s": round(t[k], 3) for k in (*UPGRADE_STEPS, "evaluate")},
-            "upgrade_s": round(sum(t[k] for k in UPGRADE_STEPS), 3), "trainable_params": r["trainable_params"],
-            "peak_rss_mb": res["peak_rss_mb"],
-            "samples": embedded(method, args.set, counts["corpus"], counts["pairs"], images),
-            "new_old_t2i_r1": r["recall"]["t2i"]["new/old"]["1"], "new_old_i2t_r1": r["recall"]["i2t"]["new/old"]["1"]}
+    return {
+        "method": method,
+        **{f"{k}_s": round(t[k], 3) for k in (*UPGRADE_STEPS, "evaluate")},
+        "upgrade_s": round(sum(t[k] for k in UPGRADE_STEPS), 3),
+        "trainable_params": r["trainable_params"],
+        "peak_rss_mb": res["peak_rss_mb"],
+        "samples": embedded(method, args.set, counts["corpus"], counts["pairs"], images),
+        "new_old_t2i_r1": r["recall"]["t2i"]["new/old"]["1"],
+        "new_old_i2t_r1": r["recall"]["i2t"]["new/old"]["1"],
+    }
 
 
 def run(args) -> dict:
@@ -63,8 +94,17 @@ def run(args) -> dict:
     for method in args.methods:
         rows.append(run_method(method, args, images))
         progress(f"{method}: upgrade {rows[-1]['upgrade_s']} s, peak RSS {rows[-1]['peak_rss_mb']} MiB")
-    return {"bench": "cost", "machine": machine("cpu"), "old": args.old, "new": args.new, "data": data_of(args),
-            "settings": args.set, "rows": rows, "goal_ratio": GOAL_RATIO, **against_goal(rows)}
+    return {
+        "bench": "cost",
+        "machine": machine("cpu"),
+        "old": args.old,
+        "new": args.new,
+        "data": data_of(args),
+        "settings": args.set,
+        "rows": rows,
+        "goal_ratio": GOAL_RATIO,
+        **against_goal(rows),
+    }
 
 
 def against_goal(rows: list[dict]) -> dict:

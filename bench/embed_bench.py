@@ -33,9 +33,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import Clock, check_device, emit, machine, progress  # noqa: E402
-from xbtcore.encoders import DualEncoder  # noqa: E402
-from xbtcore.cache import cached_text_embeddings  # noqa: E402
 from worlds.shapes import corpus_captions  # noqa: E402
+from xbtcore.cache import cached_text_embeddings  # noqa: E402
+from xbtcore.encoders import DualEncoder  # noqa: E402
 
 GOAL_RATIO = 3.0
 NAIVE_BATCH = 32
@@ -49,8 +49,13 @@ def naive_embed(model, tokenizer, texts: list[str], max_length: int, device: str
     """The loop a first script writes: fixed-length padding, batch 32, autograd left on."""
     out = []
     for start in range(0, len(texts), NAIVE_BATCH):
-        enc = tokenizer(texts[start : start + NAIVE_BATCH], padding="max_length", truncation=True,
-                        max_length=max_length, return_tensors="pt").to(device)
+        enc = tokenizer(
+            texts[start : start + NAIVE_BATCH],
+            padding="max_length",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(device)
         feats = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
         feats = feats if isinstance(feats, torch.Tensor) else feats.pooler_output  # transformers 5: an output object
         out.append(F.normalize(feats, dim=-1).detach().cpu())  # (32, D)
@@ -60,8 +65,9 @@ def naive_embed(model, tokenizer, texts: list[str], max_length: int, device: str
 def token_counts(tokenizer, texts: list[str], max_length: int, batch_size: int) -> tuple[int, int, int]:
     """(tokens the naive loop runs, tokens ours runs, tokens without padding): fixed
     max_length vs each length-sorted batch padded to its longest text."""
-    lengths = sorted((len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]),
-                     reverse=True)
+    lengths = sorted(
+        (len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]), reverse=True
+    )
     ours = sum(lengths[i] * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size))
     return len(texts) * max_length, ours, sum(lengths)
 
@@ -70,8 +76,12 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="zoo/new", help="local directory or hub id of a CLIP-family model")
     p.add_argument("--n", type=int, default=20_000, help="captions to embed")
-    p.add_argument("--batch-size", type=int, default=PRODUCT_BATCH,
-                   help="ours; default: cached_text_embeddings' batch, what the product uses")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=PRODUCT_BATCH,
+        help="ours; default: cached_text_embeddings' batch, what the product uses",
+    )
     p.add_argument("--slices", type=int, default=8, help="the sides alternate over this many slices of the texts")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -105,8 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     ref, emb = torch.cat(refs), torch.cat(embs)  # (N, D) each
 
     # ours pads each slice's batches on their own, as it ran above
-    counts = [token_counts(tokenizer, texts[a : a + step], max_length, args.batch_size)
-              for a in range(0, len(texts), step)]
+    counts = [
+        token_counts(tokenizer, texts[a : a + step], max_length, args.batch_size) for a in range(0, len(texts), step)
+    ]
     naive_tokens, ours_tokens, text_tokens = (sum(x) for x in zip(*counts))
     atol = ATOL["cuda" if device.startswith("cuda") else "cpu"]
     result = {

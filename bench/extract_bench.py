@@ -41,10 +41,30 @@ GOAL_PEAK_MB = 4096
 GOAL_ROWS = 10_000_000
 SEED = 0
 POOL = 200_000
-PREFIXES = ["", "a photo of ", "an image showing ", "picture: ", "drawing of ", "a render of ",
-            "clip art: ", "illustration, ", "a snapshot of ", "icon: "]
-SUFFIXES = ["", " on a grey background", ", low resolution", " (stock image)", ", flat colours",
-            " in a frame", ", centred", " - free download", ", 64 px", " #shapes"]
+PREFIXES = [
+    "",
+    "a photo of ",
+    "an image showing ",
+    "picture: ",
+    "drawing of ",
+    "a render of ",
+    "clip art: ",
+    "illustration, ",
+    "a snapshot of ",
+    "icon: ",
+]
+SUFFIXES = [
+    "",
+    " on a grey background",
+    ", low resolution",
+    " (stock image)",
+    ", flat colours",
+    " in a frame",
+    ", centred",
+    " - free download",
+    ", 64 px",
+    " #shapes",
+]
 BLANKS = ["", " ", "  ", "\t", " \n ", "   "]
 
 
@@ -81,12 +101,17 @@ def synthesise(rows: int, files: int) -> Path:
         ids = rng.integers(0, n_ids, size=n)
         kind = rng.random(n)  # < 0.01: null, < 0.02: blank
         texts = [
-            None if k < 0.01 else BLANKS[j % len(BLANKS)] if k < 0.02
+            None
+            if k < 0.01
+            else BLANKS[j % len(BLANKS)]
+            if k < 0.02
             else variants[(j // len(pool)) % len(variants)].format(pool[j % len(pool)])
             for j, k in zip(ids.tolist(), kind.tolist())
         ]
-        pq.write_table(pa.table({"caption": pa.array(texts, pa.string()), "id": np.arange(n) + i * per_file}),
-                       out / f"part-{i:05d}.parquet")
+        pq.write_table(
+            pa.table({"caption": pa.array(texts, pa.string()), "id": np.arange(n) + i * per_file}),
+            out / f"part-{i:05d}.parquet",
+        )
     done.write_text(json.dumps({"rows": rows, "files": files, "seconds": round(time.perf_counter() - t0, 1)}))
     progress(f"synthesised {rows:,} rows in {files} files in {time.perf_counter() - t0:.0f}s -> {out}")
     return out
@@ -137,8 +162,14 @@ def side(name: str, corpus: Path, out: Path) -> dict:
     rss0 = rss_mb()
     clock = (run_ours if name == "ours" else run_pandas)(corpus, out)
     rows, sha = digest(out)
-    return {"side": name, "seconds": round(clock.wall, 3), "cpu_seconds": round(clock.cpu, 3),
-            "rss_before_mb": rss0, "rows_out": rows, "sha256": sha}
+    return {
+        "side": name,
+        "seconds": round(clock.wall, 3),
+        "cpu_seconds": round(clock.cpu, 3),
+        "rss_before_mb": rss0,
+        "rows_out": rows,
+        "sha256": sha,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:

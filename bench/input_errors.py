@@ -44,8 +44,21 @@ def _broken_image(src: str, dst: Path) -> str:
 
 def cases(world: dict, tmp: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (xbt arguments, a word the one-line error must contain)."""
-    up = ["upgrade", "--old", "zoo/old", "--new", "zoo/new", "--corpus", world["corpus"], "--pairs", world["pairs"],
-          "--eval", world["eval"], "--out", str(tmp / "out")]
+    up = [
+        "upgrade",
+        "--old",
+        "zoo/old",
+        "--new",
+        "zoo/new",
+        "--corpus",
+        world["corpus"],
+        "--pairs",
+        world["pairs"],
+        "--eval",
+        world["eval"],
+        "--out",
+        str(tmp / "out"),
+    ]
 
     def swap(flag: str, value: str) -> list[str]:
         args = list(up)
@@ -61,33 +74,66 @@ def cases(world: dict, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "corpus: nothing left after the length filter": (up + ["--min-chars", "100000"], "--min-chars"),
         "corpus: no such file": (swap("--corpus", str(tmp / "missing.parquet")), "missing.parquet"),
         "corpus: empty folder": (swap("--corpus", str(tmp / "empty")), "empty"),
-        "pairs: missing caption column": (swap("--pairs", _drop(world["pairs"], "caption", tmp / "p1.parquet")),
-                                          "caption"),
-        "pairs: an image that does not decode": (swap("--pairs", _broken_image(world["pairs"], tmp / "p2.parquet")),
-                                                 "decode"),
+        "pairs: missing caption column": (
+            swap("--pairs", _drop(world["pairs"], "caption", tmp / "p1.parquet")),
+            "caption",
+        ),
+        "pairs: an image that does not decode": (
+            swap("--pairs", _broken_image(world["pairs"], tmp / "p2.parquet")),
+            "decode",
+        ),
         "pairs: no rows": (swap("--pairs", str(tmp / "no-rows.parquet")), "no-rows.parquet"),
         "eval: missing image column": (swap("--eval", _drop(world["eval"], "image", tmp / "e1.parquet")), "image"),
         "old model: no such folder": (swap("--old", str(tmp / "no-model")), "no-model"),
         "out: a file in the way": (swap("--out", str(tmp / "not.parquet")), "not.parquet"),
         "gallery: no id column": (up + ["--gallery", world["corpus"]], "'embedding'"),
-        "embed: image modality on texts": (["embed", "--model", "zoo/old", "--input", world["corpus"], "--modality",
-                                            "image", "--out", str(tmp / "e.parquet")], "--modality text"),
-        "embed: text modality on images": (["embed", "--model", "zoo/old", "--input",
-                                            _drop(world["pairs"], "caption", tmp / "images.parquet"), "--modality",
-                                            "text", "--out", str(tmp / "e.parquet")], "--modality image"),
+        "embed: image modality on texts": (
+            [
+                "embed",
+                "--model",
+                "zoo/old",
+                "--input",
+                world["corpus"],
+                "--modality",
+                "image",
+                "--out",
+                str(tmp / "e.parquet"),
+            ],
+            "--modality text",
+        ),
+        "embed: text modality on images": (
+            [
+                "embed",
+                "--model",
+                "zoo/old",
+                "--input",
+                _drop(world["pairs"], "caption", tmp / "images.parquet"),
+                "--modality",
+                "text",
+                "--out",
+                str(tmp / "e.parquet"),
+            ],
+            "--modality image",
+        ),
     }
 
 
 def run_case(args: list[str], needle: str, state: Path) -> dict:
     env = {**os.environ, "XBT_STATE_DIR": str(state), "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
+    )
     seconds = time.perf_counter() - t0
     lines = proc.stderr.strip().splitlines()
-    return {"seconds": round(seconds, 2), "exit": proc.returncode, "stderr": lines[-1] if lines else "",
-            "one_line": len(lines) == 1, "names_it": needle in proc.stderr,
-            "met": proc.returncode != 0 and len(lines) == 1 and needle in proc.stderr and seconds < GOAL_S}
+    return {
+        "seconds": round(seconds, 2),
+        "exit": proc.returncode,
+        "stderr": lines[-1] if lines else "",
+        "one_line": len(lines) == 1,
+        "names_it": needle in proc.stderr,
+        "met": proc.returncode != 0 and len(lines) == 1 and needle in proc.stderr and seconds < GOAL_S,
+    }
 
 
 def main() -> None:
@@ -100,10 +146,19 @@ def main() -> None:
         spec = shapes.WorldSpec(corpus_captions=a.corpus_captions, pair_images=a.pair_images)
         world = shapes.write_world(tmp / "world", spec)
         results = {name: run_case(args, needle, tmp / "state") for name, (args, needle) in cases(world, tmp).items()}
-    print(json.dumps({"machine": machine(), "goal_s": GOAL_S, "pair_images": a.pair_images,
-                      "corpus_captions": a.corpus_captions, "cases": results,
-                      "all_met": all(r["met"] for r in results.values()),
-                      "slowest_s": max(r["seconds"] for r in results.values())}))
+    print(
+        json.dumps(
+            {
+                "machine": machine(),
+                "goal_s": GOAL_S,
+                "pair_images": a.pair_images,
+                "corpus_captions": a.corpus_captions,
+                "cases": results,
+                "all_met": all(r["met"] for r in results.values()),
+                "slowest_s": max(r["seconds"] for r in results.values()),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,17 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import BENCH_STATE, Clock, check_device, emit, machine, progress  # noqa: E402
+from worlds.shapes import corpus_captions  # noqa: E402
 from xbtcore.cache import EmbeddingCache, cached_text_embeddings  # noqa: E402
 from xbtcore.encoders import DualEncoder  # noqa: E402
 from xbtcore.phi import Phi, PhiConfig  # noqa: E402
 from xbtcore.pretrain import PretrainConfig, pretrain_phi, text_only_pretrain  # noqa: E402
-from worlds.shapes import corpus_captions  # noqa: E402
 
 EMBED_BATCH = inspect.signature(cached_text_embeddings).parameters["batch_size"].default  # as the cache embeds
 
 
-def recompute_epoch(phi: Phi | None, new: DualEncoder, old: DualEncoder, texts: list[str], cfg: PretrainConfig,
-                    epoch: int, device: str):
+def recompute_epoch(
+    phi: Phi | None, new: DualEncoder, old: DualEncoder, texts: list[str], cfg: PretrainConfig, epoch: int, device: str
+):
     """One epoch of Eqn. 3 without a cache: both frozen text encoders run again first.
     -> (φ, w_new, w_old)."""
     w_new = new.embed_texts(texts, batch_size=EMBED_BATCH)  # (N, D_new)
@@ -64,9 +65,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--old", default="zoo/old")
     p.add_argument("--new", default="zoo/new")
     p.add_argument("--n", type=int, default=20_000, help="corpus captions")
-    p.add_argument("--epochs", type=int, default=3,
-                   help="passes over the corpus (the product takes max(3, enough for PretrainConfig.min_steps); "
-                        "the rate per sample hardly depends on it)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=3,
+        help="passes over the corpus (the product takes max(3, enough for PretrainConfig.min_steps); "
+        "the rate per sample hardly depends on it)",
+    )
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     device = check_device(args.device)
@@ -99,8 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
                 phi, fresh_new, fresh_old = recompute_epoch(phi, new, old, texts, cfg, epoch, device)
             # this epoch, as a whole run of recompute epochs like it, against the cached run beside it
             pair_ratios.append(cfg.epochs * (recompute.wall - recompute_before) / cached.wall)
-            progress(f"epoch {epoch + 1}/{cfg.epochs}: cached run {cached.wall:.1f}s, "
-                     f"recompute so far {recompute.wall:.1f}s")
+            progress(
+                f"epoch {epoch + 1}/{cfg.epochs}: cached run {cached.wall:.1f}s, "
+                f"recompute so far {recompute.wall:.1f}s"
+            )
     cached = sorted(cached_runs, key=lambda c: c.wall)[len(cached_runs) // 2]  # the median run
 
     samples = cfg.epochs * len(texts)
@@ -124,8 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_total": round(recompute.wall / cached.wall, 2),
         "pair_ratios": [round(r, 2) for r in pair_ratios],
         "ratio_cpu": round(recompute.cpu / cached.cpu, 2),
-        "outputs_agree": bool(torch.allclose(w_new, fresh_new, atol=atol, rtol=0)
-                              and torch.allclose(w_old, fresh_old, atol=atol, rtol=0)),
+        "outputs_agree": bool(
+            torch.allclose(w_new, fresh_new, atol=atol, rtol=0) and torch.allclose(w_old, fresh_old, atol=atol, rtol=0)
+        ),
     }
     return emit(result)
 

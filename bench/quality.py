@@ -18,8 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (data_of, mean_recall, progress, run_row, table_main, table_parser,  # noqa: E402
-                          trainable_params, upgrade)
+from bench.common import (
+    data_of,
+    mean_recall,
+    progress,
+    run_row,
+    table_main,
+    table_parser,  # noqa: E402
+    trainable_params,
+    upgrade,
+)
 
 
 def run(args) -> dict:
@@ -27,13 +35,24 @@ def run(args) -> dict:
     for seed in args.seeds:
         for method in args.methods:
             report = upgrade(args, method, seed)
-            runs.append({"method": method, "seed": seed, **run_row(report),
-                         "trainable_params": trainable_params(report)})
+            runs.append(
+                {"method": method, "seed": seed, **run_row(report), "trainable_params": trainable_params(report)}
+            )
             r1 = {d: report["recall"][d]["new/old"]["1"] for d in ("t2i", "i2t")}
-            progress(f"{method} seed {seed}: gate {'passed' if report['gate']['passed'] else 'failed'}, "
-                     f"new/old R@1 {r1}")
-    return {"bench": "quality", "old": args.old, "new": args.new, "data": data_of(args), "methods": args.methods,
-            "seeds": args.seeds, "settings": args.set, "runs": runs, "table": table(runs, args.methods)}
+            progress(
+                f"{method} seed {seed}: gate {'passed' if report['gate']['passed'] else 'failed'}, new/old R@1 {r1}"
+            )
+    return {
+        "bench": "quality",
+        "old": args.old,
+        "new": args.new,
+        "data": data_of(args),
+        "methods": args.methods,
+        "seeds": args.seeds,
+        "settings": args.set,
+        "runs": runs,
+        "table": table(runs, args.methods),
+    }
 
 
 def table(runs: list[dict], methods: list[str]) -> list[dict]:
@@ -41,9 +60,14 @@ def table(runs: list[dict], methods: list[str]) -> list[dict]:
     rows = []
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
-        rows.append({"method": method, "seeds": [r["seed"] for r in mine],
-                     **{case: mean_recall(mine, case) for case in ("old/old", "new/old", "new/new", "orig-new/new")},
-                     "gate_passed": sum(r["gate"]["passed"] for r in mine)})
+        rows.append(
+            {
+                "method": method,
+                "seeds": [r["seed"] for r in mine],
+                **{case: mean_recall(mine, case) for case in ("old/old", "new/old", "new/new", "orig-new/new")},
+                "gate_passed": sum(r["gate"]["passed"] for r in mine),
+            }
+        )
     return rows
 
 

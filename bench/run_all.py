@@ -46,8 +46,9 @@ BENCHES = {
     "extract": Bench("bench/extract_bench.py", ("--rows", "10000000", "--files", "100")),
     "embed": Bench("bench/embed_bench.py", ("--model", "zoo/new", "--n", "20000"), takes_device=True),
     "pretrain": Bench("bench/pretrain_bench.py", ("--n", "20000", "--epochs", "3"), takes_device=True),
-    "recall": Bench("bench/recall_bench.py", ("--images", "35000", "--captions-per-image", "5", "--dim", "512"),
-                    takes_device=True),
+    "recall": Bench(
+        "bench/recall_bench.py", ("--images", "35000", "--captions-per-image", "5", "--dim", "512"), takes_device=True
+    ),
     "cost": Bench("bench/cost.py", ("--methods", "xbt", "base")),
     "quality": Bench("bench/quality.py", ("--seeds", "0"), fast=False),
     "chain": Bench("bench/chain.py", ("--seeds", "0"), fast=False),
@@ -120,92 +121,143 @@ def _met(ok: bool | None) -> str:
 
 def _extract_reason(r: dict) -> str:
     ours_par, ref_par = r["ours_cpu_s"] / r["ours_s"], r["pandas_cpu_s"] / r["pandas_s"]
-    return (f"pandas spends {r['ratio_cpu']}x the CPU seconds ours does (pandas 3 keeps strings in Arrow, so its "
-            f"read and dedup are compiled code too); the rest is parallelism: ours keeps {ours_par:.1f} of "
-            f"{r['cpu_cores']} cores busy, pandas {ref_par:.1f}, so the wall ratio is about {r['ratio_cpu']} x "
-            f"{ours_par / ref_par:.1f}")
+    return (
+        f"pandas spends {r['ratio_cpu']}x the CPU seconds ours does (pandas 3 keeps strings in Arrow, so its "
+        f"read and dedup are compiled code too); the rest is parallelism: ours keeps {ours_par:.1f} of "
+        f"{r['cpu_cores']} cores busy, pandas {ref_par:.1f}, so the wall ratio is about {r['ratio_cpu']} x "
+        f"{ours_par / ref_par:.1f}"
+    )
 
 
 def _embed_reason(r: dict) -> str:
     p, rest = r["padded_tokens_ratio"], r["ratio"] / r["padded_tokens_ratio"]
-    text = (f"dynamic padding cuts the tokens only {p}x here: the captions average {r['mean_tokens']} tokens and "
-            f"{r['model']}'s text tower has {r['max_length']} positions (at CLIP's 77 the same captions would give "
-            f"{p * 77 / r['max_length']:.1f}x)")
+    text = (
+        f"dynamic padding cuts the tokens only {p}x here: the captions average {r['mean_tokens']} tokens and "
+        f"{r['model']}'s text tower has {r['max_length']} positions (at CLIP's 77 the same captions would give "
+        f"{p * 77 / r['max_length']:.1f}x)"
+    )
     if rest >= 1:
         text += f"; batch {r['ours_batch_size']} and inference mode add {rest:.2f}x"
     else:
         text += f"; batch {r['ours_batch_size']} and inference mode do not make up the rest ({rest:.2f}x per token)"
     if r.get("device", "cpu").startswith("cuda"):
-        text += ("; on a GPU this model's compute is negligible, so both sides wait on the tokenizer and "
-                 "per-batch Python work, which padding does not shorten")
+        text += (
+            "; on a GPU this model's compute is negligible, so both sides wait on the tokenizer and "
+            "per-batch Python work, which padding does not shorten"
+        )
     return text
 
 
 def _cost_reason(r: dict) -> str:
     by = {x["method"]: x for x in r["rows"]}
     x, b = by["xbt"], by["base"]
-    return (f"XBT embeds {x['samples']['corpus_texts']:,} corpus texts with two text encoders ({x['embed_s']} s) "
-            f"where Base embeds {b['samples']['old_model_images']:,} pair images and their captions with the old "
-            f"model ({b['embed_s']} s), and both train the same steps ({x['train_s']} s vs {b['train_s']} s); the "
-            "paper's saving comes from an old image encoder that costs far more per sample than text (ViT-B/32 at "
-            f"224 px over 4M pairs), where the old model here ({r['old']}) reads small images")
+    return (
+        f"XBT embeds {x['samples']['corpus_texts']:,} corpus texts with two text encoders ({x['embed_s']} s) "
+        f"where Base embeds {b['samples']['old_model_images']:,} pair images and their captions with the old "
+        f"model ({b['embed_s']} s), and both train the same steps ({x['train_s']} s vs {b['train_s']} s); the "
+        "paper's saving comes from an old image encoder that costs far more per sample than text (ViT-B/32 at "
+        f"224 px over 4M pairs), where the old model here ({r['old']}) reads small images"
+    )
 
 
 def goal_rows(name: str, r: dict) -> list[tuple[str, str, str, bool | None, str]]:
     """(item, goal, measured, met, reason when not met) rows for one saved bench result."""
-    return {"extract": _extract_goals, "embed": _embed_goals, "pretrain": _pretrain_goals, "recall": _recall_goals,
-            "cost": _cost_goals}.get(name.split("-")[0], lambda r: [])(r)
+    return {
+        "extract": _extract_goals,
+        "embed": _embed_goals,
+        "pretrain": _pretrain_goals,
+        "recall": _recall_goals,
+        "cost": _cost_goals,
+    }.get(name.split("-")[0], lambda r: [])(r)
 
 
 def _extract_goals(r: dict) -> list[tuple]:
     agree, full = r["same_output"], r["rows"] >= r["goal_rows"]
     return [
-        ("extraction throughput", f">= {r['goal_ratio']:g}x pandas rows/s",
-         (f"{r['ratio']}x, fastest of {r['repeats']} alternating runs each ({r['ours_rows_per_s']:,} vs "
-          f"{r['pandas_rows_per_s']:,} rows/s; CPU time {r['ratio_cpu']}x); "
-          f"{r['rows']:,} rows in {r['files']} files -> {r['distinct_rows']:,} distinct, outputs identical: {agree}"),
-         r["ratio"] >= r["goal_ratio"] and agree, "" if r["ratio"] >= r["goal_ratio"] else _extract_reason(r)),
-        ("extraction peak memory",
-         f"< {r['goal_peak_rss_mb'] / 1024:g} GiB peak RSS at {r['goal_rows']:,} rows over many files",
-         (f"{_mib(r['ours_peak_rss_mb'])} (pandas {_mib(r['pandas_peak_rss_mb'])}) at {r['rows']:,} rows, "
-          f"{r['files']} files"),
-         (r["ours_peak_rss_mb"] < r["goal_peak_rss_mb"]) if full else False,
-         "" if full else f"run at {r['rows']:,} rows, not the goal's {r['goal_rows']:,}"),
+        (
+            "extraction throughput",
+            f">= {r['goal_ratio']:g}x pandas rows/s",
+            (
+                f"{r['ratio']}x, fastest of {r['repeats']} alternating runs each ({r['ours_rows_per_s']:,} vs "
+                f"{r['pandas_rows_per_s']:,} rows/s; CPU time {r['ratio_cpu']}x); "
+                f"{r['rows']:,} rows in {r['files']} files -> {r['distinct_rows']:,} distinct, "
+                f"outputs identical: {agree}"
+            ),
+            r["ratio"] >= r["goal_ratio"] and agree,
+            "" if r["ratio"] >= r["goal_ratio"] else _extract_reason(r),
+        ),
+        (
+            "extraction peak memory",
+            f"< {r['goal_peak_rss_mb'] / 1024:g} GiB peak RSS at {r['goal_rows']:,} rows over many files",
+            (
+                f"{_mib(r['ours_peak_rss_mb'])} (pandas {_mib(r['pandas_peak_rss_mb'])}) at {r['rows']:,} rows, "
+                f"{r['files']} files"
+            ),
+            (r["ours_peak_rss_mb"] < r["goal_peak_rss_mb"]) if full else False,
+            "" if full else f"run at {r['rows']:,} rows, not the goal's {r['goal_rows']:,}",
+        ),
     ]
 
 
 def _embed_goals(r: dict) -> list[tuple]:
-    return [("text embedding throughput",
-             f">= {r['goal_ratio']:g}x a naive HF loop (max-length padding, batch 32, autograd on)",
-             (f"{r['ratio']}x, median of {len(r['slice_ratios'])} alternating slices ({r['ours_texts_per_s']:,} vs "
-              f"{r['naive_texts_per_s']:,} texts/s over the whole run; CPU time {r['ratio_cpu']}x); "
-              f"{r['texts']:,} texts, {r['model']}, embeddings agree: {r['outputs_agree']}"),
-             r["ratio"] >= r["goal_ratio"] and r["outputs_agree"], _embed_reason(r))]
+    return [
+        (
+            "text embedding throughput",
+            f">= {r['goal_ratio']:g}x a naive HF loop (max-length padding, batch 32, autograd on)",
+            (
+                f"{r['ratio']}x, median of {len(r['slice_ratios'])} alternating slices ({r['ours_texts_per_s']:,} vs "
+                f"{r['naive_texts_per_s']:,} texts/s over the whole run; CPU time {r['ratio_cpu']}x); "
+                f"{r['texts']:,} texts, {r['model']}, embeddings agree: {r['outputs_agree']}"
+            ),
+            r["ratio"] >= r["goal_ratio"] and r["outputs_agree"],
+            _embed_reason(r),
+        )
+    ]
 
 
 def _pretrain_goals(r: dict) -> list[tuple]:
-    return [("φ pretraining samples/s", "none set; cached vs re-running both text encoders each epoch",
-             (f"{r['ratio']}x, median of {len(r['pair_ratios'])} alternating epoch pairs "
-              f"({r['cached_samples_per_s']:,} vs {r['recompute_samples_per_s']:,} samples/s over the whole run; "
-              f"CPU time {r['ratio_cpu']}x); "
-              f"{r['texts']:,} texts x {r['epochs']} epochs; one-off cache fill {r['fill_s']:.1f}s; "
-              f"embeddings agree: {r['outputs_agree']}"), None, "")]
+    return [
+        (
+            "φ pretraining samples/s",
+            "none set; cached vs re-running both text encoders each epoch",
+            (
+                f"{r['ratio']}x, median of {len(r['pair_ratios'])} alternating epoch pairs "
+                f"({r['cached_samples_per_s']:,} vs {r['recompute_samples_per_s']:,} samples/s over the whole run; "
+                f"CPU time {r['ratio_cpu']}x); "
+                f"{r['texts']:,} texts x {r['epochs']} epochs; one-off cache fill {r['fill_s']:.1f}s; "
+                f"embeddings agree: {r['outputs_agree']}"
+            ),
+            None,
+            "",
+        )
+    ]
 
 
 def _recall_goals(r: dict) -> list[tuple]:
     size = f"{r['images']:,} images x {r['captions']:,} captions, dim {r['dim']}"
     full = r["images"] >= 35_000 and r["captions"] >= 175_000
     return [
-        ("recall evaluation time", f"<= {r['goal_ratio']:g}x the dense similarity matmul alone",
-         (f"{r['ratio_torch']}x torch backend (CPU time {r['ratio_torch_cpu']}x), {r['ratio_faiss']}x faiss; "
-          f"matmul {r['matmul_s']:.1f}s; {size}; backends agree: {r['backends_agree']}"),
-         r["ratio_torch"] <= r["goal_ratio"],
-         (f"measured while other jobs moved the 1-min load average {' -> '.join(map(str, r['loadavg_1m']))} "
-          f"on {r['threads']} threads, and the matmul pass runs minutes before the recall pass, so a change of "
-          "load between them moves the ratio; rerun `bench/run_all.py --only recall` on a quiet machine")),
-        ("evaluation at scale", "35,000 x 175,000 within this machine's memory, peak RSS reported",
-         f"peak RSS {_mib(r['peak_rss_mb'])} of {r.get('run', {}).get('memory_gb', '?')} GiB; {size}", full,
-         "" if full else "run below the goal's size"),
+        (
+            "recall evaluation time",
+            f"<= {r['goal_ratio']:g}x the dense similarity matmul alone",
+            (
+                f"{r['ratio_torch']}x torch backend (CPU time {r['ratio_torch_cpu']}x), {r['ratio_faiss']}x faiss; "
+                f"matmul {r['matmul_s']:.1f}s; {size}; backends agree: {r['backends_agree']}"
+            ),
+            r["ratio_torch"] <= r["goal_ratio"],
+            (
+                f"measured while other jobs moved the 1-min load average {' -> '.join(map(str, r['loadavg_1m']))} "
+                f"on {r['threads']} threads, and the matmul pass runs minutes before the recall pass, so a change of "
+                "load between them moves the ratio; rerun `bench/run_all.py --only recall` on a quiet machine"
+            ),
+        ),
+        (
+            "evaluation at scale",
+            "35,000 x 175,000 within this machine's memory, peak RSS reported",
+            f"peak RSS {_mib(r['peak_rss_mb'])} of {r.get('run', {}).get('memory_gb', '?')} GiB; {size}",
+            full,
+            "" if full else "run below the goal's size",
+        ),
     ]
 
 
@@ -214,11 +266,19 @@ def _cost_goals(r: dict) -> list[tuple]:
         return []
     by = {x["method"]: x for x in r["rows"]}
     x, b = by["xbt"], by["base"]
-    return [("cost of an upgrade (Table 6)", f"XBT <= {r['goal_ratio']:g}x Base, from an empty cache",
-             (f"{r['xbt_over_base']}x: XBT {x['upgrade_s']} s (embed {x['embed_s']}, pretrain {x['pretrain_s']}, "
-              f"train {x['train_s']}) vs Base {b['upgrade_s']} s (embed {b['embed_s']}, train {b['train_s']}); "
-              "table below"),
-             r["goal_met"], _cost_reason(r))]
+    return [
+        (
+            "cost of an upgrade (Table 6)",
+            f"XBT <= {r['goal_ratio']:g}x Base, from an empty cache",
+            (
+                f"{r['xbt_over_base']}x: XBT {x['upgrade_s']} s (embed {x['embed_s']}, pretrain {x['pretrain_s']}, "
+                f"train {x['train_s']}) vs Base {b['upgrade_s']} s (embed {b['embed_s']}, train {b['train_s']}); "
+                "table below"
+            ),
+            r["goal_met"],
+            _cost_reason(r),
+        )
+    ]
 
 
 # --- the paper's tables --------------------------------------------------------------------------
@@ -249,54 +309,79 @@ def _world(r: dict) -> str:
 
 def _quality(r: dict) -> list[str]:
     first = r["runs"][0]["recall"]
-    out = [f"Table 1: {r['old']} -> {r['new']} on {_world(r)}, settings {r['settings'] or 'default'}. "
-           f"old/old: t2i {_r(first['t2i']['old/old'])}, i2t {_r(first['i2t']['old/old'])}; orig-new/new: t2i "
-           f"{_r(first['t2i']['orig-new/new'])}, i2t {_r(first['i2t']['orig-new/new'])} (R@1 / R@5 / R@10).", "",
-           "| method | seed | new/old t2i | new/old i2t | new/new R@1 t2i / i2t | Eqn. 2 gate | failing checks | "
-           "tightest check: margin [95% interval] | trainable params | upgrade s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"Table 1: {r['old']} -> {r['new']} on {_world(r)}, settings {r['settings'] or 'default'}. "
+        f"old/old: t2i {_r(first['t2i']['old/old'])}, i2t {_r(first['i2t']['old/old'])}; orig-new/new: t2i "
+        f"{_r(first['t2i']['orig-new/new'])}, i2t {_r(first['i2t']['orig-new/new'])} (R@1 / R@5 / R@10).",
+        "",
+        "| method | seed | new/old t2i | new/old i2t | new/new R@1 t2i / i2t | Eqn. 2 gate | failing checks | "
+        "tightest check: margin [95% interval] | trainable params | upgrade s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for x in r["runs"]:
         rec, gate = x["recall"], x["gate"]
-        out.append(f"| {x['method']} | {x['seed']} | {_r(rec['t2i']['new/old'])} | {_r(rec['i2t']['new/old'])} | "
-                   f"{rec['t2i']['new/new']['1']} / {rec['i2t']['new/new']['1']} | "
-                   f"{'passed' if gate['passed'] else 'failed'} | {_failures(gate)} | "
-                   f"{_tightest(x['gate_margins'])} | {x['trainable_params']:,} | "
-                   f"{sum(x['timings_s'].values()):.1f} |")
+        out.append(
+            f"| {x['method']} | {x['seed']} | {_r(rec['t2i']['new/old'])} | {_r(rec['i2t']['new/old'])} | "
+            f"{rec['t2i']['new/new']['1']} / {rec['i2t']['new/new']['1']} | "
+            f"{'passed' if gate['passed'] else 'failed'} | {_failures(gate)} | "
+            f"{_tightest(x['gate_margins'])} | {x['trainable_params']:,} | "
+            f"{sum(x['timings_s'].values()):.1f} |"
+        )
     if len(r["seeds"]) > 1:
-        out += ["", "Mean over seeds:", "",
-                "| method | seeds | new/old t2i | new/old i2t | new/new t2i | new/new i2t | Eqn. 2 gate passed |",
-                "|---|---|---|---|---|---|---|"]
-        out += [f"| {t['method']} | {', '.join(map(str, t['seeds']))} | {_r(t['new/old']['t2i'])} | "
-                f"{_r(t['new/old']['i2t'])} | {_r(t['new/new']['t2i'])} | {_r(t['new/new']['i2t'])} | "
-                f"{t['gate_passed']} of {len(t['seeds'])} |" for t in r["table"]]
+        out += [
+            "",
+            "Mean over seeds:",
+            "",
+            "| method | seeds | new/old t2i | new/old i2t | new/new t2i | new/new i2t | Eqn. 2 gate passed |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {t['method']} | {', '.join(map(str, t['seeds']))} | {_r(t['new/old']['t2i'])} | "
+            f"{_r(t['new/old']['i2t'])} | {_r(t['new/new']['t2i'])} | {_r(t['new/new']['i2t'])} | "
+            f"{t['gate_passed']} of {len(t['seeds'])} |"
+            for t in r["table"]
+        ]
     return out
 
 
 def _cost(r: dict) -> list[str]:
-    out = ["| method | extract s | embed s | pretrain s | train s | upgrade s | evaluate s | trainable params | "
-           "peak RSS MB | corpus texts | old-model images | new/old R@1 t2i / i2t |", "|---" * 12 + "|"]
-    out += [f"| {x['method']} | {x['extract_s']} | {x['embed_s']} | {x['pretrain_s']} | {x['train_s']} | "
-            f"{x['upgrade_s']} | {x['evaluate_s']} | {x['trainable_params']:,} | {x['peak_rss_mb']} | "
-            f"{x['samples']['corpus_texts']:,} | {x['samples']['old_model_images']:,} | "
-            f"{x['new_old_t2i_r1']} / {x['new_old_i2t_r1']} |"
-            for x in r["rows"]]
+    out = [
+        "| method | extract s | embed s | pretrain s | train s | upgrade s | evaluate s | trainable params | "
+        "peak RSS MB | corpus texts | old-model images | new/old R@1 t2i / i2t |",
+        "|---" * 12 + "|",
+    ]
+    out += [
+        f"| {x['method']} | {x['extract_s']} | {x['embed_s']} | {x['pretrain_s']} | {x['train_s']} | "
+        f"{x['upgrade_s']} | {x['evaluate_s']} | {x['trainable_params']:,} | {x['peak_rss_mb']} | "
+        f"{x['samples']['corpus_texts']:,} | {x['samples']['old_model_images']:,} | "
+        f"{x['new_old_t2i_r1']} / {x['new_old_i2t_r1']} |"
+        for x in r["rows"]
+    ]
     if "xbt_over_base" in r:
-        out += ["", f"XBT / Base upgrade time (extract + embed + pretrain + train): **{r['xbt_over_base']}x** "
-                    f"(goal <= {r['goal_ratio']}x: {'met' if r['goal_met'] else 'not met'})."]
+        out += [
+            "",
+            f"XBT / Base upgrade time (extract + embed + pretrain + train): **{r['xbt_over_base']}x** "
+            f"(goal <= {r['goal_ratio']}x: {'met' if r['goal_met'] else 'not met'}).",
+        ]
     return out
 
 
 def _chain(r: dict) -> list[str]:
-    out = [f"Table 3: {r['old']} -> {r['mid']} -> {r['new']} on {_world(r)}, settings {r['settings'] or 'default'}, "
-           "every query model against the root old gallery, beside the direct old -> new upgrade; R@1 / R@5 / R@10."]
+    out = [
+        f"Table 3: {r['old']} -> {r['mid']} -> {r['new']} on {_world(r)}, settings {r['settings'] or 'default'}, "
+        "every query model against the root old gallery, beside the direct old -> new upgrade; R@1 / R@5 / R@10."
+    ]
     for run in r["runs"]:
         t = run["table"]
         out += ["", f"Seed {run['seed']}:", "", "| case | t2i | i2t |", "|---|---|---|"]
         out += [f"| {case} | {_r(t['t2i'][case])} | {_r(t['i2t'][case])} |" for case in t["t2i"]]
         link1, link2 = run["links"]
-        out += ["", f"Eqn. 2 gate: link 1 {_verdict(link1['gate'])}, link 2 {_verdict(link2['gate'])}, direct "
-                    f"{_verdict(run['direct']['gate'])}; link 2 against link 1 (no regression): "
-                    f"{_verdict(link2['no_regression'])}."]
+        out += [
+            "",
+            f"Eqn. 2 gate: link 1 {_verdict(link1['gate'])}, link 2 {_verdict(link2['gate'])}, direct "
+            f"{_verdict(run['direct']['gate'])}; link 2 against link 1 (no regression): "
+            f"{_verdict(link2['no_regression'])}.",
+        ]
     return out
 
 
@@ -306,24 +391,36 @@ def _verdict(gate: dict) -> str:
 
 def _ablations(r: dict) -> list[str]:
     first = next(iter(r["ablations"].values()))
-    out = [f"Table 4: {r['old']} -> {r['new']} on {_world(r)}, mean over seeds {', '.join(map(str, r['seeds']))}; "
-           f"R@1 / R@5 / R@10. old/old: t2i {_r(first['old/old']['t2i'])}, i2t {_r(first['old/old']['i2t'])}.", "",
-           "| ablation | corpus texts | pairs | new/old t2i | new/old i2t | new/new R@1 t2i / i2t | "
-           "Eqn. 2 gate passed |", "|---|---|---|---|---|---|---|"]
-    out += [f"| {name} | {x['corpus']:,} | {x['pairs']:,} | {_r(x['new/old']['t2i'])} | {_r(x['new/old']['i2t'])} | "
-            f"{x['new/new']['t2i']['1']} / {x['new/new']['i2t']['1']} | "
-            f"{sum(x['gate_passed'])} of {len(x['gate_passed'])} |" for name, x in r["ablations"].items()]
+    out = [
+        f"Table 4: {r['old']} -> {r['new']} on {_world(r)}, mean over seeds {', '.join(map(str, r['seeds']))}; "
+        f"R@1 / R@5 / R@10. old/old: t2i {_r(first['old/old']['t2i'])}, i2t {_r(first['old/old']['i2t'])}.",
+        "",
+        "| ablation | corpus texts | pairs | new/old t2i | new/old i2t | new/new R@1 t2i / i2t | Eqn. 2 gate passed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {name} | {x['corpus']:,} | {x['pairs']:,} | {_r(x['new/old']['t2i'])} | {_r(x['new/old']['i2t'])} | "
+        f"{x['new/new']['t2i']['1']} / {x['new/new']['i2t']['1']} | "
+        f"{sum(x['gate_passed'])} of {len(x['gate_passed'])} |"
+        for name, x in r["ablations"].items()
+    ]
     return out
 
 
 def _zeroshot(r: dict) -> list[str]:
     cases = list(next(iter(r["accuracy"].values())))
-    out = [f"Table 7: top-1 accuracy (%) on the {r['images']} one-object eval images of {_world(r)}, class prompts "
-           f"averaged over {len(next(iter(r['templates'].values())))} templates; bundle {r['bundle']} ({r['old']} -> "
-           f"{r['new']}); new/old = the upgraded image embedding against the old model's class-prompt embeddings.", "",
-           "| task | chance | " + " | ".join(cases) + " |", "|---|---|" + "---|" * len(cases)]
-    out += [f"| {task} | {r['chance'][task]} | " + " | ".join(str(acc[c]) for c in cases) + " |"
-            for task, acc in r["accuracy"].items()]
+    out = [
+        f"Table 7: top-1 accuracy (%) on the {r['images']} one-object eval images of {_world(r)}, class prompts "
+        f"averaged over {len(next(iter(r['templates'].values())))} templates; bundle {r['bundle']} ({r['old']} -> "
+        f"{r['new']}); new/old = the upgraded image embedding against the old model's class-prompt embeddings.",
+        "",
+        "| task | chance | " + " | ".join(cases) + " |",
+        "|---|---|" + "---|" * len(cases),
+    ]
+    out += [
+        f"| {task} | {r['chance'][task]} | " + " | ".join(str(acc[c]) for c in cases) + " |"
+        for task, acc in r["accuracy"].items()
+    ]
     return out
 
 
@@ -335,22 +432,32 @@ def render_result(name: str, r: dict) -> list[str]:
     table = TABLES.get(name.split("-")[0])
     if table:
         return table(r)
-    return ["| key | value |", "|---|---|",
-            *(f"| {k} | {_cell(v)} |" for k, v in r.items() if k != "run" and not isinstance(v, (dict, list)))]
+    return [
+        "| key | value |",
+        "|---|---|",
+        *(f"| {k} | {_cell(v)} |" for k, v in r.items() if k != "run" and not isinstance(v, (dict, list))),
+    ]
 
 
 def render(results: Path) -> str:
     order = list(BENCHES)
     saved = {p.stem: json.loads(p.read_text()) for p in results.glob("*.json") if p.stem.split("-")[0] in BENCHES}
     names = sorted(saved, key=lambda n: (order.index(n.split("-")[0]), n))
-    lines = [DOC_HEADER, "## Goals", "", "| item | goal | measured | met? | machine | command |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        DOC_HEADER,
+        "## Goals",
+        "",
+        "| item | goal | measured | met? | machine | command |",
+        "|---|---|---|---|---|---|",
+    ]
     reasons = []
     for name in names:
         r = saved[name]
         for item, goal, measured, met, reason in goal_rows(name, r):
-            lines.append(f"| {item} | {_cell(goal)} | {_cell(measured)} | {_met(met)} | {_cell(r['machine'])} "
-                         f"| `{r['run']['command']}` |")
+            lines.append(
+                f"| {item} | {_cell(goal)} | {_cell(measured)} | {_met(met)} | {_cell(r['machine'])} "
+                f"| `{r['run']['command']}` |"
+            )
             if met is False and reason:
                 reasons.append(f"- **{item}** ({r['machine']}): {reason}.")
     if reasons:
@@ -358,10 +465,18 @@ def render(results: Path) -> str:
     lines += ["", "## Each run", ""]
     for name in names:
         r, run = saved[name], saved[name]["run"]
-        lines += [f"### {name}", "",
-                  (f"`{run['command']}`: {run['seconds']} s on {r['machine']} ({run['memory_gb']} GiB RAM, 1-min load "
-                   f"average {' -> '.join(map(str, run['loadavg_1m']))} at start and end), {run['date']}, "
-                   f"commit {run['commit']}."), "", *render_result(name, r), ""]
+        lines += [
+            f"### {name}",
+            "",
+            (
+                f"`{run['command']}`: {run['seconds']} s on {r['machine']} ({run['memory_gb']} GiB RAM, 1-min load "
+                f"average {' -> '.join(map(str, run['loadavg_1m']))} at start and end), {run['date']}, "
+                f"commit {run['commit']}."
+            ),
+            "",
+            *render_result(name, r),
+            "",
+        ]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -44,11 +44,15 @@ def single_object_labels(evalset, spec: shapes.WorldSpec) -> tuple[torch.Tensor,
     items = shapes.scenes_with_captions(spec.seed, "eval", evalset.n_images, per_image, spec.user_phrasing)
     regenerated = [c for _, caps in items for c in caps]
     if regenerated != list(evalset.captions):
-        raise ValueError(f"{evalset.source}: captions differ from the eval split of {spec}; "
-                         "pass the --data folder the world was written to")
+        raise ValueError(
+            f"{evalset.source}: captions differ from the eval split of {spec}; "
+            "pass the --data folder the world was written to"
+        )
     keep = [i for i, (scene, _) in enumerate(items) if len(scene.objects) == 1]
-    labels = {task: torch.tensor([names.index(getattr(items[i][0].objects[0], task)) for i in keep])
-              for task, names in CLASSES.items()}
+    labels = {
+        task: torch.tensor([names.index(getattr(items[i][0].objects[0], task)) for i in keep])
+        for task, names in CLASSES.items()
+    }
     return torch.tensor(keep, dtype=torch.long), labels
 
 
@@ -70,18 +74,23 @@ def accuracies(bundle: str, evalset, spec: shapes.WorldSpec) -> dict:
     from xbtcore.encoders import DualEncoder
 
     upgraded, meta = load_compatible(bundle)
-    models = {"old": DualEncoder.from_pretrained(meta.root_model), "orig": base_encoder(Path(bundle), meta),
-              "up": upgraded}
+    models = {
+        "old": DualEncoder.from_pretrained(meta.root_model),
+        "orig": base_encoder(Path(bundle), meta),
+        "up": upgraded,
+    }
     keep, labels = single_object_labels(evalset, spec)
     pictures = [evalset.load_image(int(i)) for i in keep]
     images = {name: enc.embed_images(pictures) for name, enc in models.items()}  # (N, D) each
     out = {}
     for task in CLASSES:
         w = {name: class_embeddings(enc, task) for name, enc in models.items()}  # (C, D) each
-        out[task] = {"old/old": accuracy(images["old"], w["old"], labels[task]),
-                     "orig-new/new": accuracy(images["orig"], w["orig"], labels[task]),
-                     "new/old": accuracy(images["up"], w["old"], labels[task]),
-                     "new/new": accuracy(images["up"], w["up"], labels[task])}
+        out[task] = {
+            "old/old": accuracy(images["old"], w["old"], labels[task]),
+            "orig-new/new": accuracy(images["orig"], w["orig"], labels[task]),
+            "new/old": accuracy(images["up"], w["old"], labels[task]),
+            "new/new": accuracy(images["up"], w["up"], labels[task]),
+        }
     return {"old": meta.root_model, "new": meta.base_model, "images": len(keep), "accuracy": out}
 
 
@@ -92,16 +101,24 @@ def run(args) -> dict:
     report = None if args.bundle else upgrade(args, "xbt", args.seed)
     bundle = args.bundle or report["bundle"]
     result = accuracies(bundle, read_pairs(paths["eval"]), world_spec(world_dir(args)))
-    return {"bench": "zeroshot", **result, "bundle": bundle, "seed": None if args.bundle else args.seed,
-            "report": None if args.bundle else str(Path(bundle).parent / "report.json"), "data": data_of(args),
-            "classes": CLASSES, "templates": TEMPLATES,
-            "chance": {t: round(100 / len(c), 2) for t, c in CLASSES.items()}}
+    return {
+        "bench": "zeroshot",
+        **result,
+        "bundle": bundle,
+        "seed": None if args.bundle else args.seed,
+        "report": None if args.bundle else str(Path(bundle).parent / "report.json"),
+        "data": data_of(args),
+        "classes": CLASSES,
+        "templates": TEMPLATES,
+        "chance": {t: round(100 / len(c), 2) for t, c in CLASSES.items()},
+    }
 
 
 def parser():
     ap = table_parser(__doc__, methods=False, seeds=False)
-    ap.add_argument("--bundle", default="",
-                    help="an upgrade bundle (DIR/bundle); without it XBT runs through the flow")
+    ap.add_argument(
+        "--bundle", default="", help="an upgrade bundle (DIR/bundle); without it XBT runs through the flow"
+    )
     ap.add_argument("--seed", type=int, default=0, help="the upgrade's seed when no --bundle is given")
     return ap
 

@@ -57,19 +57,40 @@ class Catalog:
         self._upsert("datasets", {"path": path, "kind": kind, "fingerprint": fingerprint, "rows": rows})
 
     def record_space(self, space: str, root_model: str, dim: int | None, registered_model: str) -> None:
-        self._upsert("spaces", {"space": space, "root_model": root_model, "dim": dim, "registered_model": registered_model})
+        self._upsert(
+            "spaces", {"space": space, "root_model": root_model, "dim": dim, "registered_model": registered_model}
+        )
 
     def record_gallery(self, path: str, model: str, space: str | None, modality: str, rows: int, dim: int) -> None:
-        self._upsert("galleries", {"path": path, "model": model, "space": space, "modality": modality, "rows": rows,
-                                   "dim": dim})
+        self._upsert(
+            "galleries", {"path": path, "model": model, "space": space, "modality": modality, "rows": rows, "dim": dim}
+        )
 
     def record_run(self, run: dict) -> None:
         self._upsert("runs", run)
 
-    def record_lineage(self, space: str, old: str, new: str, bundle: str, mlflow_model: str | None,
-                       mlflow_version: str | None, run_id: str) -> None:
-        self._upsert("lineage", {"space": space, "old": old, "new": new, "bundle": bundle, "mlflow_model": mlflow_model,
-                                 "mlflow_version": mlflow_version, "run_id": run_id})
+    def record_lineage(
+        self,
+        space: str,
+        old: str,
+        new: str,
+        bundle: str,
+        mlflow_model: str | None,
+        mlflow_version: str | None,
+        run_id: str,
+    ) -> None:
+        self._upsert(
+            "lineage",
+            {
+                "space": space,
+                "old": old,
+                "new": new,
+                "bundle": bundle,
+                "mlflow_model": mlflow_model,
+                "mlflow_version": mlflow_version,
+                "run_id": run_id,
+            },
+        )
 
     def rows(self, table: str) -> list[dict]:
         assert table in TABLES, f"unknown catalog table {table!r}"

@@ -72,8 +72,15 @@ def run(args) -> dict:
         with torch.inference_mode():
             heads.append({"epochs": epochs, "new/old": t2i(phi(new_side.text))})
         progress(f"headroom {heads[-1]}")
-    return {"old": args.old, "new": args.new, "data": data_of(args), "pairs": len(pairs.captions),
-            "seed": args.seed, "old/old": t2i(old_side.text), "heads": heads}
+    return {
+        "old": args.old,
+        "new": args.new,
+        "data": data_of(args),
+        "pairs": len(pairs.captions),
+        "seed": args.seed,
+        "old/old": t2i(old_side.text),
+        "heads": heads,
+    }
 
 
 def parser() -> argparse.ArgumentParser:

@@ -67,8 +67,16 @@ def pretrained_phi(paths: dict, old: str, new: str, dims: tuple[int, int], setti
     spec = get_method("xbt")
     split = ValSplit(0.1, seed=seed)  # the flow's default: the validation images never train
     corpus = extract_corpus.fn(paths["corpus"], step_path(work, "corpus", paths["corpus"], suffix=".parquet"))
-    keys = embed_frozen.fn(list(spec.needs(spec.config(settings))), corpus["path"], paths["pairs"], old, new,
-                           str(cache_dir()), split, progress=False)
+    keys = embed_frozen.fn(
+        list(spec.needs(spec.config(settings))),
+        corpus["path"],
+        paths["pairs"],
+        old,
+        new,
+        str(cache_dir()),
+        split,
+        progress=False,
+    )
     out = step_path(work, "head", settings, keys, split, seed, suffix=".safetensors")
     return load_head(fit_head.fn("xbt", settings, keys, str(cache_dir()), paths["pairs"], split, *dims, seed, out))
 
@@ -95,8 +103,10 @@ def run(args) -> dict:
         mapped = map_side(orig_side, phi)
         recall = evaluate_cases(old_side, mapped, orig_side, evalset.caption_image)
         runs.append({"seed": seed, "recall": recall, "transfer": transfer(mapped, old_side, evalset.caption_image)})
-        progress(f"φ alone, seed {seed}: new/old R@1 t2i {recall['t2i']['new/old']['1']}, "
-                 f"i2t {recall['i2t']['new/old']['1']}")
+        progress(
+            f"φ alone, seed {seed}: new/old R@1 t2i {recall['t2i']['new/old']['1']}, "
+            f"i2t {recall['i2t']['new/old']['1']}"
+        )
     return {"old": args.old, "new": args.new, "data": data_of(args), "settings": args.set, "runs": runs}
 
 

@@ -41,8 +41,9 @@ def read_config(path: Path) -> dict:
     config = json.loads(Path(path).read_text())
     unknown = set(config) - {"about", "script", "args", "grid", "variants"}
     if unknown or "script" not in config:
-        raise ValueError(f"{path}: a config has a script and some of about, args, grid, variants; "
-                         f"got {sorted(config)}")
+        raise ValueError(
+            f"{path}: a config has a script and some of about, args, grid, variants; got {sorted(config)}"
+        )
     return config
 
 
@@ -92,10 +93,16 @@ def run_config(path: Path, results: Path = RESULTS) -> dict:
     config, runs = read_config(path), parsed_runs(path)
     module = script_module(config["script"])
     out = results / f"{Path(path).stem}.json"
-    record = {"config": Path(path).stem, "about": config.get("about", ""), "script": config["script"],
-              "command": shlex.join(["python", "experiments/run.py", _shown(path)]), "commit": git_commit(),
-              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": machine(),
-              "runs": []}
+    record = {
+        "config": Path(path).stem,
+        "about": config.get("about", ""),
+        "script": config["script"],
+        "command": shlex.join(["python", "experiments/run.py", _shown(path)]),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "runs": [],
+    }
     for name, args in runs.items():
         progress(f"== {record['config']}: {name}")
         record["runs"].append({"name": name, "flags": runs_of(config)[name], "result": module.run(args)})

@@ -37,40 +37,55 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
         ties = sorted((d, k) for d, k in failing if margins[d][str(k)]["low"] <= 0 <= margins[d][str(k)]["high"])
         if ties and len(ties) == len(failing):
             checks = ", ".join(f"{d} R@{k}" for d, k in ties)
-            steps.append(f"every failing check ({checks}) has a 95% interval that spans zero: this eval set "
-                         "cannot tell the upgrade from the old model there; a larger eval set can")
+            steps.append(
+                f"every failing check ({checks}) has a 95% interval that spans zero: this eval set "
+                "cannot tell the upgrade from the old model there; a larger eval set can"
+            )
 
     chosen = candidates.get(method)
     if failing and chosen and chosen.get("margins") and qualifies(chosen):
-        steps.append(f"{method} passed on the validation pairs (smallest margin {min_margin(chosen['margins']):+.2f} "
-                     "points) but fails on the eval set: the eval data differ from the pairs; pairs drawn like the "
-                     "eval set make the choice on data like it")
+        steps.append(
+            f"{method} passed on the validation pairs (smallest margin {min_margin(chosen['margins']):+.2f} "
+            "points) but fails on the eval set: the eval data differ from the pairs; pairs drawn like the "
+            "eval set make the choice on data like it"
+        )
     if failing:
         blocked = [c for c in candidates.values() if not c["eligible"] and c.get("margins") and qualifies(c)]
         for c in blocked:
-            steps.append(f"{c['method']} passed on the validation pairs (smallest margin {min_margin(c['margins']):+.2f} "
-                         "points), but its queries run the old encoder: --allow-old-encoder lets auto choose it")
+            steps.append(
+                f"{c['method']} passed on the validation pairs (smallest margin {min_margin(c['margins']):+.2f} "
+                "points), but its queries run the old encoder: --allow-old-encoder lets auto choose it"
+            )
     if failing and len(candidates) <= 1:
-        steps.append(f"the gate failed with --method {method}; --method auto tries the registered methods cheapest "
-                     "first and keeps the first that passes on the validation pairs")
+        steps.append(
+            f"the gate failed with --method {method}; --method auto tries the registered methods cheapest "
+            "first and keeps the first that passes on the validation pairs"
+        )
 
     if _pretrains_phi(method):
-        gaps = {d: report["recall"][d]["orig-new/new"]["1"] - report["recall"][d]["new/new"]["1"]
-                for d in ("t2i", "i2t")}
+        gaps = {
+            d: report["recall"][d]["orig-new/new"]["1"] - report["recall"][d]["new/new"]["1"] for d in ("t2i", "i2t")
+        }
         worst = max(gaps, key=gaps.get)
         if gaps[worst] > NEW_NEW_SLACK:
-            steps.append(f"new/new is {gaps[worst]:.2f} points {worst} R@1 under the original new model, so items "
-                         "embedded by the upgraded model search worse than after a backfill; the pair term "
-                         f"(--set pretrain.pair_weight, now {pretrain.pair_weight:g}) trains φ on the new model's own "
-                         "pairs and holds new/new up")
+            steps.append(
+                f"new/new is {gaps[worst]:.2f} points {worst} R@1 under the original new model, so items "
+                "embedded by the upgraded model search worse than after a backfill; the pair term "
+                f"(--set pretrain.pair_weight, now {pretrain.pair_weight:g}) trains φ on the new model's own "
+                "pairs and holds new/new up"
+            )
 
     regress = report.get("no_regression")
     if regress and not regress["passed"]:
         checks = ", ".join(f"{d} R@{k} {a} < {b}" for d, k, a, b in regress["failures"])
-        steps.append(f"the candidate's queries do worse than the champion link's against the same gallery "
-                     f"({checks}); the champion stays, and its link is the one to keep serving")
+        steps.append(
+            f"the candidate's queries do worse than the champion link's against the same gallery "
+            f"({checks}); the champion stays, and its link is the one to keep serving"
+        )
         if pretrain.chain_targets == "champion":
-            steps.append("this link trained towards the champion's compatible embeddings, an approximation of the "
-                         "gallery's space; --set pretrain.chain_targets=root (the default) trains towards the "
-                         "gallery's own model")
+            steps.append(
+                "this link trained towards the champion's compatible embeddings, an approximation of the "
+                "gallery's space; --set pretrain.chain_targets=root (the default) trains towards the "
+                "gallery's own model"
+            )
     return steps

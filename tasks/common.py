@@ -10,9 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy

@@ -11,8 +11,15 @@ import torch
 from prefect import task
 
 from xbtcore.bundle import is_bundle, load_compatible
-from xbtcore.cache import (EmbeddingCache, cache_model_key, cached_image_embeddings, cached_old_image_embeddings,
-                           cached_text_embeddings, fingerprint_items, fingerprint_texts)
+from xbtcore.cache import (
+    EmbeddingCache,
+    cache_model_key,
+    cached_image_embeddings,
+    cached_old_image_embeddings,
+    cached_text_embeddings,
+    fingerprint_items,
+    fingerprint_texts,
+)
 from xbtcore.data import Gallery, ValSplit, read_pairs, split_pairs
 from xbtcore.encoders import DualEncoder
 from xbtcore.methods import EMBEDDINGS
@@ -41,9 +48,18 @@ def load_cached(cache_root: str, key: dict) -> torch.Tensor:
 
 
 @task(name="embed-frozen", **CACHED)
-def embed_frozen(needs: list[str], corpus_path: str, pairs_path: str | None, old_ref: str, new_ref: str,
-                 cache_root: str, split: ValSplit | None = None, gallery: str | None = None, fingerprint: str = "",
-                 progress: bool = True) -> dict:
+def embed_frozen(
+    needs: list[str],
+    corpus_path: str,
+    pairs_path: str | None,
+    old_ref: str,
+    new_ref: str,
+    cache_root: str,
+    split: ValSplit | None = None,
+    gallery: str | None = None,
+    fingerprint: str = "",
+    progress: bool = True,
+) -> dict:
     """Embed what `needs` names (from methods.EMBEDDINGS) into the cache; -> {name: cache key}.
 
     "_pairs" names are the training part of the pairs, "_val" ones the validation part (`split`).
@@ -96,6 +112,11 @@ def embed_frozen(needs: list[str], corpus_path: str, pairs_path: str | None, old
                 if name in needs:
                     cached_text_embeddings(cache, encoder, pairs.captions, progress=progress)
                     keys[name] = key(encoder, texts_fp, "text", len(pairs.captions))
-            logger.info("embedded %d images and %d captions%s (%s)", pairs.n_images, len(pairs.captions), suffix,
-                        ", ".join(parts[suffix]))
+            logger.info(
+                "embedded %d images and %d captions%s (%s)",
+                pairs.n_images,
+                len(pairs.captions),
+                suffix,
+                ", ".join(parts[suffix]),
+            )
     return {n: keys[n] for n in needs}

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from xbtcore.bundle import is_bundle, load_compatible, read_meta
 from xbtcore.cache import EmbeddingCache, cached_old_image_embeddings, cached_text_embeddings
-from xbtcore.data import Gallery, ValSplit, read_part, read_pairs, split_pairs
+from xbtcore.data import Gallery, ValSplit, read_pairs, read_part, split_pairs
 from xbtcore.encoders import DualEncoder
 from xbtcore.evaluate import Side, evaluate_cases, side_of
 from xbtcore.gate import eqn2_gate, no_regression_gate
@@ -22,8 +22,15 @@ from .common import CACHED, log
 
 
 @task(name="check-inputs", **CACHED)
-def check_inputs(old_ref: str, new_ref: str, pairs_path: str, eval_path: str, split: ValSplit | None = None,
-                 gallery: str | None = None, fingerprint: str = "") -> dict:
+def check_inputs(
+    old_ref: str,
+    new_ref: str,
+    pairs_path: str,
+    eval_path: str,
+    split: ValSplit | None = None,
+    gallery: str | None = None,
+    fingerprint: str = "",
+) -> dict:
     """Load both models and read every pair and eval row (images decoded) before any training.
 
     With a bundle as the old model the upgrade is a chain link: the gallery space is the
@@ -40,20 +47,51 @@ def check_inputs(old_ref: str, new_ref: str, pairs_path: str, eval_path: str, sp
     pairs, evalset = read_pairs(pairs_path), read_pairs(eval_path)
     train, val = split_pairs(pairs, split)
     held = set(Gallery(gallery).ids()) if gallery else set()
-    images = {part: {"images": p.n_images, "in_gallery": sum(str(i) in held for i in p.image_ids)}
-              for part, p in (("train", train), ("val", val), ("eval", evalset)) if p is not None}
-    log().info("inputs ok: old %s (dim %d), new %s (dim %d), %d pairs (%d images, %d for validation), "
-               "%d eval images", root, old.embed_dim, new_ref, new.embed_dim, len(pairs.captions), pairs.n_images,
-               0 if val is None else val.n_images, evalset.n_images)
-    return {"root": root, "prev": prev, "chain": chain, "old_dim": old.embed_dim, "new_dim": new.embed_dim,
-            "pairs": len(pairs.captions), "pair_images": pairs.n_images, "val_images": 0 if val is None else val.n_images,
-            "eval_images": evalset.n_images, "eval_captions": len(evalset.captions), "images": images}
+    images = {
+        part: {"images": p.n_images, "in_gallery": sum(str(i) in held for i in p.image_ids)}
+        for part, p in (("train", train), ("val", val), ("eval", evalset))
+        if p is not None
+    }
+    log().info(
+        "inputs ok: old %s (dim %d), new %s (dim %d), %d pairs (%d images, %d for validation), %d eval images",
+        root,
+        old.embed_dim,
+        new_ref,
+        new.embed_dim,
+        len(pairs.captions),
+        pairs.n_images,
+        0 if val is None else val.n_images,
+        evalset.n_images,
+    )
+    return {
+        "root": root,
+        "prev": prev,
+        "chain": chain,
+        "old_dim": old.embed_dim,
+        "new_dim": new.embed_dim,
+        "pairs": len(pairs.captions),
+        "pair_images": pairs.n_images,
+        "val_images": 0 if val is None else val.n_images,
+        "eval_images": evalset.n_images,
+        "eval_captions": len(evalset.captions),
+        "images": images,
+    }
 
 
 @task(name="evaluate", **CACHED)
-def evaluate(eval_path: str, root_ref: str, new_ref: str, bundle_dir: str, prev_bundle: str | None,
-             cache_root: str, out: str, part: str = "all", split: ValSplit | None = None, gallery: str | None = None,
-             fingerprint: str = "") -> str:
+def evaluate(
+    eval_path: str,
+    root_ref: str,
+    new_ref: str,
+    bundle_dir: str,
+    prev_bundle: str | None,
+    cache_root: str,
+    out: str,
+    part: str = "all",
+    split: ValSplit | None = None,
+    gallery: str | None = None,
+    fingerprint: str = "",
+) -> str:
     """The cases of CONTRACT.md (and prev/old for a chain) on an eval set, or on one part of the pairs
     (part "val" of `split`: the validation of a candidate), into the folder `out`: recall.json,
     gate_margins.json (xbtcore.margins) and sample.safetensors, the few embeddings the HTML report's map
@@ -75,8 +113,9 @@ def evaluate(eval_path: str, root_ref: str, new_ref: str, bundle_dir: str, prev_
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(report_sample(old_side, upgraded_side, orig_side, evalset.caption_image), tmp / "sample.safetensors")
-    (tmp / "gate_margins.json").write_text(json.dumps(gate_margins(upgraded_side, old_side, evalset.caption_image),
-                                                      indent=2))
+    (tmp / "gate_margins.json").write_text(
+        json.dumps(gate_margins(upgraded_side, old_side, evalset.caption_image), indent=2)
+    )
     (tmp / "recall.json").write_text(json.dumps(recall, indent=2))
     if folder.exists():
         shutil.rmtree(folder)
@@ -91,6 +130,9 @@ def gate(recall: dict, ks: list[int], chain: bool) -> dict:
     if chain:
         verdict["no_regression"] = no_regression_gate(recall, ks=ks).to_dict()
     verdict["passed"] = all(v["passed"] for v in verdict.values())
-    log().info("gate %s%s", "passed" if verdict["passed"] else "failed",
-                          "" if verdict["passed"] else f": {[v['failures'] for k, v in verdict.items() if k != 'passed']}")
+    log().info(
+        "gate %s%s",
+        "passed" if verdict["passed"] else "failed",
+        "" if verdict["passed"] else f": {[v['failures'] for k, v in verdict.items() if k != 'passed']}",
+    )
     return verdict

@@ -31,8 +31,11 @@ def check_text_column(files: list[Path], column: str) -> None:
         try:
             schema = pq.read_schema(f)
         except (pa.ArrowException, OSError) as e:
-            raise InputError(f, f"not a readable Parquet file ({type(e).__name__})",
-                             "pass Parquet files (e.g. written by pyarrow or pandas.to_parquet)") from e
+            raise InputError(
+                f,
+                f"not a readable Parquet file ({type(e).__name__})",
+                "pass Parquet files (e.g. written by pyarrow or pandas.to_parquet)",
+            ) from e
         if column not in schema.names:
             raise InputError(f, f"missing column '{column}'; the file has columns {schema.names}", _FIX_COLUMN)
         kind = schema.field(column).type
@@ -40,8 +43,15 @@ def check_text_column(files: list[Path], column: str) -> None:
             raise InputError(f, f"has type {kind}, not string", _FIX_COLUMN, column=column)
 
 
-def corpus_query(files: list[Path], column: str, min_chars: int | None, max_chars: int | None,
-                 sample: int | None, seed: int, count: bool = False) -> str:
+def corpus_query(
+    files: list[Path],
+    column: str,
+    min_chars: int | None,
+    max_chars: int | None,
+    sample: int | None,
+    seed: int,
+    count: bool = False,
+) -> str:
     """SQL giving the distinct non-blank texts in order of first appearance (file, then row).
 
     A sample keeps a seeded pseudo-random subset (md5 of seed and text: the same
@@ -65,8 +75,10 @@ def corpus_query(files: list[Path], column: str, min_chars: int | None, max_char
     if count:
         query += " SELECT count(*) FROM firsts"
     elif sample is not None:
-        query += (f", kept AS (SELECT * FROM firsts ORDER BY md5({int(seed)}::VARCHAR || ':' || text), first "
-                  f"LIMIT {int(sample)}) SELECT text FROM kept ORDER BY first")
+        query += (
+            f", kept AS (SELECT * FROM firsts ORDER BY md5({int(seed)}::VARCHAR || ':' || text), first "
+            f"LIMIT {int(sample)}) SELECT text FROM kept ORDER BY first"
+        )
     else:
         query += " SELECT text FROM firsts ORDER BY first"
     return query
@@ -74,13 +86,19 @@ def corpus_query(files: list[Path], column: str, min_chars: int | None, max_char
 
 def _empty_corpus(source, column: str, min_chars: int | None, max_chars: int | None) -> InputError:
     filters = [f for f, v in (("--min-chars", min_chars), ("--max-chars", max_chars)) if v is not None]
-    fix = (f"relax {' and '.join(filters)}" if filters else "pass a corpus with text in that column")
-    return InputError(source, "no text left after dropping nulls and blanks"
-                      + (f" and the length filter ({', '.join(filters)})" if filters else ""), fix, column=column)
+    fix = f"relax {' and '.join(filters)}" if filters else "pass a corpus with text in that column"
+    return InputError(
+        source,
+        "no text left after dropping nulls and blanks"
+        + (f" and the length filter ({', '.join(filters)})" if filters else ""),
+        fix,
+        column=column,
+    )
 
 
-def check_corpus(source: str, column: str = "caption", min_chars: int | None = None,
-                 max_chars: int | None = None) -> int:
+def check_corpus(
+    source: str, column: str = "caption", min_chars: int | None = None, max_chars: int | None = None
+) -> int:
     """Before any work: the corpus is readable, has `column` as strings and keeps some text after the
     filters; -> how many distinct texts pass them. Reads one column, counts in DuckDB."""
     files = parquet_files(source)
@@ -89,17 +107,25 @@ def check_corpus(source: str, column: str = "caption", min_chars: int | None = N
     try:
         rows = duckdb.connect().execute(query).fetchone()[0]
     except duckdb.Error as e:
-        raise InputError(source, f"cannot be read ({str(e).splitlines()[0]})", "pass valid Parquet files",
-                         column=column) from e
+        raise InputError(
+            source, f"cannot be read ({str(e).splitlines()[0]})", "pass valid Parquet files", column=column
+        ) from e
     if rows == 0:
         raise _empty_corpus(source, column, min_chars, max_chars)
     return rows
 
 
 @task(name="extract-corpus", **CACHED)
-def extract_corpus(source: str, out: str, text_column: str = "caption", min_chars: int | None = None,
-                   max_chars: int | None = None, sample: int | None = None, seed: int = 0,
-                   fingerprint: str = "") -> dict:
+def extract_corpus(
+    source: str,
+    out: str,
+    text_column: str = "caption",
+    min_chars: int | None = None,
+    max_chars: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    fingerprint: str = "",
+) -> dict:
     """Parquet file/folder/glob -> out (one `caption` column); -> {"path", "rows", "fingerprint"}.
 
     Nulls and blank strings are dropped and exact duplicates removed, keeping
@@ -112,8 +138,9 @@ def extract_corpus(source: str, out: str, text_column: str = "caption", min_char
         query = corpus_query(files, text_column, min_chars, max_chars, sample, seed)
         table = duckdb.connect().sql(query).to_arrow_table().rename_columns(["caption"])
     except duckdb.Error as e:
-        raise InputError(source, f"cannot be read ({str(e).splitlines()[0]})", "pass valid Parquet files",
-                         column=text_column) from e
+        raise InputError(
+            source, f"cannot be read ({str(e).splitlines()[0]})", "pass valid Parquet files", column=text_column
+        ) from e
     if table.num_rows == 0:
         raise _empty_corpus(source, text_column, min_chars, max_chars)
     out = Path(out)

@@ -23,8 +23,13 @@ import torch
 from xbtcore.inspect_sample import pca_2d
 
 # One colour per model, one marker per modality: the map's legend and the bars share them.
-CASE_COLOURS = {"old/old": "#8a8f98", "new/old": "#e8590c", "new/new": "#f59f00", "orig-new/new": "#2f9e44",
-                "prev/old": "#7048e8"}
+CASE_COLOURS = {
+    "old/old": "#8a8f98",
+    "new/old": "#e8590c",
+    "new/new": "#f59f00",
+    "orig-new/new": "#2f9e44",
+    "prev/old": "#7048e8",
+}
 SERIES = {  # name -> (label, colour, modality)
     "v_old": ("old model, images (v_old)", "#1c7ed6", "image"),
     "w_old": ("old model, texts (w_old)", "#1c7ed6", "text"),
@@ -34,10 +39,16 @@ SERIES = {  # name -> (label, colour, modality)
     "w_new": ("original new model, texts (w_new)", "#2f9e44", "text"),
 }
 PANELS = (
-    ("A. old embedding space", "old model and the upgraded new model (φ-mapped): compatible embeddings overlap",
-     ("v_old", "w_old", "v_bar", "w_bar")),
-    ("B. original new embedding space", "the unmodified new model, for reference (what a backfill would use)",
-     ("v_new", "w_new")),
+    (
+        "A. old embedding space",
+        "old model and the upgraded new model (φ-mapped): compatible embeddings overlap",
+        ("v_old", "w_old", "v_bar", "w_bar"),
+    ),
+    (
+        "B. original new embedding space",
+        "the unmodified new model, for reference (what a backfill would use)",
+        ("v_new", "w_new"),
+    ),
 )
 
 
@@ -47,13 +58,20 @@ def map_panels(sample: dict[str, torch.Tensor]) -> list[dict]:
     for title, note, names in PANELS:
         xy, share = pca_2d(torch.cat([sample[n] for n in names]))
         parts = xy.split([sample[n].shape[0] for n in names])
-        panels.append({"title": title, "note": note, "variance": share,
-                       "series": [{"name": n, "points": p.tolist()} for n, p in zip(names, parts)]})
+        panels.append(
+            {
+                "title": title,
+                "note": note,
+                "variance": share,
+                "series": [{"name": n, "points": p.tolist()} for n, p in zip(names, parts)],
+            }
+        )
     return panels
 
 
-def examples_of(sample: dict[str, torch.Tensor], captions: list[str], image_ids: list, load_image,
-                size: int = 96) -> list[dict]:
+def examples_of(
+    sample: dict[str, torch.Tensor], captions: list[str], image_ids: list, load_image, size: int = 96
+) -> list[dict]:
     """`report_sample`'s queries as `render_report` examples; load_image(i) -> the PIL image of eval image i."""
     pngs: dict[int, bytes] = {}
 
@@ -66,8 +84,10 @@ def examples_of(sample: dict[str, torch.Tensor], captions: list[str], image_ids:
     for q, (c, own) in enumerate(zip(sample["query_captions"].tolist(), sample["query_images"].tolist())):
         rows = []
         for name, label in (("new", "upgraded new model (w̄_new / v_old)"), ("old", "old model (w_old / v_old)")):
-            hits = [{"image": image_ids[i], "score": s, "is_gt": i == own, "png": png(i)}
-                    for i, s in zip(sample[f"top_{name}"][q].tolist(), sample[f"score_{name}"][q].tolist())]
+            hits = [
+                {"image": image_ids[i], "score": s, "is_gt": i == own, "png": png(i)}
+                for i, s in zip(sample[f"top_{name}"][q].tolist(), sample[f"score_{name}"][q].tolist())
+            ]
             rows.append({"label": label, "rank": int(sample[f"rank_{name}"][q]), "hits": hits})
         examples.append({"caption": captions[c], "gt_image": image_ids[own], "gt_png": png(own), "rows": rows})
     return examples
@@ -84,6 +104,7 @@ def thumbnail_png(image, size: int = 96) -> bytes:
 
 # --- rendering ---------------------------------------------------------------------------------
 
+
 def _e(x) -> str:
     return html.escape(str(x), quote=True)
 
@@ -93,11 +114,13 @@ def _fmt_s(seconds: float) -> str:
 
 
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#212529;margin:0;background:#f8f9fa}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#212529;margin:0;
+background:#f8f9fa}
 main{max-width:1120px;margin:0 auto;padding:24px}
 section{background:#fff;border:1px solid #dee2e6;border-radius:8px;padding:16px 20px;margin:0 0 18px}
 h1{font-size:22px;margin:0 0 6px}h2{font-size:17px;margin:0 0 10px}h3{font-size:14px;margin:0 0 4px}
-code{font:12px ui-monospace,"DejaVu Sans Mono",monospace;background:#f1f3f5;padding:1px 4px;border-radius:3px;word-break:break-all}
+code{font:12px ui-monospace,"DejaVu Sans Mono",monospace;background:#f1f3f5;padding:1px 4px;border-radius:3px;
+word-break:break-all}
 .badge{display:inline-block;padding:2px 10px;border-radius:12px;font-weight:600;color:#fff}
 .pass{background:#2f9e44}.fail{background:#e03131}
 .muted{color:#6c757d}.small{font-size:12px}
@@ -120,7 +143,8 @@ svg text{font-family:system-ui,"DejaVu Sans",sans-serif}
 .row{display:flex;align-items:center;gap:8px;margin:4px 0}
 .row .who{width:170px;flex:none;font-size:12px}
 .hit{display:flex;flex-direction:column;align-items:center;font-size:11px;color:#6c757d}
-img.thumb{width:72px;height:72px;object-fit:contain;image-rendering:pixelated;border:3px solid transparent;border-radius:4px;background:#fff}
+img.thumb{width:72px;height:72px;object-fit:contain;image-rendering:pixelated;border:3px solid transparent;
+border-radius:4px;background:#fff}
 img.gt{border-color:#2f9e44}
 .hit.gt{color:#2f9e44;font-weight:600}
 """
@@ -133,17 +157,21 @@ def _header(report: dict) -> str:
         verdicts.append(("no-regression gate", report["no_regression"], "prev/old"))
     passed = all(v["passed"] for _, v, _ in verdicts)
     badge = f'<span class="badge {"pass" if passed else "fail"}">{"gate passed" if passed else "gate failed"}</span>'
-    lines = [f"<h1>xbt upgrade report {badge}</h1>",
-             '<div class="kv">',
-             f"<span>method</span><span><b>{_e(report['method'])}</b></span>",
-             f"<span>old model (gallery)</span><span><code>{_e(report['old'])}</code></span>",
-             f"<span>new model</span><span><code>{_e(report['new'])}</code></span>"]
+    lines = [
+        f"<h1>xbt upgrade report {badge}</h1>",
+        '<div class="kv">',
+        f"<span>method</span><span><b>{_e(report['method'])}</b></span>",
+        f"<span>old model (gallery)</span><span><code>{_e(report['old'])}</code></span>",
+        f"<span>new model</span><span><code>{_e(report['new'])}</code></span>",
+    ]
     if "space" in report:
         lines.append(f"<span>embedding space</span><span><code>{_e(report['space'])}</code></span>")
     promo = report.get("promotion")
     if promo:
-        lines.append(f"<span>MLflow</span><span><code>{_e(promo.get('model'))}</code> version "
-                     f"{_e(promo.get('version'))}: {_e(promo.get('reason'))}</span>")
+        lines.append(
+            f"<span>MLflow</span><span><code>{_e(promo.get('model'))}</code> version "
+            f"{_e(promo.get('version'))}: {_e(promo.get('reason'))}</span>"
+        )
     if report.get("bundle"):
         lines.append(f"<span>bundle</span><span><code>{_e(report['bundle'])}</code></span>")
     lines.append("</div>")
@@ -151,16 +179,27 @@ def _header(report: dict) -> str:
         ks = ", ".join(str(k) for k in v["ks"])
         rule = f"new/old &gt; {reference}" if v["criterion"] == "eqn2" else f"new/old &ge; {reference}"
         state = "passed" if v["passed"] else f"failed ({len(v['failures'])} failing checks)"
-        lines.append(f'<p><b>{name}</b> ({rule} at K = {ks}, t2i and i2t): '
-                     f'<span class="{"muted" if v["passed"] else "badge fail"}">{state}</span></p>')
+        lines.append(
+            f"<p><b>{name}</b> ({rule} at K = {ks}, t2i and i2t): "
+            f'<span class="{"muted" if v["passed"] else "badge fail"}">{state}</span></p>'
+        )
         if v["failures"]:
-            lines.append('<ul class="failures">' + "".join(
-                f"<li>{_e(d)} R@{_e(k)}: new/old {_e(a)} {'&le;' if v['criterion'] == 'eqn2' else '&lt;'} "
-                f"{reference} {_e(b)}</li>" for d, k, a, b in v["failures"]) + "</ul>")
+            lines.append(
+                '<ul class="failures">'
+                + "".join(
+                    f"<li>{_e(d)} R@{_e(k)}: new/old {_e(a)} {'&le;' if v['criterion'] == 'eqn2' else '&lt;'} "
+                    f"{reference} {_e(b)}</li>"
+                    for d, k, a, b in v["failures"]
+                )
+                + "</ul>"
+            )
     if report.get("next_steps"):
-        lines.append("<p><b>next steps</b></p><ul>" + "".join(f"<li>{_e(s)}</li>" for s in report["next_steps"]) + "</ul>")
-    counts = "".join(f"<tr><td>{_e(k.replace('_', ' '))}</td><td>{int(n):,}</td></tr>"
-                     for k, n in report.get("counts", {}).items())
+        lines.append(
+            "<p><b>next steps</b></p><ul>" + "".join(f"<li>{_e(s)}</li>" for s in report["next_steps"]) + "</ul>"
+        )
+    counts = "".join(
+        f"<tr><td>{_e(k.replace('_', ' '))}</td><td>{int(n):,}</td></tr>" for k, n in report.get("counts", {}).items()
+    )
     timings = dict(report.get("timings_s", {}))
     total = float(timings.pop("total", sum(float(s) for s in timings.values())))
     times = "".join(f"<tr><td>{_e(k)}</td><td>{_fmt_s(float(s))}</td></tr>" for k, s in timings.items())
@@ -168,9 +207,11 @@ def _header(report: dict) -> str:
     if rest > 0.5:  # start-up, the built-in world, registration, reports
         times += f"<tr><td>start-up, world, registry, reports</td><td>{_fmt_s(rest)}</td></tr>"
     times += f"<tr><th>total</th><th>{_fmt_s(total)}</th></tr>"
-    lines.append('<div class="grid" style="margin-top:8px">'
-                 f'<div><h3>counts</h3><table>{counts}</table></div>'
-                 f'<div><h3>timings</h3><table>{times}</table></div></div>')
+    lines.append(
+        '<div class="grid" style="margin-top:8px">'
+        f"<div><h3>counts</h3><table>{counts}</table></div>"
+        f"<div><h3>timings</h3><table>{times}</table></div></div>"
+    )
     return "<section>" + "\n".join(lines) + "</section>"
 
 
@@ -184,22 +225,30 @@ def _candidates_section(report: dict) -> str:
     for c in candidates:
         name = f"<b>{_e(c['method'])}</b> (kept)" if c["method"] == chosen.get("method") else _e(c["method"])
         if not c["ran"]:
-            rows.append(f'<tr><td>{name}</td><td>{c["cost"]}</td><td colspan="8" class="muted">not run: '
-                        f"{_e(c['why'])}</td></tr>")
+            rows.append(
+                f'<tr><td>{name}</td><td>{c["cost"]}</td><td colspan="8" class="muted">not run: '
+                f"{_e(c['why'])}</td></tr>"
+            )
             continue
         cells = ""
         for d in ("t2i", "i2t"):
             for k in ("1", "5", "10"):
                 m = c["margins"][d][k]
                 ok = m["margin"] > 0 and m["low"] > 0
-                cells += (f'<td class="{"ok" if ok else "bad"}">{m["margin"]:+.2f}<br><span class="muted small">'
-                          f'{m["low"]:+.2f}..{m["high"]:+.2f}</span></td>')
-        note = "" if c["eligible"] else '<br><span class="muted small">queries run the old encoder: not eligible</span>'
+                cells += (
+                    f'<td class="{"ok" if ok else "bad"}">{m["margin"]:+.2f}<br><span class="muted small">'
+                    f"{m['low']:+.2f}..{m['high']:+.2f}</span></td>"
+                )
+        note = (
+            "" if c["eligible"] else '<br><span class="muted small">queries run the old encoder: not eligible</span>'
+        )
         rows.append(f"<tr><td>{name}{note}</td><td>{c['cost']}</td><td>{_fmt_s(float(c['seconds']))}</td>{cells}</tr>")
-    return ("<section><h2>Candidates, on the validation pairs</h2>"
-            f"<p>{_e(chosen.get('reason', ''))}. Each cell: new/old &minus; old/old in points, its 95% interval "
-            "below; cost classes from <code>xbt methods</code>.</p>"
-            f"<table><tr><th>method</th><th>cost</th><th>time</th>{head}</tr>{''.join(rows)}</table></section>")
+    return (
+        "<section><h2>Candidates, on the validation pairs</h2>"
+        f"<p>{_e(chosen.get('reason', ''))}. Each cell: new/old &minus; old/old in points, its 95% interval "
+        "below; cost classes from <code>xbt methods</code>.</p>"
+        f"<table><tr><th>method</th><th>cost</th><th>time</th>{head}</tr>{''.join(rows)}</table></section>"
+    )
 
 
 def _bar_label(v) -> str:
@@ -218,27 +267,39 @@ def _bars_svg(direction: str, cases: dict) -> str:
     def y(v) -> float:
         return top + plot_h * (1 - float(v) / 100)
 
-    out = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="{_e(direction)} recall">',
-           f'<text x="{left}" y="14" font-size="13" font-weight="600">{_e(direction)}: recall@K (%)</text>']
+    out = [
+        f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="{_e(direction)} recall">',
+        f'<text x="{left}" y="14" font-size="13" font-weight="600">{_e(direction)}: recall@K (%)</text>',
+    ]
     for v in range(0, 101, 25):
-        out.append(f'<line x1="{left}" x2="{w - 10}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e9ecef"/>'
-                   f'<text x="{left - 6}" y="{y(v) + 4:.1f}" font-size="11" text-anchor="end" fill="#6c757d">{v}</text>')
+        out.append(
+            f'<line x1="{left}" x2="{w - 10}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e9ecef"/>'
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" font-size="11" text-anchor="end" fill="#6c757d">{v}</text>'
+        )
     for gi, k in enumerate(ks):
         x0 = left + gi * group + (group - bar * len(names)) / 2
         for ci, case in enumerate(names):
             v = cases[case][k]
             x = x0 + ci * bar
             colour = CASE_COLOURS.get(case, "#495057")
-            out.append(f'<rect x="{x:.1f}" y="{y(v):.1f}" width="{bar - 2:.1f}" height="{y(0) - y(v):.1f}" '
-                       f'fill="{colour}"><title>{_e(case)} R@{_e(k)}: {float(v):.2f}</title></rect>')
-            out.append(f'<text x="{x + (bar - 2) / 2:.1f}" y="{y(v) - 3:.1f}" font-size="8.5" text-anchor="middle" '
-                       f'fill="#495057">{_bar_label(v)}</text>')
+            out.append(
+                f'<rect x="{x:.1f}" y="{y(v):.1f}" width="{bar - 2:.1f}" height="{y(0) - y(v):.1f}" '
+                f'fill="{colour}"><title>{_e(case)} R@{_e(k)}: {float(v):.2f}</title></rect>'
+            )
+            out.append(
+                f'<text x="{x + (bar - 2) / 2:.1f}" y="{y(v) - 3:.1f}" font-size="8.5" text-anchor="middle" '
+                f'fill="#495057">{_bar_label(v)}</text>'
+            )
         if "old/old" in cases:  # the reference the gate compares against
             ry = y(cases["old/old"][k])
-            out.append(f'<line x1="{x0 - 3:.1f}" x2="{x0 + bar * len(names) + 1:.1f}" y1="{ry:.1f}" y2="{ry:.1f}" '
-                       f'stroke="#343a40" stroke-dasharray="3 2" stroke-width="1"/>')
-        out.append(f'<text x="{left + gi * group + group / 2:.1f}" y="{h - bottom + 16}" font-size="12" '
-                   f'text-anchor="middle">K = {_e(k)}</text>')
+            out.append(
+                f'<line x1="{x0 - 3:.1f}" x2="{x0 + bar * len(names) + 1:.1f}" y1="{ry:.1f}" y2="{ry:.1f}" '
+                f'stroke="#343a40" stroke-dasharray="3 2" stroke-width="1"/>'
+            )
+        out.append(
+            f'<text x="{left + gi * group + group / 2:.1f}" y="{h - bottom + 16}" font-size="12" '
+            f'text-anchor="middle">K = {_e(k)}</text>'
+        )
     out.append(f'<line x1="{left}" x2="{w - 10}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="#adb5bd"/></svg>')
     return "".join(out)
 
@@ -259,39 +320,57 @@ def _recall_table(direction: str, cases: dict, gate: dict, margins: dict | None 
         swatch = f'<span style="color:{CASE_COLOURS.get(case, "#495057")}">&#9632;</span> '
         rows.append(f"<tr><td>{swatch}{_e(case)}</td>{''.join(cells)}</tr>")
     if "new/old" in cases and "old/old" in cases:
-        delta = "".join(f'<td class="muted">{float(cases["new/old"][k]) - float(cases["old/old"][k]):+.2f}</td>'
-                        for k in ks)
+        delta = "".join(
+            f'<td class="muted">{float(cases["new/old"][k]) - float(cases["old/old"][k]):+.2f}</td>' for k in ks
+        )
         rows.append(f'<tr><td class="muted">&Delta; new/old &minus; old/old</td>{delta}</tr>')
     if margins and direction in margins:
-        ci = "".join(f'<td class="muted">{m["low"]:+.2f}..{m["high"]:+.2f}</td>' if (m := margins[direction].get(k))
-                     else "<td></td>" for k in ks)
-        rows.append(f'<tr><td class="muted" title="paired bootstrap over the eval images, '
-                    f'{margins["n_boot"]} resamples">{round(100 * margins["level"])}% interval of &Delta;</td>{ci}</tr>')
+        ci = "".join(
+            f'<td class="muted">{m["low"]:+.2f}..{m["high"]:+.2f}</td>'
+            if (m := margins[direction].get(k))
+            else "<td></td>"
+            for k in ks
+        )
+        rows.append(
+            f'<tr><td class="muted" title="paired bootstrap over the eval images, '
+            f'{margins["n_boot"]} resamples">{round(100 * margins["level"])}% interval of &Delta;</td>{ci}</tr>'
+        )
     return f"<table>{''.join(rows)}</table>"
 
 
 def _recall_section(report: dict) -> str:
     recall = report["recall"]
-    legend = "".join(f'<span><svg width="12" height="12"><rect width="12" height="12" '
-                     f'fill="{CASE_COLOURS.get(c, "#495057")}"/></svg>{_e(c)}</span>' for c in next(iter(recall.values())))
-    legend += ('<span><svg width="18" height="12"><line x1="0" x2="18" y1="6" y2="6" stroke="#343a40" '
-               'stroke-dasharray="3 2"/></svg>old/old (the system today)</span>')
-    charts = "".join(f"<div>{_bars_svg(d, cases)}{_recall_table(d, cases, report['gate'], report.get('gate_margins'))}</div>"
-                     for d, cases in recall.items())
-    return ("<section><h2>Recall per case and K</h2>"
-            '<p class="muted small">Cases are query/gallery (CONTRACT.md): <b>new/old</b> is the upgraded new '
-            "model's queries against the old gallery, the case the Eqn. 2 gate compares with <b>old/old</b>. "
-            "t2i: every caption queries the images; i2t: every image queries the captions. "
-            "In the tables, green / red: a gate check of new/old that passes / fails.</p>"
-            f'<div class="legend">{legend}</div><div class="grid">{charts}</div></section>')
+    legend = "".join(
+        f'<span><svg width="12" height="12"><rect width="12" height="12" '
+        f'fill="{CASE_COLOURS.get(c, "#495057")}"/></svg>{_e(c)}</span>'
+        for c in next(iter(recall.values()))
+    )
+    legend += (
+        '<span><svg width="18" height="12"><line x1="0" x2="18" y1="6" y2="6" stroke="#343a40" '
+        'stroke-dasharray="3 2"/></svg>old/old (the system today)</span>'
+    )
+    charts = "".join(
+        f"<div>{_bars_svg(d, cases)}{_recall_table(d, cases, report['gate'], report.get('gate_margins'))}</div>"
+        for d, cases in recall.items()
+    )
+    return (
+        "<section><h2>Recall per case and K</h2>"
+        '<p class="muted small">Cases are query/gallery (CONTRACT.md): <b>new/old</b> is the upgraded new '
+        "model's queries against the old gallery, the case the Eqn. 2 gate compares with <b>old/old</b>. "
+        "t2i: every caption queries the images; i2t: every image queries the captions. "
+        "In the tables, green / red: a gate check of new/old that passes / fails.</p>"
+        f'<div class="legend">{legend}</div><div class="grid">{charts}</div></section>'
+    )
 
 
 def _marker(modality: str, x: float, y: float, colour: str, r: float = 3.2) -> str:
     if modality == "image":
         return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="{colour}" fill-opacity="0.55"/>'
     d = r * 1.25  # texts: hollow triangles, so both modalities stay visible where they overlap
-    return (f'<path d="M{x:.1f} {y - d:.1f}L{x + d:.1f} {y + d * 0.8:.1f}L{x - d:.1f} {y + d * 0.8:.1f}Z" '
-            f'fill="none" stroke="{colour}" stroke-width="1.1" stroke-opacity="0.8"/>')
+    return (
+        f'<path d="M{x:.1f} {y - d:.1f}L{x + d:.1f} {y + d * 0.8:.1f}L{x - d:.1f} {y + d * 0.8:.1f}Z" '
+        f'fill="none" stroke="{colour}" stroke-width="1.1" stroke-opacity="0.8"/>'
+    )
 
 
 def _scatter_svg(panel: dict, size: int = 440) -> str:
@@ -302,16 +381,23 @@ def _scatter_svg(panel: dict, size: int = 440) -> str:
     span = max(hi_x - lo_x, hi_y - lo_y, 1e-9)  # equal scale on both axes: distances are honest
     cx, cy = (lo_x + hi_x) / 2, (lo_y + hi_y) / 2
     scale = (size - 2 * pad) / span
-    out = [(f'<svg viewBox="0 0 {size} {size}" width="{size}" height="{size}" role="img" '
-            f'aria-label="{_e(panel["title"])}"><rect width="{size}" height="{size}" fill="#fff" stroke="#dee2e6"/>')]
+    out = [
+        (
+            f'<svg viewBox="0 0 {size} {size}" width="{size}" height="{size}" role="img" '
+            f'aria-label="{_e(panel["title"])}"><rect width="{size}" height="{size}" fill="#fff" stroke="#dee2e6"/>'
+        )
+    ]
     for s in panel["series"]:
         _, colour, modality = SERIES[s["name"]]
-        out.extend(_marker(modality, size / 2 + (x - cx) * scale, size / 2 - (y - cy) * scale, colour)
-                   for x, y in s["points"])
+        out.extend(
+            _marker(modality, size / 2 + (x - cx) * scale, size / 2 - (y - cy) * scale, colour) for x, y in s["points"]
+        )
     var = panel.get("variance", [])
     if len(var) == 2:
-        out.append(f'<text x="{size - 6}" y="{size - 6}" font-size="11" text-anchor="end" fill="#6c757d">'
-                   f"PC1 {100 * var[0]:.0f}%, PC2 {100 * var[1]:.0f}% of variance</text>")
+        out.append(
+            f'<text x="{size - 6}" y="{size - 6}" font-size="11" text-anchor="end" fill="#6c757d">'
+            f"PC1 {100 * var[0]:.0f}%, PC2 {100 * var[1]:.0f}% of variance</text>"
+        )
     out.append("</svg>")
     return "".join(out)
 
@@ -320,19 +406,29 @@ def _legend_for(names) -> str:
     items = []
     for n in names:
         label, colour, modality = SERIES[n]
-        items.append(f'<span><svg width="14" height="14">{_marker(modality, 7, 7.5, colour, 4)}</svg>{_e(label)}</span>')
+        items.append(
+            f'<span><svg width="14" height="14">{_marker(modality, 7, 7.5, colour, 4)}</svg>{_e(label)}</span>'
+        )
     return f'<div class="legend">{"".join(items)}</div>'
 
 
 def _map_section(panels: list[dict] | None, n_points: int | None) -> str:
     head = "<section><h2>Embedding map (PCA to 2-D)</h2>"
     if not panels:
-        return head + '<p class="muted">No eval embeddings were saved with this run: the map is not available.</p></section>'
-    body = "".join(f'<div><h3>{_e(p["title"])}</h3><p class="muted small" style="margin:0">{_e(p["note"])}</p>'
-                   f'{_scatter_svg(p)}{_legend_for(s["name"] for s in p["series"])}</div>' for p in panels)
-    return (head + f'<p class="muted small">{n_points} random eval images and one caption of each, every point of a '
-            "panel projected by the same PCA (Fig. 5 of the XBT paper). Circles are images, triangles texts.</p>"
-            f'<div class="grid">{body}</div></section>')
+        return (
+            head
+            + '<p class="muted">No eval embeddings were saved with this run: the map is not available.</p></section>'
+        )
+    body = "".join(
+        f'<div><h3>{_e(p["title"])}</h3><p class="muted small" style="margin:0">{_e(p["note"])}</p>'
+        f"{_scatter_svg(p)}{_legend_for(s['name'] for s in p['series'])}</div>"
+        for p in panels
+    )
+    return (
+        head + f'<p class="muted small">{n_points} random eval images and one caption of each, every point of a '
+        "panel projected by the same PCA (Fig. 5 of the XBT paper). Circles are images, triangles texts.</p>"
+        f'<div class="grid">{body}</div></section>'
+    )
 
 
 def _img(png: bytes, cls: str, title: str) -> str:
@@ -344,30 +440,44 @@ def _examples_section(examples: list[dict] | None) -> str:
     head = "<section><h2>Retrieval examples: text queries against the old image gallery</h2>"
     if not examples:
         return head + '<p class="muted">No eval embeddings were saved with this run: no examples.</p></section>'
-    out = [head, ('<p class="muted small">Random eval captions as queries, top 5 of the old gallery (v_old, never '
-                  "re-embedded). The upgraded new model's query (w̄_new / v_old, the new/old case) against the old "
-                  "model's own (w_old / v_old). A green frame marks the caption's own image (Fig. 4 of the XBT "
-                  "paper).</p>")]
+    out = [
+        head,
+        (
+            '<p class="muted small">Random eval captions as queries, top 5 of the old gallery (v_old, never '
+            "re-embedded). The upgraded new model's query (w̄_new / v_old, the new/old case) against the old "
+            "model's own (w_old / v_old). A green frame marks the caption's own image (Fig. 4 of the XBT "
+            "paper).</p>"
+        ),
+    ]
     for ex in examples:
-        out.append(f'<div class="example"><div class="query">{_img(ex["gt_png"], "thumb gt", "the caption’s own image")}'
-                   f'<div><div class="caption">&ldquo;{_e(ex["caption"])}&rdquo;</div>'
-                   f'<div class="muted small">own image: {_e(ex["gt_image"])}</div></div></div><div>')
+        out.append(
+            f'<div class="example"><div class="query">{_img(ex["gt_png"], "thumb gt", "the caption’s own image")}'
+            f'<div><div class="caption">&ldquo;{_e(ex["caption"])}&rdquo;</div>'
+            f'<div class="muted small">own image: {_e(ex["gt_image"])}</div></div></div><div>'
+        )
         for row in ex["rows"]:
             rank = row["rank"]
-            found = f"own image at rank {rank}" if rank <= len(row["hits"]) else f"own image at rank {rank} (not shown)"
+            found = (
+                f"own image at rank {rank}" if rank <= len(row["hits"]) else f"own image at rank {rank} (not shown)"
+            )
             hits = "".join(
                 f'<div class="hit{" gt" if h["is_gt"] else ""}">'
-                f'{_img(h["png"], "thumb gt" if h["is_gt"] else "thumb", h["image"])}'
-                f'{i + 1}. {float(h["score"]):.3f}</div>' for i, h in enumerate(row["hits"]))
-            out.append(f'<div class="row"><div class="who"><b>{_e(row["label"])}</b><br>'
-                       f'<span class="muted">{_e(found)}</span></div>{hits}</div>')
+                f"{_img(h['png'], 'thumb gt' if h['is_gt'] else 'thumb', h['image'])}"
+                f"{i + 1}. {float(h['score']):.3f}</div>"
+                for i, h in enumerate(row["hits"])
+            )
+            out.append(
+                f'<div class="row"><div class="who"><b>{_e(row["label"])}</b><br>'
+                f'<span class="muted">{_e(found)}</span></div>{hits}</div>'
+            )
         out.append("</div></div>")
     out.append("</section>")
     return "".join(out)
 
 
-def render_report(report: dict, panels: list[dict] | None = None, examples: list[dict] | None = None,
-                  n_map_points: int | None = None) -> str:
+def render_report(
+    report: dict, panels: list[dict] | None = None, examples: list[dict] | None = None, n_map_points: int | None = None
+) -> str:
     """The whole report as one HTML string.
 
     report: report.json's dict (method, old, new, recall, gate, counts, timings_s; optional
@@ -376,13 +486,18 @@ def render_report(report: dict, panels: list[dict] | None = None, examples: list
     Every string from the data is escaped.
     """
     title = f"xbt upgrade: {report['method']} {report['old']} -> {report['new']}"
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>",
-        _header(report), _candidates_section(report), _recall_section(report), _map_section(panels, n_map_points),
-        _examples_section(examples),
-        '<p class="muted small">Written by xbt: the same numbers are in report.json next to this file.</p>',
-        "</main></body></html>",
-    ])
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>",
+            _header(report),
+            _candidates_section(report),
+            _recall_section(report),
+            _map_section(panels, n_map_points),
+            _examples_section(examples),
+            '<p class="muted small">Written by xbt: the same numbers are in report.json next to this file.</p>',
+            "</main></body></html>",
+        ]
+    )

@@ -94,8 +94,10 @@ def promote(c, name: str, version: str, reason: str) -> dict:
     try:
         tags = c.get_model_version(name, version).tags
     except MlflowException as e:
-        raise ValueError(f"{name} version {version} is not in the MLflow registry at {tracking_uri()} "
-                         f"({str(e).splitlines()[0]}); list the versions with `xbt catalog`") from e
+        raise ValueError(
+            f"{name} version {version} is not in the MLflow registry at {tracking_uri()} "
+            f"({str(e).splitlines()[0]}); list the versions with `xbt catalog`"
+        ) from e
     if current == version:
         return {"name": name, "version": version, "previous": tags.get(TAG_PREVIOUS), "changed": False}
     if TAG_PREVIOUS not in tags:
@@ -120,19 +122,26 @@ def promote_reviewed(c, name: str, version: str, force: bool = False, who: str =
     try:
         tags = c.get_model_version(name, str(version)).tags
     except MlflowException as e:
-        raise ValueError(f"{name} version {version} is not in the MLflow registry at {tracking_uri()} "
-                         f"({str(e).splitlines()[0]}); list the versions with `xbt catalog`") from e
+        raise ValueError(
+            f"{name} version {version} is not in the MLflow registry at {tracking_uri()} "
+            f"({str(e).splitlines()[0]}); list the versions with `xbt catalog`"
+        ) from e
     failures = json.loads(tags.get("gate.failures", "[]"))
     if tags.get("gate.passed") == "false" and not force:
         checks = "; ".join(f"{d} R@{k} {a} vs {b}" for d, k, a, b in failures)
-        raise GateFailed(f"{name} version {version} failed its gate ({checks}): it stays candidate; "
-                         "pass --force to promote it anyway (recorded on the version)")
+        raise GateFailed(
+            f"{name} version {version} failed its gate ({checks}): it stays candidate; "
+            "pass --force to promote it anyway (recorded on the version)"
+        )
     reason = "promoted by a reviewer (xbt promote)"
     if tags.get("gate.passed") == "false":
         who = who or os.environ.get("USER") or "unknown"
         c.set_model_version_tag(name, str(version), "xbt.forced_by", f"{who} {time.strftime('%Y-%m-%dT%H:%M:%S')}")
         reason = f"forced past a failed gate by {who} (xbt promote --force)"
-    return {**promote(c, name, str(version), reason), "failures": failures if tags.get("gate.passed") == "false" else []}
+    return {
+        **promote(c, name, str(version), reason),
+        "failures": failures if tags.get("gate.passed") == "false" else [],
+    }
 
 
 def rollback(c, name: str) -> dict:
@@ -175,10 +184,14 @@ def resolve_ref(ref: str) -> str:
     name, alias, number = m.groups()
     c = client()
     try:
-        version = str(c.get_model_version_by_alias(name, alias).version if alias else c.get_model_version(name, number).version)
+        version = str(
+            c.get_model_version_by_alias(name, alias).version if alias else c.get_model_version(name, number).version
+        )
     except MlflowException as e:
-        raise ValueError(f"{ref}: not found in the MLflow registry at {tracking_uri()} "
-                         f"({str(e).splitlines()[0]}); list versions with `xbt catalog`") from e
+        raise ValueError(
+            f"{ref}: not found in the MLflow registry at {tracking_uri()} "
+            f"({str(e).splitlines()[0]}); list versions with `xbt catalog`"
+        ) from e
     # Keyed by registry too: two registries (the embedded SQLite one, a server) each have a version 1 of a name.
     dst = state_dir() / "models" / digest(tracking_uri())[:8] / name / f"v{version}"
     if not (dst / BUNDLE_FILE).is_file():
@@ -210,14 +223,26 @@ def _log_run(c, exp_id: str, run: dict, recall: dict, bundle_dir: str, histories
     open for `attach_report`."""
     from mlflow.entities import Metric, Param
 
-    mrun = c.create_run(exp_id, tags={"xbt.method": run["method"], "xbt.new": run["new"], "xbt.old": run["old"]},
-                        run_name=f"{run['method']}:{Path(run['new']).name}")
+    mrun = c.create_run(
+        exp_id,
+        tags={"xbt.method": run["method"], "xbt.new": run["new"], "xbt.old": run["old"]},
+        run_name=f"{run['method']}:{Path(run['new']).name}",
+    )
     rid = mrun.info.run_id
     now = int(time.time() * 1000)
-    params = {"method": run["method"], "old": run["old"], "new": run["new"], **_flat("counts", run["counts"]),
-              **_flat("config", run.get("config", {}))}
-    metrics = [Metric(_metric_key(f"{d}.{case.replace('/', '_')}.R{k}"), float(v), now, 0)
-               for d, cases in recall.items() for case, rs in cases.items() for k, v in rs.items()]
+    params = {
+        "method": run["method"],
+        "old": run["old"],
+        "new": run["new"],
+        **_flat("counts", run["counts"]),
+        **_flat("config", run.get("config", {})),
+    }
+    metrics = [
+        Metric(_metric_key(f"{d}.{case.replace('/', '_')}.R{k}"), float(v), now, 0)
+        for d, cases in recall.items()
+        for case, rs in cases.items()
+        for k, v in rs.items()
+    ]
     metrics += [Metric(f"time_s.{k}", float(v), now, 0) for k, v in run["timings_s"].items()]
     for name, steps in histories.items():
         metrics += [Metric(f"{name}_loss", float(s["loss"]), now, int(s["step"])) for s in steps]
@@ -231,8 +256,9 @@ def _log_run(c, exp_id: str, run: dict, recall: dict, bundle_dir: str, histories
 
 
 @task(name="register-and-promote")
-def register_and_promote(run: dict, recall: dict, bundle_dir: str, root_ref: str, verdict: dict, histories: dict,
-                         figures: list[str]) -> dict:
+def register_and_promote(
+    run: dict, recall: dict, bundle_dir: str, root_ref: str, verdict: dict, histories: dict, figures: list[str]
+) -> dict:
     """Log the run, register the bundle as a version (alias candidate) and, if the gate
     passed, move champion to it. The same bundle registered twice is one version.
     -> name, version, experiment, run_id, new_run (a run was logged now), promoted, champion, uri."""
@@ -242,8 +268,11 @@ def register_and_promote(run: dict, recall: dict, bundle_dir: str, root_ref: str
     name = model_name(space)
     exp_id = _experiment_id(c, space)
     if not c.search_registered_models(f"name = '{name}'"):
-        c.create_registered_model(name, tags={"xbt.space": space, "xbt.root_model": root_ref},
-                                  description=f"Compatible query encoders for the gallery embedded with {root_ref}")
+        c.create_registered_model(
+            name,
+            tags={"xbt.space": space, "xbt.root_model": root_ref},
+            description=f"Compatible query encoders for the gallery embedded with {root_ref}",
+        )
     sha = fingerprint_content(bundle_dir)
     found = c.search_model_versions(f"name = '{name}' and tags.`xbt.bundle_sha` = '{sha}'")
     failures = [f for k, v in verdict.items() if k != "passed" for f in v["failures"]]
@@ -252,10 +281,15 @@ def register_and_promote(run: dict, recall: dict, bundle_dir: str, root_ref: str
         logger.info("bundle %s is already %s version %s", sha, name, mv.version)
     else:
         rid = _log_run(c, exp_id, run, recall, bundle_dir, histories, figures)
-        tags = {"xbt.bundle_sha": sha, "xbt.method": run["method"], "xbt.new": run["new"], "xbt.old": run["old"],
-                "gate.criteria": ",".join(v["criterion"] for k, v in verdict.items() if k != "passed"),
-                "gate.ks": json.dumps(verdict["eqn2"]["ks"]),
-                "gate.rule": "eqn2: new/old > old/old; no-regression (chains): new/old >= prev/old; every K, t2i and i2t"}
+        tags = {
+            "xbt.bundle_sha": sha,
+            "xbt.method": run["method"],
+            "xbt.new": run["new"],
+            "xbt.old": run["old"],
+            "gate.criteria": ",".join(v["criterion"] for k, v in verdict.items() if k != "passed"),
+            "gate.ks": json.dumps(verdict["eqn2"]["ks"]),
+            "gate.rule": "eqn2: new/old > old/old; no-regression (chains): new/old >= prev/old; every K, t2i and i2t",
+        }
         mv = c.create_model_version(name, source=f"{c.get_run(rid).info.artifact_uri}/bundle", run_id=rid, tags=tags)
     version = str(mv.version)
     passed = bool(verdict["passed"])
@@ -266,13 +300,29 @@ def register_and_promote(run: dict, recall: dict, bundle_dir: str, root_ref: str
         result = promote(c, name, version, "gate passed")
         logger.info("%s version %s is champion (previous: %s)", name, version, result["previous"])
     else:
-        c.set_model_version_tag(name, version, "xbt.not_promoted", "gate failed: " + "; ".join(
-            f"{d}@{k} {a} vs {b}" for d, k, a, b in failures))
-        logger.info("%s version %s is candidate only: the gate failed, champion stays %s", name, version,
-                    champion_version(c, name) or "unset")
-    return {"name": name, "version": version, "experiment": exp_id, "run_id": mv.run_id, "new_run": not found,
-            "promoted": passed, "champion": champion_version(c, name), "uri": f"models:/{name}/{version}",
-            "tracking_uri": tracking_uri()}
+        c.set_model_version_tag(
+            name,
+            version,
+            "xbt.not_promoted",
+            "gate failed: " + "; ".join(f"{d}@{k} {a} vs {b}" for d, k, a, b in failures),
+        )
+        logger.info(
+            "%s version %s is candidate only: the gate failed, champion stays %s",
+            name,
+            version,
+            champion_version(c, name) or "unset",
+        )
+    return {
+        "name": name,
+        "version": version,
+        "experiment": exp_id,
+        "run_id": mv.run_id,
+        "new_run": not found,
+        "promoted": passed,
+        "champion": champion_version(c, name),
+        "uri": f"models:/{name}/{version}",
+        "tracking_uri": tracking_uri(),
+    }
 
 
 @task(name="attach-report", **IO_RETRIES)

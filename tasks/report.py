@@ -41,8 +41,11 @@ def step_states() -> dict[str, str]:
         return {}
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in sorted(runs, key=lambda r: r.expected_start_time)
-            if r.state is not None}
+    return {
+        r.name.rsplit("-", 1)[0]: r.state.name
+        for r in sorted(runs, key=lambda r: r.expected_start_time)
+        if r.state is not None
+    }
 
 
 def catalog() -> Catalog:
@@ -59,16 +62,31 @@ def _write_atomic(path: str, text: str) -> str:
 
 
 @task(name="build-report")
-def build_report(run: dict, recall: dict, verdict: dict, margins: dict, promotion: dict, advice: list[str],
-                 candidates: list[dict], chosen: dict) -> dict:
+def build_report(
+    run: dict,
+    recall: dict,
+    verdict: dict,
+    margins: dict,
+    promotion: dict,
+    advice: list[str],
+    candidates: list[dict],
+    chosen: dict,
+) -> dict:
     """report.json's content: CONTRACT.md's keys, then the gate margins, the candidates and the choice among
     them, the promotion and what to try next.
 
     run: method, old, new, counts, timings_s, config, bundle, space, steps, mlflow, old_image_tower (the
     flow's record of the run).
     """
-    report = {"method": run["method"], "old": run["old"], "new": run["new"], "recall": recall,
-              "gate": verdict["eqn2"], "counts": run["counts"], "timings_s": run["timings_s"]}
+    report = {
+        "method": run["method"],
+        "old": run["old"],
+        "new": run["new"],
+        "recall": recall,
+        "gate": verdict["eqn2"],
+        "counts": run["counts"],
+        "timings_s": run["timings_s"],
+    }
     if "no_regression" in verdict:
         report["no_regression"] = verdict["no_regression"]
     report["gate_margins"] = margins
@@ -92,8 +110,10 @@ def write_report(report: dict, eval_path: str, sample_path: str | None, out_dir:
         panels, n_points = map_panels(sample), len(sample["map_images"])
         examples = examples_of(sample, evalset.captions, evalset.image_ids, evalset.load_image)
     out = Path(out_dir)
-    return {"json": _write_atomic(str(out / "report.json"), json.dumps(report, indent=2)),
-            "html": _write_atomic(str(out / "report.html"), render_report(report, panels, examples, n_points))}
+    return {
+        "json": _write_atomic(str(out / "report.json"), json.dumps(report, indent=2)),
+        "html": _write_atomic(str(out / "report.html"), render_report(report, panels, examples, n_points)),
+    }
 
 
 @task(name="draw-figures")
@@ -134,16 +154,25 @@ def format_candidates(candidates: list[dict], chosen: dict) -> str:
     """The candidates an upgrade ran and the choice among them, a line each (CLI and markdown report)."""
     if len(candidates) < 2 and chosen.get("reason") == "--method":
         return f"method: {chosen['method']} (--method)"
-    lines = [f"method chosen: {chosen['method']} ({chosen['reason']})",
-             "candidates, on the validation pairs (new/old - old/old R@1 in points, the smallest margin of the gate's checks):"]
+    lines = [
+        f"method chosen: {chosen['method']} ({chosen['reason']})",
+        "candidates, on the validation pairs (new/old - old/old R@1 in points, "
+        "the smallest margin of the gate's checks):",
+    ]
     for c in candidates:
         head = f"  {c['method']:<12} cost {c['cost']}"
         if not c["ran"]:
             lines.append(f"{head}  not run: {c['why']}")
             continue
         m = c["margins"]
-        score = (f"t2i {m['t2i']['1']['margin']:+.2f}  i2t {m['i2t']['1']['margin']:+.2f}  smallest "
-                 f"{min(m[d][k]['margin'] for d in ('t2i', 'i2t') for k in ('1', '5', '10')):+.2f}") if m else "no validation"
+        score = (
+            (
+                f"t2i {m['t2i']['1']['margin']:+.2f}  i2t {m['i2t']['1']['margin']:+.2f}  smallest "
+                f"{min(m[d][k]['margin'] for d in ('t2i', 'i2t') for k in ('1', '5', '10')):+.2f}"
+            )
+            if m
+            else "no validation"
+        )
         note = "" if c["eligible"] else "  (not eligible: its queries run the old encoder; --allow-old-encoder)"
         lines.append(f"{head}  {c['seconds']:7.1f} s  {score}{note}")
     return "\n".join(lines)
@@ -158,32 +187,60 @@ def gate_rows(recall: dict, verdict: dict) -> list[dict]:
         failed = {(d, k) for d, k, *_ in result["failures"]}
         for d in ("t2i", "i2t"):
             for k in result["ks"]:
-                rows.append({"criterion": result["criterion"], "direction": d, "K": k,
-                             "new/old": recall[d]["new/old"][str(k)], reference: recall[d][reference][str(k)],
-                             "passes": (d, k) not in failed})
+                rows.append(
+                    {
+                        "criterion": result["criterion"],
+                        "direction": d,
+                        "K": k,
+                        "new/old": recall[d]["new/old"][str(k)],
+                        reference: recall[d][reference][str(k)],
+                        "passes": (d, k) not in failed,
+                    }
+                )
     return rows
 
 
 @task(name="publish-artifacts")
 def publish_artifacts(report: dict, verdict: dict, html_path: str | None = None) -> None:
     """The gate as a table artifact and a short markdown report on the flow run, linking report.html."""
-    create_table_artifact(gate_rows(report["recall"], verdict), key="xbt-gate",
-                          description=f"Eqn. 2 gate: {'passed' if verdict['passed'] else 'failed'}")
+    create_table_artifact(
+        gate_rows(report["recall"], verdict),
+        key="xbt-gate",
+        description=f"Eqn. 2 gate: {'passed' if verdict['passed'] else 'failed'}",
+    )
     promo = report["promotion"]
-    html_link = [(f"- full report (recall bars, embedding map, retrieval examples): [{html_path}]"
-                  f"({Path(html_path).as_uri()}), also in the MLflow run's artifacts")] if html_path else []
-    md = "\n".join([
-        f"# xbt upgrade: {report['method']}",
-        f"- old: `{report['old']}`  new: `{report['new']}`",
-        f"- gate: **{'passed' if verdict['passed'] else 'failed'}**",
-        f"- MLflow: `{promo.get('model')}` version {promo.get('version')}: "
-        f"{'champion' if promo.get('promoted') else 'candidate only'} ({promo.get('reason')})",
-        f"- timings (s): {report['timings_s']}",
-        *html_link,
-        *(["- next steps:", *(f"  - {line}" for line in report["next_steps"])] if report.get("next_steps") else []),
-        "", "```", format_table(report["recall"]), "",
-        *([format_margins(report["gate_margins"])] if "gate_margins" in report else []), "```",
-    ])
+    html_link = (
+        [
+            (
+                f"- full report (recall bars, embedding map, retrieval examples): [{html_path}]"
+                f"({Path(html_path).as_uri()}), also in the MLflow run's artifacts"
+            )
+        ]
+        if html_path
+        else []
+    )
+    md = "\n".join(
+        [
+            f"# xbt upgrade: {report['method']}",
+            f"- old: `{report['old']}`  new: `{report['new']}`",
+            f"- gate: **{'passed' if verdict['passed'] else 'failed'}**",
+            f"- MLflow: `{promo.get('model')}` version {promo.get('version')}: "
+            f"{'champion' if promo.get('promoted') else 'candidate only'} ({promo.get('reason')})",
+            f"- timings (s): {report['timings_s']}",
+            *html_link,
+            *(
+                ["- next steps:", *(f"  - {line}" for line in report["next_steps"])]
+                if report.get("next_steps")
+                else []
+            ),
+            "",
+            "```",
+            format_table(report["recall"]),
+            "",
+            *([format_margins(report["gate_margins"])] if "gate_margins" in report else []),
+            "```",
+        ]
+    )
     create_markdown_artifact(md, key="xbt-report", description="XBT upgrade report")
 
 
@@ -199,5 +256,6 @@ def record_run(run: dict, space: str, root_model: str, dim: int | None) -> None:
     cat = catalog()
     cat.record_space(space, root_model, dim, run["mlflow_model"])
     cat.record_run(run)
-    cat.record_lineage(space, run["old"], run["new"], run["bundle"], run["mlflow_model"], run["mlflow_version"],
-                       run["run_id"])
+    cat.record_lineage(
+        space, run["old"], run["new"], run["bundle"], run["mlflow_model"], run["mlflow_version"], run["run_id"]
+    )

@@ -52,7 +52,7 @@ def artifact_root() -> Path | None:
     """Where experiments keep artifacts for a local store (next to its database); a server decides its own."""
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).parent / "artifacts"
+        return Path(uri[len("sqlite:///") :]).parent / "artifacts"
     if uri.startswith(("http://", "https://", "databricks")):
         return None
     return state_dir() / "mlflow" / "artifacts"
@@ -64,7 +64,9 @@ def _check(name: str, url: str, env: str) -> None:
         r.raise_for_status()
     except httpx.HTTPError as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ServerUnreachable(f"{name} at {url} is unreachable ({reason}): start it (`make servers`) or unset {env}") from e
+        raise ServerUnreachable(
+            f"{name} at {url} is unreachable ({reason}): start it (`make servers`) or unset {env}"
+        ) from e
 
 
 def check_servers() -> None:
@@ -103,8 +105,11 @@ def _start_private_api() -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     for _ in range(3):  # a port taken between _free_port and the bind makes the server exit: try another
         port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "tasks.servers", "--serve-prefect-api", str(port),
-                                 "--parent", str(os.getpid())], env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tasks.servers", "--serve-prefect-api", str(port), "--parent", str(os.getpid())],
+            env=env,
+            start_new_session=True,
+        )
         url = f"http://127.0.0.1:{port}/api"
         deadline = time.monotonic() + _start_timeout_s()
         while proc.poll() is None and time.monotonic() < deadline:
@@ -116,10 +121,14 @@ def _start_private_api() -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
         if proc.poll() is None:
             _stop(proc)
-            raise ServerUnreachable(f"the private Prefect API did not answer at {url} within {_start_timeout_s():.0f} s: "
-                                    "start a server (`make servers`) and set PREFECT_API_URL")
-    raise ServerUnreachable(f"the private Prefect API exited at start (code {proc.returncode}), three times: "
-                            "start a server (`make servers`) and set PREFECT_API_URL")
+            raise ServerUnreachable(
+                f"the private Prefect API did not answer at {url} within {_start_timeout_s():.0f} s: "
+                "start a server (`make servers`) and set PREFECT_API_URL"
+            )
+    raise ServerUnreachable(
+        f"the private Prefect API exited at start (code {proc.returncode}), three times: "
+        "start a server (`make servers`) and set PREFECT_API_URL"
+    )
 
 
 @contextlib.contextmanager
@@ -156,8 +165,16 @@ def _serve_prefect_api(port: int, parent: int) -> None:
     """Prefect's server app on 127.0.0.1:port until SIGTERM or until `parent` is gone."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config("prefect.server.api.server:create_app", factory=True, host="127.0.0.1",
-                                          port=port, log_level="error", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            "prefect.server.api.server:create_app",
+            factory=True,
+            host="127.0.0.1",
+            port=port,
+            log_level="error",
+            lifespan="on",
+        )
+    )
 
     def watch_parent():
         while os.getppid() == parent:  # a dead parent re-parents us

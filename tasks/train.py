@@ -50,9 +50,19 @@ def _loss_logger(name: str, total: int | None, history: list):
 
 
 @task(name="fit-head", **CACHED)
-def fit_head(method: str, settings: Settings, embeddings: dict, cache_root: str, pairs_path: str | None,
-             split: ValSplit | None, new_dim: int, old_dim: int, seed: int, out: str,
-             compatible_targets: bool = False) -> str:
+def fit_head(
+    method: str,
+    settings: Settings,
+    embeddings: dict,
+    cache_root: str,
+    pairs_path: str | None,
+    split: ValSplit | None,
+    new_dim: int,
+    old_dim: int,
+    seed: int,
+    out: str,
+    compatible_targets: bool = False,
+) -> str:
     """The method's head on cached frozen embeddings (XBT: φ pretrained by Eqn. 3; a map: W in closed
     form), written to `out` (safetensors, kind and PhiConfig in its metadata); -> out.
 
@@ -64,20 +74,29 @@ def fit_head(method: str, settings: Settings, embeddings: dict, cache_root: str,
     cfg = spec.config(settings)
     history: list = []
     train, val = split_pairs(read_pairs(pairs_path), split) if pairs_path else (None, None)
-    inputs = HeadInputs(frozen=lambda name: load_cached(cache_root, embeddings[name]),
-                        caption_image=None if train is None else train.caption_image,
-                        val_caption_image=None if val is None else val.caption_image, new_dim=new_dim,
-                        old_dim=old_dim, seed=seed, on_step=_loss_logger(method, None, history))
+    inputs = HeadInputs(
+        frozen=lambda name: load_cached(cache_root, embeddings[name]),
+        caption_image=None if train is None else train.caption_image,
+        val_caption_image=None if val is None else val.caption_image,
+        new_dim=new_dim,
+        old_dim=old_dim,
+        seed=seed,
+        on_step=_loss_logger(method, None, history),
+    )
     head = spec.fit_head(inputs, cfg)
 
     def write():
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, tmp,
-                  metadata={"kind": head_kind(head), "phi": json.dumps(dataclasses.asdict(head.cfg))})
-        history_path(out).write_text(json.dumps({"method": method, "config": dataclasses.asdict(cfg),
-                                                 "steps": history}))
+        save_file(
+            {k: v.contiguous() for k, v in head.state_dict().items()},
+            tmp,
+            metadata={"kind": head_kind(head), "phi": json.dumps(dataclasses.asdict(head.cfg))},
+        )
+        history_path(out).write_text(
+            json.dumps({"method": method, "config": dataclasses.asdict(cfg), "steps": history})
+        )
         tmp.replace(path)  # last: a head file that exists is a finished one
 
     on_main_rank(write)
@@ -93,8 +112,19 @@ def load_head(path: str) -> torch.nn.Module:
 
 
 @task(name="train", **CACHED)
-def train(method: str, settings: Settings, head_path: str | None, embeddings: dict, cache_root: str, pairs_path: str,
-          split: ValSplit | None, lineage: dict, seed: int, out: str, progress: bool = True) -> str:
+def train(
+    method: str,
+    settings: Settings,
+    head_path: str | None,
+    embeddings: dict,
+    cache_root: str,
+    pairs_path: str,
+    split: ValSplit | None,
+    lineage: dict,
+    seed: int,
+    out: str,
+    progress: bool = True,
+) -> str:
     """The method's training plan on the new encoders (none: the head alone) and its bundle at `out`; -> out.
 
     lineage: {"new", "old", "root", "chain"}, the refs the bundle records. A plan starts from the head
@@ -103,8 +133,9 @@ def train(method: str, settings: Settings, head_path: str | None, embeddings: di
     """
     spec = get_method(method)
     new = DualEncoder.from_pretrained(lineage["new"])
-    meta = BundleMeta(lineage["new"], lineage["old"], lineage["root"], method, phi={},
-                      chain=[*lineage["chain"], lineage["new"]])
+    meta = BundleMeta(
+        lineage["new"], lineage["old"], lineage["root"], method, phi={}, chain=[*lineage["chain"], lineage["new"]]
+    )
     history: list = []
     resumed_from = 0
     if spec.plan is None:
@@ -121,22 +152,41 @@ def train(method: str, settings: Settings, head_path: str | None, embeddings: di
             head = Phi(PhiConfig(new.embed_dim, load_cached(cache_root, embeddings["w_old_pairs"]).shape[1]))
         old_targets = None
         if spec.plan.loss != "eqn5":
-            old_targets = (load_cached(cache_root, embeddings["v_old_pairs"]),
-                           load_cached(cache_root, embeddings["w_old_pairs"]))
+            old_targets = (
+                load_cached(cache_root, embeddings["v_old_pairs"]),
+                load_cached(cache_root, embeddings["w_old_pairs"]),
+            )
         ckpt = Path(f"{out}.ckpt")  # named by the inputs like `out`: a resume continues only the same training
         if ckpt.exists():
             log().info("resuming %s training from %s", method, ckpt)
         steps = cfg.epochs * (len(pairs.captions) // min(cfg.batch_size, len(pairs.captions)))
-        run = finetune(new, head, pairs, spec.plan, cfg, old_targets, checkpoint_path=ckpt,
-                       on_step=_loss_logger(method, steps, history), progress=progress, name=method)
+        run = finetune(
+            new,
+            head,
+            pairs,
+            spec.plan,
+            cfg,
+            old_targets,
+            checkpoint_path=ckpt,
+            on_step=_loss_logger(method, steps, history),
+            progress=progress,
+            name=method,
+        )
         trainable = count_trainable(new, head)
         meta.n_prompts = prompt_count(new)
-        on_main_rank(lambda: (save_bundle(out, new, head, meta, full_weights=spec.plan.full), ckpt.unlink(missing_ok=True)))
+        on_main_rank(
+            lambda: (save_bundle(out, new, head, meta, full_weights=spec.plan.full), ckpt.unlink(missing_ok=True))
+        )
         resumed_from = next((h["resumed_from"] for h in run if "resumed_from" in h), 0)
         # The loss curve of every step, those before a kill too (on_step saw only the steps after it).
         history = [{"step": h["step"], "loss": h["loss"]} for h in run if "loss" in h]
-    on_main_rank(lambda: history_path(out).write_text(json.dumps(
-        {"method": method, "trainable_params": trainable, "resumed_from": resumed_from, "steps": history})))
+    on_main_rank(
+        lambda: history_path(out).write_text(
+            json.dumps(
+                {"method": method, "trainable_params": trainable, "resumed_from": resumed_from, "steps": history}
+            )
+        )
+    )
     log().info("%s: %d trainable parameters; bundle -> %s", method, trainable, out)
     return out
 

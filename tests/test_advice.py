@@ -27,14 +27,23 @@ def _report(method="xbt", new_old=(50.0, 50.0), new_new=(60.0, 60.0), margins=No
     """A report whose old/old is 40 everywhere; new_old and new_new per direction (t2i, i2t); orig-new/new 60."""
     recall = {}
     for i, d in enumerate(("t2i", "i2t")):
-        recall[d] = {"old/old": dict.fromkeys(KS, 40.0), "new/old": dict.fromkeys(KS, new_old[i]),
-                     "new/new": dict.fromkeys(KS, new_new[i]), "orig-new/new": dict.fromkeys(KS, 60.0)}
+        recall[d] = {
+            "old/old": dict.fromkeys(KS, 40.0),
+            "new/old": dict.fromkeys(KS, new_old[i]),
+            "new/new": dict.fromkeys(KS, new_new[i]),
+            "orig-new/new": dict.fromkeys(KS, 60.0),
+        }
         if prev_old is not None:
             recall[d]["prev/old"] = dict.fromkeys(KS, prev_old[i])
     report = {"method": method, "recall": recall, "gate": eqn2_gate(recall).to_dict(), "candidates": candidates}
     if margins is not None:  # (low, high) for every check
-        report["gate_margins"] = {d: {k: {"margin": recall[d]["new/old"][k] - 40.0, "low": margins[0], "high": margins[1]}
-                                      for k in ("1", "5", "10")} for d in ("t2i", "i2t")}
+        report["gate_margins"] = {
+            d: {
+                k: {"margin": recall[d]["new/old"][k] - 40.0, "low": margins[0], "high": margins[1]}
+                for k in ("1", "5", "10")
+            }
+            for d in ("t2i", "i2t")
+        }
     if prev_old is not None:
         report["no_regression"] = no_regression_gate(recall).to_dict()
     return report
@@ -58,8 +67,11 @@ def test_failures_inside_their_interval_are_called_ties(interval, says_tie):
 
 def test_validation_evidence_of_this_run_is_named():
     passed, failed = _margins(3.0, 1.0, 5.0), _margins(-1.0, -2.0, 0.5)
-    candidates = [_candidate("procrustes", margins=failed), _candidate("slerp-bc", eligible=False, margins=passed),
-                  _candidate("xbt-gallery", margins=passed)]
+    candidates = [
+        _candidate("procrustes", margins=failed),
+        _candidate("slerp-bc", eligible=False, margins=passed),
+        _candidate("xbt-gallery", margins=passed),
+    ]
     steps = next_steps(_report(method="xbt-gallery", new_old=(39.0, 50.0), candidates=candidates), TEXT)
     assert any("xbt-gallery passed on the validation pairs (smallest margin +3.00" in s and "eval" in s for s in steps)
     assert any(s.startswith("slerp-bc passed") and "--allow-old-encoder" in s for s in steps)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 sys.path.insert(0, str(REPO))
@@ -15,8 +14,9 @@ from bench import run_all  # noqa: E402
 
 
 def bench(script: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO, capture_output=True, text=True,
-                         timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, f"bench/{script}", *args], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1, "a bench prints exactly one JSON object on stdout"
@@ -25,9 +25,18 @@ def bench(script: str, *args: str) -> dict:
 
 def saved(result: dict, name: str, results) -> dict:
     """A result as run_all saves it: with the run's command and context."""
-    result = {"machine": "cpu: test", **result, "run": {"command": f"python bench/{name}.py", "seconds": 1.0,
-                                                        "date": "2026-01-01T00:00:00+00:00", "commit": "abc",
-                                                        "memory_gb": 1.0, "loadavg_1m": [0.1, 0.2]}}
+    result = {
+        "machine": "cpu: test",
+        **result,
+        "run": {
+            "command": f"python bench/{name}.py",
+            "seconds": 1.0,
+            "date": "2026-01-01T00:00:00+00:00",
+            "commit": "abc",
+            "memory_gb": 1.0,
+            "loadavg_1m": [0.1, 0.2],
+        },
+    }
     (results / f"{name}.json").write_text(json.dumps(result))
     return result
 
@@ -81,12 +90,25 @@ def test_recall_bench_times_the_recall_of_its_data_by_brute_force(results):
 def test_doc_renders_the_suite_with_goals_and_no_missing_bench_prose(results, tmp_path):
     (results / "notes.json").write_text(json.dumps({"not": "a bench"}))  # not the suite's: never rendered
     doc = tmp_path / "benchmarks.md"
-    out = subprocess.run([sys.executable, "bench/run_all.py", "--render-only", "--results", str(results),
-                          "--doc", str(doc)], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "bench/run_all.py", "--render-only", "--results", str(results), "--doc", str(doc)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     text = doc.read_text()
-    for item in ("extraction throughput", "extraction peak memory", "text embedding throughput",
-                 "φ pretraining samples/s", "recall evaluation time", "### extract", "### recall"):
+    for item in (
+        "extraction throughput",
+        "extraction peak memory",
+        "text embedding throughput",
+        "φ pretraining samples/s",
+        "recall evaluation time",
+        "### extract",
+        "### recall",
+    ):
         assert item in text
     # a toy-sized extraction cannot meet the goal stated at 10 million rows
     assert "run at 20,000 rows, not the goal's 10,000,000" in text
@@ -105,14 +127,29 @@ def test_quality_table_renders_each_run_with_its_failing_checks_and_tightest_mar
     margin = {"margin": 0.3, "low": -0.1, "high": 0.7, "p_better": 0.8}
     margins = {d: {k: dict(margin) for k in ("1", "5", "10")} for d in ("t2i", "i2t")}
     margins["i2t"]["10"] = {"margin": -0.5, "low": -1.25, "high": 0.25, "p_better": 0.1}
-    run = {"method": "xbt", "seed": 2, "recall": _recall(0.5),
-           "gate": {"passed": False, "failures": [["t2i", 5, 0.5, 1.0]]}, "gate_margins": {"n_boot": 10, **margins},
-           "trainable_params": 1234, "timings_s": {"embed": 1.0, "train": 2.5}}
-    result = {"old": "zoo/old", "new": "zoo/new", "data": {"folder": "w", "world": {"seed": 0}}, "settings": [],
-              "seeds": [2], "runs": [run], "table": []}
+    run = {
+        "method": "xbt",
+        "seed": 2,
+        "recall": _recall(0.5),
+        "gate": {"passed": False, "failures": [["t2i", 5, 0.5, 1.0]]},
+        "gate_margins": {"n_boot": 10, **margins},
+        "trainable_params": 1234,
+        "timings_s": {"embed": 1.0, "train": 2.5},
+    }
+    result = {
+        "old": "zoo/old",
+        "new": "zoo/new",
+        "data": {"folder": "w", "world": {"seed": 0}},
+        "settings": [],
+        "seeds": [2],
+        "runs": [run],
+        "table": [],
+    }
     text = "\n".join(run_all.render_result("quality", result))
-    assert ("| xbt | 2 | 1.00 / 0.50 / 1.00 | 1.00 / 1.00 / 1.00 | 1.0 / 1.0 | failed | t2i R@5 0.5 vs 1.0 | "
-            "i2t R@10 -0.50 [-1.25, +0.25] | 1,234 | 3.5 |") in text
+    assert (
+        "| xbt | 2 | 1.00 / 0.50 / 1.00 | 1.00 / 1.00 / 1.00 | 1.0 / 1.0 | failed | t2i R@5 0.5 vs 1.0 | "
+        "i2t R@10 -0.50 [-1.25, +0.25] | 1,234 | 3.5 |"
+    ) in text
     assert "the built-in world {'seed': 0}" in text and "Mean over seeds" not in text  # one seed: no mean table
 
 
@@ -121,10 +158,21 @@ def test_chain_table_names_every_gate():
     link = {"recall": _recall(), "gate": gate}
     cases = ("old/old", "mid/old", "new/old (chain)")
     table = {d: {c: {"1": 1.0, "5": 2.0, "10": 3.0} for c in cases} for d in ("t2i", "i2t")}
-    result = {"old": "o", "mid": "m", "new": "n", "data": {"folder": "w", "world": None},
-              "settings": ["pretrain.sigma=0"],
-              "runs": [{"seed": 0, "links": [link, {**link, "no_regression": {"passed": False, "failures": [1, 2]}}],
-                        "direct": link, "table": table}]}
+    result = {
+        "old": "o",
+        "mid": "m",
+        "new": "n",
+        "data": {"folder": "w", "world": None},
+        "settings": ["pretrain.sigma=0"],
+        "runs": [
+            {
+                "seed": 0,
+                "links": [link, {**link, "no_regression": {"passed": False, "failures": [1, 2]}}],
+                "direct": link,
+                "table": table,
+            }
+        ],
+    }
     text = "\n".join(run_all.render_result("chain", result))
     assert "| mid/old | 1.00 / 2.00 / 3.00 | 1.00 / 2.00 / 3.00 |" in text
     assert "link 2 against link 1 (no regression): failed (2 failing checks)" in text

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, TINY_WORLD
 
 sys.path.insert(0, str(REPO))
@@ -32,8 +31,12 @@ def world(tmp_path_factory, tiny):
 
 def test_world_flags_are_checked_before_anything_runs():
     assert common.world_overrides(["seed=1", "user_phrasing=0.5"]) == {"seed": 1, "user_phrasing": 0.5}
-    for bad, says in ((["colour=1"], "FIELD one of"), (["seed"], "FIELD=VALUE"), (["seed=x"], "must be a number"),
-                      (["seed=-1"], "seed must be a non-negative")):
+    for bad, says in (
+        (["colour=1"], "FIELD one of"),
+        (["seed"], "FIELD=VALUE"),
+        (["seed=x"], "must be a number"),
+        (["seed=-1"], "seed must be a non-negative"),
+    ):
         with pytest.raises(ValueError, match=says):
             common.world_overrides(bad)
     args = quality.parser().parse_args(["--world", "seed=1", "--world", "pair_images=50"])
@@ -41,8 +44,18 @@ def test_world_flags_are_checked_before_anything_runs():
 
 
 def flags(world, *more: str) -> list[str]:
-    return ["--old", world["old"], "--new", world["new"], "--data", str(world["root"] / "world"),
-            "--out", str(world["root"] / "runs"), *SMALL, *more]
+    return [
+        "--old",
+        world["old"],
+        "--new",
+        world["new"],
+        "--data",
+        str(world["root"] / "world"),
+        "--out",
+        str(world["root"] / "runs"),
+        *SMALL,
+        *more,
+    ]
 
 
 def report_of(row: dict) -> dict:
@@ -69,8 +82,9 @@ def test_quality_rows_are_the_flows_reports(quality_result, world):
     assert xbt["trainable_params"] > 0 and xbt["timings_s"]["pretrain"] > 0
     # one seed: the table's mean is the run itself, at the gate's K values
     for row, run in zip(res["table"], res["runs"]):
-        assert row["new/old"] == {d: {k: run["recall"][d]["new/old"][k] for k in ("1", "5", "10")}
-                                  for d in ("t2i", "i2t")}
+        assert row["new/old"] == {
+            d: {k: run["recall"][d]["new/old"][k] for k in ("1", "5", "10")} for d in ("t2i", "i2t")
+        }
 
 
 def test_the_same_upgrade_again_is_served_from_the_flows_cache(quality_result, world):
@@ -101,9 +115,12 @@ def test_chain_link2_builds_on_link1s_version_against_the_root_gallery(chain_res
     for d in ("t2i", "i2t"):
         assert r2["recall"][d]["old/old"] == r1["recall"][d]["old/old"]
         assert r2["recall"][d]["prev/old"] == r1["recall"][d]["new/old"]
-        assert run["table"][d] == {"old/old": r1["recall"][d]["old/old"], "mid/old": r1["recall"][d]["new/old"],
-                                   "new/old (chain)": r2["recall"][d]["new/old"],
-                                   "new/old (direct)": direct["recall"][d]["new/old"]}
+        assert run["table"][d] == {
+            "old/old": r1["recall"][d]["old/old"],
+            "mid/old": r1["recall"][d]["new/old"],
+            "new/old (chain)": r2["recall"][d]["new/old"],
+            "new/old (direct)": direct["recall"][d]["new/old"],
+        }
     assert link2["no_regression"] == r2["no_regression"] and "no_regression" not in link1
 
 
@@ -150,8 +167,9 @@ def test_accuracy_is_top1_against_an_independent_count():
 def test_ablations_change_one_thing_each(prefect_harness, world):
     from xbtcore.data import read_pairs
 
-    res = ablations.run(ablations.parser().parse_args(flags(world, "--only", "default", "corpus-1/4", "pairs-1/2",
-                                                            "no-noise")))
+    res = ablations.run(
+        ablations.parser().parse_args(flags(world, "--only", "default", "corpus-1/4", "pairs-1/2", "no-noise"))
+    )
     rows = res["ablations"]
     assert list(rows) == ["default", "corpus-1/4", "pairs-1/2", "no-noise"]
     distinct = ablations.distinct_texts(str(world["root"] / "world" / "corpus.parquet"))
@@ -178,11 +196,17 @@ def test_cost_times_a_method_from_an_empty_state_in_its_own_process(world):
 
 
 def test_cost_counts_what_each_method_embeds_and_compares_xbt_with_base():
-    assert cost.embedded("base", [], corpus=1000, pairs=96, images=90) == \
-        {"corpus_texts": 0, "pairs": 96, "old_model_images": 90}  # Eqn. 6: the old model on the pairs
+    assert cost.embedded("base", [], corpus=1000, pairs=96, images=90) == {
+        "corpus_texts": 0,
+        "pairs": 96,
+        "old_model_images": 90,
+    }  # Eqn. 6: the old model on the pairs
     assert cost.embedded("procrustes", [], 1000, 96, 90)["corpus_texts"] == 1000
-    assert cost.embedded("xbt", ["pretrain.source=image", "pretrain.pair_weight=0"], 1000, 96, 90) == \
-        {"corpus_texts": 0, "pairs": 96, "old_model_images": 90}  # φ on the pairs' images runs the old image tower
+    assert cost.embedded("xbt", ["pretrain.source=image", "pretrain.pair_weight=0"], 1000, 96, 90) == {
+        "corpus_texts": 0,
+        "pairs": 96,
+        "old_model_images": 90,
+    }  # φ on the pairs' images runs the old image tower
     rows = [{"method": "xbt", "upgrade_s": 3.0}, {"method": "base", "upgrade_s": 4.0}]
     assert cost.against_goal(rows) == {"xbt_over_base": 0.75, "goal_met": False}
     assert cost.against_goal([{**rows[0], "upgrade_s": 2.0}, rows[1]])["goal_met"] is True

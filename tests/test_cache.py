@@ -12,6 +12,7 @@ def _embed_factory(calls):
     def embed(a, b):
         calls.append((a, b))
         return torch.arange(a, b, dtype=torch.float32)[:, None].repeat(1, 3)
+
     return embed
 
 
@@ -33,6 +34,7 @@ def test_crash_mid_way_resumes_missing_shards_only(tmp_path):
         if a == 8:
             raise RuntimeError("killed")
         return _embed_factory(calls)(a, b)
+
     with pytest.raises(RuntimeError):
         cache.get_or_compute("m", "d", "text", 10, flaky, shard_rows=4)
     assert not cache.is_complete("m", "d", "text")

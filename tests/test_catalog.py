@@ -12,9 +12,21 @@ def test_records_and_upserts(tmp_path):
     cat.record_dataset("/d/pairs.parquet", "pairs", "fp2", 12)
     cat.record_space("old-1234", "/m/old", 24, "xbt-old-1234")
     cat.record_gallery("/g.parquet", "models:/xbt-old-1234@champion", "old-1234", "image", 5, 24)
-    run = {"run_id": "r1", "method": "xbt", "old": "/m/old", "new": "/m/new", "root_model": "/m/old",
-           "space": "old-1234", "out_dir": "/o", "bundle": "/o/bundle", "gate_passed": True, "promoted": True,
-           "mlflow_model": "xbt-old-1234", "mlflow_version": "1", "report": "/o/report.json"}
+    run = {
+        "run_id": "r1",
+        "method": "xbt",
+        "old": "/m/old",
+        "new": "/m/new",
+        "root_model": "/m/old",
+        "space": "old-1234",
+        "out_dir": "/o",
+        "bundle": "/o/bundle",
+        "gate_passed": True,
+        "promoted": True,
+        "mlflow_model": "xbt-old-1234",
+        "mlflow_version": "1",
+        "report": "/o/report.json",
+    }
     cat.record_run(run)
     cat.record_run({**run, "promoted": False})
     cat.record_lineage("old-1234", "/m/old", "/m/new", "/o/bundle", "xbt-old-1234", "1", "r1")

@@ -43,8 +43,12 @@ def test_image_id_groups_captions_in_first_appearance_order(world_files):
 
 
 def test_interleaved_image_ids(tmp_path, pngs):
-    f = _write(tmp_path / "p.parquet", image=[pngs[0], pngs[1], pngs[0], pngs[2], pngs[1]],
-               caption=list("abcde"), image_id=[7, 9, 7, 3, 9])
+    f = _write(
+        tmp_path / "p.parquet",
+        image=[pngs[0], pngs[1], pngs[0], pngs[2], pngs[1]],
+        caption=list("abcde"),
+        image_id=[7, 9, 7, 3, 9],
+    )
     pairs = read_pairs(f)
     assert pairs.image_ids == [7, 9, 3]
     assert pairs.caption_image.tolist() == [0, 1, 0, 2, 1]
@@ -63,20 +67,30 @@ def test_image_path_relative_to_the_parquet_folder(tmp_path, pngs, monkeypatch):
         (tmp_path / "data" / "img" / f"{i}.png").write_bytes(pngs[i])
     absolute = tmp_path / "elsewhere.png"
     absolute.write_bytes(pngs[2])
-    f = _write(tmp_path / "data" / "p.parquet", image_path=["img/0.png", "img/1.png", str(absolute)],
-               caption=["a", "b", "c"])
+    _write(
+        tmp_path / "data" / "p.parquet", image_path=["img/0.png", "img/1.png", str(absolute)], caption=["a", "b", "c"]
+    )
     monkeypatch.chdir(tmp_path)  # resolution must not depend on the working directory
     pairs = read_pairs("data/p.parquet")
-    assert pairs.images == [str(tmp_path / "data" / "img" / "0.png"), str(tmp_path / "data" / "img" / "1.png"),
-                            str(absolute)]
-    assert pairs.load_image(1).tobytes() == read_pairs(_write(tmp_path / "b.parquet", image=[pngs[1]],
-                                                              caption=["b"])).load_image(0).tobytes()
+    assert pairs.images == [
+        str(tmp_path / "data" / "img" / "0.png"),
+        str(tmp_path / "data" / "img" / "1.png"),
+        str(absolute),
+    ]
+    assert (
+        pairs.load_image(1).tobytes()
+        == read_pairs(_write(tmp_path / "b.parquet", image=[pngs[1]], caption=["b"])).load_image(0).tobytes()
+    )
 
 
 def test_folder_and_glob_of_files(tmp_path, pngs):
     _write(tmp_path / "parts" / "b.parquet", image=[pngs[2]], caption=["third"], image_id=["i2"])
-    _write(tmp_path / "parts" / "a.parquet", image=[pngs[0], pngs[1], pngs[0]], caption=["first", "second", "again"],
-           image_id=["i0", "i1", "i0"])
+    _write(
+        tmp_path / "parts" / "a.parquet",
+        image=[pngs[0], pngs[1], pngs[0]],
+        caption=["first", "second", "again"],
+        image_id=["i0", "i1", "i0"],
+    )
     (tmp_path / "parts" / "notes.txt").write_text("not parquet, ignored")
     pairs = read_pairs(tmp_path / "parts")
     assert pairs.captions == ["first", "second", "again", "third"]  # files in sorted order
@@ -132,8 +146,9 @@ def test_undecodable_image_names_file_column_and_row(tmp_path, pngs):
 
 def test_missing_image_path_file(tmp_path, pngs):
     (tmp_path / "ok.png").write_bytes(pngs[0])
-    msg = _error(_write(tmp_path / "p.parquet", image_path=["ok.png", "gone.png", "ok.png", "gone2.png"],
-                        caption=list("abcd")))
+    msg = _error(
+        _write(tmp_path / "p.parquet", image_path=["ok.png", "gone.png", "ok.png", "gone2.png"], caption=list("abcd"))
+    )
     assert "p.parquet" in msg and "'image_path'" in msg and "do not exist" in msg and "(rows 1, 3)" in msg
     (tmp_path / "gone.png").write_bytes(b"notanimage")
     (tmp_path / "gone2.png").write_bytes(pngs[1])

@@ -3,7 +3,6 @@ the loss (global negatives through the gradient-carrying all_gather) and the
 gradients, for clip_loss itself, φ pretraining (Eqn. 3) and the fine-tuning
 loop (XBT, Eqn. 5, and the Eqn. 6 baseline "base") on tiny CLIPs."""
 
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,16 +10,16 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from worlds import shapes
+from worlds.tinyclip import TinyClipSpec, make_tiny_clip
 from xbtcore.adapters import LoraSettings
 from xbtcore.data import read_pairs
+from xbtcore.ddp import average_gradients, local_slice, on_main_rank
 from xbtcore.encoders import DualEncoder
 from xbtcore.finetune import FinetuneConfig, finetune, trainable_state
-from xbtcore.ddp import average_gradients, local_slice, on_main_rank
 from xbtcore.losses import clip_loss
 from xbtcore.methods import get_method
 from xbtcore.phi import Phi, PhiConfig
 from xbtcore.pretrain import PretrainConfig, text_only_pretrain
-from worlds.tinyclip import TinyClipSpec, make_tiny_clip
 
 WORLD = 2
 
@@ -119,9 +118,13 @@ def test_pretraining_under_two_ranks_equals_one(tmp_path, pair_weight):
     g = torch.Generator().manual_seed(1)
     w_new = F.normalize(torch.randn(256, 12, generator=g), dim=-1)
     w_old = F.normalize(torch.randn(256, 8, generator=g), dim=-1)
-    pairs = (F.normalize(torch.randn(96, 12, generator=g), dim=-1), F.normalize(torch.randn(96, 12, generator=g), dim=-1))
-    cfg = PretrainConfig(sigma=0.1, batch_size=64, lr=1e-3, epochs=2, pair_weight=pair_weight, pair_batch_size=32,
-                         fit_weight=1.0)  # the fit term is a per-row mean: equal over ranks too
+    pairs = (
+        F.normalize(torch.randn(96, 12, generator=g), dim=-1),
+        F.normalize(torch.randn(96, 12, generator=g), dim=-1),
+    )
+    cfg = PretrainConfig(
+        sigma=0.1, batch_size=64, lr=1e-3, epochs=2, pair_weight=pair_weight, pair_batch_size=32, fit_weight=1.0
+    )  # the fit term is a per-row mean: equal over ranks too
     _spawn(_worker_pretrain, tmp_path, w_new, w_old, cfg, pairs)
     torch.manual_seed(0)
     phi = Phi(PhiConfig(12, 8))
@@ -152,12 +155,22 @@ def _run_finetune(new, pairs_path, method, cfg, targets, checkpoint_path=None):
     grads = []
 
     def on_step(step, value):  # after opt.step; .grad still holds this step's averaged gradient
-        named = [*(("model." + n, p) for n, p in enc.model.named_parameters()),
-                 *(("phi." + n, p) for n, p in phi.named_parameters())]
+        named = [
+            *(("model." + n, p) for n, p in enc.model.named_parameters()),
+            *(("phi." + n, p) for n, p in phi.named_parameters()),
+        ]
         grads.append({n: p.grad.clone() for n, p in named if p.requires_grad})
 
-    hist = finetune(enc, phi, read_pairs(pairs_path), get_method(method).plan, cfg, old_targets=None if method == "xbt" else targets,
-                    checkpoint_path=checkpoint_path, on_step=on_step)
+    hist = finetune(
+        enc,
+        phi,
+        read_pairs(pairs_path),
+        get_method(method).plan,
+        cfg,
+        old_targets=None if method == "xbt" else targets,
+        checkpoint_path=checkpoint_path,
+        on_step=on_step,
+    )
     return {"losses": [h["loss"] for h in hist if "loss" in h], "grads": grads, "state": trainable_state(enc, phi)}
 
 
@@ -178,8 +191,10 @@ def ft_runs(tmp_path_factory):
     n_pairs = len(read_pairs(paths["pairs"]))
     assert n_pairs // FT.batch_size >= 3  # a few steps: Adam's state and the weights carry across them
     g = torch.Generator().manual_seed(3)  # Eqn. 6 targets: stand-ins for the old model's cached embeddings
-    targets = (F.normalize(torch.randn(n_pairs, 24, generator=g), dim=-1),  # one image per caption here
-               F.normalize(torch.randn(n_pairs, 24, generator=g), dim=-1))
+    targets = (
+        F.normalize(torch.randn(n_pairs, 24, generator=g), dim=-1),  # one image per caption here
+        F.normalize(torch.randn(n_pairs, 24, generator=g), dim=-1),
+    )
     args = (str(root / "new"), paths["pairs"], FT, targets)
     _spawn(_worker_finetune, root, *args)
     return args, [torch.load(root / f"ft-{rank}.pt") for rank in range(WORLD)], n_pairs // FT.batch_size, root
@@ -209,12 +224,18 @@ def test_finetune_under_two_ranks_equals_one(ft_runs, method):
         for step, (g_got, g_want) in enumerate(zip(got["grads"], want["grads"], strict=True), 1):
             assert g_got.keys() == g_want.keys()
             for k, v in g_want.items():
-                torch.testing.assert_close(g_got[k], v, atol=1e-5, rtol=1e-4,
-                                           msg=lambda m, k=k, s=step, r=rank: f"rank {r} step {s} grad {k}: {m}")
+                torch.testing.assert_close(
+                    g_got[k],
+                    v,
+                    atol=1e-5,
+                    rtol=1e-4,
+                    msg=lambda m, k=k, s=step, r=rank: f"rank {r} step {s} grad {k}: {m}",
+                )
         assert got["state"].keys() == keys
         for k, v in want["state"].items():
-            torch.testing.assert_close(got["state"][k], v, atol=1e-5, rtol=1e-4,
-                                       msg=lambda m, k=k, r=rank: f"rank {r} weight {k}: {m}")
+            torch.testing.assert_close(
+                got["state"][k], v, atol=1e-5, rtol=1e-4, msg=lambda m, k=k, r=rank: f"rank {r} weight {k}: {m}"
+            )
     # the shared checkpoint (the last one is written before the last step): one writer, no race on its .tmp
     ckpt = torch.load(root / f"{method}.ckpt", weights_only=False)
     assert ckpt["step"] == steps - 1 and ckpt["trainable"].keys() == keys

@@ -4,11 +4,11 @@ import time
 
 import pytest
 import torch
-
 from families import EMBED_DIM, save_tiny_family, tiny_family_model
+
 from worlds import shapes
-from xbtcore.encoders import DualEncoder, ModelLoadError
 from worlds.tinyclip import TinyClipSpec, make_tiny_clip, save_checkpoint
+from xbtcore.encoders import DualEncoder, ModelLoadError
 
 SPEC = TinyClipSpec(width=32, layers=1, heads=2, embed_dim=16)
 
@@ -31,7 +31,9 @@ def texts():
 
 @pytest.fixture(scope="module")
 def images():
-    return [shapes.render_scene(s, noise_seed=i) for i, (s, _) in enumerate(shapes.scenes_with_captions(0, "eval", 6, 1))]
+    return [
+        shapes.render_scene(s, noise_seed=i) for i, (s, _) in enumerate(shapes.scenes_with_captions(0, "eval", 6, 1))
+    ]
 
 
 def test_embed_texts_is_normalised_and_order_preserving(enc, texts):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, TINY_WORLD
 
 sys.path.insert(0, str(REPO))
@@ -25,8 +24,12 @@ def world(tmp_path_factory, tiny):
 
 
 def test_grid_and_variants_make_one_run_each():
-    config = {"script": "bench/quality.py", "args": ["--seeds", "0"],
-              "grid": {"pretrain.sigma": [0, 0.1], "--new": ["zoo/mid"]}, "variants": {"base": ["--methods", "base"]}}
+    config = {
+        "script": "bench/quality.py",
+        "args": ["--seeds", "0"],
+        "grid": {"pretrain.sigma": [0, 0.1], "--new": ["zoo/mid"]},
+        "variants": {"base": ["--methods", "base"]},
+    }
     assert run.runs_of(config) == {
         "pretrain.sigma=0,new=zoo/mid": ["--seeds", "0", "--set", "pretrain.sigma=0", "--new", "zoo/mid"],
         "pretrain.sigma=0.1,new=zoo/mid": ["--seeds", "0", "--set", "pretrain.sigma=0.1", "--new", "zoo/mid"],
@@ -54,9 +57,16 @@ def test_a_bad_setting_names_the_config_and_the_run(tmp_path):
 
 def test_runner_writes_results_named_from_the_config(prefect_harness, world, tmp_path):
     path = tmp_path / "maps.json"
-    path.write_text(json.dumps({"about": "the two closed-form maps", "script": "bench/quality.py",
-                                "args": [*world["flags"], "--out", str(world["root"] / "runs")],
-                                "grid": {"--methods": ["procrustes", "lstsq"]}}))
+    path.write_text(
+        json.dumps(
+            {
+                "about": "the two closed-form maps",
+                "script": "bench/quality.py",
+                "args": [*world["flags"], "--out", str(world["root"] / "runs")],
+                "grid": {"--methods": ["procrustes", "lstsq"]},
+            }
+        )
+    )
     record = run.run_config(path, tmp_path / "results")
     saved = json.loads((tmp_path / "results" / "maps.json").read_text())
     assert saved == record and saved["config"] == "maps" and saved["about"] == "the two closed-form maps"

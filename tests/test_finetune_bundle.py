@@ -7,6 +7,7 @@ import torch
 from families import EMBED_DIM, save_tiny_family
 
 from worlds import shapes
+from worlds.tinyclip import TinyClipSpec, make_tiny_clip
 from xbtcore.adapters import adapters_off, auto_prompt_count, find_prompts
 from xbtcore.augment import AugmentConfig
 from xbtcore.bundle import BundleMeta, CompatibleEncoder, load_compatible, save_bundle
@@ -16,7 +17,6 @@ from xbtcore.finetune import FinetuneConfig, finetune, prompt_count
 from xbtcore.losses import DivergedError
 from xbtcore.methods import get_method
 from xbtcore.phi import LinearMap, Phi, PhiConfig
-from worlds.tinyclip import TinyClipSpec, make_tiny_clip
 
 # Augmentation on (off by default) so the resume test also covers its per-row RNG.
 FAST = FinetuneConfig(batch_size=32, checkpoint_every=2, augment=AugmentConfig(enabled=True))
@@ -28,8 +28,13 @@ def tiny(tmp_path_factory):
     paths = shapes.write_world(root / "world", shapes.WorldSpec(corpus_captions=300, pair_images=96, eval_images=16))
     make_tiny_clip(root / "old", TinyClipSpec(width=32, layers=1, heads=2, embed_dim=24), seed=1)
     make_tiny_clip(root / "new", TinyClipSpec(width=48, layers=1, heads=2, embed_dim=40), seed=2)
-    return {"root": root, "pairs": read_pairs(paths["pairs"]), "eval": read_pairs(paths["eval"]),
-            "old": str(root / "old"), "new": str(root / "new")}
+    return {
+        "root": root,
+        "pairs": read_pairs(paths["pairs"]),
+        "eval": read_pairs(paths["eval"]),
+        "old": str(root / "old"),
+        "new": str(root / "new"),
+    }
 
 
 def plan(method: str):
@@ -61,8 +66,11 @@ def test_xbt_trains_only_lora_prompts_and_phi_layernorms(tiny):
     assert all("lora_" in n or n.endswith("prompts") for n in trainable)
     assert find_prompts(enc.model).prompts.shape == (auto_prompt_count(enc.model), 48)
     # base weights are untouched (peft prefixes names; compare by suffix)
-    frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in enc.model.named_parameters()
-              if not p.requires_grad}
+    frozen = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p
+        for n, p in enc.model.named_parameters()
+        if not p.requires_grad
+    }
     for n, p in base.items():
         key = n.replace("embeddings.", "embeddings.inner.", 1) if "vision_model.embeddings." in n else n
         assert torch.equal(frozen[key], p), n
@@ -78,8 +86,14 @@ def test_bundle_roundtrip_is_bit_identical_and_off_is_original(tiny, tmp_path):
     up = CompatibleEncoder(enc, phi)
     t1, i1 = up.embed_texts(ev.captions), up.embed_images(_images(ev))
     assert t1.shape == (len(ev.captions), 24)
-    meta = BundleMeta(base_model=tiny["new"], old_model=tiny["old"], root_model=tiny["old"], method="xbt",
-                      phi=dataclasses.asdict(phi.cfg), n_prompts=prompt_count(enc))
+    meta = BundleMeta(
+        base_model=tiny["new"],
+        old_model=tiny["old"],
+        root_model=tiny["old"],
+        method="xbt",
+        phi=dataclasses.asdict(phi.cfg),
+        n_prompts=prompt_count(enc),
+    )
     save_bundle(tmp_path / "bundle", enc, phi, meta)
     assert not (tmp_path / "bundle.tmp").exists()
     up2, meta2 = load_compatible(tmp_path / "bundle")
@@ -102,15 +116,25 @@ def test_bundle_carries_a_local_base_model_and_loads_after_it_moves(tiny, tmp_pa
     enc, phi = DualEncoder.from_pretrained(str(base_dir)), _new_phi()
     finetune(enc, phi, tiny["pairs"], plan("xbt"), FAST)
     want = CompatibleEncoder(enc, phi).embed_texts(ev.captions)
-    meta = BundleMeta(base_model=str(base_dir), old_model=tiny["old"], root_model=tiny["old"], method="xbt",
-                      phi=dataclasses.asdict(phi.cfg), n_prompts=prompt_count(enc))
+    meta = BundleMeta(
+        base_model=str(base_dir),
+        old_model=tiny["old"],
+        root_model=tiny["old"],
+        method="xbt",
+        phi=dataclasses.asdict(phi.cfg),
+        n_prompts=prompt_count(enc),
+    )
     save_bundle(tmp_path / "bundle", enc, phi, meta)
     weights = tmp_path / "bundle" / "base" / "model.safetensors"
     assert weights.stat().st_ino == (base_dir / "model.safetensors").stat().st_ino  # a hard link, no second copy
 
     linear = torch.linalg.qr(torch.randn(40, 24))[0]  # a fitted-map bundle carries its base the same way
-    save_bundle(tmp_path / "linear", DualEncoder.from_pretrained(str(base_dir)), LinearMap.of(linear),
-                dataclasses.replace(meta, method="procrustes", n_prompts=0))
+    save_bundle(
+        tmp_path / "linear",
+        DualEncoder.from_pretrained(str(base_dir)),
+        LinearMap.of(linear),
+        dataclasses.replace(meta, method="procrustes", n_prompts=0),
+    )
     want_linear = load_compatible(tmp_path / "linear")[0].embed_texts(ev.captions)
 
     shutil.move(base_dir, tmp_path / "moved")  # the checkpoint folder is reorganised after registration
@@ -129,13 +153,20 @@ def test_full_tune_bundle_is_a_whole_checkpoint(tiny, tmp_path):
     base_dir = tmp_path / "new"
     shutil.copytree(tiny["new"], base_dir)
     enc, phi = DualEncoder.from_pretrained(str(base_dir)), _new_phi()
-    targets = (torch.nn.functional.normalize(torch.randn(tiny["pairs"].n_images, 24), dim=-1),
-               torch.nn.functional.normalize(torch.randn(len(tiny["pairs"].captions), 24), dim=-1))
+    targets = (
+        torch.nn.functional.normalize(torch.randn(tiny["pairs"].n_images, 24), dim=-1),
+        torch.nn.functional.normalize(torch.randn(len(tiny["pairs"].captions), 24), dim=-1),
+    )
     finetune(enc, phi, tiny["pairs"], plan("full-tune"), FAST, old_targets=targets)
     up = CompatibleEncoder(enc, phi)
     want_t, want_i = up.embed_texts(ev.captions), up.embed_images(_images(ev))
-    meta = BundleMeta(base_model=str(base_dir), old_model=tiny["old"], root_model=tiny["old"], method="full-tune",
-                      phi=dataclasses.asdict(phi.cfg))
+    meta = BundleMeta(
+        base_model=str(base_dir),
+        old_model=tiny["old"],
+        root_model=tiny["old"],
+        method="full-tune",
+        phi=dataclasses.asdict(phi.cfg),
+    )
     save_bundle(tmp_path / "bundle", enc, phi, meta, full_weights=True)
     shutil.rmtree(base_dir)
     up2, _ = load_compatible(tmp_path / "bundle")
@@ -170,8 +201,14 @@ def test_bundle_carries_a_hub_cached_base_model_and_loads_after_the_cache_is_cle
     enc, phi = DualEncoder.from_pretrained("xbt-test/tiny-new"), _new_phi()  # loaded from the cache, offline
     finetune(enc, phi, tiny["pairs"], plan("xbt"), FAST)
     want = CompatibleEncoder(enc, phi).embed_images(_images(ev))
-    meta = BundleMeta(base_model="xbt-test/tiny-new", old_model=tiny["old"], root_model=tiny["old"], method="xbt",
-                      phi=dataclasses.asdict(phi.cfg), n_prompts=prompt_count(enc))
+    meta = BundleMeta(
+        base_model="xbt-test/tiny-new",
+        old_model=tiny["old"],
+        root_model=tiny["old"],
+        method="xbt",
+        phi=dataclasses.asdict(phi.cfg),
+        n_prompts=prompt_count(enc),
+    )
     save_bundle(tmp_path / "bundle", enc, phi, meta)
     carried = tmp_path / "bundle" / "base" / "model.safetensors"
     assert carried.is_file() and not carried.is_symlink()  # the blob itself, not a link into the cache
@@ -189,8 +226,13 @@ def test_a_hub_id_outside_the_cache_stays_a_reference(tiny, tmp_path, monkeypatc
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
-    meta = BundleMeta(base_model="xbt-test/never-downloaded", old_model=tiny["old"], root_model=tiny["old"],
-                      method="xbt", phi=dataclasses.asdict(phi.cfg))
+    meta = BundleMeta(
+        base_model="xbt-test/never-downloaded",
+        old_model=tiny["old"],
+        root_model=tiny["old"],
+        method="xbt",
+        phi=dataclasses.asdict(phi.cfg),
+    )
     save_bundle(tmp_path / "bundle", enc, phi, meta)
     assert not (tmp_path / "bundle" / "base").exists()
 
@@ -214,8 +256,14 @@ def test_xbt_trains_saves_and_switches_off_on_other_families(family, tiny, tmp_p
     assert not torch.equal(enc.embed_images(_images(ev)), orig_i)  # the prompts and LoRA did train
     up = CompatibleEncoder(enc, phi)
     t1, i1 = up.embed_texts(ev.captions), up.embed_images(_images(ev))
-    meta = BundleMeta(base_model=str(base_dir), old_model=tiny["old"], root_model=tiny["old"], method="xbt",
-                      phi=dataclasses.asdict(phi.cfg), n_prompts=prompt_count(enc))
+    meta = BundleMeta(
+        base_model=str(base_dir),
+        old_model=tiny["old"],
+        root_model=tiny["old"],
+        method="xbt",
+        phi=dataclasses.asdict(phi.cfg),
+        n_prompts=prompt_count(enc),
+    )
     save_bundle(tmp_path / "bundle", enc, phi, meta)
     up2, _ = load_compatible(tmp_path / "bundle")
     assert torch.equal(up2.embed_texts(ev.captions), t1) and torch.equal(up2.embed_images(_images(ev)), i1)
@@ -228,8 +276,10 @@ def test_xbt_trains_saves_and_switches_off_on_other_families(family, tiny, tmp_p
 def test_eqn6_baselines_train_phi_fully(tiny, method):
     pairs = tiny["pairs"]
     enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
-    targets = (torch.nn.functional.normalize(torch.randn(pairs.n_images, 24), dim=-1),
-               torch.nn.functional.normalize(torch.randn(len(pairs.captions), 24), dim=-1))
+    targets = (
+        torch.nn.functional.normalize(torch.randn(pairs.n_images, 24), dim=-1),
+        torch.nn.functional.normalize(torch.randn(len(pairs.captions), 24), dim=-1),
+    )
     finetune(enc, phi, pairs, plan(method), FAST, old_targets=targets)
     assert all(p.requires_grad for p in phi.parameters())
     has_prompts = find_prompts(enc.model) is not None
@@ -255,6 +305,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny, tmp_path):
     def crash(step, loss):
         if step == 2:
             raise KeyboardInterrupt  # killed right after the step-2 checkpoint
+
     enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
     with pytest.raises(KeyboardInterrupt):
         finetune(enc, phi, tiny["pairs"], plan("xbt"), FAST, checkpoint_path=ckpt, on_step=crash)
@@ -262,13 +313,16 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny, tmp_path):
 
     def count(step, loss):
         calls["n"] += 1
+
     enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
     hist = finetune(enc, phi, tiny["pairs"], plan("xbt"), FAST, checkpoint_path=ckpt, on_step=count)
     assert [h["resumed_from"] for h in hist if "resumed_from" in h] == [2]
     assert calls["n"] == 3 - 2  # 96 pairs / 32 = 3 steps; only step 3 ran again
     # The loss curve is whole: steps 1-2 come back from the checkpoint, each step once, same losses.
     assert [h["step"] for h in hist if "loss" in h] == [1, 2, 3]
-    assert [h["loss"] for h in hist if "loss" in h] == pytest.approx([h["loss"] for h in full_hist if "loss" in h], abs=1e-5)
+    assert [h["loss"] for h in hist if "loss" in h] == pytest.approx(
+        [h["loss"] for h in full_hist if "loss" in h], abs=1e-5
+    )
     torch.testing.assert_close(CompatibleEncoder(enc, phi).embed_texts(ev.captions), want, atol=1e-6, rtol=0)
 
 
@@ -284,9 +338,17 @@ def test_nan_loss_stops_the_run(tiny):
 def test_auto_prompt_count_keeps_the_papers_share(image_size, patch, expect):
     from transformers import CLIPConfig, CLIPModel
 
-    cfg = CLIPConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=image_size, patch_size=patch),
-                     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+    cfg = CLIPConfig(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch,
+        ),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+    )
     assert auto_prompt_count(CLIPModel(cfg)) == expect
 
 

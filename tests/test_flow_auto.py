@@ -10,7 +10,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import FAST, REPO
 
 pytestmark = pytest.mark.slow
@@ -19,8 +18,16 @@ pytestmark = pytest.mark.slow
 def _params(tiny, out, **kw):
     from flows.upgrade import UpgradeParams
 
-    base = dict(old=tiny["old"], new=tiny["new"], corpus=tiny["corpus"], pairs=tiny["pairs"], eval=tiny["eval"],
-                out=str(out), progress=False, **FAST)
+    base = dict(
+        old=tiny["old"],
+        new=tiny["new"],
+        corpus=tiny["corpus"],
+        pairs=tiny["pairs"],
+        eval=tiny["eval"],
+        out=str(out),
+        progress=False,
+        **FAST,
+    )
     return UpgradeParams(**{**base, **kw})
 
 
@@ -43,7 +50,8 @@ def test_auto_runs_the_portfolio_cheapest_first_and_keeps_one_chosen_on_validati
             assert {"margin", "low", "high"} <= set(c["margins"]["i2t"]["1"]) and c["seconds"] > 0
     assert report["counts"]["val_images"] == 48  # half the 96 pair images: fewer than 500 to spare
     assert report["timings_s"]["validate"] > 0 and report["timings_s"]["total"] >= sum(
-        v for k, v in report["timings_s"].items() if k != "total")
+        v for k, v in report["timings_s"].items() if k != "total"
+    )
 
 
 def test_the_bundle_is_the_same_whatever_eval_holds(prefect_harness, tiny, tmp_path):
@@ -61,8 +69,14 @@ def test_the_bundle_is_the_same_whatever_eval_holds(prefect_harness, tiny, tmp_p
 
 def _xbt(*args, state: Path) -> subprocess.CompletedProcess:
     env = {"XBT_STATE_DIR": str(state), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_with_the_stored_gallery_the_old_image_tower_embeds_nothing(tiny, tmp_path):
@@ -72,11 +86,36 @@ def test_with_the_stored_gallery_the_old_image_tower_embeds_nothing(tiny, tmp_pa
     import pyarrow as pa
 
     pq.write_table(pa.concat_tables(tables), both)
-    r = _xbt("embed", "--model", tiny["old"], "--input", both, "--modality", "image", "--out", tmp_path / "gallery.parquet",
-             state=tmp_path / "state")
+    r = _xbt(
+        "embed",
+        "--model",
+        tiny["old"],
+        "--input",
+        both,
+        "--modality",
+        "image",
+        "--out",
+        tmp_path / "gallery.parquet",
+        state=tmp_path / "state",
+    )
     assert r.returncode == 0, r.stderr
-    common = ["upgrade", "--old", tiny["old"], "--new", tiny["new"], "--corpus", tiny["corpus"], "--pairs", tiny["pairs"],
-              "--eval", tiny["eval"], "--method", "base", "--set", "finetune.batch_size=32"]
+    common = [
+        "upgrade",
+        "--old",
+        tiny["old"],
+        "--new",
+        tiny["new"],
+        "--corpus",
+        tiny["corpus"],
+        "--pairs",
+        tiny["pairs"],
+        "--eval",
+        tiny["eval"],
+        "--method",
+        "base",
+        "--set",
+        "finetune.batch_size=32",
+    ]
     r = _xbt(*common, "--out", tmp_path / "with", "--gallery", tmp_path / "gallery.parquet", state=tmp_path / "state")
     assert r.returncode == 0, r.stderr
     with_gallery = json.loads((tmp_path / "with" / "report.json").read_text())
@@ -94,8 +133,24 @@ def test_with_the_stored_gallery_the_old_image_tower_embeds_nothing(tiny, tmp_pa
 
 def test_report_recall_equals_a_recompute_from_xbt_embed_in_shuffled_batches(tiny, tmp_path):
     # Identical captions embedded in different batches differ by float noise; the tie rule keeps recall exact.
-    r = _xbt("upgrade", "--old", tiny["old"], "--new", tiny["new"], "--corpus", tiny["corpus"], "--pairs", tiny["pairs"],
-             "--eval", tiny["eval"], "--out", tmp_path / "run", "--method", "procrustes", state=tmp_path / "state")
+    r = _xbt(
+        "upgrade",
+        "--old",
+        tiny["old"],
+        "--new",
+        tiny["new"],
+        "--corpus",
+        tiny["corpus"],
+        "--pairs",
+        tiny["pairs"],
+        "--eval",
+        tiny["eval"],
+        "--out",
+        tmp_path / "run",
+        "--method",
+        "procrustes",
+        state=tmp_path / "state",
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     table = pq.read_table(tiny["eval"])
@@ -106,8 +161,20 @@ def test_report_recall_equals_a_recompute_from_xbt_embed_in_shuffled_batches(tin
 
     def embed(model, modality):
         out = tmp_path / f"{Path(str(model)).name}-{modality}.parquet"
-        res = _xbt("embed", "--model", model, "--input", shuffled, "--modality", modality, "--out", out,
-                   "--batch-size", "7", state=tmp_path / "state")
+        res = _xbt(
+            "embed",
+            "--model",
+            model,
+            "--input",
+            shuffled,
+            "--modality",
+            modality,
+            "--out",
+            out,
+            "--batch-size",
+            "7",
+            state=tmp_path / "state",
+        )
         assert res.returncode == 0, res.stderr
         emb = torch.tensor(pq.read_table(out).column("embedding").to_pylist())
         return emb[torch.argsort(torch.tensor(order))]  # back to the file's row order

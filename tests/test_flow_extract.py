@@ -27,8 +27,12 @@ def _reference(frames: list[list], min_chars=None, max_chars=None) -> list[str]:
 def corpus_dir(tmp_path):
     d = tmp_path / "corpus"
     d.mkdir()
-    pq.write_table(pa.table({"caption": pa.array(FILE_A, pa.string()), "n": list(range(len(FILE_A)))}), d / "a.parquet")
-    pq.write_table(pa.table({"caption": pa.array(FILE_B, pa.string()), "n": list(range(len(FILE_B)))}), d / "b.parquet")
+    pq.write_table(
+        pa.table({"caption": pa.array(FILE_A, pa.string()), "n": list(range(len(FILE_A)))}), d / "a.parquet"
+    )
+    pq.write_table(
+        pa.table({"caption": pa.array(FILE_B, pa.string()), "n": list(range(len(FILE_B)))}), d / "b.parquet"
+    )
     return d
 
 

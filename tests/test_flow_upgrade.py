@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import FAST
 from pydantic import ValidationError
 
-from conftest import FAST
 from xbtcore.data import InputError
 
 CONTRACT_KEYS = {"method", "old", "new", "recall", "gate", "counts", "timings_s"}
@@ -23,8 +23,17 @@ pytestmark = pytest.mark.slow
 def _params(tiny, out, **kw):
     from flows.upgrade import UpgradeParams
 
-    base = dict(old=tiny["old"], new=tiny["new"], corpus=tiny["corpus"], pairs=tiny["pairs"], eval=tiny["eval"],
-                out=str(out), progress=False, method="xbt", **FAST)
+    base = dict(
+        old=tiny["old"],
+        new=tiny["new"],
+        corpus=tiny["corpus"],
+        pairs=tiny["pairs"],
+        eval=tiny["eval"],
+        out=str(out),
+        progress=False,
+        method="xbt",
+        **FAST,
+    )
     return UpgradeParams(**{**base, **kw})
 
 
@@ -46,9 +55,9 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
     monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
     from flows.upgrade import upgrade
     from tasks.advice import next_steps
+    from xbtcore.bundle import load_compatible
     from xbtcore.data import read_pairs
     from xbtcore.encoders import DualEncoder
-    from xbtcore.bundle import load_compatible
     from xbtcore.pretrain import PretrainConfig
 
     out = tmp_path / "run"
@@ -66,9 +75,13 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
     corpus = [t for t in pq.read_table(tiny["corpus"]).column("caption").to_pylist() if t and t.strip()]
     ev = pq.read_table(tiny["eval"]).to_pydict()
     pair_images = len(set(pq.read_table(tiny["pairs"]).column("image_id").to_pylist()))
-    assert report["counts"] == {"corpus": len(set(corpus)), "pairs": pq.read_metadata(tiny["pairs"]).num_rows,
-                                "eval_images": len(set(ev["image_id"])), "eval_captions": len(ev["caption"]),
-                                "val_images": min(max(math.ceil(0.1 * pair_images), 500), pair_images // 2)}
+    assert report["counts"] == {
+        "corpus": len(set(corpus)),
+        "pairs": pq.read_metadata(tiny["pairs"]).num_rows,
+        "eval_images": len(set(ev["image_id"])),
+        "eval_captions": len(ev["caption"]),
+        "val_images": min(max(math.ceil(0.1 * pair_images), 500), pair_images // 2),
+    }
 
     # new/old t2i recomputed by brute force from the reloaded bundle and the old model.
     evalset = read_pairs(tiny["eval"])
@@ -84,7 +97,9 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
     for d in ("t2i", "i2t"):
         for k in ("1", "5", "10"):
             m = report["gate_margins"][d][k]
-            assert m["margin"] == pytest.approx(report["recall"][d]["new/old"][k] - report["recall"][d]["old/old"][k], abs=0.011)
+            assert m["margin"] == pytest.approx(
+                report["recall"][d]["new/old"][k] - report["recall"][d]["old/old"][k], abs=0.011
+            )
             assert m["low"] <= m["margin"] <= m["high"]
 
     assert report["promotion"]["promoted"] == report["gate"]["passed"]
@@ -241,14 +256,24 @@ def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, t
     # map is the one a first upgrade from the root fits. With "champion", the champion's compatible space:
     # its corpus was embedded by the champion bundle (a "-compat" cache entry of the corpus' size).
     from tasks.common import cache_dir
-    from xbtcore.data import read_pairs
     from xbtcore.bundle import load_compatible
+    from xbtcore.data import read_pairs
 
     from_root = upgrade(_params(tiny, tmp_path / "c-root", method="procrustes"))
-    towards_champion = upgrade(_params(tiny, tmp_path / "c-champion", old=champion, method="procrustes",
-                                       pretrain={**FAST["pretrain"], "chain_targets": "champion"}))
+    towards_champion = upgrade(
+        _params(
+            tiny,
+            tmp_path / "c-champion",
+            old=champion,
+            method="procrustes",
+            pretrain={**FAST["pretrain"], "chain_targets": "champion"},
+        )
+    )
     captions = read_pairs(tiny["eval"]).captions
-    maps = {run["bundle"]: load_compatible(run["bundle"])[0].embed_texts(captions) for run in (third, from_root, towards_champion)}
+    maps = {
+        run["bundle"]: load_compatible(run["bundle"])[0].embed_texts(captions)
+        for run in (third, from_root, towards_champion)
+    }
     torch.testing.assert_close(maps[third["bundle"]], maps[from_root["bundle"]])
     assert not torch.allclose(maps[towards_champion["bundle"]], maps[from_root["bundle"]], atol=1e-3)
     compat = [json.loads(m.read_text()) for m in cache_dir().glob("text-*-compat-*/manifest.json")]
@@ -265,14 +290,17 @@ def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, t
     assert fit == {"a": 0.0, "d": 0.0, "e": CHAIN_FIT_WEIGHT}
 
 
-@pytest.mark.parametrize("method, pretrain, needs", [
-    ("xbt", {"pair_weight": 0}, ["w_new", "w_old"]),
-    ("xbt", {"source": "image", "pair_weight": 0}, ["v_new_pairs", "v_old_pairs"]),
-    ("xbt", {"source": "text+image", "pair_weight": 0}, ["w_new", "w_old", "v_new_pairs", "v_old_pairs"]),
-    ("xbt", {"pair_weight": 1}, ["w_new", "w_old", "v_new_pairs", "w_new_pairs"]),
-    ("base", {"pair_weight": 1}, ["v_old_pairs", "w_old_pairs"]),
-    ("procrustes", {"source": "image"}, ["w_new", "w_old"]),
-])
+@pytest.mark.parametrize(
+    "method, pretrain, needs",
+    [
+        ("xbt", {"pair_weight": 0}, ["w_new", "w_old"]),
+        ("xbt", {"source": "image", "pair_weight": 0}, ["v_new_pairs", "v_old_pairs"]),
+        ("xbt", {"source": "text+image", "pair_weight": 0}, ["w_new", "w_old", "v_new_pairs", "v_old_pairs"]),
+        ("xbt", {"pair_weight": 1}, ["w_new", "w_old", "v_new_pairs", "w_new_pairs"]),
+        ("base", {"pair_weight": 1}, ["v_old_pairs", "w_old_pairs"]),
+        ("procrustes", {"source": "image"}, ["w_new", "w_old"]),
+    ],
+)
 def test_embed_step_computes_only_what_the_method_reads(tiny, tmp_path, method, pretrain, needs):
     from tasks.embed import embed_frozen, load_cached
     from xbtcore.config import Settings
@@ -285,8 +313,10 @@ def test_embed_step_computes_only_what_the_method_reads(tiny, tmp_path, method, 
     keys = embed_frozen.fn(needs, tiny["corpus"], tiny["pairs"], tiny["old"], tiny["new"], str(cache), progress=False)
     assert list(keys) == needs
     assert len(list(cache.rglob("manifest.json"))) == len(needs)  # nothing else was embedded
-    rows = {"w": pq.read_metadata(tiny["corpus"]).num_rows,  # the extract step's output in the flow; here the raw file
-            "v": len(set(pq.read_table(tiny["pairs"]).column("image_id").to_pylist()))}
+    rows = {
+        "w": pq.read_metadata(tiny["corpus"]).num_rows,  # the extract step's output in the flow; here the raw file
+        "v": len(set(pq.read_table(tiny["pairs"]).column("image_id").to_pylist())),
+    }
     for name in needs:
         n = pq.read_metadata(tiny["pairs"]).num_rows if name in ("w_old_pairs", "w_new_pairs") else rows[name[0]]
         assert load_cached(str(cache), keys[name]).shape[0] == n, name
@@ -294,14 +324,16 @@ def test_embed_step_computes_only_what_the_method_reads(tiny, tmp_path, method, 
         embed_frozen.fn(["v_old_pairs"], tiny["corpus"], None, tiny["old"], tiny["new"], str(cache), progress=False)
 
 
-@pytest.mark.parametrize("method", ["base", "lora-only", "full-tune", "lstsq", "slerp-bc", "xbt-gallery", "xbt-gallery-lora"])
+@pytest.mark.parametrize(
+    "method", ["base", "lora-only", "full-tune", "lstsq", "slerp-bc", "xbt-gallery", "xbt-gallery-lora"]
+)
 def test_every_method_upgrades_end_to_end_and_its_bundle_embeds(prefect_harness, tiny, tmp_path, method):
     # Each baseline through the whole flow, as `xbt upgrade --method M` runs it: Full-tune's bundle once
     # lacked its tokenizer, which only the evaluate step and `xbt embed` noticed.
     from flows.upgrade import upgrade
+    from xbtcore.bundle import load_compatible
     from xbtcore.data import read_pairs
     from xbtcore.encoders import DualEncoder
-    from xbtcore.bundle import load_compatible
 
     out = tmp_path / method
     report = upgrade(_params(tiny, out, method=method))
@@ -337,6 +369,8 @@ def test_reruns_never_serve_an_output_that_changed_since(prefect_harness, tiny, 
     upgrade(_params(tiny, **params))
     table = pq.read_table(corpus)
     reversed_text = [t[::-1] for t in table.column("caption").to_pylist()]
-    pq.write_table(table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(reversed_text)), corpus)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(reversed_text)), corpus
+    )
     edited = upgrade(_params(tiny, **params))
     assert all(edited["steps"][s] == "Completed" for s in ("embed-frozen", "fit-head", "train", "evaluate"))

@@ -24,9 +24,15 @@ EVIL = "a red <script>alert('x')</script> & a blue square"
 def _report(failures=()):
     recall = {d: {c: {k: 10.0 + i + int(k) for k in KS} for i, c in enumerate(CASES)} for d in ("t2i", "i2t")}
     gate = {"passed": not failures, "criterion": "eqn2", "ks": [1, 5, 10], "failures": [list(f) for f in failures]}
-    return {"method": "xbt", "old": "zoo/old", "new": "zoo/<new>", "recall": recall, "gate": gate,
-            "counts": {"corpus": 1234, "pairs": 50, "eval_images": 12, "eval_captions": 24},
-            "timings_s": {"extract": 1.0, "embed": 2.0, "pretrain": 3.0, "train": 150.0, "evaluate": 0.5}}
+    return {
+        "method": "xbt",
+        "old": "zoo/old",
+        "new": "zoo/<new>",
+        "recall": recall,
+        "gate": gate,
+        "counts": {"corpus": 1234, "pairs": 50, "eval_images": 12, "eval_captions": 24},
+        "timings_s": {"extract": 1.0, "embed": 2.0, "pretrain": 3.0, "train": 150.0, "evaluate": 0.5},
+    }
 
 
 def _sides(n_images=12, per_image=2, seed=0):
@@ -37,7 +43,10 @@ def _sides(n_images=12, per_image=2, seed=0):
         return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
 
     caption_image = torch.arange(n_images).repeat_interleave(per_image)
-    old, upgraded = Side(unit(n_images * per_image, 8), unit(n_images, 8)), Side(unit(n_images * per_image, 8), unit(n_images, 8))
+    old, upgraded = (
+        Side(unit(n_images * per_image, 8), unit(n_images, 8)),
+        Side(unit(n_images * per_image, 8), unit(n_images, 8)),
+    )
     orig = Side(unit(n_images * per_image, 6), unit(n_images, 6))
     return old, upgraded, orig, caption_image
 
@@ -52,10 +61,18 @@ def _examples(n_queries, k):
     def hit(i):
         return {"image": f"img-{i}", "score": 0.5, "is_gt": i == 0, "png": _png((i * 20, 0, 0))}
 
-    return [{"caption": EVIL if q == 0 else f"caption {q}", "gt_image": "img-0", "gt_png": _png((0, 0, 0)),
-             "rows": [{"label": "upgraded new model", "rank": 1, "hits": [hit(i) for i in range(k)]},
-                      {"label": "old model", "rank": 7, "hits": [hit(i + 1) for i in range(k)]}]}
-            for q in range(n_queries)]
+    return [
+        {
+            "caption": EVIL if q == 0 else f"caption {q}",
+            "gt_image": "img-0",
+            "gt_png": _png((0, 0, 0)),
+            "rows": [
+                {"label": "upgraded new model", "rank": 1, "hits": [hit(i) for i in range(k)]},
+                {"label": "old model", "rank": 7, "hits": [hit(i + 1) for i in range(k)]},
+            ],
+        }
+        for q in range(n_queries)
+    ]
 
 
 def test_report_sample_matches_brute_force():
@@ -65,7 +82,9 @@ def test_report_sample_matches_brute_force():
     assert len(set(s["map_images"].tolist())) == 5
     assert (caption_image[s["map_captions"]] == s["map_images"]).all()
     assert (s["map_captions"] == s["map_images"] * 2).all()  # the first of the two captions
-    assert torch.equal(s["w_bar"], upgraded.text[s["map_captions"]]) and torch.equal(s["v_new"], orig.image[s["map_images"]])
+    assert torch.equal(s["w_bar"], upgraded.text[s["map_captions"]]) and torch.equal(
+        s["v_new"], orig.image[s["map_images"]]
+    )
     # Examples: top-k and the own image's rank, by sorting every score.
     for name, side in (("new", upgraded), ("old", old)):
         for q, c in enumerate(s["query_captions"].tolist()):
@@ -93,8 +112,13 @@ def test_render_has_every_section_and_escapes_what_it_shows():
     page = render_report(report, map_panels(sample), _examples(3, 5), n_map_points=7)
 
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    for title in ("Recall per case and K", "Embedding map", "A. old embedding space", "B. original new embedding space",
-                  "Retrieval examples"):
+    for title in (
+        "Recall per case and K",
+        "Embedding map",
+        "A. old embedding space",
+        "B. original new embedding space",
+        "Retrieval examples",
+    ):
         assert title in page
     assert "gate failed" in page
     assert "t2i R@5: new/old 12.0 &le; old/old 13.5" in page and "i2t R@1: new/old 9.0 &le; old/old 9.5" in page
@@ -120,12 +144,21 @@ def test_render_without_sample_or_failures():
 def test_gate_margins_row_under_each_recall_table():
     report = _report()
     assert "interval of &Delta;" not in render_report(report)  # older reports have no margins
-    margins = {"n_boot": 2000, "level": 0.95, "unit": "eval image",
-               **{d: {k: {"margin": 1.0, "low": -0.25 - i, "high": 2.5, "p_better": 0.9} for i, k in enumerate(("1", "5", "10"))}
-                  for d in ("t2i", "i2t")}}
+    margins = {
+        "n_boot": 2000,
+        "level": 0.95,
+        "unit": "eval image",
+        **{
+            d: {
+                k: {"margin": 1.0, "low": -0.25 - i, "high": 2.5, "p_better": 0.9}
+                for i, k in enumerate(("1", "5", "10"))
+            }
+            for d in ("t2i", "i2t")
+        },
+    }
     page = render_report({**report, "gate_margins": margins})
     assert page.count("95% interval of &Delta;") == 2
-    assert page.count("<td class=\"muted\">-1.25..+2.50</td>") == 2  # R@5 of each direction
+    assert page.count('<td class="muted">-1.25..+2.50</td>') == 2  # R@5 of each direction
     assert page.count("<td></td>") == 2  # R@50 is not a gate check: no interval
 
 
@@ -134,26 +167,37 @@ def test_write_report_task(tmp_path):
 
     n_images = 12
     captions = [EVIL if c == 0 else f"caption {c}" for c in range(2 * n_images)]
-    table = pa.table({"image": [_png((10 * (c // 2), 50, 90)) for c in range(2 * n_images)], "caption": captions,
-                      "image_id": [f"im{c // 2}" for c in range(2 * n_images)]})
+    table = pa.table(
+        {
+            "image": [_png((10 * (c // 2), 50, 90)) for c in range(2 * n_images)],
+            "caption": captions,
+            "image_id": [f"im{c // 2}" for c in range(2 * n_images)],
+        }
+    )
     pq.write_table(table, tmp_path / "eval.parquet")
     old, upgraded, orig, caption_image = _sides(n_images)
     sample = report_sample(old, upgraded, orig, caption_image, n_map=6, n_queries=4, k=5)
     save_file(sample, tmp_path / "sample.safetensors")
-    written = write_report.fn(_report(), str(tmp_path / "eval.parquet"), str(tmp_path / "sample.safetensors"),
-                              str(tmp_path / "out"))
+    written = write_report.fn(
+        _report(), str(tmp_path / "eval.parquet"), str(tmp_path / "sample.safetensors"), str(tmp_path / "out")
+    )
     assert json.loads(Path(written["json"]).read_text()) == _report()
     page = Path(written["html"]).read_text(encoding="utf-8")
     assert page.count('<img class="thumb') == 4 * (1 + 2 * 5)
     for q, c in enumerate(sample["query_captions"].tolist()):
         assert f"own image: im{c // 2}<" in page
     # The examples show the images by id, and the same thumbnails the task made from the Parquet bytes.
-    ex = examples_of(sample, captions, [f"im{i}" for i in range(n_images)],
-                     lambda i: Image.open(io.BytesIO(table["image"][2 * i].as_py())))
+    ex = examples_of(
+        sample,
+        captions,
+        [f"im{i}" for i in range(n_images)],
+        lambda i: Image.open(io.BytesIO(table["image"][2 * i].as_py())),
+    )
     assert [h["image"] for h in ex[0]["rows"][0]["hits"]] == [f"im{i}" for i in sample["top_new"][0].tolist()]
 
-    no_sample = write_report.fn(_report(), str(tmp_path / "eval.parquet"), str(tmp_path / "missing.safetensors"),
-                                str(tmp_path / "bare"))
+    no_sample = write_report.fn(
+        _report(), str(tmp_path / "eval.parquet"), str(tmp_path / "missing.safetensors"), str(tmp_path / "bare")
+    )
     assert "the map is not available" in Path(no_sample["html"]).read_text(encoding="utf-8")
 
 
@@ -178,18 +222,46 @@ def test_the_candidates_auto_ran_and_the_one_it_kept_are_shown():
     def margins(m, low):
         return {d: {k: {"margin": m, "low": low, "high": m + 1} for k in ("1", "5", "10")} for d in ("t2i", "i2t")}
 
-    report = {**_report(), "method": "xbt-gallery",
-              "timings_s": {"extract": 1.0, "train": 2.0, "total": 10.0},
-              "chosen": {"method": "xbt-gallery", "reason": "the cheapest candidate that passes <clearly>"},
-              "candidates": [
-                  {"method": "procrustes", "cost": 0, "eligible": True, "ran": True, "seconds": 1.5,
-                   "margins": margins(-3.0, -4.0)},
-                  {"method": "slerp-bc", "cost": 0, "eligible": False, "ran": True, "seconds": 2.0,
-                   "margins": margins(1.0, 0.5)},
-                  {"method": "xbt-gallery", "cost": 1, "eligible": True, "ran": True, "seconds": 30.0,
-                   "margins": margins(4.0, 2.0)},
-                  {"method": "xbt", "cost": 2, "eligible": True, "ran": False, "why": "a cheaper candidate passed",
-                   "margins": None}]}
+    report = {
+        **_report(),
+        "method": "xbt-gallery",
+        "timings_s": {"extract": 1.0, "train": 2.0, "total": 10.0},
+        "chosen": {"method": "xbt-gallery", "reason": "the cheapest candidate that passes <clearly>"},
+        "candidates": [
+            {
+                "method": "procrustes",
+                "cost": 0,
+                "eligible": True,
+                "ran": True,
+                "seconds": 1.5,
+                "margins": margins(-3.0, -4.0),
+            },
+            {
+                "method": "slerp-bc",
+                "cost": 0,
+                "eligible": False,
+                "ran": True,
+                "seconds": 2.0,
+                "margins": margins(1.0, 0.5),
+            },
+            {
+                "method": "xbt-gallery",
+                "cost": 1,
+                "eligible": True,
+                "ran": True,
+                "seconds": 30.0,
+                "margins": margins(4.0, 2.0),
+            },
+            {
+                "method": "xbt",
+                "cost": 2,
+                "eligible": True,
+                "ran": False,
+                "why": "a cheaper candidate passed",
+                "margins": None,
+            },
+        ],
+    }
     page = render_report(report)
     assert "Candidates, on the validation pairs" in page and "<b>xbt-gallery</b> (kept)" in page
     assert "not run: a cheaper candidate passed" in page and "not eligible" in page

@@ -18,11 +18,15 @@ def sides():
     """An old model and a slightly better upgrade: 120 images, 1 to 4 captions each."""
     g = torch.Generator().manual_seed(0)
     n_images, dim = 120, 16
-    caption_image = torch.repeat_interleave(torch.arange(n_images), torch.tensor([1, 4, 2, 3])[torch.arange(n_images) % 4])
+    caption_image = torch.repeat_interleave(
+        torch.arange(n_images), torch.tensor([1, 4, 2, 3])[torch.arange(n_images) % 4]
+    )
     image = unit(torch.randn(n_images, dim, generator=g))
     old = Side(text=unit(image[caption_image] + 0.9 * torch.randn(len(caption_image), dim, generator=g)), image=image)
-    new = Side(text=unit(image[caption_image] + 0.8 * torch.randn(len(caption_image), dim, generator=g)),
-               image=unit(image + 0.5 * torch.randn(n_images, dim, generator=g)))
+    new = Side(
+        text=unit(image[caption_image] + 0.8 * torch.randn(len(caption_image), dim, generator=g)),
+        image=unit(image + 0.5 * torch.randn(n_images, dim, generator=g)),
+    )
     return new, old, caption_image
 
 
@@ -56,8 +60,10 @@ def test_interval_is_the_paired_image_bootstrap(sides):
     t2i_new, _ = _reference_ranks(new.text, old.image, caption_image)
     t2i_old, i2t_old = _reference_ranks(old.text, old.image, caption_image)
     _, i2t_new = _reference_ranks(old.text, new.image, caption_image)
-    for d, r_new, r_old, owner in (("t2i", t2i_new, t2i_old, caption_image),
-                                   ("i2t", i2t_new, i2t_old, torch.arange(n_images))):
+    for d, r_new, r_old, owner in (
+        ("t2i", t2i_new, t2i_old, caption_image),
+        ("i2t", i2t_new, i2t_old, torch.arange(n_images)),
+    ):
         boot = []
         for draw in draws.tolist():
             q = torch.cat([torch.nonzero(owner == i).flatten() for i in draw])  # every query of every drawn image
@@ -72,7 +78,11 @@ def test_interval_is_the_paired_image_bootstrap(sides):
 def test_same_model_has_a_zero_margin_and_a_clear_win_is_certain(sides):
     new, old, caption_image = sides
     same = gate_margins(old, old, caption_image, n_boot=50)
-    assert all(v == {"margin": 0.0, "low": 0.0, "high": 0.0, "p_better": 0.0} for d in ("t2i", "i2t") for v in same[d].values())
+    assert all(
+        v == {"margin": 0.0, "low": 0.0, "high": 0.0, "p_better": 0.0}
+        for d in ("t2i", "i2t")
+        for v in same[d].values()
+    )
     # perfect queries: each caption is its own image, each image the mean of its captions
     perfect_images = unit(torch.zeros_like(old.image).index_add_(0, caption_image, old.text))
     perfect = Side(text=old.image[caption_image], image=perfect_images)

@@ -78,8 +78,9 @@ def test_procrustes_recovers_a_rotation():
 
 
 def _candidate(method, margin, low, gap=0.0, eligible=True):
-    margins = {d: {k: {"margin": margin, "low": low, "high": margin + 1} for k in ("1", "5", "10")}
-               for d in ("t2i", "i2t")}
+    margins = {
+        d: {k: {"margin": margin, "low": low, "high": margin + 1} for k in ("1", "5", "10")} for d in ("t2i", "i2t")
+    }
     recall = {d: {"new/new": {"1": 50.0 - gap}, "orig-new/new": {"1": 50.0}} for d in ("t2i", "i2t")}
     return {"method": method, "eligible": eligible, "margins": margins, "recall": recall}
 
@@ -87,9 +88,13 @@ def _candidate(method, margin, low, gap=0.0, eligible=True):
 def test_auto_keeps_the_cheapest_candidate_that_passes_clearly_and_keeps_new_new():
     from xbtcore.methods.select import choose
 
-    cands = [_candidate("procrustes", -2.0, -3.0), _candidate("slerp-bc", 5.0, 3.0, eligible=False),
-             _candidate("xbt-gallery", 3.0, 0.5, gap=1.6), _candidate("xbt", 2.0, 0.2, gap=0.4),
-             _candidate("base", 6.0, 4.0)]
+    cands = [
+        _candidate("procrustes", -2.0, -3.0),
+        _candidate("slerp-bc", 5.0, 3.0, eligible=False),
+        _candidate("xbt-gallery", 3.0, 0.5, gap=1.6),
+        _candidate("xbt", 2.0, 0.2, gap=0.4),
+        _candidate("base", 6.0, 4.0),
+    ]
     # slerp-bc is not eligible, xbt-gallery loses 1.6 points of new/new: xbt is the cheapest that qualifies
     got = choose(cands)
     assert got["method"] == "xbt" and "0.40 under" in got["reason"]
@@ -99,5 +104,9 @@ def test_auto_keeps_the_cheapest_candidate_that_passes_clearly_and_keeps_new_new
     assert got["method"] == "xbt" and got["reason"].startswith("no candidate passed")
     # Not run (margins None) and not eligible never count
     with pytest.raises(ValueError, match="no eligible candidate ran"):
-        choose([{**_candidate("slerp-bc", 5.0, 3.0, eligible=False)}, {"method": "xbt", "eligible": True,
-                                                                        "margins": None, "recall": None}])
+        choose(
+            [
+                {**_candidate("slerp-bc", 5.0, 3.0, eligible=False)},
+                {"method": "xbt", "eligible": True, "margins": None, "recall": None},
+            ]
+        )

@@ -23,13 +23,21 @@ def _report(tmp_path: Path, tag: str, passed: bool):
     bundle.mkdir(parents=True)
     (bundle / "xbt_bundle.json").write_text(json.dumps({"tag": tag}))
     (bundle / "phi.safetensors").write_bytes(tag.encode() * 10)
-    recall = {d: {c: {k: 10.0 for k in KS} for c in ("old/old", "new/old", "new/new", "orig-new/new")}
-              for d in ("t2i", "i2t")}
+    recall = {
+        d: {c: {k: 10.0 for k in KS} for c in ("old/old", "new/old", "new/new", "orig-new/new")}
+        for d in ("t2i", "i2t")
+    }
     failures = [] if passed else [["t2i", 1, 9.0, 10.0]]
     gate = {"passed": passed, "criterion": "eqn2", "ks": [1, 5, 10], "failures": failures}
-    report = {"method": "xbt", "old": "/m/old", "new": f"/m/{tag}", "recall": recall, "gate": gate,
-              "counts": {"corpus": 1, "pairs": 1, "eval_images": 1, "eval_captions": 1},
-              "timings_s": {"extract": 0.1, "embed": 0.1, "pretrain": 0.1, "train": 0.1, "evaluate": 0.1}}
+    report = {
+        "method": "xbt",
+        "old": "/m/old",
+        "new": f"/m/{tag}",
+        "recall": recall,
+        "gate": gate,
+        "counts": {"corpus": 1, "pairs": 1, "eval_images": 1, "eval_captions": 1},
+        "timings_s": {"extract": 0.1, "embed": 0.1, "pretrain": 0.1, "train": 0.1, "evaluate": 0.1},
+    }
     path = tmp_path / tag / "report.json"
     path.write_text(json.dumps(report))
     verdict = {"eqn2": gate, "passed": passed}
@@ -114,7 +122,10 @@ def test_models_uri_resolves_to_a_local_bundle(mlflow_store):
         registry.resolve_ref(f"models:/{first['name']}@nope")
     assert registry.resolve_ref("/some/dir") == "/some/dir"
     # What gets recorded: the version the alias stood at, not the alias that moves on.
-    assert registry.pinned_ref(f"models:/{first['name']}@champion", local) == f"models:/{first['name']}/{first['version']}"
+    assert (
+        registry.pinned_ref(f"models:/{first['name']}@champion", local)
+        == f"models:/{first['name']}/{first['version']}"
+    )
     assert registry.pinned_ref("/some/dir", "/some/dir") == "/some/dir"
 
 

@@ -57,7 +57,9 @@ def test_pretraining_learns_a_hidden_map():
     phi = Phi(PhiConfig(24, 16))
     with torch.no_grad():
         before = (phi(w_new) @ w_old.T).argmax(1).eq(torch.arange(4096)).float().mean()
-    hist = text_only_pretrain(phi, w_new, w_old, PretrainConfig(sigma=0.05, batch_size=512, lr=1e-3, epochs=8, pair_weight=0.0))
+    hist = text_only_pretrain(
+        phi, w_new, w_old, PretrainConfig(sigma=0.05, batch_size=512, lr=1e-3, epochs=8, pair_weight=0.0)
+    )
     with torch.no_grad():
         after = (phi(w_new) @ w_old.T).argmax(1).eq(torch.arange(4096)).float().mean()
     assert hist[-1]["loss"] < hist[0]["loss"] * 0.7
@@ -160,7 +162,9 @@ def test_pretraining_rows_per_source():
 
     text = (torch.full((5, 4), 1.0), torch.full((5, 3), 2.0))
     image = (torch.full((2, 4), 3.0), torch.full((2, 3), 4.0))
-    assert PretrainConfig().source == "text" and not PretrainConfig().uses_images  # the corpus texts by default, as the paper
+    assert (
+        PretrainConfig().source == "text" and not PretrainConfig().uses_images
+    )  # the corpus texts by default, as the paper
     a, b = pretraining_rows("text", text=text, image=image)
     assert a.equal(text[0]) and b.equal(text[1])
     a, b = pretraining_rows("image", image=image)
@@ -182,7 +186,9 @@ def test_pretraining_stops_itself_on_a_nan_loss():
     w_new[5] = float("nan")
     w_old = F.normalize(torch.randn(64, 4), dim=-1)
     with pytest.raises(DivergedError, match="pretrain loss became nan at step 1"):
-        text_only_pretrain(Phi(PhiConfig(8, 4)), w_new, w_old, PretrainConfig(batch_size=64, epochs=1, pair_weight=0.0))
+        text_only_pretrain(
+            Phi(PhiConfig(8, 4)), w_new, w_old, PretrainConfig(batch_size=64, epochs=1, pair_weight=0.0)
+        )
 
 
 def test_default_passes_keep_a_small_corpus_at_min_steps():

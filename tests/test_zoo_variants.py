@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from worlds import shapes
-from xbtcore.encoders import DualEncoder
 from worlds.tinyclip import TinyClipSpec, build_clip
+from xbtcore.encoders import DualEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "zoo"

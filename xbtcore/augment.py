@@ -17,7 +17,9 @@ from PIL import Image, ImageEnhance
 @dataclass(frozen=True)
 class AugmentConfig:
     enabled: bool = True
-    crop_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata={"help": "area range of the random resized crop"})
+    crop_scale: tuple[float, float] = field(
+        default=(0.5, 1.0), metadata={"help": "area range of the random resized crop"}
+    )
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip_p: float = field(default=0.5, metadata={"help": "probability of a horizontal flip"})
     jitter: float = field(default=0.2, metadata={"help": "max relative change of contrast, brightness, sharpness"})

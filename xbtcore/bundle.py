@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .adapters import add_vision_prompts, find_prompts
@@ -55,7 +54,9 @@ def is_bundle(ref: str | os.PathLike) -> bool:
     return (Path(ref) / BUNDLE_FILE).is_file()
 
 
-def save_bundle(out_dir: str | Path, encoder, phi: torch.nn.Module, meta: BundleMeta, full_weights: bool = False) -> Path:
+def save_bundle(
+    out_dir: str | Path, encoder, phi: torch.nn.Module, meta: BundleMeta, full_weights: bool = False
+) -> Path:
     """Write to a sibling temp folder, then rename: no half-written bundle looks finished.
     `phi` is the head (a key of phi.HEADS); meta.head and meta.phi are set from it. full_weights:
     every encoder weight was trained, so the bundle carries the whole checkpoint."""
@@ -120,9 +121,13 @@ def read_meta(bundle_dir: str | Path) -> BundleMeta:
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable xbt bundle ({e}); pass the DIR/bundle folder written by `xbt upgrade`") from e
+        raise ValueError(
+            f"{path}: not a readable xbt bundle ({e}); pass the DIR/bundle folder written by `xbt upgrade`"
+        ) from e
     if raw.get("version") not in READS_VERSIONS:
-        raise ValueError(f"{path}: bundle version {raw.get('version')} is not supported (this xbt reads {READS_VERSIONS})")
+        raise ValueError(
+            f"{path}: bundle version {raw.get('version')} is not supported (this xbt reads {READS_VERSIONS})"
+        )
     if "head" not in raw:
         keys = load_file(Path(bundle_dir) / "phi.safetensors").keys()
         raw["head"] = "linear" if set(keys) == {"weight"} else "phi"

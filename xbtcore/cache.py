@@ -62,7 +62,10 @@ def fingerprint_model(ref: str, with_mtime: bool = False) -> str:
         for f in sorted(p.rglob("*")):
             if f.is_file() and f.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}:
                 st = f.stat()
-                h.update(f"{f.relative_to(p)}|{st.st_size}".encode() + (f"|{st.st_mtime_ns}".encode() if with_mtime else b""))
+                h.update(
+                    f"{f.relative_to(p)}|{st.st_size}".encode()
+                    + (f"|{st.st_mtime_ns}".encode() if with_mtime else b"")
+                )
                 with f.open("rb") as fh:
                     h.update(fh.read(1 << 20))
                     if st.st_size > 2 << 20:
@@ -109,12 +112,22 @@ class EmbeddingCache:
         d.mkdir(parents=True, exist_ok=True)
         manifest = d / "manifest.json"
         n_shards = max(1, -(-n_rows // shard_rows))
-        info = {"model": model_fp, "data": data_fp, "modality": modality, "rows": n_rows,
-                "shard_rows": shard_rows, "shards": n_shards, "complete": False, **(meta or {})}
+        info = {
+            "model": model_fp,
+            "data": data_fp,
+            "modality": modality,
+            "rows": n_rows,
+            "shard_rows": shard_rows,
+            "shards": n_shards,
+            "complete": False,
+            **(meta or {}),
+        }
         if manifest.exists():
             old = json.loads(manifest.read_text())
             if old.get("rows") != n_rows or old.get("shard_rows") != shard_rows:
-                raise RuntimeError(f"cache entry {d} has {old.get('rows')} rows, expected {n_rows}: delete it and rerun")
+                raise RuntimeError(
+                    f"cache entry {d} has {old.get('rows')} rows, expected {n_rows}: delete it and rerun"
+                )
         else:
             _atomic_write_text(manifest, json.dumps(info, indent=2))
 
@@ -157,10 +170,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def cache_model_key(encoder) -> str:
     """The cache's model key: a compatible encoder (a bundle's, `compatible=True`) embeds into the
     old space, so it is keyed apart from its base model."""
-    return fingerprint_model(encoder.ref, with_mtime=True) + ("-compat" if getattr(encoder, "compatible", False) else "")
+    return fingerprint_model(encoder.ref, with_mtime=True) + (
+        "-compat" if getattr(encoder, "compatible", False) else ""
+    )
 
 
-def cached_text_embeddings(cache: EmbeddingCache, encoder, texts: list[str], progress=False, stats=None, batch_size=512):
+def cached_text_embeddings(
+    cache: EmbeddingCache, encoder, texts: list[str], progress=False, stats=None, batch_size=512
+):
     """(N, D) embeddings of `texts` by a frozen encoder, through the cache."""
     return cache.get_or_compute(
         cache_model_key(encoder),
@@ -210,6 +227,13 @@ def cached_old_image_embeddings(cache: EmbeddingCache, encoder, pairs, gallery=N
         return assembled[0][a:b]
 
     key = f"{cache_model_key(encoder)}-gallery-{gallery.fingerprint}"
-    emb = cache.get_or_compute(key, fingerprint_items(pairs.images), "image", pairs.n_images, assemble,
-                               meta={"model_ref": encoder.ref, "gallery": gallery.path}, stats=stats)
+    emb = cache.get_or_compute(
+        key,
+        fingerprint_items(pairs.images),
+        "image",
+        pairs.n_images,
+        assemble,
+        meta={"model_ref": encoder.ref, "gallery": gallery.path},
+        stats=stats,
+    )
     return emb, len(positions)

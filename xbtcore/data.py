@@ -70,7 +70,9 @@ def parquet_files(path) -> list[Path]:
     if p.is_dir():
         files = sorted(f for f in p.glob("*.parquet") if f.is_file())
         if not files:
-            raise InputError(p, "folder holds no *.parquet file", "point at a Parquet file, a folder of them or a glob")
+            raise InputError(
+                p, "folder holds no *.parquet file", "point at a Parquet file, a folder of them or a glob"
+            )
         return files
     if p.is_file():
         return [p]
@@ -86,16 +88,22 @@ def _read_table(file: Path, columns: list[str] | None = None) -> pa.Table:
     try:
         return pq.read_table(file, columns=columns)
     except (pa.ArrowException, OSError) as e:
-        raise InputError(file, f"not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                         "pass a Parquet file (e.g. written by pyarrow or pandas.to_parquet)") from e
+        raise InputError(
+            file,
+            f"not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+            "pass a Parquet file (e.g. written by pyarrow or pandas.to_parquet)",
+        ) from e
 
 
 def _schema(file: Path) -> pa.Schema:
     try:
         return pq.read_schema(file)
     except (pa.ArrowException, OSError) as e:
-        raise InputError(file, f"not a readable Parquet file ({type(e).__name__})",
-                         "pass a Parquet file (e.g. written by pyarrow or pandas.to_parquet)") from e
+        raise InputError(
+            file,
+            f"not a readable Parquet file ({type(e).__name__})",
+            "pass a Parquet file (e.g. written by pyarrow or pandas.to_parquet)",
+        ) from e
 
 
 def _missing_column(file: Path, wanted: str, schema: pa.Schema, fix: str) -> InputError:
@@ -161,8 +169,13 @@ class PairSet:
         new_index = torch.full((self.n_images,), -1, dtype=torch.long)
         new_index[keep] = torch.arange(len(keep))
         rows = (new_index[self.caption_image] >= 0).nonzero().flatten()  # (r,) caption rows kept
-        return PairSet([self.images[i] for i in keep.tolist()], [self.captions[r] for r in rows.tolist()],
-                       new_index[self.caption_image[rows]], [self.image_ids[i] for i in keep.tolist()], self.source)
+        return PairSet(
+            [self.images[i] for i in keep.tolist()],
+            [self.captions[r] for r in rows.tolist()],
+            new_index[self.caption_image[rows]],
+            [self.image_ids[i] for i in keep.tolist()],
+            self.source,
+        )
 
 
 @dataclass(frozen=True)
@@ -243,19 +256,26 @@ def _read_pairs_file(file: Path):
 
     for name, ok in [("caption", is_text_type), (image_col, _is_bytes if image_col == "image" else is_text_type)]:
         if not ok(table.schema.field(name).type):
-            raise InputError(file, f"has type {table.schema.field(name).type}",
-                             "store captions and image paths as strings and images as binary", column=name)
+            raise InputError(
+                file,
+                f"has type {table.schema.field(name).type}",
+                "store captions and image paths as strings and images as binary",
+                column=name,
+            )
 
     captions = table.column("caption").to_pylist()
     blank = [r for r, c in enumerate(captions) if c is None or not c.strip()]
     if blank:
-        raise InputError(file, "null or blank captions", "drop those rows or fill in their captions",
-                         column="caption", rows=blank)
+        raise InputError(
+            file, "null or blank captions", "drop those rows or fill in their captions", column="caption", rows=blank
+        )
 
     sources = table.column(image_col).to_pylist()
     missing = [r for r, s in enumerate(sources) if s is None or (image_col == "image_path" and not s.strip())]
     if missing:
-        raise InputError(file, "null images", "drop those rows or fill in their images", column=image_col, rows=missing)
+        raise InputError(
+            file, "null images", "drop those rows or fill in their images", column=image_col, rows=missing
+        )
     if image_col == "image_path":
         folder = file.absolute().parent
         sources = [os.path.normpath(folder / Path(s).expanduser()) for s in sources]  # an absolute s replaces folder
@@ -264,11 +284,18 @@ def _read_pairs_file(file: Path):
     if "image_id" in table.column_names:
         id_col = table.column("image_id")
         if not (is_text_type(id_col.type) or pa.types.is_integer(_values(id_col.type))):
-            raise InputError(file, f"has type {id_col.type}", "store image ids as strings or integers", column="image_id")
+            raise InputError(
+                file, f"has type {id_col.type}", "store image ids as strings or integers", column="image_id"
+            )
         null_ids = _null_rows(id_col)
         if null_ids:
-            raise InputError(file, "null image ids", "give every row an image_id (or drop the column)",
-                             column="image_id", rows=null_ids)
+            raise InputError(
+                file,
+                "null image ids",
+                "give every row an image_id (or drop the column)",
+                column="image_id",
+                rows=null_ids,
+            )
         ids = id_col.to_pylist()
     return captions, sources, ids, image_col
 
@@ -304,11 +331,17 @@ def read_pairs(path) -> PairSet:
         if conflicts:
             # A row whose image is broken also differs from the rest of its group: name it as broken, not as
             # another image (the group's first row counts too, wherever it appeared).
-            _raise_image_problems([first_row[i] + (images[i],) for _, i in conflicts]
-                                  + [(file, r, image_col, sources[r]) for r, _ in conflicts])
-            raise InputError(file, "rows share an image_id but not the same image",
-                             "give different images different image_ids", column="image_id",
-                             rows=[r for r, _ in conflicts])
+            _raise_image_problems(
+                [first_row[i] + (images[i],) for _, i in conflicts]
+                + [(file, r, image_col, sources[r]) for r, _ in conflicts]
+            )
+            raise InputError(
+                file,
+                "rows share an image_id but not the same image",
+                "give different images different image_ids",
+                column="image_id",
+                rows=[r for r, _ in conflicts],
+            )
         offset += len(caps)
     if not captions:
         raise InputError(path, "no rows", "pass a non-empty input")
@@ -329,8 +362,13 @@ def _raise_image_problems(places: list[tuple]) -> None:
             undecodable.setdefault((file, col), []).append(r)
     if missing:
         file, rows = next(iter(missing.items()))
-        raise InputError(file, "image files do not exist", "fix the paths (relative ones are relative to the Parquet "
-                         "file's folder)", column="image_path", rows=sorted(set(rows)))
+        raise InputError(
+            file,
+            "image files do not exist",
+            "fix the paths (relative ones are relative to the Parquet file's folder)",
+            column="image_path",
+            rows=sorted(set(rows)),
+        )
     if undecodable:
         (file, col), rows = next(iter(undecodable.items()))
         raise InputError(file, "images do not decode", "store PNG or JPEG images", column=col, rows=sorted(set(rows)))
@@ -353,26 +391,34 @@ def read_gallery(path) -> tuple[list, torch.Tensor]:
         table = _read_table(file, ["embedding"] + ([id_col] if id_col else []))
         column = table.column("embedding")
         kind = column.type
-        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) \
-                or not pa.types.is_floating(kind.value_type):
+        if not (
+            pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+        ) or not pa.types.is_floating(kind.value_type):
             raise InputError(file, f"has type {kind}", "store embeddings as list<float32>", column="embedding")
         start = 0
         for chunk in column.chunks:  # chunk by chunk: one list array holds under 2**31 values
             nulls = _null_rows(chunk)
             if nulls:
-                raise InputError(file, "null embeddings", "drop those rows", column="embedding",
-                                 rows=[start + r for r in nulls])
+                raise InputError(
+                    file, "null embeddings", "drop those rows", column="embedding", rows=[start + r for r in nulls]
+                )
             lengths = pc.list_value_length(chunk).to_numpy(zero_copy_only=False)
             if len(chunk):
                 dim = int(lengths[0]) if dim is None else dim
                 ragged = np.flatnonzero(lengths != dim)
                 if len(ragged):
-                    raise InputError(file, f"embeddings of different lengths (expected {dim})",
-                                     "write every embedding with the same model", column="embedding",
-                                     rows=(start + ragged).tolist())
+                    raise InputError(
+                        file,
+                        f"embeddings of different lengths (expected {dim})",
+                        "write every embedding with the same model",
+                        column="embedding",
+                        rows=(start + ragged).tolist(),
+                    )
                 values = pc.list_flatten(chunk)
                 if values.null_count:
-                    raise InputError(file, "null values inside embeddings", "write complete embeddings", column="embedding")
+                    raise InputError(
+                        file, "null values inside embeddings", "write complete embeddings", column="embedding"
+                    )
                 blocks.append(values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(chunk), dim))
             start += len(chunk)
         ids += table.column(id_col).to_pylist() if id_col else list(range(len(ids), len(ids) + table.num_rows))
@@ -395,8 +441,12 @@ class Gallery:
             names = _schema(file).names
             if "embedding" not in names or "id" not in names:
                 missing = "'embedding'" if "embedding" not in names else "'id'"
-                raise _missing_column(file, missing, _schema(file),
-                                      "pass a gallery written by `xbt embed` from an input with image_id or id")
+                raise _missing_column(
+                    file,
+                    missing,
+                    _schema(file),
+                    "pass a gallery written by `xbt embed` from an input with image_id or id",
+                )
 
     def ids(self) -> list[str]:
         return [str(i) for f in self.files for i in _read_table(f, ["id"]).column("id").to_pylist()]
@@ -438,7 +488,8 @@ def write_embeddings_parquet(path, embeddings, rows=None, ids=None) -> Path:
     Normalising is the caller's job (CONTRACT: `xbt embed` writes L2-normalised).
     """
     emb = np.ascontiguousarray(
-        embeddings.detach().cpu().float().numpy() if isinstance(embeddings, torch.Tensor) else embeddings, dtype=np.float32
+        embeddings.detach().cpu().float().numpy() if isinstance(embeddings, torch.Tensor) else embeddings,
+        dtype=np.float32,
     )
     assert emb.ndim == 2, f"embeddings must be (N, D), got shape {emb.shape}"
     n, d = emb.shape

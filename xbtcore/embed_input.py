@@ -22,8 +22,11 @@ def read_texts(path, column: str = "caption") -> list[str]:
         schema = _schema(file)
         if column not in schema.names:
             images = {"image", "image_path"} & set(schema.names)
-            fix = ("it holds images: embed them with --modality image" if images
-                   else "name the text column with --text-column NAME")
+            fix = (
+                "it holds images: embed them with --modality image"
+                if images
+                else "name the text column with --text-column NAME"
+            )
             raise InputError(file, f"missing column '{column}'; the file has columns {schema.names}", fix)
         col = _read_table(file, [column]).column(column)
         if not is_text_type(col.type):
@@ -55,13 +58,17 @@ def read_images(path) -> PairSet:
         values = col.to_pylist()
         nulls = [r for r, v in enumerate(values) if v is None or v == ""]
         if nulls:
-            raise InputError(file, "null images", "drop those rows or fill in their images", column=col_name, rows=nulls)
+            raise InputError(
+                file, "null images", "drop those rows or fill in their images", column=col_name, rows=nulls
+            )
         if col_name == "image_path":
             folder = file.absolute().parent
             values = [os.path.normpath(folder / Path(v).expanduser()) for v in values]
         bad = [r for r, v in enumerate(values) if not _check_decodes(v)]
         if bad:
-            raise InputError(file, "images do not decode or do not exist", "store PNG or JPEG images", column=col_name, rows=bad)
+            raise InputError(
+                file, "images do not decode or do not exist", "store PNG or JPEG images", column=col_name, rows=bad
+            )
         images += values
     if not images:
         raise InputError(path, "no rows", "pass a non-empty input")
@@ -80,7 +87,12 @@ def read_ids(path) -> list | None:
     for file in parquet_files(path):
         col = _read_table(file, [column]).column(column)
         if col.null_count:
-            raise InputError(file, "null ids", f"give every row an {column} (or drop the column)", column=column,
-                             rows=[i for i, v in enumerate(pc.is_null(col).to_pylist()) if v])
+            raise InputError(
+                file,
+                "null ids",
+                f"give every row an {column} (or drop the column)",
+                column=column,
+                rows=[i for i, v in enumerate(pc.is_null(col).to_pylist()) if v],
+            )
         ids += col.to_pylist()
     return ids

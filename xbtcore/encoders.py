@@ -25,12 +25,24 @@ import torch.nn.functional as F
 from .data import to_rgb
 
 # Files a local checkpoint directory must hold for AutoModel to load it.
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 # Architectures AutoModel would load as a different class (losing the heads we need).
 _ARCHITECTURE_CLASSES = {"BlipForImageTextRetrieval"}
 # Tokenizer files; without any, transformers 5 quietly builds an empty tokenizer.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model",
-                    "sentencepiece.bpe.model", "tokenizer.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 _MIN_VOCAB = 8
 _HUB_TIMEOUT_S = "10"
 
@@ -89,7 +101,10 @@ def _pads_to_max_length(model) -> bool:
 
 
 def _is_offline() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"} for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"}
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -184,9 +199,13 @@ def _load(ref: str, dtype: torch.dtype, with_model: bool):
                 "save model, tokenizer and image processor there with save_pretrained"
             ) from e.cause
     if path.exists():
-        raise ModelLoadError(f"model '{ref}' is a file, not a directory: pass a directory in the Hugging Face layout or a hub id")
+        raise ModelLoadError(
+            f"model '{ref}' is a file, not a directory: pass a directory in the Hugging Face layout or a hub id"
+        )
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:  # a path, not an "org/name" hub id
-        raise ModelLoadError(f"model directory '{ref}' does not exist: pass a directory in the Hugging Face layout or a hub id")
+        raise ModelLoadError(
+            f"model directory '{ref}' does not exist: pass a directory in the Hugging Face layout or a hub id"
+        )
 
     # A hub id: the local cache first, so a cached model never touches the network.
     try:
@@ -315,9 +334,12 @@ class DualEncoder:
         with torch.inference_mode(), self._autocast(), _progress(len(texts), "embed texts", progress) as bar:
             for start in range(0, len(texts), batch_size):
                 idx = order[start : start + batch_size]
-                enc = self.tokenizer.pad({k: [tokens[k][i] for i in idx] for k in keys},
-                                         padding="max_length" if to_max else True,
-                                         max_length=self.max_text_length if to_max else None, return_tensors="pt")
+                enc = self.tokenizer.pad(
+                    {k: [tokens[k][i] for i in idx] for k in keys},
+                    padding="max_length" if to_max else True,
+                    max_length=self.max_text_length if to_max else None,
+                    return_tensors="pt",
+                )
                 enc = {k: enc[k].to(self.device) for k in keys}
                 feats = self.text_features(enc["input_ids"], enc.get("attention_mask"))  # (b, D)
                 chunks.append(F.normalize(feats.float(), dim=-1).cpu())

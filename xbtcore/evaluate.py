@@ -33,10 +33,14 @@ def side_of(encoder, pairs, cache=None, progress=False) -> Side:
     if cache is not None:
         from .cache import cached_image_embeddings, cached_text_embeddings
 
-        return Side(text=cached_text_embeddings(cache, encoder, pairs.captions, progress),
-                    image=cached_image_embeddings(cache, encoder, pairs, progress))
-    return Side(text=encoder.embed_texts(pairs.captions, progress=progress),
-                image=encoder.embed_images(LazyImages(pairs, 0, pairs.n_images), progress=progress))
+        return Side(
+            text=cached_text_embeddings(cache, encoder, pairs.captions, progress),
+            image=cached_image_embeddings(cache, encoder, pairs, progress),
+        )
+    return Side(
+        text=encoder.embed_texts(pairs.captions, progress=progress),
+        image=encoder.embed_images(LazyImages(pairs, 0, pairs.n_images), progress=progress),
+    )
 
 
 def map_side(side: Side, phi: torch.nn.Module) -> Side:

@@ -53,16 +53,29 @@ class TrainPlan:
 class FinetuneConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     n_prompts: int | None = field(
-        default=None, metadata={"help": "vision soft prompts; None: the paper's 10 scaled to the patch count (adapters.auto_prompt_count)"}
+        default=None,
+        metadata={
+            "help": "vision soft prompts; None: the paper's 10 scaled to the patch count (adapters.auto_prompt_count)"
+        },
     )
     lr: float = field(default=1e-4, metadata={"help": "AdamW lr for LoRA, φ and full weights (paper: 1e-4)"})
     prompt_lr: float = field(default=1e-2, metadata={"help": "soft prompt lr (paper: 100x, 1e-2)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)"})
-    batch_size: int = field(default=256, metadata={"help": "pairs per step (paper: 1,024 over 4M pairs; 256 gives a 20k-pair epoch 78 steps, docs/method.md)"})
+    batch_size: int = field(
+        default=256,
+        metadata={
+            "help": "pairs per step (paper: 1,024 over 4M pairs; 256 gives a 20k-pair epoch 78 steps, docs/method.md)"
+        },
+    )
     epochs: int = field(default=1, metadata={"help": "passes over the pairs (paper: a single epoch)"})
-    anchor_weight: float = field(default=1.0, metadata={"help": "γ of the gallery anchors (Eqn. 6 against the old "
-                                                                "model's embeddings of the pairs) beside Eqn. 5, for "
-                                                                "plans that anchor (ours)"})
+    anchor_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "γ of the gallery anchors (Eqn. 6 against the old "
+            "model's embeddings of the pairs) beside Eqn. 5, for "
+            "plans that anchor (ours)"
+        },
+    )
     log_logit_scale: float = field(default=PAPER_LOG_LOGIT_SCALE, metadata={"help": "τ_X / τ_N (paper: 2.6592)"})
     # Off by default: the paper's crops and flips cut objects out and swap
     # "left"/"right" in captions that name them; measured worse in docs/method.md.
@@ -124,8 +137,10 @@ def _load_trainable(encoder, phi: Phi, state: dict[str, torch.Tensor]) -> None:
 
 def _save_checkpoint(path: Path, encoder, phi, opt, step: int, losses: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "trainable": trainable_state(encoder, phi), "optimizer": opt.state_dict(),
-                "losses": losses}, tmp)
+    torch.save(
+        {"step": step, "trainable": trainable_state(encoder, phi), "optimizer": opt.state_dict(), "losses": losses},
+        tmp,
+    )
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
 
 
@@ -188,7 +203,9 @@ def finetune(
 
     encoder.model.train()
     phi.train()
-    history: list[dict] = [*losses, {"step": start, "resumed_from": start, "decode_s": round(t_decode, 2)}] if start else []
+    history: list[dict] = (
+        [*losses, {"step": start, "resumed_from": start, "decode_s": round(t_decode, 2)}] if start else []
+    )
     bar = _progress_bar(total, start, f"{name} training", progress)
     t_data = t_model = 0.0
     for step in range(start, total):
@@ -238,7 +255,9 @@ def finetune(
         bar.close()
     encoder.model.eval()
     phi.eval()
-    history.append({"step": total, "data_s": round(t_data, 2), "model_s": round(t_model, 2), "decode_s": round(t_decode, 2)})
+    history.append(
+        {"step": total, "data_s": round(t_data, 2), "model_s": round(t_model, 2), "decode_s": round(t_decode, 2)}
+    )
     return history
 
 

@@ -12,8 +12,16 @@ import torch
 from .evaluate import Side
 
 
-def report_sample(old: Side, upgraded: Side, orig_new: Side, caption_image: torch.Tensor, n_map: int = 250,
-                  n_queries: int = 6, k: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+def report_sample(
+    old: Side,
+    upgraded: Side,
+    orig_new: Side,
+    caption_image: torch.Tensor,
+    n_map: int = 250,
+    n_queries: int = 6,
+    k: int = 5,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """What the HTML report needs from the eval embeddings, small enough to keep with the run.
 
     Map: `n_map` random images and the first caption of each, in all three
@@ -25,14 +33,21 @@ def report_sample(old: Side, upgraded: Side, orig_new: Side, caption_image: torc
     g = torch.Generator().manual_seed(seed)
     n_images, n_captions = old.image.shape[0], old.text.shape[0]
     first_caption = torch.full((n_images,), n_captions, dtype=torch.long).scatter_reduce(
-        0, caption_image, torch.arange(n_captions), "amin")  # (Ni,)
+        0, caption_image, torch.arange(n_captions), "amin"
+    )  # (Ni,)
     images = torch.randperm(n_images, generator=g)[: min(n_map, n_images)].sort().values  # (n,)
     captions = first_caption[images]  # (n,)
     assert (captions < n_captions).all(), "every eval image has a caption"
-    out = {"map_images": images, "map_captions": captions,
-           "v_old": old.image[images], "w_old": old.text[captions],
-           "v_bar": upgraded.image[images], "w_bar": upgraded.text[captions],
-           "v_new": orig_new.image[images], "w_new": orig_new.text[captions]}
+    out = {
+        "map_images": images,
+        "map_captions": captions,
+        "v_old": old.image[images],
+        "w_old": old.text[captions],
+        "v_bar": upgraded.image[images],
+        "w_bar": upgraded.text[captions],
+        "v_new": orig_new.image[images],
+        "w_new": orig_new.text[captions],
+    }
     queries = torch.randperm(n_captions, generator=g)[: min(n_queries, n_captions)]  # (q,)
     own = caption_image[queries]  # (q,)
     out["query_captions"], out["query_images"] = queries, own
@@ -42,7 +57,9 @@ def report_sample(old: Side, upgraded: Side, orig_new: Side, caption_image: torc
         own_score = scores.gather(1, own[:, None])  # (q, 1)
         out[f"top_{name}"], out[f"score_{name}"] = top.indices, top.values
         out[f"rank_{name}"] = (scores > own_score).sum(1) + 1  # ties count in the query's favour, as in recall
-    return {key: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous() for key, v in out.items()}
+    return {
+        key: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous() for key, v in out.items()
+    }
 
 
 def pca_2d(points: torch.Tensor) -> tuple[torch.Tensor, list[float]]:

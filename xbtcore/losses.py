@@ -43,7 +43,8 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: float | torch.Tenso
 
 
 def fit_term(mapped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """E[1 - cos(mapped, target)] over rows of unit vectors, (B, D) each: landing on the target, not only ranking it first."""
+    """E[1 - cos(mapped, target)] over rows of unit vectors, (B, D) each: landing on the target, not only
+    ranking it first."""
     return (1 - (mapped * target).sum(-1)).mean()
 
 

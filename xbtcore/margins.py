@@ -59,8 +59,12 @@ def gate_margins(
     }
     owners = {"t2i": caption_image, "i2t": torch.arange(n_images)}
     queries = {d: torch.bincount(owners[d], minlength=n_images).double() for d in DIRECTIONS}  # (Ni,) each
-    deltas = {(d, k): _hits_per_image(ranks[d, "new"], owners[d], n_images, k)
-              - _hits_per_image(ranks[d, "old"], owners[d], n_images, k) for d in DIRECTIONS for k in ks}  # (Ni,)
+    deltas = {
+        (d, k): _hits_per_image(ranks[d, "new"], owners[d], n_images, k)
+        - _hits_per_image(ranks[d, "old"], owners[d], n_images, k)
+        for d in DIRECTIONS
+        for k in ks
+    }  # (Ni,)
     boots = {key: [] for key in deltas}
     gen = torch.Generator().manual_seed(seed)
     step = max(1, BOOT_CELLS // n_images)  # resamples per chunk: bounded memory on a large eval set
@@ -86,8 +90,10 @@ def gate_margins(
 def format_margins(margins: dict) -> str:
     """One line per direction: margin [interval] per K, for the CLI and the markdown report."""
     pct = round(100 * margins["level"])
-    lines = [f"gate margins, new/old - old/old in points ({pct}% interval over {margins['n_boot']} "
-             f"resamples of the {margins['unit']}s):"]
+    lines = [
+        f"gate margins, new/old - old/old in points ({pct}% interval over {margins['n_boot']} "
+        f"resamples of the {margins['unit']}s):"
+    ]
     for d in DIRECTIONS:
         cells = [f"R@{k} {m['margin']:+.2f} [{m['low']:+.2f}, {m['high']:+.2f}]" for k, m in margins[d].items()]
         lines.append(f"  {d}: " + "   ".join(cells))

@@ -35,8 +35,12 @@ class Phi(nn.Module):
         self.cfg = cfg
         h = cfg.hidden_mult * cfg.out_dim
         self.net = nn.Sequential(
-            nn.Linear(cfg.in_dim, h), nn.LayerNorm(h), nn.GELU(),
-            nn.Linear(h, h), nn.LayerNorm(h), nn.GELU(),
+            nn.Linear(cfg.in_dim, h),
+            nn.LayerNorm(h),
+            nn.GELU(),
+            nn.Linear(h, h),
+            nn.LayerNorm(h),
+            nn.GELU(),
             nn.Linear(h, cfg.out_dim),
         )
 

@@ -49,34 +49,73 @@ def source_parts(source: str) -> list[str]:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    sigma: float = field(default=0.05, metadata={"help": "std of the Gaussian noise added to w_new (Eqn. 3); not given in the paper, chosen in docs/method.md"})
+    sigma: float = field(
+        default=0.05,
+        metadata={
+            "help": "std of the Gaussian noise added to w_new (Eqn. 3); not given in the paper, "
+            "chosen in docs/method.md"
+        },
+    )
     batch_size: int = field(default=1024, metadata={"help": "paper: 8,192 on 8 GPUs; 1,024 here (docs/method.md)"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)"})
-    epochs: int | None = field(default=None, metadata={"help": "passes over the corpus; None: at least 3 and at least min_steps steps (docs/method.md)"})
-    min_steps: int = field(default=1200, metadata={"help": "with epochs=None, a small corpus gets more passes until φ has taken this many steps"})
+    epochs: int | None = field(
+        default=None,
+        metadata={"help": "passes over the corpus; None: at least 3 and at least min_steps steps (docs/method.md)"},
+    )
+    min_steps: int = field(
+        default=1200,
+        metadata={"help": "with epochs=None, a small corpus gets more passes until φ has taken this many steps"},
+    )
     log_logit_scale: float = field(default=PAPER_LOG_LOGIT_SCALE, metadata={"help": "τ_pre (paper: 2.6592)"})
-    source: str = field(default="text", metadata={"help": "φ's pretraining rows: 'text' (Eqn. 3, the corpus: w_new -> w_old), "
-                                                  "'image' (the pairs' images: v_new -> v_old, runs the old image tower on "
-                                                  "the pairs, never the gallery) or 'text+image' (both)"})
-    pair_weight: float = field(default=2.0, metadata={"help": "λ of the pair term: Eqn. 5's loss on the frozen new model's "
-                                                        "embeddings of the pairs, trained into φ beside Eqn. 3, so that "
-                                                        "new/new stays within a point of the original new model "
-                                                        "(ours; 0 = the paper's text-only Eqn. 3; docs/method.md)"})
-    pair_batch_size: int = field(default=256, metadata={"help": "pairs per step of the pair term (XBT's own batch size)"})
-    anchor_weight: float | None = field(default=None, metadata={"help": "γ of the gallery anchors: Eqn. 6 on the "
-                                                                   "frozen new model's pairs against the old model's "
-                                                                   "own embeddings of them (ours); None: the "
-                                                                   "method's own (0 for xbt)"})
-    fit_weight: float | None = field(default=None, metadata={"help": "μ of the fit term: μ (1 - cos(φ(w̃_new), w_old)) beside "
-                                                               "Eqn. 3, so that φ lands on its targets and not only in their "
-                                                               "order; None: 0 (the paper's Eqn. 3) against an old model's own "
-                                                               "embeddings, 10 against a champion bundle's compatible ones "
-                                                               "(a chain link with chain_targets=champion; ours, docs/method.md)"})
-    chain_targets: str = field(default="root", metadata={"help": "in a chain link, whose embeddings φ (and a baseline) trains "
-                                                          "towards: 'root', the gallery's own model (its root), or 'champion', "
-                                                          "the champion bundle's compatible embeddings (the paper's Sec. 4.3); "
-                                                          "docs/method.md"})
+    source: str = field(
+        default="text",
+        metadata={
+            "help": "φ's pretraining rows: 'text' (Eqn. 3, the corpus: w_new -> w_old), "
+            "'image' (the pairs' images: v_new -> v_old, runs the old image tower on "
+            "the pairs, never the gallery) or 'text+image' (both)"
+        },
+    )
+    pair_weight: float = field(
+        default=2.0,
+        metadata={
+            "help": "λ of the pair term: Eqn. 5's loss on the frozen new model's "
+            "embeddings of the pairs, trained into φ beside Eqn. 3, so that "
+            "new/new stays within a point of the original new model "
+            "(ours; 0 = the paper's text-only Eqn. 3; docs/method.md)"
+        },
+    )
+    pair_batch_size: int = field(
+        default=256, metadata={"help": "pairs per step of the pair term (XBT's own batch size)"}
+    )
+    anchor_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "γ of the gallery anchors: Eqn. 6 on the "
+            "frozen new model's pairs against the old model's "
+            "own embeddings of them (ours); None: the "
+            "method's own (0 for xbt)"
+        },
+    )
+    fit_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "μ of the fit term: μ (1 - cos(φ(w̃_new), w_old)) beside "
+            "Eqn. 3, so that φ lands on its targets and not only in their "
+            "order; None: 0 (the paper's Eqn. 3) against an old model's own "
+            "embeddings, 10 against a champion bundle's compatible ones "
+            "(a chain link with chain_targets=champion; ours, docs/method.md)"
+        },
+    )
+    chain_targets: str = field(
+        default="root",
+        metadata={
+            "help": "in a chain link, whose embeddings φ (and a baseline) trains "
+            "towards: 'root', the gallery's own model (its root), or 'champion', "
+            "the champion bundle's compatible embeddings (the paper's Sec. 4.3); "
+            "docs/method.md"
+        },
+    )
     seed: int = 0
 
     def __post_init__(self):
@@ -192,8 +231,16 @@ def text_only_pretrain(
                 pair = (phi(rows[0][pmine].to(device)), phi(rows[1][pmine].to(device)))  # (P/W, D_old) each
                 anchor = tuple(r[pmine].to(device) for r in rows[2:]) or None  # (v_old, w_old), (P/W, D_old) each
             # fit_weight None (not settled for the targets, PretrainConfig.for_targets) is the paper's 0
-            loss = eqn3_loss(mapped, target, scale, fit_weight=cfg.fit_weight or 0.0, pair=pair,
-                             pair_weight=cfg.pair_weight, anchor=anchor, anchor_weight=cfg.anchor_weight)
+            loss = eqn3_loss(
+                mapped,
+                target,
+                scale,
+                fit_weight=cfg.fit_weight or 0.0,
+                pair=pair,
+                pair_weight=cfg.pair_weight,
+                anchor=anchor,
+                anchor_weight=cfg.anchor_weight,
+            )
             value = loss.item()
             check_loss("pretrain", value, step + 1)
             opt.zero_grad(set_to_none=True)
@@ -209,8 +256,14 @@ def text_only_pretrain(
     return history
 
 
-def pretrain_phi(w_new: torch.Tensor, w_old: torch.Tensor, cfg: PretrainConfig, device="cpu", on_step=None,
-                 pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[Phi, list[dict]]:
+def pretrain_phi(
+    w_new: torch.Tensor,
+    w_old: torch.Tensor,
+    cfg: PretrainConfig,
+    device="cpu",
+    on_step=None,
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[Phi, list[dict]]:
     """-> (φ, per-epoch history): a fresh φ, D_new -> D_old, all of it trained by `text_only_pretrain`."""
     torch.manual_seed(cfg.seed)
     phi = Phi(PhiConfig(in_dim=w_new.shape[1], out_dim=w_old.shape[1])).to(device)
@@ -218,8 +271,13 @@ def pretrain_phi(w_new: torch.Tensor, w_old: torch.Tensor, cfg: PretrainConfig, 
     return phi, history
 
 
-def pair_rows(v_new_images: torch.Tensor, w_new_captions: torch.Tensor, caption_image: torch.Tensor,
-              v_old_images: torch.Tensor | None = None, w_old_captions: torch.Tensor | None = None):
+def pair_rows(
+    v_new_images: torch.Tensor,
+    w_new_captions: torch.Tensor,
+    caption_image: torch.Tensor,
+    v_old_images: torch.Tensor | None = None,
+    w_old_captions: torch.Tensor | None = None,
+):
     """(v_new, w_new) row-aligned per caption: each pair caption's embedding beside its
     image's, both by the frozen new model (the rows of the pair term); with the old
     model's embeddings given, (v_new, w_new, v_old, w_old) (the gallery anchors' rows too)."""

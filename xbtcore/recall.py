@@ -98,7 +98,11 @@ def recall_at_k(
 
 
 def query_ranks(
-    text_emb: torch.Tensor, image_emb: torch.Tensor, caption_image: torch.Tensor, direction: str, chunk_size: int = 4096
+    text_emb: torch.Tensor,
+    image_emb: torch.Tensor,
+    caption_image: torch.Tensor,
+    direction: str,
+    chunk_size: int = 4096,
 ) -> torch.Tensor:
     """Per query, the number of gallery items that outrank its own (by more than TIE_TOLERANCE): (Nc,) for
     t2i (caption queries), (Ni,) for i2t (image queries); a hit at K is rank < K.
@@ -224,9 +228,7 @@ def _check_inputs(text_emb, image_emb, caption_image, ks, chunk_size, backend, d
     if "i2t" in directions:
         missing = (torch.bincount(caption_image.cpu(), minlength=len(image_emb)) == 0).nonzero().flatten()
         if len(missing):
-            raise ValueError(
-                f"recall_at_k: images {missing[:10].tolist()} have no caption; i2t needs one per image"
-            )
+            raise ValueError(f"recall_at_k: images {missing[:10].tolist()} have no caption; i2t needs one per image")
     for name, emb in (("text_emb", text_emb), ("image_emb", image_emb)):
         # a NaN or inf anywhere makes the sum non-finite; one pass, no (N, D) mask
         if not torch.isfinite(emb.sum()):

@@ -1,11 +1,11 @@
 """Training-free maps: W fitted in closed form, x_new W ≈ x_old.
 
-    lstsq        ordinary least squares on the corpus texts
-    procrustes   the orthogonal (semi-orthogonal when dims differ) W = U Vᵀ from the SVD of w_newᵀ w_old
-    slerp-bc     Procrustes on the training pairs' images and captions, each query blended with the old
-                 model's own by spherical interpolation, its weight α chosen on the validation pairs
-                 (Ricci et al., "Backward-compatible aligned representations via an orthogonal
-                 transformation layer" / SLERP-BC); a query runs the old encoder too
+lstsq        ordinary least squares on the corpus texts
+procrustes   the orthogonal (semi-orthogonal when dims differ) W = U Vᵀ from the SVD of w_newᵀ w_old
+slerp-bc     Procrustes on the training pairs' images and captions, each query blended with the old
+             model's own by spherical interpolation, its weight α chosen on the validation pairs
+             (Ricci et al., "Backward-compatible aligned representations via an orthogonal
+             transformation layer" / SLERP-BC); a query runs the old encoder too
 """
 
 from __future__ import annotations
@@ -54,8 +54,16 @@ class SlerpConfig:
 
 
 def _slerp_needs(cfg: SlerpConfig) -> tuple[str, ...]:
-    return ("v_new_pairs", "v_old_pairs", "w_new_pairs", "w_old_pairs",
-            "v_new_val", "v_old_val", "w_new_val", "w_old_val")
+    return (
+        "v_new_pairs",
+        "v_old_pairs",
+        "w_new_pairs",
+        "w_old_pairs",
+        "v_new_val",
+        "v_old_val",
+        "w_new_val",
+        "w_old_val",
+    )
 
 
 def min_gate_margin(query: Side, old: Side, caption_image: torch.Tensor) -> float:
@@ -71,12 +79,24 @@ def fit_slerp(inputs: HeadInputs, cfg: SlerpConfig) -> SlerpHead:
     if inputs.val_caption_image is None:
         raise ValueError("slerp-bc chooses its blend on the validation pairs: give --val-fraction above 0")
     frozen = inputs.frozen
-    weight = fit_linear_map(torch.cat([frozen("v_new_pairs"), frozen("w_new_pairs")]),
-                            torch.cat([frozen("v_old_pairs"), frozen("w_old_pairs")]), "procrustes")  # (D_new, D_old)
+    weight = fit_linear_map(
+        torch.cat([frozen("v_new_pairs"), frozen("w_new_pairs")]),
+        torch.cat([frozen("v_old_pairs"), frozen("w_old_pairs")]),
+        "procrustes",
+    )  # (D_new, D_old)
     old = Side(text=frozen("w_old_val"), image=frozen("v_old_val"))
     new = Side(text=frozen("w_new_val") @ weight, image=frozen("v_new_val") @ weight)  # unnormalised, as slerp takes
-    best = max(SLERP_ALPHAS, key=lambda a: (min_gate_margin(
-        Side(text=slerp(old.text, new.text, a), image=slerp(old.image, new.image, a)), old, inputs.val_caption_image), a))
+    best = max(
+        SLERP_ALPHAS,
+        key=lambda a: (
+            min_gate_margin(
+                Side(text=slerp(old.text, new.text, a), image=slerp(old.image, new.image, a)),
+                old,
+                inputs.val_caption_image,
+            ),
+            a,
+        ),
+    )
     return SlerpHead(PhiConfig(weight.shape[0], weight.shape[1]), weight, alpha=best).to(inputs.device)
 
 
@@ -86,14 +106,32 @@ def register() -> None:
         ("procrustes", "Procrustes: the orthogonal map of the corpus texts' new embeddings onto their old ones"),
         ("lstsq", "least squares: the linear map of the corpus texts' new embeddings onto their old ones"),
     ):
-        register_method(MethodSpec(
-            name=name, family="maps", summary=summary, config_cls=MapConfig, needs=_corpus_texts, cost=0,
-            trains="nothing: W (D_new x D_old) in closed form", bundle="W", fit_head=_fitter(name),
-            portfolio=name == "procrustes",
-        ))
-    register_method(MethodSpec(
-        name="slerp-bc", family="maps", config_cls=SlerpConfig, needs=_slerp_needs, cost=0, old_encoder_at_query=True,
-        portfolio=True, summary="SLERP-BC: Procrustes on the pairs, each query blended with the old model's own query",
-        trains="nothing: W in closed form, the blend α chosen on the validation pairs", bundle="W, α, the old model",
-        fit_head=fit_slerp,
-    ))
+        register_method(
+            MethodSpec(
+                name=name,
+                family="maps",
+                summary=summary,
+                config_cls=MapConfig,
+                needs=_corpus_texts,
+                cost=0,
+                trains="nothing: W (D_new x D_old) in closed form",
+                bundle="W",
+                fit_head=_fitter(name),
+                portfolio=name == "procrustes",
+            )
+        )
+    register_method(
+        MethodSpec(
+            name="slerp-bc",
+            family="maps",
+            config_cls=SlerpConfig,
+            needs=_slerp_needs,
+            cost=0,
+            old_encoder_at_query=True,
+            portfolio=True,
+            summary="SLERP-BC: Procrustes on the pairs, each query blended with the old model's own query",
+            trains="nothing: W in closed form, the blend α chosen on the validation pairs",
+            bundle="W, α, the old model",
+            fit_head=fit_slerp,
+        )
+    )

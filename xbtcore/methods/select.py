@@ -15,7 +15,8 @@ NEW_NEW_SLACK = 1.0  # points of R@1, each direction, new/new may sit under orig
 
 
 def checks(margins: dict, ks=GATE_KS) -> list[dict]:
-    """The gate's checks of a validation margins report (xbtcore.margins.gate_margins), each with its direction and K."""
+    """The gate's checks of a validation margins report (xbtcore.margins.gate_margins), each with its
+    direction and K."""
     return [{"direction": d, "k": k, **margins[d][str(k)]} for d in DIRECTIONS for k in ks]
 
 
@@ -36,8 +37,11 @@ def new_new_gap(recall: dict) -> float:
 
 def qualifies(candidate: dict, ks=GATE_KS) -> bool:
     """A run candidate passes Eqn. 2 on validation with every interval above zero and keeps new/new."""
-    return (candidate["margins"] is not None and passes_clearly(candidate["margins"], ks)
-            and new_new_gap(candidate["recall"]) <= NEW_NEW_SLACK)
+    return (
+        candidate["margins"] is not None
+        and passes_clearly(candidate["margins"], ks)
+        and new_new_gap(candidate["recall"]) <= NEW_NEW_SLACK
+    )
 
 
 def choose(candidates: list[dict], ks=GATE_KS) -> dict:
@@ -48,11 +52,17 @@ def choose(candidates: list[dict], ks=GATE_KS) -> dict:
         raise ValueError("no eligible candidate ran: nothing to choose from")
     for c in ran:
         if qualifies(c, ks):
-            return {"method": c["method"], "reason": f"the cheapest candidate that passes Eqn. 2 on the validation "
-                    f"pairs with every 95% interval above zero (smallest margin {min_margin(c['margins'], ks):+.2f}) "
-                    f"and keeps new/new within {NEW_NEW_SLACK:g} point R@1 of the new model "
-                    f"({new_new_gap(c['recall']):.2f} under)"}
+            return {
+                "method": c["method"],
+                "reason": f"the cheapest candidate that passes Eqn. 2 on the validation "
+                f"pairs with every 95% interval above zero (smallest margin {min_margin(c['margins'], ks):+.2f}) "
+                f"and keeps new/new within {NEW_NEW_SLACK:g} point R@1 of the new model "
+                f"({new_new_gap(c['recall']):.2f} under)",
+            }
     best = max(ran, key=lambda c: min_margin(c["margins"], ks))
-    return {"method": best["method"], "reason": "no candidate passed Eqn. 2 on the validation pairs with every 95% "
-            f"interval above zero while keeping new/new; the largest smallest margin "
-            f"({min_margin(best['margins'], ks):+.2f} points)"}
+    return {
+        "method": best["method"],
+        "reason": "no candidate passed Eqn. 2 on the validation pairs with every 95% "
+        f"interval above zero while keeping new/new; the largest smallest margin "
+        f"({min_margin(best['margins'], ks):+.2f} points)",
+    }

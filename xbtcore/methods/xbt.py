@@ -33,7 +33,10 @@ def _needs(cfg: XbtConfig, anchor_weight: float) -> tuple[str, ...]:
     new model for the pair term (`pair_weight`), and by the old model for the gallery anchors (`anchor_weight`)."""
     pre = _settled(cfg.pretrain, anchor_weight)
     parts = source_parts(pre.source)
-    needs = [*(["w_new", "w_old"] if "text" in parts else []), *(["v_new_pairs", "v_old_pairs"] if "image" in parts else [])]
+    needs = [
+        *(["w_new", "w_old"] if "text" in parts else []),
+        *(["v_new_pairs", "v_old_pairs"] if "image" in parts else []),
+    ]
     if pre.pair_weight or pre.anchor_weight:
         needs += ["v_new_pairs", "w_new_pairs"]
     if pre.anchor_weight:
@@ -81,45 +84,53 @@ def gallery_anchored_phi(inputs: HeadInputs, cfg: XbtConfig):
 
 def register() -> None:
     """Register this family's methods (methods/__init__.py calls it, in cost-tie order)."""
-    register_method(MethodSpec(
-        name="xbt",
-        family="xbt",
-        summary="XBT (the paper): φ pretrained on text (Eqn. 3), then Eqn. 5 on the pairs; no old model in training",
-        config_cls=XbtConfig,
-        needs=xbt_needs,
-        cost=2,
-        trains="φ on cached text embeddings; then LoRA (both towers), vision prompts, φ's LayerNorms",
-        bundle="φ, LoRA adapter, vision prompts",
-        fit_head=text_pretrained_phi,
-        plan=TrainPlan(loss="eqn5", lora=True, prompts=True, head="layernorm"),
-        portfolio=True,
-    ))
+    register_method(
+        MethodSpec(
+            name="xbt",
+            family="xbt",
+            summary="XBT (the paper): φ pretrained on text (Eqn. 3), then Eqn. 5 on the pairs; "
+            "no old model in training",
+            config_cls=XbtConfig,
+            needs=xbt_needs,
+            cost=2,
+            trains="φ on cached text embeddings; then LoRA (both towers), vision prompts, φ's LayerNorms",
+            bundle="φ, LoRA adapter, vision prompts",
+            fit_head=text_pretrained_phi,
+            plan=TrainPlan(loss="eqn5", lora=True, prompts=True, head="layernorm"),
+            portfolio=True,
+        )
+    )
 
-    register_method(MethodSpec(
-        name="xbt-gallery",
-        family="xbt",
-        summary="gallery-anchored XBT: φ on the frozen encoders, Eqn. 3 + the pair term + each query modality "
-                "anchored to the old model's (the gallery's) embeddings of the pairs",
-        config_cls=XbtConfig,
-        needs=gallery_needs,
-        cost=1,
-        trains="φ on cached embeddings of the corpus and the pairs (new and old models)",
-        bundle="φ",
-        fit_head=gallery_anchored_phi,
-        portfolio=True,
-    ))
+    register_method(
+        MethodSpec(
+            name="xbt-gallery",
+            family="xbt",
+            summary="gallery-anchored XBT: φ on the frozen encoders, Eqn. 3 + the pair term + each query modality "
+            "anchored to the old model's (the gallery's) embeddings of the pairs",
+            config_cls=XbtConfig,
+            needs=gallery_needs,
+            cost=1,
+            trains="φ on cached embeddings of the corpus and the pairs (new and old models)",
+            bundle="φ",
+            fit_head=gallery_anchored_phi,
+            portfolio=True,
+        )
+    )
 
-    register_method(MethodSpec(
-        name="xbt-gallery-lora",
-        family="xbt",
-        summary="xbt-gallery's φ, then LoRA, vision prompts and φ's LayerNorms trained with Eqn. 5 plus the gallery "
-                "anchors (finetune.anchor_weight)",
-        config_cls=XbtConfig,
-        needs=gallery_lora_needs,
-        cost=2,
-        trains="φ on cached embeddings; then LoRA (both towers), vision prompts, φ's LayerNorms",
-        bundle="φ, LoRA adapter, vision prompts",
-        fit_head=gallery_anchored_phi,
-        plan=TrainPlan(loss="eqn5+anchors", lora=True, prompts=True, head="layernorm"),
-        portfolio=True,
-    ))
+    register_method(
+        MethodSpec(
+            name="xbt-gallery-lora",
+            family="xbt",
+            summary="xbt-gallery's φ, then LoRA, vision prompts and φ's LayerNorms trained with Eqn. 5 plus the "
+            "gallery "
+            "anchors (finetune.anchor_weight)",
+            config_cls=XbtConfig,
+            needs=gallery_lora_needs,
+            cost=2,
+            trains="φ on cached embeddings; then LoRA (both towers), vision prompts, φ's LayerNorms",
+            bundle="φ, LoRA adapter, vision prompts",
+            fit_head=gallery_anchored_phi,
+            plan=TrainPlan(loss="eqn5+anchors", lora=True, prompts=True, head="layernorm"),
+            portfolio=True,
+        )
+    )
