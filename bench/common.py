@@ -318,10 +318,16 @@ def trainable_params(report: dict) -> int:
 
 
 def run_row(report: dict) -> dict:
-    """What a table keeps of one upgrade's report."""
-    keys = ("recall", "gate", "no_regression", "gate_margins", "timings_s", "counts")
+    """What a table keeps of one upgrade's report: the eval set's figures, which method ran (auto's choice
+    among candidates too), and each candidate's validation margins and recall."""
+    keys = ("method", "recall", "gate", "no_regression", "gate_margins", "timings_s", "counts", "chosen")
+    validation = {
+        c["method"]: {k: c.get(k) for k in ("ran", "eligible", "seconds", "margins", "recall")}
+        for c in report.get("candidates", [])
+    }
     return {
         **{k: report[k] for k in keys if k in report},
+        "validation": validation,
         "report": str(Path(report["bundle"]).parent / "report.json"),
         "model": f"models:/{report['promotion']['model']}/{report['promotion']['version']}",
     }

@@ -24,19 +24,35 @@ from prefect import flow, runtime
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.advice import next_steps
-from tasks.common import (absolute_ref, cache_dir, digest, fingerprint_content, fingerprint_files, read_json, state_dir,
-                          step_path)
+from tasks.common import (
+    absolute_ref,
+    cache_dir,
+    digest,
+    fingerprint_content,
+    fingerprint_files,
+    read_json,
+    state_dir,
+    step_path,
+    step_states,
+)
 from tasks.embed import embed_frozen
 from tasks.evaluate import check_inputs, evaluate, gate
 from tasks.extract import check_corpus, ensure_world, extract_corpus
 from tasks.registry import attach_report, register_and_promote, resolve_model, space_of
-from tasks.report import (build_report, draw_figures, publish_artifacts, read_histories, record_datasets, record_run,
-                          step_states, write_report)
+from tasks.report import (
+    build_report,
+    draw_figures,
+    publish_artifacts,
+    read_histories,
+    record_datasets,
+    record_run,
+    write_report,
+)
 from tasks.servers import check_servers
 from tasks.train import fit_head, publish_bundle, train
 from worlds import shapes
-from xbtcore.config import Settings, apply_overrides
 from xbtcore.bundle import is_bundle
+from xbtcore.config import Settings, apply_overrides
 from xbtcore.data import Gallery, ValSplit, check_output, parquet_files, read_pairs
 from xbtcore.encoders import check_model_dir
 from xbtcore.finetune import FinetuneConfig
@@ -57,18 +73,33 @@ class UpgradeParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    old: str = Field("zoo/old", description="the model the gallery was embedded with: HF id/dir, bundle, or models:/ URI")
+    old: str = Field(
+        "zoo/old", description="the model the gallery was embedded with: HF id/dir, bundle, or models:/ URI"
+    )
     new: str = Field("zoo/new", description="the new model: HF id or directory")
-    corpus: str | None = Field(None, description="text corpus Parquet (file, folder or glob); none: the built-in world")
+    corpus: str | None = Field(
+        None, description="text corpus Parquet (file, folder or glob); none: the built-in world"
+    )
     pairs: str | None = Field(None, description="image-text pairs Parquet")
     eval: str | None = Field(None, description="eval set Parquet")
     out: str = Field("out/upgrade", description="run folder: report.json, report.html, bundle/, work/")
-    method: str = Field("auto", description="a registered method (`xbt methods`), or auto: the cheapest candidate "
-                        "that passes on the validation pairs")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of the pairs' images held out for validation "
-                                "(at least 500 images, at most half); 0: no validation")
-    gallery: str | None = Field(None, description="the stored old gallery (`xbt embed` output, `id` = the pairs' "
-                                "image_id): old image embeddings read instead of computed")
+    method: str = Field(
+        "auto",
+        description="a registered method (`xbt methods`), or auto: the cheapest candidate "
+        "that passes on the validation pairs",
+    )
+    val_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="share of the pairs' images held out for validation "
+        "(at least 500 images, at most half); 0: no validation",
+    )
+    gallery: str | None = Field(
+        None,
+        description="the stored old gallery (`xbt embed` output, `id` = the pairs' "
+        "image_id): old image embeddings read instead of computed",
+    )
     allow_old_encoder: bool = Field(False, description="auto may choose a method whose queries run the old encoder")
     seed: int = Field(0, ge=0)
     text_column: str = Field("caption", min_length=1)
@@ -78,10 +109,15 @@ class UpgradeParams(BaseModel):
     gate_ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="φ's pretraining (Eqn. 3)")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="training on the pairs")
-    world: dict[str, int | float] = Field(default_factory=lambda: dict(DEMO_WORLD), description="WorldSpec overrides for the built-in world")
+    world: dict[str, int | float] = Field(
+        default_factory=lambda: dict(DEMO_WORLD), description="WorldSpec overrides for the built-in world"
+    )
     progress: bool = True
-    started_at: float | None = Field(None, description="when the command started (epoch seconds): the report's total "
-                                     "time then covers start-up and the built-in world too")
+    started_at: float | None = Field(
+        None,
+        description="when the command started (epoch seconds): the report's total "
+        "time then covers start-up and the built-in world too",
+    )
 
     @field_validator("pretrain", "finetune", mode="before")
     @classmethod
@@ -116,8 +152,10 @@ class UpgradeParams(BaseModel):
     def _model_ref(cls, v: str):
         looks_local = v.startswith((".", "/", "~")) or v.count("/") != 1
         if not v.startswith("models:/") and looks_local and not Path(v).expanduser().exists():
-            raise ValueError(f"model directory '{v}' does not exist: pass a Hugging Face directory, a hub id, "
-                             "a bundle (DIR/bundle) or models:/NAME@champion")
+            raise ValueError(
+                f"model directory '{v}' does not exist: pass a Hugging Face directory, a hub id, "
+                "a bundle (DIR/bundle) or models:/NAME@champion"
+            )
         return v
 
     @field_validator("gate_ks")
@@ -136,7 +174,9 @@ class UpgradeParams(BaseModel):
             raise ValueError(f"min_chars {self.min_chars} > max_chars {self.max_chars}")
         world_fields = {f.name for f in dataclasses.fields(shapes.WorldSpec)}
         if set(self.world) - world_fields:
-            raise ValueError(f"unknown world settings {sorted(set(self.world) - world_fields)}; known: {sorted(world_fields)}")
+            raise ValueError(
+                f"unknown world settings {sorted(set(self.world) - world_fields)}; known: {sorted(world_fields)}"
+            )
         shapes.WorldSpec(**self.world)  # a fractional row count fails here, not in the world writer
         if self.method == "auto" and not self.val_fraction:
             raise ValueError("--method auto chooses on the validation pairs: give --val-fraction above 0")
@@ -209,50 +249,127 @@ def train_candidate(ctx: Context, method: str) -> dict:
     needs = list(spec.needs(spec.config(ctx.settings)))
     pairs_fp = ctx.data_fp["pairs"] if any(n not in ("w_new", "w_old") for n in needs) else ""
     with ctx.clock("embed"):
-        embeddings = embed_frozen(needs, ctx.corpus["path"], ctx.data["pairs"], ctx.targets, ctx.lineage["new"],
-                                  ctx.cache_root, ctx.split, p.gallery,
-                                  fingerprint=digest(ctx.corpus["fingerprint"], pairs_fp, ctx.model_fp,
-                                                     model_fingerprint(ctx.targets), p.gallery),
-                                  progress=p.progress)
+        embeddings = embed_frozen(
+            needs,
+            ctx.corpus["path"],
+            ctx.data["pairs"],
+            ctx.targets,
+            ctx.lineage["new"],
+            ctx.cache_root,
+            ctx.split,
+            p.gallery,
+            fingerprint=digest(
+                ctx.corpus["fingerprint"], pairs_fp, ctx.model_fp, model_fingerprint(ctx.targets), p.gallery
+            ),
+            progress=p.progress,
+        )
     compatible_targets = ctx.targets != ctx.inputs["root"]
     head = None
     if spec.fit_head is not None:
         with ctx.clock("pretrain"):
-            head = fit_head(method, ctx.settings, embeddings, ctx.cache_root, ctx.data["pairs"], ctx.split,
-                            ctx.inputs["new_dim"], ctx.inputs["old_dim"], p.seed,
-                            step_path(ctx.work, f"head-{method}", ctx.settings, embeddings, ctx.data_fp["pairs"],
-                                      ctx.split, p.seed, compatible_targets, suffix=".safetensors"),
-                            compatible_targets=compatible_targets)
+            head = fit_head(
+                method,
+                ctx.settings,
+                embeddings,
+                ctx.cache_root,
+                ctx.data["pairs"],
+                ctx.split,
+                ctx.inputs["new_dim"],
+                ctx.inputs["old_dim"],
+                p.seed,
+                step_path(
+                    ctx.work,
+                    f"head-{method}",
+                    ctx.settings,
+                    embeddings,
+                    ctx.data_fp["pairs"],
+                    ctx.split,
+                    p.seed,
+                    compatible_targets,
+                    suffix=".safetensors",
+                ),
+                compatible_targets=compatible_targets,
+            )
     with ctx.clock("train"):
-        bundle = train(method, ctx.settings, head, embeddings, ctx.cache_root, ctx.data["pairs"], ctx.split,
-                       ctx.lineage, p.seed,
-                       step_path(ctx.work, f"bundle-{method}", ctx.settings, embeddings, ctx.data_fp["pairs"],
-                                 ctx.split, ctx.model_fp, fingerprint_content(head) if head else "", ctx.lineage,
-                                 p.seed),
-                       progress=p.progress)
+        bundle = train(
+            method,
+            ctx.settings,
+            head,
+            embeddings,
+            ctx.cache_root,
+            ctx.data["pairs"],
+            ctx.split,
+            ctx.lineage,
+            p.seed,
+            step_path(
+                ctx.work,
+                f"bundle-{method}",
+                ctx.settings,
+                embeddings,
+                ctx.data_fp["pairs"],
+                ctx.split,
+                ctx.model_fp,
+                fingerprint_content(head) if head else "",
+                ctx.lineage,
+                p.seed,
+            ),
+            progress=p.progress,
+        )
     validation = None
     if ctx.split is not None:
         with ctx.clock("validate"):
-            validation = evaluate(ctx.data["pairs"], ctx.inputs["root"], ctx.lineage["new"], bundle,
-                                  ctx.inputs["prev"], ctx.cache_root,
-                                  step_path(ctx.work, f"validate-{method}", ctx.data_fp["pairs"], ctx.split,
-                                            ctx.model_fp, fingerprint_content(bundle), p.gallery),
-                                  part="val", split=ctx.split, gallery=p.gallery)
-    return {"method": method, "bundle": bundle, "head": head, "validation": validation, "needs": needs,
-            "seconds": round(time.perf_counter() - t0, 2)}
+            validation = evaluate(
+                ctx.data["pairs"],
+                ctx.inputs["root"],
+                ctx.lineage["new"],
+                bundle,
+                ctx.inputs["prev"],
+                ctx.cache_root,
+                step_path(
+                    ctx.work,
+                    f"validate-{method}",
+                    ctx.data_fp["pairs"],
+                    ctx.split,
+                    ctx.model_fp,
+                    fingerprint_content(bundle),
+                    p.gallery,
+                ),
+                part="val",
+                split=ctx.split,
+                gallery=p.gallery,
+            )
+    return {
+        "method": method,
+        "bundle": bundle,
+        "head": head,
+        "validation": validation,
+        "needs": needs,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def candidate_record(method: str, eligible: bool, run: dict | None, why_not_run: str = "") -> dict:
     """report.json's entry for a candidate: its validation recall and margins, wall time and what it ran."""
     spec = get_method(method)
-    record = {"method": method, "cost": spec.cost, "eligible": eligible, "old_encoder_at_query": spec.old_encoder_at_query,
-              "trains": spec.trains}
+    record = {
+        "method": method,
+        "cost": spec.cost,
+        "eligible": eligible,
+        "old_encoder_at_query": spec.old_encoder_at_query,
+        "trains": spec.trains,
+    }
     if run is None:
         return {**record, "ran": False, "why": why_not_run, "margins": None}
     folder = Path(run["validation"]) if run["validation"] else None
     margins = read_json(folder / "gate_margins.json") if folder else None
-    return {**record, "ran": True, "seconds": run["seconds"], "embedded": run["needs"],
-            "recall": read_json(folder / "recall.json") if folder else None, "margins": margins}
+    return {
+        **record,
+        "ran": True,
+        "seconds": run["seconds"],
+        "embedded": run["needs"],
+        "recall": read_json(folder / "recall.json") if folder else None,
+        "margins": margins,
+    }
 
 
 @flow(name="xbt-upgrade", log_prints=True)
@@ -277,17 +394,41 @@ def upgrade(params: UpgradeParams) -> dict:
     model_fp = {"old": model_fingerprint(old), "new": model_fingerprint(new)}
 
     with clock("extract"):  # bad input of any kind fails here, before anything trains
-        inputs = check_inputs(old, new, data["pairs"], data["eval"], split, params.gallery,
-                              fingerprint=digest(data_fp, model_fp, params.gallery and fingerprint_files([params.gallery])))
+        inputs = check_inputs(
+            old,
+            new,
+            data["pairs"],
+            data["eval"],
+            split,
+            params.gallery,
+            fingerprint=digest(data_fp, model_fp, params.gallery and fingerprint_files([params.gallery])),
+        )
         corpus_filter = (params.text_column, params.min_chars, params.max_chars, params.sample, params.seed)
-        corpus = extract_corpus(data["corpus"], step_path(work, "corpus", data_fp["corpus"], corpus_filter, suffix=".parquet"),
-                                *corpus_filter, fingerprint=data_fp["corpus"])
+        corpus = extract_corpus(
+            data["corpus"],
+            step_path(work, "corpus", data_fp["corpus"], corpus_filter, suffix=".parquet"),
+            *corpus_filter,
+            fingerprint=data_fp["corpus"],
+        )
     root, prev = inputs["root"], inputs["prev"]
     # "old" in Eqns. 3 and 6 is the old model; in a chain link the gallery's root model, or with
     # pretrain.chain_targets=champion the champion's compatible space (its bundle).
     targets = root if prev is not None and settings.pretrain.chain_targets == "root" else old
-    ctx = Context(params, settings, work, str(cache_dir()), clock, data, data_fp, model_fp, corpus, inputs,
-                  {"new": new, "old": old, "root": root, "chain": inputs["chain"] if prev else [root]}, targets, split)
+    ctx = Context(
+        params,
+        settings,
+        work,
+        str(cache_dir()),
+        clock,
+        data,
+        data_fp,
+        model_fp,
+        corpus,
+        inputs,
+        {"new": new, "old": old, "root": root, "chain": inputs["chain"] if prev else [root]},
+        targets,
+        split,
+    )
 
     candidates, runs = [], {}
     for method in portfolio(params.method, params.allow_old_encoder):
@@ -304,51 +445,110 @@ def upgrade(params: UpgradeParams) -> dict:
     bundle = publish_bundle(run_of["bundle"], str(out / "bundle"))
 
     with clock("evaluate"):
-        evaluated = evaluate(data["eval"], root, new, bundle, prev, ctx.cache_root,
-                             step_path(work, "evaluate", data_fp["eval"], model_fp, fingerprint_content(bundle), prev,
-                                       params.gallery),
-                             gallery=params.gallery)
+        evaluated = evaluate(
+            data["eval"],
+            root,
+            new,
+            bundle,
+            prev,
+            ctx.cache_root,
+            step_path(work, "evaluate", data_fp["eval"], model_fp, fingerprint_content(bundle), prev, params.gallery),
+            gallery=params.gallery,
+        )
     recall = read_json(Path(evaluated) / "recall.json")
     verdict = gate(recall, params.gate_ks, prev is not None)
 
-    run = {"method": chosen["method"], "old": params.old, "new": params.new,
-           "counts": {"corpus": corpus["rows"], "pairs": inputs["pairs"], "eval_images": inputs["eval_images"],
-                      "eval_captions": inputs["eval_captions"], "val_images": inputs["val_images"]},
-           "timings_s": dict(clock.seconds), "bundle": bundle, "space": space_of(root),
-           "config": {"seed": params.seed, "val_fraction": params.val_fraction,
-                      **dataclasses.asdict(spec.config(settings)), "text_column": params.text_column, "data": data}}
+    run = {
+        "method": chosen["method"],
+        "old": params.old,
+        "new": params.new,
+        "counts": {
+            "corpus": corpus["rows"],
+            "pairs": inputs["pairs"],
+            "eval_images": inputs["eval_images"],
+            "eval_captions": inputs["eval_captions"],
+            "val_images": inputs["val_images"],
+        },
+        "timings_s": dict(clock.seconds),
+        "bundle": bundle,
+        "space": space_of(root),
+        "config": {
+            "seed": params.seed,
+            "val_fraction": params.val_fraction,
+            **dataclasses.asdict(spec.config(settings)),
+            "text_column": params.text_column,
+            "data": data,
+        },
+    }
     histories = read_histories({"pretrain": run_of["head"], "train": run_of["bundle"]})
     figures = draw_figures(histories, recall, str(work / "figures"))
     reg = register_and_promote(run, recall, bundle, root, verdict, histories, figures)
     failures = [f for k, v in verdict.items() if k != "passed" for f in v["failures"]]
     promotion = {
-        "promoted": reg["promoted"], "model": reg["name"], "version": reg["version"], "champion": reg["champion"],
-        "reason": "gate passed: champion moved to this version" if reg["promoted"]
+        "promoted": reg["promoted"],
+        "model": reg["name"],
+        "version": reg["version"],
+        "champion": reg["champion"],
+        "reason": "gate passed: champion moved to this version"
+        if reg["promoted"]
         else f"gate failed ({len(failures)} failing checks): not promoted, champion stays "
         + (f"version {reg['champion']}" if reg["champion"] is not None else "unset (no version has passed yet)"),
     }
-    run["mlflow"] = {"experiment": reg["experiment"], "run_id": reg["run_id"], "uri": reg["uri"],
-                     "tracking_uri": reg["tracking_uri"]}
-    run["steps"] = step_states()
+    run["mlflow"] = {
+        "experiment": reg["experiment"],
+        "run_id": reg["run_id"],
+        "uri": reg["uri"],
+        "tracking_uri": reg["tracking_uri"],
+    }
+    run["steps"] = step_states(runtime.flow_run.id)
     total = time.time() - params.started_at if params.started_at else time.perf_counter() - t_start
     run["timings_s"] = {**clock.seconds, "total": round(total, 2)}
     run["old_image_tower"] = old_images_embedded(inputs["images"], [r["needs"] for r in runs.values()])
     margins = read_json(Path(evaluated) / "gate_margins.json")
-    advice = next_steps({"method": chosen["method"], "gate": verdict["eqn2"], "gate_margins": margins,
-                         "recall": recall, "no_regression": verdict.get("no_regression"), "candidates": candidates},
-                        settings.pretrain)
+    advice = next_steps(
+        {
+            "method": chosen["method"],
+            "gate": verdict["eqn2"],
+            "gate_margins": margins,
+            "recall": recall,
+            "no_regression": verdict.get("no_regression"),
+            "candidates": candidates,
+        },
+        settings.pretrain,
+    )
     report = build_report(run, recall, verdict, margins, promotion, advice, candidates, chosen)
     written = write_report(report, data["eval"], str(Path(evaluated) / "sample.safetensors"), str(out))
     if reg["new_run"]:
         attach_report(reg["run_id"], [written["json"], written["html"]])
     publish_artifacts(report, verdict, written["html"])
-    record_datasets([{"path": os.path.abspath(data[k]), "kind": k, "fingerprint": data_fp[k], "rows": n}
-                     for k, n in (("corpus", corpus["rows"]), ("pairs", inputs["pairs"]), ("eval", inputs["eval_captions"]))])
+    record_datasets(
+        [
+            {"path": os.path.abspath(data[k]), "kind": k, "fingerprint": data_fp[k], "rows": n}
+            for k, n in (("corpus", corpus["rows"]), ("pairs", inputs["pairs"]), ("eval", inputs["eval_captions"]))
+        ]
+    )
     run_id = str(runtime.flow_run.id or digest(written["json"], time.time()))
-    record_run({"run_id": run_id, "method": chosen["method"], "old": old, "new": new, "root_model": root,
-                "space": run["space"], "out_dir": str(out), "bundle": bundle, "gate_passed": verdict["passed"],
-                "promoted": reg["promoted"], "mlflow_model": reg["name"], "mlflow_version": reg["version"],
-                "registry": reg["tracking_uri"], "report": written["json"]}, run["space"], root, inputs["old_dim"])
+    record_run(
+        {
+            "run_id": run_id,
+            "method": chosen["method"],
+            "old": old,
+            "new": new,
+            "root_model": root,
+            "space": run["space"],
+            "out_dir": str(out),
+            "bundle": bundle,
+            "gate_passed": verdict["passed"],
+            "promoted": reg["promoted"],
+            "mlflow_model": reg["name"],
+            "mlflow_version": reg["version"],
+            "registry": reg["tracking_uri"],
+            "report": written["json"],
+        },
+        run["space"],
+        root,
+        inputs["old_dim"],
+    )
     return report
 
 
@@ -365,5 +565,8 @@ def old_images_embedded(images: dict, needs: list[list[str]]) -> dict:
     eval set's and the validation pairs' always, the training pairs' when a candidate read their old embeddings."""
     parts = ["eval", "val"] + (["train"] if any("v_old_pairs" in n for n in needs) else [])
     counts = {part: images[part]["images"] - images[part]["in_gallery"] for part in parts if part in images}
-    return {"images": sum(counts.values()), "by_part": counts,
-            "from_gallery": sum(images[p]["in_gallery"] for p in parts if p in images)}
+    return {
+        "images": sum(counts.values()),
+        "by_part": counts,
+        "from_gallery": sum(images[p]["in_gallery"] for p in parts if p in images),
+    }

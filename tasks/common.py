@@ -104,7 +104,20 @@ def _forget(key: str) -> None:
         Path(base, key).unlink(missing_ok=True)
 
 
-CACHED = dict(cache_policy=WhileOutputExists(), persist_result=True)
+_STATES: dict[str, dict[str, str]] = {}  # flow run id -> {cached step: its final state}
+
+
+def _record_state(task, task_run, state) -> None:
+    _STATES.setdefault(str(task_run.flow_run_id), {})[task.name] = state.name
+
+
+def step_states(flow_run_id) -> dict[str, str]:
+    """Each cached step of a flow run by name, with its final state in this process (Completed, Cached);
+    a step run twice (one per candidate) keeps its last."""
+    return dict(_STATES.get(str(flow_run_id), {}))
+
+
+CACHED = dict(cache_policy=WhileOutputExists(), persist_result=True, on_completion=[_record_state])
 
 
 def absolute_ref(ref: str) -> str:

@@ -30,24 +30,6 @@ def read_histories(paths: dict[str, str | None]) -> dict:
     return out
 
 
-def step_states() -> dict[str, str]:
-    """Each task of the running flow by name, with its final state (Completed, Cached, ...), from Prefect's API."""
-    from prefect import runtime
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    flow_run_id = runtime.flow_run.id
-    if flow_run_id is None:
-        return {}
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {
-        r.name.rsplit("-", 1)[0]: r.state.name
-        for r in sorted(runs, key=lambda r: r.expected_start_time)
-        if r.state is not None
-    }
-
-
 def catalog() -> Catalog:
     return Catalog(state_dir() / "catalog.duckdb")
 
