@@ -58,6 +58,7 @@ def eqn3_loss(
     pair_weight: float = 0.0,
     anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
     anchor_weight: float = 0.0,
+    corpus_weight: float = 1.0,
 ) -> torch.Tensor:
     """Eqn. 3, L_c(φ(w̃_new), w_old), with three optional terms of ours.
 
@@ -68,9 +69,10 @@ def eqn3_loss(
     anchor, anchor_weight γ: γ · Eqn. 6 on the same pair batch against the old
     model's own embeddings of it, anchor = (v_old, w_old), (P, D_old) each: each
     query modality towards the gallery's space in the other modality.
-    At μ = λ = γ = 0 it is the paper's Eqn. 3.
+    corpus_weight: the weight of Eqn. 3's own term (1: the paper's).
+    At μ = λ = γ = 0 and corpus_weight 1 it is the paper's Eqn. 3.
     """
-    loss = clip_loss(mapped, w_old, logit_scale)
+    loss = corpus_weight * clip_loss(mapped, w_old, logit_scale)
     if fit_weight:
         loss = loss + fit_weight * fit_term(mapped, w_old)
     if pair_weight:

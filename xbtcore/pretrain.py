@@ -88,6 +88,13 @@ class PretrainConfig:
     pair_batch_size: int = field(
         default=256, metadata={"help": "pairs per step of the pair term (XBT's own batch size)"}
     )
+    corpus_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "weight of Eqn. 3's own term, the corpus texts towards w_old; None: the method's own "
+            "(1, the paper's, for xbt)"
+        },
+    )
     anchor_weight: float | None = field(
         default=None,
         metadata={
@@ -129,6 +136,8 @@ class PretrainConfig:
             raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if self.pair_weight < 0:
             raise ValueError(f"pair_weight must be >= 0, got {self.pair_weight}")
+        if self.corpus_weight is not None and self.corpus_weight < 0:
+            raise ValueError(f"corpus_weight must be >= 0, got {self.corpus_weight}")
         if self.anchor_weight is not None and self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
         if self.fit_weight is not None and self.fit_weight < 0:
@@ -240,6 +249,7 @@ def text_only_pretrain(
                 pair_weight=cfg.pair_weight,
                 anchor=anchor,
                 anchor_weight=cfg.anchor_weight,
+                corpus_weight=1.0 if cfg.corpus_weight is None else cfg.corpus_weight,
             )
             value = loss.item()
             check_loss("pretrain", value, step + 1)

@@ -2,8 +2,8 @@
 and gallery-anchored XBT: φ alone, trained on the frozen encoders' embeddings with Eqn. 3, the pair term and
 the gallery anchors (each query modality towards the old model's embedding of its pair in the other one).
 
-`PretrainConfig.anchor_weight` None means each method's own γ: 0 for XBT (the paper's text-only φ),
-GALLERY_ANCHOR_WEIGHT for xbt-gallery.
+A pretraining setting left None (`PretrainConfig.anchor_weight`, `corpus_weight`) takes the method's own
+value: XBT_DEFAULTS (the paper's Eqn. 3: no anchors, the corpus term at 1) or GALLERY_DEFAULTS.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from ..finetune import FinetuneConfig, TrainPlan
 from ..pretrain import PretrainConfig, pair_rows, pretrain_phi, pretraining_rows, source_parts
 from .registry import HeadInputs, MethodSpec, register_method
 
-GALLERY_ANCHOR_WEIGHT = 1.0  # γ of xbt-gallery (docs/method.md, "The gallery as teacher")
+XBT_DEFAULTS = {"anchor_weight": 0.0, "corpus_weight": 1.0}
+# Chosen on the selection worlds' validation pairs (docs/method.md, "The gallery as teacher").
+GALLERY_DEFAULTS = {"anchor_weight": 1.0, "corpus_weight": 1.0}
 
 
 @dataclass(frozen=True)
@@ -23,15 +25,15 @@ class XbtConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"help": "XBT training (Eqn. 5)"})
 
 
-def _settled(pre: PretrainConfig, anchor_weight: float) -> PretrainConfig:
-    """The pretraining config with the method's γ where the user set none."""
-    return pre if pre.anchor_weight is not None else replace(pre, anchor_weight=anchor_weight)
+def _settled(pre: PretrainConfig, defaults: dict) -> PretrainConfig:
+    """The pretraining config with the method's own values where the user set none."""
+    return replace(pre, **{k: v for k, v in defaults.items() if getattr(pre, k) is None})
 
 
-def _needs(cfg: XbtConfig, anchor_weight: float) -> tuple[str, ...]:
+def _needs(cfg: XbtConfig, defaults: dict) -> tuple[str, ...]:
     """φ's pretraining rows (corpus texts and/or the pairs' images, `PretrainConfig.source`), the pairs by the
     new model for the pair term (`pair_weight`), and by the old model for the gallery anchors (`anchor_weight`)."""
-    pre = _settled(cfg.pretrain, anchor_weight)
+    pre = _settled(cfg.pretrain, defaults)
     parts = source_parts(pre.source)
     needs = [
         *(["w_new", "w_old"] if "text" in parts else []),
@@ -44,10 +46,10 @@ def _needs(cfg: XbtConfig, anchor_weight: float) -> tuple[str, ...]:
     return tuple(dict.fromkeys(needs))
 
 
-def _pretrained_phi(inputs: HeadInputs, cfg: XbtConfig, anchor_weight: float):
+def _pretrained_phi(inputs: HeadInputs, cfg: XbtConfig, defaults: dict):
     """Eqn. 3 on the rows `PretrainConfig.source` names, with the pair term when λ > 0 and the gallery
     anchors when γ > 0 -> φ."""
-    pre = replace(_settled(cfg.pretrain, anchor_weight), seed=inputs.seed)
+    pre = replace(_settled(cfg.pretrain, defaults), seed=inputs.seed)
     rows = pretraining_rows(
         pre.source,
         text=(inputs.frozen("w_new"), inputs.frozen("w_old")) if "text" in source_parts(pre.source) else None,
@@ -62,24 +64,24 @@ def _pretrained_phi(inputs: HeadInputs, cfg: XbtConfig, anchor_weight: float):
 
 
 def xbt_needs(cfg: XbtConfig) -> tuple[str, ...]:
-    return _needs(cfg, 0.0)
+    return _needs(cfg, XBT_DEFAULTS)
 
 
 def text_pretrained_phi(inputs: HeadInputs, cfg: XbtConfig):
-    return _pretrained_phi(inputs, cfg, 0.0)
+    return _pretrained_phi(inputs, cfg, XBT_DEFAULTS)
 
 
 def gallery_needs(cfg: XbtConfig) -> tuple[str, ...]:
-    return _needs(cfg, GALLERY_ANCHOR_WEIGHT)
+    return _needs(cfg, GALLERY_DEFAULTS)
 
 
 def gallery_lora_needs(cfg: XbtConfig) -> tuple[str, ...]:
     """xbt-gallery's, and the old model's embeddings of the pairs for the anchors while LoRA trains."""
-    return tuple(dict.fromkeys([*_needs(cfg, GALLERY_ANCHOR_WEIGHT), "v_old_pairs", "w_old_pairs"]))
+    return tuple(dict.fromkeys([*_needs(cfg, GALLERY_DEFAULTS), "v_old_pairs", "w_old_pairs"]))
 
 
 def gallery_anchored_phi(inputs: HeadInputs, cfg: XbtConfig):
-    return _pretrained_phi(inputs, cfg, GALLERY_ANCHOR_WEIGHT)
+    return _pretrained_phi(inputs, cfg, GALLERY_DEFAULTS)
 
 
 def register() -> None:
