@@ -247,7 +247,13 @@ def table_parser(doc: str, methods: bool = True, seeds: bool = True, out: bool =
     add_world_flags(ap)
     if methods:
         names = [m.name for m in by_cost()]
-        ap.add_argument("--methods", nargs="+", default=names, choices=names)
+        ap.add_argument(
+            "--methods",
+            nargs="+",
+            default=names,
+            choices=["auto", *names],
+            help="registered methods, or auto (the flow's default: the portfolio, chosen on validation)",
+        )
     if seeds:
         ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument(

@@ -19,9 +19,9 @@ import time
 import warnings
 from pathlib import Path
 
-STARTED = time.time()  # the report's total time counts from here
-
 from xbtcore.config import parse_settings
+
+STARTED = time.time()  # the report's total time counts from here
 
 
 def _set_env_defaults() -> None:
@@ -69,15 +69,21 @@ def _print_result(report: dict) -> None:
     print(format_table(report["recall"]))
     promo = report["promotion"]
     verdict = "PASSED" if report["gate"]["passed"] else "FAILED"
-    print(f"gate (Eqn. 2): {verdict}" + "".join(f"\n  failing: {d} R@{k} new/old {a} <= old/old {b}"
-                                              for d, k, a, b in report["gate"]["failures"]))
+    print(
+        f"gate (Eqn. 2): {verdict}"
+        + "".join(f"\n  failing: {d} R@{k} new/old {a} <= old/old {b}" for d, k, a, b in report["gate"]["failures"])
+    )
     regress = report.get("no_regression")
     if regress:  # a chain link: also no worse than the champion link it would replace
-        print(f"no regression (new/old >= prev/old): {'PASSED' if regress['passed'] else 'FAILED'}"
-              + "".join(f"\n  failing: {d} R@{k} new/old {a} < prev/old {b}" for d, k, a, b in regress["failures"]))
+        print(
+            f"no regression (new/old >= prev/old): {'PASSED' if regress['passed'] else 'FAILED'}"
+            + "".join(f"\n  failing: {d} R@{k} new/old {a} < prev/old {b}" for d, k, a, b in regress["failures"])
+        )
     if "gate_margins" in report:
         print(format_margins(report["gate_margins"]))
-    print(f"{promo['model']} version {promo['version']}: {promo['reason']} [registry {report['mlflow']['tracking_uri']}]")
+    print(
+        f"{promo['model']} version {promo['version']}: {promo['reason']} [registry {report['mlflow']['tracking_uri']}]"
+    )
     if report.get("next_steps"):
         print("next steps:" + "".join(f"\n  - {line}" for line in report["next_steps"]))
     out = Path(report["bundle"]).parent
@@ -99,8 +105,13 @@ def _run_upgrade(**fields) -> int:
 
 def _choice(a) -> dict:
     """The flags every upgrade takes: which method, how it is chosen and validated."""
-    return dict(method=a.method, seed=a.seed, val_fraction=a.val_fraction, allow_old_encoder=a.allow_old_encoder,
-                **parse_settings(a.set))
+    return dict(
+        method=a.method,
+        seed=a.seed,
+        val_fraction=a.val_fraction,
+        allow_old_encoder=a.allow_old_encoder,
+        **parse_settings(a.set),
+    )
 
 
 def cmd_demo(a) -> int:
@@ -108,9 +119,21 @@ def cmd_demo(a) -> int:
 
 
 def cmd_upgrade(a) -> int:
-    return _run_upgrade(old=a.old, new=a.new, corpus=a.corpus, pairs=a.pairs, eval=a.eval, out=a.out,
-                        gallery=a.gallery, text_column=a.text_column, min_chars=a.min_chars, max_chars=a.max_chars,
-                        sample=a.sample, progress=not a.no_progress, **_choice(a))
+    return _run_upgrade(
+        old=a.old,
+        new=a.new,
+        corpus=a.corpus,
+        pairs=a.pairs,
+        eval=a.eval,
+        out=a.out,
+        gallery=a.gallery,
+        text_column=a.text_column,
+        min_chars=a.min_chars,
+        max_chars=a.max_chars,
+        sample=a.sample,
+        progress=not a.no_progress,
+        **_choice(a),
+    )
 
 
 def cmd_embed(a) -> int:
@@ -139,8 +162,14 @@ def cmd_embed(a) -> int:
     else:
         emb = encoder.embed_images(LazyImages(items), batch_size=a.batch_size, progress=True)
     out = write_embeddings_parquet(a.out, emb, ids=read_ids(a.input))  # `id`: what a gallery is matched on
-    Catalog(state_dir() / "catalog.duckdb").record_gallery(str(Path(out).absolute()), pinned_ref(a.model, resolved), space_of(root),
-                                                           a.modality, int(emb.shape[0]), int(emb.shape[1]))
+    Catalog(state_dir() / "catalog.duckdb").record_gallery(
+        str(Path(out).absolute()),
+        pinned_ref(a.model, resolved),
+        space_of(root),
+        a.modality,
+        int(emb.shape[0]),
+        int(emb.shape[1]),
+    )
     print(f"{emb.shape[0]} {a.modality} embeddings (dim {emb.shape[1]}, space {space_of(root)}) -> {out}")
     return 0
 
@@ -154,8 +183,11 @@ def cmd_promote(a) -> int:
     r = promote_reviewed(c, name, version, force=a.force)
     for d, k, new_old, old_old in r["failures"]:
         print(f"forced past a failing check: {d} R@{k} new/old {new_old} <= old/old {old_old}")
-    print(f"{name} version {r['version']} is champion" + (f" (was {r['previous'] or 'unset'})" if r["changed"] else " (already)")
-          + f" [registry {tracking_uri()}]")
+    print(
+        f"{name} version {r['version']} is champion"
+        + (f" (was {r['previous'] or 'unset'})" if r["changed"] else " (already)")
+        + f" [registry {tracking_uri()}]"
+    )
     return 0
 
 
@@ -164,16 +196,27 @@ def cmd_rollback(a) -> int:
 
     c = client()
     r = rollback(c, pick_model(c, a.model))
-    print(f"{r['name']} champion rolled back from version {r['rolled_back_from']} to {r['version']} "
-          f"[registry {tracking_uri()}]")
+    print(
+        f"{r['name']} champion rolled back from version {r['rolled_back_from']} to {r['version']} "
+        f"[registry {tracking_uri()}]"
+    )
     return 0
 
 
 def cmd_methods(a) -> int:
     from xbtcore.methods import COST_CLASSES, by_cost
 
-    rows = [{"method": m.name, "cost": m.cost, "old encoder at query": "yes" if m.old_encoder_at_query else "no",
-             "trains": m.trains, "bundle": m.bundle, "summary": m.summary} for m in by_cost()]
+    rows = [
+        {
+            "method": m.name,
+            "cost": m.cost,
+            "old encoder at query": "yes" if m.old_encoder_at_query else "no",
+            "trains": m.trains,
+            "bundle": m.bundle,
+            "summary": m.summary,
+        }
+        for m in by_cost()
+    ]
     if a.json:
         print(json.dumps({"methods": rows, "cost_classes": COST_CLASSES}, indent=2))
         return 0
@@ -204,10 +247,14 @@ def cmd_catalog(a) -> int:
     return 0
 
 
-EPILOG = ("The inputs, the recall protocol, report.json and these commands are specified in docs/contract.md; "
-          "docs/method.md explains the methods. Exit status 0 on success, else one line on stderr.")
-MODEL_REF = ("a Hugging Face model id or local directory (config, weights, tokenizer, image processor), an upgrade "
-             "bundle (OUT/bundle), or a registry URI such as models:/NAME@champion")
+EPILOG = (
+    "The inputs, the recall protocol, report.json and these commands are specified in docs/contract.md; "
+    "docs/method.md explains the methods. Exit status 0 on success, else one line on stderr."
+)
+MODEL_REF = (
+    "a Hugging Face model id or local directory (config, weights, tokenizer, image processor), an upgrade "
+    "bundle (OUT/bundle), or a registry URI such as models:/NAME@champion"
+)
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -224,27 +271,47 @@ def build_parser() -> argparse.ArgumentParser:
     from xbtcore.methods import by_cost
 
     methods = [m.name for m in by_cost()]
-    p = _Parser(prog="xbt", description="Backfill-free upgrades of vision-language retrieval models: train a small "
-                "adapter so that a new model's queries search the gallery the old model embedded.",
-                epilog=EPILOG, formatter_class=_Help)
+    p = _Parser(
+        prog="xbt",
+        description="Backfill-free upgrades of vision-language retrieval models: train a small "
+        "adapter so that a new model's queries search the gallery the old model embedded.",
+        epilog=EPILOG,
+        formatter_class=_Help,
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=_Help)
 
     def common(sp):
-        sp.add_argument("--method", default="auto", choices=["auto", *methods],
-                        help="the upgrade method (`xbt methods` lists them); auto tries the registered candidates "
-                             "cheapest first and keeps the first that passes the gate on the validation pairs")
+        sp.add_argument(
+            "--method",
+            default="auto",
+            choices=["auto", *methods],
+            help="the upgrade method (`xbt methods` lists them); auto tries the registered candidates "
+            "cheapest first and keeps the first that passes the gate on the validation pairs",
+        )
         sp.add_argument("--seed", type=int, default=0, help="seed of training, the validation split and sampling")
-        sp.add_argument("--val-fraction", type=float, default=0.1,
-                        help="share of the pairs' images held out of training to choose and check the method on "
-                             "(at least 500 images, at most half); 0: none (then --method must name one)")
-        sp.add_argument("--allow-old-encoder", action="store_true",
-                        help="let auto choose a method whose queries also run the old encoder (SLERP-BC)")
-        sp.add_argument("--set", action="append", default=[], metavar="SCOPE.FIELD=VALUE",
-                        help="a setting of the method, repeatable: pretrain.FIELD (φ's pretraining, e.g. "
-                             "pretrain.pair_weight=1) or finetune.FIELD (training on the pairs, e.g. finetune.lora.rank=8)")
+        sp.add_argument(
+            "--val-fraction",
+            type=float,
+            default=0.1,
+            help="share of the pairs' images held out of training to choose and check the method on "
+            "(at least 500 images, at most half); 0: none (then --method must name one)",
+        )
+        sp.add_argument(
+            "--allow-old-encoder",
+            action="store_true",
+            help="let auto choose a method whose queries also run the old encoder (SLERP-BC)",
+        )
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="SCOPE.FIELD=VALUE",
+            help="a setting of the method, repeatable: pretrain.FIELD (φ's pretraining, e.g. "
+            "pretrain.pair_weight=1) or finetune.FIELD (training on the pairs, e.g. finetune.lora.rank=8)",
+        )
 
     d = command("demo", "the whole upgrade on the built-in world: zoo/old -> zoo/new, recall table, gate verdict")
     d.add_argument("--out", default="out/demo", help="run folder: report.json, report.html, bundle/, work/")
@@ -256,15 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
     u = command("upgrade", "upgrade --old to --new on your Parquet data, gate it, register it")
     u.add_argument("--old", required=True, help="the model the gallery was embedded with: " + MODEL_REF)
     u.add_argument("--new", required=True, help="the new model: " + MODEL_REF)
-    u.add_argument("--corpus", required=True, help="text corpus Parquet (a file, a folder or a glob) with a caption "
-                   "column (--text-column)")
-    u.add_argument("--pairs", required=True, help="image-text pairs Parquet: image (PNG/JPEG bytes) or image_path, "
-                   "caption, optional image_id")
+    u.add_argument(
+        "--corpus",
+        required=True,
+        help="text corpus Parquet (a file, a folder or a glob) with a caption column (--text-column)",
+    )
+    u.add_argument(
+        "--pairs",
+        required=True,
+        help="image-text pairs Parquet: image (PNG/JPEG bytes) or image_path, caption, optional image_id",
+    )
     u.add_argument("--eval", required=True, help="eval set Parquet, as --pairs; read only for the final report")
     u.add_argument("--out", required=True, help="run folder: report.json, report.html, bundle/, work/")
     common(u)
-    u.add_argument("--gallery", help="the stored old gallery (`xbt embed --modality image` of the old model, with "
-                   "id = the pairs' image_id): its embeddings stand in for the old image tower")
+    u.add_argument(
+        "--gallery",
+        help="the stored old gallery (`xbt embed --modality image` of the old model, with "
+        "id = the pairs' image_id): its embeddings stand in for the old image tower",
+    )
     u.add_argument("--text-column", default="caption", help="the corpus's text column")
     u.add_argument("--min-chars", type=int, help="drop corpus texts shorter than this")
     u.add_argument("--max-chars", type=int, help="drop corpus texts longer than this")
@@ -274,8 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = command("embed", "embed texts or images with a model; a bundle embeds into the old space")
     e.add_argument("--model", required=True, help=MODEL_REF)
-    e.add_argument("--input", required=True, help="Parquet with the texts (--text-column) or images (image or "
-                   "image_path); its id or image_id column becomes the output's id")
+    e.add_argument(
+        "--input",
+        required=True,
+        help="Parquet with the texts (--text-column) or images (image or "
+        "image_path); its id or image_id column becomes the output's id",
+    )
     e.add_argument("--modality", required=True, choices=["text", "image"], help="what to embed")
     e.add_argument("--out", required=True, help="output Parquet: row, embedding (L2-normalised), id")
     e.add_argument("--text-column", default="caption", help="the input's text column")
@@ -297,8 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_methods)
 
     c = command("catalog", "list datasets, gallery spaces, galleries, runs and lineage from the catalog")
-    c.add_argument("--table", action="append", choices=["datasets", "spaces", "galleries", "runs", "lineage"],
-                   help="only these tables (repeatable)")
+    c.add_argument(
+        "--table",
+        action="append",
+        choices=["datasets", "spaces", "galleries", "runs", "lineage"],
+        help="only these tables (repeatable)",
+    )
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(func=cmd_catalog)
     return p

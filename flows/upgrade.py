@@ -122,7 +122,7 @@ class UpgradeParams(BaseModel):
     @field_validator("pretrain", "finetune", mode="before")
     @classmethod
     def _settings(cls, v, info):
-        """A dict of overrides ({"epochs": 5}, {"lora.rank": 8}) on the defaults; unknown keys and bad values fail here."""
+        """Overrides ({"epochs": 5}, {"lora.rank": 8}) on the defaults; unknown keys and bad values fail here."""
         if isinstance(v, dict):
             return apply_overrides({"pretrain": PretrainConfig, "finetune": FinetuneConfig}[info.field_name](), v)
         return v

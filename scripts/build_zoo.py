@@ -37,7 +37,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worlds import shapes  # noqa: E402
-from xbtcore.losses import clip_loss  # noqa: E402
 from worlds.tinyclip import (  # noqa: E402
     TinyClipSpec,
     build_clip,
@@ -46,6 +45,7 @@ from worlds.tinyclip import (  # noqa: E402
     save_checkpoint,
     world_vocabulary,
 )
+from xbtcore.losses import clip_loss  # noqa: E402
 
 # A capacity ladder like B/32 -> L/14 -> H/14: each tier sees the images at a
 # higher resolution (same 16 patch tokens, so the same cost), is wider and
@@ -55,11 +55,23 @@ from worlds.tinyclip import (  # noqa: E402
 # newer tier can beat it on the users' text queries too, not only on images
 # (docs/method.md, "The zoo's generations").
 TIERS = {
-    "old": dict(spec=TinyClipSpec(width=64, layers=2, heads=4, embed_dim=64, image_size=16, patch_size=4), steps=600, lr=1e-3,
-                known_synonyms=2),
-    "mid": dict(spec=TinyClipSpec(width=96, layers=3, heads=4, embed_dim=96, image_size=24, patch_size=6), steps=800, lr=1e-3,
-                known_synonyms={"size": 2}),
-    "new": dict(spec=TinyClipSpec(width=128, layers=3, heads=4, embed_dim=128, image_size=32, patch_size=8), steps=1000, lr=1e-3),
+    "old": dict(
+        spec=TinyClipSpec(width=64, layers=2, heads=4, embed_dim=64, image_size=16, patch_size=4),
+        steps=600,
+        lr=1e-3,
+        known_synonyms=2,
+    ),
+    "mid": dict(
+        spec=TinyClipSpec(width=96, layers=3, heads=4, embed_dim=96, image_size=24, patch_size=6),
+        steps=800,
+        lr=1e-3,
+        known_synonyms={"size": 2},
+    ),
+    "new": dict(
+        spec=TinyClipSpec(width=128, layers=3, heads=4, embed_dim=128, image_size=32, patch_size=8),
+        steps=1000,
+        lr=1e-3,
+    ),
 }
 TRAIN_IMAGES = 30_000
 CAPTIONS_PER_IMAGE = 3
@@ -71,13 +83,17 @@ def quick_recall(model, tok, proc, eval_items, eval_imgs) -> dict:
     model.eval()
     with torch.inference_mode():
         px = proc(images=eval_imgs, return_tensors="pt")["pixel_values"]
-        v = torch.cat([model.get_image_features(pixel_values=px[i : i + 500]).pooler_output for i in range(0, len(px), 500)])
+        v = torch.cat(
+            [model.get_image_features(pixel_values=px[i : i + 500]).pooler_output for i in range(0, len(px), 500)]
+        )
         caps = [c for _, cs in eval_items for c in cs]
         owner = torch.tensor([i for i, (_, cs) in enumerate(eval_items) for _ in cs])
         b = tok(caps, padding=True, return_tensors="pt")
         w = torch.cat(
             [
-                model.get_text_features(input_ids=b["input_ids"][i : i + 1000], attention_mask=b["attention_mask"][i : i + 1000]).pooler_output
+                model.get_text_features(
+                    input_ids=b["input_ids"][i : i + 1000], attention_mask=b["attention_mask"][i : i + 1000]
+                ).pooler_output
                 for i in range(0, len(caps), 1000)
             ]
         )
@@ -97,8 +113,16 @@ def quick_recall(model, tok, proc, eval_items, eval_imgs) -> dict:
     }
 
 
-def train_tier(name: str, out: Path, seed: int, eval_every: int, spec_overrides: dict | None = None,
-               steps: int | None = None, zoo_user_phrasing: float = 0.0, known_synonyms: int | dict[str, int] | None = None) -> dict:
+def train_tier(
+    name: str,
+    out: Path,
+    seed: int,
+    eval_every: int,
+    spec_overrides: dict | None = None,
+    steps: int | None = None,
+    zoo_user_phrasing: float = 0.0,
+    known_synonyms: int | dict[str, int] | None = None,
+) -> dict:
     """Train one tier; the overrides make an experiment's variant (defaults: the committed zoo)."""
     cfg = TIERS[name]
     known_synonyms = known_synonyms or cfg.get("known_synonyms")
@@ -116,7 +140,9 @@ def train_tier(name: str, out: Path, seed: int, eval_every: int, spec_overrides:
         items = [(s, [shapes.plain_words(c, known_synonyms) for c in cs]) for s, cs in items]
     # noise stream 99 (not the split tag): this is what trained the committed zoo
     imgs = [shapes.render_scene(s, noise_seed=[seed, 99, i]) for i, (s, _) in enumerate(items)]
-    pixels = torch.cat([proc(images=imgs[i : i + 2000], return_tensors="pt")["pixel_values"] for i in range(0, len(imgs), 2000)])
+    pixels = torch.cat(
+        [proc(images=imgs[i : i + 2000], return_tensors="pt")["pixel_values"] for i in range(0, len(imgs), 2000)]
+    )
     caps = [c for _, cs in items for c in cs]  # image i owns rows i*C .. i*C+C-1
     enc = tok(caps, padding="max_length", max_length=spec.max_text_len, truncation=True, return_tensors="pt")
     eval_items = shapes.scenes_with_captions(seed, "eval", 1000, 5)
@@ -150,8 +176,17 @@ def train_tier(name: str, out: Path, seed: int, eval_every: int, spec_overrides:
             print(f"[{name}] step {step + 1}/{steps} loss {loss.item():.3f} {r} {time.time() - t0:.0f}s", flush=True)
     final = history[-1]
     save_checkpoint(model, tok, proc, out / name)
-    meta = {"tier": name, "spec": spec.__dict__, "seed": seed, "steps": steps, "lr": cfg["lr"], "batch": BATCH,
-            "train_images": TRAIN_IMAGES, "eval": final, "train_s": round(time.time() - t0, 1)}
+    meta = {
+        "tier": name,
+        "spec": spec.__dict__,
+        "seed": seed,
+        "steps": steps,
+        "lr": cfg["lr"],
+        "batch": BATCH,
+        "train_images": TRAIN_IMAGES,
+        "eval": final,
+        "train_s": round(time.time() - t0, 1),
+    }
     if zoo_user_phrasing:
         meta["zoo_user_phrasing"] = zoo_user_phrasing
     if known_synonyms:
@@ -166,15 +201,28 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiers", nargs="+", default=list(TIERS), choices=list(TIERS))
     ap.add_argument("--eval-every", type=int, default=200)
-    ap.add_argument("--spec", nargs="+", default=[], metavar="FIELD=VALUE",
-                    help="TinyClipSpec overrides for every tier trained, e.g. text_width=32 text_layers=1")
+    ap.add_argument(
+        "--spec",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="TinyClipSpec overrides for every tier trained, e.g. text_width=32 text_layers=1",
+    )
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: each tier's own)")
-    ap.add_argument("--zoo-user-phrasing", type=float, default=0.0,
-                    help="share of the training captions in the world's house style (WorldSpec.user_phrasing)")
-    ap.add_argument("--known-synonyms", default=None, metavar="K|KIND=K,...",
-                    help="train on captions that use only the first K words for each shape and size, or per kind, "
-                         "e.g. size=2 (shapes.plain_words; default: the tier's own, 2 for old, size=2 for mid; "
-                         "3 or more: every word)")
+    ap.add_argument(
+        "--zoo-user-phrasing",
+        type=float,
+        default=0.0,
+        help="share of the training captions in the world's house style (WorldSpec.user_phrasing)",
+    )
+    ap.add_argument(
+        "--known-synonyms",
+        default=None,
+        metavar="K|KIND=K,...",
+        help="train on captions that use only the first K words for each shape and size, or per kind, "
+        "e.g. size=2 (shapes.plain_words; default: the tier's own, 2 for old, size=2 for mid; "
+        "3 or more: every word)",
+    )
     args = ap.parse_args()
     overrides = parse_spec(args.spec)
     try:
@@ -184,8 +232,9 @@ def main() -> None:
     if not 0.0 <= args.zoo_user_phrasing <= 1.0:
         ap.error(f"--zoo-user-phrasing must be a share in [0, 1], got {args.zoo_user_phrasing}")
     for name in args.tiers:
-        meta = train_tier(name, args.out, args.seed, args.eval_every, overrides, args.steps, args.zoo_user_phrasing,
-                          known_synonyms)
+        meta = train_tier(
+            name, args.out, args.seed, args.eval_every, overrides, args.steps, args.zoo_user_phrasing, known_synonyms
+        )
         print(json.dumps(meta), flush=True)
 
 
@@ -202,7 +251,7 @@ def parse_spec(items: list[str]) -> dict:
 
 
 def parse_known_synonyms(text: str) -> int | dict[str, int]:
-    """"2" -> 2 (shapes and sizes alike); "size=2" or "shape=1,size=2" -> K per kind; checked by shapes.plain_words."""
+    """'2' -> 2 (shapes and sizes alike); 'size=2' or 'shape=1,size=2' -> K per kind; see shapes.plain_words."""
     if text.strip().isdigit():
         value: int | dict[str, int] = int(text)
     else:

@@ -7,8 +7,14 @@ from worlds.tinyclip import TinyClipSpec, build_image_processor, build_tokenizer
 
 SPEC = TinyClipSpec(width=32, layers=1, heads=2, embed_dim=16)
 _TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-_TEXT = dict(_TOWER, vocab_size=len(world_vocabulary()) + 4, max_position_embeddings=SPEC.max_text_len,
-             pad_token_id=0, bos_token_id=2, eos_token_id=3)
+_TEXT = dict(
+    _TOWER,
+    vocab_size=len(world_vocabulary()) + 4,
+    max_position_embeddings=SPEC.max_text_len,
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=3,
+)
 _VISION = dict(_TOWER, image_size=SPEC.image_size, patch_size=SPEC.patch_size)
 EMBED_DIM = {"blip": 24, "siglip": 32}
 
@@ -29,6 +35,10 @@ def tiny_family_model(family: str):
 def save_tiny_family(family: str, out, seed: int = 0):
     """A checkpoint folder in the Hugging Face layout (model, tokenizer, image processor)."""
     torch.manual_seed(seed)
-    save_checkpoint(tiny_family_model(family), build_tokenizer(world_vocabulary(), SPEC.max_text_len),
-                    build_image_processor(SPEC), out)
+    save_checkpoint(
+        tiny_family_model(family),
+        build_tokenizer(world_vocabulary(), SPEC.max_text_len),
+        build_image_processor(SPEC),
+        out,
+    )
     return out

@@ -17,8 +17,15 @@ from conftest import REPO
 def xbt(*args, env=None, timeout=600, **kw):
     full_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *map(str, args)],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def _one_line_error(r, *needles):
@@ -30,8 +37,21 @@ def _one_line_error(r, *needles):
 
 
 def _upgrade_args(tiny, out, **extra):
-    args = ["upgrade", "--old", tiny["old"], "--new", tiny["new"], "--corpus", tiny["corpus"], "--pairs", tiny["pairs"],
-            "--eval", tiny["eval"], "--out", out]
+    args = [
+        "upgrade",
+        "--old",
+        tiny["old"],
+        "--new",
+        tiny["new"],
+        "--corpus",
+        tiny["corpus"],
+        "--pairs",
+        tiny["pairs"],
+        "--eval",
+        tiny["eval"],
+        "--out",
+        out,
+    ]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", v]
     return args
@@ -48,8 +68,11 @@ def test_usage_errors_are_one_line(tiny, tmp_path):
 def test_bad_paths_fail_fast_with_the_path(tiny, tmp_path):
     missing = tmp_path / "nope.parquet"
     _one_line_error(xbt(*_upgrade_args({**tiny, "corpus": missing}, tmp_path / "o")), str(missing), "no such file")
-    _one_line_error(xbt(*_upgrade_args({**tiny, "old": tmp_path / "no-model"}, tmp_path / "o")),
-                    "model directory", "does not exist")
+    _one_line_error(
+        xbt(*_upgrade_args({**tiny, "old": tmp_path / "no-model"}, tmp_path / "o")),
+        "model directory",
+        "does not exist",
+    )
     _one_line_error(xbt(*_upgrade_args(tiny, tmp_path / "o"), "--set", "finetune.nope=1"), "unknown setting 'nope'")
 
 
@@ -68,16 +91,33 @@ def test_unwritable_outputs_fail_before_any_work(tiny, tmp_path):
     (tmp_path / "afile").write_text("x")
     _one_line_error(xbt(*_upgrade_args(tiny, tmp_path / "afile")), "afile", "is a file, not a folder")
     _one_line_error(xbt(*_upgrade_args(tiny, tmp_path / "afile" / "run")), "cannot be created", "is a file")
-    _one_line_error(xbt("embed", "--model", tiny["new"], "--input", tiny["eval"], "--modality", "text",
-                        "--out", tmp_path), "is a folder")
-    _one_line_error(xbt("embed", "--model", tiny["new"], "--input", tiny["eval"], "--modality", "text",
-                        "--out", tmp_path / "afile" / "e.parquet"), "cannot be created")
+    _one_line_error(
+        xbt("embed", "--model", tiny["new"], "--input", tiny["eval"], "--modality", "text", "--out", tmp_path),
+        "is a folder",
+    )
+    _one_line_error(
+        xbt(
+            "embed",
+            "--model",
+            tiny["new"],
+            "--input",
+            tiny["eval"],
+            "--modality",
+            "text",
+            "--out",
+            tmp_path / "afile" / "e.parquet",
+        ),
+        "cannot be created",
+    )
 
 
-@pytest.mark.parametrize("env, name", [
-    ({"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "MLflow tracking server at http://127.0.0.1:9"),
-    ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, "Prefect API at http://127.0.0.1:9/api/health"),
-])
+@pytest.mark.parametrize(
+    "env, name",
+    [
+        ({"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "MLflow tracking server at http://127.0.0.1:9"),
+        ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, "Prefect API at http://127.0.0.1:9/api/health"),
+    ],
+)
 def test_unreachable_server_fails_in_seconds_naming_it(tiny, tmp_path, env, name):
     t0 = time.perf_counter()
     r = xbt(*_upgrade_args(tiny, tmp_path / "o"), env=env)
@@ -94,14 +134,26 @@ def test_embed_text_and_image_and_bundle(tiny, tmp_path):
 
     new = DualEncoder.from_pretrained(tiny["new"])
     evalset = read_pairs(tiny["eval"])
-    r = xbt("embed", "--model", tiny["new"], "--input", tiny["eval"], "--modality", "text", "--out", tmp_path / "t.parquet")
+    r = xbt(
+        "embed", "--model", tiny["new"], "--input", tiny["eval"], "--modality", "text", "--out", tmp_path / "t.parquet"
+    )
     assert r.returncode == 0, r.stderr
     table = pq.read_table(tmp_path / "t.parquet")
     assert table.column("row").to_pylist() == list(range(len(evalset.captions)))
     _, emb = read_gallery(tmp_path / "t.parquet")
     torch.testing.assert_close(emb, new.embed_texts(evalset.captions), atol=1e-5, rtol=0)
 
-    r = xbt("embed", "--model", tiny["new"], "--input", tiny["eval"], "--modality", "image", "--out", tmp_path / "i.parquet")
+    r = xbt(
+        "embed",
+        "--model",
+        tiny["new"],
+        "--input",
+        tiny["eval"],
+        "--modality",
+        "image",
+        "--out",
+        tmp_path / "i.parquet",
+    )
     assert r.returncode == 0, r.stderr
     _, emb = read_gallery(tmp_path / "i.parquet")
     assert emb.shape == (len(evalset.captions), 32)  # one embedding per input row
@@ -109,17 +161,44 @@ def test_embed_text_and_image_and_bundle(tiny, tmp_path):
 
     # A bundle embeds into the old space: φ(normalize(E_new(x))) with a fitted W here.
     weight = torch.linalg.qr(torch.randn(32, 24, generator=torch.Generator().manual_seed(0)))[0]  # (32, 24)
-    save_bundle(tmp_path / "bundle", new, LinearMap.of(weight),
-                BundleMeta(tiny["new"], tiny["old"], tiny["old"], "procrustes", {"in_dim": 32, "out_dim": 24}))
-    r = xbt("embed", "--model", tmp_path / "bundle", "--input", tiny["eval"], "--modality", "text",
-            "--out", tmp_path / "b.parquet")
+    save_bundle(
+        tmp_path / "bundle",
+        new,
+        LinearMap.of(weight),
+        BundleMeta(tiny["new"], tiny["old"], tiny["old"], "procrustes", {"in_dim": 32, "out_dim": 24}),
+    )
+    r = xbt(
+        "embed",
+        "--model",
+        tmp_path / "bundle",
+        "--input",
+        tiny["eval"],
+        "--modality",
+        "text",
+        "--out",
+        tmp_path / "b.parquet",
+    )
     assert r.returncode == 0, r.stderr
     _, emb = read_gallery(tmp_path / "b.parquet")
     expected = torch.nn.functional.normalize(new.embed_texts(evalset.captions) @ weight, dim=-1)
     torch.testing.assert_close(emb, expected, atol=1e-5, rtol=0)
 
-    _one_line_error(xbt("embed", "--model", tiny["new"], "--input", tiny["eval"], "--modality", "text",
-                        "--text-column", "nope", "--out", tmp_path / "x.parquet"), "missing column 'nope'")
+    _one_line_error(
+        xbt(
+            "embed",
+            "--model",
+            tiny["new"],
+            "--input",
+            tiny["eval"],
+            "--modality",
+            "text",
+            "--text-column",
+            "nope",
+            "--out",
+            tmp_path / "x.parquet",
+        ),
+        "missing column 'nope'",
+    )
 
     r = xbt("catalog", "--json", "--table", "galleries")
     assert r.returncode == 0
@@ -153,16 +232,30 @@ def test_promote_and_rollback_commands(tmp_path, monkeypatch):
 
 
 # A small upgrade that checkpoints every 2 training steps, for the tests that stop it mid-training.
-KILLABLE = ["--set", "pretrain.epochs=2", "--set", "finetune.batch_size=8", "--set", "finetune.epochs=8",
-            "--set", "finetune.checkpoint_every=2"]
+KILLABLE = [
+    "--set",
+    "pretrain.epochs=2",
+    "--set",
+    "finetune.batch_size=8",
+    "--set",
+    "finetune.epochs=8",
+    "--set",
+    "finetune.checkpoint_every=2",
+]
 
 
 def _run_until_checkpoint(args, out, **popen):
     """Start `xbt ARGS` in a process group of its own and wait until training wrote a checkpoint (or the
     run ended, or 300 s); -> (the process, the checkpoints found)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, start_new_session=True, **popen)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+        **popen,
+    )
     deadline = time.time() + 300
     while not (ckpts := list((out / "work").glob("bundle-*.ckpt"))) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -230,8 +323,13 @@ def test_ctrl_c_or_sigterm_to_the_process_group_ends_the_run_in_seconds(tiny, tm
     it, died first, and left xbt retrying the dead API for 2.5 minutes; the private API lives in a session
     of its own, records the crash and stops with xbt."""
     out = tmp_path / "run"
-    proc, _ = _run_until_checkpoint(_upgrade_args(tiny, out) + ["--no-progress", *KILLABLE], out, stderr=subprocess.PIPE,
-                                    text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal job's
+    proc, _ = _run_until_checkpoint(
+        _upgrade_args(tiny, out) + ["--no-progress", *KILLABLE],
+        out,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # a terminal job's
     assert proc.poll() is None, "the run ended before training"
     assert _processes_with(f"--parent {proc.pid}"), "no private Prefect API is running"
     os.killpg(proc.pid, sig)
@@ -252,12 +350,23 @@ def test_chain_result_lists_the_no_regression_failures_too(capsys):
     from xbtcore.gate import eqn2_gate, no_regression_gate
 
     ks = ("1", "5", "10", "50")
-    recall = {d: {"old/old": dict.fromkeys(ks, 40.0), "new/old": dict.fromkeys(ks, 45.0),
-                  "new/new": dict.fromkeys(ks, 50.0), "orig-new/new": dict.fromkeys(ks, 50.0),
-                  "prev/old": dict.fromkeys(ks, 46.0 if d == "i2t" else 44.0)} for d in ("t2i", "i2t")}
-    report = {"recall": recall, "gate": eqn2_gate(recall).to_dict(), "no_regression": no_regression_gate(recall).to_dict(),
-              "promotion": {"model": "xbt-x", "version": "2", "reason": "gate failed (3 failing checks): not promoted"},
-              "bundle": "/tmp/run/bundle"}
+    recall = {
+        d: {
+            "old/old": dict.fromkeys(ks, 40.0),
+            "new/old": dict.fromkeys(ks, 45.0),
+            "new/new": dict.fromkeys(ks, 50.0),
+            "orig-new/new": dict.fromkeys(ks, 50.0),
+            "prev/old": dict.fromkeys(ks, 46.0 if d == "i2t" else 44.0),
+        }
+        for d in ("t2i", "i2t")
+    }
+    report = {
+        "recall": recall,
+        "gate": eqn2_gate(recall).to_dict(),
+        "no_regression": no_regression_gate(recall).to_dict(),
+        "promotion": {"model": "xbt-x", "version": "2", "reason": "gate failed (3 failing checks): not promoted"},
+        "bundle": "/tmp/run/bundle",
+    }
     _print_result(report)
     out = capsys.readouterr().out
     assert "gate (Eqn. 2): PASSED" in out and "no regression (new/old >= prev/old): FAILED" in out

@@ -28,10 +28,20 @@ def test_deploy_run_worker_registers_candidate(tiny, tmp_path):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), XBT_STATE_DIR=str(tmp_path / "state"),
-               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PWD=str(REPO))
-    server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        XBT_STATE_DIR=str(tmp_path / "state"),
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        PWD=str(REPO),
+    )
+    server = subprocess.Popen(
+        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 90
         while time.time() < deadline:
@@ -52,8 +62,16 @@ def test_deploy_run_worker_registers_candidate(tiny, tmp_path):
         for pool in ("xbt-cpu", "xbt-gpu"):
             prefect("work-pool", "create", pool, "--type", "process")
         prefect("--no-prompt", "deploy", "--all")
-        params = {"old": tiny["old"], "new": tiny["new"], "corpus": tiny["corpus"], "pairs": tiny["pairs"],
-                  "eval": tiny["eval"], "out": str(tmp_path / "out"), "progress": False, **FAST}
+        params = {
+            "old": tiny["old"],
+            "new": tiny["new"],
+            "corpus": tiny["corpus"],
+            "pairs": tiny["pairs"],
+            "eval": tiny["eval"],
+            "out": str(tmp_path / "out"),
+            "progress": False,
+            **FAST,
+        }
         out = prefect("deployment", "run", "xbt-upgrade/demo", "--param", f"params={json.dumps(params)}")
         run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
 

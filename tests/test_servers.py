@@ -17,10 +17,20 @@ def test_export_line_points_at_servers_and_keeps_state_local(tmp_path):
     # Run it in a clean shell, as a user would paste it, and read back what it set.
     names = ["PREFECT_API_URL", "MLFLOW_TRACKING_URI", "XBT_STATE_DIR", "PREFECT_HOME", "DO_NOT_TRACK"]
     script = line + "; prefect; " + "; ".join(f"echo {n}=${n}" for n in names)
-    out = subprocess.run(["sh", "-c", script], env={"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home")},
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        ["sh", "-c", script],
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home")},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert out[0] == "fake prefect"  # the venv's prefect comes first on PATH
     got = dict(x.split("=", 1) for x in out[1:])
-    assert got == {"PREFECT_API_URL": "http://127.0.0.1:4200/api", "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
-                   "XBT_STATE_DIR": str(state), "PREFECT_HOME": str(Path(state) / "prefect"), "DO_NOT_TRACK": "true"}
+    assert got == {
+        "PREFECT_API_URL": "http://127.0.0.1:4200/api",
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
+        "XBT_STATE_DIR": str(state),
+        "PREFECT_HOME": str(Path(state) / "prefect"),
+        "DO_NOT_TRACK": "true",
+    }
     assert shlex.split(line)[0] == "export"

@@ -21,7 +21,9 @@ def test_same_seed_same_bytes(tmp_path):
 
 def test_other_seed_differs(tmp_path):
     a = shapes.write_world(tmp_path / "a", SMALL)
-    b = shapes.write_world(tmp_path / "b", shapes.WorldSpec(seed=4, corpus_captions=500, pair_images=30, eval_images=12))
+    b = shapes.write_world(
+        tmp_path / "b", shapes.WorldSpec(seed=4, corpus_captions=500, pair_images=30, eval_images=12)
+    )
     assert not pq.read_table(a["eval"]).equals(pq.read_table(b["eval"]))
 
 
@@ -94,19 +96,32 @@ def test_user_phrasing_share_and_default_is_the_zoo_style():
     zoo_style = {c for _, cs in base for c in cs}
     mixed = [c for _, cs in shapes.scenes_with_captions(0, "eval", 300, 2, user_phrasing=0.5) for c in cs]
     # the user's word orders: "there is" after a place or relation, or a shape name before its colour
-    user = [c for c in mixed if re.search(r"^(in|at|on|left|right|above|below) .* there is|^(" + "|".join(
-        n for names in shapes.SHAPES.values() for n in names) + r") (" + "|".join(shapes.COLOURS) + ")", c)]
+    user = [
+        c
+        for c in mixed
+        if re.search(
+            r"^(in|at|on|left|right|above|below) .* there is|^("
+            + "|".join(n for names in shapes.SHAPES.values() for n in names)
+            + r") ("
+            + "|".join(shapes.COLOURS)
+            + ")",
+            c,
+        )
+    ]
     assert 0.25 < len(user) / len(mixed) < 0.75, len(user) / len(mixed)
     assert not any(c in zoo_style for c in user)
 
 
-@pytest.mark.parametrize("bad, needle", [
-    (dict(pair_images=2.5), "pair_images must be a positive whole number, got 2.5"),
-    (dict(eval_images=0), "eval_images must be a positive whole number"),
-    (dict(seed=-1), "seed must be a non-negative whole number"),
-    (dict(corpus_captions=True), "corpus_captions must be a positive whole number"),
-    (dict(user_phrasing=1.5), "user_phrasing must be a share in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (dict(pair_images=2.5), "pair_images must be a positive whole number, got 2.5"),
+        (dict(eval_images=0), "eval_images must be a positive whole number"),
+        (dict(seed=-1), "seed must be a non-negative whole number"),
+        (dict(corpus_captions=True), "corpus_captions must be a positive whole number"),
+        (dict(user_phrasing=1.5), "user_phrasing must be a share in [0, 1]"),
+    ],
+)
 def test_bad_sizes_fail_when_the_spec_is_made(bad, needle):
     with pytest.raises(ValueError) as err:
         shapes.WorldSpec(**bad)
@@ -116,8 +131,14 @@ def test_bad_sizes_fail_when_the_spec_is_made(bad, needle):
 
 def test_plain_words_keeps_the_first_k_synonyms_and_nothing_else_changes():
     caption = "a tiny red round dot left of a huge blue hex and a green plus sign, a hexagon in the top"
-    assert shapes.plain_words(caption, 1) == "a small red circle left of a large blue hexagon and a green cross, a hexagon in the top"
-    assert shapes.plain_words(caption, 2) == "a small red circle left of a large blue hex and a green plus sign, a hexagon in the top"
+    assert (
+        shapes.plain_words(caption, 1)
+        == "a small red circle left of a large blue hexagon and a green cross, a hexagon in the top"
+    )
+    assert (
+        shapes.plain_words(caption, 2)
+        == "a small red circle left of a large blue hex and a green plus sign, a hexagon in the top"
+    )
     assert shapes.plain_words(caption, 3) == caption
     with pytest.raises(ValueError, match="known_synonyms"):
         shapes.plain_words(caption, 0)

@@ -50,9 +50,15 @@ def test_variant_tier_trains_on_house_style_captions_with_its_overrides(tmp_path
     monkeypatch.setattr(build_zoo.shapes, "scenes_with_captions", spy)
     monkeypatch.setattr(build_zoo, "TRAIN_IMAGES", 48)
     monkeypatch.setattr(build_zoo, "BATCH", 16)
-    meta = build_zoo.train_tier("old", tmp_path, seed=0, eval_every=1,
-                                spec_overrides={"text_width": 32, "text_layers": 1},
-                                steps=2, zoo_user_phrasing=0.5)
+    meta = build_zoo.train_tier(
+        "old",
+        tmp_path,
+        seed=0,
+        eval_every=1,
+        spec_overrides={"text_width": 32, "text_layers": 1},
+        steps=2,
+        zoo_user_phrasing=0.5,
+    )
     assert ("zoo", 0.5) in drawn and ("eval", 0.0) in drawn  # the eval split keeps the world's own phrasing
     assert meta["steps"] == 2 and meta["zoo_user_phrasing"] == 0.5
     assert meta["spec"]["text_width"] == 32 and meta["spec"]["width"] == build_zoo.TIERS["old"]["spec"].width
@@ -94,8 +100,10 @@ def test_each_generation_reads_more_words_and_the_committed_zoo_records_it(tmp_p
     seen.clear()
     build_zoo.train_tier("new", tmp_path, seed=0, eval_every=1, steps=1)
     assert seen == {}
-    meta = {t: json.loads((ZOO / t / "xbt_zoo.json").read_text()).get("known_synonyms")
-            for t in ("old", "mid", "new", "old-same-text")}
+    meta = {
+        t: json.loads((ZOO / t / "xbt_zoo.json").read_text()).get("known_synonyms")
+        for t in ("old", "mid", "new", "old-same-text")
+    }
     assert meta == {"old": 2, "mid": {"size": 2}, "new": None, "old-same-text": None}
 
 

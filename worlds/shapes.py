@@ -47,9 +47,15 @@ SIZES = {"small": ["small", "little", "tiny"], "large": ["large", "big", "huge"]
 # 3x3 grid: (column, row) -> phrase; the centre cell has no direction words.
 CELLS = [(c, r) for r in range(3) for c in range(3)]
 CELL_NAMES = {
-    (0, 0): "top left", (1, 0): "top", (2, 0): "top right",
-    (0, 1): "left", (1, 1): "middle", (2, 1): "right",
-    (0, 2): "bottom left", (1, 2): "bottom", (2, 2): "bottom right",
+    (0, 0): "top left",
+    (1, 0): "top",
+    (2, 0): "top right",
+    (0, 1): "left",
+    (1, 1): "middle",
+    (2, 1): "right",
+    (0, 2): "bottom left",
+    (1, 2): "bottom",
+    (2, 2): "bottom right",
 }
 CELL_PHRASES = ["in the {}", "at the {}", "on the {}", "{} side"]
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
@@ -101,7 +107,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         pts = [(0, -1), (0.7, 0), (0, 1), (-0.7, 0)]
     elif shape == "cross":
         a, b = 0.33, 1.0
-        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+        pts = [
+            (-a, -b),
+            (a, -b),
+            (a, -a),
+            (b, -a),
+            (b, a),
+            (a, a),
+            (a, b),
+            (-a, b),
+            (-a, a),
+            (-b, a),
+            (-b, -a),
+            (-a, -a),
+        ]
     elif shape == "star":
         pts = []
         for i in range(10):
@@ -185,7 +204,11 @@ def _related_pair(objs: list[SceneObject], rng: random.Random, p_size: float) ->
     rel = _relation(objs[0], objs[1])
     if rel is None:
         return None
-    return rel, _noun_phrase(objs[0], rng, rng.random() < p_size, False), _noun_phrase(objs[1], rng, rng.random() < p_size, False)
+    return (
+        rel,
+        _noun_phrase(objs[0], rng, rng.random() < p_size, False),
+        _noun_phrase(objs[1], rng, rng.random() < p_size, False),
+    )
 
 
 def _user_caption(scene: Scene, rng: random.Random) -> str:
@@ -359,21 +382,26 @@ def write_world(out_dir, spec: WorldSpec = WorldSpec()) -> dict[str, str]:
     Files are written to a temporary name and renamed, so an interrupted run never
     leaves a file that looks finished.
     """
+    from pathlib import Path
+
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from pathlib import Path
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tables = {
         "corpus": pa.table({"caption": corpus_captions(spec.seed, spec.corpus_captions, spec.user_phrasing)}),
         "pairs": _pairs_table(
-            scenes_with_captions(spec.seed, "pairs", spec.pair_images, spec.captions_per_pair_image, spec.user_phrasing),
+            scenes_with_captions(
+                spec.seed, "pairs", spec.pair_images, spec.captions_per_pair_image, spec.user_phrasing
+            ),
             "pairs",
             spec.seed,
         ),
         "eval": _pairs_table(
-            scenes_with_captions(spec.seed, "eval", spec.eval_images, spec.captions_per_eval_image, spec.user_phrasing),
+            scenes_with_captions(
+                spec.seed, "eval", spec.eval_images, spec.captions_per_eval_image, spec.user_phrasing
+            ),
             "eval",
             spec.seed,
         ),
