@@ -414,6 +414,11 @@ class _UserErrorsWithoutTraceback(logging.Filter):
         return True
 
 
+def _not_bookkeeping(record: logging.LogRecord) -> bool:
+    """Drops Prefect's two lines per step about the hook that records the step's state (tasks.common)."""
+    return "'_record_state'" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     _set_env_defaults()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -436,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = _UserErrorsWithoutTraceback((InputError, ModelLoadError, DivergedError))
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(quiet)
+        logging.getLogger(name).addFilter(_not_bookkeeping)
 
     if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
         signal.signal(signal.SIGTERM, _on_sigterm)  # during a flow Prefect's handler hands the signal on to this one

@@ -468,6 +468,7 @@ def upgrade(params: UpgradeParams) -> dict:
             "eval_images": inputs["eval_images"],
             "eval_captions": inputs["eval_captions"],
             "val_images": inputs["val_images"],
+            "val_pairs": inputs["val_pairs"],
         },
         "timings_s": dict(clock.seconds),
         "bundle": bundle,

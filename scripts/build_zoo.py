@@ -17,9 +17,9 @@ generation was trained on more and more varied text than the last, each tier
 reads more words (`shapes.plain_words`): `old` only the two commonest words for
 each shape and size, so "donut", "block" or "tiny" in a user's caption mean
 little to it; `mid` every shape word but only the two commonest size words;
-`new` every word. `zoo/old-same-text` is the first old tier, trained on every
-word, as new (`--tiers old --known-synonyms 3` rebuilds it), which
-every experiment before session 8 used (docs/method.md).
+`new` every word. `zoo/old-same-text` is an old tier trained on every word, as
+new was (`--tiers old --known-synonyms 3` rebuilds it): the analogue of two CLIP
+generations trained on the same data.
 """
 
 from __future__ import annotations

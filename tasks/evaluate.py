@@ -72,6 +72,7 @@ def check_inputs(
         "pairs": len(pairs.captions),
         "pair_images": pairs.n_images,
         "val_images": 0 if val is None else val.n_images,
+        "val_pairs": 0 if val is None else len(val.captions),
         "eval_images": evalset.n_images,
         "eval_captions": len(evalset.captions),
         "images": images,

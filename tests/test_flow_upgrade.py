@@ -74,13 +74,16 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
     # Counts against an independent reading of the inputs.
     corpus = [t for t in pq.read_table(tiny["corpus"]).column("caption").to_pylist() if t and t.strip()]
     ev = pq.read_table(tiny["eval"]).to_pydict()
-    pair_images = len(set(pq.read_table(tiny["pairs"]).column("image_id").to_pylist()))
+    pair_ids = pq.read_table(tiny["pairs"]).column("image_id").to_pylist()
+    pair_images = len(set(pair_ids))
+    val_images = min(max(math.ceil(0.1 * pair_images), 500), pair_images // 2)
     assert report["counts"] == {
         "corpus": len(set(corpus)),
         "pairs": pq.read_metadata(tiny["pairs"]).num_rows,
         "eval_images": len(set(ev["image_id"])),
         "eval_captions": len(ev["caption"]),
-        "val_images": min(max(math.ceil(0.1 * pair_images), 500), pair_images // 2),
+        "val_images": val_images,
+        "val_pairs": val_images * len(pair_ids) // pair_images,  # the tiny world: as many captions per image
     }
 
     # new/old t2i recomputed by brute force from the reloaded bundle and the old model.

@@ -1,7 +1,7 @@
 """The committed demo zoo: a real ladder on the built-in world's eval set.
 
 Each tier beats the one below by at least 3 points of R@1 in both directions,
-and `old` reaches at least 30% t2i R@10 (issue 2). The models go through the
+and `old` reaches at least 30% t2i R@10. The models go through the
 product's one loader; recall through the product's recall_at_k.
 """
 
