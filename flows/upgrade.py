@@ -56,7 +56,7 @@ from xbtcore.config import Settings, apply_overrides
 from xbtcore.data import Gallery, ValSplit, check_output, parquet_files, read_pairs
 from xbtcore.encoders import check_model_dir
 from xbtcore.finetune import FinetuneConfig
-from xbtcore.methods import by_cost, get_method
+from xbtcore.methods import by_cost, get_method, head_owner
 from xbtcore.methods.select import choose, qualifies
 from xbtcore.pretrain import PretrainConfig
 
@@ -267,8 +267,9 @@ def train_candidate(ctx: Context, method: str) -> dict:
     head = None
     if spec.fit_head is not None:
         with ctx.clock("pretrain"):
+            owner = head_owner(method)  # a head two methods share is fitted once
             head = fit_head(
-                method,
+                owner,
                 ctx.settings,
                 embeddings,
                 ctx.cache_root,
@@ -279,7 +280,7 @@ def train_candidate(ctx: Context, method: str) -> dict:
                 p.seed,
                 step_path(
                     ctx.work,
-                    f"head-{method}",
+                    f"head-{owner}",
                     ctx.settings,
                     embeddings,
                     ctx.data_fp["pairs"],

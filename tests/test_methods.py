@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from xbtcore.config import Settings
 from xbtcore.losses import clip_loss, eqn3_loss, eqn5_loss, eqn6_loss
-from xbtcore.methods import COST_CLASSES, EMBEDDINGS, METHODS, by_cost, get_method
+from xbtcore.methods import COST_CLASSES, EMBEDDINGS, METHODS, by_cost, get_method, head_owner
 
 
 def _unit(n, d, seed):
@@ -56,6 +56,14 @@ def test_every_method_is_registered_once_with_what_a_run_needs():
     assert costs == sorted(costs)
     with pytest.raises(ValueError, match="unknown method 'magic'.*xbt methods"):
         get_method("magic")
+
+
+def test_methods_that_share_a_head_fit_it_once_under_the_cheapest_name():
+    assert head_owner("xbt-gallery-lora") == "xbt-gallery"
+    assert get_method("xbt-gallery-lora").fit_head is get_method("xbt-gallery").fit_head
+    assert head_owner("xbt") == "xbt" and head_owner("procrustes") == "procrustes"
+    assert head_owner("lstsq") == "lstsq"  # a different closed form: its own head
+    assert head_owner("base") == "base"  # no head fitted before training
 
 
 def test_a_method_config_reads_its_scopes_of_the_settings():

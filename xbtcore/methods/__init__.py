@@ -6,7 +6,17 @@ maps.py     training-free maps: Procrustes, least squares
 """
 
 from . import direct, maps, xbt
-from .registry import COST_CLASSES, EMBEDDINGS, METHODS, HeadInputs, MethodSpec, by_cost, get_method, register_method
+from .registry import (
+    COST_CLASSES,
+    EMBEDDINGS,
+    METHODS,
+    HeadInputs,
+    MethodSpec,
+    by_cost,
+    get_method,
+    head_owner,
+    register_method,
+)
 
 __all__ = [
     "COST_CLASSES",
@@ -16,6 +26,7 @@ __all__ = [
     "MethodSpec",
     "by_cost",
     "get_method",
+    "head_owner",
     "register_method",
 ]
 

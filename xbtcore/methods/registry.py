@@ -90,6 +90,13 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[name]
 
 
+def head_owner(name: str) -> str:
+    """The cheapest method whose head is fitted by the same function as `name`'s: methods that share a head
+    (xbt-gallery-lora starts from xbt-gallery's φ) fit it once."""
+    fit = get_method(name).fit_head
+    return next(m.name for m in by_cost() if m.fit_head is fit) if fit is not None else name
+
+
 def by_cost() -> list[MethodSpec]:
     """Every method, cheapest first (ties in registration order)."""
     return sorted(METHODS.values(), key=lambda m: m.cost)
