@@ -50,6 +50,7 @@ BENCHES = {
         "bench/recall_bench.py", ("--images", "35000", "--captions-per-image", "5", "--dim", "512"), takes_device=True
     ),
     "cost": Bench("bench/cost.py", ("--methods", "xbt", "base")),
+    "input_errors": Bench("bench/input_errors.py"),
     "quality": Bench("bench/quality.py", ("--seeds", "0"), fast=False),
     "chain": Bench("bench/chain.py", ("--seeds", "0"), fast=False),
     "ablations": Bench("bench/ablations.py", ("--seeds", "0"), fast=False),
@@ -168,7 +169,21 @@ def goal_rows(name: str, r: dict) -> list[tuple[str, str, str, bool | None, str]
         "pretrain": _pretrain_goals,
         "recall": _recall_goals,
         "cost": _cost_goals,
+        "input_errors": _input_error_goals,
     }.get(name.split("-")[0], lambda r: [])(r)
+
+
+def _input_error_goals(r: dict) -> list[tuple]:
+    slow = [f"{name} {c['seconds']:.1f}s" for name, c in r["cases"].items() if not c["met"]]
+    return [
+        (
+            "bad inputs fail fast",
+            f"each of the contract's bad inputs: one line naming it, in < {r['goal_s']:g} s",
+            f"{len(r['cases'])} cases, slowest {r['slowest_s']:.1f} s",
+            r["all_met"],
+            "" if r["all_met"] else "missed: " + ", ".join(slow),
+        )
+    ]
 
 
 def _extract_goals(r: dict) -> list[tuple]:
