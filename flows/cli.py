@@ -398,9 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--index", required=True, help="index folder written by `xbt index` (it keeps its source)")
     bf.add_argument("--new", help="the model whose own space to backfill into (a bundle: its base new model): "
                     + MODEL_REF)
-    bf.add_argument("--order", default="dense-first", choices=["dense-first", "random"],
-                    help="which items first: dense-first re-embeds the most crowded old-space items first "
-                         "(docs/serving.md measures it against random)")
+    bf.add_argument("--order", default="dense-clusters", choices=["dense-clusters", "random"],
+                    help="which items first: dense-clusters re-embeds whole old-space neighbourhoods, the "
+                         "tightest first (docs/serving.md measures it against random)")
     bf.add_argument("--chunk-rows", type=int, default=1024, help="items per resumable chunk")
     bf.add_argument("--seed", type=int, default=0, help="seed of the random order")
     bf.add_argument("--status", action="store_true", help="print the backfill's progress as JSON and exit")

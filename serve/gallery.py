@@ -110,7 +110,12 @@ def index_gallery(
 
 
 def backfill(
-    index: str, model, order: str = "dense-first", chunk_rows: int = 1024, seed: int = 0, stop_after: int | None = None
+    index: str,
+    model,
+    order: str = "dense-clusters",
+    chunk_rows: int = 1024,
+    seed: int = 0,
+    stop_after: int | None = None,
 ) -> dict:
     """Re-embed the gallery with the model's own (new) space into INDEX/backfill, in `order`, chunk by chunk.
     Resumable: a rerun continues at the first missing chunk. model: serve.engine.QueryModel."""

@@ -188,12 +188,23 @@ def test_ivf_index_recall_against_exact(tmp_path):
     assert recall >= 0.9, recall
 
 
+def mixed_reference(s_old: dict, s_new: dict, moved: list, k: int) -> list[tuple]:
+    """The mixed gallery's top k, recomputed: an item not moved scores its old cosine; a moved one the mean
+    of its old cosine and its new cosine standardised over the moved items and given their old mean and spread."""
+    o, n = np.array([s_old[i] for i in moved]), np.array([s_new[i] for i in moved])
+    scores = dict(s_old)
+    for i in moved:
+        scores[i] = 0.5 * s_old[i] + 0.5 * (o.mean() + (s_new[i] - n.mean()) / n.std() * o.std())
+    best = sorted(scores, key=lambda i: (-scores[i], search.id_key(i)))[:k]
+    return [(i, scores[i]) for i in best]
+
+
 def test_mixed_gallery_merges_both_spaces_into_one_ranking(tmp_path):
     rng = np.random.default_rng(2)
-    old_vecs = search.normalise(rng.standard_normal((30, 6)))
-    new_vecs = search.normalise(rng.standard_normal((30, 5)))
-    ids = [f"i{n:02d}" for n in range(30)]
-    search.build_index(tmp_path, ids, lambda pos: old_vecs[pos], "old-space", chunk_rows=8)
+    old_vecs = search.normalise(rng.standard_normal((300, 6)))
+    new_vecs = search.normalise(rng.standard_normal((300, 5)))
+    ids = [f"i{n:03d}" for n in range(300)]
+    search.build_index(tmp_path, ids, lambda pos: old_vecs[pos], "old-space", chunk_rows=64)
     order = [ids[r] for r in search.backfill_order(old_vecs, "random", seed=3)]
     new_of = {i: new_vecs[n] for n, i in enumerate(ids)}
     search.build_index(
@@ -201,24 +212,44 @@ def test_mixed_gallery_merges_both_spaces_into_one_ranking(tmp_path):
         order,
         lambda pos: np.stack([new_of[order[p]] for p in pos]),
         "new-space",
-        chunk_rows=8,
-        stop_after=2,
-    )  # 16 of 30 in the new space
+        chunk_rows=32,
+        stop_after=4,
+    )  # 128 of 300 in the new space
     mixed = search.MixedGallery(tmp_path)
-    assert mixed.fraction == pytest.approx(16 / 30) and set(mixed.new_ids) == set(order[:16])
-    q_old, q_new = search.normalise(rng.standard_normal((1, 6)))[0], search.normalise(rng.standard_normal((1, 5)))[0]
-    hits = mixed.search(q_old, q_new, 12)
-    scores = {i: float(new_of[i] @ q_new) if i in order[:16] else float(old_vecs[ids.index(i)] @ q_old) for i in ids}
-    expected = sorted(ids, key=lambda i: (-scores[i], i))[:12]
-    assert [h.id for h in hits] == expected
-    np.testing.assert_allclose([h.score for h in hits], [scores[i] for i in expected], atol=1e-6)
+    moved = order[:128]
+    assert mixed.fraction == pytest.approx(128 / 300) and mixed.new_ids == moved
+    for seed in range(5):
+        q = np.random.default_rng(seed)
+        q_old, q_new = search.normalise(q.standard_normal((1, 6)))[0], search.normalise(q.standard_normal((1, 5)))[0]
+        s_old = {i: float(old_vecs[n] @ q_old) for n, i in enumerate(ids)}
+        s_new = {i: float(new_of[i] @ q_new) for i in ids}
+        for k in (1, 10, 40):
+            hits = mixed.search(q_old, q_new, k)
+            expected = mixed_reference(s_old, s_new, moved, k)
+            assert [h.id for h in hits] == [i for i, _ in expected]
+            np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], atol=1e-5)
+        # Without the new query (a backfill of another model's space): the old index whole.
+        assert [h.id for h in mixed.search(q_old, None, 5)] == sorted(ids, key=lambda i: -s_old[i])[:5]
+    # A finished backfill: the new space alone, plain cosines.
+    search.build_index(
+        tmp_path / "backfill", order, lambda pos: np.stack([new_of[order[p]] for p in pos]), "new-space", chunk_rows=32
+    )
+    done = search.MixedGallery(tmp_path)
+    assert done.complete and done.fraction == 1.0
+    assert [h.id for h in done.search(None, q_new, 5)] == sorted(ids, key=lambda i: -s_new[i])[:5]
 
 
-def test_dense_first_order_puts_crowded_items_first():
+def test_dense_clusters_order_moves_whole_neighbourhoods_tightest_first():
     rng = np.random.default_rng(4)
-    spread = search.normalise(rng.standard_normal((40, 16)))
-    crowd = search.normalise(np.ones((10, 16)) + 0.01 * rng.standard_normal((10, 16)))
-    order = search.backfill_order(np.concatenate([spread, crowd]), "dense-first")
-    assert set(order[:10].tolist()) == set(range(40, 50))
-    assert sorted(order.tolist()) == list(range(50))
-    assert sorted(search.backfill_order(spread, "random", seed=1).tolist()) == list(range(40))
+    centres = search.normalise(rng.standard_normal((3, 16))) * 4
+    spreads = (0.05, 0.4, 0.8)  # cluster 0 is the tightest
+    vectors = search.normalise(
+        np.concatenate([c + s * rng.standard_normal((30, 16)) for c, s in zip(centres, spreads)])
+    )
+    perm = rng.permutation(90)  # rows shuffled: the order must come from the vectors, not the rows
+    order = search.backfill_order(vectors[perm], "dense-clusters")
+    cluster_of_row = (perm // 30)[order]  # the cluster of each item, in backfill order
+    assert sorted(order.tolist()) == list(range(90))
+    assert (cluster_of_row[:30] == 0).all()  # the tight cluster first, whole
+    assert (np.diff(cluster_of_row) != 0).sum() == 2  # each cluster contiguous
+    assert sorted(search.backfill_order(vectors, "random", seed=1).tolist()) == list(range(90))

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 from serving import NEW, OLD, make_world, procrustes_bundle, register
-from test_search import assert_same_ranking, brute_force, xbt
+from test_search import assert_same_ranking, brute_force, mixed_reference, xbt
 
 from xbtcore import search
 
@@ -214,12 +214,16 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
     query = setup["captions"][10]
     q_old, q_new = compat.embed_texts([query])[0].numpy(), new_enc.embed_texts([query])[0].numpy()
     engine = Engine(model, MixedGallery(index))
-    moved = set(engine.gallery.new_ids)
-    assert len(moved) == 32 and engine.space == f"{old.space}+{model.own_space}"
+    moved = engine.gallery.new_ids
+    assert len(set(moved)) == 32 and engine.space == f"{old.space}+{model.own_space}"
     vectors = old.vectors()
-    scores = {i: float(own[r] @ q_new) if i in moved else float(vectors[r] @ q_old) for r, i in enumerate(old.ids)}
-    expected = sorted(scores, key=lambda i: (-scores[i], search.id_key(i)))[:10]
-    assert_same_ranking(engine.search(10, text=query)["results"], [(i, scores[i]) for i in expected])
+    s_old = {i: float(vectors[r] @ q_old) for r, i in enumerate(old.ids)}
+    s_new = {i: float(own[r] @ q_new) for r, i in enumerate(old.ids)}
+    expected = mixed_reference(s_old, s_new, moved, 10)
+    assert_same_ranking(engine.search(10, text=query)["results"], expected)
+    # A model whose own space is not the backfill's searches the old index whole.
+    plain = Engine(load_query_model(OLD), MixedGallery(index))
+    assert plain.new_encoder is None and len(plain.search(64, text=query)["results"]) == 64
 
     # The same command resumes: every id exactly once, in the new space.
     r = xbt("backfill", "--index", index, "--new", setup["b1"], "--chunk-rows", "16")

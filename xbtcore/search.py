@@ -273,42 +273,74 @@ def remove_index(path: str | Path) -> None:
 
 # --- progressive backfill ------------------------------------------------------------------------------
 
-BACKFILL_ORDERS = ("dense-first", "random")
+BACKFILL_ORDERS = ("dense-clusters", "random")
 
 
-def backfill_order(vectors: np.ndarray, how: str = "dense-first", seed: int = 0, neighbours: int = 10) -> np.ndarray:
+def backfill_order(vectors: np.ndarray, how: str = "dense-clusters", seed: int = 0) -> np.ndarray:
     """(N, D) old-space vectors -> (N,) row order in which to re-embed the gallery.
 
-    dense-first: items whose old-space neighbourhood is most crowded (mean cosine to their nearest
-    `neighbours`) go first. Where old vectors crowd, the old space separates items worst and a query's
-    own item is most often outranked, so moving those items to the new space repairs the most rankings
-    per chunk (FastFill's intuition, backfill where the old model is least reliable, with a signal the
-    old vectors alone give: no new-model pass is spent on choosing). Ties and equal densities: by row.
-    random: a seeded permutation, the baseline it is measured against (bench/backfill_order.py).
+    dense-clusters: whole neighbourhoods at a time, the tightest first. Spherical k-means on the old
+    vectors (about sqrt(N)/3 clusters); clusters go in order of their mean cosine to the centroid, and
+    a cluster's items go together (by row). Ranking errors of a mixed gallery come from near neighbours
+    scored in different spaces; moving a neighbourhood whole keeps each one ranked in a single space,
+    and the tightest neighbourhoods are where the old space separates items worst, so they gain most
+    from the new one. Chosen over item-level orders (densest items first, sparsest first) on the
+    measurement in docs/serving.md; no new-model pass is spent on choosing.
+    random: a seeded permutation, the baseline it is measured against.
     """
     n = len(vectors)
     if how == "random":
         return np.random.default_rng(seed).permutation(n)
-    assert how == "dense-first", f"unknown backfill order {how!r}; one of {BACKFILL_ORDERS}"
+    assert how == "dense-clusters", f"unknown backfill order {how!r}; one of {BACKFILL_ORDERS}"
     import faiss
 
-    ref = vectors
-    if n > 100_000:  # crowding against a sample: the same ordering signal at a bounded cost
-        ref = vectors[np.random.default_rng(seed).permutation(n)[:100_000]]
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(ref))
-    m = min(neighbours + 1, len(ref))
-    scores, _ = index.search(np.ascontiguousarray(vectors), m)  # (N, m); column 0 is (mostly) the item itself
-    density = scores[:, 1:].mean(axis=1) if m > 1 else np.zeros(n)
-    return np.lexsort((np.arange(n), -density))
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    k = max(1, min(n, round(math.sqrt(n) / 3)))
+    if k == 1:
+        return np.arange(n)
+    km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed + 1, spherical=True, min_points_per_centroid=1)
+    km.train(x)
+    _, label = km.index.search(x, 1)  # (N, 1)
+    label = label[:, 0]
+    cosine = (x * km.centroids[label]).sum(axis=1)  # (N,) each item to its centroid
+    tightness = np.bincount(label, cosine, k) / np.maximum(np.bincount(label, minlength=k), 1)  # (k,)
+    cluster_rank = np.empty(k, dtype=np.int64)
+    cluster_rank[np.lexsort((np.arange(k), -tightness))] = np.arange(k)
+    return np.lexsort((np.arange(n), cluster_rank[label]))
+
+
+CALIBRATION_ITEMS = 2048  # backfilled items whose scores in both spaces calibrate a query (cost: 2 x 2048 dots)
+
+
+def calibration_rows(m: int) -> np.ndarray:
+    """Of m backfilled items (in backfill order), at most CALIBRATION_ITEMS spread evenly over the order: a
+    backfill moves one neighbourhood after another, so its first items are not a sample of all of them."""
+    return np.unique(np.linspace(0, m - 1, min(m, CALIBRATION_ITEMS)).astype(np.int64))
+
+
+def blended_score(s_old, s_new, cal_old: np.ndarray, cal_new: np.ndarray):
+    """A backfilled item's score in the mixed gallery: the mean of its old-space cosine and its new-space
+    cosine mapped onto the old scale. The map standardises s_new by the calibration items' new-space
+    scores and gives it their old-space mean and spread. Shapes: s_old, s_new (..., M) of the same items;
+    cal_old, cal_new (..., C) of the calibration items (leading dims: queries)."""
+    mean_old, mean_new = cal_old.mean(axis=-1, keepdims=True), cal_new.mean(axis=-1, keepdims=True)
+    spread_old, spread_new = cal_old.std(axis=-1, keepdims=True), cal_new.std(axis=-1, keepdims=True)
+    scale = np.where(spread_new > 1e-6, spread_old / np.maximum(spread_new, 1e-6), 1.0)
+    return 0.5 * s_old + 0.5 * (mean_old + (s_new - mean_new) * scale)
 
 
 class MixedGallery:
     """An index with its backfill beside it (DIR/backfill, vectors of the new model's own space).
 
-    While the backfill is partial, each id lives in exactly one space: the backfilled ones in the new
-    space, the rest in the old one. At 100% the old vectors are no longer searched (but kept on disk
-    until removed). Without a backfill it is the index alone.
+    While the backfill is partial, an item not yet backfilled is scored by the compatible query against
+    its old vector (s_old, a cosine). A backfilled item has both vectors and gets the mean of its s_old
+    and its new-space cosine s_new put on the old scale: s_new is standardised per query against the
+    backfilled items' new-space scores and mapped onto the mean and spread of their old-space scores
+    (the same items in both spaces, so the map compares like with like). Raw cosines of two spaces are
+    not comparable; moving an item by its new score alone, even so calibrated, ranked the mixed gallery
+    below the compatible query alone early in the backfill (docs/serving.md), while the mean of both
+    never did. At 100% the old vectors are no longer searched (but kept until removed): the new space
+    alone, plain cosines. Without a backfill it is the index alone.
     """
 
     def __init__(self, path: str | Path):
@@ -317,7 +349,7 @@ class MixedGallery:
         self.new_space: str | None = None
         self.new_ids: list = []
         self.new_index = None
-        self.old_allowed: np.ndarray | None = None  # (N,) bool: old rows still searched in the old space
+        self.moved: np.ndarray | None = None  # (N,) bool over old rows: backfilled
         bf = self.path / "backfill"
         if (bf / PLAN).is_file():
             plan = read_plan(bf)
@@ -326,10 +358,15 @@ class MixedGallery:
             if done:
                 rows = plan["chunk_rows"]
                 self.new_ids = [i for c in done for i in order[c * rows : (c + 1) * rows]]
-                self.new_index = make_faiss(load_vectors(bf, None), "flat")
+                self.new_vectors = load_vectors(bf, None)  # (M, D_new), row j is new_ids[j]
+                self.new_index = make_faiss(self.new_vectors, "flat")
                 self.new_space = plan["space"]
-                self.old_allowed = np.ones(len(self.old), dtype=bool)
-                self.old_allowed[[self.old.row_of[i] for i in self.new_ids]] = False
+                self.old_rows = np.array([self.old.row_of[i] for i in self.new_ids])  # (M,) old row of new row j
+                self.moved = np.zeros(len(self.old), dtype=bool)
+                self.moved[self.old_rows] = True
+                self.old_vectors = self.old.vectors()
+                self.new_row = np.full(len(self.old), -1)
+                self.new_row[self.old_rows] = np.arange(len(self.new_ids))
         self.complete = is_complete(bf)
 
     @property
@@ -337,20 +374,52 @@ class MixedGallery:
         """Share of the gallery in the new space."""
         return len(self.new_ids) / max(1, len(self.old))
 
-    def state(self) -> tuple:
-        """What changes when the backfill moves on: a server reloads when this differs."""
-        return state_of(self.path)
-
     def search(self, old_query: np.ndarray | None, new_query: np.ndarray | None, k: int) -> list[Hit]:
         """One query, (D_old,) in the old space and (D_new,) in the new one -> the merged top k.
-        Either side may be None when its space is not searched (no backfill, or no old items left)."""
+        new_query None: the old index alone (no backfill, or one of another model's space).
+        old_query None: the new space alone (a finished backfill)."""
+        if new_query is None or self.new_index is None:
+            return self.old.search(old_query[None], k)[0]
+        new_query = normalise(new_query[None])[0]
+        if old_query is None:
+            return [Hit(self.new_ids[r], s) for r, s in top_rows(self.new_index, new_query[None], k)[0]]
+        old_query = normalise(old_query[None])[0]
+        calibration = self._calibration(old_query, new_query)
         lists = []
-        if old_query is not None and (self.old_allowed is None or self.old_allowed.any()):
-            lists.append(self.old.search(old_query[None], k, self.old_allowed)[0])
-        if new_query is not None and self.new_index is not None:
-            rows = top_rows(self.new_index, new_query[None], k)[0]
-            lists.append([Hit(self.new_ids[r], s) for r, s in rows])
+        if not self.moved.all():
+            lists.append(self.old.search(old_query[None], k, ~self.moved)[0])
+        lists.append(self._moved_top(old_query, new_query, k, calibration))
         return merge_hits(lists, k)
+
+    def _calibration(self, old_query: np.ndarray, new_query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> ((C,) old-space, (C,) new-space) scores of calibration_rows(backfilled items)."""
+        rows = calibration_rows(len(self.new_ids))
+        return self.old_vectors[self.old_rows[rows]] @ old_query, self.new_vectors[rows] @ new_query
+
+    def _blend(self, new_rows: np.ndarray, old_query, new_query, calibration) -> np.ndarray:
+        s_old = self.old_vectors[self.old_rows[new_rows]] @ old_query  # (m,)
+        s_new = self.new_vectors[new_rows] @ new_query  # (m,)
+        return blended_score(s_old, s_new, *calibration)
+
+    def _moved_top(self, old_query, new_query, k: int, calibration) -> list[Hit]:
+        """The top k backfilled items by the blended score, exactly: Fagin's threshold algorithm over the
+        two sorted lists (by s_new in the new index, by s_old in the old one), deepened until the k-th
+        blended score beats the best any unseen item could reach."""
+        m = len(self.new_ids)
+        depth = min(m, k + 16)
+        while True:
+            by_new = top_rows(self.new_index, new_query[None], depth)[0]  # [(new row, s_new)]
+            by_old = top_rows(self.old.index, old_query[None], depth, self.moved)[0]  # [(old row, s_old)]
+            seen = np.unique(np.array([r for r, _ in by_new] + [self.new_row[r] for r, _ in by_old]))
+            scores = self._blend(seen, old_query, new_query, calibration)  # (|seen|,)
+            best = sorted(zip(seen.tolist(), scores.tolist()), key=lambda p: (-p[1], id_key(self.new_ids[p[0]])))[:k]
+            if depth >= m:
+                break
+            bound = float(blended_score(np.array([by_old[-1][1]]), np.array([by_new[-1][1]]), *calibration)[0])
+            if len(best) >= k and best[-1][1] > bound:
+                break
+            depth = min(m, depth * 4)
+        return [Hit(self.new_ids[r], s) for r, s in best]
 
 
 def state_of(path: str | Path) -> tuple:
