@@ -159,12 +159,15 @@ def bench_ivf(args) -> dict:
 
 
 def bench_load(args) -> dict:
-    """A synthetic gallery in zoo/old's space, served by uvicorn on loopback; text queries from threads."""
-    import httpx
-    import uvicorn
+    """A synthetic gallery in zoo/old's space, served by `xbt serve` in its own process on loopback; text
+    queries from client threads here (the clients never share the server's interpreter)."""
+    import os
+    import subprocess
+    import sys
 
-    from serve.app import create_app
-    from serve.engine import Server, load_query_model
+    import httpx
+
+    from serve.engine import load_query_model
     from xbtcore.search import build_index
 
     work = Path(args.work or tempfile.mkdtemp(prefix="xbt-bench-load-"))
@@ -178,42 +181,56 @@ def bench_load(args) -> dict:
         return rng.standard_normal((len(pos), dim)).astype(np.float32)
 
     build_index(index, list(range(args.items)), embed, model.compat_space, {"modality": "image"}, 65536, "flat")
-    server = Server(args.old, index, poll_s=0)
     port = args.port
-    web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    while not web.started:
-        time.sleep(0.05)
-    texts = ["a red circle", "two blue squares", "a small green triangle left of a star", "a yellow hexagon"]
-    latencies: list[float] = []
-    failures = 0
-    end = time.monotonic() + args.seconds
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--index", str(index), "--model", args.old, "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"xbt serve did not come up: {server.stderr.read().decode()[-500:]}")
+            time.sleep(0.5)
+        texts = ["a red circle", "two blue squares", "a small green triangle left of a star", "a yellow hexagon"]
+        latencies: list[float] = []
+        failures = 0
+        with httpx.Client(base_url=base, timeout=60) as http:  # warm-up
+            for t in texts:
+                http.post("/search", json={"text": t, "k": 10})
+        end = time.monotonic() + args.seconds
 
-    def client(n: int):
-        nonlocal failures
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-            i = n
-            while time.monotonic() < end:
-                t0 = time.perf_counter()
-                r = http.post("/search", json={"text": texts[i % len(texts)], "k": 10})
-                latencies.append(time.perf_counter() - t0)
-                failures += r.status_code != 200
-                i += 1
+        def client(n: int):
+            nonlocal failures
+            with httpx.Client(base_url=base, timeout=60) as http:
+                i = n
+                while time.monotonic() < end:
+                    t0 = time.perf_counter()
+                    r = http.post("/search", json={"text": texts[i % len(texts)], "k": 10})
+                    latencies.append(time.perf_counter() - t0)
+                    failures += r.status_code != 200
+                    i += 1
 
-    t0 = time.perf_counter()
-    clients = [threading.Thread(target=client, args=(n,)) for n in range(args.concurrency)]
-    for t in clients:
-        t.start()
-    for t in clients:
-        t.join()
-    wall = time.perf_counter() - t0
-    web.should_exit = True
-    thread.join(30)
+        t0 = time.perf_counter()
+        clients = [threading.Thread(target=client, args=(n,)) for n in range(args.concurrency)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        server.terminate()
+        server.wait(30)
     ms = np.array(latencies) * 1000
     return {
         "bench": "serving.load",
         "machine": machine(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "commit": git_commit(),
         "items": args.items,
         "dim": dim,

@@ -187,8 +187,9 @@ def cmd_serve(a) -> int:
     import uvicorn
 
     from serve.app import create_app
-    from serve.engine import Server
+    from serve.engine import Server, one_thread_per_request
 
+    one_thread_per_request()
     server = Server(a.model, a.index, poll_s=a.poll_seconds)
     server.start()
     e = server.engine.describe()
