@@ -96,7 +96,9 @@ def bench_backfill(args) -> dict:
         if len(moved) == len(images):
             return _recall(s_new, own)  # a finished backfill: the new space alone
         scores = s_old.copy()
-        if len(moved):
+        if len(moved) and args.scoring == "raw":  # the alternative the server does not use: new cosines as they are
+            scores[:, moved] = s_new[:, moved]
+        elif len(moved):
             cal = moved[calibration_rows(len(moved))]
             scores[:, moved] = blended_score(s_old[:, moved], s_new[:, moved], s_old[:, cal], s_new[:, cal])
         return _recall(scores, own)
@@ -128,6 +130,7 @@ def bench_backfill(args) -> dict:
             "new/old": _recall(s_old, own),
             "orig-new/new": _recall(s_new, own),
         },
+        "scoring": args.scoring,
         "curve": curve,
         "random_seeds": args.random_seeds,
     }
@@ -254,6 +257,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-images", type=int, default=1000, help="backfill: gallery images (5 captions each)")
     ap.add_argument("--corpus", type=int, default=20000, help="backfill: corpus captions the map is fitted on")
     ap.add_argument("--random-seeds", type=int, default=5, help="backfill: random orders averaged")
+    ap.add_argument(
+        "--scoring",
+        default="blend",
+        choices=["blend", "raw"],
+        help="backfill: a backfilled item's score; blend: the server's (MixedGallery), raw: its new cosine",
+    )
     ap.add_argument("--items", type=int, default=None, help="ivf/load: gallery size (default 200000 / 1000000)")
     ap.add_argument("--dim", type=int, default=64, help="ivf: vector size")
     ap.add_argument("--concurrency", type=int, default=8, help="load: concurrent clients")
