@@ -178,12 +178,12 @@ def bench_load(args) -> dict:
     dim = model.compat.embed_dim
     rng = np.random.default_rng(0)
     index = work / "index"
-    progress(f"building a {args.items}-item exact index")
+    progress(f"building a {args.items}-item {args.kind} index")
 
     def embed(pos):
         return rng.standard_normal((len(pos), dim)).astype(np.float32)
 
-    build_index(index, list(range(args.items)), embed, model.compat_space, {"modality": "image"}, 65536, "flat")
+    build_index(index, list(range(args.items)), embed, model.compat_space, {"modality": "image"}, 65536, args.kind)
     port = args.port
     cmd = [sys.executable, "-m", "flows.cli", "serve", "--index", str(index), "--model", args.old, "--port", str(port)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -237,7 +237,7 @@ def bench_load(args) -> dict:
         "commit": git_commit(),
         "items": args.items,
         "dim": dim,
-        "index": "flat",
+        "index": args.kind,
         "concurrency": args.concurrency,
         "seconds": round(wall, 1),
         "requests": len(ms),
@@ -265,6 +265,7 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--items", type=int, default=None, help="ivf/load: gallery size (default 200000 / 1000000)")
     ap.add_argument("--dim", type=int, default=64, help="ivf: vector size")
+    ap.add_argument("--kind", default="flat", choices=["flat", "ivf"], help="load: exact or approximate index")
     ap.add_argument("--concurrency", type=int, default=8, help="load: concurrent clients")
     ap.add_argument("--seconds", type=float, default=20.0, help="load: how long the clients send")
     ap.add_argument("--port", type=int, default=8765, help="load: loopback port")

@@ -2,7 +2,7 @@
 
     GET  /health        200 with what answers (model, version, space, backfill share)
     POST /search        JSON {"text", "k"} or multipart (image, k) -> {"model", "model_version", "space", "results"}
-    GET  /              the search page
+    GET  /              the search page (/?q=TEXT&k=N runs a query on load)
     GET  /items/{id}    a gallery image's bytes, when the index keeps its image source
 
 Bad input is a 4xx with a one-line `detail`; only a fault of the server itself is a 5xx.
@@ -150,7 +150,8 @@ figcaption{font-size:.8rem}
 <div id="meta"></div><div id="error"></div><div id="results"></div>
 <script>
 const esc = s => String(s).replace(/[&<>"]/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;","\\"":"&quot;"}[c]));
-document.getElementById("q").addEventListener("submit", async ev => {
+const form = document.getElementById("q");
+form.addEventListener("submit", async ev => {
   ev.preventDefault();
   const file = document.getElementById("image").files[0];
   const k = document.getElementById("k").value;
@@ -171,5 +172,9 @@ document.getElementById("q").addEventListener("submit", async ev => {
     `<figure class="hit"><img src="items/${encodeURIComponent(r.id)}" alt="" onerror="this.remove()">` +
     `<figcaption>${esc(r.id)} &middot; ${r.score.toFixed(4)}</figcaption></figure>`).join("");
 });
+// A link such as /?q=a+red+circle&k=5 runs its query on load.
+const params = new URLSearchParams(location.search);
+if (params.get("k")) document.getElementById("k").value = params.get("k");
+if (params.get("q")) { document.getElementById("text").value = params.get("q"); form.requestSubmit(); }
 </script></body></html>
 """

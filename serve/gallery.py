@@ -40,6 +40,20 @@ def _bar(desc: str):
     return bar, lambda done, total: bar.update(task, completed=done, total=total)
 
 
+def check_gallery_space(source: str, model) -> None:
+    """An `xbt embed` gallery recorded in the catalog in another space than the model's compatible one is refused."""
+    from catalog import Catalog
+    from tasks.common import state_dir
+
+    path = str(Path(source).absolute())
+    recorded = [g for g in Catalog(state_dir() / "catalog.duckdb").rows("galleries") if g["path"] == path]
+    if recorded and recorded[-1]["space"] and recorded[-1]["space"] != model.compat_space:
+        raise ValueError(
+            f"{source} was embedded in the space {recorded[-1]['space']} (by {recorded[-1]['model']}) "
+            f"but {model.ref} queries the space {model.compat_space}: index it with a model of its space"
+        )
+
+
 def read_items(source: str, modality: str, text_column: str = "caption"):
     """-> (per-row ids, items with a `[positions] -> embeddable batch` accessor) of an image or text Parquet."""
     from xbtcore.data import LazyImages
@@ -73,7 +87,16 @@ def index_gallery(
 
     info = {"model": model.ref, "model_version": model.version, "modality": modality, "text_column": text_column}
     if _is_embedding_parquet(source):
+        check_gallery_space(source, model)
         row_ids, emb = read_gallery(source)
+        dim = model.compat.embed_dim
+        if emb.shape[1] != dim:
+            raise InputError(
+                source,
+                f"holds {emb.shape[1]}-d embeddings; {model.ref} queries in {dim}-d",
+                "index it with the model that embedded it (or its upgrade bundle)",
+                column="embedding",
+            )
         positions, ids = distinct_ids(row_ids)
         vectors = emb.numpy()
 

@@ -92,6 +92,8 @@ def test_index_equals_brute_force_on_xbt_embed_outputs(world, tmp_path):
     # An index of the embedding Parquet holds the same vectors.
     index_gallery(load_query_model(OLD), str(tmp_path / "g.parquet"), "image", str(tmp_path / "idx2"))
     np.testing.assert_allclose(search.GalleryIndex(tmp_path / "idx2").vectors(), index.vectors(), atol=1e-6)
+    with pytest.raises(ValueError, match=f"embedded in the space {index.space}"):  # the catalog knows its space
+        index_gallery(load_query_model(NEW), str(tmp_path / "g.parquet"), "image", str(tmp_path / "idx3"))
 
     # `xbt search` prints the same ranking.
     r = xbt("search", "--index", tmp_path / "idx", "--model", OLD, "--text", captions[0], "--k", "5")

@@ -128,7 +128,6 @@ def _free_port() -> int:
 
 def test_champion_swaps_and_rolls_back_under_load_without_a_failed_request(setup, monkeypatch):
     import httpx
-    import uvicorn
 
     from serve.app import create_app
     from serve.engine import Server
@@ -140,11 +139,7 @@ def test_champion_swaps_and_rolls_back_under_load_without_a_failed_request(setup
     name = first["name"]
     server = Server(f"models:/{name}@champion", setup["index"], poll_s=0.2)
     server.start()
-    port = _free_port()
-    web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    assert _wait(lambda: web.started, 30)
+    web, thread, port = _listen(create_app(server))
 
     answers: list[tuple[int, str]] = []  # (status, version) of every request, in order per client
     stop = threading.Event()
@@ -179,6 +174,55 @@ def test_champion_swaps_and_rolls_back_under_load_without_a_failed_request(setup
     assert {first["version"], second["version"]} == set(seen) and server.swaps == 2
 
 
+def _listen(app):
+    """uvicorn serving `app` on a free loopback port, in a thread. -> (server, thread, port)"""
+    import uvicorn
+
+    port = _free_port()
+    web = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    assert _wait(lambda: web.started, 30)
+    return web, thread, port
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="no chromium (apt-get install -y chromium)")
+def test_the_page_shows_results_in_a_headless_browser(setup):
+    import re
+    import subprocess
+
+    from serve.app import create_app
+    from serve.engine import Server
+
+    web, thread, port = _listen(create_app(Server(OLD, setup["index"], poll_s=0)))
+    try:
+        r = subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--virtual-time-budget=15000",
+                "--dump-dom",
+                f"http://127.0.0.1:{port}/?q=a+red+circle&k=4",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        web.should_exit = True
+        thread.join(30)
+    dom = r.stdout
+    shown = re.findall(
+        r'<figure class="hit"><img src="items/([^"$]+)"', dom
+    )  # rendered hits, not the script's template
+    assert len(shown) == 4, (r.returncode, r.stderr[-500:], dom[-1500:])
+    assert set(shown) <= set(search.GalleryIndex(setup["index"]).ids)
+    assert f"4 results from {OLD} version" in dom  # the answering version
+
+
 def _wait(predicate, timeout_s: float) -> bool:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -191,7 +235,7 @@ def _wait(predicate, timeout_s: float) -> bool:
 def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces(setup, tmp_path):
     import pyarrow.parquet as pq
 
-    from serve.engine import Engine, load_query_model
+    from serve.engine import Engine, Server, SpaceMismatch, load_query_model
     from serve.gallery import backfill, backfill_status, remove_old
     from xbtcore.bundle import load_compatible
     from xbtcore.encoders import DualEncoder
@@ -201,6 +245,8 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
     shutil.copytree(setup["index"], index)
     old = search.GalleryIndex(index)
     model = load_query_model(str(setup["b1"]))
+    server = Server(str(setup["b1"]), index, poll_s=0)  # serving while the backfill runs
+    assert server.engine.space == old.space and not server.refresh()
     backfill(str(index), model, chunk_rows=16, stop_after=2)  # a crash after 2 of 4 chunks ...
     (index / "backfill" / "chunks" / "00002.npy.tmp").write_bytes(b"half a chunk")  # ... while writing the 3rd
     status = backfill_status(str(index))
@@ -221,6 +267,10 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
     s_new = {i: float(own[r] @ q_new) for r, i in enumerate(old.ids)}
     expected = mixed_reference(s_old, s_new, moved, 10)
     assert_same_ranking(engine.search(10, text=query)["results"], expected)
+    assert (
+        server.refresh()
+        and server.engine.search(10, text=query)["results"] == engine.search(10, text=query)["results"]
+    )
     # A model whose own space is not the backfill's searches the old index whole.
     plain = Engine(load_query_model(OLD), MixedGallery(index))
     assert plain.new_encoder is None and len(plain.search(64, text=query)["results"]) == 64
@@ -236,14 +286,15 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
     # At 100% the new model's own query alone, no adapter; the old index is still there until removed.
     engine = Engine(model, MixedGallery(index))
     assert engine.space == model.own_space and not engine.searches_old
+    assert server.refresh() and server.engine.space == model.own_space and not server.refresh()
     hits = engine.search(10, text=query)["results"]
     assert_same_ranking(hits, brute_force(own, old.ids, q_new, 10))
     assert search.is_complete(index) and search.GalleryIndex(index).space == old.space
     remove_old(str(index))
     assert search.GalleryIndex(index).space == model.own_space and not (index / "backfill").exists()
     assert Engine(model, MixedGallery(index)).search(10, text=query)["results"] == hits
-    r = xbt("search", "--index", index, "--model", OLD, "--text", query)
-    assert r.returncode != 0 and model.own_space in r.stderr
+    with pytest.raises(SpaceMismatch, match=f"holds {model.own_space}"):  # the old model's queries no longer fit
+        Engine(load_query_model(OLD), MixedGallery(index))
 
 
 def _embed_images(encoder, blobs: list[bytes]) -> np.ndarray:
