@@ -159,8 +159,9 @@ def backfill(
             f"{bf} holds a backfill into another space ({read_plan(bf)['space']}): remove it "
             f"(`xbt backfill --index {index} --discard`) before backfilling to {model.own_space}"
         )
-    if (bf / IDS).is_file():
-        ordered = json.loads((bf / IDS).read_text())  # the order fixed when the backfill started
+    if (bf / IDS).is_file():  # resuming: the order and chunk size fixed when the backfill started
+        ordered = json.loads((bf / IDS).read_text())
+        chunk_rows = read_plan(bf)["chunk_rows"]
     else:
         ordered = [old.ids[r] for r in backfill_order(old.vectors(), order, seed)]
     source_rows = json.loads((Path(index) / ROWS_FILE).read_text())
