@@ -22,8 +22,8 @@ log = logging.getLogger("xbt.serve")
 
 def one_thread_per_request() -> None:
     """Concurrency comes from the requests, each on its own thread: faiss and torch each using every core
-    for one query would only contend (an exact 1M-item scan: 16 ms on one thread, 70 ms on two, measured
-    on the 2-core machine of docs/serving.md)."""
+    for one query would only contend (`python -m bench.serving ivf` times an exact scan both ways; see
+    docs/serving.md)."""
     import faiss
     import torch
 
