@@ -62,7 +62,9 @@ def bench_backfill(args) -> dict:
     from xbtcore.search import backfill_order, blended_score, calibration_rows
 
     work = Path(args.work or tempfile.mkdtemp(prefix="xbt-bench-serving-"))
-    spec = shapes.WorldSpec(seed=7, corpus_captions=args.corpus, pair_images=10, eval_images=args.eval_images)
+    spec = shapes.WorldSpec(
+        seed=args.world_seed, corpus_captions=args.corpus, pair_images=10, eval_images=args.eval_images
+    )
     world = shapes.write_world(work / "world", spec)
     bundle = (
         Path(args.bundle) if args.bundle else _procrustes_bundle(work / "bundle", world["corpus"], args.old, args.new)
@@ -121,6 +123,7 @@ def bench_backfill(args) -> dict:
         "bench": "serving.backfill",
         "machine": machine(),
         "commit": git_commit(),
+        "world_seed": args.world_seed,
         "bundle": str(bundle),
         "method": meta.method,
         "images": len(images),
@@ -267,6 +270,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--bundle", help="an upgrade bundle to serve (default: a Procrustes map of --new onto --old)")
     ap.add_argument("--eval-images", type=int, default=1000, help="backfill: gallery images (5 captions each)")
     ap.add_argument("--corpus", type=int, default=20000, help="backfill: corpus captions the map is fitted on")
+    ap.add_argument("--world-seed", type=int, default=7, help="backfill: the world's seed")
     ap.add_argument("--random-seeds", type=int, default=5, help="backfill: random orders averaged")
     ap.add_argument(
         "--scoring",
