@@ -160,6 +160,11 @@ def cmd_index(a) -> int:
     r = index_gallery(_query_model(a.model), a.input, a.modality, a.out, text_column=a.text_column,
                       images=a.images, chunk_rows=a.chunk_rows, kind=a.kind)
     print(f"{r['items']} {a.modality} items indexed (space {r['space']}) -> {r['out']}")
+    if a.qdrant:
+        from serve.qdrant import ALIAS, connect, export
+
+        name = export(a.out, connect(a.qdrant))
+        print(f"Qdrant {a.qdrant}: collection {name}, alias {ALIAS}")
     return 0
 
 
@@ -178,8 +183,33 @@ def cmd_search(a) -> int:
             image = _image(Path(a.image).read_bytes())
         except Exception as e:
             raise ValueError(f"{a.image}: {getattr(e, 'detail', e)}") from e
+    if a.qdrant:
+        return _search_qdrant(a, image)
     engine = Engine(_query_model(a.model), MixedGallery(a.index))
     print(json.dumps(engine.search(a.k, a.text, image), default=str))
+    return 0
+
+
+def _search_qdrant(a, image) -> int:
+    """`xbt search --qdrant`: the collection the alias names, queried in its space."""
+    from serve.engine import SpaceMismatch, embed_query
+    from serve.qdrant import ALIAS, aliased, connect, search
+
+    client = connect(a.qdrant)
+    name = aliased(client)
+    if name is None:
+        raise ValueError(f"Qdrant {a.qdrant} has no alias {ALIAS}: `xbt index --qdrant` exports an index there")
+    model = _query_model(a.model)
+    if name.startswith(f"xbt-{model.compat_space}-"):
+        encoder = model.compat
+    elif name.startswith(f"xbt-{model.own_space}-"):
+        encoder = model.own()
+    else:
+        raise SpaceMismatch(f"model {a.model} queries the space {model.compat_space} but Qdrant collection {name} "
+                            "holds another")
+    hits = search(client, name, embed_query(encoder, a.text, image), a.k)
+    print(json.dumps({"model": model.ref, "model_version": model.version, "space": name,
+                      "results": [{"id": h.id, "score": round(h.score, 6)} for h in hits]}, default=str))
     return 0
 
 
@@ -219,6 +249,11 @@ def cmd_backfill(a) -> int:
     if not a.new:
         raise ValueError("pass --new REF (the model whose own space to backfill into), or --status/--remove-old")
     r = backfill(a.index, _query_model(a.new), order=a.order, chunk_rows=a.chunk_rows, seed=a.seed)
+    if a.qdrant and r["complete"]:  # the new space's collection, then Qdrant's alias swap
+        from serve.qdrant import ALIAS, connect, export
+
+        name = export(str(Path(a.index) / "backfill"), connect(a.qdrant))
+        print(f"Qdrant {a.qdrant}: alias {ALIAS} now on {name}")
     state = ("complete: serving moves to it; `xbt backfill --remove-old` drops the old vectors" if r["complete"]
              else "partial: the same command again continues")
     print(f"{r['backfilled']} of {r['items']} items in the new space {r['space']} ({state})")
@@ -375,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--chunk-rows", type=int, default=4096, help="items per resumable chunk")
     ix.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf"],
                     help="exact (flat) or approximate (ivf) search; auto: exact under 1,000,000 items")
+    ix.add_argument("--qdrant", metavar="PATH|URL", help="also export the index to Qdrant (a local folder: "
+                    "embedded mode; a URL: a server), as a collection of its space behind the alias xbt-gallery")
     ix.set_defaults(func=cmd_index)
 
     se = command("search", "one query against an index, printed as JSON (as POST /search answers)")
@@ -384,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--text", help="a text query")
     q.add_argument("--image", help="an image file (PNG or JPEG) as the query")
     se.add_argument("--k", type=int, default=10, help="how many results (1 to 1000)")
+    se.add_argument("--qdrant", metavar="PATH|URL", help="search the Qdrant collection behind the alias "
+                    "xbt-gallery instead of --index's faiss index (--index is still given)")
     se.set_defaults(func=cmd_search)
 
     sv = command("serve", "the search API and page over an index; follows the registry alias as it moves")
@@ -408,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--remove-old", action="store_true",
                     help="after a finished backfill: the new-space index replaces the old one (no rollback after)")
     bf.add_argument("--discard", action="store_true", help="drop the backfill; the old index is untouched")
+    bf.add_argument("--qdrant", metavar="PATH|URL", help="when the backfill finishes, export the new space to "
+                    "Qdrant and move the alias xbt-gallery to it")
     bf.set_defaults(func=cmd_backfill)
 
     pr = command("promote", "move the alias champion to a version (a passing upgrade moves it by itself)")

@@ -255,3 +255,30 @@ def test_dense_clusters_order_moves_whole_neighbourhoods_tightest_first():
     assert (cluster_of_row[:30] == 0).all()  # the tight cluster first, whole
     assert (np.diff(cluster_of_row) != 0).sum() == 2  # each cluster contiguous
     assert sorted(search.backfill_order(vectors, "random", seed=1).tolist()) == list(range(90))
+
+
+def test_qdrant_collection_answers_as_the_exact_index_and_its_alias_swaps(tmp_path):
+    pytest.importorskip("qdrant_client")
+    from serve import qdrant
+
+    rng = np.random.default_rng(5)
+    old_vecs, new_vecs = (
+        search.normalise(rng.standard_normal((200, 8))),
+        search.normalise(rng.standard_normal((200, 6))),
+    )
+    ids = [f"q{n:03d}" for n in range(200)]
+    search.build_index(tmp_path / "old", ids, lambda pos: old_vecs[pos], "old-space", chunk_rows=64)
+    search.build_index(tmp_path / "new", ids, lambda pos: new_vecs[pos], "new-space", chunk_rows=64)
+    client = qdrant.connect(str(tmp_path / "qdrant"))  # embedded local mode
+    old_name = qdrant.export(tmp_path / "old", client)
+    assert qdrant.aliased(client) == old_name and old_name.startswith("xbt-old-space-")
+    assert qdrant.export(tmp_path / "old", client) == old_name  # whole already: nothing copied again
+    index = search.GalleryIndex(tmp_path / "old")
+    for q in search.normalise(rng.standard_normal((5, 8))):
+        hits = qdrant.search(client, qdrant.ALIAS, q, 10)
+        assert_same_ranking(hits, brute_force(old_vecs, ids, q, 10))
+        assert [h.id for h in hits] == [h.id for h in index.search(q[None], 10)[0]]
+    new_name = qdrant.export(tmp_path / "new", client)  # the end of a backfill: the alias moves in one call
+    assert qdrant.aliased(client) == new_name != old_name and client.collection_exists(old_name)
+    q = search.normalise(rng.standard_normal((1, 6)))[0]
+    assert_same_ranking(qdrant.search(client, qdrant.ALIAS, q, 5), brute_force(new_vecs, ids, q, 5))
