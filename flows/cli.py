@@ -201,14 +201,14 @@ def _search_qdrant(a, image) -> int:
         raise ValueError(f"Qdrant {a.qdrant} has no alias {ALIAS}: `xbt index --qdrant` exports an index there")
     model = _query_model(a.model)
     if name.startswith(f"xbt-{model.compat_space}-"):
-        encoder = model.compat
+        encoder, space = model.compat, model.compat_space
     elif name.startswith(f"xbt-{model.own_space}-"):
-        encoder = model.own()
+        encoder, space = model.own(), model.own_space
     else:
         raise SpaceMismatch(f"model {a.model} queries the space {model.compat_space} but Qdrant collection {name} "
                             "holds another")
     hits = search(client, name, embed_query(encoder, a.text, image), a.k)
-    print(json.dumps({"model": model.ref, "model_version": model.version, "space": name,
+    print(json.dumps({"model": model.ref, "model_version": model.version, "space": space,
                       "results": [{"id": h.id, "score": round(h.score, 6)} for h in hits]}, default=str))
     return 0
 
