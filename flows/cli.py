@@ -1,4 +1,5 @@
-"""The `xbt` command line (CONTRACT.md): demo, upgrade, embed, promote, rollback, catalog.
+"""The `xbt` command line (CONTRACT.md): demo, upgrade, embed, index, search, serve, backfill, promote,
+rollback, catalog.
 
 Exit 0 on success; otherwise non-zero with one line on stderr saying what was
 wrong and how to fix it. Prefect and MLflow state default to the state folder
@@ -171,6 +172,120 @@ def cmd_embed(a) -> int:
         int(emb.shape[1]),
     )
     print(f"{emb.shape[0]} {a.modality} embeddings (dim {emb.shape[1]}, space {space_of(root)}) -> {out}")
+    return 0
+
+
+def _query_model(ref: str):
+    from serve.engine import load_query_model
+
+    return load_query_model(ref)
+
+
+def cmd_index(a) -> int:
+    from serve.gallery import index_gallery
+    from xbtcore.data import check_output
+
+    check_output(a.out, folder=True)
+    r = index_gallery(_query_model(a.model), a.input, a.modality, a.out, text_column=a.text_column,
+                      images=a.images, chunk_rows=a.chunk_rows, kind=a.kind)
+    print(f"{r['items']} {a.modality} items indexed (space {r['space']}) -> {r['out']}")
+    if a.qdrant:
+        from serve.qdrant import ALIAS, connect, export
+
+        name = export(a.out, connect(a.qdrant))
+        print(f"Qdrant {a.qdrant}: collection {name}, alias {ALIAS}")
+    return 0
+
+
+def cmd_search(a) -> int:
+    from serve.app import MAX_K, _image
+    from serve.engine import Engine
+    from xbtcore.search import MixedGallery
+
+    if not 1 <= a.k <= MAX_K:
+        raise ValueError(f"--k must be from 1 to {MAX_K}, got {a.k}")
+    if a.text is not None and not a.text.strip():
+        raise ValueError("--text is empty: pass a non-blank query")
+    image = None
+    if a.image is not None:
+        try:
+            image = _image(Path(a.image).read_bytes())
+        except Exception as e:
+            raise ValueError(f"{a.image}: {getattr(e, 'detail', e)}") from e
+    if a.qdrant:
+        return _search_qdrant(a, image)
+    engine = Engine(_query_model(a.model), MixedGallery(a.index))
+    print(json.dumps(engine.search(a.k, a.text, image), default=str))
+    return 0
+
+
+def _search_qdrant(a, image) -> int:
+    """`xbt search --qdrant`: the collection the alias names, queried in its space."""
+    from serve.engine import SpaceMismatch, embed_query
+    from serve.qdrant import ALIAS, aliased, connect, search
+
+    client = connect(a.qdrant)
+    name = aliased(client)
+    if name is None:
+        raise ValueError(f"Qdrant {a.qdrant} has no alias {ALIAS}: `xbt index --qdrant` exports an index there")
+    model = _query_model(a.model)
+    if name.startswith(f"xbt-{model.compat_space}-"):
+        encoder, space = model.compat, model.compat_space
+    elif name.startswith(f"xbt-{model.own_space}-"):
+        encoder, space = model.own(), model.own_space
+    else:
+        raise SpaceMismatch(f"model {a.model} queries the space {model.compat_space} but Qdrant collection {name} "
+                            "holds another")
+    hits = search(client, name, embed_query(encoder, a.text, image), a.k)
+    print(json.dumps({"model": model.ref, "model_version": model.version, "space": space,
+                      "results": [{"id": h.id, "score": round(h.score, 6)} for h in hits]}, default=str))
+    return 0
+
+
+def cmd_serve(a) -> int:
+    import uvicorn
+
+    from serve.app import create_app
+    from serve.engine import Server, one_thread_per_request
+
+    one_thread_per_request()
+    server = Server(a.model, a.index, poll_s=a.poll_seconds)
+    server.start()
+    e = server.engine.describe()
+    print(f"serving {e['index']} ({e['items']} items, space {e['space']}) with {e['model']} version "
+          f"{e['model_version']} on http://{a.host}:{a.port}/", flush=True)
+    try:
+        uvicorn.run(create_app(server), host=a.host, port=a.port, log_level="warning")
+    finally:
+        server.stop()
+    return 0
+
+
+def cmd_backfill(a) -> int:
+    from serve.gallery import backfill, backfill_status, discard_backfill, remove_old
+
+    if a.remove_old:
+        r = remove_old(a.index)
+        print(f"{r['index']} now holds the new space {r['space']} only; the old vectors are removed")
+        return 0
+    if a.discard:
+        discard_backfill(a.index)
+        print(f"{a.index}: backfill discarded; the old index is untouched")
+        return 0
+    if a.status:
+        print(json.dumps(backfill_status(a.index)))
+        return 0
+    if not a.new:
+        raise ValueError("pass --new REF (the model whose own space to backfill into), or --status/--remove-old")
+    r = backfill(a.index, _query_model(a.new), order=a.order, chunk_rows=a.chunk_rows, seed=a.seed)
+    if a.qdrant and r["complete"]:  # the new space's collection, then Qdrant's alias swap
+        from serve.qdrant import ALIAS, connect, export
+
+        name = export(str(Path(a.index) / "backfill"), connect(a.qdrant))
+        print(f"Qdrant {a.qdrant}: alias {ALIAS} now on {name}")
+    state = ("complete: serving moves to it; `xbt backfill --remove-old` drops the old vectors" if r["complete"]
+             else "partial: the same command again continues")
+    print(f"{r['backfilled']} of {r['items']} items in the new space {r['space']} ({state})")
     return 0
 
 
@@ -361,6 +476,60 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-column", default="caption", help="the input's text column")
     e.add_argument("--batch-size", type=int, default=256, help="items per forward pass")
     e.set_defaults(func=cmd_embed)
+
+    ix = command("index", "build a search index of a gallery, stamped with its embedding space")
+    ix.add_argument("--model", required=True, help="the gallery's model (a bundle: its compatible, old space): "
+                    + MODEL_REF)
+    ix.add_argument("--input", required=True, help="image or text Parquet (image/image_path, or --text-column), "
+                    "or an embedding Parquet written by `xbt embed`; ids from id, else image_id, else the row")
+    ix.add_argument("--modality", required=True, choices=["image", "text"], help="what the gallery holds")
+    ix.add_argument("--out", required=True, help="index folder; the same command again resumes an unfinished one")
+    ix.add_argument("--images", help="with an embedding --input: the image/text Parquet it was embedded from "
+                    "(same ids), kept for backfills and the search page's thumbnails")
+    ix.add_argument("--text-column", default="caption", help="the input's text column")
+    ix.add_argument("--chunk-rows", type=int, default=4096, help="items per resumable chunk")
+    ix.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf"],
+                    help="exact (flat) or approximate (ivf) search; auto: exact under 1,000,000 items")
+    ix.add_argument("--qdrant", metavar="PATH|URL", help="also export the index to Qdrant (a local folder: "
+                    "embedded mode; a URL: a server), as a collection of its space behind the alias xbt-gallery")
+    ix.set_defaults(func=cmd_index)
+
+    se = command("search", "one query against an index, printed as JSON (as POST /search answers)")
+    se.add_argument("--index", required=True, help="index folder written by `xbt index`")
+    se.add_argument("--model", required=True, help="the query model, of the index's space: " + MODEL_REF)
+    q = se.add_mutually_exclusive_group(required=True)
+    q.add_argument("--text", help="a text query")
+    q.add_argument("--image", help="an image file (PNG or JPEG) as the query")
+    se.add_argument("--k", type=int, default=10, help="how many results (1 to 1000)")
+    se.add_argument("--qdrant", metavar="PATH|URL", help="search the Qdrant collection behind the alias "
+                    "xbt-gallery instead of --index's faiss index (--index is still given)")
+    se.set_defaults(func=cmd_search)
+
+    sv = command("serve", "the search API and page over an index; follows the registry alias as it moves")
+    sv.add_argument("--index", required=True, help="index folder written by `xbt index`")
+    sv.add_argument("--model", required=True, help="the query model, of the index's space: " + MODEL_REF)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port")
+    sv.add_argument("--poll-seconds", type=float, default=5.0,
+                    help="how often to re-resolve a models:/NAME@ALIAS and re-read the backfill; 0: never")
+    sv.set_defaults(func=cmd_serve)
+
+    bf = command("backfill", "re-embed an index's gallery into a new model's own space, resumably, beside the old")
+    bf.add_argument("--index", required=True, help="index folder written by `xbt index` (it keeps its source)")
+    bf.add_argument("--new", help="the model whose own space to backfill into (a bundle: its base new model): "
+                    + MODEL_REF)
+    bf.add_argument("--order", default="dense-clusters", choices=["dense-clusters", "random"],
+                    help="which items first: dense-clusters re-embeds whole old-space neighbourhoods, the "
+                         "tightest first (docs/serving.md measures it against random)")
+    bf.add_argument("--chunk-rows", type=int, default=1024, help="items per resumable chunk")
+    bf.add_argument("--seed", type=int, default=0, help="seed of the random order")
+    bf.add_argument("--status", action="store_true", help="print the backfill's progress as JSON and exit")
+    bf.add_argument("--remove-old", action="store_true",
+                    help="after a finished backfill: the new-space index replaces the old one (no rollback after)")
+    bf.add_argument("--discard", action="store_true", help="drop the backfill; the old index is untouched")
+    bf.add_argument("--qdrant", metavar="PATH|URL", help="when the backfill finishes, export the new space to "
+                    "Qdrant and move the alias xbt-gallery to it")
+    bf.set_defaults(func=cmd_backfill)
 
     pr = command("promote", "move the alias champion to a version (a passing upgrade moves it by itself)")
     pr.add_argument("--model", help="registered model name (default: the only xbt one)")

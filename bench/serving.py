@@ -1,0 +1,297 @@
+"""Serving benches, one JSON object on stdout (progress on stderr).
+
+    python -m bench.serving backfill [--bundle DIR] [--eval-images 1000]   mixed-gallery recall vs fraction backfilled
+    python -m bench.serving ivf [--items 200000]                            approximate vs exact index
+    python -m bench.serving load [--items 1000000] [--concurrency 8]        HTTP throughput and latency on loopback
+
+backfill: t2i recall (CONTRACT.md's protocol, ties within 1e-5) of the mixed gallery when a fraction of
+it has been re-embedded by the new model's own encoder, dense-clusters order against random order (mean
+of --random-seeds permutations), scored as the server scores it (xbtcore.search.MixedGallery). The
+queries are the eval captions: the bundle's compatible encoder for the old space, the new model for the
+new one. Without --bundle the upgrade is a Procrustes map fitted on a world corpus (the `procrustes`
+method's closed form).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import ROOT, emit, git_commit, machine, progress
+
+KS = (1, 5, 10)
+FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+def _recall(scores: np.ndarray, own: np.ndarray) -> dict:
+    """(Q, N) scores, (Q,) own item per query -> {K: recall %}; rank = items above own by more than 1e-5."""
+    own_score = scores[np.arange(len(own)), own][:, None]  # (Q, 1)
+    ranks = (scores > own_score + 1e-5).sum(axis=1)  # (Q,)
+    return {str(k): round(100.0 * float((ranks < k).mean()), 2) for k in KS}
+
+
+def _procrustes_bundle(out: Path, corpus: str, old: str, new: str) -> Path:
+    import pyarrow.parquet as pq
+
+    from xbtcore.bundle import BundleMeta, save_bundle
+    from xbtcore.encoders import DualEncoder
+    from xbtcore.methods.maps import fit_linear_map
+    from xbtcore.phi import LinearMap
+
+    texts = pq.read_table(corpus, columns=["caption"]).column("caption").to_pylist()
+    new_enc, old_enc = DualEncoder.from_pretrained(new), DualEncoder.from_pretrained(old)
+    w = fit_linear_map(new_enc.embed_texts(texts, batch_size=512), old_enc.embed_texts(texts, batch_size=512))
+    meta = BundleMeta(new, old, old, "procrustes", {"in_dim": w.shape[0], "out_dim": w.shape[1]}, head="linear")
+    return save_bundle(out, new_enc, LinearMap.of(w), meta)
+
+
+def bench_backfill(args) -> dict:
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from worlds import shapes
+    from xbtcore.bundle import base_encoder, load_compatible, read_meta
+    from xbtcore.encoders import DualEncoder
+    from xbtcore.search import backfill_order, blended_score, calibration_rows
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="xbt-bench-serving-"))
+    spec = shapes.WorldSpec(
+        seed=args.world_seed, corpus_captions=args.corpus, pair_images=10, eval_images=args.eval_images
+    )
+    world = shapes.write_world(work / "world", spec)
+    bundle = (
+        Path(args.bundle) if args.bundle else _procrustes_bundle(work / "bundle", world["corpus"], args.old, args.new)
+    )
+    meta = read_meta(bundle)
+    compat, _ = load_compatible(bundle)
+    old, new = DualEncoder.from_pretrained(meta.root_model), base_encoder(bundle, meta)
+    table = pq.read_table(world["eval"], columns=["image", "caption", "image_id"])
+    ids = table.column("image_id").to_pylist()
+    first = {i: r for r, i in reversed(list(enumerate(ids)))}
+    distinct = sorted(first)
+    own = np.array([distinct.index(i) for i in ids])  # (Q,) each caption's image
+    blobs = table.column("image").to_pylist()
+    images = [Image.open(io.BytesIO(blobs[first[i]])).convert("RGB") for i in distinct]
+    captions = table.column("caption").to_pylist()
+    cached = work / "embeddings.npz"  # a rerun on the same --work skips the encoders
+    if cached.exists():
+        v_old, v_new, w_old, w_compat, w_new = (
+            np.load(cached)[k] for k in ("v_old", "v_new", "w_old", "w_compat", "w_new")
+        )
+    else:
+        progress(f"embedding {len(images)} images and {len(captions)} captions")
+        v_old, v_new = old.embed_images(images).numpy(), new.embed_images(images).numpy()  # (N, D_old), (N, D_new)
+        w_old, w_compat, w_new = (e.embed_texts(captions).numpy() for e in (old, compat, new))  # (Q, D) each
+        np.savez(cached, v_old=v_old, v_new=v_new, w_old=w_old, w_compat=w_compat, w_new=w_new)
+    s_old, s_new = w_compat @ v_old.T, w_new @ v_new.T  # (Q, N) compatible vs old gallery; new vs new
+
+    def mixed(order: np.ndarray, fraction: float) -> dict:
+        """The server's ranking (MixedGallery), vectorised over the queries."""
+        moved = order[: int(round(fraction * len(images)))]  # (M,) in backfill order
+        if len(moved) == len(images):
+            return _recall(s_new, own)  # a finished backfill: the new space alone
+        scores = s_old.copy()
+        if len(moved) and args.scoring == "raw":  # the alternative the server does not use: new cosines as they are
+            scores[:, moved] = s_new[:, moved]
+        elif len(moved):
+            cal = moved[calibration_rows(len(moved))]
+            scores[:, moved] = blended_score(s_old[:, moved], s_new[:, moved], s_old[:, cal], s_new[:, cal])
+        return _recall(scores, own)
+
+    chosen = backfill_order(v_old, "dense-clusters")
+    randoms = [backfill_order(v_old, "random", seed=s) for s in range(args.random_seeds)]
+    curve = []
+    for f in FRACTIONS:
+        r_rand = [mixed(o, f) for o in randoms]
+        mean = {k: round(statistics.mean(r[k] for r in r_rand), 2) for k in r_rand[0]}
+        curve.append(
+            {
+                "fraction": f,
+                "dense-clusters": mixed(chosen, f),
+                "random": mean,
+                "random_min_max": {k: [min(r[k] for r in r_rand), max(r[k] for r in r_rand)] for k in mean},
+            }
+        )
+    return {
+        "bench": "serving.backfill",
+        "machine": machine(),
+        "commit": git_commit(),
+        "world_seed": args.world_seed,
+        "bundle": str(bundle),
+        "method": meta.method,
+        "images": len(images),
+        "captions": len(captions),
+        "recall_t2i": {
+            "old/old": _recall(w_old @ v_old.T, own),
+            "new/old": _recall(s_old, own),
+            "orig-new/new": _recall(s_new, own),
+        },
+        "scoring": args.scoring,
+        "curve": curve,
+        "random_seeds": args.random_seeds,
+    }
+
+
+def bench_ivf(args) -> dict:
+    from xbtcore.search import make_faiss, normalise, top_rows
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((1000, args.dim)).astype(np.float32)
+    vectors = normalise(centres[rng.integers(0, 1000, args.items)] + 0.5 * rng.standard_normal((args.items, args.dim)))
+    queries = normalise(vectors[rng.integers(0, args.items, 500)] + 0.3 * rng.standard_normal((500, args.dim)))
+    out = {"bench": "serving.ivf", "machine": machine(), "commit": git_commit(), "items": args.items, "dim": args.dim}
+    results = {}
+    for kind in ("flat", "ivf"):
+        t0 = time.perf_counter()
+        index = make_faiss(vectors, kind)
+        build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results[kind] = [{r for r, _ in hits} for hits in (top_rows(index, q[None], 10)[0] for q in queries)]
+        per_query = (time.perf_counter() - t0) / len(queries)
+        out[kind] = {"build_s": round(build, 2), "ms_per_query": round(1000 * per_query, 3)}
+        if kind == "ivf":
+            out[kind].update(nlist=index.nlist, nprobe=index.nprobe)
+        else:  # what one thread per request (serve.engine.one_thread_per_request) costs a single scan
+            import faiss
+
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            t0 = time.perf_counter()
+            for q in queries[:100]:
+                top_rows(index, q[None], 10)
+            out[kind]["ms_per_query_one_thread"] = round(1000 * (time.perf_counter() - t0) / 100, 3)
+            out[kind]["threads"] = threads
+            faiss.omp_set_num_threads(threads)
+    out["ivf_recall@10_vs_exact"] = round(
+        float(np.mean([len(a & b) / 10 for a, b in zip(results["ivf"], results["flat"])])), 4
+    )
+    return out
+
+
+def bench_load(args) -> dict:
+    """A synthetic gallery in zoo/old's space, served by `xbt serve` in its own process on loopback; text
+    queries from client threads here (the clients never share the server's interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from serve.engine import load_query_model
+    from xbtcore.search import build_index
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="xbt-bench-load-"))
+    model = load_query_model(args.old)
+    dim = model.compat.embed_dim
+    rng = np.random.default_rng(0)
+    index = work / "index"
+    progress(f"building a {args.items}-item {args.kind} index")
+
+    def embed(pos):
+        return rng.standard_normal((len(pos), dim)).astype(np.float32)
+
+    build_index(index, list(range(args.items)), embed, model.compat_space, {"modality": "image"}, 65536, args.kind)
+    port = args.port
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--index", str(index), "--model", args.old, "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"xbt serve did not come up: {server.stderr.read().decode()[-500:]}")
+            time.sleep(0.5)
+        texts = ["a red circle", "two blue squares", "a small green triangle left of a star", "a yellow hexagon"]
+        latencies: list[float] = []
+        failures = 0
+        with httpx.Client(base_url=base, timeout=60) as http:  # warm-up
+            for t in texts:
+                http.post("/search", json={"text": t, "k": 10})
+        end = time.monotonic() + args.seconds
+
+        def client(n: int):
+            nonlocal failures
+            with httpx.Client(base_url=base, timeout=60) as http:
+                i = n
+                while time.monotonic() < end:
+                    t0 = time.perf_counter()
+                    r = http.post("/search", json={"text": texts[i % len(texts)], "k": 10})
+                    latencies.append(time.perf_counter() - t0)
+                    failures += r.status_code != 200
+                    i += 1
+
+        t0 = time.perf_counter()
+        clients = [threading.Thread(target=client, args=(n,)) for n in range(args.concurrency)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        server.terminate()
+        server.wait(30)
+    ms = np.array(latencies) * 1000
+    return {
+        "bench": "serving.load",
+        "machine": machine(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "commit": git_commit(),
+        "items": args.items,
+        "dim": dim,
+        "index": args.kind,
+        "concurrency": args.concurrency,
+        "seconds": round(wall, 1),
+        "requests": len(ms),
+        "failed": failures,
+        "throughput_rps": round(len(ms) / wall, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["backfill", "ivf", "load"])
+    ap.add_argument("--old", default=str(ROOT / "zoo" / "old"), help="the gallery's model")
+    ap.add_argument("--new", default=str(ROOT / "zoo" / "new"), help="the new model")
+    ap.add_argument("--bundle", help="an upgrade bundle to serve (default: a Procrustes map of --new onto --old)")
+    ap.add_argument("--eval-images", type=int, default=1000, help="backfill: gallery images (5 captions each)")
+    ap.add_argument("--corpus", type=int, default=20000, help="backfill: corpus captions the map is fitted on")
+    ap.add_argument("--world-seed", type=int, default=7, help="backfill: the world's seed")
+    ap.add_argument("--random-seeds", type=int, default=5, help="backfill: random orders averaged")
+    ap.add_argument(
+        "--scoring",
+        default="blend",
+        choices=["blend", "raw"],
+        help="backfill: a backfilled item's score; blend: the server's (MixedGallery), raw: its new cosine",
+    )
+    ap.add_argument("--items", type=int, default=None, help="ivf/load: gallery size (default 200000 / 1000000)")
+    ap.add_argument("--dim", type=int, default=64, help="ivf: vector size")
+    ap.add_argument("--kind", default="flat", choices=["flat", "ivf"], help="load: exact or approximate index")
+    ap.add_argument("--concurrency", type=int, default=8, help="load: concurrent clients")
+    ap.add_argument("--seconds", type=float, default=20.0, help="load: how long the clients send")
+    ap.add_argument("--port", type=int, default=8765, help="load: loopback port")
+    ap.add_argument("--work", help="scratch folder (default: a new temp folder)")
+    ap.add_argument("--json-out", default="", help="also write the JSON here")
+    args = ap.parse_args(argv)
+    if args.items is None:
+        args.items = 200_000 if args.part == "ivf" else 1_000_000
+    run = {"backfill": bench_backfill, "ivf": bench_ivf, "load": bench_load}[args.part]
+    return emit(run(args), args.json_out)
+
+
+if __name__ == "__main__":
+    main()

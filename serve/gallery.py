@@ -1,0 +1,258 @@
+"""`xbt index` and `xbt backfill`: a gallery's inputs into xbtcore.search indexes.
+
+The index keeps a reference to its source (the image or text Parquet, and each id's row there), so a
+backfill can re-embed the gallery and the search page can show its images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from xbtcore.data import InputError, parquet_files
+from xbtcore.search import (
+    IDS,
+    PLAN,
+    backfill_order,
+    build_index,
+    distinct_ids,
+    is_complete,
+    read_plan,
+    remove_index,
+)
+
+ROWS_FILE = "source_rows.json"  # each stored id's row in the source
+
+
+def _is_embedding_parquet(path) -> bool:
+    return all("embedding" in pq.read_schema(f).names for f in parquet_files(path))
+
+
+def _bar(desc: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
+    task = bar.add_task(desc, total=None)
+    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def check_gallery_space(source: str, model) -> None:
+    """An `xbt embed` gallery recorded in the catalog in another space than the model's compatible one is refused."""
+    from catalog import Catalog
+    from tasks.common import state_dir
+
+    path = str(Path(source).absolute())
+    recorded = [g for g in Catalog(state_dir() / "catalog.duckdb").rows("galleries") if g["path"] == path]
+    if recorded and recorded[-1]["space"] and recorded[-1]["space"] != model.compat_space:
+        raise ValueError(
+            f"{source} was embedded in the space {recorded[-1]['space']} (by {recorded[-1]['model']}) "
+            f"but {model.ref} queries the space {model.compat_space}: index it with a model of its space"
+        )
+
+
+def read_items(source: str, modality: str, text_column: str = "caption"):
+    """-> (per-row ids, items with a `[positions] -> embeddable batch` accessor) of an image or text Parquet."""
+    from xbtcore.data import LazyImages
+    from xbtcore.embed_input import read_ids, read_images, read_texts
+
+    if modality == "text":
+        texts = read_texts(source, text_column)
+        ids = read_ids(source) or list(range(len(texts)))
+        return ids, lambda enc, pos: enc.embed_texts([texts[p] for p in pos])
+    images = read_images(source)
+    ids = read_ids(source) or list(range(images.n_images))
+    return ids, lambda enc, pos: enc.embed_images(LazyImages(images.subset(pos)))
+
+
+def index_gallery(
+    model,
+    source: str,
+    modality: str,
+    out: str,
+    text_column: str = "caption",
+    images: str | None = None,
+    chunk_rows: int = 4096,
+    kind: str = "auto",
+    stop_after: int | None = None,
+) -> dict:
+    """Embed a gallery (or take `xbt embed`'s vectors) into an index of the model's compatible space.
+
+    model: serve.engine.QueryModel. images: for an embedding Parquet, the image/text Parquet it was made
+    from (same ids), kept for backfills and thumbnails."""
+    from xbtcore.data import read_gallery
+
+    info = {"model": model.ref, "model_version": model.version, "modality": modality, "text_column": text_column}
+    if _is_embedding_parquet(source):
+        check_gallery_space(source, model)
+        row_ids, emb = read_gallery(source)
+        dim = model.compat.embed_dim
+        if emb.shape[1] != dim:
+            raise InputError(
+                source,
+                f"holds {emb.shape[1]}-d embeddings; {model.ref} queries in {dim}-d",
+                "index it with the model that embedded it (or its upgrade bundle)",
+                column="embedding",
+            )
+        positions, ids = distinct_ids(row_ids)
+        vectors = emb.numpy()
+
+        def embed(pos):
+            return vectors[[positions[p] for p in pos]]
+
+        info["embeddings"] = str(Path(source).absolute())
+        if images:
+            images_ids, _ = read_items(images, modality, text_column)
+            info["source"] = str(Path(images).absolute())
+            first = {i: r for r, i in reversed(list(enumerate(images_ids)))}
+            missing = [i for i in ids if i not in first]
+            if missing:
+                raise InputError(
+                    images, f"has no row for ids {missing[:5]}", "pass the input the embeddings came from"
+                )
+            source_rows = [first[i] for i in ids]
+        else:
+            source_rows = None
+    else:
+        row_ids, batch = read_items(source, modality, text_column)
+        positions, ids = distinct_ids(row_ids)
+        info["source"] = str(Path(source).absolute())
+        source_rows = positions
+
+        def embed(pos):
+            return batch(model.compat, [positions[p] for p in pos]).numpy()
+
+    bar, progress = _bar("index")
+    with bar:
+        extra = {ROWS_FILE: source_rows} if source_rows is not None else None
+        path = build_index(out, ids, embed, model.compat_space, info, chunk_rows, kind, progress, stop_after, extra)
+    return {"out": str(path), "items": len(ids), "space": model.compat_space, "complete": is_complete(path)}
+
+
+def backfill(
+    index: str,
+    model,
+    order: str = "dense-clusters",
+    chunk_rows: int = 1024,
+    seed: int = 0,
+    stop_after: int | None = None,
+) -> dict:
+    """Re-embed the gallery with the model's own (new) space into INDEX/backfill, in `order`, chunk by chunk.
+    Resumable: a rerun continues at the first missing chunk. model: serve.engine.QueryModel."""
+    from xbtcore.search import GalleryIndex
+
+    old = GalleryIndex(index)
+    plan = old.plan
+    if "source" not in plan or not (Path(index) / ROWS_FILE).is_file():
+        raise ValueError(
+            f"{index}: the index keeps no gallery source to re-embed; rebuild it with "
+            "`xbt index --input` the image/text Parquet (or --images with an embedding Parquet)"
+        )
+    if model.own_space == old.space:
+        raise ValueError(f"{index} is already in the space {old.space} of {model.ref}: nothing to backfill")
+    bf = Path(index) / "backfill"
+    if (bf / PLAN).is_file() and read_plan(bf)["space"] != model.own_space:
+        raise ValueError(
+            f"{bf} holds a backfill into another space ({read_plan(bf)['space']}): remove it "
+            f"(`xbt backfill --index {index} --discard`) before backfilling to {model.own_space}"
+        )
+    if (bf / IDS).is_file():  # resuming: the order and chunk size fixed when the backfill started
+        ordered = json.loads((bf / IDS).read_text())
+        chunk_rows = read_plan(bf)["chunk_rows"]
+    else:
+        ordered = [old.ids[r] for r in backfill_order(old.vectors(), order, seed)]
+    source_rows = json.loads((Path(index) / ROWS_FILE).read_text())
+    _, batch = read_items(plan["source"], plan["modality"], plan.get("text_column", "caption"))
+    encoder = model.own()
+
+    def embed(pos):
+        return batch(encoder, [source_rows[old.row_of[ordered[p]]] for p in pos]).numpy()
+
+    info = {
+        "model": model.ref,
+        "model_version": model.version,
+        "modality": plan["modality"],
+        "order": order,
+        "source": plan["source"],
+        "text_column": plan.get("text_column", "caption"),
+        "old_space": old.space,
+    }
+    bar, progress = _bar("backfill")
+    with bar:
+        extra = {ROWS_FILE: [source_rows[old.row_of[i]] for i in ordered]}
+        build_index(bf, ordered, embed, model.own_space, info, chunk_rows, "auto", progress, stop_after, extra)
+    return backfill_status(index)
+
+
+def backfill_status(index: str) -> dict:
+    from xbtcore.search import chunks_done
+
+    bf = Path(index) / "backfill"
+    if not (bf / PLAN).is_file():
+        return {"index": str(index), "backfilled": 0, "items": None, "complete": False}
+    plan = read_plan(bf)
+    done = min(plan["n"], len(chunks_done(bf)) * plan["chunk_rows"])
+    return {
+        "index": str(index),
+        "space": plan["space"],
+        "old_space": plan.get("old_space"),
+        "order": plan.get("order"),
+        "backfilled": done,
+        "items": plan["n"],
+        "fraction": round(done / max(1, plan["n"]), 4),
+        "complete": is_complete(bf),
+    }
+
+
+def remove_old(index: str) -> dict:
+    """After a finished backfill: the new-space index takes the old one's place, and the old vectors go."""
+    index = Path(index)
+    bf = index / "backfill"
+    if not is_complete(bf):
+        raise ValueError(
+            f"{index}: the backfill is not finished ({backfill_status(str(index))['fraction']:.0%}); "
+            "run `xbt backfill` again to finish it before removing the old index"
+        )
+    staged = index.with_name(index.name + ".new")
+    shutil.rmtree(staged, ignore_errors=True)
+    os.replace(bf, staged)
+    retired = index.with_name(index.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    os.replace(index, retired)
+    os.replace(staged, index)
+    remove_index(retired)
+    return {"index": str(index), "space": read_plan(index)["space"]}
+
+
+def discard_backfill(index: str) -> None:
+    bf = Path(index) / "backfill"
+    if bf.exists():
+        remove_index(bf)
+
+
+def source_item(index: str, row: int) -> tuple[bytes, str] | None:
+    """The source image bytes (and media type) of the index's row, or None when it keeps no image source."""
+    plan = read_plan(index)
+    rows_file = Path(index) / ROWS_FILE
+    if plan.get("modality") != "image" or "source" not in plan or not rows_file.is_file():
+        return None
+    return _image_at(plan["source"], json.loads(rows_file.read_text())[row])
+
+
+def _image_at(source: str, row: int) -> tuple[bytes, str] | None:
+    for f in parquet_files(source):
+        n = pq.read_metadata(f).num_rows
+        if row >= n:
+            row -= n
+            continue
+        names = pq.read_schema(f).names
+        col = "image" if "image" in names else "image_path"
+        value = pq.read_table(f, columns=[col]).column(col)[row].as_py()
+        if col == "image_path":
+            value = (f.absolute().parent / value).read_bytes()
+        kind = "image/png" if value[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
+        return value, kind
+    return None

@@ -1,0 +1,284 @@
+"""The gallery index: exact search against brute force on `xbt embed` outputs, ids, ties, resume, IVF, spaces."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO
+from serving import NEW, OLD, make_world
+
+from xbtcore import search
+from xbtcore.data import read_gallery
+
+
+def xbt(*args, env=None):
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *map(str, args)],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("search-world"), eval_images=80)
+
+
+def brute_force(gallery: np.ndarray, ids: list, query: np.ndarray, k: int) -> list[tuple]:
+    """The top k (id, score) by inner product in float64, ties by id: the independent recompute."""
+    scores = gallery.astype(np.float64) @ query.astype(np.float64)  # (N,)
+    order = sorted(range(len(ids)), key=lambda r: (-scores[r], search.id_key(ids[r])))
+    return [(ids[r], scores[r]) for r in order[:k]]
+
+
+def assert_same_ranking(hits, expected, tol=1e-5):
+    """Same ids in the same order, except that items whose scores differ by float noise may swap."""
+    assert len(hits) == len(expected)
+    got = [h.id if hasattr(h, "id") else h["id"] for h in hits]
+    scores = [h.score if hasattr(h, "score") else h["score"] for h in hits]
+    np.testing.assert_allclose(scores, [s for _, s in expected], atol=tol)
+    for pos, (want_id, want_score) in enumerate(expected):
+        if got[pos] != want_id:  # only a float-noise tie may reorder
+            tied = {i for i, s in expected if abs(s - want_score) <= tol}
+            assert got[pos] in tied, (pos, got[pos], want_id)
+    cut = expected[-1][1]
+    assert {i for i, s in expected if s > cut + tol} <= set(got)
+
+
+def test_index_equals_brute_force_on_xbt_embed_outputs(world, tmp_path):
+    from serve.engine import load_query_model
+    from serve.gallery import index_gallery
+    from xbtcore.encoders import DualEncoder
+
+    # The gallery as `xbt embed` writes it; the index built by `xbt index` from the image Parquet itself.
+    r = xbt("embed", "--model", OLD, "--input", world["eval"], "--modality", "image", "--out", tmp_path / "g.parquet")
+    assert r.returncode == 0, r.stderr
+    r = xbt(
+        "index",
+        "--model",
+        OLD,
+        "--input",
+        world["eval"],
+        "--modality",
+        "image",
+        "--out",
+        tmp_path / "idx",
+        "--chunk-rows",
+        "32",
+    )
+    assert r.returncode == 0, r.stderr
+    row_ids, emb = read_gallery(tmp_path / "g.parquet")
+    positions, ids = search.distinct_ids(row_ids)  # the eval set: 5 captions per image, one entry per image
+    assert len(ids) == 80 < len(row_ids)
+    gallery = emb.numpy()[positions]
+    captions = pq.read_table(world["eval"], columns=["caption"]).column("caption").to_pylist()
+    queries = DualEncoder.from_pretrained(OLD).embed_texts(captions[::9]).numpy()
+    index = search.GalleryIndex(tmp_path / "idx")
+    assert index.ids == ids and index.done["kind"] == "flat"
+    for q in queries:
+        assert_same_ranking(index.search(q[None], 10)[0], brute_force(gallery, ids, q, 10))
+
+    # An index of the embedding Parquet holds the same vectors.
+    index_gallery(load_query_model(OLD), str(tmp_path / "g.parquet"), "image", str(tmp_path / "idx2"))
+    np.testing.assert_allclose(search.GalleryIndex(tmp_path / "idx2").vectors(), index.vectors(), atol=1e-6)
+    with pytest.raises(ValueError, match=f"embedded in the space {index.space}"):  # the catalog knows its space
+        index_gallery(load_query_model(NEW), str(tmp_path / "g.parquet"), "image", str(tmp_path / "idx3"))
+
+    # `xbt search` prints the same ranking.
+    r = xbt("search", "--index", tmp_path / "idx", "--model", OLD, "--text", captions[0], "--k", "5")
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)
+    assert answer["space"] == index.space and answer["model"] == OLD
+    assert_same_ranking(answer["results"], brute_force(gallery, ids, queries[0], 5), tol=2e-5)
+
+    # A query model of another space is refused, naming both spaces.
+    r = xbt("search", "--index", tmp_path / "idx", "--model", NEW, "--text", captions[0])
+    line = r.stderr.strip()
+    assert r.returncode != 0 and len(line.splitlines()) == 1, r.stderr
+    assert index.space in line and "new-" in line and "queries the space" in line
+
+
+def _table(path, **columns):
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_ids_are_id_else_image_id_else_row_one_per_distinct_id(tmp_path):
+    positions, ids = search.distinct_ids(["b", "a", "b", "c"])
+    assert (positions, ids) == ([1, 0, 3], ["a", "b", "c"])  # first row of each id, in id order
+    positions, ids = search.distinct_ids([10, 2, 2, 33])
+    assert ids == [2, 10, 33] and positions == [1, 0, 3]  # numbers by value, not as text
+
+    from xbtcore.embed_input import read_ids
+
+    emb = [[1.0, 0.0]] * 3
+    f1 = _table(tmp_path / "with_id.parquet", id=["x", "y", "x"], image_id=[1, 2, 3], embedding=emb)
+    f2 = _table(tmp_path / "image_id.parquet", image_id=[7, 7, 8], embedding=emb)
+    f3 = _table(tmp_path / "none.parquet", caption=["p", "q", "r"])
+    assert read_ids(f1) == ["x", "y", "x"] and read_ids(f2) == [7, 7, 8] and read_ids(f3) is None
+
+
+def test_unfinished_index_never_opens_and_resumes_where_it_stopped(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = search.normalise(rng.standard_normal((50, 8)))
+    ids = list(range(50))
+    asked = []
+
+    def embed(pos):
+        asked.extend(pos)
+        return vectors[pos]
+
+    out = tmp_path / "idx"
+    search.build_index(out, ids, embed, "space-a", chunk_rows=10, stop_after=2)  # a crash after 2 chunks
+    assert not search.is_complete(out) and search.chunks_done(out) == [0, 1]
+    with pytest.raises(ValueError, match="not a finished index"):
+        search.GalleryIndex(out)
+    with pytest.raises(ValueError, match="unfinished index of another input"):
+        search.build_index(out, ids, embed, "space-b", chunk_rows=10)
+    with pytest.raises(ValueError, match="unfinished index of another input"):
+        search.build_index(out, ids[:-1], embed, "space-a", chunk_rows=10)
+    asked.clear()
+    search.build_index(out, ids, embed, "space-a", chunk_rows=10)
+    assert sorted(asked) == list(range(20, 50))  # only the missing chunks were embedded
+    index = search.GalleryIndex(out)
+    np.testing.assert_allclose(index.vectors(), vectors, atol=1e-6)
+    assert index.ids == ids and index.space == "space-a"
+    asked.clear()
+    search.build_index(out, ids, embed, "space-a", chunk_rows=10)  # finished: nothing to do
+    assert asked == []
+    # The completion marker is the last thing written: without it the folder is unfinished again.
+    (out / search.DONE).unlink()
+    with pytest.raises(ValueError, match="not a finished index"):
+        search.GalleryIndex(out)
+
+
+def test_ties_are_broken_by_id_also_at_the_cut(tmp_path):
+    base = np.zeros((40, 4), np.float32)
+    base[:, 0] = 1.0  # 40 identical vectors: every score ties
+    base[5] = [0.0, 1.0, 0.0, 0.0]
+    ids = [f"id{i:03d}" for i in range(40)]
+    out = search.build_index(tmp_path / "t", ids, lambda pos: base[pos], "s", chunk_rows=16)
+    index = search.GalleryIndex(out)
+    hits = index.search(np.array([[1.0, 0.0, 0.0, 0.0]], np.float32), 25)[0]
+    assert [h.id for h in hits] == [i for i in ids if i != "id005"][:25]
+    again = index.search(np.array([[1.0, 0.0, 0.0, 0.0]], np.float32), 25)[0]
+    assert [h.id for h in hits] == [h.id for h in again]
+
+
+def test_ivf_index_recall_against_exact(tmp_path):
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((50, 32))
+    vectors = search.normalise(centres[rng.integers(0, 50, 5000)] + 0.3 * rng.standard_normal((5000, 32)))
+    queries = search.normalise(vectors[rng.integers(0, 5000, 100)] + 0.1 * rng.standard_normal((100, 32)))
+    exact = search.make_faiss(vectors, "flat")
+    approx = search.make_faiss(vectors, "ivf")
+    assert hasattr(approx, "nprobe") and not hasattr(exact, "nprobe")
+    got = search.top_rows(approx, queries, 10)
+    want = search.top_rows(exact, queries, 10)
+    recall = np.mean([len({r for r, _ in g} & {r for r, _ in w}) / 10 for g, w in zip(got, want)])
+    assert recall >= 0.9, recall
+
+
+def mixed_reference(s_old: dict, s_new: dict, moved: list, k: int) -> list[tuple]:
+    """The mixed gallery's top k, recomputed: an item not moved scores its old cosine; a moved one the mean
+    of its old cosine and its new cosine standardised over the moved items and given their old mean and spread."""
+    o, n = np.array([s_old[i] for i in moved]), np.array([s_new[i] for i in moved])
+    scores = dict(s_old)
+    for i in moved:
+        scores[i] = 0.5 * s_old[i] + 0.5 * (o.mean() + (s_new[i] - n.mean()) / n.std() * o.std())
+    best = sorted(scores, key=lambda i: (-scores[i], search.id_key(i)))[:k]
+    return [(i, scores[i]) for i in best]
+
+
+def test_mixed_gallery_merges_both_spaces_into_one_ranking(tmp_path):
+    rng = np.random.default_rng(2)
+    old_vecs = search.normalise(rng.standard_normal((300, 6)))
+    new_vecs = search.normalise(rng.standard_normal((300, 5)))
+    ids = [f"i{n:03d}" for n in range(300)]
+    search.build_index(tmp_path, ids, lambda pos: old_vecs[pos], "old-space", chunk_rows=64)
+    order = [ids[r] for r in search.backfill_order(old_vecs, "random", seed=3)]
+    new_of = {i: new_vecs[n] for n, i in enumerate(ids)}
+    search.build_index(
+        tmp_path / "backfill",
+        order,
+        lambda pos: np.stack([new_of[order[p]] for p in pos]),
+        "new-space",
+        chunk_rows=32,
+        stop_after=4,
+    )  # 128 of 300 in the new space
+    mixed = search.MixedGallery(tmp_path)
+    moved = order[:128]
+    assert mixed.fraction == pytest.approx(128 / 300) and mixed.new_ids == moved
+    for seed in range(5):
+        q = np.random.default_rng(seed)
+        q_old, q_new = search.normalise(q.standard_normal((1, 6)))[0], search.normalise(q.standard_normal((1, 5)))[0]
+        s_old = {i: float(old_vecs[n] @ q_old) for n, i in enumerate(ids)}
+        s_new = {i: float(new_of[i] @ q_new) for i in ids}
+        for k in (1, 10, 40):
+            hits = mixed.search(q_old, q_new, k)
+            expected = mixed_reference(s_old, s_new, moved, k)
+            assert [h.id for h in hits] == [i for i, _ in expected]
+            np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], atol=1e-5)
+        # Without the new query (a backfill of another model's space): the old index whole.
+        assert [h.id for h in mixed.search(q_old, None, 5)] == sorted(ids, key=lambda i: -s_old[i])[:5]
+    # A finished backfill: the new space alone, plain cosines.
+    search.build_index(
+        tmp_path / "backfill", order, lambda pos: np.stack([new_of[order[p]] for p in pos]), "new-space", chunk_rows=32
+    )
+    done = search.MixedGallery(tmp_path)
+    assert done.complete and done.fraction == 1.0
+    assert [h.id for h in done.search(None, q_new, 5)] == sorted(ids, key=lambda i: -s_new[i])[:5]
+
+
+def test_dense_clusters_order_moves_whole_neighbourhoods_tightest_first():
+    rng = np.random.default_rng(4)
+    centres = search.normalise(rng.standard_normal((3, 16))) * 4
+    spreads = (0.05, 0.4, 0.8)  # cluster 0 is the tightest
+    vectors = search.normalise(
+        np.concatenate([c + s * rng.standard_normal((30, 16)) for c, s in zip(centres, spreads)])
+    )
+    perm = rng.permutation(90)  # rows shuffled: the order must come from the vectors, not the rows
+    order = search.backfill_order(vectors[perm], "dense-clusters")
+    cluster_of_row = (perm // 30)[order]  # the cluster of each item, in backfill order
+    assert sorted(order.tolist()) == list(range(90))
+    assert (cluster_of_row[:30] == 0).all()  # the tight cluster first, whole
+    assert (np.diff(cluster_of_row) != 0).sum() == 2  # each cluster contiguous
+    assert sorted(search.backfill_order(vectors, "random", seed=1).tolist()) == list(range(90))
+
+
+def test_qdrant_collection_answers_as_the_exact_index_and_its_alias_swaps(tmp_path):
+    pytest.importorskip("qdrant_client")
+    from serve import qdrant
+
+    rng = np.random.default_rng(5)
+    old_vecs, new_vecs = (
+        search.normalise(rng.standard_normal((200, 8))),
+        search.normalise(rng.standard_normal((200, 6))),
+    )
+    ids = [f"q{n:03d}" for n in range(200)]
+    search.build_index(tmp_path / "old", ids, lambda pos: old_vecs[pos], "old-space", chunk_rows=64)
+    search.build_index(tmp_path / "new", ids, lambda pos: new_vecs[pos], "new-space", chunk_rows=64)
+    client = qdrant.connect(str(tmp_path / "qdrant"))  # embedded local mode
+    old_name = qdrant.export(tmp_path / "old", client)
+    assert qdrant.aliased(client) == old_name and old_name.startswith("xbt-old-space-")
+    assert qdrant.export(tmp_path / "old", client) == old_name  # whole already: nothing copied again
+    index = search.GalleryIndex(tmp_path / "old")
+    for q in search.normalise(rng.standard_normal((5, 8))):
+        hits = qdrant.search(client, qdrant.ALIAS, q, 10)
+        assert_same_ranking(hits, brute_force(old_vecs, ids, q, 10))
+        assert [h.id for h in hits] == [h.id for h in index.search(q[None], 10)[0]]
+    new_name = qdrant.export(tmp_path / "new", client)  # the end of a backfill: the alias moves in one call
+    assert qdrant.aliased(client) == new_name != old_name and client.collection_exists(old_name)
+    q = search.normalise(rng.standard_normal((1, 6)))[0]
+    assert_same_ranking(qdrant.search(client, qdrant.ALIAS, q, 5), brute_force(new_vecs, ids, q, 5))

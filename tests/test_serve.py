@@ -1,0 +1,303 @@
+"""The search service: bad input is a 4xx, answers match brute force, champion hot swap, progressive backfill."""
+
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from serving import NEW, OLD, make_world, procrustes_bundle, register
+from test_search import assert_same_ranking, brute_force, mixed_reference, xbt
+
+from xbtcore import search
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A world, an old-space index of its eval images, two Procrustes bundles, and a private registry."""
+    import pyarrow.parquet as pq
+
+    from serve.engine import load_query_model
+    from serve.gallery import index_gallery
+
+    root = tmp_path_factory.mktemp("serve")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("XBT_STATE_DIR", str(root / "state"))
+        world = make_world(root / "world", eval_images=64)
+        captions = pq.read_table(world["eval"], columns=["caption"]).column("caption").to_pylist()
+        index_gallery(load_query_model(OLD), world["eval"], "image", str(root / "idx"), chunk_rows=16)
+        b1 = procrustes_bundle(root / "b1" / "bundle", captions[::2])
+        b2 = procrustes_bundle(root / "b2" / "bundle", captions[1::2])
+        yield {"root": root, "world": world, "captions": captions, "index": root / "idx", "b1": b1, "b2": b2}
+
+
+@pytest.fixture
+def client(setup):
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_app
+    from serve.engine import Server
+
+    return TestClient(create_app(Server(OLD, setup["index"], poll_s=0)))
+
+
+def _eval_image(setup, row: int = 0) -> bytes:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(setup["world"]["eval"], columns=["image"]).column("image")[row].as_py()
+
+
+def test_every_bad_input_is_a_4xx_with_one_line_detail(client, setup):
+    from serve.app import MAX_K, MAX_UPLOAD_BYTES
+
+    png = _eval_image(setup)
+    cases = [
+        ({"json": {"text": "", "k": 5}}, 422, "empty"),
+        ({"json": {"text": "   "}}, 422, "empty"),
+        ({"json": {"k": 5}}, 422, "missing text"),
+        ({"json": {"text": 7}}, 422, "must be a string"),
+        ({"json": ["a red circle"]}, 422, "JSON object"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+        ({"json": {"text": "a red circle", "k": 0}}, 422, f"from 1 to {MAX_K}"),
+        ({"json": {"text": "a red circle", "k": MAX_K + 1}}, 422, f"from 1 to {MAX_K}"),
+        ({"json": {"text": "a red circle", "k": "many"}}, 422, "integer"),
+        ({"json": {"text": "a red circle", "k": 2.5}}, 422, "integer"),
+        ({"json": {"text": "a red circle", "k": True}}, 422, "integer"),
+        ({"files": {"image": ("x.png", b"not an image", "image/png")}, "data": {"k": "3"}}, 422, "does not decode"),
+        ({"files": {"image": ("x.png", png[: len(png) // 2], "image/png")}}, 422, "does not decode"),
+        ({"files": {"image": ("x.png", b"", "image/png")}}, 422, "empty"),
+        ({"files": {"image": ("x.png", png, "image/png")}, "data": {"k": "-1"}}, 422, f"from 1 to {MAX_K}"),
+        ({"files": {"image": ("big.png", b"\0" * (MAX_UPLOAD_BYTES + 1), "image/png")}}, 413, str(MAX_UPLOAD_BYTES)),
+        ({"content": b"a red circle", "headers": {"content-type": "text/plain"}}, 415, "application/json"),
+        ({"data": {"k": "3"}}, 422, "missing text"),
+    ]
+    for kwargs, status, needle in cases:
+        r = client.post("/search", **kwargs)
+        assert r.status_code == status, (kwargs.get("json"), r.status_code, r.text)
+        detail = r.json()["detail"]
+        assert isinstance(detail, str) and "\n" not in detail and needle in detail, (status, detail)
+    assert client.get("/items/no-such-id").status_code == 404
+
+
+def test_answers_carry_the_version_and_match_brute_force(client, setup):
+    from xbtcore.encoders import DualEncoder
+
+    index = search.GalleryIndex(setup["index"])
+    query = setup["captions"][3]
+    r = client.post("/search", json={"text": query, "k": 7})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"model", "model_version", "space", "results"}
+    assert body["model"] == OLD and body["space"] == index.space and body["model_version"]
+    q = DualEncoder.from_pretrained(OLD).embed_texts([query])[0].numpy()
+    assert_same_ranking(body["results"], brute_force(index.vectors(), index.ids, q, 7))
+
+    png = _eval_image(setup, 5)
+    r = client.post("/search", files={"image": ("q.png", png, "image/png")}, data={"k": "3"})
+    assert r.status_code == 200, r.text
+    top = r.json()["results"][0]
+    assert top["id"] == index.ids[json.loads((setup["index"] / "source_rows.json").read_text()).index(5)]
+    assert top["score"] == pytest.approx(1.0, abs=1e-4)  # the image itself
+
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["items"] == len(index) and health["space"] == index.space
+    page = client.get("/")
+    assert page.status_code == 200 and 'type="file"' in page.text and "model_version" in page.text
+    item = client.get(f"/items/{top['id']}")
+    assert item.status_code == 200 and item.content == png and item.headers["content-type"] == "image/png"
+
+
+def test_a_model_of_another_space_is_refused(setup):
+    from serve.engine import Server, SpaceMismatch
+
+    index = search.GalleryIndex(setup["index"])
+    with pytest.raises(SpaceMismatch, match=f"holds {index.space}"):
+        Server(NEW, setup["index"], poll_s=0)
+    Server(str(setup["b1"]), setup["index"], poll_s=0)  # a bundle of the gallery's model: its compatible space
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_champion_swaps_and_rolls_back_under_load_without_a_failed_request(setup, monkeypatch):
+    import httpx
+
+    from serve.app import create_app
+    from serve.engine import Server
+    from tasks import registry
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{setup['root'] / 'mlflow.db'}")
+    monkeypatch.setenv("XBT_STATE_DIR", str(setup["root"] / "state"))
+    first = register(setup["b1"], "v1")
+    name = first["name"]
+    server = Server(f"models:/{name}@champion", setup["index"], poll_s=0.2)
+    server.start()
+    web, thread, port = _listen(create_app(server))
+
+    answers: list[tuple[int, str]] = []  # (status, version) of every request, in order per client
+    stop = threading.Event()
+
+    def load():
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            while not stop.is_set():
+                r = http.post("/search", json={"text": "a red circle", "k": 5})
+                answers.append((r.status_code, r.json().get("model_version")))
+
+    clients = [threading.Thread(target=load) for _ in range(3)]
+    try:
+        for t in clients:
+            t.start()
+        assert _wait(lambda: len(answers) >= 5, 30)
+        second = register(setup["b2"], "v2")  # the gate passed: champion moves to version 2
+        assert second["version"] != first["version"]
+        assert _wait(lambda: answers[-1][1] == second["version"], 60), answers[-3:]
+        registry.rollback(registry.client(), name)  # what `xbt rollback` does
+        assert _wait(lambda: answers[-1][1] == first["version"], 60), answers[-3:]
+        n = len(answers)
+        assert _wait(lambda: len(answers) >= n + 5, 30)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(30)
+        web.should_exit = True
+        thread.join(30)
+        server.stop()
+    assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
+    seen = [v for _, v in answers]
+    assert {first["version"], second["version"]} == set(seen) and server.swaps == 2
+
+
+def _listen(app):
+    """uvicorn serving `app` on a free loopback port, in a thread. -> (server, thread, port)"""
+    import uvicorn
+
+    port = _free_port()
+    web = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    assert _wait(lambda: web.started, 30)
+    return web, thread, port
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="no chromium (apt-get install -y chromium)")
+def test_the_page_shows_results_in_a_headless_browser(setup):
+    import re
+    import subprocess
+
+    from serve.app import create_app
+    from serve.engine import Server
+
+    web, thread, port = _listen(create_app(Server(OLD, setup["index"], poll_s=0)))
+    try:
+        r = subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--virtual-time-budget=15000",
+                "--dump-dom",
+                f"http://127.0.0.1:{port}/?q=a+red+circle&k=4",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        web.should_exit = True
+        thread.join(30)
+    dom = r.stdout
+    shown = re.findall(
+        r'<figure class="hit"><img src="items/([^"$]+)"', dom
+    )  # rendered hits, not the script's template
+    assert len(shown) == 4, (r.returncode, r.stderr[-500:], dom[-1500:])
+    assert set(shown) <= set(search.GalleryIndex(setup["index"]).ids)
+    assert f"4 results from {OLD} version" in dom  # the answering version
+
+
+def _wait(predicate, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces(setup, tmp_path):
+    import pyarrow.parquet as pq
+
+    from serve.engine import Engine, Server, SpaceMismatch, load_query_model
+    from serve.gallery import backfill, backfill_status, remove_old
+    from xbtcore.bundle import load_compatible
+    from xbtcore.encoders import DualEncoder
+    from xbtcore.search import MixedGallery
+
+    index = tmp_path / "idx"
+    shutil.copytree(setup["index"], index)
+    old = search.GalleryIndex(index)
+    model = load_query_model(str(setup["b1"]))
+    server = Server(str(setup["b1"]), index, poll_s=0)  # serving while the backfill runs
+    assert server.engine.space == old.space and not server.refresh()
+    backfill(str(index), model, chunk_rows=16, stop_after=2)  # a crash after 2 of 4 chunks ...
+    (index / "backfill" / "chunks" / "00002.npy.tmp").write_bytes(b"half a chunk")  # ... while writing the 3rd
+    status = backfill_status(str(index))
+    assert status["backfilled"] == 32 and not status["complete"] and status["space"] == model.own_space
+
+    # The mixed gallery: backfilled ids by the new model's own query, the rest by the compatible one.
+    images = pq.read_table(setup["world"]["eval"], columns=["image"]).column("image").to_pylist()
+    rows = json.loads((index / "source_rows.json").read_text())
+    new_enc, compat = DualEncoder.from_pretrained(NEW), load_compatible(setup["b1"])[0]
+    own = _embed_images(new_enc, [images[r] for r in rows])  # (N, D_new) every item in the new space
+    query = setup["captions"][10]
+    q_old, q_new = compat.embed_texts([query])[0].numpy(), new_enc.embed_texts([query])[0].numpy()
+    engine = Engine(model, MixedGallery(index))
+    moved = engine.gallery.new_ids
+    assert len(set(moved)) == 32 and engine.space == f"{old.space}+{model.own_space}"
+    vectors = old.vectors()
+    s_old = {i: float(vectors[r] @ q_old) for r, i in enumerate(old.ids)}
+    s_new = {i: float(own[r] @ q_new) for r, i in enumerate(old.ids)}
+    expected = mixed_reference(s_old, s_new, moved, 10)
+    assert_same_ranking(engine.search(10, text=query)["results"], expected)
+    assert (
+        server.refresh()
+        and server.engine.search(10, text=query)["results"] == engine.search(10, text=query)["results"]
+    )
+    # A model whose own space is not the backfill's searches the old index whole.
+    plain = Engine(load_query_model(OLD), MixedGallery(index))
+    assert plain.new_encoder is None and len(plain.search(64, text=query)["results"]) == 64
+
+    # The same command resumes: every id exactly once, in the new space.
+    r = xbt("backfill", "--index", index, "--new", setup["b1"], "--chunk-rows", "16")
+    assert r.returncode == 0, r.stderr
+    assert "64 of 64 items" in r.stdout and "complete" in r.stdout
+    done = search.GalleryIndex(index / "backfill")
+    assert len(done.ids) == len(set(done.ids)) == len(old) and set(done.ids) == set(old.ids)
+    np.testing.assert_allclose(done.vectors(), own[[old.row_of[i] for i in done.ids]], atol=1e-5)
+
+    # At 100% the new model's own query alone, no adapter; the old index is still there until removed.
+    engine = Engine(model, MixedGallery(index))
+    assert engine.space == model.own_space and not engine.searches_old
+    assert server.refresh() and server.engine.space == model.own_space and not server.refresh()
+    hits = engine.search(10, text=query)["results"]
+    assert_same_ranking(hits, brute_force(own, old.ids, q_new, 10))
+    assert search.is_complete(index) and search.GalleryIndex(index).space == old.space
+    remove_old(str(index))
+    assert search.GalleryIndex(index).space == model.own_space and not (index / "backfill").exists()
+    assert Engine(model, MixedGallery(index)).search(10, text=query)["results"] == hits
+    with pytest.raises(SpaceMismatch, match=f"holds {model.own_space}"):  # the old model's queries no longer fit
+        Engine(load_query_model(OLD), MixedGallery(index))
+
+
+def _embed_images(encoder, blobs: list[bytes]) -> np.ndarray:
+    from PIL import Image
+
+    return encoder.embed_images([Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]).numpy()

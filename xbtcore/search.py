@@ -1,0 +1,427 @@
+"""A gallery index for search: L2-normalised float32 vectors under inner product, stamped with their space.
+
+    DIR/
+      plan.json         what is being built: space, ids' digest, chunk size, order, source
+      ids.json          the distinct ids, one per vector (row r of the index is ids[r])
+      chunks/NNNNN.npy  finished chunks of vectors, each written to a temp name and renamed
+      index.faiss       the assembled faiss index
+      complete.json     written last: only its presence makes DIR a finished index
+
+A killed build resumes at the first missing chunk; an index without complete.json never opens.
+
+The space is an opaque id given by the caller (the registry's `space_of` of the model that embedded
+the gallery); a query from another space must never search this one.
+
+Rows are stored in id order, so breaking score ties by row breaks them by id: the same query gives
+the same ranking on every run and every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PLAN, IDS, DONE, FAISS_FILE = "plan.json", "ids.json", "complete.json", "index.faiss"
+CHUNK_ROWS = 4096
+# Exact (flat) search below this many vectors; approximate (IVF) from here. At 1M x 512 float32 an exact
+# scan is ~2 GB of reads per query batch; below it flat search stays in tens of milliseconds on 2 cores.
+IVF_THRESHOLD = 1_000_000
+
+
+def id_key(i) -> tuple:
+    """A total order over ids of one column's type (numbers by value, anything else as text)."""
+    return (0, i, "") if isinstance(i, (int, float)) and not isinstance(i, bool) else (1, 0, str(i))
+
+
+def distinct_ids(ids: Sequence) -> tuple[list[int], list]:
+    """-> (positions of each id's first row, those ids), in id order: one entry per distinct id."""
+    first: dict = {}
+    for pos, i in enumerate(ids):
+        first.setdefault(i, pos)
+    order = sorted(first, key=id_key)
+    return [first[i] for i in order], order
+
+
+def digest_ids(ids: Sequence) -> str:
+    return hashlib.sha256(json.dumps(list(ids), default=str).encode()).hexdigest()[:16]
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """(N, D) -> (N, D) float32 rows of unit length (zero rows stay zero)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)  # (N, 1)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _write_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def is_complete(out: str | Path) -> bool:
+    return (Path(out) / DONE).is_file()
+
+
+def read_plan(out: str | Path) -> dict:
+    return json.loads((Path(out) / PLAN).read_text())
+
+
+def chunks_done(out: str | Path) -> list[int]:
+    d = Path(out) / "chunks"
+    return sorted(int(p.stem) for p in d.glob("*.npy")) if d.is_dir() else []
+
+
+def build_index(
+    out: str | Path,
+    ids: Sequence,
+    embed: Callable[[list[int]], np.ndarray],
+    space: str,
+    info: dict | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    kind: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    stop_after: int | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Embed `ids` (distinct, in the order they will be stored) chunk by chunk into DIR and assemble the index.
+
+    embed(positions) -> (len(positions), D) vectors of those positions of `ids`. A rerun with the same
+    ids, space and chunk size resumes; another plan in an unfinished DIR is refused. `stop_after` chunks:
+    return without finishing (what a kill leaves; the tests use it). `info`: kept in the plan (model,
+    modality, source, ...); `extra`: more JSON files written with the plan ({name: object}).
+    kind: "flat" (exact), "ivf" (approximate) or "auto" (flat under IVF_THRESHOLD).
+    """
+    out = Path(out)
+    ids = list(ids)
+    assert len(set(ids)) == len(ids), "ids must be distinct"
+    plan = {"space": space, "n": len(ids), "ids": digest_ids(ids), "chunk_rows": chunk_rows, **(info or {})}
+    if out.exists() and (out / PLAN).is_file():
+        old = read_plan(out)
+        same = all(old.get(k) == plan[k] for k in ("space", "n", "ids", "chunk_rows"))
+        if not same:
+            state = "a finished" if is_complete(out) else "an unfinished"
+            raise ValueError(f"{out} holds {state} index of another input or model: delete it or pass another --out")
+        if is_complete(out):
+            return out
+        plan = {**old, **{k: plan[k] for k in plan if k not in old}}
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, obj in (extra or {}).items():
+            _write_json(out / name, obj)
+        _write_json(out / IDS, ids)
+        _write_json(out / PLAN, plan)
+    (out / "chunks").mkdir(exist_ok=True)
+    n_chunks = max(1, math.ceil(len(ids) / chunk_rows))
+    done = set(chunks_done(out))
+    written = 0
+    for c in range(n_chunks):
+        if c in done:
+            continue
+        if stop_after is not None and written >= stop_after:
+            return out
+        positions = list(range(c * chunk_rows, min((c + 1) * chunk_rows, len(ids))))
+        vecs = normalise(embed(positions))  # (m, D)
+        assert vecs.shape[0] == len(positions), "embed() returned the wrong number of rows"
+        _write_npy(out / "chunks" / f"{c:05d}.npy", vecs)
+        written += 1
+        if progress:
+            progress(len(done) + written, n_chunks)
+    vectors = load_vectors(out, n_chunks)
+    finish_index(out, vectors, kind)
+    return out
+
+
+def load_vectors(out: Path, n_chunks: int | None = None) -> np.ndarray:
+    """(N, D) the finished chunks, in order."""
+    numbers = range(n_chunks) if n_chunks is not None else chunks_done(out)
+    return np.concatenate([np.load(out / "chunks" / f"{c:05d}.npy") for c in numbers])
+
+
+def make_faiss(vectors: np.ndarray, kind: str = "auto", seed: int = 0):
+    """A faiss inner-product index over (N, D) unit vectors: exact, or IVF past IVF_THRESHOLD (or when asked)."""
+    import faiss
+
+    n, d = vectors.shape
+    if kind == "auto":
+        kind = "ivf" if n >= IVF_THRESHOLD else "flat"
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = max(1, int(4 * math.sqrt(n)))  # faiss's guideline: 4-16 x sqrt(N) lists
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = vectors[np.random.default_rng(seed).permutation(n)[: 64 * nlist]]
+        index.train(sample)
+        index.nprobe = max(1, nlist // 16)
+    index.add(vectors)
+    return index
+
+
+def finish_index(out: Path, vectors: np.ndarray, kind: str = "auto") -> None:
+    import faiss
+
+    index = make_faiss(vectors, kind)
+    tmp = out / (FAISS_FILE + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, out / FAISS_FILE)
+    kind_made = "ivf" if hasattr(index, "nprobe") else "flat"
+    _write_json(out / DONE, {"n": int(vectors.shape[0]), "dim": int(vectors.shape[1]), "kind": kind_made})
+
+
+@dataclass
+class Hit:
+    id: object
+    score: float
+
+
+class GalleryIndex:
+    """A finished index, opened read-only: search by vectors of its space."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not is_complete(self.path):
+            raise ValueError(
+                f"{self.path}: not a finished index (no {DONE}); run `xbt index` again with the same arguments "
+                "to finish it"
+            )
+        import faiss
+
+        self.plan = read_plan(self.path)
+        self.done = json.loads((self.path / DONE).read_text())
+        self.ids: list = json.loads((self.path / IDS).read_text())
+        self.index = faiss.read_index(str(self.path / FAISS_FILE))
+        self.row_of = {i: r for r, i in enumerate(self.ids)}
+
+    @property
+    def space(self) -> str:
+        return self.plan["space"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.done["dim"])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def vectors(self) -> np.ndarray:
+        """(N, D) the stored vectors (from the chunks, not the faiss index, which may be approximate)."""
+        return load_vectors(self.path, math.ceil(len(self.ids) / self.plan["chunk_rows"]) if self.ids else 0)
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[Hit]]:
+        """(B, D) query vectors -> for each, the top k hits by inner product, best first, ties by id.
+        allowed: (N,) bool over rows; the others are never returned."""
+        return [[Hit(self.ids[r], s) for r, s in row] for row in top_rows(self.index, queries, k, allowed)]
+
+
+def top_rows(index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[tuple[int, float]]]:
+    """faiss search with a deterministic order: (score desc, row asc). Asks for more than k until the k-th
+    score is not tied with the last returned one, so a tie at the cut is decided by row, not by faiss."""
+    import faiss
+
+    queries = normalise(np.atleast_2d(queries))  # (B, D)
+    n = index.ntotal if allowed is None else int(allowed.sum())
+    k = min(k, n)
+    if k <= 0:
+        return [[] for _ in range(len(queries))]
+    params = None
+    if allowed is not None:
+        params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(np.packbits(allowed, bitorder="little")))
+        if hasattr(index, "nprobe"):
+            params = faiss.SearchParametersIVF(sel=params.sel, nprobe=index.nprobe)
+    ask = min(n, k + 16)
+    while True:
+        scores, rows = index.search(queries, ask, params=params)  # (B, ask) each
+        tied_at_cut = ask < n and bool(np.any(scores[:, k - 1] <= scores[:, ask - 1]))
+        if not tied_at_cut:
+            break
+        ask = min(n, ask * 4)
+    out = []
+    for s, r in zip(scores, rows):
+        pairs = sorted(((int(row), float(sc)) for row, sc in zip(r, s) if row >= 0), key=lambda p: (-p[1], p[0]))
+        out.append(pairs[:k])
+    return out
+
+
+def merge_hits(lists: Sequence[list[Hit]], k: int) -> list[Hit]:
+    """One ranking from hit lists of disjoint id sets: score desc, ties by id."""
+    merged = [h for hits in lists for h in hits]
+    merged.sort(key=lambda h: (-h.score, id_key(h.id)))
+    return merged[:k]
+
+
+def remove_index(path: str | Path) -> None:
+    """Delete an index folder: its completion marker first, so a half-deleted index never looks finished."""
+    path = Path(path)
+    (path / DONE).unlink(missing_ok=True)
+    shutil.rmtree(path)
+
+
+# --- progressive backfill ------------------------------------------------------------------------------
+
+BACKFILL_ORDERS = ("dense-clusters", "random")
+
+
+def backfill_order(vectors: np.ndarray, how: str = "dense-clusters", seed: int = 0) -> np.ndarray:
+    """(N, D) old-space vectors -> (N,) row order in which to re-embed the gallery.
+
+    dense-clusters: whole neighbourhoods at a time, the tightest first. Spherical k-means on the old
+    vectors (about sqrt(N)/3 clusters); clusters go in order of their mean cosine to the centroid, and
+    a cluster's items go together (by row). Ranking errors of a mixed gallery come from near neighbours
+    scored in different spaces; moving a neighbourhood whole keeps each one ranked in a single space,
+    and the tightest neighbourhoods are where the old space separates items worst, so they gain most
+    from the new one. Chosen over item-level orders (densest items first, sparsest first) on the
+    measurement in docs/serving.md; no new-model pass is spent on choosing.
+    random: a seeded permutation, the baseline it is measured against.
+    """
+    n = len(vectors)
+    if how == "random":
+        return np.random.default_rng(seed).permutation(n)
+    assert how == "dense-clusters", f"unknown backfill order {how!r}; one of {BACKFILL_ORDERS}"
+    import faiss
+
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    k = max(1, min(n, round(math.sqrt(n) / 3)))
+    if k == 1:
+        return np.arange(n)
+    km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed + 1, spherical=True, min_points_per_centroid=1)
+    km.train(x)
+    _, label = km.index.search(x, 1)  # (N, 1)
+    label = label[:, 0]
+    cosine = (x * km.centroids[label]).sum(axis=1)  # (N,) each item to its centroid
+    tightness = np.bincount(label, cosine, k) / np.maximum(np.bincount(label, minlength=k), 1)  # (k,)
+    cluster_rank = np.empty(k, dtype=np.int64)
+    cluster_rank[np.lexsort((np.arange(k), -tightness))] = np.arange(k)
+    return np.lexsort((np.arange(n), cluster_rank[label]))
+
+
+CALIBRATION_ITEMS = 2048  # backfilled items whose scores in both spaces calibrate a query (cost: 2 x 2048 dots)
+
+
+def calibration_rows(m: int) -> np.ndarray:
+    """Of m backfilled items (in backfill order), at most CALIBRATION_ITEMS spread evenly over the order: a
+    backfill moves one neighbourhood after another, so its first items are not a sample of all of them."""
+    return np.unique(np.linspace(0, m - 1, min(m, CALIBRATION_ITEMS)).astype(np.int64))
+
+
+def blended_score(s_old, s_new, cal_old: np.ndarray, cal_new: np.ndarray):
+    """A backfilled item's score in the mixed gallery: the mean of its old-space cosine and its new-space
+    cosine mapped onto the old scale. The map standardises s_new by the calibration items' new-space
+    scores and gives it their old-space mean and spread. Shapes: s_old, s_new (..., M) of the same items;
+    cal_old, cal_new (..., C) of the calibration items (leading dims: queries)."""
+    mean_old, mean_new = cal_old.mean(axis=-1, keepdims=True), cal_new.mean(axis=-1, keepdims=True)
+    spread_old, spread_new = cal_old.std(axis=-1, keepdims=True), cal_new.std(axis=-1, keepdims=True)
+    scale = np.where(spread_new > 1e-6, spread_old / np.maximum(spread_new, 1e-6), 1.0)
+    return 0.5 * s_old + 0.5 * (mean_old + (s_new - mean_new) * scale)
+
+
+class MixedGallery:
+    """An index with its backfill beside it (DIR/backfill, vectors of the new model's own space).
+
+    While the backfill is partial, an item not yet backfilled is scored by the compatible query against
+    its old vector (s_old, a cosine). A backfilled item has both vectors and gets the mean of its s_old
+    and its new-space cosine s_new put on the old scale: s_new is standardised per query against the
+    backfilled items' new-space scores and mapped onto the mean and spread of their old-space scores
+    (the same items in both spaces, so the map compares like with like). Raw cosines of two spaces are
+    not comparable; moving an item by its new score alone, even so calibrated, ranked the mixed gallery
+    below the compatible query alone early in the backfill (docs/serving.md), while the mean of both
+    never did. At 100% the old vectors are no longer searched (but kept until removed): the new space
+    alone, plain cosines. Without a backfill it is the index alone.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.old = GalleryIndex(self.path)
+        self.new_space: str | None = None
+        self.new_ids: list = []
+        self.new_index = None
+        self.moved: np.ndarray | None = None  # (N,) bool over old rows: backfilled
+        bf = self.path / "backfill"
+        if (bf / PLAN).is_file():
+            plan = read_plan(bf)
+            order: list = json.loads((bf / IDS).read_text())
+            done = chunks_done(bf)
+            if done:
+                rows = plan["chunk_rows"]
+                self.new_ids = [i for c in done for i in order[c * rows : (c + 1) * rows]]
+                self.new_vectors = load_vectors(bf, None)  # (M, D_new), row j is new_ids[j]
+                self.new_index = make_faiss(self.new_vectors, "flat")
+                self.new_space = plan["space"]
+                self.old_rows = np.array([self.old.row_of[i] for i in self.new_ids])  # (M,) old row of new row j
+                self.moved = np.zeros(len(self.old), dtype=bool)
+                self.moved[self.old_rows] = True
+                self.old_vectors = self.old.vectors()
+                self.new_row = np.full(len(self.old), -1)
+                self.new_row[self.old_rows] = np.arange(len(self.new_ids))
+        self.complete = is_complete(bf)
+
+    @property
+    def fraction(self) -> float:
+        """Share of the gallery in the new space."""
+        return len(self.new_ids) / max(1, len(self.old))
+
+    def search(self, old_query: np.ndarray | None, new_query: np.ndarray | None, k: int) -> list[Hit]:
+        """One query, (D_old,) in the old space and (D_new,) in the new one -> the merged top k.
+        new_query None: the old index alone (no backfill, or one of another model's space).
+        old_query None: the new space alone (a finished backfill)."""
+        if new_query is None or self.new_index is None:
+            return self.old.search(old_query[None], k)[0]
+        new_query = normalise(new_query[None])[0]
+        if old_query is None:
+            return [Hit(self.new_ids[r], s) for r, s in top_rows(self.new_index, new_query[None], k)[0]]
+        old_query = normalise(old_query[None])[0]
+        calibration = self._calibration(old_query, new_query)
+        lists = []
+        if not self.moved.all():
+            lists.append(self.old.search(old_query[None], k, ~self.moved)[0])
+        lists.append(self._moved_top(old_query, new_query, k, calibration))
+        return merge_hits(lists, k)
+
+    def _calibration(self, old_query: np.ndarray, new_query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> ((C,) old-space, (C,) new-space) scores of calibration_rows(backfilled items)."""
+        rows = calibration_rows(len(self.new_ids))
+        return self.old_vectors[self.old_rows[rows]] @ old_query, self.new_vectors[rows] @ new_query
+
+    def _blend(self, new_rows: np.ndarray, old_query, new_query, calibration) -> np.ndarray:
+        s_old = self.old_vectors[self.old_rows[new_rows]] @ old_query  # (m,)
+        s_new = self.new_vectors[new_rows] @ new_query  # (m,)
+        return blended_score(s_old, s_new, *calibration)
+
+    def _moved_top(self, old_query, new_query, k: int, calibration) -> list[Hit]:
+        """The top k backfilled items by the blended score, exactly: Fagin's threshold algorithm over the
+        two sorted lists (by s_new in the new index, by s_old in the old one), deepened until the k-th
+        blended score beats the best any unseen item could reach."""
+        m = len(self.new_ids)
+        depth = min(m, k + 16)
+        while True:
+            by_new = top_rows(self.new_index, new_query[None], depth)[0]  # [(new row, s_new)]
+            by_old = top_rows(self.old.index, old_query[None], depth, self.moved)[0]  # [(old row, s_old)]
+            seen = np.unique(np.array([r for r, _ in by_new] + [self.new_row[r] for r, _ in by_old]))
+            scores = self._blend(seen, old_query, new_query, calibration)  # (|seen|,)
+            best = sorted(zip(seen.tolist(), scores.tolist()), key=lambda p: (-p[1], id_key(self.new_ids[p[0]])))[:k]
+            if depth >= m:
+                break
+            bound = float(blended_score(np.array([by_old[-1][1]]), np.array([by_new[-1][1]]), *calibration)[0])
+            if len(best) >= k and best[-1][1] > bound:
+                break
+            depth = min(m, depth * 4)
+        return [Hit(self.new_ids[r], s) for r, s in best]
+
+
+def state_of(path: str | Path) -> tuple:
+    bf = Path(path) / "backfill"
+    return (is_complete(path), len(chunks_done(bf)), is_complete(bf))
