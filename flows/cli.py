@@ -186,8 +186,16 @@ def cmd_index(a) -> int:
     from xbtcore.data import check_output
 
     check_output(a.out, folder=True)
-    r = index_gallery(_query_model(a.model), a.input, a.modality, a.out, text_column=a.text_column,
-                      images=a.images, chunk_rows=a.chunk_rows, kind=a.kind)
+    r = index_gallery(
+        _query_model(a.model),
+        a.input,
+        a.modality,
+        a.out,
+        text_column=a.text_column,
+        images=a.images,
+        chunk_rows=a.chunk_rows,
+        kind=a.kind,
+    )
     print(f"{r['items']} {a.modality} items indexed (space {r['space']}) -> {r['out']}")
     if a.qdrant:
         from serve.qdrant import ALIAS, connect, export
@@ -234,11 +242,21 @@ def _search_qdrant(a, image) -> int:
     elif name.startswith(f"xbt-{model.own_space}-"):
         encoder, space = model.own(), model.own_space
     else:
-        raise SpaceMismatch(f"model {a.model} queries the space {model.compat_space} but Qdrant collection {name} "
-                            "holds another")
+        raise SpaceMismatch(
+            f"model {a.model} queries the space {model.compat_space} but Qdrant collection {name} holds another"
+        )
     hits = search(client, name, embed_query(encoder, a.text, image), a.k)
-    print(json.dumps({"model": model.ref, "model_version": model.version, "space": space,
-                      "results": [{"id": h.id, "score": round(h.score, 6)} for h in hits]}, default=str))
+    print(
+        json.dumps(
+            {
+                "model": model.ref,
+                "model_version": model.version,
+                "space": space,
+                "results": [{"id": h.id, "score": round(h.score, 6)} for h in hits],
+            },
+            default=str,
+        )
+    )
     return 0
 
 
@@ -252,8 +270,11 @@ def cmd_serve(a) -> int:
     server = Server(a.model, a.index, poll_s=a.poll_seconds)
     server.start()
     e = server.engine.describe()
-    print(f"serving {e['index']} ({e['items']} items, space {e['space']}) with {e['model']} version "
-          f"{e['model_version']} on http://{a.host}:{a.port}/", flush=True)
+    print(
+        f"serving {e['index']} ({e['items']} items, space {e['space']}) with {e['model']} version "
+        f"{e['model_version']} on http://{a.host}:{a.port}/",
+        flush=True,
+    )
     try:
         uvicorn.run(create_app(server), host=a.host, port=a.port, log_level="warning")
     finally:
@@ -283,8 +304,11 @@ def cmd_backfill(a) -> int:
 
         name = export(str(Path(a.index) / "backfill"), connect(a.qdrant))
         print(f"Qdrant {a.qdrant}: alias {ALIAS} now on {name}")
-    state = ("complete: serving moves to it; `xbt backfill --remove-old` drops the old vectors" if r["complete"]
-             else "partial: the same command again continues")
+    state = (
+        "complete: serving moves to it; `xbt backfill --remove-old` drops the old vectors"
+        if r["complete"]
+        else "partial: the same command again continues"
+    )
     print(f"{r['backfilled']} of {r['items']} items in the new space {r['space']} ({state})")
     return 0
 
@@ -478,20 +502,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_embed)
 
     ix = command("index", "build a search index of a gallery, stamped with its embedding space")
-    ix.add_argument("--model", required=True, help="the gallery's model (a bundle: its compatible, old space): "
-                    + MODEL_REF)
-    ix.add_argument("--input", required=True, help="image or text Parquet (image/image_path, or --text-column), "
-                    "or an embedding Parquet written by `xbt embed`; ids from id, else image_id, else the row")
+    ix.add_argument(
+        "--model", required=True, help="the gallery's model (a bundle: its compatible, old space): " + MODEL_REF
+    )
+    ix.add_argument(
+        "--input",
+        required=True,
+        help="image or text Parquet (image/image_path, or --text-column), "
+        "or an embedding Parquet written by `xbt embed`; ids from id, else image_id, else the row",
+    )
     ix.add_argument("--modality", required=True, choices=["image", "text"], help="what the gallery holds")
     ix.add_argument("--out", required=True, help="index folder; the same command again resumes an unfinished one")
-    ix.add_argument("--images", help="with an embedding --input: the image/text Parquet it was embedded from "
-                    "(same ids), kept for backfills and the search page's thumbnails")
+    ix.add_argument(
+        "--images",
+        help="with an embedding --input: the image/text Parquet it was embedded from "
+        "(same ids), kept for backfills and the search page's thumbnails",
+    )
     ix.add_argument("--text-column", default="caption", help="the input's text column")
     ix.add_argument("--chunk-rows", type=int, default=4096, help="items per resumable chunk")
-    ix.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf"],
-                    help="exact (flat) or approximate (ivf) search; auto: exact under 1,000,000 items")
-    ix.add_argument("--qdrant", metavar="PATH|URL", help="also export the index to Qdrant (a local folder: "
-                    "embedded mode; a URL: a server), as a collection of its space behind the alias xbt-gallery")
+    ix.add_argument(
+        "--kind",
+        default="auto",
+        choices=["auto", "flat", "ivf"],
+        help="exact (flat) or approximate (ivf) search; auto: exact under 1,000,000 items",
+    )
+    ix.add_argument(
+        "--qdrant",
+        metavar="PATH|URL",
+        help="also export the index to Qdrant (a local folder: "
+        "embedded mode; a URL: a server), as a collection of its space behind the alias xbt-gallery",
+    )
     ix.set_defaults(func=cmd_index)
 
     se = command("search", "one query against an index, printed as JSON (as POST /search answers)")
@@ -501,8 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--text", help="a text query")
     q.add_argument("--image", help="an image file (PNG or JPEG) as the query")
     se.add_argument("--k", type=int, default=10, help="how many results (1 to 1000)")
-    se.add_argument("--qdrant", metavar="PATH|URL", help="search the Qdrant collection behind the alias "
-                    "xbt-gallery instead of --index's faiss index (--index is still given)")
+    se.add_argument(
+        "--qdrant",
+        metavar="PATH|URL",
+        help="search the Qdrant collection behind the alias "
+        "xbt-gallery instead of --index's faiss index (--index is still given)",
+    )
     se.set_defaults(func=cmd_search)
 
     sv = command("serve", "the search API and page over an index; follows the registry alias as it moves")
@@ -510,25 +554,40 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", required=True, help="the query model, of the index's space: " + MODEL_REF)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port")
-    sv.add_argument("--poll-seconds", type=float, default=5.0,
-                    help="how often to re-resolve a models:/NAME@ALIAS and re-read the backfill; 0: never")
+    sv.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=5.0,
+        help="how often to re-resolve a models:/NAME@ALIAS and re-read the backfill; 0: never",
+    )
     sv.set_defaults(func=cmd_serve)
 
     bf = command("backfill", "re-embed an index's gallery into a new model's own space, resumably, beside the old")
     bf.add_argument("--index", required=True, help="index folder written by `xbt index` (it keeps its source)")
-    bf.add_argument("--new", help="the model whose own space to backfill into (a bundle: its base new model): "
-                    + MODEL_REF)
-    bf.add_argument("--order", default="dense-clusters", choices=["dense-clusters", "random"],
-                    help="which items first: dense-clusters re-embeds whole old-space neighbourhoods, the "
-                         "tightest first (docs/serving.md measures it against random)")
+    bf.add_argument(
+        "--new", help="the model whose own space to backfill into (a bundle: its base new model): " + MODEL_REF
+    )
+    bf.add_argument(
+        "--order",
+        default="dense-clusters",
+        choices=["dense-clusters", "random"],
+        help="which items first: dense-clusters re-embeds whole old-space neighbourhoods, the "
+        "tightest first (docs/serving.md measures it against random)",
+    )
     bf.add_argument("--chunk-rows", type=int, default=1024, help="items per resumable chunk")
     bf.add_argument("--seed", type=int, default=0, help="seed of the random order")
     bf.add_argument("--status", action="store_true", help="print the backfill's progress as JSON and exit")
-    bf.add_argument("--remove-old", action="store_true",
-                    help="after a finished backfill: the new-space index replaces the old one (no rollback after)")
+    bf.add_argument(
+        "--remove-old",
+        action="store_true",
+        help="after a finished backfill: the new-space index replaces the old one (no rollback after)",
+    )
     bf.add_argument("--discard", action="store_true", help="drop the backfill; the old index is untouched")
-    bf.add_argument("--qdrant", metavar="PATH|URL", help="when the backfill finishes, export the new space to "
-                    "Qdrant and move the alias xbt-gallery to it")
+    bf.add_argument(
+        "--qdrant",
+        metavar="PATH|URL",
+        help="when the backfill finishes, export the new space to Qdrant and move the alias xbt-gallery to it",
+    )
     bf.set_defaults(func=cmd_backfill)
 
     pr = command("promote", "move the alias champion to a version (a passing upgrade moves it by itself)")
