@@ -369,8 +369,10 @@ def test_chain_result_lists_the_no_regression_failures_too(capsys):
         "no_regression": no_regression_gate(recall).to_dict(),
         "promotion": {"model": "xbt-x", "version": "2", "reason": "gate failed (3 failing checks): not promoted"},
         "bundle": "/tmp/run/bundle",
+        "mlflow": {"tracking_uri": "sqlite:////tmp/run/mlflow.db"},
     }
     _print_result(report)
     out = capsys.readouterr().out
+    assert "not promoted [registry sqlite:////tmp/run/mlflow.db]" in out  # the registry line names its store
     assert "gate (Eqn. 2): PASSED" in out and "no regression (new/old >= prev/old): FAILED" in out
     assert out.count("failing: i2t R@") == 3 and "new/old 45.0 < prev/old 46.0" in out
