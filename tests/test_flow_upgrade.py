@@ -11,7 +11,7 @@ import torch
 from conftest import FAST
 from pydantic import ValidationError
 
-from xbtcore.data import InputError
+from xbtcore.data import InputError, ValSplit
 
 CONTRACT_KEYS = {"method", "old", "new", "recall", "gate", "counts", "timings_s"}
 CASES = ["old/old", "new/old", "new/new", "orig-new/new"]
@@ -377,3 +377,12 @@ def test_reruns_never_serve_an_output_that_changed_since(prefect_harness, tiny, 
     )
     edited = upgrade(_params(tiny, **params))
     assert all(edited["steps"][s] == "Completed" for s in ("embed-frozen", "fit-head", "train", "evaluate"))
+
+
+def test_a_small_eval_set_is_warned_about_before_any_training(tiny, capfd):
+    from tasks.evaluate import check_inputs
+
+    counts = check_inputs.fn(tiny["old"], tiny["new"], tiny["pairs"], tiny["eval"], ValSplit())
+    logged = "".join(capfd.readouterr())  # Prefect's console handler writes the "xbt" logger's records
+    assert counts["eval_images"] == 24
+    assert "--eval has 24 images" in logged and "the validation split has 48 images" in logged

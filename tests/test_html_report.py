@@ -268,3 +268,17 @@ def test_the_candidates_auto_ran_and_the_one_it_kept_are_shown():
     assert "&lt;clearly&gt;" in page  # escaped
     assert page.count('<td class="bad">-3.00') == 6 and page.count('<td class="ok">+4.00') == 6
     assert "start-up, world, registry, reports" in page  # 10 s total against 3 s of steps
+
+
+def test_each_map_panel_has_the_variance_shares_of_its_own_space():
+    g = torch.Generator().manual_seed(0)
+    old = torch.nn.functional.normalize(
+        torch.randn(40, 8, generator=g) * torch.tensor([4.0, 1, 1, 1, 1, 1, 1, 1]), dim=1
+    )
+    new = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
+    sample = {"v_old": old[:20], "w_old": old[20:], "v_bar": old[:20], "w_bar": old[20:], "v_new": new[:20]}
+    sample["w_new"] = new[20:]
+    a, b = map_panels(sample)
+    assert a["variance"] == pytest.approx(pca_2d(torch.cat([old, old]))[1], rel=1e-4)
+    assert b["variance"] == pytest.approx(pca_2d(new)[1], rel=1e-4)
+    assert a["variance"][0] > b["variance"][0] + 0.1  # one dominant axis in the old space only
