@@ -63,6 +63,7 @@ def _fail(message: str, code: int = 1) -> int:
 def _print_result(report: dict) -> None:
     from tasks.report import format_candidates
     from xbtcore.evaluate import format_table
+    from xbtcore.gate import describe_failures
     from xbtcore.margins import format_margins
 
     if "candidates" in report:
@@ -72,13 +73,13 @@ def _print_result(report: dict) -> None:
     verdict = "PASSED" if report["gate"]["passed"] else "FAILED"
     print(
         f"gate (Eqn. 2): {verdict}"
-        + "".join(f"\n  failing: {d} R@{k} new/old {a} <= old/old {b}" for d, k, a, b in report["gate"]["failures"])
+        + "".join(f"\n  failing: {line}" for line in describe_failures(report["gate"]["failures"]))
     )
     regress = report.get("no_regression")
     if regress:  # a chain link: also no worse than the champion link it would replace
         print(
             f"no regression (new/old >= prev/old): {'PASSED' if regress['passed'] else 'FAILED'}"
-            + "".join(f"\n  failing: {d} R@{k} new/old {a} < prev/old {b}" for d, k, a, b in regress["failures"])
+            + "".join(f"\n  failing: {line}" for line in describe_failures(regress["failures"], "no-regression"))
         )
     if "gate_margins" in report:
         print(format_margins(report["gate_margins"]))

@@ -14,7 +14,7 @@ from xbtcore.cache import EmbeddingCache, cached_old_image_embeddings, cached_te
 from xbtcore.data import Gallery, ValSplit, read_pairs, read_part, split_pairs
 from xbtcore.encoders import DualEncoder
 from xbtcore.evaluate import Side, evaluate_cases, side_of
-from xbtcore.gate import eqn2_gate, no_regression_gate
+from xbtcore.gate import describe_failures, eqn2_gate, no_regression_gate
 from xbtcore.inspect_sample import report_sample
 from xbtcore.margins import gate_margins
 
@@ -141,9 +141,11 @@ def gate(recall: dict, ks: list[int], chain: bool) -> dict:
     if chain:
         verdict["no_regression"] = no_regression_gate(recall, ks=ks).to_dict()
     verdict["passed"] = all(v["passed"] for v in verdict.values())
-    log().info(
-        "gate %s%s",
-        "passed" if verdict["passed"] else "failed",
-        "" if verdict["passed"] else f": {[v['failures'] for k, v in verdict.items() if k != 'passed']}",
-    )
+    failing = [
+        line
+        for v in verdict.values()
+        if isinstance(v, dict)
+        for line in describe_failures(v["failures"], v["criterion"])
+    ]
+    log().info("gate %s%s", "passed" if verdict["passed"] else "failed", "".join(f"\n  failing: {x}" for x in failing))
     return verdict

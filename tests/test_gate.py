@@ -80,3 +80,13 @@ def test_no_regression_allows_equal_and_catches_drops():
 def test_gate_result_is_frozen():
     with pytest.raises(AttributeError):
         GateResult(passed=True).passed = False
+
+
+def test_failing_checks_read_as_one_line_each():
+    from xbtcore.gate import describe_failures
+
+    assert describe_failures([["t2i", 1, 30.1, 31.2], ["i2t", 10, 80.0, 80.0]]) == [
+        "t2i R@1 new/old 30.1 <= old/old 31.2",
+        "i2t R@10 new/old 80.0 <= old/old 80.0",
+    ]
+    assert describe_failures([["i2t", 5, 45.0, 46.0]], "no-regression") == ["i2t R@5 new/old 45.0 < prev/old 46.0"]

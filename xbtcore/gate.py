@@ -62,6 +62,14 @@ def no_regression_gate(
     return GateResult(passed=not failures, criterion="no-regression", ks=[int(k) for k in ks], failures=failures)
 
 
+FAILURE_TESTS = {"eqn2": "<= old/old", "no-regression": "< prev/old"}  # what a failing check's numbers show
+
+
+def describe_failures(failures: list[list], criterion: str = "eqn2") -> list[str]:
+    """One line per failing [direction, K, candidate, reference]: 't2i R@1 new/old 30.1 <= old/old 31.2'."""
+    return [f"{d} R@{k} new/old {a} {FAILURE_TESTS[criterion]} {b}" for d, k, a, b in failures]
+
+
 def _failures(recall: dict, ks: Sequence[int], candidate: str, reference: str, holds) -> list[list]:
     """Each [direction, K, candidate recall, reference recall] where holds(...) is false."""
     if not ks:
