@@ -63,6 +63,7 @@ def main() -> int:
         subprocess.Popen(
             [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(a.prefect_port)],
             env=env,
+            start_new_session=True,  # Ctrl-C reaches this process alone, which stops both servers quietly
         ),
         subprocess.Popen(
             [
@@ -80,6 +81,7 @@ def main() -> int:
                 str(state / "mlflow" / "artifacts"),
             ],
             env=env,
+            start_new_session=True,
         ),
     ]
     try:
