@@ -15,7 +15,8 @@ from ..pretrain import PretrainConfig, pair_rows, pretrain_phi, pretraining_rows
 from .registry import HeadInputs, MethodSpec, register_method
 
 XBT_DEFAULTS = {"anchor_weight": 0.0, "corpus_weight": 1.0}
-# Chosen on the selection worlds' validation pairs (docs/method.md, "The gallery as teacher").
+# γ = 1: the anchors pull each query modality towards the gallery's own space (docs/method.md, "The gallery as
+# teacher"); experiments/configs/gallery_weights.json compares γ and λ on the validation pairs.
 GALLERY_DEFAULTS = {"anchor_weight": 1.0, "corpus_weight": 1.0}
 
 
