@@ -128,7 +128,8 @@ def test_bad_inputs_fail_before_training(prefect_harness, tiny, tmp_path):
     no_caption = tmp_path / "pairs.parquet"
     pq.write_table(table.drop_columns(["caption"]), no_caption)
     out = tmp_path / "run"
-    with pytest.raises(InputError, match=r"pairs\.parquet: missing column 'caption'"):
+    # The parameters check every input as they are built, before the flow (or Prefect) starts.
+    with pytest.raises(ValidationError, match=r"pairs\.parquet: missing column 'caption'"):
         upgrade(_params(tiny, out, pairs=str(no_caption)))
     assert not (out / "bundle").exists() and not (out / "work" / "phi.safetensors").exists()
 
@@ -137,7 +138,7 @@ def test_bad_inputs_fail_before_training(prefect_harness, tiny, tmp_path):
     ids = ev.column("image_id").to_pylist()
     images = [b"\x89PNG not really" if i == ids[0] else im for i, im in zip(ids, ev.column("image").to_pylist())]
     pq.write_table(ev.set_column(ev.schema.get_field_index("image"), "image", pa.array(images, pa.binary())), broken)
-    with pytest.raises(InputError, match=r"eval\.parquet: column 'image': images do not decode"):
+    with pytest.raises(ValidationError, match=r"eval\.parquet: column 'image': images do not decode"):
         upgrade(_params(tiny, out, eval=str(broken)))
     assert not (out / "bundle").exists()
 
