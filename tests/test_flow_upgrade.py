@@ -11,7 +11,7 @@ import torch
 from conftest import FAST
 from pydantic import ValidationError
 
-from xbtcore.data import InputError, ValSplit
+from xbtcore.data import ValSplit
 
 CONTRACT_KEYS = {"method", "old", "new", "recall", "gate", "counts", "timings_s"}
 CASES = ["old/old", "new/old", "new/new", "orig-new/new"]
