@@ -47,6 +47,7 @@ zoo: $(STAMP)
 zoo-worlds: $(STAMP)
 	$(BIN)/python scripts/build_zoo.py --world glyphs --out zoo/glyphs --seed 0
 	$(BIN)/python scripts/build_zoo.py --world textures --out zoo/textures --seed 0
+	$(BIN)/python scripts/build_zoo.py --world scenes --out zoo/scenes --seed 0
 
 # Prefect and MLflow servers on loopback (docs/deployment.md).
 servers: $(STAMP)

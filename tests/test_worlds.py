@@ -33,6 +33,7 @@ def test_registry_and_roles():
     assert set(worlds.ROLES) == set(WORLDS)
     assert worlds.ROLES["shapes"] == worlds.ROLES["glyphs"] == "selection"
     assert worlds.ROLES["textures"] == "report"
+    assert worlds.ROLES.get("scenes", "report") == "report"
     assert set(worlds.ROLES.values()) == {"selection", "report"}
 
 
@@ -121,6 +122,11 @@ def test_captions_name_what_the_image_shows(name):
         if name == "glyphs":
             for g in scene.glyphs:
                 assert g.ink in cap and g.char in cap.split()
+        elif name == "scenes":
+            for t in (scene.west, scene.east):
+                assert t.paint in cap and any(w in cap.split() for w in worlds.scenes.THINGS[t.kind])
+            # the relation is true of the image: whichever thing is named with "west of" stands on the left
+            assert ("west of" in cap) != ("east of" in cap)
         else:
             for t in scene.textures:
                 assert t.ink in cap and any(p in cap for p in worlds.textures.PATTERNS[t.pattern])

@@ -11,7 +11,7 @@ zoo. Each world's images and caption grammar are unlike the others'.
 
 - selection worlds (`shapes`, `glyphs`): defaults, methods, steps and
   thresholds may be chosen by looking at their results;
-- report worlds (`textures`): results are reported, never used for any choice,
+- report worlds (`textures`, `scenes`): results are reported, never used for any choice,
   so they say how the product does on data nobody tuned it on.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from worlds import glyphs, shapes, textures
+from worlds import glyphs, scenes, shapes, textures
 from worlds.base import World, WorldSpec
 
 
@@ -61,5 +61,10 @@ def _shapes_world() -> World:
     )
 
 
-WORLDS: dict[str, World] = {"shapes": _shapes_world(), "glyphs": glyphs.WORLD, "textures": textures.WORLD}
-ROLES: dict[str, str] = {"shapes": "selection", "glyphs": "selection", "textures": "report"}
+WORLDS: dict[str, World] = {
+    "shapes": _shapes_world(),
+    "glyphs": glyphs.WORLD,
+    "textures": textures.WORLD,
+    "scenes": scenes.WORLD,
+}
+ROLES: dict[str, str] = {"shapes": "selection", "glyphs": "selection", "textures": "report", "scenes": "report"}
