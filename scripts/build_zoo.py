@@ -318,7 +318,6 @@ def main() -> None:
         "--remeasure", action="store_true", help="record the recall of already trained tiers again, training nothing"
     )
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     overrides = parse_spec(args.spec)
     try:
         known_synonyms = None if args.known_synonyms is None else parse_known_synonyms(args.known_synonyms)
@@ -335,6 +334,7 @@ def main() -> None:
         ap.error(f"--world {args.world} has tiers {list(WORLD_TIERS)}, not {bad}")
     if args.remeasure and args.world == "shapes":
         ap.error("--remeasure records a held-out world's recall; the shapes zoo's is measured by tests/test_zoo.py")
+    torch.set_num_threads(args.threads)
     if args.remeasure:
         for name in tiers:
             path = args.out / name / "xbt_zoo.json"

@@ -183,3 +183,23 @@ def test_zoo_loads_through_auto_classes_and_reproduces_its_recall(name, tier, ev
     for d_ in ("t2i", "i2t"):
         for k in ("1", "5", "10"):
             assert got[d_][k] == pytest.approx(meta["recall_slice"][d_][k], abs=0.51), (d_, k, got, meta)
+
+
+def test_build_zoo_world_flag_trains_on_the_world_and_records_recall(tmp_path, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_zoo
+
+    monkeypatch.setattr(build_zoo, "TRAIN_IMAGES", 32)
+    monkeypatch.setattr(build_zoo, "BATCH", 16)
+    monkeypatch.setattr(build_zoo, "SLICE_IMAGES", 20)
+    meta = build_zoo.train_tier("old", tmp_path, seed=0, eval_every=100, steps=2, world="scenes")
+    assert meta["world"] == "scenes" and meta["same_text"] is True and meta["recall_slice"]["images"] == 20
+    assert set(meta["recall"]) == {"t2i", "i2t"} and set(meta["recall"]["t2i"]) == {"1", "5", "10"}
+    assert json.loads((tmp_path / "old" / "xbt_zoo.json").read_text()) == meta
+    tok = json.loads((tmp_path / "old" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert "streetlight" in tok and "circle" not in tok  # the world's own words, not shapes'
+    with pytest.raises(SystemExit):
+        monkeypatch.setattr(sys, "argv", ["build_zoo.py", "--world", "glyphs", "--known-synonyms", "2"])
+        build_zoo.main()
