@@ -16,7 +16,7 @@ export XBT_STATE_DIR := $(STATE)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench zoo servers clean
+.PHONY: install demo test bench zoo zoo-worlds servers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,6 +42,12 @@ bench: $(STAMP)
 # Rebuild the committed demo zoo (old, mid, new) from its seed.
 zoo: $(STAMP)
 	$(BIN)/python scripts/build_zoo.py --out zoo --seed 0
+
+# Rebuild the held-out worlds' zoos (old, new; same text) from their seed.
+zoo-worlds: $(STAMP)
+	$(BIN)/python scripts/build_zoo.py --world glyphs --out zoo/glyphs --seed 0
+	$(BIN)/python scripts/build_zoo.py --world textures --out zoo/textures --seed 0
+	$(BIN)/python scripts/build_zoo.py --world scenes --out zoo/scenes --seed 0
 
 # Prefect and MLflow servers on loopback (docs/deployment.md).
 servers: $(STAMP)

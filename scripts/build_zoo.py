@@ -20,6 +20,16 @@ little to it; `mid` every shape word but only the two commonest size words;
 `new` every word. `zoo/old-same-text` is an old tier trained on every word, as
 new was (`--tiers old --known-synonyms 3` rebuilds it): the analogue of two CLIP
 generations trained on the same data.
+
+Held-out worlds (`worlds.WORLDS`) get a zoo of their own, an old and a new tier
+trained on the SAME text (the faithful analogue of CLIP B/32 -> L/14: only
+capacity, resolution and budget differ):
+
+    python scripts/build_zoo.py --world glyphs --out zoo/glyphs --seed 0
+    python scripts/build_zoo.py --world textures --out zoo/textures --seed 0
+
+Each tier's xbt_zoo.json records its R@1/5/10 on the world's eval split, both
+directions, measured with the product's own loader and `xbtcore.recall`.
 """
 
 from __future__ import annotations
@@ -36,7 +46,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worlds import shapes  # noqa: E402
+from worlds import WORLDS, shapes  # noqa: E402
+from worlds import base as world_base  # noqa: E402
 from worlds.tinyclip import (  # noqa: E402
     TinyClipSpec,
     build_clip,
@@ -71,6 +82,17 @@ TIERS = {
         spec=TinyClipSpec(width=128, layers=3, heads=4, embed_dim=128, image_size=32, patch_size=8),
         steps=1000,
         lr=1e-3,
+    ),
+}
+# The held-out worlds' ladder: the same text for both tiers; the new tier sees
+# images at twice the resolution, is wider and deeper and trains longer. Width
+# 96 keeps a checkpoint under 5 MB.
+WORLD_TIERS = {
+    "old": dict(
+        spec=TinyClipSpec(width=64, layers=2, heads=4, embed_dim=64, image_size=16, patch_size=4), steps=500, lr=1e-3
+    ),
+    "new": dict(
+        spec=TinyClipSpec(width=96, layers=3, heads=4, embed_dim=96, image_size=32, patch_size=8), steps=900, lr=1e-3
     ),
 }
 TRAIN_IMAGES = 30_000
@@ -113,6 +135,47 @@ def quick_recall(model, tok, proc, eval_items, eval_imgs) -> dict:
     }
 
 
+def _world_data(world_name: str, seed: int) -> tuple:
+    """A held-out world's training items and images (its "zoo" split) and its eval split, as written."""
+    world = WORLDS[world_name]
+    spec = world.default_spec
+    items = world_base.scenes_with_captions(world, seed, "zoo", TRAIN_IMAGES, CAPTIONS_PER_IMAGE)
+    imgs = [world.render(s, spec.image_size, [seed, 99, i]) for i, (s, _) in enumerate(items)]
+    eval_items = world_base.scenes_with_captions(world, seed, "eval", spec.eval_images, spec.captions_per_eval_image)
+    eval_imgs = world_base.render_split(world, eval_items, "eval", seed, spec.image_size)
+    return items, imgs, eval_items, eval_imgs
+
+
+def measure_recall(model_dir: Path, eval_items: list, eval_imgs: list) -> dict:
+    """R@1/5/10 both directions on an eval split, through the product's loader and recall code."""
+    from xbtcore.encoders import DualEncoder
+    from xbtcore.recall import recall_at_k
+
+    enc = DualEncoder.from_pretrained(str(model_dir))
+    captions = [c for _, cs in eval_items for c in cs]
+    caption_image = torch.tensor([i for i, (_, cs) in enumerate(eval_items) for _ in cs])
+    with torch.inference_mode():
+        return recall_at_k(enc.embed_texts(captions), enc.embed_images(eval_imgs), caption_image, ks=(1, 5, 10))
+
+
+SLICE_IMAGES = 200  # tests/test_worlds.py recomputes the recall of this first slice of the eval split
+
+
+def world_recall(model_dir: Path, world: str, seed: int, eval_items: list | None = None, eval_imgs=None) -> dict:
+    """What a held-out world's xbt_zoo.json records about recall: the whole eval split and its first slice."""
+    if eval_items is None:
+        w = WORLDS[world]
+        spec = w.default_spec
+        eval_items = world_base.scenes_with_captions(w, seed, "eval", spec.eval_images, spec.captions_per_eval_image)
+        eval_imgs = world_base.render_split(w, eval_items, "eval", seed, spec.image_size)
+    k = SLICE_IMAGES
+    return {
+        "recall": measure_recall(model_dir, eval_items, eval_imgs),
+        "recall_eval": {"split": "eval", "images": len(eval_items), "captions": len(caps_of(eval_items))},
+        "recall_slice": {"images": k, **measure_recall(model_dir, eval_items[:k], eval_imgs[:k])},
+    }
+
+
 def train_tier(
     name: str,
     out: Path,
@@ -122,31 +185,35 @@ def train_tier(
     steps: int | None = None,
     zoo_user_phrasing: float = 0.0,
     known_synonyms: int | dict[str, int] | None = None,
+    world: str = "shapes",
 ) -> dict:
     """Train one tier; the overrides make an experiment's variant (defaults: the committed zoo)."""
-    cfg = TIERS[name]
+    cfg = TIERS[name] if world == "shapes" else WORLD_TIERS[name]
     known_synonyms = known_synonyms or cfg.get("known_synonyms")
     spec: TinyClipSpec = dataclasses.replace(cfg["spec"], **(spec_overrides or {}))
     torch.manual_seed(seed)
-    tok = build_tokenizer(world_vocabulary(), spec.max_text_len)
+    tok = build_tokenizer(world_vocabulary() if world == "shapes" else WORLDS[world].vocabulary(), spec.max_text_len)
     proc = build_image_processor(spec)
     model = build_clip(spec, len(tok), seed)
 
     t0 = time.time()
-    # zoo_user_phrasing: a share of the training captions in the house style of
-    # WorldSpec.user_phrasing, as if this tier had been trained on more varied text.
-    items = shapes.scenes_with_captions(seed, "zoo", TRAIN_IMAGES, CAPTIONS_PER_IMAGE, zoo_user_phrasing)
-    if known_synonyms:  # a tier trained on plainer text: rarer synonyms never seen
-        items = [(s, [shapes.plain_words(c, known_synonyms) for c in cs]) for s, cs in items]
-    # noise stream 99 (not the split tag): this is what trained the committed zoo
-    imgs = [shapes.render_scene(s, noise_seed=[seed, 99, i]) for i, (s, _) in enumerate(items)]
+    if world == "shapes":
+        # zoo_user_phrasing: a share of the training captions in the house style of
+        # WorldSpec.user_phrasing, as if this tier had been trained on more varied text.
+        items = shapes.scenes_with_captions(seed, "zoo", TRAIN_IMAGES, CAPTIONS_PER_IMAGE, zoo_user_phrasing)
+        if known_synonyms:  # a tier trained on plainer text: rarer synonyms never seen
+            items = [(s, [shapes.plain_words(c, known_synonyms) for c in cs]) for s, cs in items]
+        # noise stream 99 (not the split tag): this is what trained the committed zoo
+        imgs = [shapes.render_scene(s, noise_seed=[seed, 99, i]) for i, (s, _) in enumerate(items)]
+        eval_items = shapes.scenes_with_captions(seed, "eval", 1000, 5)
+        eval_imgs = shapes.render_split(eval_items, "eval", seed)
+    else:
+        items, imgs, eval_items, eval_imgs = _world_data(world, seed)
     pixels = torch.cat(
         [proc(images=imgs[i : i + 2000], return_tensors="pt")["pixel_values"] for i in range(0, len(imgs), 2000)]
     )
     caps = [c for _, cs in items for c in cs]  # image i owns rows i*C .. i*C+C-1
     enc = tok(caps, padding="max_length", max_length=spec.max_text_len, truncation=True, return_tensors="pt")
-    eval_items = shapes.scenes_with_captions(seed, "eval", 1000, 5)
-    eval_imgs = shapes.render_split(eval_items, "eval", seed)
     print(f"[{name}] data ready in {time.time() - t0:.1f}s", flush=True)
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.1)
@@ -187,6 +254,13 @@ def train_tier(
         "eval": final,
         "train_s": round(time.time() - t0, 1),
     }
+    if world != "shapes":
+        meta = {
+            "world": world,
+            **meta,
+            "same_text": True,
+            **world_recall(out / name, world, seed, eval_items, eval_imgs),
+        }
     if zoo_user_phrasing:
         meta["zoo_user_phrasing"] = zoo_user_phrasing
     if known_synonyms:
@@ -195,11 +269,27 @@ def train_tier(
     return meta
 
 
+def caps_of(items: list) -> list[str]:
+    return [c for _, cs in items for c in cs]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("zoo"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tiers", nargs="+", default=list(TIERS), choices=list(TIERS))
+    ap.add_argument(
+        "--world",
+        default="shapes",
+        choices=list(WORLDS),
+        help="the world to train on (shapes: the demo zoo's tiers; any other: WORLD_TIERS, old and new)",
+    )
+    ap.add_argument(
+        "--tiers",
+        nargs="+",
+        default=None,
+        choices=list(TIERS),
+        help="default: old mid new for shapes, old new for any other world",
+    )
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument(
         "--spec",
@@ -223,6 +313,10 @@ def main() -> None:
         "e.g. size=2 (shapes.plain_words; default: the tier's own, 2 for old, size=2 for mid; "
         "3 or more: every word)",
     )
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the build machine is shared)")
+    ap.add_argument(
+        "--remeasure", action="store_true", help="record the recall of already trained tiers again, training nothing"
+    )
     args = ap.parse_args()
     overrides = parse_spec(args.spec)
     try:
@@ -231,9 +325,34 @@ def main() -> None:
         ap.error(f"--known-synonyms {args.known_synonyms!r}: {e}")
     if not 0.0 <= args.zoo_user_phrasing <= 1.0:
         ap.error(f"--zoo-user-phrasing must be a share in [0, 1], got {args.zoo_user_phrasing}")
-    for name in args.tiers:
+    if args.world != "shapes" and (known_synonyms is not None or args.zoo_user_phrasing):
+        ap.error(
+            "--known-synonyms and --zoo-user-phrasing are shapes' own words; other worlds' tiers read the same text"
+        )
+    tiers = args.tiers or list(TIERS if args.world == "shapes" else WORLD_TIERS)
+    if args.world != "shapes" and (bad := [t for t in tiers if t not in WORLD_TIERS]):
+        ap.error(f"--world {args.world} has tiers {list(WORLD_TIERS)}, not {bad}")
+    if args.remeasure and args.world == "shapes":
+        ap.error("--remeasure records a held-out world's recall; the shapes zoo's is measured by tests/test_zoo.py")
+    torch.set_num_threads(args.threads)
+    if args.remeasure:
+        for name in tiers:
+            path = args.out / name / "xbt_zoo.json"
+            meta = {**json.loads(path.read_text()), **world_recall(args.out / name, args.world, args.seed)}
+            path.write_text(json.dumps(meta, indent=2))
+            print(json.dumps(meta), flush=True)
+        return
+    for name in tiers:
         meta = train_tier(
-            name, args.out, args.seed, args.eval_every, overrides, args.steps, args.zoo_user_phrasing, known_synonyms
+            name,
+            args.out,
+            args.seed,
+            args.eval_every,
+            overrides,
+            args.steps,
+            args.zoo_user_phrasing,
+            known_synonyms,
+            args.world,
         )
         print(json.dumps(meta), flush=True)
 
@@ -251,7 +370,9 @@ def parse_spec(items: list[str]) -> dict:
 
 
 def parse_known_synonyms(text: str) -> int | dict[str, int]:
-    """'2' -> 2 (shapes and sizes alike); 'size=2' or 'shape=1,size=2' -> K per kind; see shapes.plain_words."""
+    """ "2" -> 2 (shapes and sizes alike); "size=2" or "shape=1,size=2" -> K per kind.
+
+    Checked by shapes.plain_words."""
     if text.strip().isdigit():
         value: int | dict[str, int] = int(text)
     else:
