@@ -141,8 +141,9 @@ def format_candidates(candidates: list[dict], chosen: dict) -> str:
         "candidates, on the validation pairs (new/old - old/old R@1 in points, "
         "the smallest margin of the gate's checks):",
     ]
+    width = max(len(c["method"]) for c in candidates)
     for c in candidates:
-        head = f"  {c['method']:<12} cost {c['cost']}"
+        head = f"  {c['method']:<{width}} cost {c['cost']}"
         if not c["ran"]:
             lines.append(f"{head}  not run: {c['why']}")
             continue
