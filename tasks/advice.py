@@ -31,6 +31,7 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
     failing = {(d, int(k)) for d, k, *_ in report["gate"]["failures"]}
     method = report["method"]
     candidates = {c["method"]: c for c in report.get("candidates") or []}
+    pretrain = get_method(method).settle_pretrain(pretrain)  # the values the run used
 
     margins = report.get("gate_margins")
     if failing and margins:

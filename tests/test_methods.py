@@ -76,6 +76,16 @@ def test_a_method_config_reads_its_scopes_of_the_settings():
         Settings.of({"train": {}})
 
 
+def test_settings_left_unset_take_the_methods_own_values_and_set_ones_win():
+    unset = Settings.of({})
+    assert unset.pretrain.pair_weight is None and unset.pretrain.anchor_weight is None
+    xbt, gallery = get_method("xbt").config(unset).pretrain, get_method("xbt-gallery").config(unset).pretrain
+    assert (xbt.pair_weight, xbt.anchor_weight) == (2.0, 0.0)  # the pair term, no anchors
+    assert (gallery.pair_weight, gallery.anchor_weight) == (2.0, 1.0)
+    chosen = get_method("xbt-gallery").config(Settings.of({"pretrain": {"pair_weight": 12, "anchor_weight": 0}}))
+    assert (chosen.pretrain.pair_weight, chosen.pretrain.anchor_weight) == (12, 0)
+
+
 def test_procrustes_recovers_a_rotation():
     from xbtcore.methods.maps import fit_linear_map
 

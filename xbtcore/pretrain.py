@@ -76,13 +76,14 @@ class PretrainConfig:
             "the pairs, never the gallery) or 'text+image' (both)"
         },
     )
-    pair_weight: float = field(
-        default=2.0,
+    pair_weight: float | None = field(
+        default=None,
         metadata={
             "help": "λ of the pair term: Eqn. 5's loss on the frozen new model's "
             "embeddings of the pairs, trained into φ beside Eqn. 3, so that "
-            "new/new stays within a point of the original new model "
-            "(ours; 0 = the paper's text-only Eqn. 3; docs/method.md)"
+            "new/new stays near the original new model (ours; 0 = the paper's "
+            "text-only Eqn. 3); None: the method's own (2 for the xbt family; "
+            "docs/method.md)"
         },
     )
     pair_batch_size: int = field(
@@ -134,7 +135,7 @@ class PretrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.min_steps < 0:
             raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
-        if self.pair_weight < 0:
+        if self.pair_weight is not None and self.pair_weight < 0:
             raise ValueError(f"pair_weight must be >= 0, got {self.pair_weight}")
         if self.corpus_weight is not None and self.corpus_weight < 0:
             raise ValueError(f"corpus_weight must be >= 0, got {self.corpus_weight}")

@@ -14,7 +14,7 @@ and its bundle holds the head, plus the adapters or weights its plan trained.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -65,14 +65,24 @@ class MethodSpec:
     plan: TrainPlan | None = None  # None: no encoder is fine-tuned
     old_encoder_at_query: bool = False  # a query also runs the old encoder
     portfolio: bool = False  # a candidate of `--method auto`
+    pretrain_defaults: dict = field(default_factory=dict)  # φ pretraining values for the fields a user left None
 
     def __post_init__(self):
         assert self.cost in COST_CLASSES, self
         assert self.fit_head is not None or self.plan is not None, f"{self.name}: a method trains something"
 
     def config(self, settings) -> object:
-        """This method's config from the run's parsed settings (each field is a scope of settings)."""
-        return self.config_cls(**{f.name: getattr(settings, f.name) for f in fields(self.config_cls)})
+        """This method's config from the run's parsed settings (each field is a scope of settings), with its own
+        pretraining values where the user set none."""
+        cfg = self.config_cls(**{f.name: getattr(settings, f.name) for f in fields(self.config_cls)})
+        if self.pretrain_defaults and hasattr(cfg, "pretrain"):
+            cfg = replace(cfg, pretrain=self.settle_pretrain(cfg.pretrain))
+        return cfg
+
+    def settle_pretrain(self, pretrain):
+        """A PretrainConfig with this method's values for the fields left None."""
+        unset = {k: v for k, v in self.pretrain_defaults.items() if getattr(pretrain, k) is None}
+        return replace(pretrain, **unset) if unset else pretrain
 
 
 METHODS: dict[str, MethodSpec] = {}

@@ -14,10 +14,11 @@ from ..finetune import FinetuneConfig, TrainPlan
 from ..pretrain import PretrainConfig, pair_rows, pretrain_phi, pretraining_rows, source_parts
 from .registry import HeadInputs, MethodSpec, register_method
 
-XBT_DEFAULTS = {"anchor_weight": 0.0, "corpus_weight": 1.0}
-# γ = 1: the anchors pull each query modality towards the gallery's own space (docs/method.md, "The gallery as
-# teacher"); experiments/configs/gallery_weights.json compares γ and λ on the validation pairs.
-GALLERY_DEFAULTS = {"anchor_weight": 1.0, "corpus_weight": 1.0}
+XBT_DEFAULTS = {"anchor_weight": 0.0, "corpus_weight": 1.0, "pair_weight": 2.0}
+# γ = 1: the anchors pull each query modality towards the gallery's own space. λ stays the pair term's 2: on
+# the selection worlds' validation pairs no λ of 2, 4, 8, 12, 16 kept new/new within a point with the gate
+# clear for both old -> new and old -> mid (docs/method.md, "The gallery as teacher").
+GALLERY_DEFAULTS = {"anchor_weight": 1.0, "corpus_weight": 1.0, "pair_weight": 2.0}
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ def register() -> None:
             fit_head=text_pretrained_phi,
             plan=TrainPlan(loss="eqn5", lora=True, prompts=True, head="layernorm"),
             portfolio=True,
+            pretrain_defaults=XBT_DEFAULTS,
         )
     )
 
@@ -117,6 +119,7 @@ def register() -> None:
             bundle="φ",
             fit_head=gallery_anchored_phi,
             portfolio=True,
+            pretrain_defaults=GALLERY_DEFAULTS,
         )
     )
 
@@ -135,5 +138,6 @@ def register() -> None:
             fit_head=gallery_anchored_phi,
             plan=TrainPlan(loss="eqn5+anchors", lora=True, prompts=True, head="layernorm"),
             portfolio=True,
+            pretrain_defaults=GALLERY_DEFAULTS,
         )
     )
