@@ -5,6 +5,8 @@ first imported.
 """
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def xbt(*args, env=None, timeout=600, **kw):
+    """`xbt ARGS` in a fresh process from the repository, the way a user runs it (no Prefect server)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *map(str, args)],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
+
+
+def upgrade_args(world, out, **extra):
+    """`xbt upgrade`'s arguments on a world's models and files (keys old, new, corpus, pairs, eval); extra
+    keyword flags (val_fraction=0.2 -> --val-fraction 0.2)."""
+    args = ["upgrade", "--old", world["old"], "--new", world["new"], "--corpus", world["corpus"]]
+    args += ["--pairs", world["pairs"], "--eval", world["eval"], "--out", out]
+    for k, v in extra.items():
+        args += [f"--{k.replace('_', '-')}", v]
+    return args
+
+
 TINY_WORLD = dict(corpus_captions=1500, pair_images=96, eval_images=24)
 
 

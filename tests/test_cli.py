@@ -11,21 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO
-
-
-def xbt(*args, env=None, timeout=600, **kw):
-    full_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *map(str, args)],
-        cwd=REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kw,
-    )
+from conftest import REPO, upgrade_args, xbt
 
 
 def _one_line_error(r, *needles):
@@ -36,30 +22,9 @@ def _one_line_error(r, *needles):
         assert n in lines[0], lines[0]
 
 
-def _upgrade_args(tiny, out, **extra):
-    args = [
-        "upgrade",
-        "--old",
-        tiny["old"],
-        "--new",
-        tiny["new"],
-        "--corpus",
-        tiny["corpus"],
-        "--pairs",
-        tiny["pairs"],
-        "--eval",
-        tiny["eval"],
-        "--out",
-        out,
-    ]
-    for k, v in extra.items():
-        args += [f"--{k.replace('_', '-')}", v]
-    return args
-
-
 def test_usage_errors_are_one_line(tiny, tmp_path):
     _one_line_error(xbt(), "the following arguments are required")
-    _one_line_error(xbt(*_upgrade_args(tiny, tmp_path, method="magic")), "invalid choice: 'magic'")
+    _one_line_error(xbt(*upgrade_args(tiny, tmp_path, method="magic")), "invalid choice: 'magic'")
     r = xbt("upgrade", "--old", tiny["old"])
     assert r.returncode == 2
     _one_line_error(r, "--new")
@@ -67,13 +32,13 @@ def test_usage_errors_are_one_line(tiny, tmp_path):
 
 def test_bad_paths_fail_fast_with_the_path(tiny, tmp_path):
     missing = tmp_path / "nope.parquet"
-    _one_line_error(xbt(*_upgrade_args({**tiny, "corpus": missing}, tmp_path / "o")), str(missing), "no such file")
+    _one_line_error(xbt(*upgrade_args({**tiny, "corpus": missing}, tmp_path / "o")), str(missing), "no such file")
     _one_line_error(
-        xbt(*_upgrade_args({**tiny, "old": tmp_path / "no-model"}, tmp_path / "o")),
+        xbt(*upgrade_args({**tiny, "old": tmp_path / "no-model"}, tmp_path / "o")),
         "model directory",
         "does not exist",
     )
-    _one_line_error(xbt(*_upgrade_args(tiny, tmp_path / "o"), "--set", "finetune.nope=1"), "unknown setting 'nope'")
+    _one_line_error(xbt(*upgrade_args(tiny, tmp_path / "o"), "--set", "finetune.nope=1"), "unknown setting 'nope'")
 
 
 def test_a_missing_pairs_column_fails_before_the_flow_starts(tiny, tmp_path):
@@ -81,7 +46,7 @@ def test_a_missing_pairs_column_fails_before_the_flow_starts(tiny, tmp_path):
     bad = tmp_path / "pairs.parquet"
     pq.write_table(pq.read_table(tiny["pairs"]).drop_columns(["caption"]), bad)
     out = tmp_path / "o"
-    r = xbt(*_upgrade_args({**tiny, "pairs": bad}, out), "--no-progress")
+    r = xbt(*upgrade_args({**tiny, "pairs": bad}, out), "--no-progress")
     _one_line_error(r, str(bad), "missing column 'caption'")
     assert r.stdout == ""  # no run log: nothing started
     assert not (out / "report.json").exists() and not (out / "bundle").exists()
@@ -89,8 +54,8 @@ def test_a_missing_pairs_column_fails_before_the_flow_starts(tiny, tmp_path):
 
 def test_unwritable_outputs_fail_before_any_work(tiny, tmp_path):
     (tmp_path / "afile").write_text("x")
-    _one_line_error(xbt(*_upgrade_args(tiny, tmp_path / "afile")), "afile", "is a file, not a folder")
-    _one_line_error(xbt(*_upgrade_args(tiny, tmp_path / "afile" / "run")), "cannot be created", "is a file")
+    _one_line_error(xbt(*upgrade_args(tiny, tmp_path / "afile")), "afile", "is a file, not a folder")
+    _one_line_error(xbt(*upgrade_args(tiny, tmp_path / "afile" / "run")), "cannot be created", "is a file")
     _one_line_error(
         xbt("embed", "--model", tiny["new"], "--input", tiny["eval"], "--modality", "text", "--out", tmp_path),
         "is a folder",
@@ -120,7 +85,7 @@ def test_unwritable_outputs_fail_before_any_work(tiny, tmp_path):
 )
 def test_unreachable_server_fails_in_seconds_naming_it(tiny, tmp_path, env, name):
     t0 = time.perf_counter()
-    r = xbt(*_upgrade_args(tiny, tmp_path / "o"), env=env)
+    r = xbt(*upgrade_args(tiny, tmp_path / "o"), env=env)
     _one_line_error(r, name, "unreachable")
     assert time.perf_counter() - t0 < 60
     assert not (tmp_path / "o").exists()
@@ -267,7 +232,7 @@ def _run_until_checkpoint(args, out, **popen):
 @pytest.mark.slow
 def test_upgrade_killed_mid_training_resumes_from_checkpoint(tiny, tmp_path):
     out = tmp_path / "run"
-    args = _upgrade_args(tiny, out) + KILLABLE
+    args = upgrade_args(tiny, out) + KILLABLE
     proc, ckpts = _run_until_checkpoint(args, out, stderr=subprocess.DEVNULL)
     assert ckpts, "training never wrote a checkpoint"
     ckpt = ckpts[0]
@@ -327,7 +292,7 @@ def test_ctrl_c_or_sigterm_to_the_process_group_ends_the_run_in_seconds(tiny, tm
     API; the run stops in seconds."""
     out = tmp_path / "run"
     proc, _ = _run_until_checkpoint(
-        _upgrade_args(tiny, out) + ["--no-progress", *KILLABLE],
+        upgrade_args(tiny, out) + ["--no-progress", *KILLABLE],
         out,
         stderr=subprocess.PIPE,
         text=True,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import FAST, REPO
+from conftest import FAST, REPO, upgrade_args
 
 pytestmark = pytest.mark.slow
 
@@ -99,29 +99,17 @@ def test_with_the_stored_gallery_the_old_image_tower_embeds_nothing(tiny, tmp_pa
         state=tmp_path / "state",
     )
     assert r.returncode == 0, r.stderr
-    common = [
-        "upgrade",
-        "--old",
-        tiny["old"],
-        "--new",
-        tiny["new"],
-        "--corpus",
-        tiny["corpus"],
-        "--pairs",
-        tiny["pairs"],
-        "--eval",
-        tiny["eval"],
-        "--method",
-        "base",
-        "--set",
-        "finetune.batch_size=32",
-    ]
-    r = _xbt(*common, "--out", tmp_path / "with", "--gallery", tmp_path / "gallery.parquet", state=tmp_path / "state")
+    common = ["--set", "finetune.batch_size=32"]
+    r = _xbt(
+        *upgrade_args(tiny, tmp_path / "with", method="base", gallery=tmp_path / "gallery.parquet"),
+        *common,
+        state=tmp_path / "state",
+    )
     assert r.returncode == 0, r.stderr
     with_gallery = json.loads((tmp_path / "with" / "report.json").read_text())
     assert with_gallery["old_image_tower"]["images"] == 0
     assert with_gallery["old_image_tower"]["from_gallery"] == 96 + 24  # train + val pairs, eval
-    r = _xbt(*common, "--out", tmp_path / "without", state=tmp_path / "state2")
+    r = _xbt(*upgrade_args(tiny, tmp_path / "without", method="base"), *common, state=tmp_path / "state2")
     assert r.returncode == 0, r.stderr
     without = json.loads((tmp_path / "without" / "report.json").read_text())
     assert without["old_image_tower"]["images"] == 96 + 24
@@ -133,24 +121,7 @@ def test_with_the_stored_gallery_the_old_image_tower_embeds_nothing(tiny, tmp_pa
 
 def test_report_recall_equals_a_recompute_from_xbt_embed_in_shuffled_batches(tiny, tmp_path):
     # Identical captions embedded in different batches differ by float noise; the tie rule keeps recall exact.
-    r = _xbt(
-        "upgrade",
-        "--old",
-        tiny["old"],
-        "--new",
-        tiny["new"],
-        "--corpus",
-        tiny["corpus"],
-        "--pairs",
-        tiny["pairs"],
-        "--eval",
-        tiny["eval"],
-        "--out",
-        tmp_path / "run",
-        "--method",
-        "procrustes",
-        state=tmp_path / "state",
-    )
+    r = _xbt(*upgrade_args(tiny, tmp_path / "run", method="procrustes"), state=tmp_path / "state")
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     table = pq.read_table(tiny["eval"])

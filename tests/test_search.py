@@ -1,33 +1,16 @@
 """The gallery index: exact search against brute force on `xbt embed` outputs, ids, ties, resume, IVF, spaces."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
+from conftest import xbt
 from serving import NEW, OLD, make_world
 
 from xbtcore import search
 from xbtcore.data import read_gallery
-
-
-def xbt(*args, env=None):
-    import os
-
-    full_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *map(str, args)],
-        cwd=REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 @pytest.fixture(scope="module")
