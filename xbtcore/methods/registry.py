@@ -101,10 +101,13 @@ def get_method(name: str) -> MethodSpec:
 
 
 def head_owner(name: str) -> str:
-    """The cheapest method whose head is fitted by the same function as `name`'s: methods that share a head
-    (xbt-gallery-lora starts from xbt-gallery's φ) fit it once."""
-    fit = get_method(name).fit_head
-    return next(m.name for m in by_cost() if m.fit_head is fit) if fit is not None else name
+    """The cheapest method whose head is fitted by the same function, with the same pretraining values, as
+    `name`'s: methods that share a head (xbt-gallery-lora starts from xbt-gallery's φ) fit it once."""
+    spec = get_method(name)
+    if spec.fit_head is None:
+        return name
+    same = (m for m in by_cost() if m.fit_head is spec.fit_head and m.pretrain_defaults == spec.pretrain_defaults)
+    return next(same).name
 
 
 def by_cost() -> list[MethodSpec]:

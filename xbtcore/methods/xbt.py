@@ -2,8 +2,9 @@
 and gallery-anchored XBT: φ alone, trained on the frozen encoders' embeddings with Eqn. 3, the pair term and
 the gallery anchors (each query modality towards the old model's embedding of its pair in the other one).
 
-A pretraining setting left None (`PretrainConfig.anchor_weight`, `corpus_weight`) takes the method's own
-value: XBT_DEFAULTS (the paper's Eqn. 3: no anchors, the corpus term at 1) or GALLERY_DEFAULTS.
+A pretraining setting left None (`PretrainConfig.pair_weight`, `anchor_weight`, `corpus_weight`) takes the
+method's own value, XBT_DEFAULTS (Eqn. 3 with the pair term, no anchors) or GALLERY_DEFAULTS, settled by the
+registry when it builds the method's config (`MethodSpec.pretrain_defaults`).
 """
 
 from __future__ import annotations
@@ -27,15 +28,11 @@ class XbtConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"help": "XBT training (Eqn. 5)"})
 
 
-def _settled(pre: PretrainConfig, defaults: dict) -> PretrainConfig:
-    """The pretraining config with the method's own values where the user set none."""
-    return replace(pre, **{k: v for k, v in defaults.items() if getattr(pre, k) is None})
-
-
-def _needs(cfg: XbtConfig, defaults: dict) -> tuple[str, ...]:
+def xbt_needs(cfg: XbtConfig) -> tuple[str, ...]:
     """φ's pretraining rows (corpus texts and/or the pairs' images, `PretrainConfig.source`), the pairs by the
-    new model for the pair term (`pair_weight`), and by the old model for the gallery anchors (`anchor_weight`)."""
-    pre = _settled(cfg.pretrain, defaults)
+    new model for the pair term (`pair_weight`), and by the old model for the gallery anchors (`anchor_weight`).
+    cfg comes settled with the method's own values (`MethodSpec.config`)."""
+    pre = cfg.pretrain
     parts = source_parts(pre.source)
     needs = [
         *(["w_new", "w_old"] if "text" in parts else []),
@@ -48,10 +45,10 @@ def _needs(cfg: XbtConfig, defaults: dict) -> tuple[str, ...]:
     return tuple(dict.fromkeys(needs))
 
 
-def _pretrained_phi(inputs: HeadInputs, cfg: XbtConfig, defaults: dict):
+def _pretrained_phi(inputs: HeadInputs, cfg: XbtConfig):
     """Eqn. 3 on the rows `PretrainConfig.source` names, with the pair term when λ > 0 and the gallery
     anchors when γ > 0 -> φ."""
-    pre = replace(_settled(cfg.pretrain, defaults), seed=inputs.seed)
+    pre = replace(cfg.pretrain, seed=inputs.seed)
     rows = pretraining_rows(
         pre.source,
         text=(inputs.frozen("w_new"), inputs.frozen("w_old")) if "text" in source_parts(pre.source) else None,
@@ -65,25 +62,17 @@ def _pretrained_phi(inputs: HeadInputs, cfg: XbtConfig, defaults: dict):
     return phi
 
 
-def xbt_needs(cfg: XbtConfig) -> tuple[str, ...]:
-    return _needs(cfg, XBT_DEFAULTS)
-
-
 def text_pretrained_phi(inputs: HeadInputs, cfg: XbtConfig):
-    return _pretrained_phi(inputs, cfg, XBT_DEFAULTS)
-
-
-def gallery_needs(cfg: XbtConfig) -> tuple[str, ...]:
-    return _needs(cfg, GALLERY_DEFAULTS)
+    return _pretrained_phi(inputs, cfg)
 
 
 def gallery_lora_needs(cfg: XbtConfig) -> tuple[str, ...]:
     """xbt-gallery's, and the old model's embeddings of the pairs for the anchors while LoRA trains."""
-    return tuple(dict.fromkeys([*_needs(cfg, GALLERY_DEFAULTS), "v_old_pairs", "w_old_pairs"]))
+    return tuple(dict.fromkeys([*xbt_needs(cfg), "v_old_pairs", "w_old_pairs"]))
 
 
 def gallery_anchored_phi(inputs: HeadInputs, cfg: XbtConfig):
-    return _pretrained_phi(inputs, cfg, GALLERY_DEFAULTS)
+    return _pretrained_phi(inputs, cfg)
 
 
 def register() -> None:
@@ -113,7 +102,7 @@ def register() -> None:
             summary="gallery-anchored XBT: φ on the frozen encoders, Eqn. 3 + the pair term + each query modality "
             "anchored to the old model's (the gallery's) embeddings of the pairs",
             config_cls=XbtConfig,
-            needs=gallery_needs,
+            needs=xbt_needs,
             cost=1,
             trains="φ on cached embeddings of the corpus and the pairs (new and old models)",
             bundle="φ",
