@@ -39,6 +39,8 @@ def _set_env_defaults() -> None:
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
+    # Prefect makes its home with a plain mkdir: a state folder that does not exist yet gets its parents here.
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 
 
 class _Terminated(BaseException):

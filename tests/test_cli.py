@@ -341,3 +341,16 @@ def test_chain_result_lists_the_no_regression_failures_too(capsys):
     assert "not promoted [registry sqlite:////tmp/run/mlflow.db]" in out  # the registry line names its store
     assert "gate (Eqn. 2): PASSED" in out and "no regression (new/old >= prev/old): FAILED" in out
     assert out.count("failing: i2t R@") == 3 and "new/old 45.0 < prev/old 46.0" in out
+
+
+def test_a_state_folder_that_does_not_exist_yet_is_made(monkeypatch, tmp_path):
+    from flows.cli import _set_env_defaults
+
+    state = tmp_path / "not" / "yet"
+    monkeypatch.setenv("XBT_STATE_DIR", str(state))
+    for name in ("PREFECT_HOME", "DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.setenv(name, "")  # recorded, so that the test's defaults are undone after it
+        monkeypatch.delenv(name)
+    _set_env_defaults()
+    assert os.environ["PREFECT_HOME"] == str(state / "prefect")
+    assert (state / "prefect").is_dir()
