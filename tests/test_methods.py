@@ -60,6 +60,7 @@ def test_every_method_is_registered_once_with_what_a_run_needs():
 
 def test_methods_that_share_a_head_fit_it_once_under_the_cheapest_name():
     assert head_owner("xbt-gallery-lora") == "xbt-gallery"
+    assert head_owner("xbt-gallery-pairs") == "xbt-gallery-pairs"  # the same function, another λ: its own head
     assert get_method("xbt-gallery-lora").fit_head is get_method("xbt-gallery").fit_head
     assert head_owner("xbt") == "xbt" and head_owner("procrustes") == "procrustes"
     assert head_owner("lstsq") == "lstsq"  # a different closed form: its own head
@@ -82,6 +83,8 @@ def test_settings_left_unset_take_the_methods_own_values_and_set_ones_win():
     xbt, gallery = get_method("xbt").config(unset).pretrain, get_method("xbt-gallery").config(unset).pretrain
     assert (xbt.pair_weight, xbt.anchor_weight) == (2.0, 0.0)  # the pair term, no anchors
     assert (gallery.pair_weight, gallery.anchor_weight) == (2.0, 1.0)
+    pairs = get_method("xbt-gallery-pairs").config(unset).pretrain
+    assert (pairs.pair_weight, pairs.anchor_weight) == (12.0, 1.0)
     chosen = get_method("xbt-gallery").config(Settings.of({"pretrain": {"pair_weight": 12, "anchor_weight": 0}}))
     assert (chosen.pretrain.pair_weight, chosen.pretrain.anchor_weight) == (12, 0)
 
