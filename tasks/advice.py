@@ -18,6 +18,8 @@ from xbtcore.pretrain import PretrainConfig
 # new/new may sit this many points R@1 under the original new model before the advice
 # points at the pair term (the quality goal allows 1 point).
 NEW_NEW_SLACK = 1.0
+QUERIES = {"t2i": "text queries", "i2t": "image queries"}
+GALLERY = {"t2i": "image", "i2t": "caption"}  # what each direction searches: the old gallery's modality
 
 
 def _pretrains_phi(method: str) -> bool:
@@ -56,6 +58,16 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
             steps.append(
                 f"{c['method']} passed on the validation pairs (smallest margin {min_margin(c['margins']):+.2f} "
                 "points), but its queries run the old encoder: --allow-old-encoder lets auto choose it"
+            )
+    ran = [c for c in candidates.values() if c.get("margins")]
+    for d in sorted({d for d, _ in failing}) if len(ran) > 1 else []:
+        if all(c["margins"][d]["1"]["low"] <= 0 for c in ran):
+            best = max(ran, key=lambda c: c["margins"][d]["1"]["margin"])
+            steps.append(
+                f"no candidate's {QUERIES[d]} beat the old model's own at R@1 on the validation pairs with the "
+                f"interval clear of zero (best: {best['method']}, {best['margins'][d]['1']['margin']:+.2f} points): "
+                f"the old model's {GALLERY[d]} embeddings may leave no room above its own queries; docs/method.md, "
+                '"How much room queries have", measures that room on your data'
             )
     if failing and len(candidates) <= 1:
         steps.append(

@@ -79,6 +79,18 @@ def test_validation_evidence_of_this_run_is_named():
     assert next_steps(_report(method="xbt-gallery", candidates=candidates), TEXT) == []  # the gate passed
 
 
+def test_no_candidate_clear_in_a_failing_direction_points_at_the_room_there():
+    tie, clear = _margins(-0.5, -2.0, 1.0), _margins(2.0, 0.5, 3.5)
+    candidates = [_candidate("procrustes", margins=tie), _candidate("xbt-gallery", margins=tie)]
+    steps = next_steps(_report(method="xbt-gallery", new_old=(39.5, 50.0), candidates=candidates), TEXT)
+    room = [s for s in steps if s.startswith("no candidate's text queries")]
+    assert len(room) == 1 and "best: procrustes, -0.50" in room[0] and "How much room queries have" in room[0]
+    assert not any(s.startswith("no candidate's image queries") for s in steps)  # i2t passed
+    candidates[1] = _candidate("xbt-gallery", margins=clear)  # one candidate cleared it on validation
+    steps = next_steps(_report(method="xbt-gallery", new_old=(39.5, 50.0), candidates=candidates), TEXT)
+    assert not any(s.startswith("no candidate's") for s in steps)
+
+
 def test_new_new_gap_past_a_point_points_at_the_pair_term():
     steps = next_steps(_report(new_new=(60.0, 58.5)), TEXT)
     assert len(steps) == 1 and "pretrain.pair_weight, now 2" in steps[0] and "1.50 points i2t R@1" in steps[0]
