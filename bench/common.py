@@ -223,18 +223,41 @@ def add_world_flags(ap: argparse.ArgumentParser) -> None:
         metavar="FIELD=VALUE",
         help="WorldSpec field of the built-in world written into a missing --data, e.g. seed=1",
     )
+    ap.add_argument(
+        "--named",
+        default="",
+        metavar="WORLD",
+        help="a world of worlds.WORLDS by name at its default spec (glyphs, textures, scenes; worlds.ROLES says "
+        "which are report worlds), written under the bench's state when missing; instead of --data and --world",
+    )
 
 
 def world_dir(args) -> Path:
-    """--data, or the bench's folder of the built-in world with args' --world overrides."""
+    """--data, a named world's folder under the bench's state, or the bench's folder of the built-in world with
+    args' --world overrides."""
     if args.data:
         return Path(args.data)
+    if getattr(args, "named", ""):
+        return BENCH_STATE / f"world-{args.named}"
     overrides = world_overrides(args.world)
     return BENCH_STATE / "-".join(["world", *(f"{k}{v}" for k, v in sorted(overrides.items()))])
 
 
 def world_of(args) -> dict[str, str]:
     """args' world: its corpus, pairs and eval Parquet, written first when missing."""
+    if getattr(args, "named", ""):
+        from worlds import WORLDS
+        from worlds.base import write_world
+
+        if args.data or args.world:
+            raise ValueError("--named names the world: leave out --data and --world")
+        if args.named not in WORLDS:
+            raise ValueError(f"--named {args.named!r}: choose one of {', '.join(sorted(WORLDS))}")
+        folder = world_dir(args)
+        if not (folder / "world.json").exists():  # write_world writes world.json last
+            progress(f"writing world {args.named} to {folder}")
+            write_world(args.named, folder)
+        return {k: str(folder / f"{k}.parquet") for k in ("corpus", "pairs", "eval")}
     return world_paths(world_dir(args), world_overrides(args.world))
 
 

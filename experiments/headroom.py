@@ -10,6 +10,8 @@ the same pairs (`losses.clip_loss`, the text half of Eqn. 6), which XBT by
 design never computes, and its t2i recall on the eval set is compared with
 old/old. If even this head, which sees v_old, barely beats old/old, no method
 that never runs the old image encoder can be expected to beat it by much.
+Beside it, the head's query summed with the old model's own (normalised): the
+room left for a query that runs the old text tower too.
 Embeddings come from the flow's embedding cache (the state folder's).
 """
 
@@ -70,7 +72,16 @@ def run(args) -> dict:
     for epochs in args.epochs:
         phi = train_text_head(w_new, v_old, epochs, args.batch_size, args.lr, args.seed)
         with torch.inference_mode():
-            heads.append({"epochs": epochs, "new/old": t2i(phi(new_side.text))})
+            mapped = phi(new_side.text)  # (Nc, D_old)
+            heads.append(
+                {
+                    "epochs": epochs,
+                    "new/old": t2i(mapped),
+                    # the head and the old model's own query, summed: what a query that also runs the old
+                    # text tower could reach
+                    "with the old text tower": t2i(torch.nn.functional.normalize(old_side.text + mapped, dim=-1)),
+                }
+            )
         progress(f"headroom {heads[-1]}")
     return {
         "old": args.old,
