@@ -55,6 +55,7 @@ BENCHES = {
     "chain": Bench("bench/chain.py", ("--seeds", "0"), fast=False),
     "ablations": Bench("bench/ablations.py", ("--seeds", "0"), fast=False),
     "zeroshot": Bench("bench/zeroshot.py", ("--seed", "0"), fast=False),
+    "real_size": Bench("bench/real_size.py", takes_device=True, fast=False),
 }
 DOC_HEADER = """# Benchmarks
 
@@ -170,6 +171,7 @@ def goal_rows(name: str, r: dict) -> list[tuple[str, str, str, bool | None, str]
         "recall": _recall_goals,
         "cost": _cost_goals,
         "input_errors": _input_error_goals,
+        "real_size": _real_size_goals,
     }.get(name.split("-")[0], lambda r: [])(r)
 
 
@@ -294,6 +296,26 @@ def _cost_goals(r: dict) -> list[tuple]:
             _cost_reason(r),
         )
     ]
+
+
+def _real_size_goals(r: dict) -> list[tuple]:
+    rows = []
+    for t in r["table6"]:
+        if (t["old"], t["new"]) != ("B/32", "L/14"):
+            continue
+        h = t["hours"]
+        biggest = max(h["xbt"], key=h["xbt"].get)
+        rows.append(
+            (
+                "cost at real sizes (Table 6, projected)",
+                "XBT <= 0.5x Base, B/32 -> L/14, the paper's data sizes, the same machine",
+                f"{t['xbt_over_base']}x (XBT {t['total_hours']['xbt']:,} h vs Base {t['total_hours']['base']:,} h); "
+                f"xbt-gallery {t['xbt_gallery_over_base']}x",
+                t["xbt_over_base"] <= 0.5,
+                f"XBT's largest stage is {biggest}, {h['xbt'][biggest]:,} of its {t['total_hours']['xbt']:,} h",
+            )
+        )
+    return rows
 
 
 # --- the paper's tables --------------------------------------------------------------------------
@@ -439,7 +461,44 @@ def _zeroshot(r: dict) -> list[str]:
     return out
 
 
-TABLES = {"quality": _quality, "cost": _cost, "chain": _chain, "ablations": _ablations, "zeroshot": _zeroshot}
+def _real_size(r: dict) -> list[str]:
+    """Throughput and memory per architecture, training per upgrade, and Table 6 projected to the paper's data."""
+    lines = ["| architecture | tower | items/s | peak RSS |", "|---|---|---|---|"]
+    lines += [f"| {e['arch']} | {e['tower']} | {e['per_s']} | {_mib(e['peak_rss_mb'])} |" for e in r["embed"]]
+    lines += ["", "| old -> new | method | pairs/s (training) | peak RSS |", "|---|---|---|---|"]
+    lines += [
+        f"| {t['old']} -> {t['new']} | {t['method']} | {t['pairs_per_s']} | {_mib(t['peak_rss_mb'])} |"
+        for t in r["train"]
+    ]
+    data = r["paper_data"]
+    lines += [
+        "",
+        f"Projected to the paper's data ({data['corpus_texts']:,} corpus texts, {data['pairs']:,} pairs) on "
+        f"this machine, hours per stage (the formulas: bench/real_size.py); the paper's Table 6 (8 A100s, "
+        f"B/32 -> L/14): XBT {r['paper_hours']['xbt_pretrain']} h pretraining + {r['paper_hours']['xbt_train']} h "
+        f"training, Base {r['paper_hours']['base']} h.",
+        "",
+        "| old -> new | method | stages (hours) | total hours | / Base | re-embedding a 1B gallery |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in r["table6"]:
+        for method, stages in t["hours"].items():
+            ratio = round(t["total_hours"][method] / t["total_hours"]["base"], 2)
+            lines.append(
+                f"| {t['old']} -> {t['new']} | {method} | {', '.join(f'{k} {v:,}' for k, v in stages.items())} "
+                f"| {t['total_hours'][method]:,} | {ratio} | {t['backfill_hours']:,} h |"
+            )
+    return lines
+
+
+TABLES = {
+    "quality": _quality,
+    "cost": _cost,
+    "chain": _chain,
+    "ablations": _ablations,
+    "zeroshot": _zeroshot,
+    "real_size": _real_size,
+}
 
 
 def render_result(name: str, r: dict) -> list[str]:

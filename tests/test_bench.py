@@ -186,4 +186,30 @@ def test_the_suites_table_benches_take_the_arguments_run_all_gives_them():
         if not b.fast:
             module = importlib.import_module(f"bench.{Path(b.script).stem}")
             args = module.parser().parse_args(list(b.args))
-            assert args.json_out == "" and not args.data, name  # the bench's own world under its state folder
+            assert args.json_out == "" and not getattr(args, "data", ""), name  # its own world under its state
+
+
+def test_real_size_projection_divides_each_stage_by_its_measured_rate():
+    from bench.real_size import project
+
+    rates = [("B/32", "text", 1000.0), ("B/32", "image", 100.0), ("L/14", "text", 500.0), ("L/14", "image", 20.0)]
+    embed = {(a, tower): {"per_s": r} for a, tower, r in rates}
+    train = {("B/32", "L/14", "xbt"): {"pairs_per_s": 10.0}, ("B/32", "L/14", "base"): {"pairs_per_s": 8.0}}
+    t = project(embed, train, {"rows_per_s": 1e5}, "B/32", "L/14")
+    assert t["hours"]["xbt"]["corpus_old_text"] == round(67e6 / 1000 / 3600, 1)
+    assert t["hours"]["xbt"]["phi_pretrain"] == round(3 * 67e6 / 1e5 / 3600, 1)
+    assert t["hours"]["base"]["old_targets"] == round((4e6 / 100 + 4e6 / 1000) / 3600, 1)
+    assert t["hours"]["base"]["train"] == round(4e6 / 8 / 3600, 1)
+    assert t["backfill_hours"] == round(1e9 / 20 / 3600, 1)
+    assert t["xbt_over_base"] == round(t["total_hours"]["xbt"] / t["total_hours"]["base"], 2)
+    r = {
+        "embed": [{"arch": a, "tower": tw, "per_s": e["per_s"], "peak_rss_mb": 900.0} for (a, tw), e in embed.items()],
+        "train": [{"old": "B/32", "new": "L/14", "method": "xbt", "pairs_per_s": 10.0, "peak_rss_mb": 3000.0}],
+        "table6": [t],
+        "paper_data": {"corpus_texts": 67_000_000, "pairs": 4_000_000},
+        "paper_hours": {"xbt_pretrain": 1.55, "xbt_train": 2.84, "base": 5.66},
+    }
+    page = "\n".join(run_all.render_result("real_size", r))
+    assert "| B/32 -> L/14 | xbt-gallery |" in page and "| L/14 | image | 20.0 | 900 MiB |" in page
+    (goal,) = run_all.goal_rows("real_size", r)
+    assert goal[3] == (t["xbt_over_base"] <= 0.5) and f"{t['xbt_over_base']}x" in goal[2]

@@ -1,0 +1,304 @@
+"""Cost at real model sizes: CLIP B/32, L/14 and H/14 with random weights, and the paper's Table 6 projected.
+
+    .venv/bin/python bench/real_size.py [--archs B/32 L/14 H/14] [--upgrades B/32:L/14 L/14:H/14]
+        [--texts 256] [--images 16] [--train-batch 8] [--train-steps 3] [--device cpu|cuda]
+
+Throughput and memory do not depend on the weights, so each architecture is
+built from its `CLIPConfig` (224 px, 77 tokens, a word-level tokenizer of
+CLIP's vocabulary size built locally), saved in the Hugging Face layout under
+the bench's state and loaded through `DualEncoder.from_pretrained`, the
+product's one loading path. Every measurement runs in its own process, so its
+peak RSS is its own:
+
+- embed: `DualEncoder.embed_texts` on 77-token texts and `embed_images` on 224 px
+  images -> texts/s, images/s, peak RSS;
+- train: `xbtcore.finetune.finetune`, the product's training loop, on 224 px
+  pairs with each method's plan from the registry: xbt (LoRA, prompts, φ's
+  LayerNorms, Eqn. 5: no old model), base (LoRA, prompts, all of φ, Eqn. 6
+  against the old model's targets), full-tune -> pairs/s after the first step,
+  peak RSS;
+- φ pretraining on cached embeddings (`pretrain.text_only_pretrain`) -> rows/s.
+
+Table 6, projected to the paper's data (67M corpus texts, 4M pairs) on this
+machine, each stage's hours = items / measured rate:
+
+    xbt  = 67M / text_rate(old) + 67M / text_rate(new) + 3 * 67M / phi_rate + 4M / train_rate(xbt)
+    base = 4M / image_rate(old) + 4M / text_rate(old) + 4M / train_rate(base)
+    xbt-gallery = 67M / text_rate(old) + 67M / text_rate(new) + 3 * 67M / phi_rate
+                  + 4M / image_rate(new) + 4M / text_rate(new) + 4M / text_rate(old)     (with --gallery)
+    backfill (what both avoid) = 1B / image_rate(new)
+
+(φ takes 3 passes over the corpus, `PretrainConfig.epochs_for`; Base's old
+targets are the pairs' images and captions by the old model.) Prints one JSON
+object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import BENCH_STATE, check_device, emit, machine, progress, run_child  # noqa: E402
+
+# (hidden, layers, heads) of each tower and the projection size, as OpenAI's and OpenCLIP's configs give them.
+ARCHS = {
+    "B/32": {"text": (512, 12, 8), "vision": (768, 12, 12), "patch": 32, "embed": 512},
+    "L/14": {"text": (768, 12, 12), "vision": (1024, 24, 16), "patch": 14, "embed": 768},
+    "H/14": {"text": (1024, 24, 16), "vision": (1280, 32, 16), "patch": 14, "embed": 1024},
+}
+VOCAB = 49408  # CLIP's BPE vocabulary
+TEXT_LEN = 77
+IMAGE_SIZE = 224
+PAPER = {"corpus_texts": 67_000_000, "pairs": 4_000_000, "gallery": 1_000_000_000}
+# Table 6 of the paper (B/32 -> L/14, 8 A100s), hours
+PAPER_HOURS = {"xbt_pretrain": 1.55, "xbt_train": 2.84, "base": 5.66}
+PHI_EPOCHS = 3
+
+
+def arch_dir(arch: str) -> Path:
+    return BENCH_STATE / "real-size" / arch.replace("/", "-")
+
+
+def build(arch: str) -> Path:
+    """arch's CLIP with random weights in the Hugging Face layout (made once, kept under the bench's state)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from worlds.tinyclip import TinyClipSpec, build_image_processor, build_tokenizer, save_checkpoint
+
+    out = arch_dir(arch)
+    if (out / "model.safetensors").exists():
+        return out
+    a = ARCHS[arch]
+    tower = lambda hidden, layers, heads: dict(  # noqa: E731
+        hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads
+    )
+    config = CLIPConfig(
+        text_config={**tower(*a["text"]), "vocab_size": VOCAB, "max_position_embeddings": TEXT_LEN},
+        vision_config={**tower(*a["vision"]), "image_size": IMAGE_SIZE, "patch_size": a["patch"]},
+        projection_dim=a["embed"],
+    )
+    progress(f"building {arch} with random weights in {out}")
+    tmp = out.with_name(out.name + ".tmp")
+    save_checkpoint(
+        CLIPModel(config),
+        build_tokenizer([f"w{i}" for i in range(VOCAB - 8)], TEXT_LEN),
+        build_image_processor(TinyClipSpec(image_size=IMAGE_SIZE, patch_size=a["patch"])),
+        tmp,
+    )
+    tmp.replace(out)
+    return out
+
+
+def texts(n: int) -> list[str]:
+    """n texts of TEXT_LEN tokens with <bos> and <eos> (distinct words of the built vocabulary)."""
+    return [" ".join(f"w{(i * 131 + j * 7) % (VOCAB - 8)}" for j in range(TEXT_LEN - 2)) for i in range(n)]
+
+
+def images(n: int) -> list:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def pair_set(n: int):
+    """n 224 px images, one TEXT_LEN caption each, as the product's PairSet."""
+    import io
+
+    import torch
+
+    from xbtcore.data import PairSet
+
+    encoded = []
+    for img in images(n):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    return PairSet(encoded, texts(n), torch.arange(n), list(range(n)), "real-size")
+
+
+def measure_embed(arch: str, tower: str, n: int, device: str) -> dict:
+    from xbtcore.encoders import DualEncoder
+
+    enc = DualEncoder.from_pretrained(str(arch_dir(arch)), device=device)
+    items = texts(n) if tower == "text" else images(n)
+    run = enc.embed_texts if tower == "text" else enc.embed_images
+    run(items[: min(8, n)])  # warm-up
+    t0 = time.perf_counter()
+    out = run(items, batch_size=64 if tower == "text" else 16)
+    seconds = time.perf_counter() - t0
+    assert out.shape == (n, ARCHS[arch]["embed"])
+    return {"arch": arch, "tower": tower, "items": n, "seconds": round(seconds, 2), "per_s": round(n / seconds, 2)}
+
+
+def measure_train(old: str, new: str, method: str, batch: int, steps: int, device: str) -> dict:
+    """`steps` steps of the product's training loop; the rate counts the steps after the first."""
+    import torch
+
+    from xbtcore.encoders import DualEncoder
+    from xbtcore.finetune import FinetuneConfig, finetune
+    from xbtcore.methods import get_method
+    from xbtcore.phi import Phi, PhiConfig
+
+    spec = get_method(method)
+    enc = DualEncoder.from_pretrained(str(arch_dir(new)), device=device)
+    d_old = ARCHS[old]["embed"]
+    phi = Phi(PhiConfig(ARCHS[new]["embed"], d_old))
+    pairs = pair_set(batch * steps)
+    targets = None
+    if spec.plan.loss != "eqn5":  # Eqn. 6: the old model's embeddings of the pairs (their cost is measured apart)
+        targets = (torch.randn(batch * steps, d_old), torch.randn(batch * steps, d_old))
+        targets = tuple(torch.nn.functional.normalize(t, dim=-1) for t in targets)
+    stamps = []
+    cfg = FinetuneConfig(batch_size=batch, epochs=1)
+    finetune(
+        enc, phi, pairs, spec.plan, cfg, old_targets=targets, on_step=lambda s, v: stamps.append(time.perf_counter())
+    )
+    per_step = [b - a for a, b in zip(stamps, stamps[1:])]  # the first step (warm-up) is left out
+    seconds = sum(per_step)
+    return {
+        "old": old,
+        "new": new,
+        "method": method,
+        "batch": batch,
+        "steps_timed": len(per_step),
+        "seconds": round(seconds, 2),
+        "pairs_per_s": round(batch * len(per_step) / seconds, 3),
+    }
+
+
+def measure_phi(old: str, new: str, device: str, steps: int = 30) -> dict:
+    """φ pretraining (Eqn. 3 on cached embeddings) at the product's batch size -> rows/s."""
+    import torch
+
+    from xbtcore.phi import Phi, PhiConfig
+    from xbtcore.pretrain import PretrainConfig, text_only_pretrain
+
+    cfg = PretrainConfig(epochs=1, pair_weight=0.0, anchor_weight=0.0, corpus_weight=1.0, fit_weight=0.0)
+    rows = cfg.batch_size * steps
+    w_new = torch.nn.functional.normalize(torch.randn(rows, ARCHS[new]["embed"]), dim=-1)
+    w_old = torch.nn.functional.normalize(torch.randn(rows, ARCHS[old]["embed"]), dim=-1)
+    phi = Phi(PhiConfig(ARCHS[new]["embed"], ARCHS[old]["embed"])).to(device)
+    t0 = time.perf_counter()
+    text_only_pretrain(phi, w_new, w_old, cfg)
+    seconds = time.perf_counter() - t0
+    return {"old": old, "new": new, "rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds, 1)}
+
+
+def child(args) -> dict:
+    """One measurement, in this process (the parent runs each in its own child for its peak RSS)."""
+    job = json.loads(args.child)
+    kind = job.pop("kind")
+    if kind == "embed":
+        return measure_embed(**job, device=args.device)
+    if kind == "train":
+        return measure_train(**job, device=args.device)
+    return measure_phi(**job, device=args.device)
+
+
+def project(embed: dict, train: dict, phi: dict, old: str, new: str) -> dict:
+    """Table 6's stages in hours at the paper's data sizes, from this machine's measured rates."""
+    text, image = (lambda a: embed[(a, "text")]["per_s"]), (lambda a: embed[(a, "image")]["per_s"])
+    n, p = PAPER["corpus_texts"], PAPER["pairs"]
+    hours = {
+        "xbt": {
+            "corpus_old_text": n / text(old),
+            "corpus_new_text": n / text(new),
+            "phi_pretrain": PHI_EPOCHS * n / phi["rows_per_s"],
+            "train": p / train[(old, new, "xbt")]["pairs_per_s"],
+        },
+        "base": {
+            "old_targets": p / image(old) + p / text(old),
+            "train": p / train[(old, new, "base")]["pairs_per_s"],
+        },
+        # xbt-gallery (cost 1): no encoder trains; the pairs by the new model and their captions by the old
+        # (their images' old embeddings are the stored gallery's, --gallery)
+        "xbt-gallery": {
+            "corpus_old_text": n / text(old),
+            "corpus_new_text": n / text(new),
+            "pairs_new": p / image(new) + p / text(new),
+            "pairs_old_text": p / text(old),
+            "phi_pretrain": PHI_EPOCHS * n / phi["rows_per_s"],
+        },
+    }
+    hours = {m: {k: round(v / 3600, 1) for k, v in stages.items()} for m, stages in hours.items()}
+    total = {m: round(sum(stages.values()), 1) for m, stages in hours.items()}
+    return {
+        "old": old,
+        "new": new,
+        "hours": hours,
+        "total_hours": total,
+        "xbt_over_base": round(total["xbt"] / total["base"], 2),
+        "xbt_gallery_over_base": round(total["xbt-gallery"] / total["base"], 2),
+        "backfill_hours": round(PAPER["gallery"] / image(new) / 3600, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    device = check_device(args.device)
+    if args.child:
+        print(json.dumps(child(args)), flush=True)
+        return {}
+    upgrades = [tuple(u.split(":")) for u in args.upgrades]
+    bad = [u for u, pair in zip(args.upgrades, upgrades) if len(pair) != 2 or not set(pair) <= set(ARCHS)]
+    if bad:
+        raise SystemExit(f"--upgrades {' '.join(bad)}: give OLD:NEW with each one of {', '.join(ARCHS)}")
+    for arch in dict.fromkeys([*args.archs, *(a for u in upgrades for a in u)]):
+        build(arch)
+
+    def run(job: dict) -> dict:
+        progress(f"real-size: {job}")
+        return run_child([__file__, "--device", device, "--child", json.dumps(job)])
+
+    embed = {}
+    for arch in dict.fromkeys([*args.archs, *(a for u in upgrades for a in u)]):
+        embed[(arch, "text")] = run({"kind": "embed", "arch": arch, "tower": "text", "n": args.texts})
+        embed[(arch, "image")] = run({"kind": "embed", "arch": arch, "tower": "image", "n": args.images})
+    train, phi, tables = {}, {}, []
+    for old, new in upgrades:
+        for method in args.methods:
+            job = {"kind": "train", "old": old, "new": new, "method": method}
+            train[(old, new, method)] = run(job | {"batch": args.train_batch, "steps": args.train_steps})
+        phi[(old, new)] = run({"kind": "phi", "old": old, "new": new})
+        if {"xbt", "base"} <= set(args.methods):
+            tables.append(project(embed, train, phi[(old, new)], old, new))
+    return emit(
+        {
+            "bench": "real_size",
+            "machine": machine(device),
+            "archs": {a: ARCHS[a] for a in dict.fromkeys(k[0] for k in embed)},
+            "embed": list(embed.values()),
+            "train": list(train.values()),
+            "phi": list(phi.values()),
+            "table6": tables,
+            "paper_data": PAPER,
+            "paper_hours": PAPER_HOURS,
+        },
+        args.json_out,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    ap.add_argument("--upgrades", nargs="+", default=["B/32:L/14", "L/14:H/14"], metavar="OLD:NEW")
+    ap.add_argument("--methods", nargs="+", default=["xbt", "base"], help="registered methods with a training plan")
+    ap.add_argument("--texts", type=int, default=256, help="77-token texts each text tower embeds")
+    ap.add_argument("--images", type=int, default=16, help="224 px images each image tower embeds")
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--train-steps", type=int, default=3, help="steps per method; the first is not timed")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--json-out", default="")
+    return ap
+
+
+if __name__ == "__main__":
+    main()
