@@ -1,6 +1,6 @@
 """Text embedding throughput: DualEncoder.embed_texts vs a naive Hugging Face loop, same model.
 
-    .venv/bin/python bench/embed_bench.py [--model zoo/new] [--n 20000] [--batch-size N]
+    .venv/bin/python bench/embed_bench.py [--model zoo/new | --arch B/32] [--n 20000] [--batch-size N]
         [--slices 8] [--device cpu|cuda]
 
 Both sides embed the same `--n` captions of the built-in world's corpus with the
@@ -75,6 +75,12 @@ def token_counts(tokenizer, texts: list[str], max_length: int, batch_size: int) 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="zoo/new", help="local directory or hub id of a CLIP-family model")
+    p.add_argument(
+        "--arch",
+        default="",
+        choices=["", "B/32", "L/14", "H/14"],
+        help="instead of --model: CLIP at this real size with random weights (bench/real_size.py builds it)",
+    )
     p.add_argument("--n", type=int, default=20_000, help="captions to embed")
     p.add_argument(
         "--batch-size",
@@ -86,6 +92,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     device = check_device(args.device)
+    if args.arch:
+        from bench.real_size import build
+
+        args.model = str(build(args.arch))
 
     from transformers import AutoModel, AutoTokenizer
 
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "embed",
         "machine": machine(device),
         "device": device,
-        "model": args.model,
+        "model": f"CLIP {args.arch} (random weights)" if args.arch else args.model,
         "texts": len(texts),
         "ours_batch_size": args.batch_size,
         "naive_batch_size": NAIVE_BATCH,

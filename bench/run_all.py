@@ -45,6 +45,7 @@ class Bench:
 BENCHES = {
     "extract": Bench("bench/extract_bench.py", ("--rows", "10000000", "--files", "100")),
     "embed": Bench("bench/embed_bench.py", ("--model", "zoo/new", "--n", "20000"), takes_device=True),
+    "embed-b32": Bench("bench/embed_bench.py", ("--arch", "B/32", "--n", "2000", "--slices", "4"), takes_device=True),
     "pretrain": Bench("bench/pretrain_bench.py", ("--n", "20000", "--epochs", "3"), takes_device=True),
     "recall": Bench(
         "bench/recall_bench.py", ("--images", "35000", "--captions-per-image", "5", "--dim", "512"), takes_device=True
