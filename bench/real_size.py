@@ -1,7 +1,7 @@
 """Cost at real model sizes: CLIP B/32, L/14 and H/14 with random weights, and the paper's Table 6 projected.
 
     .venv/bin/python bench/real_size.py [--archs B/32 L/14 H/14] [--upgrades B/32:L/14 L/14:H/14]
-        [--texts 256] [--images 16] [--train-batch 8] [--train-steps 3] [--device cpu|cuda]
+        [--texts 64] [--images 8] [--train-batch 4] [--train-steps 3] [--device cpu|cuda]
 
 Throughput and memory do not depend on the weights, so each architecture is
 built from its `CLIPConfig` (224 px, 77 tokens, a word-level tokenizer of
@@ -290,9 +290,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--upgrades", nargs="+", default=["B/32:L/14", "L/14:H/14"], metavar="OLD:NEW")
     ap.add_argument("--methods", nargs="+", default=["xbt", "base"], help="registered methods with a training plan")
-    ap.add_argument("--texts", type=int, default=256, help="77-token texts each text tower embeds")
-    ap.add_argument("--images", type=int, default=16, help="224 px images each image tower embeds")
-    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--texts", type=int, default=64, help="77-token texts each text tower embeds")
+    ap.add_argument("--images", type=int, default=8, help="224 px images each image tower embeds")
+    ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--train-steps", type=int, default=3, help="steps per method; the first is not timed")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
