@@ -36,7 +36,8 @@ def run(args) -> dict:
         for method in args.methods:
             report = upgrade(args, method, seed)
             runs.append(
-                {"method": method, "seed": seed, **run_row(report), "trainable_params": trainable_params(report)}
+                # run_row's method is the one that ran (auto's choice); the row keeps the one asked for
+                {**run_row(report), "method": method, "seed": seed, "trainable_params": trainable_params(report)}
             )
             r1 = {d: report["recall"][d]["new/old"]["1"] for d in ("t2i", "i2t")}
             progress(

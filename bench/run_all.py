@@ -345,6 +345,12 @@ def _world(r: dict) -> str:
     return f"the built-in world {world}" if world else f"the world in {r['data']['folder']}"
 
 
+def _asked(run: dict) -> str:
+    """The method a run asked for, and auto's choice where it chose."""
+    chosen = (run.get("chosen") or {}).get("method")
+    return f"{run['method']} (kept {chosen})" if chosen and chosen != run["method"] else run["method"]
+
+
 def _quality(r: dict) -> list[str]:
     first = r["runs"][0]["recall"]
     out = [
@@ -359,7 +365,7 @@ def _quality(r: dict) -> list[str]:
     for x in r["runs"]:
         rec, gate = x["recall"], x["gate"]
         out.append(
-            f"| {x['method']} | {x['seed']} | {_r(rec['t2i']['new/old'])} | {_r(rec['i2t']['new/old'])} | "
+            f"| {_asked(x)} | {x['seed']} | {_r(rec['t2i']['new/old'])} | {_r(rec['i2t']['new/old'])} | "
             f"{rec['t2i']['new/new']['1']} / {rec['i2t']['new/new']['1']} | "
             f"{'passed' if gate['passed'] else 'failed'} | {_failures(gate)} | "
             f"{_tightest(x['gate_margins'])} | {x['trainable_params']:,} | "
