@@ -131,6 +131,7 @@ def cmd_upgrade(a) -> int:
         eval=a.eval,
         out=a.out,
         gallery=a.gallery,
+        dask=a.dask,
         text_column=a.text_column,
         min_chars=a.min_chars,
         max_chars=a.max_chars,
@@ -482,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--gallery",
         help="the stored old gallery (`xbt embed --modality image` of the old model, with "
         "id = the pairs' image_id): its embeddings stand in for the old image tower",
+    )
+    u.add_argument(
+        "--dask",
+        metavar="local:N|tcp://HOST:PORT",
+        help="embed the corpus across Dask workers: N worker processes on this machine, or a running cluster's "
+        "scheduler whose workers see the state folder; each shard is cached, so a killed run resumes",
     )
     u.add_argument("--text-column", default="caption", help="the corpus's text column")
     u.add_argument("--min-chars", type=int, help="drop corpus texts shorter than this")

@@ -49,6 +49,7 @@ from tasks.report import (
     write_report,
 )
 from tasks.servers import check_servers
+from tasks.shards import embed_corpus_on_dask, parse_dask
 from tasks.train import fit_head, publish_bundle, train
 from worlds import shapes
 from xbtcore.bundle import is_bundle
@@ -101,6 +102,11 @@ class UpgradeParams(BaseModel):
         "image_id): old image embeddings read instead of computed",
     )
     allow_old_encoder: bool = Field(False, description="auto may choose a method whose queries run the old encoder")
+    dask: str | None = Field(
+        None,
+        description="embed the corpus across Dask workers: local:N (N processes here) or a scheduler address "
+        "tcp://HOST:PORT whose workers see the state folder (tasks/shards.py)",
+    )
     seed: int = Field(0, ge=0)
     text_column: str = Field("caption", min_length=1)
     min_chars: int | None = Field(None, ge=1, description="drop corpus texts shorter than this")
@@ -156,6 +162,17 @@ class UpgradeParams(BaseModel):
                 f"model directory '{v}' does not exist: pass a Hugging Face directory, a hub id, "
                 "a bundle (DIR/bundle) or models:/NAME@champion"
             )
+        return v
+
+    @field_validator("dask")
+    @classmethod
+    def _dask_reachable_form(cls, v):
+        if v is not None:
+            import importlib.util
+
+            parse_dask(v)
+            if importlib.util.find_spec("prefect_dask") is None:
+                raise ValueError("--dask needs prefect-dask: pip install -e '.[dask]'")
         return v
 
     @field_validator("gate_ks")
@@ -249,6 +266,11 @@ def train_candidate(ctx: Context, method: str) -> dict:
     needs = list(spec.needs(spec.config(ctx.settings)))
     pairs_fp = ctx.data_fp["pairs"] if any(n not in ("w_new", "w_old") for n in needs) else ""
     with ctx.clock("embed"):
+        if p.dask and {"w_new", "w_old"} & set(needs):
+            refs = {"w_new": ctx.lineage["new"], "w_old": ctx.targets}
+            embed_corpus_on_dask(
+                p.dask, ctx.cache_root, [refs[n] for n in ("w_new", "w_old") if n in needs], ctx.corpus["path"]
+            )
         embeddings = embed_frozen(
             needs,
             ctx.corpus["path"],

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from .ddp import world_info
 
 SHARD_ROWS = 16_384
+TEXT_BATCH = 512  # texts per forward pass when a frozen encoder fills the cache
 
 
 def fingerprint_texts(texts: Sequence[str]) -> str:
@@ -108,6 +109,37 @@ class EmbeddingCache:
         embed(start, stop) -> (stop - start, D) float32 embeddings of those rows.
         """
         t0 = time.perf_counter()
+        d, info = self.open_entry(model_fp, data_fp, modality, n_rows, meta, shard_rows)
+        n_shards = info["shards"]
+        rank, world = world_info()
+        for i in range(n_shards):
+            start, stop = i * shard_rows, min((i + 1) * shard_rows, n_rows)
+            if self.shard_path(d, i).exists():
+                if stats:
+                    stats.reused_rows += stop - start
+                continue
+            if i % world != rank:
+                continue
+            self.write_shard(d, i, embed(start, stop), stop - start)
+            if stats:
+                stats.computed_rows += stop - start
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        out = torch.cat([load_file(self.shard_path(d, i))["embedding"] for i in range(n_shards)])
+        if rank == 0:
+            info["complete"], info["dim"] = True, int(out.shape[1]) if out.ndim == 2 else 0
+            _atomic_write_text(d / "manifest.json", json.dumps(info, indent=2))
+        if stats:
+            stats.seconds += time.perf_counter() - t0
+        return out
+
+    def open_entry(
+        self, model_fp: str, data_fp: str, modality: str, n_rows: int, meta: dict | None, shard_rows: int
+    ) -> tuple[Path, dict]:
+        """The entry's folder, its manifest written if new -> (folder, manifest). An entry of another size is
+        a RuntimeError naming it."""
         d = self.entry_dir(model_fp, data_fp, modality)
         d.mkdir(parents=True, exist_ok=True)
         manifest = d / "manifest.json"
@@ -130,35 +162,20 @@ class EmbeddingCache:
                 )
         else:
             _atomic_write_text(manifest, json.dumps(info, indent=2))
+        return d, info
 
-        rank, world = world_info()
-        for i in range(n_shards):
-            path = d / f"shard-{i:05d}.safetensors"
-            start, stop = i * shard_rows, min((i + 1) * shard_rows, n_rows)
-            if path.exists():
-                if stats:
-                    stats.reused_rows += stop - start
-                continue
-            if i % world != rank:
-                continue
-            emb = embed(start, stop).float().contiguous()  # (stop - start, D)
-            assert emb.shape[0] == stop - start, "embed() returned the wrong number of rows"
-            tmp = path.with_suffix(".tmp")
-            save_file({"embedding": emb}, tmp)
-            os.replace(tmp, path)  # atomic: a killed job leaves no half shard
-            if stats:
-                stats.computed_rows += stop - start
-        if world > 1:
-            import torch.distributed as dist
+    @staticmethod
+    def shard_path(entry: Path, i: int) -> Path:
+        return entry / f"shard-{i:05d}.safetensors"
 
-            dist.barrier()
-        out = torch.cat([load_file(d / f"shard-{i:05d}.safetensors")["embedding"] for i in range(n_shards)])
-        if rank == 0:
-            info["complete"], info["dim"] = True, int(out.shape[1]) if out.ndim == 2 else 0
-            _atomic_write_text(manifest, json.dumps(info, indent=2))
-        if stats:
-            stats.seconds += time.perf_counter() - t0
-        return out
+    def write_shard(self, entry: Path, i: int, emb: torch.Tensor, rows: int) -> None:
+        """Shard i of an entry, written atomically: a killed job leaves no half shard. emb: (rows, D)."""
+        emb = emb.float().contiguous()
+        assert emb.shape[0] == rows, f"shard {i} has {emb.shape[0]} rows, expected {rows}"
+        path = self.shard_path(entry, i)
+        tmp = path.with_suffix(".tmp")
+        save_file({"embedding": emb}, tmp)
+        os.replace(tmp, path)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -176,7 +193,13 @@ def cache_model_key(encoder) -> str:
 
 
 def cached_text_embeddings(
-    cache: EmbeddingCache, encoder, texts: list[str], progress=False, stats=None, batch_size=512
+    cache: EmbeddingCache,
+    encoder,
+    texts: list[str],
+    progress=False,
+    stats=None,
+    batch_size=TEXT_BATCH,
+    shard_rows=SHARD_ROWS,
 ):
     """(N, D) embeddings of `texts` by a frozen encoder, through the cache."""
     return cache.get_or_compute(
@@ -186,6 +209,7 @@ def cached_text_embeddings(
         len(texts),
         lambda a, b: encoder.embed_texts(texts[a:b], batch_size=batch_size, progress=progress),
         meta={"model_ref": encoder.ref},
+        shard_rows=shard_rows,
         stats=stats,
     )
 

@@ -1,0 +1,80 @@
+"""The corpus embedded across Dask workers: Prefect tasks on a DaskTaskRunner, each filling shards of the cache.
+
+The embedding cache stores an entry as shards written atomically (xbtcore.cache). Here each
+missing shard of a corpus entry is one Prefect task; a Dask worker loads the encoder once, embeds
+the shard's rows exactly as `cached_text_embeddings` would (same rows, same batch size) and writes
+it into the entry. The flow's own embed step then finds the entry whole and only reads it. A
+killed run resumes with the shards that exist; no shard is embedded twice.
+
+    --dask local:2              a LocalCluster of 2 single-threaded worker processes on this machine
+    --dask tcp://HOST:8786      the scheduler of a running Dask cluster (its workers see the state folder)
+"""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+from prefect import flow, task
+
+from xbtcore.cache import SHARD_ROWS, TEXT_BATCH, EmbeddingCache, cache_model_key, fingerprint_texts
+
+from .common import log
+
+_ENCODERS: dict[str, object] = {}  # ref -> encoder, one load per worker process
+
+
+def _encoder(ref: str):
+    from .embed import old_space_encoder  # a model, or a champion bundle whose compatible space is "old"
+
+    if ref not in _ENCODERS:
+        _ENCODERS[ref] = old_space_encoder(ref)
+    return _ENCODERS[ref]
+
+
+def parse_dask(spec: str) -> dict:
+    """--dask's value -> DaskTaskRunner's arguments; a bad value is a ValueError naming the forms."""
+    if spec.startswith("local:") and spec.removeprefix("local:").isdigit() and int(spec.removeprefix("local:")) > 0:
+        n = int(spec.removeprefix("local:"))
+        return {"cluster_kwargs": {"n_workers": n, "threads_per_worker": 1, "processes": True}}
+    if "://" in spec:
+        return {"address": spec}
+    raise ValueError(f"--dask {spec!r}: give local:N (N worker processes here) or a scheduler address tcp://HOST:PORT")
+
+
+@task(name="embed-shard", retries=1)
+def embed_shard(cache_root: str, ref: str, corpus_path: str, entry: dict, shard: int) -> int:
+    """Shard `shard` of a corpus entry by the encoder at `ref`, written into the cache -> rows embedded."""
+    cache = EmbeddingCache(cache_root)
+    d = cache.entry_dir(entry["model"], entry["data"], "text")
+    if cache.shard_path(d, shard).exists():  # a retried or resumed task
+        return 0
+    start = shard * entry["shard_rows"]
+    stop = min(start + entry["shard_rows"], entry["rows"])
+    texts = pq.read_table(corpus_path, columns=["caption"]).slice(start, stop - start).column(0).to_pylist()
+    cache.write_shard(d, shard, _encoder(ref).embed_texts(texts, batch_size=TEXT_BATCH), stop - start)
+    return stop - start
+
+
+@flow(name="xbt-embed-corpus-sharded")
+def embed_corpus_sharded(cache_root: str, refs: list[str], corpus_path: str, shard_rows: int = SHARD_ROWS) -> dict:
+    """Every missing shard of the corpus entries of `refs` (models or bundles) as its own task, on the flow's
+    task runner -> {"shards": submitted, "rows": embedded}."""
+    texts = pq.read_table(corpus_path, columns=["caption"]).column("caption").to_pylist()
+    data_fp, cache = fingerprint_texts(texts), EmbeddingCache(cache_root)
+    futures = []
+    for ref in refs:
+        model_fp = cache_model_key(_encoder(ref))
+        d, info = cache.open_entry(model_fp, data_fp, "text", len(texts), {"model_ref": ref}, shard_rows)
+        entry = {"model": model_fp, "data": data_fp, "rows": len(texts), "shard_rows": shard_rows}
+        missing = [i for i in range(info["shards"]) if not cache.shard_path(d, i).exists()]
+        futures += [embed_shard.submit(cache_root, ref, corpus_path, entry, i) for i in missing]
+    rows = sum(f.result() for f in futures)
+    log().info("embedded %d corpus rows in %d shards across the Dask workers", rows, len(futures))
+    return {"shards": len(futures), "rows": rows}
+
+
+def embed_corpus_on_dask(spec: str, cache_root: str, refs: list[str], corpus_path: str, **kw) -> dict:
+    """embed_corpus_sharded on a DaskTaskRunner made from --dask's value."""
+    from prefect_dask import DaskTaskRunner
+
+    runner = DaskTaskRunner(**parse_dask(spec))
+    return embed_corpus_sharded.with_options(task_runner=runner)(cache_root, refs, corpus_path, **kw)

@@ -1,0 +1,68 @@
+"""The corpus embedded across two Dask workers (tasks/shards.py) equals one process's, and resumes by shard."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import upgrade_args, xbt
+
+from tasks.shards import embed_corpus_on_dask, parse_dask
+from xbtcore.cache import CacheStats, EmbeddingCache, cached_text_embeddings
+from xbtcore.encoders import DualEncoder
+
+SHARD_ROWS = 256
+
+
+def test_dask_values_name_the_forms_they_take():
+    assert parse_dask("local:2")["cluster_kwargs"]["n_workers"] == 2
+    assert parse_dask("tcp://10.0.0.5:8786") == {"address": "tcp://10.0.0.5:8786"}
+    for bad in ("local:0", "local:x", "somehost"):
+        with pytest.raises(ValueError, match="local:N"):
+            parse_dask(bad)
+
+
+@pytest.mark.slow
+def test_the_corpus_embedded_across_two_dask_workers_equals_one_process(tiny, tmp_path, prefect_harness):
+    texts = list(dict.fromkeys(pq.read_table(tiny["corpus"]).column("caption").to_pylist()))[:1000]
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"caption": texts}), corpus)
+    refs = [tiny["new"], tiny["old"]]
+    shards = -(-len(texts) // SHARD_ROWS)
+
+    done = embed_corpus_on_dask("local:2", str(tmp_path / "cache"), refs, str(corpus), shard_rows=SHARD_ROWS)
+    assert done == {"shards": 2 * shards, "rows": 2 * len(texts)}
+    for ref in refs:
+        encoder = DualEncoder.from_pretrained(ref)
+        stats = CacheStats()
+        sharded = cached_text_embeddings(
+            EmbeddingCache(tmp_path / "cache"), encoder, texts, stats=stats, shard_rows=SHARD_ROWS
+        )
+        assert stats.computed_rows == 0  # the workers filled every shard: the flow only reads
+        one = cached_text_embeddings(EmbeddingCache(tmp_path / "one"), encoder, texts, shard_rows=SHARD_ROWS)
+        torch.testing.assert_close(sharded, one, atol=1e-5, rtol=0)
+
+    # A run killed after some shards resumes with the rest: only the missing shard is embedded again.
+    lost = next((tmp_path / "cache").glob("text-*/shard-00001.safetensors"))
+    lost.unlink()
+    again = embed_corpus_on_dask("local:2", str(tmp_path / "cache"), refs, str(corpus), shard_rows=SHARD_ROWS)
+    assert again == {"shards": 1, "rows": SHARD_ROWS}
+
+
+@pytest.mark.slow
+def test_an_upgrade_with_dask_embeds_its_corpus_on_the_workers_and_reports_the_same(tiny, tmp_path):
+    flags = dict(method="procrustes", val_fraction=0)
+    runs = {}
+    for name, extra in (("plain", {}), ("dask", {"dask": "local:2"})):
+        args = [*upgrade_args(tiny, tmp_path / name, **flags, **extra), "--no-progress"]
+        r = xbt(*args, env={"XBT_STATE_DIR": str(tmp_path / f"state-{name}")})  # each embeds from an empty cache
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[name] = (r.stdout, json.loads((tmp_path / name / "report.json").read_text()))
+    assert "across the Dask workers" in runs["dask"][0] and "across the Dask workers" not in runs["plain"][0]
+    assert runs["dask"][1]["recall"] == runs["plain"][1]["recall"]
+
+
+def test_a_bad_dask_value_is_refused_before_anything_runs(tiny, tmp_path):
+    r = xbt(*upgrade_args(tiny, tmp_path / "o", dask="somehost"))
+    assert r.returncode != 0 and "local:N" in r.stderr and not (tmp_path / "o").exists()
