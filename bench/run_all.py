@@ -50,6 +50,7 @@ BENCHES = {
     "recall": Bench(
         "bench/recall_bench.py", ("--images", "35000", "--captions-per-image", "5", "--dim", "512"), takes_device=True
     ),
+    "shard": Bench("bench/shard_bench.py", ("--n", "100000")),
     "cost": Bench("bench/cost.py", ("--methods", "xbt", "base")),
     "input_errors": Bench("bench/input_errors.py"),
     "quality": Bench("bench/quality.py", ("--seeds", "0"), fast=False),
@@ -173,6 +174,7 @@ def goal_rows(name: str, r: dict) -> list[tuple[str, str, str, bool | None, str]
         "cost": _cost_goals,
         "input_errors": _input_error_goals,
         "real_size": _real_size_goals,
+        "shard": _shard_goals,
     }.get(name.split("-")[0], lambda r: [])(r)
 
 
@@ -295,6 +297,19 @@ def _cost_goals(r: dict) -> list[tuple]:
             ),
             r["goal_met"],
             _cost_reason(r),
+        )
+    ]
+
+
+def _shard_goals(r: dict) -> list[tuple]:
+    return [
+        (
+            "corpus embedding across Dask workers",
+            f"{r['workers']} workers on this machine: the same embeddings, wall time against one process",
+            f"{r['dask_s']} s vs {r['one_process_s']} s one process ({r['speedup']}x), {r['texts']:,} texts in "
+            f"{r['shards']} shards, {r['model']}; embeddings agree: {r['outputs_agree']}",
+            r["outputs_agree"] and r["rows_left_for_the_flow"] == 0,
+            "",
         )
     ]
 
