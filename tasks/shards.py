@@ -54,27 +54,36 @@ def embed_shard(cache_root: str, ref: str, corpus_path: str, entry: dict, shard:
     return stop - start
 
 
-@flow(name="xbt-embed-corpus-sharded")
-def embed_corpus_sharded(cache_root: str, refs: list[str], corpus_path: str, shard_rows: int = SHARD_ROWS) -> dict:
-    """Every missing shard of the corpus entries of `refs` (models or bundles) as its own task, on the flow's
-    task runner -> {"shards": submitted, "rows": embedded}."""
+def missing_shards(cache_root: str, refs: list[str], corpus_path: str, shard_rows: int = SHARD_ROWS) -> list[tuple]:
+    """(ref, entry, shard) of every shard the corpus entries of `refs` (models or bundles) still lack; the
+    entries' manifests are written here, so the workers only add shards."""
     texts = pq.read_table(corpus_path, columns=["caption"]).column("caption").to_pylist()
     data_fp, cache = fingerprint_texts(texts), EmbeddingCache(cache_root)
-    futures = []
+    plan = []
     for ref in refs:
         model_fp = cache_model_key(_encoder(ref))
         d, info = cache.open_entry(model_fp, data_fp, "text", len(texts), {"model_ref": ref}, shard_rows)
         entry = {"model": model_fp, "data": data_fp, "rows": len(texts), "shard_rows": shard_rows}
-        missing = [i for i in range(info["shards"]) if not cache.shard_path(d, i).exists()]
-        futures += [embed_shard.submit(cache_root, ref, corpus_path, entry, i) for i in missing]
+        plan += [(ref, entry, i) for i in range(info["shards"]) if not cache.shard_path(d, i).exists()]
+    return plan
+
+
+@flow(name="xbt-embed-corpus-sharded")
+def embed_corpus_sharded(cache_root: str, corpus_path: str, plan: list[tuple]) -> dict:
+    """Each (ref, entry, shard) of `plan` as its own task on the flow's task runner -> {"shards", "rows"}."""
+    futures = [embed_shard.submit(cache_root, ref, corpus_path, entry, i) for ref, entry, i in plan]
     rows = sum(f.result() for f in futures)
     log().info("embedded %d corpus rows in %d shards across the Dask workers", rows, len(futures))
     return {"shards": len(futures), "rows": rows}
 
 
 def embed_corpus_on_dask(spec: str, cache_root: str, refs: list[str], corpus_path: str, **kw) -> dict:
-    """embed_corpus_sharded on a DaskTaskRunner made from --dask's value."""
+    """The missing shards of the corpus entries of `refs`, on a DaskTaskRunner made from --dask's value; no
+    cluster starts when the cache already holds them all."""
     from prefect_dask import DaskTaskRunner
 
+    plan = missing_shards(cache_root, refs, corpus_path, **kw)
+    if not plan:
+        return {"shards": 0, "rows": 0}
     runner = DaskTaskRunner(**parse_dask(spec))
-    return embed_corpus_sharded.with_options(task_runner=runner)(cache_root, refs, corpus_path, **kw)
+    return embed_corpus_sharded.with_options(task_runner=runner)(cache_root, corpus_path, plan)

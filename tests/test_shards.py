@@ -48,6 +48,8 @@ def test_the_corpus_embedded_across_two_dask_workers_equals_one_process(tiny, tm
     lost.unlink()
     again = embed_corpus_on_dask("local:2", str(tmp_path / "cache"), refs, str(corpus), shard_rows=SHARD_ROWS)
     assert again == {"shards": 1, "rows": SHARD_ROWS}
+    whole = embed_corpus_on_dask("local:2", str(tmp_path / "cache"), refs, str(corpus), shard_rows=SHARD_ROWS)
+    assert whole == {"shards": 0, "rows": 0}  # nothing missing: no cluster, no task
 
 
 @pytest.mark.slow
