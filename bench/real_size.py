@@ -197,6 +197,8 @@ def child(args) -> dict:
     kind = job.pop("kind")
     if kind == "embed":
         return measure_embed(**job, device=args.device)
+    if kind == "build":
+        return {"arch": job["arch"], "dir": str(build(job["arch"]))}
     if kind == "train":
         return measure_train(**job, device=args.device)
     return measure_phi(**job, device=args.device)
@@ -250,12 +252,14 @@ def main(argv: list[str] | None = None) -> dict:
     bad = [u for u, pair in zip(args.upgrades, upgrades) if len(pair) != 2 or not set(pair) <= set(ARCHS)]
     if bad:
         raise SystemExit(f"--upgrades {' '.join(bad)}: give OLD:NEW with each one of {', '.join(ARCHS)}")
-    for arch in dict.fromkeys([*args.archs, *(a for u in upgrades for a in u)]):
-        build(arch)
 
     def run(job: dict) -> dict:
         progress(f"real-size: {job}")
         return run_child([__file__, "--device", device, "--child", json.dumps(job)])
+
+    # Built in children too: a child's peak RSS starts from its parent's at fork, so the parent stays small.
+    for arch in dict.fromkeys([*args.archs, *(a for u in upgrades for a in u)]):
+        run({"kind": "build", "arch": arch})
 
     embed = {}
     for arch in dict.fromkeys([*args.archs, *(a for u in upgrades for a in u)]):
