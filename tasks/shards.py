@@ -40,6 +40,20 @@ def parse_dask(spec: str) -> dict:
     raise ValueError(f"--dask {spec!r}: give local:N (N worker processes here) or a scheduler address tcp://HOST:PORT")
 
 
+def caption_rows(path: str, start: int, stop: int) -> list[str]:
+    """Rows [start, stop) of a corpus Parquet file's caption column, reading only the row groups that hold them."""
+    f = pq.ParquetFile(path)
+    groups, first, offset = [], None, 0
+    for g in range(f.num_row_groups):
+        n = f.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(g)
+            first = offset if first is None else first
+        offset += n
+    table = f.read_row_groups(groups, columns=["caption"])
+    return table.slice(start - first, stop - start).column(0).to_pylist()
+
+
 @task(name="embed-shard", retries=1)
 def embed_shard(cache_root: str, ref: str, corpus_path: str, entry: dict, shard: int) -> int:
     """Shard `shard` of a corpus entry by the encoder at `ref`, written into the cache -> rows embedded."""
@@ -49,7 +63,7 @@ def embed_shard(cache_root: str, ref: str, corpus_path: str, entry: dict, shard:
         return 0
     start = shard * entry["shard_rows"]
     stop = min(start + entry["shard_rows"], entry["rows"])
-    texts = pq.read_table(corpus_path, columns=["caption"]).slice(start, stop - start).column(0).to_pylist()
+    texts = caption_rows(corpus_path, start, stop)
     cache.write_shard(d, shard, _encoder(ref).embed_texts(texts, batch_size=TEXT_BATCH), stop - start)
     return stop - start
 

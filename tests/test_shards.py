@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import upgrade_args, xbt
 
-from tasks.shards import embed_corpus_on_dask, parse_dask
+from tasks.shards import caption_rows, embed_corpus_on_dask, parse_dask
 from xbtcore.cache import CacheStats, EmbeddingCache, cached_text_embeddings
 from xbtcore.encoders import DualEncoder
 
@@ -21,6 +21,13 @@ def test_dask_values_name_the_forms_they_take():
     for bad in ("local:0", "local:x", "somehost"):
         with pytest.raises(ValueError, match="local:N"):
             parse_dask(bad)
+
+
+def test_a_shard_reads_its_rows_across_row_groups(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"caption": [str(i) for i in range(1000)]}), path, row_group_size=128)
+    for start, stop in [(0, 10), (120, 300), (256, 384), (990, 1000), (0, 1000)]:
+        assert caption_rows(str(path), start, stop) == [str(i) for i in range(start, stop)]
 
 
 @pytest.mark.slow

@@ -97,7 +97,7 @@ def register() -> None:
         )
     )
 
-    register_method(
+    gallery = register_method(
         MethodSpec(
             name="xbt-gallery",
             family="xbt",
@@ -115,18 +115,11 @@ def register() -> None:
     )
 
     register_method(
-        MethodSpec(
+        replace(
+            gallery,
             name="xbt-gallery-pairs",
-            family="xbt",
             summary="xbt-gallery with the pair term weighted 12 (λ) instead of 2: new/new closer to the new "
             "model, smaller gate margins",
-            config_cls=XbtConfig,
-            needs=xbt_needs,
-            cost=1,
-            trains="φ on cached embeddings of the corpus and the pairs (new and old models)",
-            bundle="φ",
-            fit_head=gallery_anchored_phi,
-            portfolio=True,
             pretrain_defaults=GALLERY_PAIRS_DEFAULTS,
         )
     )
