@@ -2,7 +2,8 @@
 
     python -m bench.serving backfill [--bundle DIR] [--eval-images 1000]   mixed-gallery recall vs fraction backfilled
     python -m bench.serving ivf [--items 200000]                            approximate vs exact index
-    python -m bench.serving load [--items 1000000] [--concurrency 8]        HTTP throughput and latency on loopback
+    python -m bench.serving load [--items 1000000] [--concurrency 8]        HTTP throughput and latency on loopback,
+                                                                            champion rolled back mid-load
 
 backfill: t2i recall (CONTRACT.md's protocol, ties within 1e-5) of the mixed gallery when a fraction of
 it has been re-embedded by the new model's own encoder, dense-clusters order against random order (mean
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import tempfile
 import threading
@@ -175,10 +177,35 @@ def bench_ivf(args) -> dict:
     return out
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _register_two_versions(work: Path, old: str, new: str) -> str:
+    """Two Procrustes bundles of --new onto --old (fitted on two worlds' corpora) registered as versions 1
+    and 2 of the old space's model, champion on 2. -> the registered model's name."""
+    from tasks import registry
+    from worlds import shapes
+
+    name = ""
+    for v in (1, 2):
+        spec = shapes.WorldSpec(seed=100 + v, corpus_captions=2000, pair_images=10, eval_images=10)
+        world = shapes.write_world(work / f"world{v}", spec)
+        bundle = _procrustes_bundle(work / f"bundle{v}", world["corpus"], old, new)
+        report = {"method": "procrustes", "old": old, "new": new, "counts": {}, "timings_s": {}}
+        recall = {"t2i": {c: {"1": 0.0} for c in ("old/old", "new/old")}}
+        verdict = {"eqn2": {"passed": True, "criterion": "eqn2", "ks": [1], "failures": []}, "passed": True}
+        name = registry.register_and_promote.fn(report, recall, str(bundle), old, verdict, {}, [])["name"]
+    return name
+
+
 def bench_load(args) -> dict:
-    """A synthetic gallery in zoo/old's space, served by `xbt serve` in its own process on loopback; text
-    queries from client threads here (the clients never share the server's interpreter)."""
-    import os
+    """A synthetic gallery in --old's space, served by `xbt serve` in its own process on loopback; text
+    queries from client threads here (the clients never share the server's interpreter). With --swap (the
+    default) the server answers with models:/NAME@champion and champion is rolled back (`xbt rollback`)
+    from version 2 to version 1 a third of the way through the load."""
     import subprocess
     import sys
 
@@ -188,6 +215,18 @@ def bench_load(args) -> dict:
     from xbtcore.search import build_index
 
     work = Path(args.work or tempfile.mkdtemp(prefix="xbt-bench-load-"))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",  # a private registry for the swap
+        "XBT_STATE_DIR": str(work / "state"),
+    }
+    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "XBT_STATE_DIR")})
+    model_ref, name = args.old, ""
+    if args.swap:
+        progress("registering two versions to swap between")
+        name = _register_two_versions(work, args.old, args.new)
+        model_ref = f"models:/{name}@champion"
     model = load_query_model(args.old)
     dim = model.compat.embed_dim
     rng = np.random.default_rng(0)
@@ -199,8 +238,8 @@ def bench_load(args) -> dict:
 
     build_index(index, list(range(args.items)), embed, model.compat_space, {"modality": "image"}, 65536, args.kind)
     port = args.port
-    cmd = [sys.executable, "-m", "flows.cli", "serve", "--index", str(index), "--model", args.old, "--port", str(port)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--index", str(index), "--model", model_ref]
+    cmd += ["--port", str(port), "--poll-seconds", "1"]
     server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -215,36 +254,59 @@ def bench_load(args) -> dict:
                 raise RuntimeError(f"xbt serve did not come up: {server.stderr.read().decode()[-500:]}")
             time.sleep(0.5)
         texts = ["a red circle", "two blue squares", "a small green triangle left of a star", "a yellow hexagon"]
-        latencies: list[float] = []
-        failures = 0
+        answers: list[tuple[float, float, int, str]] = []  # (sent at s, latency s, status, model_version)
         with httpx.Client(base_url=base, timeout=60) as http:  # warm-up
             for t in texts:
                 http.post("/search", json={"text": t, "k": 10})
-        end = time.monotonic() + args.seconds
+        t_start = time.monotonic()
+        end = t_start + args.seconds
 
         def client(n: int):
-            nonlocal failures
-            with httpx.Client(base_url=base, timeout=60) as http:
-                i = n
-                while time.monotonic() < end:
-                    t0 = time.perf_counter()
-                    r = http.post("/search", json={"text": texts[i % len(texts)], "k": 10})
-                    latencies.append(time.perf_counter() - t0)
-                    failures += r.status_code != 200
-                    i += 1
+            """One keep-alive connection; the standard library's client, which costs the 2 cores less
+            per request than httpx (the clients share the machine with the server)."""
+            import http.client
+            import json
 
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            headers = {"Content-Type": "application/json"}
+            i = n
+            while time.monotonic() < end:
+                body = json.dumps({"text": texts[i % len(texts)], "k": 10})
+                sent, t0 = time.monotonic() - t_start, time.perf_counter()
+                conn.request("POST", "/search", body, headers)
+                r = conn.getresponse()
+                data = r.read()
+                version = json.loads(data).get("model_version", "") if r.status == 200 else ""
+                answers.append((sent, time.perf_counter() - t0, r.status, version))
+                i += 1
+            conn.close()
+
+        swap: dict = {}
+
+        def rollback():  # what `xbt rollback` does, from this process so the moment is exact
+            from tasks import registry
+
+            time.sleep(args.seconds / 3)
+            swap["at_s"] = round(time.monotonic() - t_start, 2)
+            swap["rollback"] = registry.rollback(registry.client(), name)
+
+        cpu0, own0 = _cpu_seconds(server.pid), time.process_time()
         t0 = time.perf_counter()
-        clients = [threading.Thread(target=client, args=(n,)) for n in range(args.concurrency)]
-        for t in clients:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(args.concurrency)]
+        if args.swap:
+            threads.append(threading.Thread(target=rollback))
+        for t in threads:
             t.start()
-        for t in clients:
+        for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        server_cpu, client_cpu = _cpu_seconds(server.pid) - cpu0, time.process_time() - own0
     finally:
         server.terminate()
         server.wait(30)
-    ms = np.array(latencies) * 1000
-    return {
+    ms = np.array([a[1] for a in answers]) * 1000
+    failed = sum(a[2] != 200 for a in answers)
+    out = {
         "bench": "serving.load",
         "machine": machine(),
         "load_average_1min": round(os.getloadavg()[0], 2),
@@ -252,14 +314,34 @@ def bench_load(args) -> dict:
         "items": args.items,
         "dim": dim,
         "index": args.kind,
+        "model": model_ref if not args.swap else "models:/NAME@champion",
         "concurrency": args.concurrency,
         "seconds": round(wall, 1),
         "requests": len(ms),
-        "failed": failures,
+        "failed": failed,
         "throughput_rps": round(len(ms) / wall, 1),
         "p50_ms": round(float(np.percentile(ms, 50)), 1),
         "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "server_cpu_ms_per_request": round(1000 * server_cpu / max(1, len(ms)), 2),
+        "client_cpu_ms_per_request": round(1000 * client_cpu / max(1, len(ms)), 2),
     }
+    if args.swap:
+        by_version = {v: sum(a[3] == v for a in answers) for v in sorted({a[3] for a in answers})}
+        after = [a for a in answers if a[3] == "1"]
+        out["swap"] = {
+            **swap,
+            "from_version": "2",
+            "to_version": "1",
+            "answers_by_version": by_version,
+            "first_answer_by_new_version_s": round(min(a[0] for a in after), 2) if after else None,
+            "answers_by_old_version_after_first_new": sum(
+                a[3] == "2" and a[0] > min(b[0] for b in after) for a in answers
+            )
+            if after
+            else None,
+            "failed_across_swap": failed,
+        }
+    return out
 
 
 def main(argv=None) -> dict:
@@ -284,6 +366,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--concurrency", type=int, default=8, help="load: concurrent clients")
     ap.add_argument("--seconds", type=float, default=20.0, help="load: how long the clients send")
     ap.add_argument("--port", type=int, default=8765, help="load: loopback port")
+    ap.add_argument(
+        "--swap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="load: serve models:/NAME@champion of a private registry and roll champion back mid-load",
+    )
     ap.add_argument("--work", help="scratch folder (default: a new temp folder)")
     ap.add_argument("--json-out", default="", help="also write the JSON here")
     args = ap.parse_args(argv)

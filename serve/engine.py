@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xbtcore.search import MixedGallery, state_of
+from xbtcore.search import Hit, MicroBatcher, MixedGallery, search_threads, state_of
 
 log = logging.getLogger("xbt.serve")
 
@@ -114,6 +114,14 @@ class Engine:
         mixed = gallery.new_space is not None and gallery.new_space == model.own_space != index_space
         self.new_encoder = model.own() if mixed else None
         self.searches_old = not (mixed and gallery.complete)
+        # One space answers (no backfill under way): concurrent text queries share one forward pass and
+        # one scan of the index (xbtcore.search.MicroBatcher).
+        self._single = None
+        if self.new_encoder is None:
+            self._single = (self.old_encoder, gallery.old.search)
+        elif not self.searches_old:
+            self._single = (self.new_encoder, gallery.search_new)
+        self.text_batches = MicroBatcher(self._search_texts) if self._single else None
         if self.searches_old:
             dim = embed_query(self.old_encoder, text="a").shape[0]
             if dim != gallery.old.dim:
@@ -129,10 +137,23 @@ class Engine:
             return f"{self.gallery.old.space}+{self.gallery.new_space}"
         return self.gallery.old.space
 
+    def _search_texts(self, items: list[tuple[str, int]]) -> list[list[Hit]]:
+        """[(text, k)] -> each text's top k, from one forward pass and one faiss call."""
+        import faiss
+
+        encoder, search = self._single
+        queries = encoder.embed_texts([t for t, _ in items]).float().numpy()  # (B, D)
+        faiss.omp_set_num_threads(search_threads(len(items)))  # this thread's OpenMP setting only
+        hits = search(queries, max(k for _, k in items))
+        return [h[:k] for h, (_, k) in zip(hits, items)]
+
     def search(self, k: int, text: str | None = None, image=None) -> dict:
-        old_q = embed_query(self.old_encoder, text, image) if self.searches_old else None
-        new_q = embed_query(self.new_encoder, text, image) if self.new_encoder is not None else None
-        hits = self.gallery.search(old_q, new_q, k)
+        if text is not None and self.text_batches is not None:
+            hits = self.text_batches.submit((text, k))
+        else:
+            old_q = embed_query(self.old_encoder, text, image) if self.searches_old else None
+            new_q = embed_query(self.new_encoder, text, image) if self.new_encoder is not None else None
+            hits = self.gallery.search(old_q, new_q, k)
         return {
             "model": self.model.ref,
             "model_version": self.model.version,

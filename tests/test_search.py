@@ -159,6 +159,57 @@ def test_ties_are_broken_by_id_also_at_the_cut(tmp_path):
     assert [h.id for h in hits] == [h.id for h in again]
 
 
+def test_concurrent_queries_batched_into_one_scan_get_their_own_answers():
+    import threading
+    import time
+
+    rng = np.random.default_rng(2)
+    vectors = search.normalise(rng.standard_normal((3000, 16)))
+    vectors[100:110] = vectors[99]  # ties, decided by row
+    queries = search.normalise(rng.standard_normal((40, 16)))
+    queries[7] = vectors[99]
+    index = search.make_faiss(vectors, "flat")
+    sizes = []
+
+    def run(items):  # [(query row, k)] -> each one's top k, from one scan
+        sizes.append(len(items))
+        time.sleep(0.02)  # a scan long enough that callers queue behind it
+        rows = search.top_rows(index, queries[[i for i, _ in items]], max(k for _, k in items))
+        return [r[:k] for r, (_, k) in zip(rows, items)]
+
+    batcher = search.MicroBatcher(run, max_batch=8)
+    ks = [1 + (i * 7) % 30 for i in range(len(queries))]  # each caller its own k
+    got: dict = {}
+    start = threading.Barrier(len(queries))
+
+    def ask(i):
+        start.wait()
+        got[i] = batcher.submit((i, ks[i]))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(queries))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(got) == list(range(len(queries)))
+    for i, q in enumerate(queries):
+        assert got[i] == search.top_rows(index, q[None], ks[i])[0], i
+    assert sum(sizes) == batcher.items == len(queries)
+    assert max(sizes) == 8 and len(sizes) < len(queries)  # callers queued behind a scan shared the next
+
+
+def test_a_failed_batch_reaches_every_caller_and_the_next_batch_runs():
+    def run(items):
+        if "bad" in items:
+            raise ValueError("bad item")
+        return [x.upper() for x in items]
+
+    batcher = search.MicroBatcher(run)
+    with pytest.raises(ValueError, match="bad item"):
+        batcher.submit("bad")
+    assert batcher.submit("ok") == "OK"
+
+
 def test_ivf_index_recall_against_exact(tmp_path):
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((50, 32))

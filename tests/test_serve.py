@@ -111,6 +111,39 @@ def test_answers_carry_the_version_and_match_brute_force(client, setup):
     assert item.status_code == 200 and item.content == png and item.headers["content-type"] == "image/png"
 
 
+def test_concurrent_text_queries_share_batches_and_each_gets_its_own_answer(setup):
+    from serve.engine import Engine, load_query_model
+    from xbtcore.encoders import DualEncoder
+    from xbtcore.search import MixedGallery
+
+    engine = Engine(load_query_model(OLD), MixedGallery(setup["index"]))
+    run = engine.text_batches.run
+
+    def slow_run(items):  # a forward pass and scan long enough that the other callers queue behind it
+        time.sleep(0.05)
+        return run(items)
+
+    engine.text_batches.run = slow_run
+    queries = setup["captions"][:24]
+    got: dict = {}
+    start = threading.Barrier(len(queries))
+
+    def ask(i):
+        start.wait()
+        got[i] = engine.search(1 + i % 9, text=queries[i])["results"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(queries))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert engine.text_batches.items == len(queries) and engine.text_batches.batches < len(queries)
+    index = search.GalleryIndex(setup["index"])
+    alone = DualEncoder.from_pretrained(OLD).embed_texts(queries).numpy()  # (Q, D)
+    for i, q in enumerate(alone):
+        assert_same_ranking(got[i], brute_force(index.vectors(), index.ids, q, 1 + i % 9))
+
+
 def test_a_model_of_another_space_is_refused(setup):
     from serve.engine import Server, SpaceMismatch
 
