@@ -58,6 +58,9 @@ BENCHES = {
     "ablations": Bench("bench/ablations.py", ("--seeds", "0"), fast=False),
     "zeroshot": Bench("bench/zeroshot.py", ("--seed", "0"), fast=False),
     "real_size": Bench("bench/real_size.py", takes_device=True, fast=False),
+    "serving_backfill": Bench("bench/serving.py", ("backfill",)),
+    "serving_load": Bench("bench/serving.py", ("load",)),
+    "serving_crash": Bench("bench/serving.py", ("crash", "--eval-images", "1000")),
 }
 DOC_HEADER = """# Benchmarks
 
@@ -175,7 +178,73 @@ def goal_rows(name: str, r: dict) -> list[tuple[str, str, str, bool | None, str]
         "input_errors": _input_error_goals,
         "real_size": _real_size_goals,
         "shard": _shard_goals,
+        "serving_backfill": _backfill_goals,
+        "serving_load": _load_goals,
+        "serving_crash": _crash_goals,
     }.get(name.split("-")[0], lambda r: [])(r)
+
+
+def _backfill_goals(r: dict) -> list[tuple]:
+    curve = {c["fraction"]: c for c in r["curve"]}
+    alone, full = r["recall_t2i"]["new/old"], r["recall_t2i"]["orig-new/new"]
+    lowest = min(c[o][k] - alone[k] for c in r["curve"] for o in ("dense-clusters", "random") for k in alone)
+    ends = all(curve[1.0][o] == full for o in ("dense-clusters", "random"))
+    behind = [
+        f"R@{k} at {round(100 * f)}% by {curve[f]['random'][k] - curve[f]['dense-clusters'][k]:.2f}"
+        for f in (0.25, 0.5)
+        for k in ("1", "5", "10")
+        if curve[f]["dense-clusters"][k] <= curve[f]["random"][k]
+    ]
+    return [
+        (
+            "mixed gallery while backfilling",
+            "never below the compatible query alone; orig-new/new at 100%",
+            f"lowest {lowest:+.2f} points against the compatible query alone; at 100% orig-new/new: {ends}",
+            lowest >= 0 and ends,
+            "",
+        ),
+        (
+            "backfill order",
+            "dense-clusters ahead of random (mean of its orders) at 25% and 50%, R@1, 5, 10",
+            "ahead everywhere" if not behind else "behind at " + ", ".join(behind),
+            not behind,
+            "random is ahead at " + ", ".join(behind) if behind else "",
+        ),
+    ]
+
+
+def _load_goals(r: dict) -> list[tuple]:
+    swap = r.get("swap") or {}
+    return [
+        (
+            f"search latency, {r['items']:,} items, {r['index']} index",
+            f"p99 <= 50 ms at concurrency {r['concurrency']} on loopback",
+            f"p99 {r['p99_ms']} ms, p50 {r['p50_ms']} ms, {r['throughput_rps']} requests/s",
+            r["p99_ms"] <= 50,
+            f"missed by {r['p99_ms'] - 50:.1f} ms: the server spends {r['server_cpu_ms_per_request']} ms of CPU "
+            "per request, most of it the exact scan, and 8 requests in flight share 2 cores",
+        ),
+        (
+            "champion swap mid-load",
+            "zero failed requests; the new version answers after the swap",
+            f"{r['failed']} failed of {r['requests']:,}; answers by version {swap.get('answers_by_version')}",
+            r["failed"] == 0 and bool(swap.get("first_answer_by_new_version_s")),
+            "",
+        ),
+    ]
+
+
+def _crash_goals(r: dict) -> list[tuple]:
+    return [
+        (
+            "backfill killed and resumed",
+            "every id exactly once, the same vectors as an uninterrupted backfill",
+            f"{len(r['trials'])} SIGKILLs at chunks {[t['chunks_at_kill'] for t in r['trials']]} of "
+            f"{r['trials'][0]['chunks']}: every id once and same vectors: {r['all_every_id_once']}",
+            r["all_every_id_once"] and r["killed_mid_backfill"] == len(r["trials"]),
+            "",
+        )
+    ]
 
 
 def _input_error_goals(r: dict) -> list[tuple]:
@@ -513,6 +582,37 @@ def _real_size(r: dict) -> list[str]:
     return lines
 
 
+def _serving_backfill(r: dict) -> list[str]:
+    lines = [
+        f"Text queries of a {r['images']:,}-image world (seed {r['world_seed']}), upgrade {r['method']}; old/old "
+        f"{_r(r['recall_t2i']['old/old'])}. R@1 / 5 / 10:",
+        "",
+        f"![t2i R@1 of the mixed gallery against the share backfilled]({BACKFILL_FIGURE})",
+        "",
+        "| backfilled | dense-clusters | random (mean) |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {round(100 * c['fraction'])}% | {_r(c['dense-clusters'])} | {_r(c['random'])} |" for c in r["curve"]]
+    return lines
+
+
+def figures(results: Path) -> dict[str, str]:
+    """The doc's figures (file name -> SVG) from the saved results."""
+    from tasks.html_report import backfill_svg
+
+    path = results / "serving_backfill.json"
+    if not path.is_file():
+        return {}
+    r = json.loads(path.read_text())
+    study = {
+        "fractions": [c["fraction"] for c in r["curve"]],
+        **{o: [c[o] for c in r["curve"]] for o in ("dense-clusters", "random")},
+    }
+    return {BACKFILL_FIGURE: backfill_svg(study, "1", {"old/old": r["recall_t2i"]["old/old"]["1"]})}
+
+
+BACKFILL_FIGURE = "benchmarks-backfill.svg"
+
 TABLES = {
     "quality": _quality,
     "cost": _cost,
@@ -520,6 +620,7 @@ TABLES = {
     "ablations": _ablations,
     "zeroshot": _zeroshot,
     "real_size": _real_size,
+    "serving_backfill": _serving_backfill,
 }
 
 
@@ -593,6 +694,8 @@ def main(argv: list[str] | None = None) -> None:
         progress(f"benches: {time.perf_counter() - t0:.0f}s")
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text(render(args.results))
+    for name, svg in figures(args.results).items():
+        (args.doc.parent / name).write_text(svg)
     progress(f"wrote {args.doc}")
 
 

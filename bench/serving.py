@@ -4,6 +4,7 @@
     python -m bench.serving ivf [--items 200000]                            approximate vs exact index
     python -m bench.serving load [--items 1000000] [--concurrency 8]        HTTP throughput and latency on loopback,
                                                                             champion rolled back mid-load
+    python -m bench.serving crash [--trials 3]                              `xbt backfill` SIGKILLed, then resumed
 
 backfill: t2i recall (CONTRACT.md's protocol, ties within 1e-5) of the mixed gallery when a fraction of
 it has been re-embedded by the new model's own encoder, dense-clusters order against random order (mean
@@ -19,6 +20,7 @@ import argparse
 import io
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -26,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, emit, git_commit, machine, progress
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ROOT, emit, git_commit, machine, progress  # noqa: E402
 
 KS = (1, 5, 10)
 FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -61,7 +65,7 @@ def bench_backfill(args) -> dict:
     from worlds import shapes
     from xbtcore.bundle import base_encoder, load_compatible, read_meta
     from xbtcore.encoders import DualEncoder
-    from xbtcore.search import backfill_order, blended_score, calibration_rows
+    from xbtcore.search import backfill_curve, backfill_order
 
     work = Path(args.work or tempfile.mkdtemp(prefix="xbt-bench-serving-"))
     spec = shapes.WorldSpec(
@@ -92,35 +96,23 @@ def bench_backfill(args) -> dict:
         v_old, v_new = old.embed_images(images).numpy(), new.embed_images(images).numpy()  # (N, D_old), (N, D_new)
         w_old, w_compat, w_new = (e.embed_texts(captions).numpy() for e in (old, compat, new))  # (Q, D) each
         np.savez(cached, v_old=v_old, v_new=v_new, w_old=w_old, w_compat=w_compat, w_new=w_new)
-    s_old, s_new = w_compat @ v_old.T, w_new @ v_new.T  # (Q, N) compatible vs old gallery; new vs new
-
-    def mixed(order: np.ndarray, fraction: float) -> dict:
-        """The server's ranking (MixedGallery), vectorised over the queries."""
-        moved = order[: int(round(fraction * len(images)))]  # (M,) in backfill order
-        if len(moved) == len(images):
-            return _recall(s_new, own)  # a finished backfill: the new space alone
-        scores = s_old.copy()
-        if len(moved) and args.scoring == "raw":  # the alternative the server does not use: new cosines as they are
-            scores[:, moved] = s_new[:, moved]
-        elif len(moved):
-            cal = moved[calibration_rows(len(moved))]
-            scores[:, moved] = blended_score(s_old[:, moved], s_new[:, moved], s_old[:, cal], s_new[:, cal])
-        return _recall(scores, own)
-
     chosen = backfill_order(v_old, "dense-clusters")
     randoms = [backfill_order(v_old, "random", seed=s) for s in range(args.random_seeds)]
+    orders = {"dense-clusters": [chosen], "random": randoms}
+    runs = backfill_curve(w_compat, v_old, w_new, v_new, own, orders, FRACTIONS, KS, scoring=args.scoring)
     curve = []
-    for f in FRACTIONS:
-        r_rand = [mixed(o, f) for o in randoms]
+    for i, f in enumerate(FRACTIONS):
+        r_rand = [run[i] for run in runs["random"]]
         mean = {k: round(statistics.mean(r[k] for r in r_rand), 2) for k in r_rand[0]}
         curve.append(
             {
                 "fraction": f,
-                "dense-clusters": mixed(chosen, f),
+                "dense-clusters": runs["dense-clusters"][0][i],
                 "random": mean,
                 "random_min_max": {k: [min(r[k] for r in r_rand), max(r[k] for r in r_rand)] for k in mean},
             }
         )
+    s_old, s_new = w_compat @ v_old.T, w_new @ v_new.T  # (Q, N) compatible vs old gallery; new vs new
     return {
         "bench": "serving.backfill",
         "machine": machine(),
@@ -207,7 +199,6 @@ def bench_load(args) -> dict:
     default) the server answers with models:/NAME@champion and champion is rolled back (`xbt rollback`)
     from version 2 to version 1 a third of the way through the load."""
     import subprocess
-    import sys
 
     import httpx
 
@@ -344,9 +335,81 @@ def bench_load(args) -> dict:
     return out
 
 
+def bench_crash(args) -> dict:
+    """`xbt backfill` killed (SIGKILL) at a random chunk, then run again to the end, --trials times on one
+    index: every id ends in the backfill exactly once, and its vectors equal an uninterrupted backfill's."""
+    import json
+    import signal
+    import subprocess
+
+    from serve.engine import load_query_model
+    from serve.gallery import index_gallery
+    from worlds import shapes
+    from xbtcore.search import IDS, GalleryIndex, chunks_done, load_vectors, remove_index
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="xbt-bench-crash-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XBT_STATE_DIR": str(work / "state")}
+    spec = shapes.WorldSpec(seed=args.world_seed, corpus_captions=10, pair_images=10, eval_images=args.eval_images)
+    world = shapes.write_world(work / "world", spec)
+    index = work / "index"
+    index_gallery(load_query_model(args.old), world["eval"], "image", str(index))
+    ids = GalleryIndex(index).ids
+    cmd = [sys.executable, "-m", "flows.cli", "backfill", "--index", str(index), "--new", args.new]
+    cmd += ["--chunk-rows", str(args.chunk_rows)]
+    rng = np.random.default_rng(args.seed)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)  # the uninterrupted reference
+    full_s = time.perf_counter() - t0
+    bf = index / "backfill"
+    reference = load_vectors(bf, None)
+    n_chunks = len(chunks_done(bf))
+    trials = []
+    for trial in range(args.trials):
+        remove_index(bf)
+        target = int(rng.integers(1, n_chunks))  # the kill lands once this many chunks are written
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and (not bf.exists() or len(chunks_done(bf)) < target):
+            time.sleep(0.002)
+        killed = proc.poll() is None
+        if killed:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        chunks_at_kill = len(chunks_done(bf)) if bf.exists() else 0
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+        order = json.loads((bf / IDS).read_text())
+        vectors = load_vectors(bf, None)
+        trials.append(
+            {
+                "trial": trial,
+                "kill_at_chunk": target,
+                "killed": killed,
+                "chunks_at_kill": chunks_at_kill,
+                "chunks": len(chunks_done(bf)),
+                "ids": len(order),
+                "every_id_once": len(order) == len(set(order)) == len(ids) and set(order) == set(ids),
+                "vectors": len(vectors),
+                "same_vectors_as_uninterrupted": bool(
+                    vectors.shape == reference.shape and np.allclose(vectors, reference, atol=1e-6)
+                ),
+            }
+        )
+        progress(f"trial {trial}: {trials[-1]}")
+    return {
+        "bench": "serving.crash",
+        "machine": machine(),
+        "commit": git_commit(),
+        "items": len(ids),
+        "chunk_rows": args.chunk_rows,
+        "uninterrupted_s": round(full_s, 1),
+        "trials": trials,
+        "all_every_id_once": all(t["every_id_once"] and t["same_vectors_as_uninterrupted"] for t in trials),
+        "killed_mid_backfill": sum(t["killed"] and 0 < t["chunks_at_kill"] < t["chunks"] for t in trials),
+    }
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["backfill", "ivf", "load"])
+    ap.add_argument("part", choices=["backfill", "ivf", "load", "crash"])
     ap.add_argument("--old", default=str(ROOT / "zoo" / "old"), help="the gallery's model")
     ap.add_argument("--new", default=str(ROOT / "zoo" / "new"), help="the new model")
     ap.add_argument("--bundle", help="an upgrade bundle to serve (default: a Procrustes map of --new onto --old)")
@@ -372,12 +435,15 @@ def main(argv=None) -> dict:
         default=True,
         help="load: serve models:/NAME@champion of a private registry and roll champion back mid-load",
     )
+    ap.add_argument("--trials", type=int, default=3, help="crash: kills, each followed by a resume")
+    ap.add_argument("--chunk-rows", type=int, default=32, help="crash: items per backfill chunk")
+    ap.add_argument("--seed", type=int, default=0, help="crash: seeds the moments of the kills")
     ap.add_argument("--work", help="scratch folder (default: a new temp folder)")
     ap.add_argument("--json-out", default="", help="also write the JSON here")
     args = ap.parse_args(argv)
     if args.items is None:
         args.items = 200_000 if args.part == "ivf" else 1_000_000
-    run = {"backfill": bench_backfill, "ivf": bench_ivf, "load": bench_load}[args.part]
+    run = {"backfill": bench_backfill, "ivf": bench_ivf, "load": bench_load, "crash": bench_crash}[args.part]
     return emit(run(args), args.json_out)
 
 

@@ -540,7 +540,9 @@ def upgrade(params: UpgradeParams) -> dict:
         },
         settings.pretrain,
     )
-    report = build_report(run, recall, verdict, margins, promotion, advice, candidates, chosen)
+    backfill_file = Path(evaluated) / "backfill.json"
+    backfill = read_json(backfill_file) if backfill_file.is_file() else None
+    report = build_report(run, recall, verdict, margins, promotion, advice, candidates, chosen, backfill)
     written = write_report(report, data["eval"], str(Path(evaluated) / "sample.safetensors"), str(out))
     if reg["new_run"]:
         attach_report(reg["run_id"], [written["json"], written["html"]])

@@ -13,7 +13,7 @@ from xbtcore.bundle import is_bundle, load_compatible, read_meta
 from xbtcore.cache import EmbeddingCache, cached_old_image_embeddings, cached_text_embeddings
 from xbtcore.data import Gallery, ValSplit, read_pairs, read_part, split_pairs
 from xbtcore.encoders import DualEncoder
-from xbtcore.evaluate import Side, evaluate_cases, side_of
+from xbtcore.evaluate import Side, backfill_study, evaluate_cases, side_of
 from xbtcore.gate import describe_failures, eqn2_gate, no_regression_gate
 from xbtcore.inspect_sample import report_sample
 from xbtcore.margins import gate_margins
@@ -105,8 +105,9 @@ def evaluate(
 ) -> str:
     """The cases of CONTRACT.md (and prev/old for a chain) on an eval set, or on one part of the pairs
     (part "val" of `split`: the validation of a candidate), into the folder `out`: recall.json,
-    gate_margins.json (xbtcore.margins) and sample.safetensors, the few embeddings the HTML report's map
-    and retrieval examples need (xbtcore.inspect_sample.report_sample); -> out.
+    gate_margins.json (xbtcore.margins), sample.safetensors, the few embeddings the HTML report's map
+    and retrieval examples need (xbtcore.inspect_sample.report_sample), and on the eval set backfill.json
+    (xbtcore.evaluate.backfill_study); -> out.
 
     The gallery side is always the root model, embedded once into the cache (its images from the stored
     `gallery` where it holds them).
@@ -128,6 +129,9 @@ def evaluate(
         json.dumps(gate_margins(upgraded_side, old_side, evalset.caption_image), indent=2)
     )
     (tmp / "recall.json").write_text(json.dumps(recall, indent=2))
+    if part == "all":  # the eval report: what a backfill of this gallery would give on the way
+        study = backfill_study(old_side, upgraded_side, orig_side, evalset.caption_image)
+        (tmp / "backfill.json").write_text(json.dumps(study, indent=2))
     if folder.exists():
         shutil.rmtree(folder)
     tmp.replace(folder)  # last: a folder that exists is a finished evaluation

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 
 import torch
 
@@ -475,6 +476,99 @@ def _examples_section(examples: list[dict] | None) -> str:
     return "".join(out)
 
 
+ORDER_COLOURS = {"dense-clusters": "#1c7ed6", "random": "#f08c00"}
+
+
+def backfill_svg(study: dict, k: str = "1", refs: dict | None = None) -> str:
+    """A line per backfill order: t2i R@k of the mixed gallery against the share of the gallery re-embedded.
+    study: report.json's `backfill` (fractions, one recall dict per fraction per order). refs: label ->
+    value drawn as a dashed line across (old/old, the system today)."""
+    fractions = [float(f) for f in study["fractions"]]
+    orders = [o for o in ORDER_COLOURS if o in study]
+    values = [float(study[o][i][k]) for o in orders for i in range(len(fractions))]
+    values += [float(v) for v in (refs or {}).values()]
+    lo, hi = 5 * math.floor(min(values) / 5), 5 * math.ceil(max(values) / 5 + 1e-9)
+    hi = max(hi, lo + 5)
+    w, h, left, top, bottom, right = 520, 260, 44, 26, 40, 12
+    plot_w, plot_h = w - left - right, h - top - bottom
+
+    def x(f: float) -> float:
+        return left + plot_w * f
+
+    def y(v: float) -> float:
+        return top + plot_h * (1 - (v - lo) / (hi - lo))
+
+    out = [
+        f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="backfill recall">',
+        f'<text x="{left}" y="15" font-size="13" font-weight="600">t2i R@{_e(k)} (%) of the mixed gallery</text>',
+    ]
+    step = 5 if hi - lo <= 40 else 10
+    for v in range(lo, hi + 1, step):
+        out.append(
+            f'<line x1="{left}" x2="{w - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e9ecef"/>'
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" font-size="11" text-anchor="end" fill="#6c757d">{v}</text>'
+        )
+    for f in fractions:
+        out.append(
+            f'<text x="{x(f):.1f}" y="{h - bottom + 16}" font-size="11" text-anchor="middle" '
+            f'fill="#6c757d">{round(100 * f)}%</text>'
+        )
+    out.append(
+        f'<text x="{left + plot_w / 2:.1f}" y="{h - 6}" font-size="12" text-anchor="middle">'
+        "share of the gallery re-embedded by the new model</text>"
+    )
+    for label, v in (refs or {}).items():
+        out.append(
+            f'<line x1="{left}" x2="{w - right}" y1="{y(float(v)):.1f}" y2="{y(float(v)):.1f}" stroke="#343a40" '
+            f'stroke-dasharray="3 2"><title>{_e(label)}: {float(v):.2f}</title></line>'
+        )
+    for o in orders:
+        pts = [(x(f), y(float(study[o][i][k]))) for i, f in enumerate(fractions)]
+        colour = ORDER_COLOURS[o]
+        out.append(
+            f'<polyline fill="none" stroke="{colour}" stroke-width="2" '
+            f'points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in pts)}"/>'
+        )
+        for (a, b), f, i in zip(pts, fractions, range(len(fractions))):
+            out.append(
+                f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{colour}"><title>{_e(o)} at {round(100 * f)}%: '
+                f"{float(study[o][i][k]):.2f}</title></circle>"
+            )
+    out.append(f'<line x1="{left}" x2="{w - right}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#adb5bd"/></svg>')
+    return "".join(out)
+
+
+def _backfill_section(report: dict) -> str:
+    study = report.get("backfill")
+    if not study:
+        return ""
+    refs = {"old/old (the system today)": report["recall"]["t2i"]["old/old"]["1"]}
+    legend = "".join(
+        f'<span><svg width="18" height="12"><line x1="0" x2="18" y1="6" y2="6" stroke="{c}" stroke-width="2"/>'
+        f"</svg>{_e(o)}{' order (xbt backfill)' if o == 'dense-clusters' else ' order'}</span>"
+        for o, c in ORDER_COLOURS.items()
+    )
+    legend += (
+        '<span><svg width="18" height="12"><line x1="0" x2="18" y1="6" y2="6" stroke="#343a40" '
+        'stroke-dasharray="3 2"/></svg>old/old (the system today)</span>'
+    )
+    ks = list(study["dense-clusters"][0])
+    head = "<tr><th>re-embedded</th>" + "".join(f"<th>{_e(o)} R@{_e(k)}</th>" for o in ORDER_COLOURS for k in ks)
+    rows = [head + "</tr>"]
+    for i, f in enumerate(study["fractions"]):
+        cells = "".join(f"<td>{float(study[o][i][k]):.2f}</td>" for o in ORDER_COLOURS for k in ks)
+        rows.append(f"<tr><td>{round(100 * float(f))}%</td>{cells}</tr>")
+    return (
+        "<section><h2>If you backfill: recall on the way</h2>"
+        '<p class="muted small">Text queries on this eval set while <code>xbt backfill</code> re-embeds the '
+        "gallery with the new model, searched as <code>xbt serve</code> searches the mixed gallery: at 0% the "
+        "upgraded queries against the old gallery (new/old), at 100% the new model alone (orig-new/new). "
+        f"Random order: the mean of {study['random_orders']} permutations.</p>"
+        f'<div class="legend">{legend}</div><div class="grid"><div>{backfill_svg(study, "1", refs)}</div>'
+        f"<div><table>{''.join(rows)}</table></div></div></section>"
+    )
+
+
 def render_report(
     report: dict, panels: list[dict] | None = None, examples: list[dict] | None = None, n_map_points: int | None = None
 ) -> str:
@@ -495,6 +589,7 @@ def render_report(
             _header(report),
             _candidates_section(report),
             _recall_section(report),
+            _backfill_section(report),
             _map_section(panels, n_map_points),
             _examples_section(examples),
             '<p class="muted small">Written by xbt: the same numbers are in report.json next to this file.</p>',

@@ -53,9 +53,10 @@ def build_report(
     advice: list[str],
     candidates: list[dict],
     chosen: dict,
+    backfill: dict | None = None,
 ) -> dict:
     """report.json's content: CONTRACT.md's keys, then the gate margins, the candidates and the choice among
-    them, the promotion and what to try next.
+    them, the promotion, what a progressive backfill would give on the way, and what to try next.
 
     run: method, old, new, counts, timings_s, config, bundle, space, steps, mlflow, old_image_tower (the
     flow's record of the run).
@@ -76,6 +77,8 @@ def build_report(
     report["chosen"] = chosen
     report.update({k: run[k] for k in ("old_image_tower", "config", "bundle", "space", "steps", "mlflow")})
     report["promotion"] = promotion
+    if backfill is not None:
+        report["backfill"] = backfill
     report["next_steps"] = advice
     return report
 

@@ -213,3 +213,49 @@ def test_real_size_projection_divides_each_stage_by_its_measured_rate():
     assert "| B/32 -> L/14 | xbt-gallery |" in page and "| L/14 | image | 20.0 | 900 MiB |" in page
     (goal,) = run_all.goal_rows("real_size", r)
     assert goal[3] == (t["xbt_over_base"] <= 0.5) and f"{t['xbt_over_base']}x" in goal[2]
+
+
+def test_serving_results_render_their_goals_and_the_backfill_figure(tmp_path):
+    run = {"command": "x", "seconds": 1.0, "date": "d", "commit": "c", "memory_gb": 1.0, "loadavg_1m": [0.1, 0.2]}
+    case = {"1": 30.0, "5": 70.0, "10": 85.0}
+    curve = [
+        {"fraction": f, "dense-clusters": {k: v + 10 * f for k, v in case.items()}, "random": dict(case)}
+        for f in (0.0, 0.25, 0.5, 1.0)
+    ]
+    curve[-1]["random"] = curve[-1]["dense-clusters"]
+    curve[2]["random"] = {k: v + 9 for k, v in case.items()}  # random ahead at 50%
+    results = tmp_path / "results"
+    results.mkdir()
+    backfill = {
+        "machine": "m",
+        "run": run,
+        "world_seed": 7,
+        "images": 100,
+        "method": "procrustes",
+        "curve": curve,
+        "recall_t2i": {"old/old": case, "new/old": case, "orig-new/new": curve[-1]["dense-clusters"]},
+    }
+    load = {
+        "machine": "m",
+        "run": run,
+        "items": 1000000,
+        "index": "flat",
+        "concurrency": 8,
+        "p99_ms": 80.0,
+        "p50_ms": 60.0,
+        "throughput_rps": 120.0,
+        "server_cpu_ms_per_request": 12.0,
+        "failed": 0,
+        "requests": 900,
+        "swap": {"answers_by_version": {"1": 500, "2": 400}, "first_answer_by_new_version_s": 7.0},
+    }
+    (results / "serving_backfill.json").write_text(json.dumps(backfill))
+    (results / "serving_load.json").write_text(json.dumps(load))
+    doc = tmp_path / "docs" / "benchmarks.md"
+    run_all.main(["--render-only", "--results", str(results), "--doc", str(doc)])
+    text = doc.read_text()
+    assert "| backfill order | dense-clusters ahead of random" in text
+    assert "behind at R@1 at 50% by 4.00" in text  # 39 vs 35
+    assert "missed by 30.0 ms" in text and "| champion swap mid-load |" in text
+    svg = (doc.parent / run_all.BACKFILL_FIGURE).read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and f"]({run_all.BACKFILL_FIGURE})" in text

@@ -282,3 +282,20 @@ def test_each_map_panel_has_the_variance_shares_of_its_own_space():
     assert a["variance"] == pytest.approx(pca_2d(torch.cat([old, old]))[1], rel=1e-4)
     assert b["variance"] == pytest.approx(pca_2d(new)[1], rel=1e-4)
     assert a["variance"][0] > b["variance"][0] + 0.1  # one dominant axis in the old space only
+
+
+def test_backfill_study_starts_at_new_old_and_ends_at_orig_new_new_and_is_drawn():
+    from xbtcore.evaluate import backfill_study, evaluate_cases
+
+    old, upgraded, orig, caption_image = _sides(n_images=40, per_image=3)
+    study = backfill_study(old, upgraded, orig, caption_image, random_orders=2)
+    recall = evaluate_cases(old, upgraded, orig, caption_image)["t2i"]
+    assert study["fractions"][0] == 0.0 and study["fractions"][-1] == 1.0
+    for order in ("dense-clusters", "random"):
+        assert len(study[order]) == len(study["fractions"])
+        for k in ("1", "5", "10"):
+            assert study[order][0][k] == pytest.approx(recall["new/old"][k], abs=0.01)
+            assert study[order][-1][k] == pytest.approx(recall["orig-new/new"][k], abs=0.01)
+    html = render_report({**_report(), "backfill": study})
+    assert "If you backfill" in html and html.count("<polyline") == 2
+    assert "If you backfill" not in render_report(_report())

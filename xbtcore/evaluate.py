@@ -72,6 +72,42 @@ def evaluate_cases(
     return {d: {case: r[d] for case, r in cases.items()} for d in ("t2i", "i2t")}
 
 
+def backfill_study(
+    old: Side, upgraded: Side, orig_new: Side, caption_image: torch.Tensor, random_orders: int = 3
+) -> dict:
+    """What a progressive backfill of this gallery (`xbt backfill`) gives text queries on the way: t2i
+    recall of the mixed gallery as `xbt serve` ranks it, at each fraction re-embedded by the new model,
+    in the order `xbt backfill` uses (dense-clusters) and in random order (the mean of `random_orders`)."""
+    import numpy as np
+
+    from .search import BACKFILL_FRACTIONS, backfill_curve, backfill_order
+
+    v_old = old.image.float().numpy()  # (N, D_old)
+    orders = {
+        "dense-clusters": [backfill_order(v_old, "dense-clusters")],
+        "random": [backfill_order(v_old, "random", seed=s) for s in range(random_orders)],
+    }
+    runs = backfill_curve(
+        upgraded.text.float().numpy(),
+        v_old,
+        orig_new.text.float().numpy(),
+        orig_new.image.float().numpy(),
+        caption_image.numpy(),
+        orders,
+    )
+    mean = [
+        {k: round(float(np.mean([run[i][k] for run in runs["random"]])), 2) for k in runs["random"][0][i]}
+        for i in range(len(BACKFILL_FRACTIONS))
+    ]
+    return {
+        "direction": "t2i",
+        "fractions": list(BACKFILL_FRACTIONS),
+        "dense-clusters": runs["dense-clusters"][0],
+        "random": mean,
+        "random_orders": random_orders,
+    }
+
+
 def format_table(recall: dict, ks=KS) -> str:
     """A plain-text table: one row per case, R@K for both directions."""
     head = "case".ljust(14) + "".join(f"t2i@{k}".rjust(9) for k in ks) + "".join(f"i2t@{k}".rjust(9) for k in ks)

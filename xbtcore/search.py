@@ -404,6 +404,67 @@ def blended_score(s_old, s_new, cal_old: np.ndarray, cal_new: np.ndarray):
     return 0.5 * s_old + 0.5 * (mean_old + (s_new - mean_new) * scale)
 
 
+BACKFILL_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+def mixed_ranks(
+    s_old: np.ndarray, s_new: np.ndarray, own: np.ndarray, moved: np.ndarray, scoring: str = "blend"
+) -> np.ndarray:
+    """Each query's rank in the mixed gallery as MixedGallery scores it (CONTRACT.md's tie rule).
+
+    s_old: (Q, N) compatible queries against the old vectors; s_new: (Q, N) the new model's queries against
+    the new vectors; own: (Q,) each query's item; moved: (M,) backfilled items in backfill order -> (Q,)
+    the number of items scored above the own one by more than 1e-5. scoring "raw" scores a backfilled item
+    by its new-space cosine alone (what the server does not do; kept to measure why)."""
+    if len(moved) == s_old.shape[1]:
+        scores = s_new  # a finished backfill: the new space alone
+    else:
+        scores = s_old.copy()
+        if len(moved) and scoring == "raw":
+            scores[:, moved] = s_new[:, moved]
+        elif len(moved):
+            cal = moved[calibration_rows(len(moved))]
+            scores[:, moved] = blended_score(s_old[:, moved], s_new[:, moved], s_old[:, cal], s_new[:, cal])
+    own_score = scores[np.arange(len(own)), own][:, None]  # (Q, 1)
+    return (scores > own_score + 1e-5).sum(axis=1)
+
+
+def backfill_curve(
+    q_old: np.ndarray,
+    v_old: np.ndarray,
+    q_new: np.ndarray,
+    v_new: np.ndarray,
+    own: np.ndarray,
+    orders: dict[str, list[np.ndarray]],
+    fractions: Sequence[float] = BACKFILL_FRACTIONS,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk: int = 1024,
+    scoring: str = "blend",
+) -> dict:
+    """Recall (%) of the mixed gallery at each fraction backfilled, for each order and each of its
+    permutations: {name: [[{K: recall} per fraction] per permutation]}.
+
+    q_old: (Q, D_old) compatible queries, v_old: (N, D_old) the gallery's old vectors, q_new: (Q, D_new)
+    the new model's queries, v_new: (N, D_new) the gallery re-embedded by the new model, own: (Q,) each
+    query's item, orders: name -> permutations of range(N)."""
+    n = len(v_old)
+    ranks = {name: [[[] for _ in fractions] for _ in perms] for name, perms in orders.items()}
+    for start in range(0, len(q_old), chunk):
+        s_old = q_old[start : start + chunk] @ v_old.T  # (B, N)
+        s_new = q_new[start : start + chunk] @ v_new.T  # (B, N)
+        for name, perms in orders.items():
+            for p, perm in enumerate(perms):
+                for f, fraction in enumerate(fractions):
+                    moved = perm[: int(round(fraction * n))]
+                    ranks[name][p][f].append(mixed_ranks(s_old, s_new, own[start : start + chunk], moved, scoring))
+
+    def recall(r: list[np.ndarray]) -> dict:
+        r = np.concatenate(r)
+        return {str(k): round(100.0 * float((r < k).mean()), 2) for k in ks}
+
+    return {name: [[recall(r) for r in per] for per in runs] for name, runs in ranks.items()}
+
+
 class MixedGallery:
     """An index with its backfill beside it (DIR/backfill, vectors of the new model's own space).
 
