@@ -5,6 +5,7 @@
     python -m bench.serving load [--items 1000000] [--concurrency 8]        HTTP throughput and latency on loopback,
                                                                             champion rolled back mid-load
     python -m bench.serving crash [--trials 3]                              `xbt backfill` SIGKILLed, then resumed
+    python -m bench.serving scan [--items 1000000] [--seconds 2]            one exact scan: batch, threads, kernel
 
 backfill: t2i recall (CONTRACT.md's protocol, ties within 1e-5) of the mixed gallery when a fraction of
 it has been re-embedded by the new model's own encoder, dense-clusters order against random order (mean
@@ -191,6 +192,54 @@ def _register_two_versions(work: Path, old: str, new: str) -> str:
         verdict = {"eqn2": {"passed": True, "criterion": "eqn2", "ks": [1], "failures": []}, "passed": True}
         name = registry.register_and_promote.fn(report, recall, str(bundle), old, verdict, {}, [])["name"]
     return name
+
+
+def bench_scan(args) -> dict:
+    """One exact (flat) faiss scan of --items synthetic vectors: ms per call for batches of 1 and 8 queries on
+    1 and 2 threads, through faiss's default kernel and its BLAS path (what serve's MicroBatcher and
+    xbtcore.search.search_threads rely on)."""
+    import faiss
+
+    from xbtcore.search import make_faiss, normalise
+
+    rng = np.random.default_rng(0)
+    vectors = normalise(rng.standard_normal((args.items, args.dim)))
+    index = make_faiss(vectors, "flat")
+    queries = normalise(rng.standard_normal((8, args.dim)))
+    default_threshold = faiss.cvar.distance_compute_blas_threshold
+    rows = []
+    for kernel, threshold in (("default", default_threshold), ("blas", 1)):
+        faiss.cvar.distance_compute_blas_threshold = threshold
+        for threads in (1, 2):
+            faiss.omp_set_num_threads(threads)
+            for batch in (1, 8):
+                index.search(queries[:batch], 26)
+                t0, calls = time.perf_counter(), 0
+                while time.perf_counter() - t0 < args.seconds:
+                    index.search(queries[:batch], 26)
+                    calls += 1
+                ms = 1000 * (time.perf_counter() - t0) / calls
+                rows.append(
+                    {
+                        "kernel": kernel,
+                        "threads": threads,
+                        "batch": batch,
+                        "ms_per_call": round(ms, 1),
+                        "cpu_ms_per_query": round(ms * threads / batch, 1),
+                    }
+                )
+                progress(str(rows[-1]))
+    faiss.cvar.distance_compute_blas_threshold = default_threshold
+    return {
+        "bench": "serving.scan",
+        "machine": machine(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "commit": git_commit(),
+        "items": args.items,
+        "dim": args.dim,
+        "k": 26,
+        "rows": rows,
+    }
 
 
 def bench_load(args) -> dict:
@@ -409,7 +458,7 @@ def bench_crash(args) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["backfill", "ivf", "load", "crash"])
+    ap.add_argument("part", choices=["backfill", "ivf", "load", "crash", "scan"])
     ap.add_argument("--old", default=str(ROOT / "zoo" / "old"), help="the gallery's model")
     ap.add_argument("--new", default=str(ROOT / "zoo" / "new"), help="the new model")
     ap.add_argument("--bundle", help="an upgrade bundle to serve (default: a Procrustes map of --new onto --old)")
@@ -427,7 +476,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dim", type=int, default=64, help="ivf: vector size")
     ap.add_argument("--kind", default="flat", choices=["flat", "ivf"], help="load: exact or approximate index")
     ap.add_argument("--concurrency", type=int, default=8, help="load: concurrent clients")
-    ap.add_argument("--seconds", type=float, default=20.0, help="load: how long the clients send")
+    ap.add_argument("--seconds", type=float, default=20.0, help="load: how long the clients send; scan: per row")
     ap.add_argument("--port", type=int, default=8765, help="load: loopback port")
     ap.add_argument(
         "--swap",
@@ -443,7 +492,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.items is None:
         args.items = 200_000 if args.part == "ivf" else 1_000_000
-    run = {"backfill": bench_backfill, "ivf": bench_ivf, "load": bench_load, "crash": bench_crash}[args.part]
+    run = {"backfill": bench_backfill, "ivf": bench_ivf, "load": bench_load, "crash": bench_crash, "scan": bench_scan}
+    run = run[args.part]
     return emit(run(args), args.json_out)
 
 

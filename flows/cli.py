@@ -225,42 +225,13 @@ def cmd_search(a) -> int:
         except Exception as e:
             raise ValueError(f"{a.image}: {getattr(e, 'detail', e)}") from e
     if a.qdrant:
-        return _search_qdrant(a, image)
-    engine = Engine(_query_model(a.model), MixedGallery(a.index))
-    print(json.dumps(engine.search(a.k, a.text, image), default=str))
-    return 0
+        from serve.qdrant import QdrantGallery, connect
 
-
-def _search_qdrant(a, image) -> int:
-    """`xbt search --qdrant`: the collection the alias names, queried in its space."""
-    from serve.engine import SpaceMismatch, embed_query
-    from serve.qdrant import ALIAS, aliased, connect, search
-
-    client = connect(a.qdrant)
-    name = aliased(client)
-    if name is None:
-        raise ValueError(f"Qdrant {a.qdrant} has no alias {ALIAS}: `xbt index --qdrant` exports an index there")
-    model = _query_model(a.model)
-    if name.startswith(f"xbt-{model.compat_space}-"):
-        encoder, space = model.compat, model.compat_space
-    elif name.startswith(f"xbt-{model.own_space}-"):
-        encoder, space = model.own(), model.own_space
+        gallery = QdrantGallery(a.index, connect(a.qdrant))
     else:
-        raise SpaceMismatch(
-            f"model {a.model} queries the space {model.compat_space} but Qdrant collection {name} holds another"
-        )
-    hits = search(client, name, embed_query(encoder, a.text, image), a.k)
-    print(
-        json.dumps(
-            {
-                "model": model.ref,
-                "model_version": model.version,
-                "space": space,
-                "results": [{"id": h.id, "score": round(h.score, 6)} for h in hits],
-            },
-            default=str,
-        )
-    )
+        gallery = MixedGallery(a.index)
+    engine = Engine(_query_model(a.model), gallery)
+    print(json.dumps(engine.search(a.k, a.text, image), default=str))
     return 0
 
 
@@ -271,7 +242,12 @@ def cmd_serve(a) -> int:
     from serve.engine import Server, one_thread_per_request
 
     one_thread_per_request()
-    server = Server(a.model, a.index, poll_s=a.poll_seconds)
+    qdrant = None
+    if a.qdrant:
+        from serve.qdrant import connect
+
+        qdrant = connect(a.qdrant)
+    server = Server(a.model, a.index, poll_s=a.poll_seconds, qdrant=qdrant)
     server.start()
     e = server.engine.describe()
     print(
@@ -555,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--qdrant",
         metavar="PATH|URL",
         help="search the Qdrant collection behind the alias "
-        "xbt-gallery instead of --index's faiss index (--index is still given)",
+        "xbt-gallery (--index's own or its finished backfill's) instead of --index's faiss index",
     )
     se.set_defaults(func=cmd_search)
 
@@ -569,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         help="how often to re-resolve a models:/NAME@ALIAS and re-read the backfill; 0: never",
+    )
+    sv.add_argument(
+        "--qdrant",
+        metavar="PATH|URL",
+        help="search the Qdrant collection behind the alias xbt-gallery (--index's own or its finished "
+        "backfill's; the server follows the alias when it moves) instead of the faiss index",
     )
     sv.set_defaults(func=cmd_serve)
 

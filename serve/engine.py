@@ -179,14 +179,30 @@ class Server:
     lands meanwhile: no request fails across a swap. A failed refresh keeps the current engine.
     """
 
-    def __init__(self, ref: str, index: str | Path, poll_s: float = 5.0):
-        self.ref, self.index, self.poll_s = ref, Path(index), poll_s
-        self.engine = Engine(load_query_model(ref), MixedGallery(self.index))
-        self._gallery_state = state_of(self.index)
+    def __init__(self, ref: str, index: str | Path, poll_s: float = 5.0, qdrant=None):
+        """qdrant: a qdrant-client client: the gallery is the collection its alias names (serve.qdrant)."""
+        self.ref, self.index, self.poll_s, self.qdrant = ref, Path(index), poll_s, qdrant
+        self.engine = Engine(load_query_model(ref), self._open_gallery())
+        self._gallery_state = self._state()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.swaps = 0
         self.last_error: str | None = None
+
+    def _open_gallery(self):
+        if self.qdrant is None:
+            return MixedGallery(self.index)
+        from .qdrant import QdrantGallery
+
+        return QdrantGallery(self.index, self.qdrant)
+
+    def _state(self) -> tuple:
+        """What a gallery reopens on: the index and its backfill; from Qdrant, the collection its alias names."""
+        if self.qdrant is None:
+            return state_of(self.index)
+        from .qdrant import aliased
+
+        return (aliased(self.qdrant),)
 
     def refresh(self) -> bool:
         """Re-resolve the alias and re-read the backfill; swap if either moved. -> whether it swapped."""
@@ -195,10 +211,10 @@ class Server:
         model = current.model
         if version is not None and version != model.version:
             model = load_query_model(self.ref)
-        gallery_state = state_of(self.index)
+        gallery_state = self._state()
         if model is current.model and gallery_state == self._gallery_state:
             return False
-        gallery = MixedGallery(self.index) if gallery_state != self._gallery_state else current.gallery
+        gallery = self._open_gallery() if gallery_state != self._gallery_state else current.gallery
         self.engine = Engine(model, gallery)  # the swap: one reference assignment
         self._gallery_state = gallery_state
         self.swaps += 1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xbtcore.search import GalleryIndex, Hit, digest_ids, id_key, normalise
+from xbtcore.search import GalleryIndex, Hit, digest_ids, id_key, is_complete, normalise
 
 ALIAS = "xbt-gallery"
 
@@ -87,3 +87,61 @@ def search(client, collection: str, query: np.ndarray, k: int) -> list[Hit]:
     points = client.query_points(collection, query=q, limit=k + 16, with_payload=True).points
     hits = sorted((Hit(p.payload["id"], float(p.score)) for p in points), key=lambda h: (-h.score, id_key(h.id)))
     return hits[:k]
+
+
+class QdrantIndex:
+    """One collection, searched as xbtcore.search.GalleryIndex is; its ids and space are the index folder's
+    it was exported from (point id = that index's row)."""
+
+    def __init__(self, client, collection: str, index: GalleryIndex):
+        self.client, self.collection, self.path = client, collection, index.path
+        self.plan, self.space, self.dim = index.plan, index.space, index.dim
+        self.ids, self.row_of = index.ids, index.row_of
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """(B, D) queries -> each one's top k, best first, ties by id."""
+        return [search(self.client, self.collection, q, k) for q in np.atleast_2d(queries)]
+
+
+class QdrantGallery:
+    """The gallery `xbt serve --qdrant` searches: the collection the alias names. The alias on the index's
+    own collection: its space, by the compatible query. The alias on the collection of the index's finished
+    backfill (`xbt backfill --qdrant` moves it there): the new space alone, by the new model's query. A
+    backfill under way is not in Qdrant, so this gallery is never mixed; the faiss index serves that.
+    Same interface as xbtcore.search.MixedGallery, as serve.engine.Engine uses it."""
+
+    def __init__(self, path: str | Path, client, alias: str = ALIAS):
+        self.path = Path(path)
+        self.old = GalleryIndex(self.path)
+        name = aliased(client, alias)
+        if name is None:
+            raise ValueError(f"Qdrant has no alias {alias}: export the index first (`xbt index ... --qdrant`)")
+        self.collection = name
+        self.new_space, self.new_ids, self.complete = None, [], False
+        backfill = self.path / "backfill"
+        if name == collection_name(self.old):
+            self.old = QdrantIndex(client, name, self.old)
+        elif is_complete(backfill) and name == collection_name(new := GalleryIndex(backfill)):
+            self.new = QdrantIndex(client, name, new)
+            self.new_space, self.new_ids, self.complete = new.space, new.ids, True
+        else:
+            raise ValueError(
+                f"Qdrant alias {alias} names the collection {name}, which holds neither index {self.path} "
+                f"({collection_name(self.old)}) nor its finished backfill: export this index "
+                f"(`xbt index ... --qdrant`) or serve the index that collection came from"
+            )
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 if self.complete else 0.0
+
+    def search(self, old_query: np.ndarray | None, new_query: np.ndarray | None, k: int) -> list[Hit]:
+        if self.complete and new_query is not None:
+            return self.search_new(new_query[None], k)[0]
+        return self.old.search(old_query[None], k)[0]
+
+    def search_new(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        return self.new.search(queries, k)

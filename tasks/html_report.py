@@ -499,7 +499,8 @@ def backfill_svg(study: dict, k: str = "1", refs: dict | None = None) -> str:
         return top + plot_h * (1 - (v - lo) / (hi - lo))
 
     out = [
-        f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="backfill recall">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
+        'aria-label="backfill recall">',
         f'<text x="{left}" y="15" font-size="13" font-weight="600">t2i R@{_e(k)} (%) of the mixed gallery</text>',
     ]
     step = 5 if hi - lo <= 40 else 10
@@ -534,6 +535,14 @@ def backfill_svg(study: dict, k: str = "1", refs: dict | None = None) -> str:
                 f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{colour}"><title>{_e(o)} at {round(100 * f)}%: '
                 f"{float(study[o][i][k]):.2f}</title></circle>"
             )
+    for i, (label, colour, dash) in enumerate(
+        [(f"{o} order", ORDER_COLOURS[o], "") for o in orders] + [(r, "#343a40", "3 2") for r in refs or {}]
+    ):
+        ly = top + 8 + 14 * i
+        out.append(
+            f'<line x1="{left + 10}" x2="{left + 28}" y1="{ly}" y2="{ly}" stroke="{colour}" stroke-width="2" '
+            f'stroke-dasharray="{dash}"/><text x="{left + 33}" y="{ly + 4}" font-size="11">{_e(label)}</text>'
+        )
     out.append(f'<line x1="{left}" x2="{w - right}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#adb5bd"/></svg>')
     return "".join(out)
 
@@ -543,15 +552,6 @@ def _backfill_section(report: dict) -> str:
     if not study:
         return ""
     refs = {"old/old (the system today)": report["recall"]["t2i"]["old/old"]["1"]}
-    legend = "".join(
-        f'<span><svg width="18" height="12"><line x1="0" x2="18" y1="6" y2="6" stroke="{c}" stroke-width="2"/>'
-        f"</svg>{_e(o)}{' order (xbt backfill)' if o == 'dense-clusters' else ' order'}</span>"
-        for o, c in ORDER_COLOURS.items()
-    )
-    legend += (
-        '<span><svg width="18" height="12"><line x1="0" x2="18" y1="6" y2="6" stroke="#343a40" '
-        'stroke-dasharray="3 2"/></svg>old/old (the system today)</span>'
-    )
     ks = list(study["dense-clusters"][0])
     head = "<tr><th>re-embedded</th>" + "".join(f"<th>{_e(o)} R@{_e(k)}</th>" for o in ORDER_COLOURS for k in ks)
     rows = [head + "</tr>"]
@@ -563,8 +563,9 @@ def _backfill_section(report: dict) -> str:
         '<p class="muted small">Text queries on this eval set while <code>xbt backfill</code> re-embeds the '
         "gallery with the new model, searched as <code>xbt serve</code> searches the mixed gallery: at 0% the "
         "upgraded queries against the old gallery (new/old), at 100% the new model alone (orig-new/new). "
+        "dense-clusters is the order <code>xbt backfill</code> uses. "
         f"Random order: the mean of {study['random_orders']} permutations.</p>"
-        f'<div class="legend">{legend}</div><div class="grid"><div>{backfill_svg(study, "1", refs)}</div>'
+        f'<div class="grid"><div>{backfill_svg(study, "1", refs)}</div>'
         f"<div><table>{''.join(rows)}</table></div></div></section>"
     )
 

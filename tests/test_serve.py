@@ -330,6 +330,60 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
         Engine(load_query_model(OLD), MixedGallery(index))
 
 
+def test_the_server_searches_qdrant_and_follows_its_alias_to_a_finished_backfill(setup, tmp_path):
+    pytest.importorskip("qdrant_client")
+    from serve import qdrant
+    from serve.engine import Server, load_query_model
+    from serve.gallery import backfill
+    from xbtcore.encoders import DualEncoder
+
+    index = tmp_path / "idx"
+    shutil.copytree(setup["index"], index)
+    client = qdrant.connect(str(tmp_path / "qdrant"))  # embedded local mode
+    with pytest.raises(ValueError, match="no alias xbt-gallery"):
+        Server(str(setup["b1"]), index, poll_s=0, qdrant=client)
+    qdrant.export(index, client)
+    on_faiss = Server(str(setup["b1"]), index, poll_s=0)
+    server = Server(str(setup["b1"]), index, poll_s=0, qdrant=client)
+    for query in setup["captions"][:6:2]:
+        expected = [(h["id"], h["score"]) for h in on_faiss.engine.search(7, text=query)["results"]]
+        assert_same_ranking(server.engine.search(7, text=query)["results"], expected)
+
+    model = load_query_model(str(setup["b1"]))
+    backfill(str(index), model, chunk_rows=16)
+    assert not server.refresh()  # a finished backfill not yet in Qdrant: the alias still answers
+    qdrant.export(index / "backfill", client)  # what `xbt backfill --qdrant` does at the end: the alias moves
+    assert server.refresh() and server.engine.space == model.own_space and not server.refresh()
+    done = search.GalleryIndex(index / "backfill")
+    query = setup["captions"][10]
+    q_new = DualEncoder.from_pretrained(NEW).embed_texts([query])[0].numpy()
+    assert_same_ranking(
+        server.engine.search(10, text=query)["results"], brute_force(done.vectors(), done.ids, q_new, 10)
+    )
+
+    from qdrant_client import models
+
+    client.create_collection("xbt-other-0", vectors_config=models.VectorParams(size=4, distance=models.Distance.DOT))
+    qdrant.point_alias(client, qdrant.ALIAS, "xbt-other-0")
+    with pytest.raises(ValueError, match="holds neither index"):
+        Server(str(setup["b1"]), index, poll_s=0, qdrant=client)
+
+
+def test_xbt_search_and_serve_take_qdrant(setup, tmp_path):
+    pytest.importorskip("qdrant_client")
+    from serve import qdrant
+
+    client = qdrant.connect(str(tmp_path / "qdrant"))
+    qdrant.export(setup["index"], client)
+    client.close()  # embedded mode: one process holds the folder at a time
+    args = ["search", "--index", setup["index"], "--model", OLD, "--text", setup["captions"][4], "--k", "5"]
+    plain, on_qdrant = xbt(*args), xbt(*args, "--qdrant", tmp_path / "qdrant")
+    assert plain.returncode == 0 and on_qdrant.returncode == 0, on_qdrant.stderr
+    expected = [(h["id"], h["score"]) for h in json.loads(plain.stdout)["results"]]
+    assert_same_ranking(json.loads(on_qdrant.stdout)["results"], expected)
+    assert "--qdrant" in xbt("serve", "--help").stdout
+
+
 def _embed_images(encoder, blobs: list[bytes]) -> np.ndarray:
     from PIL import Image
 
