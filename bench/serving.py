@@ -195,12 +195,12 @@ def _register_two_versions(work: Path, old: str, new: str) -> str:
 
 
 def bench_scan(args) -> dict:
-    """One exact (flat) faiss scan of --items synthetic vectors: ms per call for batches of 1 and 8 queries on
-    1 and 2 threads, through faiss's default kernel and its BLAS path (what serve's MicroBatcher and
-    xbtcore.search.search_threads rely on)."""
+    """One exact scan of --items synthetic vectors, ms per call for batches of 1 and 8 queries: faiss's flat
+    kernel (1 and 2 threads, its default path and its BLAS path) and xbtcore.search.exact_scan (numpy's
+    matrix product on its default threads, every core), what `xbt serve` runs per batch."""
     import faiss
 
-    from xbtcore.search import make_faiss, normalise
+    from xbtcore.search import exact_scan, make_faiss, normalise
 
     rng = np.random.default_rng(0)
     vectors = normalise(rng.standard_normal((args.items, args.dim)))
@@ -230,6 +230,16 @@ def bench_scan(args) -> dict:
                 )
                 progress(str(rows[-1]))
     faiss.cvar.distance_compute_blas_threshold = default_threshold
+    for batch in (1, 8):
+        exact_scan(vectors, queries[:batch], 26)
+        t0, cpu0, calls = time.perf_counter(), time.process_time(), 0
+        while time.perf_counter() - t0 < args.seconds:
+            exact_scan(vectors, queries[:batch], 26)
+            calls += 1
+        ms, cpu_ms = 1000 * (time.perf_counter() - t0) / calls, 1000 * (time.process_time() - cpu0) / calls
+        row = {"kernel": "exact_scan", "threads": "all", "batch": batch, "ms_per_call": round(ms, 1)}
+        rows.append({**row, "cpu_ms_per_query": round(cpu_ms / batch, 1)})
+        progress(str(rows[-1]))
     return {
         "bench": "serving.scan",
         "machine": machine(),
@@ -341,6 +351,7 @@ def bench_load(args) -> dict:
             t.join()
         wall = time.perf_counter() - t0
         server_cpu, client_cpu = _cpu_seconds(server.pid) - cpu0, time.process_time() - own0
+        health = httpx.get(f"{base}/health", timeout=30).json()  # the engine answering now: since the swap
     finally:
         server.terminate()
         server.wait(30)
@@ -364,6 +375,7 @@ def bench_load(args) -> dict:
         "p99_ms": round(float(np.percentile(ms, 99)), 1),
         "server_cpu_ms_per_request": round(1000 * server_cpu / max(1, len(ms)), 2),
         "client_cpu_ms_per_request": round(1000 * client_cpu / max(1, len(ms)), 2),
+        "mean_batch": round(health["text_queries_batched"] / max(1, health["text_batches"]), 2),
     }
     if args.swap:
         by_version = {v: sum(a[3] == v for a in answers) for v in sorted({a[3] for a in answers})}

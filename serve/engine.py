@@ -15,15 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from xbtcore.search import Hit, MicroBatcher, MixedGallery, search_threads, state_of
+from xbtcore.search import Hit, MicroBatcher, MixedGallery, cores, state_of
 
 log = logging.getLogger("xbt.serve")
 
 
 def one_thread_per_request() -> None:
-    """Concurrency comes from the requests, each on its own thread: faiss and torch each using every core
-    for one query would only contend (`python -m bench.serving ivf` times an exact scan both ways; see
-    docs/serving.md)."""
+    """A query's forward pass and a lone search run on one thread: the requests in flight are the
+    concurrency. A batch's scan (Engine._search_texts, one at a time) uses every core."""
     import faiss
     import torch
 
@@ -143,7 +142,7 @@ class Engine:
 
         encoder, search = self._single
         queries = encoder.embed_texts([t for t, _ in items]).float().numpy()  # (B, D)
-        faiss.omp_set_num_threads(search_threads(len(items)))  # this thread's OpenMP setting only
+        faiss.omp_set_num_threads(cores())  # OpenMP's setting is per thread: this batch's leader's
         hits = search(queries, max(k for _, k in items))
         return [h[:k] for h, (_, k) in zip(hits, items)]
 
@@ -169,6 +168,8 @@ class Engine:
             "index": str(self.gallery.path),
             "items": len(self.gallery.old),
             "backfilled": round(self.gallery.fraction, 4) if self.new_encoder is not None else 0.0,
+            "text_batches": self.text_batches.batches if self.text_batches else 0,
+            "text_queries_batched": self.text_batches.items if self.text_batches else 0,
         }
 
 

@@ -228,9 +228,62 @@ class GalleryIndex:
         return [[Hit(self.ids[r], s) for r, s in row] for row in top_rows(self.index, queries, k, allowed)]
 
 
+SCAN_BLOCK = 65536  # vectors per matrix product of exact_scan: (65536, B) scores stay in cache
+
+
+def exact_scan(vectors: np.ndarray, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+    """Exact top k by inner product, (score desc, row asc), reading the vectors once for all the queries.
+
+    vectors: (N, D) float32; queries: (B, D). Block by block, one matrix product scores the block for every
+    query; a query keeps the rows at or above its running k-th best score (so ties at the cut are all
+    kept, then decided by row). faiss's flat kernel reads every vector once per query instead: a batch
+    of 8 costs it 8 scans (`python -m bench.serving scan`)."""
+    n, b = len(vectors), len(queries)
+    k = min(k, n)
+    qt = np.ascontiguousarray(queries.T, dtype=np.float32)  # (D, B)
+    kept_rows: list[list[np.ndarray]] = [[] for _ in range(b)]
+    kept_scores: list[list[np.ndarray]] = [[] for _ in range(b)]
+    counts = np.zeros(b, dtype=np.int64)
+    floor = np.full(b, -np.inf, dtype=np.float32)  # (B,) a score below this cannot be in the top k
+    buffer = np.empty((min(n, SCAN_BLOCK), b), dtype=np.float32)  # reused: no allocation per block
+    for start in range(0, n, SCAN_BLOCK):
+        block = vectors[start : start + SCAN_BLOCK]
+        scores = np.matmul(block, qt, out=buffer[: len(block)])  # (m, B)
+        if start == 0 and len(scores) >= k:
+            floor = np.partition(scores, len(scores) - k, axis=0)[len(scores) - k]  # (B,) k-th best so far
+        for j in range(b):
+            rows = np.flatnonzero(scores[:, j] >= floor[j])
+            if not len(rows):
+                continue
+            kept_rows[j].append(rows + start)
+            kept_scores[j].append(scores[rows, j])
+            counts[j] += len(rows)
+            if counts[j] > 4 * k:  # tighten: keep what is at or above the k-th best
+                s, r = np.concatenate(kept_scores[j]), np.concatenate(kept_rows[j])
+                floor[j] = np.partition(s, len(s) - k)[len(s) - k]
+                keep = s >= floor[j]
+                kept_scores[j], kept_rows[j], counts[j] = [s[keep]], [r[keep]], int(keep.sum())
+    out = []
+    for j in range(b):
+        s, r = np.concatenate(kept_scores[j]), np.concatenate(kept_rows[j])
+        best = np.lexsort((r, -s))[:k]
+        out.append(list(zip(r[best].tolist(), s[best].astype(float).tolist())))
+    return out
+
+
+def flat_vectors(index) -> np.ndarray | None:
+    """(N, D) a view of an exact faiss index's vectors (no copy); None for any other index."""
+    import faiss
+
+    if not isinstance(index, faiss.IndexFlatIP):
+        return None
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+
+
 def top_rows(index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[tuple[int, float]]]:
     """faiss search with a deterministic order: (score desc, row asc). Asks for more than k until the k-th
-    score is not tied with the last returned one, so a tie at the cut is decided by row, not by faiss."""
+    score is not tied with the last returned one, so a tie at the cut is decided by row, not by faiss.
+    An exact index searched whole goes through exact_scan, which keeps every tie at the cut itself."""
     import faiss
 
     queries = normalise(np.atleast_2d(queries))  # (B, D)
@@ -238,6 +291,9 @@ def top_rows(index, queries: np.ndarray, k: int, allowed: np.ndarray | None = No
     k = min(k, n)
     if k <= 0:
         return [[] for _ in range(len(queries))]
+    vectors = flat_vectors(index) if allowed is None else None
+    if vectors is not None:
+        return exact_scan(vectors, queries, k)
     params = None
     if allowed is not None:
         params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(np.packbits(allowed, bitorder="little")))
@@ -258,13 +314,10 @@ def top_rows(index, queries: np.ndarray, k: int, allowed: np.ndarray | None = No
 
 
 class _Pending:
-    __slots__ = ("item", "wake", "lead", "done", "result", "error")
+    __slots__ = ("item", "done", "result", "error")
 
     def __init__(self, item):
-        import threading
-
-        self.item, self.wake, self.lead, self.done = item, threading.Event(), False, False
-        self.result = None
+        self.item, self.done, self.result = item, False, None
         self.error: BaseException | None = None
 
 
@@ -272,64 +325,60 @@ class MicroBatcher:
     """Concurrent callers' items answered by one call of `run(items) -> results` per batch.
 
     A query's fixed costs (a model forward pass, an exact scan that reads every vector) are paid once per
-    batch instead of once per query. The first caller leads: it runs everything pending, its own item
-    included, then hands the lead to the oldest caller that arrived meanwhile; a lone caller runs alone at
-    once, so nothing waits for a batch to fill. No thread of its own, nothing to stop. A fault in `run`
-    reaches every caller of that batch and the next batch runs.
+    batch instead of once per query. One batch runs at a time, in the thread of a caller: a caller that
+    finds none running runs everything pending (its own item included, at most `max_batch`); the others
+    wait, and whoever finds none running next takes what has queued meanwhile. A lone caller runs at
+    once: nothing waits for a batch to fill. No thread of its own, nothing to stop. A fault in `run`
+    reaches every caller of that batch, and the next batch runs.
     """
 
     def __init__(self, run: Callable[[list], list], max_batch: int = 64):
         import threading
 
         self.run, self.max_batch = run, max_batch
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._pending: list[_Pending] = []
-        self._leading = False
+        self._running = 0  # batches in flight
         self.batches = 0  # calls of run
         self.items = 0
 
     def submit(self, item):
         me = _Pending(item)
-        with self._lock:
+        with self._cond:
             self._pending.append(me)
-            if not self._leading:
-                self._leading = me.lead = True
-        if not me.lead:
-            me.wake.wait()  # set when answered, or when handed the lead
-        if not me.done:
-            self._lead()
+            while not me.done:
+                if not self._running and self._pending:
+                    batch = self._pending[: self.max_batch]
+                    del self._pending[: self.max_batch]
+                    self._running += 1
+                    self._cond.release()
+                    try:
+                        self._run(batch)
+                    finally:
+                        self._cond.acquire()
+                        self._running -= 1
+                        self.batches += 1
+                        self.items += len(batch)
+                        for p in batch:
+                            p.done = True
+                        self._cond.notify_all()
+                else:
+                    self._cond.wait()
         if me.error is not None:
             raise me.error
         return me.result
 
-    def _lead(self) -> None:
-        with self._lock:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+    def _run(self, batch: list[_Pending]) -> None:
         try:
             for p, r in zip(batch, self.run([p.item for p in batch]), strict=True):
                 p.result = r
         except BaseException as e:
             for p in batch:
                 p.error = e
-        finally:
-            self.batches += 1
-            self.items += len(batch)
-            with self._lock:
-                if self._pending:
-                    self._pending[0].lead = True
-                    self._pending[0].wake.set()
-                else:
-                    self._leading = False
-            for p in batch:
-                p.done = True
-                p.wake.set()
 
 
-def search_threads(n_queries: int) -> int:
-    """faiss threads for a batch of queries: one for a single query (a flat scan of 1M x 64: 11.3 ms on one
-    thread, 18.1 ms on two of a 2-core machine, `python -m bench.serving scan`), every core for more."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 1 if n_queries == 1 else cores
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def merge_hits(lists: Sequence[list[Hit]], k: int) -> list[Hit]:
