@@ -215,11 +215,13 @@ def _backfill_goals(r: dict) -> list[tuple]:
 
 def _load_goals(r: dict) -> list[tuple]:
     swap = r.get("swap") or {}
+    p99_steady = r.get("p99_ms_outside_swap", "n/a")
     return [
         (
             f"search latency, {r['items']:,} items, {r['index']} index",
             f"p99 <= 50 ms at concurrency {r['concurrency']} on loopback",
-            f"p99 {r['p99_ms']} ms, p50 {r['p50_ms']} ms, {r['throughput_rps']} requests/s",
+            f"p99 {r['p99_ms']} ms ({p99_steady} ms outside the champion swap), p50 {r['p50_ms']} ms, "
+            f"{r['throughput_rps']} requests/s",
             r["p99_ms"] <= 50,
             f"missed by {r['p99_ms'] - 50:.1f} ms: the server spends {r['server_cpu_ms_per_request']} ms of CPU "
             "per request, most of it the exact scan, and 8 requests in flight share 2 cores",

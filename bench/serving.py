@@ -380,6 +380,11 @@ def bench_load(args) -> dict:
     if args.swap:
         by_version = {v: sum(a[3] == v for a in answers) for v in sorted({a[3] for a in answers})}
         after = [a for a in answers if a[3] == "1"]
+        if after:  # the latency outside the swap: from the rollback to a second after version 1 first answered
+            lo, hi = swap["at_s"], min(a[0] for a in after) + 1.0
+            steady = np.array([a[1] for a in answers if not lo <= a[0] <= hi]) * 1000
+            out["p99_ms_outside_swap"] = round(float(np.percentile(steady, 99)), 1)
+            out["p50_ms_outside_swap"] = round(float(np.percentile(steady, 50)), 1)
         out["swap"] = {
             **swap,
             "from_version": "2",
