@@ -153,17 +153,6 @@ def bench_ivf(args) -> dict:
         out[kind] = {"build_s": round(build, 2), "ms_per_query": round(1000 * per_query, 3)}
         if kind == "ivf":
             out[kind].update(nlist=index.nlist, nprobe=index.nprobe)
-        else:  # what one thread per request (serve.engine.one_thread_per_request) costs a single scan
-            import faiss
-
-            threads = faiss.omp_get_max_threads()
-            faiss.omp_set_num_threads(1)
-            t0 = time.perf_counter()
-            for q in queries[:100]:
-                top_rows(index, q[None], 10)
-            out[kind]["ms_per_query_one_thread"] = round(1000 * (time.perf_counter() - t0) / 100, 3)
-            out[kind]["threads"] = threads
-            faiss.omp_set_num_threads(threads)
     out["ivf_recall@10_vs_exact"] = round(
         float(np.mean([len(a & b) / 10 for a, b in zip(results["ivf"], results["flat"])])), 4
     )
