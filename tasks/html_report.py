@@ -553,10 +553,10 @@ def _backfill_section(report: dict) -> str:
         return ""
     refs = {"old/old (the system today)": report["recall"]["t2i"]["old/old"]["1"]}
     ks = list(study["dense-clusters"][0])
-    head = "<tr><th>re-embedded</th>" + "".join(f"<th>{_e(o)} R@{_e(k)}</th>" for o in ORDER_COLOURS for k in ks)
-    rows = [head + "</tr>"]
+    head = "".join(f"<th>{_e(o)}<br>R@{' / '.join(map(_e, ks))}</th>" for o in ORDER_COLOURS)
+    rows = [f"<tr><th>re-embedded</th>{head}</tr>"]
     for i, f in enumerate(study["fractions"]):
-        cells = "".join(f"<td>{float(study[o][i][k]):.2f}</td>" for o in ORDER_COLOURS for k in ks)
+        cells = "".join(f"<td>{' / '.join(f'{float(study[o][i][k]):.2f}' for k in ks)}</td>" for o in ORDER_COLOURS)
         rows.append(f"<tr><td>{round(100 * float(f))}%</td>{cells}</tr>")
     return (
         "<section><h2>If you backfill: recall on the way</h2>"
