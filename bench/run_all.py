@@ -185,27 +185,28 @@ def goal_rows(name: str, r: dict) -> list[tuple[str, str, str, bool | None, str]
 
 
 def _backfill_goals(r: dict) -> list[tuple]:
+    order = r["order"]
     curve = {c["fraction"]: c for c in r["curve"]}
     alone, full = r["recall_t2i"]["new/old"], r["recall_t2i"]["orig-new/new"]
-    lowest = min(c[o][k] - alone[k] for c in r["curve"] for o in ("dense-clusters", "random") for k in alone)
-    ends = all(curve[1.0][o] == full for o in ("dense-clusters", "random"))
+    lowest = min(c[order][k] - alone[k] for c in r["curve"] for k in alone)
+    ends = curve[1.0][order] == full
     behind = [
-        f"R@{k} at {round(100 * f)}% by {curve[f]['random'][k] - curve[f]['dense-clusters'][k]:.2f}"
+        f"R@{k} at {round(100 * f)}% by {curve[f]['random'][k] - curve[f][order][k]:.2f}"
         for f in (0.25, 0.5)
         for k in ("1", "5", "10")
-        if curve[f]["dense-clusters"][k] <= curve[f]["random"][k]
+        if curve[f][order][k] <= curve[f]["random"][k]
     ]
     return [
         (
             "mixed gallery while backfilling",
-            "never below the compatible query alone; orig-new/new at 100%",
+            f"{order} order: never below the compatible query alone; orig-new/new at 100%",
             f"lowest {lowest:+.2f} points against the compatible query alone; at 100% orig-new/new: {ends}",
             lowest >= 0 and ends,
             "",
         ),
         (
             "backfill order",
-            "dense-clusters ahead of random (mean of its orders) at 25% and 50%, R@1, 5, 10",
+            f"{order} ahead of random (mean of its orders) at 25% and 50%, R@1, 5, 10",
             "ahead everywhere" if not behind else "behind at " + ", ".join(behind),
             not behind,
             "random is ahead at " + ", ".join(behind) if behind else "",
@@ -591,10 +592,13 @@ def _serving_backfill(r: dict) -> list[str]:
         "",
         f"![t2i R@1 of the mixed gallery against the share backfilled]({BACKFILL_FIGURE})",
         "",
-        "| backfilled | dense-clusters | random (mean) |",
-        "|---|---|---|",
     ]
-    lines += [f"| {round(100 * c['fraction'])}% | {_r(c['dense-clusters'])} | {_r(c['random'])} |" for c in r["curve"]]
+    orders = [o for o in r["curve"][0] if o not in ("fraction", "random_min_max")]
+    lines += [
+        "| backfilled | " + " | ".join(f"{o}{' (xbt backfill)' if o == r['order'] else ''}" for o in orders) + " |",
+        "|---|" + "---|" * len(orders),
+    ]
+    lines += [f"| {round(100 * c['fraction'])}% | " + " | ".join(_r(c[o]) for o in orders) + " |" for c in r["curve"]]
     return lines
 
 
@@ -606,9 +610,10 @@ def figures(results: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     r = json.loads(path.read_text())
+    orders = [r["order"], *(o for o in r["curve"][0] if o not in ("fraction", "random_min_max", r["order"]))]
     study = {
         "fractions": [c["fraction"] for c in r["curve"]],
-        **{o: [c[o] for c in r["curve"]] for o in ("dense-clusters", "random")},
+        "curves": {o: [c[o] for c in r["curve"]] for o in orders},
     }
     return {BACKFILL_FIGURE: backfill_svg(study, "1", {"old/old": r["recall_t2i"]["old/old"]["1"]})}
 

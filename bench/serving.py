@@ -8,7 +8,7 @@
     python -m bench.serving scan [--items 1000000] [--seconds 2]            one exact scan: batch, threads, kernel
 
 backfill: t2i recall (CONTRACT.md's protocol, ties within 1e-5) of the mixed gallery when a fraction of
-it has been re-embedded by the new model's own encoder, dense-clusters order against random order (mean
+it has been re-embedded by the new model's own encoder, each order of xbt backfill against random order (mean
 of --random-seeds permutations), scored as the server scores it (xbtcore.search.MixedGallery). The
 queries are the eval captions: the bundle's compatible encoder for the old space, the new model for the
 new one. Without --bundle the upgrade is a Procrustes map fitted on a world corpus (the `procrustes`
@@ -66,7 +66,7 @@ def bench_backfill(args) -> dict:
     from worlds import shapes
     from xbtcore.bundle import base_encoder, load_compatible, read_meta
     from xbtcore.encoders import DualEncoder
-    from xbtcore.search import backfill_curve, backfill_order
+    from xbtcore.search import BACKFILL_ORDER, BACKFILL_ORDERS, backfill_curve, backfill_order
 
     work = Path(args.work or tempfile.mkdtemp(prefix="xbt-bench-serving-"))
     spec = shapes.WorldSpec(
@@ -97,9 +97,8 @@ def bench_backfill(args) -> dict:
         v_old, v_new = old.embed_images(images).numpy(), new.embed_images(images).numpy()  # (N, D_old), (N, D_new)
         w_old, w_compat, w_new = (e.embed_texts(captions).numpy() for e in (old, compat, new))  # (Q, D) each
         np.savez(cached, v_old=v_old, v_new=v_new, w_old=w_old, w_compat=w_compat, w_new=w_new)
-    chosen = backfill_order(v_old, "dense-clusters")
-    randoms = [backfill_order(v_old, "random", seed=s) for s in range(args.random_seeds)]
-    orders = {"dense-clusters": [chosen], "random": randoms}
+    orders = {o: [backfill_order(v_old, o)] for o in BACKFILL_ORDERS if o != "random"}
+    orders["random"] = [backfill_order(v_old, "random", seed=s) for s in range(args.random_seeds)]
     runs = backfill_curve(w_compat, v_old, w_new, v_new, own, orders, FRACTIONS, KS, scoring=args.scoring)
     curve = []
     for i, f in enumerate(FRACTIONS):
@@ -108,7 +107,7 @@ def bench_backfill(args) -> dict:
         curve.append(
             {
                 "fraction": f,
-                "dense-clusters": runs["dense-clusters"][0][i],
+                **{o: runs[o][0][i] for o in orders if o != "random"},
                 "random": mean,
                 "random_min_max": {k: [min(r[k] for r in r_rand), max(r[k] for r in r_rand)] for k in mean},
             }
@@ -129,6 +128,7 @@ def bench_backfill(args) -> dict:
             "orig-new/new": _recall(s_new, own),
         },
         "scoring": args.scoring,
+        "order": BACKFILL_ORDER,
         "curve": curve,
         "random_seeds": args.random_seeds,
     }

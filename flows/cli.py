@@ -561,10 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bf.add_argument(
         "--order",
-        default="dense-clusters",
-        choices=["dense-clusters", "random"],
-        help="which items first: dense-clusters re-embeds whole old-space neighbourhoods, the "
-        "tightest first (docs/serving.md measures it against random)",
+        default="cluster-ends",
+        choices=["cluster-ends", "dense-clusters", "random"],
+        help="which items first, whole old-space neighbourhoods at a time: cluster-ends the loosest and "
+        "the tightest alternately, dense-clusters the tightest first (docs/serving.md measures both against random)",
     )
     bf.add_argument("--chunk-rows", type=int, default=1024, help="items per resumable chunk")
     bf.add_argument("--seed", type=int, default=0, help="seed of the random order")

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from xbtcore.data import InputError, parquet_files
 from xbtcore.search import (
+    BACKFILL_ORDER,
     IDS,
     PLAN,
     backfill_order,
@@ -135,7 +136,7 @@ def index_gallery(
 def backfill(
     index: str,
     model,
-    order: str = "dense-clusters",
+    order: str = BACKFILL_ORDER,
     chunk_rows: int = 1024,
     seed: int = 0,
     stop_after: int | None = None,

@@ -476,16 +476,17 @@ def _examples_section(examples: list[dict] | None) -> str:
     return "".join(out)
 
 
-ORDER_COLOURS = {"dense-clusters": "#1c7ed6", "random": "#f08c00"}
+ORDER_COLOURS = ("#1c7ed6", "#f08c00", "#868e96", "#ae3ec9")  # the product's order first, then random
 
 
 def backfill_svg(study: dict, k: str = "1", refs: dict | None = None) -> str:
     """A line per backfill order: t2i R@k of the mixed gallery against the share of the gallery re-embedded.
-    study: report.json's `backfill` (fractions, one recall dict per fraction per order). refs: label ->
-    value drawn as a dashed line across (old/old, the system today)."""
+    study: report.json's `backfill` (fractions; curves: order -> one recall dict per fraction, the
+    product's order first). refs: label -> value drawn as a dashed line across (old/old, the system today)."""
     fractions = [float(f) for f in study["fractions"]]
-    orders = [o for o in ORDER_COLOURS if o in study]
-    values = [float(study[o][i][k]) for o in orders for i in range(len(fractions))]
+    curves = study["curves"]
+    colour = dict(zip(curves, ORDER_COLOURS))
+    values = [float(c[i][k]) for c in curves.values() for i in range(len(fractions))]
     values += [float(v) for v in (refs or {}).values()]
     lo, hi = 5 * math.floor(min(values) / 5), 5 * math.ceil(max(values) / 5 + 1e-9)
     hi = max(hi, lo + 5)
@@ -523,24 +524,23 @@ def backfill_svg(study: dict, k: str = "1", refs: dict | None = None) -> str:
             f'<line x1="{left}" x2="{w - right}" y1="{y(float(v)):.1f}" y2="{y(float(v)):.1f}" stroke="#343a40" '
             f'stroke-dasharray="3 2"><title>{_e(label)}: {float(v):.2f}</title></line>'
         )
-    for o in orders:
-        pts = [(x(f), y(float(study[o][i][k]))) for i, f in enumerate(fractions)]
-        colour = ORDER_COLOURS[o]
+    for o, curve in curves.items():
+        pts = [(x(f), y(float(curve[i][k]))) for i, f in enumerate(fractions)]
         out.append(
-            f'<polyline fill="none" stroke="{colour}" stroke-width="2" '
+            f'<polyline fill="none" stroke="{colour[o]}" stroke-width="2" '
             f'points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in pts)}"/>'
         )
         for (a, b), f, i in zip(pts, fractions, range(len(fractions))):
             out.append(
-                f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{colour}"><title>{_e(o)} at {round(100 * f)}%: '
-                f"{float(study[o][i][k]):.2f}</title></circle>"
+                f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{colour[o]}"><title>{_e(o)} at {round(100 * f)}%: '
+                f"{float(curve[i][k]):.2f}</title></circle>"
             )
-    for i, (label, colour, dash) in enumerate(
-        [(f"{o} order", ORDER_COLOURS[o], "") for o in orders] + [(r, "#343a40", "3 2") for r in refs or {}]
+    for i, (label, line, dash) in enumerate(
+        [(f"{o} order", colour[o], "") for o in curves] + [(r, "#343a40", "3 2") for r in refs or {}]
     ):
         ly = top + 8 + 14 * i
         out.append(
-            f'<line x1="{left + 10}" x2="{left + 28}" y1="{ly}" y2="{ly}" stroke="{colour}" stroke-width="2" '
+            f'<line x1="{left + 10}" x2="{left + 28}" y1="{ly}" y2="{ly}" stroke="{line}" stroke-width="2" '
             f'stroke-dasharray="{dash}"/><text x="{left + 33}" y="{ly + 4}" font-size="11">{_e(label)}</text>'
         )
     out.append(f'<line x1="{left}" x2="{w - right}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#adb5bd"/></svg>')
@@ -552,18 +552,19 @@ def _backfill_section(report: dict) -> str:
     if not study:
         return ""
     refs = {"old/old (the system today)": report["recall"]["t2i"]["old/old"]["1"]}
-    ks = list(study["dense-clusters"][0])
-    head = "".join(f"<th>{_e(o)}<br>R@{' / '.join(map(_e, ks))}</th>" for o in ORDER_COLOURS)
+    curves = study["curves"]
+    ks = list(next(iter(curves.values()))[0])
+    head = "".join(f"<th>{_e(o)}<br>R@{' / '.join(map(_e, ks))}</th>" for o in curves)
     rows = [f"<tr><th>re-embedded</th>{head}</tr>"]
     for i, f in enumerate(study["fractions"]):
-        cells = "".join(f"<td>{' / '.join(f'{float(study[o][i][k]):.2f}' for k in ks)}</td>" for o in ORDER_COLOURS)
+        cells = "".join(f"<td>{' / '.join(f'{float(c[i][k]):.2f}' for k in ks)}</td>" for c in curves.values())
         rows.append(f"<tr><td>{round(100 * float(f))}%</td>{cells}</tr>")
     return (
         "<section><h2>If you backfill: recall on the way</h2>"
         '<p class="muted small">Text queries on this eval set while <code>xbt backfill</code> re-embeds the '
         "gallery with the new model, searched as <code>xbt serve</code> searches the mixed gallery: at 0% the "
         "upgraded queries against the old gallery (new/old), at 100% the new model alone (orig-new/new). "
-        "dense-clusters is the order <code>xbt backfill</code> uses. "
+        f"{_e(study['order'])} is the order <code>xbt backfill</code> uses. "
         f"Random order: the mean of {study['random_orders']} permutations.</p>"
         f'<div class="grid"><div>{backfill_svg(study, "1", refs)}</div>'
         f"<div><table>{''.join(rows)}</table></div></div></section>"

@@ -219,10 +219,10 @@ def test_serving_results_render_their_goals_and_the_backfill_figure(tmp_path):
     run = {"command": "x", "seconds": 1.0, "date": "d", "commit": "c", "memory_gb": 1.0, "loadavg_1m": [0.1, 0.2]}
     case = {"1": 30.0, "5": 70.0, "10": 85.0}
     curve = [
-        {"fraction": f, "dense-clusters": {k: v + 10 * f for k, v in case.items()}, "random": dict(case)}
+        {"fraction": f, "cluster-ends": {k: v + 10 * f for k, v in case.items()}, "random": dict(case)}
         for f in (0.0, 0.25, 0.5, 1.0)
     ]
-    curve[-1]["random"] = curve[-1]["dense-clusters"]
+    curve[-1]["random"] = curve[-1]["cluster-ends"]
     curve[2]["random"] = {k: v + 9 for k, v in case.items()}  # random ahead at 50%
     results = tmp_path / "results"
     results.mkdir()
@@ -233,7 +233,8 @@ def test_serving_results_render_their_goals_and_the_backfill_figure(tmp_path):
         "images": 100,
         "method": "procrustes",
         "curve": curve,
-        "recall_t2i": {"old/old": case, "new/old": case, "orig-new/new": curve[-1]["dense-clusters"]},
+        "order": "cluster-ends",
+        "recall_t2i": {"old/old": case, "new/old": case, "orig-new/new": curve[-1]["cluster-ends"]},
     }
     load = {
         "machine": "m",
@@ -254,7 +255,7 @@ def test_serving_results_render_their_goals_and_the_backfill_figure(tmp_path):
     doc = tmp_path / "docs" / "benchmarks.md"
     run_all.main(["--render-only", "--results", str(results), "--doc", str(doc)])
     text = doc.read_text()
-    assert "| backfill order | dense-clusters ahead of random" in text
+    assert "| backfill order | cluster-ends ahead of random" in text
     assert "behind at R@1 at 50% by 4.00" in text  # 39 vs 35
     assert "missed by 30.0 ms" in text and "| champion swap mid-load |" in text
     svg = (doc.parent / run_all.BACKFILL_FIGURE).read_text()

@@ -108,8 +108,8 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
     assert report["promotion"]["promoted"] == report["gate"]["passed"]
     curve = report["backfill"]  # a backfill's way from the compatible queries to the new model alone
     for k in ("1", "5", "10"):  # numpy here, torch there: a near-tie may fall the other way
-        assert curve["dense-clusters"][0][k] == pytest.approx(report["recall"]["t2i"]["new/old"][k], abs=0.1)
-        assert curve["random"][-1][k] == pytest.approx(report["recall"]["t2i"]["orig-new/new"][k], abs=0.1)
+        assert curve["curves"][curve["order"]][0][k] == pytest.approx(report["recall"]["t2i"]["new/old"][k], abs=0.1)
+        assert curve["curves"]["random"][-1][k] == pytest.approx(report["recall"]["t2i"]["orig-new/new"][k], abs=0.1)
     assert report["next_steps"] == next_steps(report, PretrainConfig())  # what the CLI prints under the verdict
     assert all(report["steps"][s] == "Completed" for s in CACHED_STEPS)
     # The HTML report next to it: the map and 6 example queries (own image + top 5 of each model).

@@ -291,11 +291,12 @@ def test_backfill_study_starts_at_new_old_and_ends_at_orig_new_new_and_is_drawn(
     study = backfill_study(old, upgraded, orig, caption_image, random_orders=2)
     recall = evaluate_cases(old, upgraded, orig, caption_image)["t2i"]
     assert study["fractions"][0] == 0.0 and study["fractions"][-1] == 1.0
-    for order in ("dense-clusters", "random"):
-        assert len(study[order]) == len(study["fractions"])
+    assert list(study["curves"]) == [study["order"], "random"] and study["order"] == "cluster-ends"
+    for curve in study["curves"].values():
+        assert len(curve) == len(study["fractions"])
         for k in ("1", "5", "10"):
-            assert study[order][0][k] == pytest.approx(recall["new/old"][k], abs=0.01)
-            assert study[order][-1][k] == pytest.approx(recall["orig-new/new"][k], abs=0.01)
+            assert curve[0][k] == pytest.approx(recall["new/old"][k], abs=0.01)
+            assert curve[-1][k] == pytest.approx(recall["orig-new/new"][k], abs=0.01)
     html = render_report({**_report(), "backfill": study})
     assert "If you backfill" in html and html.count("<polyline") == 2
     assert "If you backfill" not in render_report(_report())

@@ -296,7 +296,7 @@ def test_mixed_gallery_merges_both_spaces_into_one_ranking(tmp_path):
     assert [h.id for h in done.search(None, q_new, 5)] == sorted(ids, key=lambda i: -s_new[i])[:5]
 
 
-def test_dense_clusters_order_moves_whole_neighbourhoods_tightest_first():
+def test_orders_move_whole_neighbourhoods_tightest_first_or_from_both_ends():
     rng = np.random.default_rng(4)
     centres = search.normalise(rng.standard_normal((3, 16))) * 4
     spreads = (0.05, 0.4, 0.8)  # cluster 0 is the tightest
@@ -309,7 +309,12 @@ def test_dense_clusters_order_moves_whole_neighbourhoods_tightest_first():
     assert sorted(order.tolist()) == list(range(90))
     assert (cluster_of_row[:30] == 0).all()  # the tight cluster first, whole
     assert (np.diff(cluster_of_row) != 0).sum() == 2  # each cluster contiguous
+    ends = (perm // 30)[search.backfill_order(vectors[perm], "cluster-ends")]
+    assert [ends[0], ends[30], ends[60]] == [2, 0, 1] and (np.diff(ends) != 0).sum() == 2  # loosest, tightest, ...
+    assert search.BACKFILL_ORDER == "cluster-ends"
     assert sorted(search.backfill_order(vectors, "random", seed=1).tolist()) == list(range(90))
+    with pytest.raises(ValueError, match="unknown backfill order 'tightest'"):
+        search.backfill_order(vectors, "tightest")
 
 
 def test_qdrant_collection_answers_as_the_exact_index_and_its_alias_swaps(tmp_path):

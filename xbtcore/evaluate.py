@@ -77,14 +77,15 @@ def backfill_study(
 ) -> dict:
     """What a progressive backfill of this gallery (`xbt backfill`) gives text queries on the way: t2i
     recall of the mixed gallery as `xbt serve` ranks it, at each fraction re-embedded by the new model,
-    in the order `xbt backfill` uses (dense-clusters) and in random order (the mean of `random_orders`)."""
+    in the order `xbt backfill` uses and in random order (the mean of `random_orders`).
+    -> {direction, fractions, order (xbt backfill's), curves: {order: [{K: recall} per fraction]}, random_orders}"""
     import numpy as np
 
-    from .search import BACKFILL_FRACTIONS, backfill_curve, backfill_order
+    from .search import BACKFILL_FRACTIONS, BACKFILL_ORDER, backfill_curve, backfill_order
 
     v_old = old.image.float().numpy()  # (N, D_old)
     orders = {
-        "dense-clusters": [backfill_order(v_old, "dense-clusters")],
+        BACKFILL_ORDER: [backfill_order(v_old, BACKFILL_ORDER)],
         "random": [backfill_order(v_old, "random", seed=s) for s in range(random_orders)],
     }
     runs = backfill_curve(
@@ -102,8 +103,8 @@ def backfill_study(
     return {
         "direction": "t2i",
         "fractions": list(BACKFILL_FRACTIONS),
-        "dense-clusters": runs["dense-clusters"][0],
-        "random": mean,
+        "order": BACKFILL_ORDER,
+        "curves": {BACKFILL_ORDER: runs[BACKFILL_ORDER][0], "random": mean},
         "random_orders": random_orders,
     }
 
