@@ -542,6 +542,8 @@ def upgrade(params: UpgradeParams) -> dict:
     )
     backfill_file = Path(evaluated) / "backfill.json"
     backfill = read_json(backfill_file) if backfill_file.is_file() else None
+    if backfill is not None and "curves" not in backfill:  # an evaluation cached by an older xbt: leave it out
+        backfill = None
     report = build_report(run, recall, verdict, margins, promotion, advice, candidates, chosen, backfill)
     written = write_report(report, data["eval"], str(Path(evaluated) / "sample.safetensors"), str(out))
     if reg["new_run"]:
