@@ -137,7 +137,7 @@ class Engine:
         return self.gallery.old.space
 
     def _search_texts(self, items: list[tuple[str, int]]) -> list[list[Hit]]:
-        """[(text, k)] -> each text's top k, from one forward pass and one faiss call."""
+        """[(text, k)] -> each text's top k, from one forward pass and one search of the index."""
         import faiss
 
         encoder, search = self._single
