@@ -38,10 +38,10 @@ FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 
 
 def _recall(scores: np.ndarray, own: np.ndarray) -> dict:
-    """(Q, N) scores, (Q,) own item per query -> {K: recall %}; rank = items above own by more than 1e-5."""
-    own_score = scores[np.arange(len(own)), own][:, None]  # (Q, 1)
-    ranks = (scores > own_score + 1e-5).sum(axis=1)  # (Q,)
-    return {str(k): round(100.0 * float((ranks < k).mean()), 2) for k in KS}
+    """(Q, N) scores, (Q,) own item per query -> {K: recall %}, CONTRACT.md's tie rule."""
+    from xbtcore.recall import percent_within, ranks_above_own
+
+    return percent_within(ranks_above_own(scores, own), KS)
 
 
 def _procrustes_bundle(out: Path, corpus: str, old: str, new: str) -> Path:

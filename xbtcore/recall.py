@@ -93,7 +93,7 @@ def recall_at_k(
             ranks = query_ranks(text_emb, image_emb, caption_image, direction, chunk_size)
         else:
             ranks = _faiss_ranks(text_emb, image_emb, caption_image, max(ks), direction)
-        out[direction] = _percent(ranks, ks)
+        out[direction] = percent_within(ranks, ks)
     return out
 
 
@@ -137,13 +137,22 @@ def recall_at_k_reference(
     owns = caption_image[None, :] == torch.arange(n_images)[:, None]  # (Ni, Nc)
     best = sims.T.masked_fill(~owns, float("-inf")).amax(1)  # (Ni,)
     i2t = ((sims.T > best[:, None] + TIE_TOLERANCE) & ~owns).sum(1)  # (Ni,)
-    return {"t2i": _percent(t2i, ks), "i2t": _percent(i2t, ks)}
+    return {"t2i": percent_within(t2i, ks), "i2t": percent_within(i2t, ks)}
 
 
-def _percent(ranks: torch.Tensor, ks: Sequence[int]) -> dict:
-    """Share of queries with rank < K, in percent, two decimals, keyed by str(K)."""
-    ranks = ranks.cpu()
+def percent_within(ranks, ks: Sequence[int]) -> dict:
+    """Share of queries with rank < K, in percent, two decimals, keyed by str(K). ranks: a tensor or array."""
+    ranks = torch.as_tensor(ranks).cpu()
     return {str(k): round(100.0 * (ranks < k).sum().item() / len(ranks), 2) for k in ks}
+
+
+def ranks_above_own(scores, own):
+    """(Q, N) numpy scores of every query against the gallery, (Q,) each query's own item -> (Q,) how many
+    items score more than TIE_TOLERANCE above the own one (a hit at K is rank < K)."""
+    import numpy as np
+
+    own_score = scores[np.arange(len(own)), own][:, None]  # (Q, 1)
+    return (scores > own_score + TIE_TOLERANCE).sum(axis=1)
 
 
 def _ranks(queries: torch.Tensor, gallery: torch.Tensor, own: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -338,7 +338,7 @@ class MicroBatcher:
         self.run, self.max_batch = run, max_batch
         self._cond = threading.Condition()
         self._pending: list[_Pending] = []
-        self._running = 0  # batches in flight
+        self._running = False  # a batch in flight
         self.batches = 0  # calls of run
         self.items = 0
 
@@ -350,13 +350,13 @@ class MicroBatcher:
                 if not self._running and self._pending:
                     batch = self._pending[: self.max_batch]
                     del self._pending[: self.max_batch]
-                    self._running += 1
+                    self._running = True
                     self._cond.release()
                     try:
                         self._run(batch)
                     finally:
                         self._cond.acquire()
-                        self._running -= 1
+                        self._running = False
                         self.batches += 1
                         self.items += len(batch)
                         for p in batch:
@@ -495,8 +495,9 @@ def mixed_ranks(
         elif len(moved):
             cal = moved[calibration_rows(len(moved))]
             scores[:, moved] = blended_score(s_old[:, moved], s_new[:, moved], s_old[:, cal], s_new[:, cal])
-    own_score = scores[np.arange(len(own)), own][:, None]  # (Q, 1)
-    return (scores > own_score + 1e-5).sum(axis=1)
+    from .recall import ranks_above_own
+
+    return ranks_above_own(scores, own)
 
 
 def backfill_curve(
@@ -528,11 +529,11 @@ def backfill_curve(
                     moved = perm[: int(round(fraction * n))]
                     ranks[name][p][f].append(mixed_ranks(s_old, s_new, own[start : start + chunk], moved, scoring))
 
-    def recall(r: list[np.ndarray]) -> dict:
-        r = np.concatenate(r)
-        return {str(k): round(100.0 * float((r < k).mean()), 2) for k in ks}
+    from .recall import percent_within
 
-    return {name: [[recall(r) for r in per] for per in runs] for name, runs in ranks.items()}
+    return {
+        name: [[percent_within(np.concatenate(r), ks) for r in per] for per in runs] for name, runs in ranks.items()
+    }
 
 
 class MixedGallery:
