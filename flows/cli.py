@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from xbtcore.config import parse_settings
+from xbtcore.search import BACKFILL_ORDER, BACKFILL_ORDERS
 
 STARTED = time.time()  # the report's total time counts from here
 
@@ -561,10 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bf.add_argument(
         "--order",
-        default="cluster-ends",
-        choices=["cluster-ends", "dense-clusters", "random"],
-        help="which items first, whole old-space neighbourhoods at a time: cluster-ends the loosest and "
-        "the tightest alternately, dense-clusters the tightest first (docs/serving.md measures both against random)",
+        default=BACKFILL_ORDER,
+        choices=BACKFILL_ORDERS,
+        help="which items first: isolated-first the items farthest from their nearest neighbour in the old "
+        "space; cluster-ends and dense-clusters whole old-space neighbourhoods, the loosest and the tightest "
+        "alternately or the tightest first (docs/serving.md measures each against random)",
     )
     bf.add_argument("--chunk-rows", type=int, default=1024, help="items per resumable chunk")
     bf.add_argument("--seed", type=int, default=0, help="seed of the random order")

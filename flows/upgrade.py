@@ -60,6 +60,7 @@ from xbtcore.finetune import FinetuneConfig
 from xbtcore.methods import by_cost, get_method, head_owner
 from xbtcore.methods.select import choose, qualifies
 from xbtcore.pretrain import PretrainConfig
+from xbtcore.search import BACKFILL_ORDER
 
 STEPS = ("extract", "embed", "pretrain", "train", "validate", "evaluate")  # report.json's timings_s
 
@@ -467,6 +468,7 @@ def upgrade(params: UpgradeParams) -> dict:
     spec = get_method(chosen["method"])
     bundle = publish_bundle(run_of["bundle"], str(out / "bundle"))
 
+    eval_inputs = (data_fp["eval"], model_fp, fingerprint_content(bundle), prev, params.gallery, BACKFILL_ORDER)
     with clock("evaluate"):
         evaluated = evaluate(
             data["eval"],
@@ -475,8 +477,9 @@ def upgrade(params: UpgradeParams) -> dict:
             bundle,
             prev,
             ctx.cache_root,
-            step_path(work, "evaluate", data_fp["eval"], model_fp, fingerprint_content(bundle), prev, params.gallery),
+            step_path(work, "evaluate", *eval_inputs),
             gallery=params.gallery,
+            backfill_order=BACKFILL_ORDER,
         )
     recall = read_json(Path(evaluated) / "recall.json")
     verdict = gate(recall, params.gate_ks, prev is not None)

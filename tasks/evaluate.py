@@ -17,6 +17,7 @@ from xbtcore.evaluate import Side, backfill_study, evaluate_cases, side_of
 from xbtcore.gate import describe_failures, eqn2_gate, no_regression_gate
 from xbtcore.inspect_sample import report_sample
 from xbtcore.margins import gate_margins
+from xbtcore.search import BACKFILL_ORDER
 
 from .common import CACHED, log
 
@@ -102,12 +103,13 @@ def evaluate(
     split: ValSplit | None = None,
     gallery: str | None = None,
     fingerprint: str = "",
+    backfill_order: str = BACKFILL_ORDER,
 ) -> str:
     """The cases of CONTRACT.md (and prev/old for a chain) on an eval set, or on one part of the pairs
     (part "val" of `split`: the validation of a candidate), into the folder `out`: recall.json,
     gate_margins.json (xbtcore.margins), sample.safetensors, the few embeddings the HTML report's map
     and retrieval examples need (xbtcore.inspect_sample.report_sample), and on the eval set backfill.json
-    (xbtcore.evaluate.backfill_study); -> out.
+    (xbtcore.evaluate.backfill_study, in `backfill_order` beside random order); -> out.
 
     The gallery side is always the root model, embedded once into the cache (its images from the stored
     `gallery` where it holds them).
@@ -130,7 +132,7 @@ def evaluate(
     )
     (tmp / "recall.json").write_text(json.dumps(recall, indent=2))
     if part == "all":  # the eval report: what a backfill of this gallery would give on the way
-        study = backfill_study(old_side, upgraded_side, orig_side, evalset.caption_image)
+        study = backfill_study(old_side, upgraded_side, orig_side, evalset.caption_image, backfill_order)
         (tmp / "backfill.json").write_text(json.dumps(study, indent=2))
     if folder.exists():
         shutil.rmtree(folder)

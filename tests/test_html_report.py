@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from tasks.html_report import examples_of, map_panels, render_report
 from xbtcore.evaluate import Side
 from xbtcore.inspect_sample import pca_2d, report_sample
+from xbtcore.search import BACKFILL_ORDER
 
 KS = ("1", "5", "10", "50")
 CASES = ("old/old", "new/old", "new/new", "orig-new/new")
@@ -291,7 +292,7 @@ def test_backfill_study_starts_at_new_old_and_ends_at_orig_new_new_and_is_drawn(
     study = backfill_study(old, upgraded, orig, caption_image, random_orders=2)
     recall = evaluate_cases(old, upgraded, orig, caption_image)["t2i"]
     assert study["fractions"][0] == 0.0 and study["fractions"][-1] == 1.0
-    assert list(study["curves"]) == [study["order"], "random"] and study["order"] == "cluster-ends"
+    assert list(study["curves"]) == [study["order"], "random"] and study["order"] == BACKFILL_ORDER
     for curve in study["curves"].values():
         assert len(curve) == len(study["fractions"])
         for k in ("1", "5", "10"):

@@ -311,10 +311,37 @@ def test_orders_move_whole_neighbourhoods_tightest_first_or_from_both_ends():
     assert (np.diff(cluster_of_row) != 0).sum() == 2  # each cluster contiguous
     ends = (perm // 30)[search.backfill_order(vectors[perm], "cluster-ends")]
     assert [ends[0], ends[30], ends[60]] == [2, 0, 1] and (np.diff(ends) != 0).sum() == 2  # loosest, tightest, ...
-    assert search.BACKFILL_ORDER == "cluster-ends"
     assert sorted(search.backfill_order(vectors, "random", seed=1).tolist()) == list(range(90))
     with pytest.raises(ValueError, match="unknown backfill order 'tightest'"):
         search.backfill_order(vectors, "tightest")
+
+
+def test_isolated_first_takes_the_items_farthest_from_their_nearest_neighbour_first():
+    rng = np.random.default_rng(5)
+    lone = search.normalise(rng.standard_normal((5, 16)))  # far from everything
+    crowd = search.normalise(lone[0] + 0.01 * rng.standard_normal((40, 16)) + 3 * search.normalise(np.ones((1, 16))))
+    vectors = np.concatenate([crowd, lone])
+    order = search.backfill_order(vectors, "isolated-first")
+    assert search.BACKFILL_ORDER == "isolated-first"
+    assert sorted(order.tolist()) == list(range(45))
+    assert set(order[:5].tolist()) == set(range(40, 45))  # the loners first
+    nearest = search.nearest_similarity(vectors)
+    assert (np.diff(nearest[order]) >= 0).all()  # then ever closer to a neighbour
+    twins = search.normalise(np.repeat(rng.standard_normal((1, 16)), 2, axis=0))
+    assert np.allclose(search.nearest_similarity(np.concatenate([twins, lone]))[:2], 1.0)  # a twin is not itself
+    assert search.nearest_similarity(lone[:1])[0] == -np.inf
+
+
+def test_nearest_similarity_past_the_exact_size_agrees_with_the_exact_one():
+    rng = np.random.default_rng(6)
+    centres = search.normalise(rng.standard_normal((30, 32)))
+    x = search.normalise(np.repeat(centres, 100, axis=0) + 0.3 * rng.standard_normal((3000, 32)))
+    exact = search.nearest_similarity(x)
+    approx = search.nearest_similarity(x, exact_up_to=1000)  # the IVF path
+    assert approx.shape == exact.shape and (approx <= exact + 1e-5).all()  # never a neighbour that is not there
+    assert np.mean(np.abs(approx - exact) < 1e-5) > 0.95  # most find the very same neighbour
+    ranks = [np.argsort(np.argsort(a, kind="stable")) for a in (approx, exact)]
+    assert np.corrcoef(*ranks)[0, 1] > 0.99  # and the order by isolation barely moves
 
 
 def test_qdrant_collection_answers_as_the_exact_index_and_its_alias_swaps(tmp_path):

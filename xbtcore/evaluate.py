@@ -73,19 +73,25 @@ def evaluate_cases(
 
 
 def backfill_study(
-    old: Side, upgraded: Side, orig_new: Side, caption_image: torch.Tensor, random_orders: int = 3
+    old: Side,
+    upgraded: Side,
+    orig_new: Side,
+    caption_image: torch.Tensor,
+    order: str | None = None,
+    random_orders: int = 3,
 ) -> dict:
     """What a progressive backfill of this gallery (`xbt backfill`) gives text queries on the way: t2i
     recall of the mixed gallery as `xbt serve` ranks it, at each fraction re-embedded by the new model,
-    in the order `xbt backfill` uses and in random order (the mean of `random_orders`).
-    -> {direction, fractions, order (xbt backfill's), curves: {order: [{K: recall} per fraction]}, random_orders}"""
+    in `order` (default: the one `xbt backfill` uses) and in random order (the mean of `random_orders`).
+    -> {direction, fractions, order, curves: {order: [{K: recall} per fraction], random: [...]}, random_orders}"""
     import numpy as np
 
     from .search import BACKFILL_FRACTIONS, BACKFILL_ORDER, backfill_curve, backfill_order
 
+    order = order or BACKFILL_ORDER
     v_old = old.image.float().numpy()  # (N, D_old)
     orders = {
-        BACKFILL_ORDER: [backfill_order(v_old, BACKFILL_ORDER)],
+        order: [backfill_order(v_old, order)],
         "random": [backfill_order(v_old, "random", seed=s) for s in range(random_orders)],
     }
     runs = backfill_curve(
@@ -103,8 +109,8 @@ def backfill_study(
     return {
         "direction": "t2i",
         "fractions": list(BACKFILL_FRACTIONS),
-        "order": BACKFILL_ORDER,
-        "curves": {BACKFILL_ORDER: runs[BACKFILL_ORDER][0], "random": mean},
+        "order": order,
+        "curves": {order: runs[order][0], "random": mean},
         "random_orders": random_orders,
     }
 
