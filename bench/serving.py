@@ -6,6 +6,7 @@
                                                                             champion rolled back mid-load
     python -m bench.serving crash [--trials 3]                              `xbt backfill` SIGKILLed, then resumed
     python -m bench.serving scan [--items 1000000] [--seconds 2]            one exact scan: batch, threads, kernel
+    python -m bench.serving order [--items 1000000]                         seconds each backfill order takes to choose
 
 backfill: t2i recall (CONTRACT.md's protocol, ties within 1e-5) of the mixed gallery when a fraction of
 it has been re-embedded by the new model's own encoder, each order of xbt backfill against random order (mean
@@ -157,6 +158,30 @@ def bench_ivf(args) -> dict:
         float(np.mean([len(a & b) / 10 for a, b in zip(results["ivf"], results["flat"])])), 4
     )
     return out
+
+
+def bench_order(args) -> dict:
+    """Seconds each backfill order takes to choose on --items synthetic clustered vectors (no model pass)."""
+    from xbtcore.search import BACKFILL_ORDERS, backfill_order, normalise
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((max(1, args.items // 100), args.dim)).astype(np.float32)
+    vectors = normalise(
+        np.repeat(centres, 100, axis=0)[: args.items] + 0.2 * rng.standard_normal((args.items, args.dim))
+    )
+    seconds = {}
+    for how in BACKFILL_ORDERS:
+        t0 = time.perf_counter()
+        backfill_order(vectors, how)
+        seconds[how] = round(time.perf_counter() - t0, 2)
+    return {
+        "bench": "serving.order",
+        "machine": machine(),
+        "commit": git_commit(),
+        "items": args.items,
+        "dim": args.dim,
+        "seconds": seconds,
+    }
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -464,7 +489,7 @@ def bench_crash(args) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["backfill", "ivf", "load", "crash", "scan"])
+    ap.add_argument("part", choices=["backfill", "ivf", "load", "crash", "scan", "order"])
     ap.add_argument("--old", default=str(ROOT / "zoo" / "old"), help="the gallery's model")
     ap.add_argument("--new", default=str(ROOT / "zoo" / "new"), help="the new model")
     ap.add_argument("--bundle", help="an upgrade bundle to serve (default: a Procrustes map of --new onto --old)")
@@ -478,8 +503,8 @@ def main(argv=None) -> dict:
         choices=["blend", "raw"],
         help="backfill: a backfilled item's score; blend: the server's (MixedGallery), raw: its new cosine",
     )
-    ap.add_argument("--items", type=int, default=None, help="ivf/load: gallery size (default 200000 / 1000000)")
-    ap.add_argument("--dim", type=int, default=64, help="ivf: vector size")
+    ap.add_argument("--items", type=int, default=None, help="ivf/load/order: gallery size (default 200000 / 1000000)")
+    ap.add_argument("--dim", type=int, default=64, help="ivf/order: vector size")
     ap.add_argument("--kind", default="flat", choices=["flat", "ivf"], help="load: exact or approximate index")
     ap.add_argument("--concurrency", type=int, default=8, help="load: concurrent clients")
     ap.add_argument("--seconds", type=float, default=20.0, help="load: how long the clients send; scan: per row")
@@ -499,6 +524,7 @@ def main(argv=None) -> dict:
     if args.items is None:
         args.items = 200_000 if args.part == "ivf" else 1_000_000
     run = {"backfill": bench_backfill, "ivf": bench_ivf, "load": bench_load, "crash": bench_crash, "scan": bench_scan}
+    run["order"] = bench_order
     run = run[args.part]
     return emit(run(args), args.json_out)
 
