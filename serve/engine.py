@@ -113,14 +113,14 @@ class Engine:
         mixed = gallery.new_space is not None and gallery.new_space == model.own_space != index_space
         self.new_encoder = model.own() if mixed else None
         self.searches_old = not (mixed and gallery.complete)
-        # One space answers (no backfill under way): concurrent text queries share one forward pass and
-        # one scan of the index (xbtcore.search.MicroBatcher).
+        # Concurrent text queries share one forward pass of each encoder and one scan of the index
+        # (xbtcore.search.MicroBatcher). One space answers unless a backfill is under way.
         self._single = None
         if self.new_encoder is None:
             self._single = (self.old_encoder, gallery.old.search)
         elif not self.searches_old:
             self._single = (self.new_encoder, gallery.search_new)
-        self.text_batches = MicroBatcher(self._search_texts) if self._single else None
+        self.text_batches = MicroBatcher(self._search_texts)
         if self.searches_old:
             dim = embed_query(self.old_encoder, text="a").shape[0]
             if dim != gallery.old.dim:
@@ -137,17 +137,23 @@ class Engine:
         return self.gallery.old.space
 
     def _search_texts(self, items: list[tuple[str, int]]) -> list[list[Hit]]:
-        """[(text, k)] -> each text's top k, from one forward pass and one search of the index."""
+        """[(text, k)] -> each text's top k, from one forward pass (of each encoder, under a backfill) and
+        one search of the index."""
         import faiss
 
-        encoder, search = self._single
-        queries = encoder.embed_texts([t for t, _ in items]).float().numpy()  # (B, D)
+        texts, most = [t for t, _ in items], max(k for _, k in items)
         faiss.omp_set_num_threads(cores())  # OpenMP's setting is per thread: this batch's leader's
-        hits = search(queries, max(k for _, k in items))
+        if self._single is not None:
+            encoder, search = self._single
+            hits = search(encoder.embed_texts(texts).float().numpy(), most)  # queries (B, D)
+        else:  # a backfill under way: the compatible query and the new model's own, merged
+            old_q = self.old_encoder.embed_texts(texts).float().numpy()  # (B, D_old)
+            new_q = self.new_encoder.embed_texts(texts).float().numpy()  # (B, D_new)
+            hits = self.gallery.search_many(old_q, new_q, most)
         return [h[:k] for h, (_, k) in zip(hits, items)]
 
     def search(self, k: int, text: str | None = None, image=None) -> dict:
-        if text is not None and self.text_batches is not None:
+        if text is not None:
             hits = self.text_batches.submit((text, k))
         else:
             old_q = embed_query(self.old_encoder, text, image) if self.searches_old else None
@@ -168,8 +174,8 @@ class Engine:
             "index": str(self.gallery.path),
             "items": len(self.gallery.old),
             "backfilled": round(self.gallery.fraction, 4) if self.new_encoder is not None else 0.0,
-            "text_batches": self.text_batches.batches if self.text_batches else 0,
-            "text_queries_batched": self.text_batches.items if self.text_batches else 0,
+            "text_batches": self.text_batches.batches,
+            "text_queries_batched": self.text_batches.items,
         }
 
 

@@ -296,6 +296,59 @@ def test_mixed_gallery_merges_both_spaces_into_one_ranking(tmp_path):
     assert [h.id for h in done.search(None, q_new, 5)] == sorted(ids, key=lambda i: -s_new[i])[:5]
 
 
+def test_a_batch_of_queries_under_a_backfill_is_ranked_as_each_query_alone(tmp_path):
+    rng = np.random.default_rng(7)
+    old_vecs = search.normalise(rng.standard_normal((70000, 6)))  # two scan blocks
+    old_vecs[1000:1040] = old_vecs[999]  # 41 identical items: ties at the cut, decided by id
+    new_vecs = search.normalise(rng.standard_normal((70000, 5)))
+    ids = list(range(70000))
+    search.build_index(tmp_path, ids, lambda pos: old_vecs[pos], "old-space", chunk_rows=8192)
+    order = [ids[r] for r in search.backfill_order(old_vecs, "random", seed=3)]
+    search.build_index(
+        tmp_path / "backfill",
+        order,
+        lambda pos: new_vecs[[order[p] for p in pos]],
+        "new-space",
+        chunk_rows=8192,
+        stop_after=3,
+    )
+    mixed = search.MixedGallery(tmp_path)
+    q_old = search.normalise(np.concatenate([old_vecs[999:1000], rng.standard_normal((5, 6))]))  # (6, 6)
+    q_new = search.normalise(rng.standard_normal((6, 5)))
+    for k in (1, 10, 60):
+        batch = mixed.search_many(q_old, q_new, k)
+        for j in range(6):
+            alone = mixed.search(q_old[j], q_new[j], k)
+            assert [h.id for h in batch[j]] == [h.id for h in alone]
+            np.testing.assert_allclose([h.score for h in batch[j]], [h.score for h in alone], atol=1e-5)
+    twins = [i for i in range(999, 1040) if i not in set(mixed.new_ids)]  # the identical items still old
+    got = [h.id for h in mixed.search_many(q_old, q_new, 60)[0] if h.id in twins]
+    assert len(twins) > 20 and got == twins  # all there (cosine 1), tied, in id order
+
+
+def test_a_backfill_beside_an_approximate_index_is_searched_through_it(tmp_path):
+    rng = np.random.default_rng(8)
+    old_vecs = search.normalise(rng.standard_normal((20000, 16)))
+    new_vecs = search.normalise(rng.standard_normal((20000, 12)))
+    ids = list(range(20000))
+    search.build_index(tmp_path, ids, lambda pos: old_vecs[pos], "old-space", chunk_rows=4096, kind="ivf")
+    order = [ids[r] for r in search.backfill_order(old_vecs, "random", seed=3)]
+    search.build_index(
+        tmp_path / "backfill",
+        order,
+        lambda pos: new_vecs[[order[p] for p in pos]],
+        "new-space",
+        chunk_rows=4096,
+        stop_after=2,
+    )
+    mixed = search.MixedGallery(tmp_path)
+    assert hasattr(mixed.old.index, "nprobe")  # the old part is searched with a row filter through IVF
+    q_old, q_new = search.normalise(rng.standard_normal((8, 16))), search.normalise(rng.standard_normal((8, 12)))
+    for hits in mixed.search_many(q_old, q_new, 10):
+        assert len(hits) == 10 and len({h.id for h in hits}) == 10
+        assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+
+
 def test_orders_move_whole_neighbourhoods_tightest_first_or_from_both_ends():
     rng = np.random.default_rng(4)
     centres = search.normalise(rng.standard_normal((3, 16))) * 4

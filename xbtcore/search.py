@@ -231,13 +231,19 @@ class GalleryIndex:
 SCAN_BLOCK = 65536  # vectors per matrix product of exact_scan: (65536, B) scores stay in cache
 
 
-def exact_scan(vectors: np.ndarray, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+def exact_scan(
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    rescore: Callable[[int, np.ndarray], None] | None = None,
+) -> list[list[tuple[int, float]]]:
     """Exact top k by inner product, (score desc, row asc), reading the vectors once for all the queries.
 
     vectors: (N, D) float32; queries: (B, D). Block by block, one matrix product scores the block for every
     query; a query keeps the rows at or above its running k-th best score (so ties at the cut are all
     kept, then decided by row). faiss's flat kernel reads every vector once per query instead: a batch
-    of 8 costs it 8 scans (`python -m bench.serving scan`)."""
+    of 8 costs it 8 scans (`python -m bench.serving scan`). rescore(start, scores) may change a block's
+    (m, B) scores in place before they are ranked (rows start .. start + m)."""
     n, b = len(vectors), len(queries)
     k = min(k, n)
     qt = np.ascontiguousarray(queries.T, dtype=np.float32)  # (D, B)
@@ -249,6 +255,8 @@ def exact_scan(vectors: np.ndarray, queries: np.ndarray, k: int) -> list[list[tu
     for start in range(0, n, SCAN_BLOCK):
         block = vectors[start : start + SCAN_BLOCK]
         scores = np.matmul(block, qt, out=buffer[: len(block)])  # (m, B)
+        if rescore is not None:
+            rescore(start, scores)
         if start == 0 and len(scores) >= k:
             floor = np.partition(scores, len(scores) - k, axis=0)[len(scores) - k]  # (B,) k-th best so far
         for j in range(b):
@@ -296,9 +304,13 @@ def top_rows(index, queries: np.ndarray, k: int, allowed: np.ndarray | None = No
         return exact_scan(vectors, queries, k)
     params = None
     if allowed is not None:
-        params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(np.packbits(allowed, bitorder="little")))
+        # One selector object, held here and by the parameters for the whole search: a selector read back
+        # from another parameters object (params.sel) does not keep its bitmap alive.
+        selector = faiss.IDSelectorBitmap(np.packbits(allowed, bitorder="little"))
         if hasattr(index, "nprobe"):
-            params = faiss.SearchParametersIVF(sel=params.sel, nprobe=index.nprobe)
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=index.nprobe)
+        else:
+            params = faiss.SearchParameters(sel=selector)
     ask = min(n, k + 16)
     while True:
         scores, rows = index.search(queries, ask, params=params)  # (B, ask) each
@@ -637,6 +649,38 @@ class MixedGallery:
             lists.append(self.old.search(old_query[None], k, ~self.moved)[0])
         lists.append(self._moved_top(old_query, new_query, k, calibration))
         return merge_hits(lists, k)
+
+    def search_many(self, old_queries: np.ndarray, new_queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """(B, D_old) compatible and (B, D_new) new-model queries -> each pair's merged top k, ranked as
+        `search` ranks one. With an exact old index under a partial backfill, the old vectors are read
+        once for the whole batch (exact_scan; a backfilled row's score is replaced by its blended score in
+        the block); otherwise query by query."""
+        vectors = flat_vectors(self.old.index)
+        if self.new_index is None or self.moved.all() or vectors is None:
+            return [self.search(o, n, k) for o, n in zip(old_queries, new_queries)]
+        old_q, new_q = normalise(old_queries), normalise(new_queries)  # (B, D_old), (B, D_new)
+        cal = calibration_rows(len(self.new_ids))
+        cal_old = old_q @ self.old_vectors[self.old_rows[cal]].T  # (B, C)
+        cal_new = new_q @ self.new_vectors[cal].T  # (B, C)
+        moved_rows, new_by_row = self._new_by_old_row()
+
+        def blend(start: int, scores: np.ndarray) -> None:  # scores (m, B) of old rows start .. start + m
+            lo, hi = np.searchsorted(moved_rows, [start, start + len(scores)])
+            if lo < hi:
+                local = moved_rows[lo:hi] - start
+                s_new = new_q @ new_by_row[lo:hi].T  # (B, m')
+                scores[local] = blended_score(scores[local].T, s_new, cal_old, cal_new).T
+
+        return [[Hit(self.old.ids[r], s) for r, s in row] for row in exact_scan(vectors, old_q, k, blend)]
+
+    def _new_by_old_row(self) -> tuple[np.ndarray, np.ndarray]:
+        """-> ((M,) the backfilled items' old rows ascending, (M, D_new) their new vectors in that order):
+        a block of the old index meets its backfilled items' new vectors in one contiguous slice. Made on
+        the first batch and kept (a copy of the new vectors)."""
+        if getattr(self, "_by_row", None) is None:
+            rows = np.flatnonzero(self.moved)
+            self._by_row = (rows, np.ascontiguousarray(self.new_vectors[self.new_row[rows]]))
+        return self._by_row
 
     def search_new(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """(B, D_new) queries -> the top k of the backfilled items alone, by plain new-space cosine."""
