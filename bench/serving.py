@@ -301,6 +301,20 @@ def bench_load(args) -> dict:
         return rng.standard_normal((len(pos), dim)).astype(np.float32)
 
     build_index(index, list(range(args.items)), embed, model.compat_space, {"modality": "image"}, 65536, args.kind)
+    if args.backfilled:  # a backfill under way into --new's own space: the server searches the mixed gallery
+        new_model = load_query_model(model_ref if args.swap else args.new)
+        new_dim = new_model.own().embed_dim
+        order = [int(i) for i in rng.permutation(args.items)]
+        chunks = round(args.backfilled * args.items / 65536)
+        progress(f"backfilling {chunks} chunks of 65536 of the gallery into {new_model.own_space}")
+        build_index(
+            index / "backfill",
+            order,
+            lambda pos: rng.standard_normal((len(pos), new_dim)).astype(np.float32),
+            new_model.own_space,
+            chunk_rows=65536,
+            stop_after=chunks,
+        )
     port = args.port
     cmd = [sys.executable, "-m", "flows.cli", "serve", "--index", str(index), "--model", model_ref]
     cmd += ["--port", str(port), "--poll-seconds", "1"]
@@ -379,6 +393,7 @@ def bench_load(args) -> dict:
         "items": args.items,
         "dim": dim,
         "index": args.kind,
+        "backfilled": args.backfilled,
         "model": model_ref if not args.swap else "models:/NAME@champion",
         "concurrency": args.concurrency,
         "seconds": round(wall, 1),
@@ -506,6 +521,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--items", type=int, default=None, help="ivf/load/order: gallery size (default 200000 / 1000000)")
     ap.add_argument("--dim", type=int, default=64, help="ivf/order: vector size")
     ap.add_argument("--kind", default="flat", choices=["flat", "ivf"], help="load: exact or approximate index")
+    ap.add_argument(
+        "--backfilled",
+        type=float,
+        default=0.0,
+        help="load: share of the gallery re-embedded by --new (a mixed gallery)",
+    )
     ap.add_argument("--concurrency", type=int, default=8, help="load: concurrent clients")
     ap.add_argument("--seconds", type=float, default=20.0, help="load: how long the clients send; scan: per row")
     ap.add_argument("--port", type=int, default=8765, help="load: loopback port")
