@@ -609,6 +609,7 @@ class MixedGallery:
         self.new_ids: list = []
         self.new_index = None
         self.moved: np.ndarray | None = None  # (N,) bool over old rows: backfilled
+        self._by_row: tuple[np.ndarray, np.ndarray] | None = None  # made by _new_by_old_row on first use
         bf = self.path / "backfill"
         if (bf / PLAN).is_file():
             plan = read_plan(bf)
@@ -677,7 +678,7 @@ class MixedGallery:
         """-> ((M,) the backfilled items' old rows ascending, (M, D_new) their new vectors in that order):
         a block of the old index meets its backfilled items' new vectors in one contiguous slice. Made on
         the first batch and kept (a copy of the new vectors)."""
-        if getattr(self, "_by_row", None) is None:
+        if self._by_row is None:
             rows = np.flatnonzero(self.moved)
             self._by_row = (rows, np.ascontiguousarray(self.new_vectors[self.new_row[rows]]))
         return self._by_row
