@@ -347,6 +347,16 @@ def test_a_backfill_beside_an_approximate_index_is_searched_through_it(tmp_path)
     for hits in mixed.search_many(q_old, q_new, 10):
         assert len(hits) == 10 and len({h.id for h in hits}) == 10
         assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+    # Searched exhaustively (every list probed), the IVF path and Fagin's algorithm are exact.
+    mixed.old.index.nprobe = mixed.old.index.nlist
+    moved, new_of = order[:8192], {i: new_vecs[i] for i in ids}
+    for j in range(3):
+        s_old = {i: float(old_vecs[i] @ q_old[j]) for i in ids}
+        s_new = {i: float(new_of[i] @ q_new[j]) for i in moved}
+        expected = mixed_reference(s_old, s_new, moved, 10)
+        hits = mixed.search(q_old[j], q_new[j], 10)
+        assert [h.id for h in hits] == [i for i, _ in expected]
+        np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], atol=1e-5)
 
 
 def test_orders_move_whole_neighbourhoods_tightest_first_or_from_both_ends():

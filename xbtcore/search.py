@@ -637,13 +637,17 @@ class MixedGallery:
     def search(self, old_query: np.ndarray | None, new_query: np.ndarray | None, k: int) -> list[Hit]:
         """One query, (D_old,) in the old space and (D_new,) in the new one -> the merged top k.
         new_query None: the old index alone (no backfill, or one of another model's space).
-        old_query None: the new space alone (a finished backfill)."""
+        old_query None: the new space alone (a finished backfill). Over an exact index, one scan
+        (search_many); over an IVF index, the IVF index for the items not yet backfilled and Fagin's
+        threshold algorithm for the backfilled ones."""
         if new_query is None or self.new_index is None:
             return self.old.search(old_query[None], k)[0]
         new_query = normalise(new_query[None])[0]
         if old_query is None:
             return self.search_new(new_query[None], k)[0]
         old_query = normalise(old_query[None])[0]
+        if flat_vectors(self.old.index) is not None and not self.moved.all():
+            return self.search_many(old_query[None], new_query[None], k)[0]
         calibration = self._calibration(old_query, new_query)
         lists = []
         if not self.moved.all():
