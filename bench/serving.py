@@ -544,9 +544,14 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.items is None:
         args.items = 200_000 if args.part == "ivf" else 1_000_000
-    run = {"backfill": bench_backfill, "ivf": bench_ivf, "load": bench_load, "crash": bench_crash, "scan": bench_scan}
-    run["order"] = bench_order
-    run = run[args.part]
+    run = {
+        "backfill": bench_backfill,
+        "ivf": bench_ivf,
+        "load": bench_load,
+        "crash": bench_crash,
+        "scan": bench_scan,
+        "order": bench_order,
+    }[args.part]
     return emit(run(args), args.json_out)
 
 
