@@ -296,23 +296,29 @@ def test_mixed_gallery_merges_both_spaces_into_one_ranking(tmp_path):
     assert [h.id for h in done.search(None, q_new, 5)] == sorted(ids, key=lambda i: -s_new[i])[:5]
 
 
+def partial_backfill(path, old_vecs, new_vecs, chunk_rows: int, chunks: int, kind: str = "auto"):
+    """An index of old_vecs (ids 0..N-1) at path with `chunks` chunks of a random-order backfill of new_vecs
+    beside it -> (its MixedGallery, the backfill order of ids)."""
+    ids = list(range(len(old_vecs)))
+    search.build_index(path, ids, lambda pos: old_vecs[pos], "old-space", chunk_rows=chunk_rows, kind=kind)
+    order = [ids[r] for r in search.backfill_order(old_vecs, "random", seed=3)]
+    search.build_index(
+        path / "backfill",
+        order,
+        lambda pos: new_vecs[[order[p] for p in pos]],
+        "new-space",
+        chunk_rows=chunk_rows,
+        stop_after=chunks,
+    )
+    return search.MixedGallery(path), order
+
+
 def test_a_batch_of_queries_under_a_backfill_is_ranked_as_each_query_alone(tmp_path):
     rng = np.random.default_rng(7)
     old_vecs = search.normalise(rng.standard_normal((70000, 6)))  # two scan blocks
     old_vecs[1000:1040] = old_vecs[999]  # 41 identical items: ties at the cut, decided by id
     new_vecs = search.normalise(rng.standard_normal((70000, 5)))
-    ids = list(range(70000))
-    search.build_index(tmp_path, ids, lambda pos: old_vecs[pos], "old-space", chunk_rows=8192)
-    order = [ids[r] for r in search.backfill_order(old_vecs, "random", seed=3)]
-    search.build_index(
-        tmp_path / "backfill",
-        order,
-        lambda pos: new_vecs[[order[p] for p in pos]],
-        "new-space",
-        chunk_rows=8192,
-        stop_after=3,
-    )
-    mixed = search.MixedGallery(tmp_path)
+    mixed, _ = partial_backfill(tmp_path, old_vecs, new_vecs, chunk_rows=8192, chunks=3)
     q_old = search.normalise(np.concatenate([old_vecs[999:1000], rng.standard_normal((5, 6))]))  # (6, 6)
     q_new = search.normalise(rng.standard_normal((6, 5)))
     for k in (1, 10, 60):
@@ -331,17 +337,7 @@ def test_a_backfill_beside_an_approximate_index_is_searched_through_it(tmp_path)
     old_vecs = search.normalise(rng.standard_normal((20000, 16)))
     new_vecs = search.normalise(rng.standard_normal((20000, 12)))
     ids = list(range(20000))
-    search.build_index(tmp_path, ids, lambda pos: old_vecs[pos], "old-space", chunk_rows=4096, kind="ivf")
-    order = [ids[r] for r in search.backfill_order(old_vecs, "random", seed=3)]
-    search.build_index(
-        tmp_path / "backfill",
-        order,
-        lambda pos: new_vecs[[order[p] for p in pos]],
-        "new-space",
-        chunk_rows=4096,
-        stop_after=2,
-    )
-    mixed = search.MixedGallery(tmp_path)
+    mixed, order = partial_backfill(tmp_path, old_vecs, new_vecs, chunk_rows=4096, chunks=2, kind="ivf")
     assert hasattr(mixed.old.index, "nprobe")  # the old part is searched with a row filter through IVF
     q_old, q_new = search.normalise(rng.standard_normal((8, 16))), search.normalise(rng.standard_normal((8, 12)))
     for hits in mixed.search_many(q_old, q_new, 10):
