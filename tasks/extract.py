@@ -77,10 +77,10 @@ def corpus_query(
     elif sample is not None:
         query += (
             f", kept AS (SELECT * FROM firsts ORDER BY md5({int(seed)}::VARCHAR || ':' || text), first "
-            f"LIMIT {int(sample)}) SELECT text FROM kept ORDER BY first"
+            f"LIMIT {int(sample)}) SELECT text AS caption FROM kept ORDER BY first"
         )
     else:
-        query += " SELECT text FROM firsts ORDER BY first"
+        query += " SELECT text AS caption FROM firsts ORDER BY first"
     return query
 
 
@@ -134,23 +134,26 @@ def extract_corpus(
     """
     files = parquet_files(source)
     check_text_column(files, text_column)
-    try:
-        query = corpus_query(files, text_column, min_chars, max_chars, sample, seed)
-        table = duckdb.connect().sql(query).to_arrow_table().rename_columns(["caption"])
-    except duckdb.Error as e:
-        raise InputError(
-            source, f"cannot be read ({str(e).splitlines()[0]})", "pass valid Parquet files", column=text_column
-        ) from e
-    if table.num_rows == 0:
-        raise _empty_corpus(source, text_column, min_chars, max_chars)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
+    # DuckDB writes the Parquet itself (COPY keeps the query's order), in parallel with the sort: no
+    # Arrow copy of the corpus in Python
+    query = corpus_query(files, text_column, min_chars, max_chars, sample, seed)
+    try:
+        rows = duckdb.connect().execute(f"COPY ({query}) TO {_quote_str(str(tmp))} (FORMAT parquet)").fetchone()[0]
+    except duckdb.Error as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(
+            source, f"cannot be read ({str(e).splitlines()[0]})", "pass valid Parquet files", column=text_column
+        ) from e
+    if rows == 0:
+        tmp.unlink(missing_ok=True)
+        raise _empty_corpus(source, text_column, min_chars, max_chars)
     os.replace(tmp, out)  # atomic: no half-written corpus looks finished
-    log().info("corpus: %d distinct texts from %d file(s) -> %s", table.num_rows, len(files), out)
+    log().info("corpus: %d distinct texts from %d file(s) -> %s", rows, len(files), out)
     # Its content's fingerprint keys the steps that read it: an edited corpus with as many rows is new input.
-    return {"path": str(out), "rows": table.num_rows, "fingerprint": fingerprint_content(out)}
+    return {"path": str(out), "rows": rows, "fingerprint": fingerprint_content(out)}
 
 
 @task(name="ensure-world", **CACHED)
