@@ -33,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, emit, git_commit, machine, progress  # noqa: E402
+from xbtcore.search import BATCH_WAIT_S  # noqa: E402
 
 KS = (1, 5, 10)
 FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -317,7 +318,7 @@ def bench_load(args) -> dict:
         )
     port = args.port
     cmd = [sys.executable, "-m", "flows.cli", "serve", "--index", str(index), "--model", model_ref]
-    cmd += ["--port", str(port), "--poll-seconds", "1"]
+    cmd += ["--port", str(port), "--poll-seconds", "1", "--batch-wait-ms", str(args.batch_wait_ms)]
     server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -396,6 +397,7 @@ def bench_load(args) -> dict:
         "backfilled": args.backfilled,
         "model": model_ref if not args.swap else "models:/NAME@champion",
         "concurrency": args.concurrency,
+        "batch_wait_ms": args.batch_wait_ms,
         "seconds": round(wall, 1),
         "requests": len(ms),
         "failed": failed,
@@ -502,7 +504,7 @@ def bench_crash(args) -> dict:
     }
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=["backfill", "ivf", "load", "crash", "scan", "order"])
     ap.add_argument("--old", default=str(ROOT / "zoo" / "old"), help="the gallery's model")
@@ -528,6 +530,12 @@ def main(argv=None) -> dict:
         help="load: share of the gallery re-embedded by --new (a mixed gallery)",
     )
     ap.add_argument("--concurrency", type=int, default=8, help="load: concurrent clients")
+    ap.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=BATCH_WAIT_S * 1000,
+        help="load: the server's --batch-wait-ms (how long a text batch waits for returning callers)",
+    )
     ap.add_argument("--seconds", type=float, default=20.0, help="load: how long the clients send; scan: per row")
     ap.add_argument("--port", type=int, default=8765, help="load: loopback port")
     ap.add_argument(
@@ -541,10 +549,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="crash: seeds the moments of the kills")
     ap.add_argument("--work", help="scratch folder (default: a new temp folder)")
     ap.add_argument("--json-out", default="", help="also write the JSON here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run(args) -> dict:
+    """One part of the bench on parsed flags -> its JSON."""
     if args.items is None:
         args.items = 200_000 if args.part == "ivf" else 1_000_000
-    run = {
+    part = {
         "backfill": bench_backfill,
         "ivf": bench_ivf,
         "load": bench_load,
@@ -552,6 +564,11 @@ def main(argv=None) -> dict:
         "scan": bench_scan,
         "order": bench_order,
     }[args.part]
+    return part(args)
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
     return emit(run(args), args.json_out)
 
 

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from xbtcore.config import parse_settings
-from xbtcore.search import BACKFILL_ORDER, BACKFILL_ORDERS
+from xbtcore.search import BACKFILL_ORDER, BACKFILL_ORDERS, BATCH_WAIT_S
 
 STARTED = time.time()  # the report's total time counts from here
 
@@ -242,13 +242,15 @@ def cmd_serve(a) -> int:
     from serve.app import create_app
     from serve.engine import Server, one_thread_per_request
 
+    if not 0 <= a.batch_wait_ms <= 1000:
+        raise ValueError(f"--batch-wait-ms must be from 0 to 1000, got {a.batch_wait_ms:g}")
     one_thread_per_request()
     qdrant = None
     if a.qdrant:
         from serve.qdrant import connect
 
         qdrant = connect(a.qdrant)
-    server = Server(a.model, a.index, poll_s=a.poll_seconds, qdrant=qdrant)
+    server = Server(a.model, a.index, poll_s=a.poll_seconds, qdrant=qdrant, batch_wait_s=a.batch_wait_ms / 1000)
     server.start()
     e = server.engine.describe()
     print(
@@ -552,6 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH|URL",
         help="search the Qdrant collection behind the alias xbt-gallery (--index's own or its finished "
         "backfill's; the server follows the alias when it moves) instead of the faiss index",
+    )
+    sv.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=BATCH_WAIT_S * 1000,
+        help="how long a batch of concurrent text queries waits for the callers the last batch answered "
+        "(they share one forward pass and one scan); a lone query after a lone query never waits",
     )
     sv.set_defaults(func=cmd_serve)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xbtcore.search import Hit, MicroBatcher, MixedGallery, cores, state_of
+from xbtcore.search import BATCH_WAIT_S, Hit, MicroBatcher, MixedGallery, cores, state_of
 
 log = logging.getLogger("xbt.serve")
 
@@ -100,7 +100,7 @@ def embed_query(encoder, text: str | None = None, image=None) -> np.ndarray:
 class Engine:
     """One model version against one state of the gallery; never changes once built (a swap builds another)."""
 
-    def __init__(self, model: QueryModel, gallery: MixedGallery):
+    def __init__(self, model: QueryModel, gallery: MixedGallery, batch_wait_s: float = BATCH_WAIT_S):
         index_space = gallery.old.space
         if index_space not in (model.compat_space, model.own_space):
             raise SpaceMismatch(
@@ -120,7 +120,7 @@ class Engine:
             self._single = (self.old_encoder, gallery.old.search)
         elif not self.searches_old:
             self._single = (self.new_encoder, gallery.search_new)
-        self.text_batches = MicroBatcher(self._search_texts)
+        self.text_batches = MicroBatcher(self._search_texts, wait_s=batch_wait_s)
         if self.searches_old:
             dim = embed_query(self.old_encoder, text="a").shape[0]
             if dim != gallery.old.dim:
@@ -186,10 +186,13 @@ class Server:
     lands meanwhile: no request fails across a swap. A failed refresh keeps the current engine.
     """
 
-    def __init__(self, ref: str, index: str | Path, poll_s: float = 5.0, qdrant=None):
+    def __init__(
+        self, ref: str, index: str | Path, poll_s: float = 5.0, qdrant=None, batch_wait_s: float = BATCH_WAIT_S
+    ):
         """qdrant: a qdrant-client client: the gallery is the collection its alias names (serve.qdrant)."""
         self.ref, self.index, self.poll_s, self.qdrant = ref, Path(index), poll_s, qdrant
-        self.engine = Engine(load_query_model(ref), self._open_gallery())
+        self.batch_wait_s = batch_wait_s
+        self.engine = Engine(load_query_model(ref), self._open_gallery(), batch_wait_s)
         self._gallery_state = self._state()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -222,7 +225,7 @@ class Server:
         if model is current.model and gallery_state == self._gallery_state:
             return False
         gallery = self._open_gallery() if gallery_state != self._gallery_state else current.gallery
-        self.engine = Engine(model, gallery)  # the swap: one reference assignment
+        self.engine = Engine(model, gallery, self.batch_wait_s)  # the swap: one reference assignment
         self._gallery_state = gallery_state
         self.swaps += 1
         log.info("now serving %s version %s on %s", model.ref, model.version, self.engine.space)

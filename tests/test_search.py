@@ -1,6 +1,8 @@
 """The gallery index: exact search against brute force on `xbt embed` outputs, ids, ties, resume, IVF, spaces."""
 
 import json
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -160,9 +162,6 @@ def test_ties_are_broken_by_id_also_at_the_cut(tmp_path):
 
 
 def test_concurrent_queries_batched_into_one_scan_get_their_own_answers():
-    import threading
-    import time
-
     rng = np.random.default_rng(2)
     vectors = search.normalise(rng.standard_normal((3000, 16)))
     vectors[100:110] = vectors[99]  # ties, decided by row
@@ -217,6 +216,44 @@ def test_exact_scan_equals_brute_force_across_blocks_with_ties_at_the_cut(monkey
     assert [[r for r, _ in h] for h in via_index] == [
         [r for r, _ in h] for h in search.exact_scan(vectors, queries, 12)
     ]
+
+
+def test_callers_coming_back_together_share_one_batch_and_a_lone_caller_runs_at_once():
+    sizes, release = [], threading.Event()
+
+    def run(items):
+        sizes.append(len(items))
+        if "hold" in items:
+            release.wait(30)
+        return items
+
+    batcher = search.MicroBatcher(run, wait_s=1.0)
+
+    def submit_all(items, gap_s=0.0):
+        threads = [threading.Thread(target=batcher.submit, args=(x,)) for x in items]
+        for t in threads:
+            t.start()
+            time.sleep(gap_s)
+        return threads
+
+    began = time.monotonic()
+    assert batcher.submit("alone") == "alone"
+    assert time.monotonic() - began < 0.5  # no batch before it, so nothing to wait for: it ran at once
+    held = submit_all(["hold"])
+    while not sizes[1:]:
+        time.sleep(0.01)
+    queued = submit_all(["a", "b", "c", "d"])  # queue behind the held batch
+    while batcher.queued < 4:
+        time.sleep(0.01)
+    release.set()
+    for t in held + queued:
+        t.join(timeout=30)
+    assert sizes == [1, 1, 4]  # (a waited up to wait_s for hold's caller, which did not come back)
+    staggered = submit_all(["e", "f", "g", "h"], gap_s=0.05)  # a to d come back one by one
+    for t in staggered:
+        t.join(timeout=30)
+        assert not t.is_alive()
+    assert sizes == [1, 1, 4, 4]  # the first waited for the other three instead of running alone
 
 
 def test_a_failed_batch_reaches_every_caller_and_the_next_batch_runs():

@@ -153,6 +153,12 @@ def test_a_model_of_another_space_is_refused(setup):
     Server(str(setup["b1"]), setup["index"], poll_s=0)  # a bundle of the gallery's model: its compatible space
 
 
+def test_serve_refuses_a_batch_wait_out_of_range_before_loading_anything(setup):
+    r = xbt("serve", "--index", setup["index"], "--model", OLD, "--batch-wait-ms", "-1")
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == ["xbt: error: --batch-wait-ms must be from 0 to 1000, got -1"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,42 +241,56 @@ def exact_scan(
     """Exact top k by inner product, (score desc, row asc), reading the vectors once for all the queries.
 
     vectors: (N, D) float32; queries: (B, D). Block by block, one matrix product scores the block for every
-    query; a query keeps the rows at or above its running k-th best score (so ties at the cut are all
-    kept, then decided by row). faiss's flat kernel reads every vector once per query instead: a batch
-    of 8 costs it 8 scans (`python -m bench.serving scan`). rescore(start, scores) may change a block's
-    (m, B) scores in place before they are ranked (rows start .. start + m)."""
+    query; each query keeps the rows at or above its floor, a score its k-th best cannot fall under (so
+    ties at the cut are all kept, then decided by row). The floor starts at the k-th best of the first
+    rows and rises whenever a query has kept more than 4k. One comparison over the block's scores, laid
+    flat against the floors tiled to match, finds every query's candidates at once. faiss's flat kernel
+    reads every vector once per query instead: a batch of 8 costs it 8 scans (`python -m bench.serving
+    scan`). rescore(start, scores) may change a block's (m, B) scores in place before they are ranked
+    (rows start .. start + m)."""
     n, b = len(vectors), len(queries)
     k = min(k, n)
     qt = np.ascontiguousarray(queries.T, dtype=np.float32)  # (D, B)
-    kept_rows: list[list[np.ndarray]] = [[] for _ in range(b)]
-    kept_scores: list[list[np.ndarray]] = [[] for _ in range(b)]
-    counts = np.zeros(b, dtype=np.int64)
+    rows_per_block = min(n, SCAN_BLOCK)
+    buffer = np.empty((rows_per_block, b), dtype=np.float32)  # reused: no allocation per block
     floor = np.full(b, -np.inf, dtype=np.float32)  # (B,) a score below this cannot be in the top k
-    buffer = np.empty((min(n, SCAN_BLOCK), b), dtype=np.float32)  # reused: no allocation per block
+    cut = np.tile(floor, rows_per_block)  # floor[q] at every flat position row * B + q of a block's scores
+    kept_rows, kept_queries, kept_scores = [], [], []
+    counts = np.zeros(b, dtype=np.int64)
     for start in range(0, n, SCAN_BLOCK):
         block = vectors[start : start + SCAN_BLOCK]
         scores = np.matmul(block, qt, out=buffer[: len(block)])  # (m, B)
         if rescore is not None:
             rescore(start, scores)
         if start == 0 and len(scores) >= k:
-            floor = np.partition(scores, len(scores) - k, axis=0)[len(scores) - k]  # (B,) k-th best so far
-        for j in range(b):
-            rows = np.flatnonzero(scores[:, j] >= floor[j])
-            if not len(rows):
-                continue
-            kept_rows[j].append(rows + start)
-            kept_scores[j].append(scores[rows, j])
-            counts[j] += len(rows)
-            if counts[j] > 4 * k:  # tighten: keep what is at or above the k-th best
-                s, r = np.concatenate(kept_scores[j]), np.concatenate(kept_rows[j])
-                floor[j] = np.partition(s, len(s) - k)[len(s) - k]
-                keep = s >= floor[j]
-                kept_scores[j], kept_rows[j], counts[j] = [s[keep]], [r[keep]], int(keep.sum())
+            head = scores[: max(k, min(len(scores), 64 * k))]  # a k-th best of a few rows is a valid floor
+            floor = np.partition(head, len(head) - k, axis=0)[len(head) - k]
+            cut = np.tile(floor, rows_per_block)
+        flat = scores.ravel()
+        hits = np.flatnonzero(flat >= cut[: len(flat)])
+        if not len(hits):
+            continue
+        queries_of = hits % b
+        kept_rows.append(hits // b + start)
+        kept_queries.append(queries_of)
+        kept_scores.append(flat[hits])
+        counts += np.bincount(queries_of, minlength=b)
+        if counts.max() > 4 * k:  # raise the floors of the queries that kept too much, drop what falls under
+            r, q, s = np.concatenate(kept_rows), np.concatenate(kept_queries), np.concatenate(kept_scores)
+            for j in np.flatnonzero(counts > 4 * k):
+                mine = s[q == j]
+                floor[j] = np.partition(mine, len(mine) - k)[len(mine) - k]
+            keep = s >= floor[q]
+            kept_rows, kept_queries, kept_scores = [r[keep]], [q[keep]], [s[keep]]
+            counts = np.bincount(q[keep], minlength=b)
+            cut = np.tile(floor, rows_per_block)
+    r, q, s = (np.concatenate(x) for x in (kept_rows, kept_queries, kept_scores))
     out = []
     for j in range(b):
-        s, r = np.concatenate(kept_scores[j]), np.concatenate(kept_rows[j])
-        best = np.lexsort((r, -s))[:k]
-        out.append(list(zip(r[best].tolist(), s[best].astype(float).tolist())))
+        mine = q == j
+        rj, sj = r[mine], s[mine]
+        best = np.lexsort((rj, -sj))[:k]
+        out.append(list(zip(rj[best].tolist(), sj[best].astype(float).tolist())))
     return out
 
 
@@ -333,24 +348,34 @@ class _Pending:
         self.error: BaseException | None = None
 
 
+# How long a batch's leader waits for the callers the last batch answered; chosen on the selection loads of
+# experiments/configs/batch_wait.json (the lowest worst p99 over them)
+BATCH_WAIT_S = 0.008
+
+
 class MicroBatcher:
     """Concurrent callers' items answered by one call of `run(items) -> results` per batch.
 
     A query's fixed costs (a model forward pass, an exact scan that reads every vector) are paid once per
     batch instead of once per query. One batch runs at a time, in the thread of a caller: a caller that
-    finds none running runs everything pending (its own item included, at most `max_batch`); the others
-    wait, and whoever finds none running next takes what has queued meanwhile. A lone caller runs at
-    once: nothing waits for a batch to fill. No thread of its own, nothing to stop. A fault in `run`
-    reaches every caller of that batch, and the next batch runs.
+    finds none running leads the next batch (its own item included, at most `max_batch`); the others
+    wait, and whoever finds none running next takes what has queued meanwhile. Before it runs, a leader
+    waits up to `wait_s` for as many items as there were callers when the last batch ended (its own
+    and those queued behind it): callers a batch answered tend to come back one loopback round trip
+    later, and one batch of all of them costs little more than half of them where two half batches
+    cost two scans. A lone caller after a lone batch runs at once. No thread of its own, nothing to
+    stop. A fault in `run` reaches every caller of that batch, and the
+    next batch runs.
     """
 
-    def __init__(self, run: Callable[[list], list], max_batch: int = 64):
+    def __init__(self, run: Callable[[list], list], max_batch: int = 64, wait_s: float = BATCH_WAIT_S):
         import threading
 
-        self.run, self.max_batch = run, max_batch
+        self.run, self.max_batch, self.wait_s = run, max_batch, wait_s
         self._cond = threading.Condition()
         self._pending: list[_Pending] = []
-        self._running = False  # a batch in flight
+        self._running = False  # a batch in flight, or its leader gathering it
+        self._callers = 1  # callers in flight when the last batch ended: its own and those queued behind it
         self.batches = 0  # calls of run
         self.items = 0
 
@@ -358,17 +383,20 @@ class MicroBatcher:
         me = _Pending(item)
         with self._cond:
             self._pending.append(me)
+            self._cond.notify_all()  # a leader gathering a batch counts it
             while not me.done:
                 if not self._running and self._pending:
+                    self._running = True
+                    self._gather()
                     batch = self._pending[: self.max_batch]
                     del self._pending[: self.max_batch]
-                    self._running = True
                     self._cond.release()
                     try:
                         self._run(batch)
                     finally:
                         self._cond.acquire()
                         self._running = False
+                        self._callers = len(batch) + len(self._pending)
                         self.batches += 1
                         self.items += len(batch)
                         for p in batch:
@@ -379,6 +407,23 @@ class MicroBatcher:
         if me.error is not None:
             raise me.error
         return me.result
+
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch."""
+        with self._cond:
+            return len(self._pending)
+
+    def _gather(self) -> None:
+        """Wait (holding the lead, the lock released while waiting) up to wait_s for as many items as there
+        were callers when the last batch ended."""
+        want = min(self._callers, self.max_batch)
+        deadline = time.monotonic() + self.wait_s
+        while len(self._pending) < want:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
 
     def _run(self, batch: list[_Pending]) -> None:
         try:
