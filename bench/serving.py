@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -70,7 +71,7 @@ def bench_backfill(args) -> dict:
     from xbtcore.encoders import DualEncoder
     from xbtcore.search import BACKFILL_ORDER, BACKFILL_ORDERS, backfill_curve, backfill_order
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="xbt-bench-serving-"))
+    work = Path(args.work)
     spec = shapes.WorldSpec(
         seed=args.world_seed, corpus_captions=args.corpus, pair_images=10, eval_images=args.eval_images
     )
@@ -279,7 +280,7 @@ def bench_load(args) -> dict:
     from serve.engine import load_query_model
     from xbtcore.search import build_index
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="xbt-bench-load-"))
+    work = Path(args.work)
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -444,7 +445,7 @@ def bench_crash(args) -> dict:
     from worlds import shapes
     from xbtcore.search import IDS, GalleryIndex, chunks_done, load_vectors, remove_index
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="xbt-bench-crash-"))
+    work = Path(args.work)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XBT_STATE_DIR": str(work / "state")}
     spec = shapes.WorldSpec(seed=args.world_seed, corpus_captions=10, pair_images=10, eval_images=args.eval_images)
     world = shapes.write_world(work / "world", spec)
@@ -547,7 +548,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--trials", type=int, default=3, help="crash: kills, each followed by a resume")
     ap.add_argument("--chunk-rows", type=int, default=32, help="crash: items per backfill chunk")
     ap.add_argument("--seed", type=int, default=0, help="crash: seeds the moments of the kills")
-    ap.add_argument("--work", help="scratch folder (default: a new temp folder)")
+    ap.add_argument("--work", help="scratch folder, kept (default: a new temp folder, removed at the end)")
     ap.add_argument("--json-out", default="", help="also write the JSON here")
     return ap
 
@@ -564,7 +565,13 @@ def run(args) -> dict:
         "scan": bench_scan,
         "order": bench_order,
     }[args.part]
-    return part(args)
+    if args.work or args.part not in ("backfill", "load", "crash"):
+        return part(args)
+    scratch = tempfile.mkdtemp(prefix=f"xbt-bench-{args.part}-")  # a 1M-item index is 0.5 GB: removed after
+    try:
+        return part(argparse.Namespace(**{**vars(args), "work": scratch}))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def main(argv=None) -> dict:
