@@ -364,8 +364,7 @@ class MicroBatcher:
     and those queued behind it): callers a batch answered tend to come back one loopback round trip
     later, and one batch of all of them costs little more than half of them where two half batches
     cost two scans. A lone caller after a lone batch runs at once. No thread of its own, nothing to
-    stop. A fault in `run` reaches every caller of that batch, and the
-    next batch runs.
+    stop. A fault in `run` reaches every caller of that batch, and the next batch runs.
     """
 
     def __init__(self, run: Callable[[list], list], max_batch: int = 64, wait_s: float = BATCH_WAIT_S):
