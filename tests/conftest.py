@@ -1,10 +1,12 @@
-"""Shared fixtures. Prefect, MLflow and xbt state go to a session temp folder, never ~/.prefect or .state/.
+"""Shared fixtures. Prefect, MLflow and xbt state go to a session temp folder, never ~/.prefect or .state/;
+the folder is removed when every test passed and kept for a look when one failed.
 
 The environment is set here, at import, because prefect reads its settings when
 first imported.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.hookimpl(trylast=True)  # after the session's fixtures are torn down
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == 0:
+        shutil.rmtree(_SESSION_STATE, ignore_errors=True)
 
 
 def xbt(*args, env=None, timeout=600, **kw):
