@@ -119,8 +119,8 @@ def test_gathered_loss_and_grads_equal_single_process(tmp_path):
             torch.testing.assert_close(g_got, g_want, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pair_weight", [0.0, 1.0])
-def test_pretraining_under_two_ranks_equals_one(tmp_path, pair_weight):
+@pytest.mark.parametrize("pair_weight, distill_weight", [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0)])
+def test_pretraining_under_two_ranks_equals_one(tmp_path, pair_weight, distill_weight):
     g = torch.Generator().manual_seed(1)
     w_new = F.normalize(torch.randn(256, 12, generator=g), dim=-1)
     w_old = F.normalize(torch.randn(256, 8, generator=g), dim=-1)
@@ -129,7 +129,14 @@ def test_pretraining_under_two_ranks_equals_one(tmp_path, pair_weight):
         F.normalize(torch.randn(96, 12, generator=g), dim=-1),
     )
     cfg = PretrainConfig(
-        sigma=0.1, batch_size=64, lr=1e-3, epochs=2, pair_weight=pair_weight, pair_batch_size=32, fit_weight=1.0
+        sigma=0.1,
+        batch_size=64,
+        lr=1e-3,
+        epochs=2,
+        pair_weight=pair_weight,
+        pair_batch_size=32,
+        fit_weight=1.0,
+        distill_weight=distill_weight,
     )  # the fit term is a per-row mean: equal over ranks too
     _spawn(_worker_pretrain, tmp_path, w_new, w_old, cfg, pairs)
     torch.manual_seed(0)

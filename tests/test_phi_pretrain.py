@@ -89,6 +89,51 @@ def test_pair_term_keeps_the_new_models_matching_through_phi():
     assert with_pairs > without + 0.2, (without, with_pairs)  # measured 0.66 -> 0.96
 
 
+def test_distill_loss_is_zero_on_the_teachers_similarities_and_positive_off_them():
+    from xbtcore.losses import distill_loss
+
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(32, 12), dim=-1), F.normalize(torch.randn(20, 12), dim=-1)
+    q, _ = torch.linalg.qr(torch.randn(12, 12))  # a rotation keeps every similarity
+    assert distill_loss(a @ q, b @ q, a, b, 50.0).abs().item() < 1e-5
+    shuffled = b[torch.randperm(20)]
+    assert distill_loss(a, shuffled, a, b, 50.0).item() > 0.1
+    # by hand: the mean over rows of KL(softmax(t) || softmax(s)), over a's rows and over b's, halved
+    s, t = 50.0 * a @ shuffled.T, 50.0 * a @ b.T
+
+    def kl(s, t):
+        p = t.softmax(1)
+        return (p * (p.log() - s.log_softmax(1))).sum(1).mean()
+
+    torch.testing.assert_close(distill_loss(a, shuffled, a, b, 50.0), (kl(s, t) + kl(s.T, t.T)) / 2)
+
+
+def test_distill_term_keeps_the_new_models_similarities_through_phi():
+    # As in the pair term's test, the old text space reads only 6 of w_new's 24 dims. The pair images share
+    # those 6 and differ in the other 18. Text alone teaches φ to drop them; the distillation term, on the
+    # corpus texts against the pair images, must make φ keep how the new model ranks the images for a text.
+    torch.manual_seed(0)
+    w_new = F.normalize(torch.randn(2048, 24), dim=-1)
+    w_old = F.normalize(torch.tanh(w_new[:, :6] @ torch.randn(6, 16)), dim=-1)
+    shared = torch.randn(1, 6).expand(512, 6)
+    v = F.normalize(torch.cat([shared, 0.5 * torch.randn(512, 18)], 1), dim=-1)
+    pairs = (v, F.normalize(v + 0.05 * torch.randn(512, 24), dim=-1))
+    probe = F.normalize(torch.randn(256, 24), dim=-1)  # texts no step saw
+
+    def correlation(cfg):  # per probe text: how φ's similarities to the images follow the new model's
+        torch.manual_seed(0)
+        phi = Phi(PhiConfig(24, 16))
+        text_only_pretrain(phi, w_new, w_old, cfg, pairs=pairs)
+        with torch.no_grad():
+            mapped, own = phi(probe) @ phi(v).T, probe @ v.T  # (256, 512) each
+        mapped, own = mapped - mapped.mean(1, keepdim=True), own - own.mean(1, keepdim=True)
+        return (F.normalize(mapped, dim=1) * F.normalize(own, dim=1)).sum(1).mean().item()
+
+    base = PretrainConfig(sigma=0.05, batch_size=256, lr=1e-3, epochs=8, pair_weight=0.0, pair_batch_size=128)
+    without, with_distill = correlation(base), correlation(dataclasses.replace(base, distill_weight=4.0))
+    assert with_distill > without + 0.3, (without, with_distill)  # measured 0.08 -> 0.56
+
+
 def test_fit_term_lands_phi_on_the_old_embeddings_not_only_in_their_order():
     # The targets share a common direction c (a cone, as real embedding spaces do). A batch
     # contrastive loss barely sees c: each φ(w_new) only has to be nearest its own target.
@@ -136,8 +181,9 @@ def test_pair_term_off_ignores_the_pairs_and_on_needs_them():
         text_only_pretrain(phi, w_new, w_old, cfg, pairs=given)
         states.append(phi.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    with pytest.raises(ValueError, match="pair_weight > 0 needs the pairs"):
-        text_only_pretrain(Phi(PhiConfig(24, 16)), w_new, w_old, dataclasses.replace(cfg, pair_weight=1.0))
+    for term in ("pair_weight", "anchor_weight", "distill_weight"):
+        with pytest.raises(ValueError, match="needs the pairs' new-model embeddings"):
+            text_only_pretrain(Phi(PhiConfig(24, 16)), w_new, w_old, dataclasses.replace(cfg, **{term: 1.0}))
 
 
 def test_pretrain_config_rejects_bad_values():
@@ -153,6 +199,12 @@ def test_pretrain_config_rejects_bad_values():
         PretrainConfig(pair_batch_size=1)
     with pytest.raises(ValueError, match="fit_weight"):
         PretrainConfig(fit_weight=-1.0)
+    with pytest.raises(ValueError, match="distill_weight"):
+        PretrainConfig(distill_weight=-1.0)
+    with pytest.raises(ValueError, match="distill_scale"):
+        PretrainConfig(distill_scale=0.0)
+    with pytest.raises(ValueError, match="min_steps"):
+        PretrainConfig(min_steps=-1)
     with pytest.raises(ValueError, match="source must be one of text, image, text\\+image"):
         PretrainConfig(source="images")
 
@@ -192,9 +244,12 @@ def test_pretraining_stops_itself_on_a_nan_loss():
 
 
 def test_default_passes_keep_a_small_corpus_at_min_steps():
-    cfg = PretrainConfig()  # epochs=None: at least 3 passes and at least min_steps steps
+    from xbtcore.pretrain import MIN_STEPS
+
+    cfg = PretrainConfig()  # epochs=None: at least 3 passes and at least min_steps steps (None: MIN_STEPS)
     assert cfg.epochs_for(2_100_000) == 3  # 2,050 steps a pass at batch 1,024
     assert cfg.epochs_for(209_155) == 6  # 204 steps a pass
     assert cfg.epochs_for(104_000) == 12  # 101 steps a pass
-    assert cfg.epochs_for(10) == cfg.min_steps  # one step a pass
+    assert cfg.epochs_for(10) == MIN_STEPS == 1200  # one step a pass
+    assert PretrainConfig(min_steps=2400).epochs_for(209_155) == 12  # a method's own count
     assert PretrainConfig(epochs=2).epochs_for(104_000) == 2  # an explicit count is kept

@@ -59,8 +59,11 @@ def eqn3_loss(
     anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
     anchor_weight: float = 0.0,
     corpus_weight: float = 1.0,
+    distill: tuple[torch.Tensor, ...] | None = None,
+    distill_weight: float = 0.0,
+    distill_scale: float = 50.0,
 ) -> torch.Tensor:
-    """Eqn. 3, L_c(φ(w̃_new), w_old), with three optional terms of ours.
+    """Eqn. 3, L_c(φ(w̃_new), w_old), with four optional terms of ours.
 
     mapped: φ(w̃_new), (B, D_old); w_old: (B, D_old), row-aligned.
     fit_weight μ: μ · fit_term(φ(w̃_new), w_old).
@@ -70,7 +73,9 @@ def eqn3_loss(
     model's own embeddings of it, anchor = (v_old, w_old), (P, D_old) each: each
     query modality towards the gallery's space in the other modality.
     corpus_weight: the weight of Eqn. 3's own term (1: the paper's).
-    At μ = λ = γ = 0 and corpus_weight 1 it is the paper's Eqn. 3.
+    distill, distill_weight κ: κ · distill_loss(*distill, distill_scale), distill = (φ(w_new), φ(v_new),
+    w_new, v_new): the mapped rows and pair images beside the frozen new model's own.
+    At μ = λ = γ = κ = 0 and corpus_weight 1 it is the paper's Eqn. 3.
     """
     loss = corpus_weight * clip_loss(mapped, w_old, logit_scale)
     if fit_weight:
@@ -81,7 +86,30 @@ def eqn3_loss(
     if anchor_weight:
         assert pair is not None and anchor is not None, "anchor_weight > 0 needs mapped pairs and their old embeddings"
         loss = loss + anchor_weight * eqn6_loss(*pair, *anchor, logit_scale)
+    if distill_weight:
+        assert distill is not None, "distill_weight > 0 needs the mapped rows and the new model's own"
+        loss = loss + distill_weight * distill_loss(*distill, distill_scale)
     return loss
+
+
+def distill_loss(
+    student_a: torch.Tensor, student_b: torch.Tensor, teacher_a: torch.Tensor, teacher_b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """KL(teacher || student) of the softmax over b for each row of a, and over a for each row of b.
+
+    student_a (A, D_s), student_b (B, D_s): φ's maps of what the teacher embedded as teacher_a (A, D_t) and
+    teacher_b (B, D_t); all L2-normalised. Unlike a contrastive loss, which asks only that each pair rank
+    first, this keeps how the teacher ranks every row against every other: the frozen new model's own
+    text-image similarities, kept on a corpus far larger than the pairs. Under DDP, call with local rows; it
+    gathers like clip_loss.
+    """
+    sa, sb, ta, tb = (gather_features(x) for x in (student_a, student_b, teacher_a, teacher_b))
+    student, teacher = scale * sa @ sb.T, scale * ta @ tb.T  # (A, B) each
+
+    def kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), log_target=True, reduction="batchmean")
+
+    return (kl(student, teacher) + kl(student.T, teacher.T)) / 2
 
 
 def eqn5_loss(v_bar: torch.Tensor, w_bar: torch.Tensor, logit_scale: float) -> torch.Tensor:

@@ -3,16 +3,26 @@
     L_pre = E_t [ L_c( φ(w̃_new), w_old ) ],  w̃_new = normalize(w_new + ε),  ε ~ N(0, σ²)
           + μ E_t [ 1 - cos( φ(w̃_new), w_old ) ]                  (ours, μ = fit_weight)
           + λ E_(v,w) [ L_c( φ(v_new), φ(w_new) ) ]                (ours, λ = pair_weight)
+          + γ E_(v,w) [ L_c( φ(v_new), w_old ) + L_c( φ(w_new), v_old ) ]   (ours, γ = anchor_weight)
+          + κ E [ KL( s(w_new, v_new) || s(φ(w_new), φ(v_new)) ) ]   (ours, κ = distill_weight)
 
 The loss is `losses.eqn3_loss`; this module holds its configuration and the
-loop that feeds it. The pair term is Eqn. 5's loss on the frozen new model's
-embeddings of the pairs (no old model): text alone teaches φ the old text
-space and nothing about keeping the new model's own image-text matching, which
-Eqn. 5 cannot give back later through φ's LayerNorms alone. The fit term asks
-φ to land on w_old, not only to rank it first within the batch; it matters when
-the targets are a champion bundle's compatible embeddings (a chain link with
-`chain_targets="champion"`). At μ = λ = 0 it is the paper's Eqn. 3. Why each
-default is what it is, with the measurement behind it: docs/method.md.
+loop that feeds it. s(a, b) is the softmax of the scaled similarities of each
+row of a against every row of b, and of each row of b against a
+(`losses.distill_loss`): a step's corpus rows against its pair batch's images.
+
+The pair term is Eqn. 5's loss on the frozen new model's embeddings of the
+pairs (no old model): text alone teaches φ the old text space and nothing
+about keeping the new model's own image-text matching, which Eqn. 5 cannot
+give back later through φ's LayerNorms alone. The distillation term keeps the
+new model's own similarities between every corpus text and every pair image of
+a step, where the pair term sees only the pairs. The gallery anchors pull each
+query modality towards the old model's embeddings of the pairs in the other
+one. The fit term asks φ to land on w_old, not only to rank it first within
+the batch; it matters when the targets are a champion bundle's compatible
+embeddings (a chain link with `chain_targets="champion"`). At μ = λ = γ = κ = 0
+it is the paper's Eqn. 3. Why each default is what it is, with the measurement
+behind it: docs/method.md.
 
 All encoders are frozen, so their outputs are computed once (the embedding
 cache) and this loop touches no encoder at all.
@@ -40,6 +50,8 @@ CHAIN_TARGETS = ("root", "champion")
 # μ of the fit term when φ's targets are a champion bundle's compatible embeddings: the contrastive
 # loss alone fits their order, not their place (docs/method.md, "The fit term").
 CHAIN_FIT_WEIGHT = 10.0
+# Steps φ takes at least (PretrainConfig.min_steps left None, and a method with no value of its own).
+MIN_STEPS = 1200
 
 
 def source_parts(source: str) -> list[str]:
@@ -63,9 +75,12 @@ class PretrainConfig:
         default=None,
         metadata={"help": "passes over the corpus; None: at least 3 and at least min_steps steps (docs/method.md)"},
     )
-    min_steps: int = field(
-        default=1200,
-        metadata={"help": "with epochs=None, a small corpus gets more passes until φ has taken this many steps"},
+    min_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "with epochs=None, a small corpus gets more passes until φ has taken this many steps; "
+            f"None: the method's own ({MIN_STEPS} for xbt; docs/method.md)"
+        },
     )
     log_logit_scale: float = field(default=PAPER_LOG_LOGIT_SCALE, metadata={"help": "τ_pre (paper: 2.6592)"})
     source: str = field(
@@ -124,6 +139,17 @@ class PretrainConfig:
             "docs/method.md"
         },
     )
+    distill_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "κ of the distillation term: KL from the frozen new model's similarities between "
+            "the corpus texts and the pair images to φ's (ours); None: the method's own (0 for xbt; "
+            "docs/method.md)"
+        },
+    )
+    distill_scale: float = field(
+        default=50.0, metadata={"help": "logit scale of both sides' similarities in the distillation term"}
+    )
     seed: int = 0
 
     def __post_init__(self):
@@ -133,7 +159,7 @@ class PretrainConfig:
             raise ValueError(f"batch_size must be >= 2 for a contrastive loss, got {self.batch_size}")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.min_steps < 0:
+        if self.min_steps is not None and self.min_steps < 0:
             raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if self.pair_weight is not None and self.pair_weight < 0:
             raise ValueError(f"pair_weight must be >= 0, got {self.pair_weight}")
@@ -141,6 +167,10 @@ class PretrainConfig:
             raise ValueError(f"corpus_weight must be >= 0, got {self.corpus_weight}")
         if self.anchor_weight is not None and self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        if self.distill_weight is not None and self.distill_weight < 0:
+            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if self.distill_scale <= 0:
+            raise ValueError(f"distill_scale must be > 0, got {self.distill_scale}")
         if self.fit_weight is not None and self.fit_weight < 0:
             raise ValueError(f"fit_weight must be >= 0, got {self.fit_weight}")
         if self.pair_batch_size < 2:
@@ -159,6 +189,11 @@ class PretrainConfig:
         return replace(self, fit_weight=CHAIN_FIT_WEIGHT if compatible else 0.0)
 
     @property
+    def uses_pairs(self) -> bool:
+        """The pair term, the anchors or the distillation term reads a pair batch each step."""
+        return bool(self.pair_weight or self.anchor_weight or self.distill_weight)
+
+    @property
     def uses_images(self) -> bool:
         return "image" in source_parts(self.source)
 
@@ -172,7 +207,7 @@ class PretrainConfig:
         if self.epochs is not None:
             return self.epochs
         per_epoch = max(1, n_rows // max(1, min(self.batch_size, n_rows)))
-        return max(3, math.ceil(self.min_steps / per_epoch))
+        return max(3, math.ceil((MIN_STEPS if self.min_steps is None else self.min_steps) / per_epoch))
 
 
 def pretraining_rows(source: str, text=None, image=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +241,7 @@ def text_only_pretrain(
     pairs: (v_new, w_new) of the pairs by the frozen new model, row-aligned (each
     caption with its image's embedding), (P, D_new) each, and for the gallery
     anchors (cfg.anchor_weight > 0) also (v_old, w_old), (P, D_old) each; read when
-    cfg.pair_weight or cfg.anchor_weight > 0, a pair batch per step, cycling through the pairs.
+    cfg.uses_pairs, a pair batch per step, cycling through the pairs.
     `on_step(step, loss)` may raise to stop. Under torchrun every rank passes the
     same rows and draws the same global batch; each maps its own contiguous
     slice, negatives are all-gathered and gradients averaged, so the result
@@ -214,8 +249,11 @@ def text_only_pretrain(
     """
     assert w_new.shape[0] == w_old.shape[0], "w_new and w_old must be row-aligned"
     assert w_new.shape[1] == phi.cfg.in_dim and w_old.shape[1] == phi.cfg.out_dim
-    if (cfg.pair_weight or cfg.anchor_weight) and pairs is None:
-        raise ValueError("pair_weight > 0 needs the pairs' new-model embeddings (pairs=(v_new, w_new))")
+    if cfg.uses_pairs and pairs is None:
+        raise ValueError(
+            "pair_weight, anchor_weight or distill_weight > 0 needs the pairs' new-model embeddings "
+            "(pairs=(v_new, w_new))"
+        )
     if cfg.anchor_weight and len(pairs) != 4:
         raise ValueError("anchor_weight > 0 needs the pairs' old embeddings too (pairs=(v_new, w_new, v_old, w_old))")
     device = next(phi.parameters()).device
@@ -224,7 +262,7 @@ def text_only_pretrain(
     scale = math.exp(cfg.log_logit_scale)
     n = w_new.shape[0]
     bs = global_batch(cfg.batch_size, n)
-    pair_batches = _pair_batches(pairs, cfg.pair_batch_size) if cfg.pair_weight or cfg.anchor_weight else None
+    pair_batches = _pair_batches(pairs, cfg.pair_batch_size) if cfg.uses_pairs else None
     history, step = [], 0
     phi.train()
     for epoch in range(cfg.epochs_for(n)):
@@ -235,11 +273,15 @@ def text_only_pretrain(
             x = add_embedding_noise(w_new[idx].to(device), cfg.sigma)  # (B, D_new), same noise on every rank
             mine = local_slice(bs)
             mapped, target = phi(x[mine]), w_old[idx][mine].to(device)  # (B/W, D_old) each, unit length
-            pair = anchor = None
+            pair = anchor = distill = None
             if pair_batches is not None:
                 rows, pmine = next(pair_batches)  # (P, D) each, the same rows on every rank
-                pair = (phi(rows[0][pmine].to(device)), phi(rows[1][pmine].to(device)))  # (P/W, D_old) each
+                images = rows[0][pmine].to(device)  # (P/W, D_new) v_new
+                pair = (phi(images), phi(rows[1][pmine].to(device)))  # (P/W, D_old) each
                 anchor = tuple(r[pmine].to(device) for r in rows[2:]) or None  # (v_old, w_old), (P/W, D_old) each
+                if cfg.distill_weight:
+                    clean = w_new[idx][mine].to(device)  # (B/W, D_new) the rows without noise
+                    distill = (phi(clean), pair[0], clean, images)
             # fit_weight None (not settled for the targets, PretrainConfig.for_targets) is the paper's 0
             loss = eqn3_loss(
                 mapped,
@@ -251,6 +293,9 @@ def text_only_pretrain(
                 anchor=anchor,
                 anchor_weight=cfg.anchor_weight,
                 corpus_weight=1.0 if cfg.corpus_weight is None else cfg.corpus_weight,
+                distill=distill,
+                distill_weight=cfg.distill_weight or 0.0,
+                distill_scale=cfg.distill_scale,
             )
             value = loss.item()
             check_loss("pretrain", value, step + 1)

@@ -40,7 +40,7 @@ def xbt_needs(cfg: XbtConfig) -> tuple[str, ...]:
         *(["w_new", "w_old"] if "text" in parts else []),
         *(["v_new_pairs", "v_old_pairs"] if "image" in parts else []),
     ]
-    if pre.pair_weight or pre.anchor_weight:
+    if pre.uses_pairs:
         needs += ["v_new_pairs", "w_new_pairs"]
     if pre.anchor_weight:
         needs += ["v_old_pairs", "w_old_pairs"]
@@ -57,7 +57,7 @@ def _pretrained_phi(inputs: HeadInputs, cfg: XbtConfig):
         image=(inputs.frozen("v_new_pairs"), inputs.frozen("v_old_pairs")) if pre.uses_images else None,
     )
     pairs = None
-    if pre.pair_weight or pre.anchor_weight:
+    if pre.uses_pairs:
         old = (inputs.frozen("v_old_pairs"), inputs.frozen("w_old_pairs")) if pre.anchor_weight else ()
         pairs = pair_rows(inputs.frozen("v_new_pairs"), inputs.frozen("w_new_pairs"), inputs.caption_image, *old)
     phi, _ = pretrain_phi(*rows, pre, device=inputs.device, on_step=inputs.on_step, pairs=pairs)
