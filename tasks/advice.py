@@ -83,9 +83,11 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
         if gaps[worst] > NEW_NEW_SLACK:
             steps.append(
                 f"new/new is {gaps[worst]:.2f} points {worst} R@1 under the original new model, so items "
-                "embedded by the upgraded model search worse than after a backfill; the pair term "
-                f"(--set pretrain.pair_weight, now {pretrain.pair_weight:g}) trains φ on the new model's own "
-                "pairs and holds new/new up"
+                "embedded by the upgraded model search worse than after a backfill; the distillation term "
+                f"(--set pretrain.distill_weight, now {pretrain.distill_weight or 0:g}) keeps the new model's own "
+                "text-image similarities through φ, and the pair term "
+                f"(--set pretrain.pair_weight, now {pretrain.pair_weight:g}) its own pairs; each holds new/new "
+                "up at some cost to the gate's margins (docs/method.md, \"Keeping the new model's similarities\")"
             )
 
     regress = report.get("no_regression")

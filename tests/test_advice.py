@@ -91,9 +91,12 @@ def test_no_candidate_clear_in_a_failing_direction_points_at_the_room_there():
     assert not any(s.startswith("no candidate's") for s in steps)
 
 
-def test_new_new_gap_past_a_point_points_at_the_pair_term():
-    steps = next_steps(_report(new_new=(60.0, 58.5)), TEXT)
+def test_new_new_gap_past_a_point_points_at_the_distillation_and_pair_terms():
+    steps = next_steps(_report(new_new=(60.0, 58.5)), TEXT)  # xbt: κ = 0, λ = 2
     assert len(steps) == 1 and "pretrain.pair_weight, now 2" in steps[0] and "1.50 points i2t R@1" in steps[0]
+    assert "pretrain.distill_weight, now 0" in steps[0]
+    gallery = next_steps(_report(method="xbt-gallery", new_new=(60.0, 58.5)), TEXT)
+    assert "pretrain.distill_weight, now 1" in gallery[-1]  # the values the run used, its method's own
     assert next_steps(_report(new_new=(59.0, 59.5)), TEXT) == []  # within a point
     assert not any("pair_weight" in s for s in next_steps(_report(method="base", new_new=(50.0, 50.0)), TEXT))
 
