@@ -79,7 +79,7 @@ class PretrainConfig:
         default=None,
         metadata={
             "help": "with epochs=None, a small corpus gets more passes until φ has taken this many steps; "
-            f"None: the method's own ({MIN_STEPS} for xbt; docs/method.md)"
+            f"None: the method's own ({MIN_STEPS} for xbt, 2400 for the xbt-gallery family; docs/method.md)"
         },
     )
     log_logit_scale: float = field(default=PAPER_LOG_LOGIT_SCALE, metadata={"help": "τ_pre (paper: 2.6592)"})

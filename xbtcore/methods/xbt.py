@@ -111,7 +111,8 @@ def register() -> None:
             name="xbt-gallery",
             family="xbt",
             summary="gallery-anchored XBT: φ on the frozen encoders, Eqn. 3 + the pair term + each query modality "
-            "anchored to the old model's (the gallery's) embeddings of the pairs",
+            "anchored to the old model's (the gallery's) embeddings of the pairs + the distillation term (the new "
+            "model's own similarities)",
             config_cls=XbtConfig,
             needs=xbt_needs,
             cost=1,
