@@ -66,21 +66,31 @@ def test_pretraining_learns_a_hidden_map():
     assert after > before + 0.3
 
 
-def test_pair_term_keeps_the_new_models_matching_through_phi():
-    # The old text space reads only 6 of w_new's 24 dims; the pairs differ in the other 18.
-    # Text alone teaches φ to drop them; the pair term (Eqn. 5's loss on frozen new-model
-    # pairs) must make φ keep what tells one pair from another.
+def _hidden_dims_world():
+    """The old text space reads only 6 of w_new's 24 dims; 512 pair images share those 6 and differ in the
+    other 18, each beside its own caption. -> w_new (2048, 24), w_old (2048, 16), pairs ((512, 24) each)."""
     torch.manual_seed(0)
     w_new = F.normalize(torch.randn(2048, 24), dim=-1)
     w_old = F.normalize(torch.tanh(w_new[:, :6] @ torch.randn(6, 16)), dim=-1)
     shared = torch.randn(1, 6).expand(512, 6)  # the pairs look alike to the old space
     v = F.normalize(torch.cat([shared, 0.5 * torch.randn(512, 18)], 1), dim=-1)
-    pairs = (v, F.normalize(v + 0.05 * torch.randn(512, 24), dim=-1))  # each image beside its own caption
+    return w_new, w_old, (v, F.normalize(v + 0.05 * torch.randn(512, 24), dim=-1))
+
+
+def _pretrained(cfg, w_new, w_old, pairs) -> Phi:
+    torch.manual_seed(0)
+    phi = Phi(PhiConfig(24, 16))
+    text_only_pretrain(phi, w_new, w_old, cfg, pairs=pairs)
+    return phi
+
+
+def test_pair_term_keeps_the_new_models_matching_through_phi():
+    # Text alone teaches φ to drop the 18 dims the old space does not read; the pair term (Eqn. 5's loss on
+    # frozen new-model pairs) must make φ keep what tells one pair from another.
+    w_new, w_old, pairs = _hidden_dims_world()
 
     def pair_r1(cfg):
-        torch.manual_seed(0)
-        phi = Phi(PhiConfig(24, 16))
-        text_only_pretrain(phi, w_new, w_old, cfg, pairs=pairs)
+        phi = _pretrained(cfg, w_new, w_old, pairs)
         with torch.no_grad():
             return (phi(pairs[0]) @ phi(pairs[1]).T).argmax(1).eq(torch.arange(512)).float().mean().item()
 
@@ -109,21 +119,14 @@ def test_distill_loss_is_zero_on_the_teachers_similarities_and_positive_off_them
 
 
 def test_distill_term_keeps_the_new_models_similarities_through_phi():
-    # As in the pair term's test, the old text space reads only 6 of w_new's 24 dims. The pair images share
-    # those 6 and differ in the other 18. Text alone teaches φ to drop them; the distillation term, on the
+    # Text alone teaches φ to drop the 18 dims the old space does not read; the distillation term, on the
     # corpus texts against the pair images, must make φ keep how the new model ranks the images for a text.
-    torch.manual_seed(0)
-    w_new = F.normalize(torch.randn(2048, 24), dim=-1)
-    w_old = F.normalize(torch.tanh(w_new[:, :6] @ torch.randn(6, 16)), dim=-1)
-    shared = torch.randn(1, 6).expand(512, 6)
-    v = F.normalize(torch.cat([shared, 0.5 * torch.randn(512, 18)], 1), dim=-1)
-    pairs = (v, F.normalize(v + 0.05 * torch.randn(512, 24), dim=-1))
+    w_new, w_old, pairs = _hidden_dims_world()
+    v = pairs[0]
     probe = F.normalize(torch.randn(256, 24), dim=-1)  # texts no step saw
 
     def correlation(cfg):  # per probe text: how φ's similarities to the images follow the new model's
-        torch.manual_seed(0)
-        phi = Phi(PhiConfig(24, 16))
-        text_only_pretrain(phi, w_new, w_old, cfg, pairs=pairs)
+        phi = _pretrained(cfg, w_new, w_old, pairs)
         with torch.no_grad():
             mapped, own = phi(probe) @ phi(v).T, probe @ v.T  # (256, 512) each
         mapped, own = mapped - mapped.mean(1, keepdim=True), own - own.mean(1, keepdim=True)
@@ -186,27 +189,23 @@ def test_pair_term_off_ignores_the_pairs_and_on_needs_them():
             text_only_pretrain(Phi(PhiConfig(24, 16)), w_new, w_old, dataclasses.replace(cfg, **{term: 1.0}))
 
 
-def test_pretrain_config_rejects_bad_values():
-    import pytest
-
-    with pytest.raises(ValueError, match="sigma"):
-        PretrainConfig(sigma=-1)
-    with pytest.raises(ValueError, match="batch_size"):
-        PretrainConfig(batch_size=1)
-    with pytest.raises(ValueError, match="pair_weight"):
-        PretrainConfig(pair_weight=-0.5)
-    with pytest.raises(ValueError, match="pair_batch_size"):
-        PretrainConfig(pair_batch_size=1)
-    with pytest.raises(ValueError, match="fit_weight"):
-        PretrainConfig(fit_weight=-1.0)
-    with pytest.raises(ValueError, match="distill_weight"):
-        PretrainConfig(distill_weight=-1.0)
-    with pytest.raises(ValueError, match="distill_scale"):
-        PretrainConfig(distill_scale=0.0)
-    with pytest.raises(ValueError, match="min_steps"):
-        PretrainConfig(min_steps=-1)
-    with pytest.raises(ValueError, match="source must be one of text, image, text\\+image"):
-        PretrainConfig(source="images")
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ({"sigma": -1}, "sigma"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"pair_weight": -0.5}, "pair_weight"),
+        ({"pair_batch_size": 1}, "pair_batch_size"),
+        ({"fit_weight": -1.0}, "fit_weight"),
+        ({"distill_weight": -1.0}, "distill_weight"),
+        ({"distill_scale": 0.0}, "distill_scale"),
+        ({"min_steps": -1}, "min_steps"),
+        ({"source": "images"}, "source must be one of text, image, text\\+image"),
+    ],
+)
+def test_pretrain_config_rejects_bad_values(bad, says):
+    with pytest.raises(ValueError, match=says):
+        PretrainConfig(**bad)
 
 
 def test_pretraining_rows_per_source():

@@ -270,7 +270,8 @@ def text_only_pretrain(
         order = torch.randperm(n)
         for i in range(0, n - bs + 1, bs):  # drop the ragged tail: a tiny last batch has few negatives
             idx = order[i : i + bs]
-            x = add_embedding_noise(w_new[idx].to(device), cfg.sigma)  # (B, D_new), same noise on every rank
+            rows_new = w_new[idx].to(device)  # (B, D_new)
+            x = add_embedding_noise(rows_new, cfg.sigma)  # same noise on every rank
             mine = local_slice(bs)
             mapped, target = phi(x[mine]), w_old[idx][mine].to(device)  # (B/W, D_old) each, unit length
             pair = anchor = distill = None
@@ -280,7 +281,7 @@ def text_only_pretrain(
                 pair = (phi(images), phi(rows[1][pmine].to(device)))  # (P/W, D_old) each
                 anchor = tuple(r[pmine].to(device) for r in rows[2:]) or None  # (v_old, w_old), (P/W, D_old) each
                 if cfg.distill_weight:
-                    clean = w_new[idx][mine].to(device)  # (B/W, D_new) the rows without noise
+                    clean = rows_new[mine]  # (B/W, D_new) the rows without noise
                     distill = (phi(clean), pair[0], clean, images)
             # fit_weight None (not settled for the targets, PretrainConfig.for_targets) is the paper's 0
             loss = eqn3_loss(
