@@ -211,17 +211,19 @@ def _register_two_versions(work: Path, old: str, new: str) -> str:
 
 
 def bench_scan(args) -> dict:
-    """One exact scan of --items synthetic vectors, ms per call for batches of 1 and 8 queries: faiss's flat
-    kernel (1 and 2 threads, its default path and its BLAS path) and xbtcore.search.exact_scan (numpy's
-    matrix product on its default threads, every core), what `xbt serve` runs per batch."""
+    """One exact scan of --items synthetic vectors, ms per call: faiss's flat kernel (1 and 2 threads, its
+    default path and its BLAS path; batches of 1 and 8 queries) and, for batches of 1 to 64,
+    xbtcore.search.exact_scan (numpy's matrix product on every core) and xbtcore.search.quantized_scan
+    (int8 codes, the same answer), the two scans `xbt serve` runs per batch. Each kernel runs in its own
+    phase (a BLAS library's threads spin a while after a call, which would tax the next kernel)."""
     import faiss
 
-    from xbtcore.search import exact_scan, make_faiss, normalise
+    from xbtcore.search import ScanCodes, exact_scan, make_faiss, normalise, quantized_scan
 
     rng = np.random.default_rng(0)
     vectors = normalise(rng.standard_normal((args.items, args.dim)))
     index = make_faiss(vectors, "flat")
-    queries = normalise(rng.standard_normal((8, args.dim)))
+    queries = normalise(rng.standard_normal((64, args.dim)))
     default_threshold = faiss.cvar.distance_compute_blas_threshold
     rows = []
     for kernel, threshold in (("default", default_threshold), ("blas", 1)):
@@ -246,16 +248,26 @@ def bench_scan(args) -> dict:
                 )
                 progress(str(rows[-1]))
     faiss.cvar.distance_compute_blas_threshold = default_threshold
-    for batch in (1, 8):
-        exact_scan(vectors, queries[:batch], 26)
-        t0, cpu0, calls = time.perf_counter(), time.process_time(), 0
-        while time.perf_counter() - t0 < args.seconds:
-            exact_scan(vectors, queries[:batch], 26)
-            calls += 1
-        ms, cpu_ms = 1000 * (time.perf_counter() - t0) / calls, 1000 * (time.process_time() - cpu0) / calls
-        row = {"kernel": "exact_scan", "threads": "all", "batch": batch, "ms_per_call": round(ms, 1)}
-        rows.append({**row, "cpu_ms_per_query": round(cpu_ms / batch, 1)})
-        progress(str(rows[-1]))
+    codes = ScanCodes.of(vectors)
+    scans = {
+        "exact_scan": lambda q: exact_scan(vectors, q, 26),
+        "quantized_scan": lambda q: quantized_scan(vectors, codes, q, 26),
+    }
+    for kernel, scan in scans.items():
+        for batch in (1, 8, 16, 32, 64):
+            scan(queries[:batch])
+            t0, cpu0, calls = time.perf_counter(), time.process_time(), 0
+            while time.perf_counter() - t0 < args.seconds:
+                scan(queries[:batch])
+                calls += 1
+            ms, cpu_ms = 1000 * (time.perf_counter() - t0) / calls, 1000 * (time.process_time() - cpu0) / calls
+            row = {"kernel": kernel, "threads": "all", "batch": batch, "ms_per_call": round(ms, 1)}
+            rows.append({**row, "cpu_ms_per_query": round(cpu_ms / batch, 1)})
+            progress(str(rows[-1]))
+    same = all(
+        [r for r, _ in a] == [r for r, _ in b]
+        for a, b in zip(exact_scan(vectors, queries, 26), quantized_scan(vectors, codes, queries, 26))
+    )
     return {
         "bench": "serving.scan",
         "machine": machine(),
@@ -264,6 +276,7 @@ def bench_scan(args) -> dict:
         "items": args.items,
         "dim": args.dim,
         "k": 26,
+        "quantized_same_rows": same,
         "rows": rows,
     }
 

@@ -120,6 +120,8 @@ class Engine:
             self._single = (self.old_encoder, gallery.old.search)
         elif not self.searches_old:
             self._single = (self.new_encoder, gallery.search_new)
+        if self._single is not None:  # one index searched whole: int8 codes make its scan faster, same answer
+            gallery.prepare_scan(new=self.new_encoder is not None)
         self.text_batches = MicroBatcher(self._search_texts, wait_s=batch_wait_s)
         if self.searches_old:
             dim = embed_query(self.old_encoder, text="a").shape[0]

@@ -143,5 +143,8 @@ class QdrantGallery:
             return self.search_new(new_query[None], k)[0]
         return self.old.search(old_query[None], k)[0]
 
+    def prepare_scan(self, new: bool) -> None:
+        """Nothing to prepare: Qdrant searches its own collection."""
+
     def search_new(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         return self.new.search(queries, k)

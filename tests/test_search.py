@@ -197,6 +197,78 @@ def test_concurrent_queries_batched_into_one_scan_get_their_own_answers():
     assert max(sizes) == 8 and len(sizes) < len(queries)  # callers queued behind a scan shared the next
 
 
+def _hard_for_codes(rng: np.random.Generator, n: int = 3000, d: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors whose int8 codes misorder them: 200 near-duplicates about a code step apart, one dimension
+    ten times the others' scale, 30 equal rows that straddle the cut; queries near both groups."""
+    vectors = rng.standard_normal((n, d))
+    vectors[:, 0] *= 10
+    vectors[500:700] = vectors[499] + 2e-3 * rng.standard_normal((200, d))
+    vectors[900:930] = vectors[3]
+    vectors = search.normalise(vectors)
+    near = vectors[499] + 0.3 * search.normalise(rng.standard_normal((1, d)))[0]
+    queries = search.normalise(np.vstack([vectors[3], near, rng.standard_normal((6, d))]))
+    return vectors, queries
+
+
+def test_int8_codes_bound_every_rows_float_score():
+    rng = np.random.default_rng(4)
+    vectors, queries = _hard_for_codes(rng)
+    codes = search.ScanCodes.of(vectors)
+    q_codes, q_scale, bound = codes.query(queries)
+    approx = q_scale[:, None] * (q_codes.astype(np.int64) @ codes.codes.numpy().astype(np.int64).T)  # (B, N)
+    exact = queries @ vectors.T  # (B, N) float32
+    error = np.abs(exact - approx)
+    assert (error <= bound[:, None]).all()
+    assert error.max() > bound.max() / 20  # a bound that means something, not one so loose it admits every row
+
+
+def test_quantized_scan_gives_the_exact_top_k(monkeypatch):
+    monkeypatch.setattr(search, "QUANTIZED_BLOCK", 256)  # many blocks: floors found early ...
+    monkeypatch.setattr(search, "QUANTIZED_SLACK", 0)  # ... and raised often, each time within the bound
+    rng = np.random.default_rng(5)
+    vectors, queries = _hard_for_codes(rng)
+    codes = search.ScanCodes.of(vectors)
+    for k in (1, 5, 12, 40, 250):
+        want = search.exact_scan(vectors, queries, k)
+        with monkeypatch.context() as m:  # the int8 path answers itself: no fallback to the float scan
+            m.setattr(search, "exact_scan", lambda *a, **kw: pytest.fail("fell back to exact_scan"))
+            got = search.quantized_scan(vectors, codes, queries, k)
+        assert [r for r, _ in got[0]][:31] == [3, *range(900, 930)][:k]  # equal rows, by row, as exact_scan
+        assert [r for r, _ in want[0]][:31] == [3, *range(900, 930)][:k]
+        for q, hits in zip(queries, got):  # the near-duplicates: the best k but for float32 ties
+            truth = vectors.astype(np.float64) @ q.astype(np.float64)  # (N,)
+            rows = [r for r, _ in hits]
+            assert len(set(rows)) == len(rows) == k
+            np.testing.assert_allclose([v for _, v in hits], truth[rows], atol=1e-6)  # each row's own score
+            np.testing.assert_allclose(truth[rows], np.sort(truth)[::-1][:k], atol=1e-6)  # the i-th best at i
+
+
+def test_quantized_scan_falls_back_to_the_float_scan_when_codes_cannot_prune(monkeypatch):
+    rng = np.random.default_rng(6)
+    vectors = search.normalise(np.ones((2000, 8)) + 1e-6 * rng.standard_normal((2000, 8)))  # one code for all
+    queries = search.normalise(rng.standard_normal((3, 8)))
+    calls = []
+    exact = search.exact_scan
+    monkeypatch.setattr(search, "exact_scan", lambda *a: calls.append(1) or exact(*a))
+    got = search.quantized_scan(vectors, search.ScanCodes.of(vectors), queries, 10)
+    assert calls and got == exact(vectors, queries, 10)
+
+
+def test_top_rows_scans_codes_only_for_batches_where_they_are_faster(monkeypatch):
+    rng = np.random.default_rng(7)
+    vectors = search.normalise(rng.standard_normal((500, 8)))
+    index, codes = search.make_faiss(vectors, "flat"), search.ScanCodes.of(vectors)
+    used = []
+    quantized = search.quantized_scan
+    monkeypatch.setattr(search, "quantized_scan", lambda *a: used.append(len(a[2])) or quantized(*a))
+    small = search.normalise(rng.standard_normal((search.QUANTIZED_MAX_BATCH, 8)))
+    large = search.normalise(rng.standard_normal((search.QUANTIZED_MAX_BATCH + 1, 8)))
+    for queries in (small, large):
+        rows = [[r for r, _ in h] for h in search.top_rows(index, queries, 7, codes=codes)]
+        assert rows == [[r for r, _ in h] for h in search.top_rows(index, queries, 7)]
+    assert used == [search.QUANTIZED_MAX_BATCH]
+
+
 def test_exact_scan_equals_brute_force_across_blocks_with_ties_at_the_cut(monkeypatch):
     monkeypatch.setattr(search, "SCAN_BLOCK", 7)  # many blocks, the k-th best found late
     rng = np.random.default_rng(3)

@@ -111,6 +111,20 @@ def test_answers_carry_the_version_and_match_brute_force(client, setup):
     assert item.status_code == 200 and item.content == png and item.headers["content-type"] == "image/png"
 
 
+def test_a_served_exact_index_scans_int8_codes_and_answers_as_brute_force(setup, monkeypatch):
+    from serve.engine import Engine, embed_query, load_query_model
+    from xbtcore.search import MixedGallery
+
+    monkeypatch.setattr(search, "QUANTIZED_MIN_ROWS", 1)  # the test gallery is small
+    engine = Engine(load_query_model(OLD), MixedGallery(setup["index"]))
+    old = engine.gallery.old
+    assert old.codes is not None  # made before the first request
+    vectors = old.vectors()
+    for text in setup["captions"][:6]:
+        q = embed_query(engine.old_encoder, text)
+        assert_same_ranking(engine.search(10, text=text)["results"], brute_force(vectors, old.ids, q, 10))
+
+
 def test_concurrent_text_queries_share_batches_and_each_gets_its_own_answer(setup):
     from serve.engine import Engine, load_query_model
     from xbtcore.encoders import DualEncoder
@@ -271,7 +285,7 @@ def _wait(predicate, timeout_s: float) -> bool:
     return False
 
 
-def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces(setup, tmp_path):
+def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces(setup, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
     from serve.engine import Engine, Server, SpaceMismatch, load_query_model
@@ -323,8 +337,9 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
     np.testing.assert_allclose(done.vectors(), own[[old.row_of[i] for i in done.ids]], atol=1e-5)
 
     # At 100% the new model's own query alone, no adapter; the old index is still there until removed.
+    monkeypatch.setattr(search, "QUANTIZED_MIN_ROWS", 1)  # the new space's index scanned by its int8 codes
     engine = Engine(model, MixedGallery(index))
-    assert engine.space == model.own_space and not engine.searches_old
+    assert engine.space == model.own_space and not engine.searches_old and engine.gallery.new_codes is not None
     assert server.refresh() and server.engine.space == model.own_space and not server.refresh()
     hits = engine.search(10, text=query)["results"]
     assert_same_ranking(hits, brute_force(own, old.ids, q_new, 10))

@@ -207,6 +207,7 @@ class GalleryIndex:
         self.ids: list = json.loads((self.path / IDS).read_text())
         self.index = faiss.read_index(str(self.path / FAISS_FILE))
         self.row_of = {i: r for r, i in enumerate(self.ids)}
+        self.codes: ScanCodes | None = None  # made by prepare_scan
 
     @property
     def space(self) -> str:
@@ -223,10 +224,19 @@ class GalleryIndex:
         """(N, D) the stored vectors (from the chunks, not the faiss index, which may be approximate)."""
         return load_vectors(self.path, math.ceil(len(self.ids) / self.plan["chunk_rows"]) if self.ids else 0)
 
+    def prepare_scan(self) -> None:
+        """Keep int8 codes of an exact index's vectors, so that a whole-index search takes quantized_scan
+        (the same answer, faster): for a server, which searches many times. A one-off search scans the
+        float32 vectors (making the codes reads them all once more)."""
+        vectors = flat_vectors(self.index)
+        if self.codes is None and vectors is not None and len(vectors) >= QUANTIZED_MIN_ROWS:
+            self.codes = ScanCodes.of(vectors)
+
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[Hit]]:
         """(B, D) query vectors -> for each, the top k hits by inner product, best first, ties by id.
         allowed: (N,) bool over rows; the others are never returned."""
-        return [[Hit(self.ids[r], s) for r, s in row] for row in top_rows(self.index, queries, k, allowed)]
+        hits = top_rows(self.index, queries, k, allowed, self.codes)
+        return [[Hit(self.ids[r], s) for r, s in row] for row in hits]
 
 
 SCAN_BLOCK = 65536  # vectors per matrix product of exact_scan: (65536, B) scores stay in cache
@@ -294,6 +304,136 @@ def exact_scan(
     return out
 
 
+QUANTIZED_MIN_ROWS = 65536  # below one scan block a plain exact_scan is as fast: no codes are kept
+QUANTIZED_BLOCK = 262144  # codes per int8 matrix product of quantized_scan: fewer, larger products run faster
+# quantized_scan for batches up to this many queries, exact_scan for larger ones: at 16 queries the int8
+# scan was the slower (`python -m bench.serving scan`, docs/serving.md).
+QUANTIZED_MAX_BATCH = 8
+QUANTIZED_SLACK = 1024  # candidates a query keeps beyond 4k before quantized_scan raises its floor
+
+
+@dataclass(frozen=True)
+class ScanCodes:
+    """An exact index's float32 vectors as int8 codes (one scale per dimension), with the bounds that
+    keep quantized_scan exact. One byte per dimension per item beside the four of the vectors."""
+
+    codes: object  # torch int8 (N, D): rint(x / scale), within +-127
+    scale: np.ndarray  # (D,) float64
+    residual: float  # max over rows of ||x - scale * code||
+    code_norm: float  # max over rows of ||code||
+    vector_norm: float  # max over rows of ||x||
+
+    @classmethod
+    def of(cls, vectors: np.ndarray) -> ScanCodes:
+        import torch
+
+        scale = np.abs(vectors).max(axis=0).astype(np.float64) / 127.0 if len(vectors) else np.ones(vectors.shape[1])
+        scale[scale == 0] = 1.0
+        codes = np.empty(vectors.shape, dtype=np.int8)
+        residual = code_norm = vector_norm = 0.0
+        for start in range(0, len(vectors), SCAN_BLOCK):
+            x = vectors[start : start + SCAN_BLOCK].astype(np.float64)
+            c = np.clip(np.rint(x / scale), -127, 127)
+            codes[start : start + SCAN_BLOCK] = c
+            residual = max(residual, float(np.linalg.norm(x - c * scale, axis=1).max()))
+            code_norm = max(code_norm, float(np.linalg.norm(c, axis=1).max()))
+            vector_norm = max(vector_norm, float(np.linalg.norm(x, axis=1).max()))
+        return cls(torch.from_numpy(codes), scale, residual, code_norm, vector_norm)
+
+    def query(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(B, D) float queries -> ((B, D) int8 codes, (B,) scales, (B,) bounds) such that for every stored
+        vector x and its code c, |float32(q . x) - scale * (q_code . c)| <= bound.
+
+        q . x = y . c + q . (x - self.scale * c) with y = q * self.scale, and y = scale * q_code + r, so
+        the error is r . c + q . (x - self.scale * c): at most |r| * code_norm + |q| * residual, plus the
+        rounding of a float32 dot product of D terms (D * 2^-23 * |q| * |x|, generously)."""
+        q = queries.astype(np.float64)
+        y = q * self.scale  # (B, D)
+        q_scale = np.abs(y).max(axis=1) / 127.0
+        q_scale[q_scale == 0] = 1.0
+        q_codes = np.clip(np.rint(y / q_scale[:, None]), -127, 127)
+        q_residual = np.linalg.norm(y - q_codes * q_scale[:, None], axis=1)
+        q_norm = np.linalg.norm(q, axis=1)
+        rounding = q.shape[1] * 2.0**-23 * q_norm * self.vector_norm
+        bound = q_residual * self.code_norm + q_norm * self.residual + rounding
+        return q_codes.astype(np.int8), q_scale, bound
+
+
+def quantized_scan(
+    vectors: np.ndarray, codes: ScanCodes, queries: np.ndarray, k: int
+) -> list[list[tuple[int, float]]]:
+    """exact_scan's answer, from int8 codes: the same rows in the same order, (score desc, row asc),
+    the scores float32 inner products of the stored vectors.
+
+    Each query is quantized like the vectors and scored against every code by an int8 matrix product
+    (a quarter of the bytes of a float32 scan, and integer dot products); the float32 score is within a
+    bound of that approximate one (ScanCodes.query), so every row that can be in the top k (ties at the
+    cut included) scores within twice the bound of the k-th best approximate score. Those candidates are
+    rescored from the float32 vectors and ranked. The floor a candidate must reach rises as in
+    exact_scan. The products use every core (torch's thread count is per calling thread: it is raised
+    for this call alone). Where the bound admits more than an eighth of the rows (vectors far apart in
+    scale from their codes), exact_scan answers instead."""
+    import torch
+
+    n, b = len(vectors), len(queries)
+    k = min(k, n)
+    q_codes, q_scale, bound = codes.query(queries)
+    margin = np.ceil(2 * bound / q_scale).astype(np.int64) + 1  # (B,) twice the bound, in code units
+    q_codes_t = torch.from_numpy(q_codes)
+
+    def candidates() -> tuple[np.ndarray, np.ndarray]:
+        """-> (query, row) of every candidate."""
+        lowest = np.iinfo(np.int32).min
+        floor = np.full(b, lowest, dtype=np.int64)  # (B,) a k-th best code score seen: a lower bound
+        cut = torch.full((b, 1), lowest, dtype=torch.int32)  # floor - margin
+        found, kept_q, kept_r, kept_s = False, [], [], []
+        counts = np.zeros(b, dtype=np.int64)
+        for start in range(0, n, QUANTIZED_BLOCK):
+            scores = torch._int_mm(q_codes_t, codes.codes[start : start + QUANTIZED_BLOCK].T)  # (B, m) int32
+            m = scores.shape[1]
+            if not found and m >= k:
+                head = scores[:, : max(k, min(m, 64 * k))]  # a k-th best of a few rows is a valid floor
+                floor = torch.topk(head, k, dim=1).values[:, -1].numpy().astype(np.int64)
+                cut = torch.from_numpy(np.maximum(floor - margin, lowest).astype(np.int32))[:, None]
+                found = True
+            hits = np.flatnonzero(torch.ge(scores, cut).numpy())
+            if not len(hits):
+                continue
+            q_of = hits // m
+            kept_q.append(q_of)
+            kept_r.append(hits % m + start)
+            kept_s.append(scores.numpy().ravel()[hits])
+            counts += np.bincount(q_of, minlength=b)
+            if found and counts.max() > 4 * k + QUANTIZED_SLACK:  # raise the floors of those that kept too much
+                qq, rr, ss = (np.concatenate(x) for x in (kept_q, kept_r, kept_s))
+                for j in np.flatnonzero(counts > 4 * k + QUANTIZED_SLACK):
+                    mine = ss[qq == j]
+                    floor[j] = np.partition(mine, len(mine) - k)[len(mine) - k]
+                keep = ss >= (floor - margin)[qq]
+                kept_q, kept_r, kept_s = [qq[keep]], [rr[keep]], [ss[keep]]
+                counts = np.bincount(qq[keep], minlength=b)
+                cut = torch.from_numpy(np.maximum(floor - margin, lowest).astype(np.int32))[:, None]
+        if not kept_q:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(kept_q), np.concatenate(kept_r)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cores())
+    try:
+        cand_q, cand_r = candidates()
+    finally:
+        torch.set_num_threads(threads)
+    if len(cand_r) > max(64 * k * b, n * b // 8):
+        return exact_scan(vectors, queries, k)
+    out = []
+    for j in range(b):
+        rows = np.sort(cand_r[cand_q == j])
+        scores = (vectors[rows] * queries[j]).sum(axis=1, dtype=np.float32)  # (m,) the same sum for equal rows
+        best = np.lexsort((rows, -scores))[:k]
+        out.append(list(zip(rows[best].tolist(), scores[best].astype(float).tolist())))
+    return out
+
+
 def flat_vectors(index) -> np.ndarray | None:
     """(N, D) a view of an exact faiss index's vectors (no copy); None for any other index."""
     import faiss
@@ -303,10 +443,13 @@ def flat_vectors(index) -> np.ndarray | None:
     return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
 
 
-def top_rows(index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[tuple[int, float]]]:
+def top_rows(
+    index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, codes: ScanCodes | None = None
+) -> list[list[tuple[int, float]]]:
     """faiss search with a deterministic order: (score desc, row asc). Asks for more than k until the k-th
     score is not tied with the last returned one, so a tie at the cut is decided by row, not by faiss.
-    An exact index searched whole goes through exact_scan, which keeps every tie at the cut itself."""
+    An exact index searched whole goes through exact_scan, which keeps every tie at the cut itself, or
+    quantized_scan (the same answer) where its codes are given and the batch is small enough to gain."""
     import faiss
 
     queries = normalise(np.atleast_2d(queries))  # (B, D)
@@ -316,6 +459,8 @@ def top_rows(index, queries: np.ndarray, k: int, allowed: np.ndarray | None = No
         return [[] for _ in range(len(queries))]
     vectors = flat_vectors(index) if allowed is None else None
     if vectors is not None:
+        if codes is not None and len(queries) <= QUANTIZED_MAX_BATCH:
+            return quantized_scan(vectors, codes, queries, k)
         return exact_scan(vectors, queries, k)
     params = None
     if allowed is not None:
@@ -654,6 +799,7 @@ class MixedGallery:
         self.new_index = None
         self.moved: np.ndarray | None = None  # (N,) bool over old rows: backfilled
         self._by_row: tuple[np.ndarray, np.ndarray] | None = None  # made by _new_by_old_row on first use
+        self.new_codes: ScanCodes | None = None  # made by prepare_scan
         bf = self.path / "backfill"
         if (bf / PLAN).is_file():
             plan = read_plan(bf)
@@ -731,9 +877,19 @@ class MixedGallery:
             self._by_row = (rows, np.ascontiguousarray(self.new_vectors[self.new_row[rows]]))
         return self._by_row
 
+    def prepare_scan(self, new: bool) -> None:
+        """Int8 codes (GalleryIndex.prepare_scan) of the index searched whole: the backfill's when `new`
+        (a finished backfill, searched alone), else the old one's. A partial backfill's blended scan reads
+        the float32 vectors."""
+        if not new:
+            self.old.prepare_scan()
+        elif self.new_codes is None and len(self.new_ids) >= QUANTIZED_MIN_ROWS:
+            self.new_codes = ScanCodes.of(self.new_vectors)
+
     def search_new(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """(B, D_new) queries -> the top k of the backfilled items alone, by plain new-space cosine."""
-        return [[Hit(self.new_ids[r], s) for r, s in row] for row in top_rows(self.new_index, queries, k)]
+        hits = top_rows(self.new_index, queries, k, codes=self.new_codes)
+        return [[Hit(self.new_ids[r], s) for r, s in row] for row in hits]
 
     def _calibration(self, old_query: np.ndarray, new_query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-> ((C,) old-space, (C,) new-space) scores of calibration_rows(backfilled items)."""
