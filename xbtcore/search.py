@@ -306,8 +306,8 @@ def exact_scan(
 
 QUANTIZED_MIN_ROWS = 65536  # below one scan block a plain exact_scan is as fast: no codes are kept
 QUANTIZED_BLOCK = 262144  # codes per int8 matrix product of quantized_scan: fewer, larger products run faster
-# quantized_scan for batches up to this many queries, exact_scan for larger ones: at 16 queries the int8
-# scan was the slower (`python -m bench.serving scan`, docs/serving.md).
+# quantized_scan for batches up to this many queries, exact_scan for larger ones: from 16 queries up the
+# int8 scan gains little or nothing (`python -m bench.serving scan`, docs/serving.md).
 QUANTIZED_MAX_BATCH = 8
 QUANTIZED_SLACK = 1024  # candidates a query keeps beyond 4k before quantized_scan raises its floor
 
