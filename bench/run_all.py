@@ -225,7 +225,7 @@ def _load_goals(r: dict) -> list[tuple]:
             f"{r['throughput_rps']} requests/s",
             r["p99_ms"] <= 50,
             f"missed by {r['p99_ms'] - 50:.1f} ms: the server spends {r['server_cpu_ms_per_request']} ms of CPU "
-            "per request, most of it the exact scan, and 8 requests in flight share 2 cores",
+            "per request, most of it the scan of the index, and 8 requests in flight share 2 cores",
         ),
         (
             "champion swap mid-load",
