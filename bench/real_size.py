@@ -17,7 +17,9 @@ peak RSS is its own:
   LayerNorms, Eqn. 5: no old model), base (LoRA, prompts, all of φ, Eqn. 6
   against the old model's targets), full-tune -> pairs/s after the first step,
   peak RSS;
-- φ pretraining on cached embeddings (`pretrain.text_only_pretrain`) -> rows/s.
+- φ pretraining on cached embeddings (`pretrain.text_only_pretrain`) with each method's own terms
+  (xbt: Eqn. 3 and the pair term; xbt-gallery: also the gallery anchors and the distillation term)
+  -> corpus rows/s.
 
 Table 6, projected to the paper's data (67M corpus texts, 4M pairs) on this
 machine, each stage's hours = items / measured rate:
@@ -173,22 +175,45 @@ def measure_train(old: str, new: str, method: str, batch: int, steps: int, devic
     }
 
 
-def measure_phi(old: str, new: str, device: str, steps: int = 30) -> dict:
-    """φ pretraining (Eqn. 3 on cached embeddings) at the product's batch size -> rows/s."""
+PHI_METHODS = ("xbt", "xbt-gallery")  # each with its own φ terms: XBT_DEFAULTS, GALLERY_DEFAULTS
+
+
+def measure_phi(old: str, new: str, method: str, device: str, steps: int = 30, pairs: int = 4096) -> dict:
+    """φ pretraining on cached embeddings at the product's batch size, with the method's own terms (Eqn. 3,
+    the pair term, and for xbt-gallery the gallery anchors and the distillation term, each step reading a
+    pair batch beside its corpus batch) -> corpus rows/s."""
+    from dataclasses import replace
+
     import torch
 
+    from xbtcore.methods.xbt import GALLERY_DEFAULTS, XBT_DEFAULTS
     from xbtcore.phi import Phi, PhiConfig
     from xbtcore.pretrain import PretrainConfig, text_only_pretrain
 
-    cfg = PretrainConfig(epochs=1, pair_weight=0.0, anchor_weight=0.0, corpus_weight=1.0, fit_weight=0.0)
+    defaults = {"xbt": XBT_DEFAULTS, "xbt-gallery": GALLERY_DEFAULTS}[method]
+    cfg = replace(PretrainConfig(**defaults), epochs=1)
     rows = cfg.batch_size * steps
-    w_new = torch.nn.functional.normalize(torch.randn(rows, ARCHS[new]["embed"]), dim=-1)
-    w_old = torch.nn.functional.normalize(torch.randn(rows, ARCHS[old]["embed"]), dim=-1)
-    phi = Phi(PhiConfig(ARCHS[new]["embed"], ARCHS[old]["embed"])).to(device)
+    d_new, d_old = ARCHS[new]["embed"], ARCHS[old]["embed"]
+
+    def unit(n: int, d: int) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.randn(n, d), dim=-1)
+
+    w_new, w_old = unit(rows, d_new), unit(rows, d_old)
+    pair_rows = (unit(pairs, d_new), unit(pairs, d_new), unit(pairs, d_old), unit(pairs, d_old))
+    pair_rows = pair_rows if cfg.anchor_weight else pair_rows[:2]
+    phi = Phi(PhiConfig(d_new, d_old)).to(device)
     t0 = time.perf_counter()
-    text_only_pretrain(phi, w_new, w_old, cfg)
+    text_only_pretrain(phi, w_new, w_old, cfg, pairs=pair_rows if cfg.uses_pairs else None)
     seconds = time.perf_counter() - t0
-    return {"old": old, "new": new, "rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds, 1)}
+    return {
+        "old": old,
+        "new": new,
+        "method": method,
+        "terms": {k: v for k, v in defaults.items() if k.endswith("_weight")},
+        "rows": rows,
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(rows / seconds, 1),
+    }
 
 
 def child(args) -> dict:
@@ -205,14 +230,15 @@ def child(args) -> dict:
 
 
 def project(embed: dict, train: dict, phi: dict, old: str, new: str) -> dict:
-    """Table 6's stages in hours at the paper's data sizes, from this machine's measured rates."""
+    """Table 6's stages in hours at the paper's data sizes, from this machine's measured rates.
+    phi: method -> measure_phi's result for this upgrade."""
     text, image = (lambda a: embed[(a, "text")]["per_s"]), (lambda a: embed[(a, "image")]["per_s"])
     n, p = PAPER["corpus_texts"], PAPER["pairs"]
     hours = {
         "xbt": {
             "corpus_old_text": n / text(old),
             "corpus_new_text": n / text(new),
-            "phi_pretrain": PHI_EPOCHS * n / phi["rows_per_s"],
+            "phi_pretrain": PHI_EPOCHS * n / phi["xbt"]["rows_per_s"],
             "train": p / train[(old, new, "xbt")]["pairs_per_s"],
         },
         "base": {
@@ -226,7 +252,7 @@ def project(embed: dict, train: dict, phi: dict, old: str, new: str) -> dict:
             "corpus_new_text": n / text(new),
             "pairs_new": p / image(new) + p / text(new),
             "pairs_old_text": p / text(old),
-            "phi_pretrain": PHI_EPOCHS * n / phi["rows_per_s"],
+            "phi_pretrain": PHI_EPOCHS * n / phi["xbt-gallery"]["rows_per_s"],
         },
     }
     hours = {m: {k: round(v / 3600, 1) for k, v in stages.items()} for m, stages in hours.items()}
@@ -270,9 +296,10 @@ def main(argv: list[str] | None = None) -> dict:
         for method in args.methods:
             job = {"kind": "train", "old": old, "new": new, "method": method}
             train[(old, new, method)] = run(job | {"batch": args.train_batch, "steps": args.train_steps})
-        phi[(old, new)] = run({"kind": "phi", "old": old, "new": new})
+        for method in PHI_METHODS:
+            phi[(old, new, method)] = run({"kind": "phi", "old": old, "new": new, "method": method})
         if {"xbt", "base"} <= set(args.methods):
-            tables.append(project(embed, train, phi[(old, new)], old, new))
+            tables.append(project(embed, train, {m: phi[(old, new, m)] for m in PHI_METHODS}, old, new))
     return emit(
         {
             "bench": "real_size",
