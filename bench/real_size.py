@@ -96,6 +96,24 @@ def build(arch: str) -> Path:
     return out
 
 
+def rates(items: int, seconds: float, cpu_seconds: float) -> dict:
+    """A measurement's rates: `per_s` from the wall clock (what the projection divides by: hours on this
+    machine), `cpu_per_s` from the CPU seconds its threads spent (items per second of the machine's cores
+    if the stage kept them all busy; steadier when other jobs share the machine, so a run whose `per_s`
+    falls far under it ran beside other work)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    return {
+        "items": items,
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2),
+        "threads": threads,
+        "per_s": round(items / seconds, 3),
+        "cpu_per_s": round(items / (cpu_seconds / threads), 3),
+    }
+
+
 def texts(n: int) -> list[str]:
     """n texts of TEXT_LEN tokens with <bos> and <eos> (distinct words of the built vocabulary)."""
     return [" ".join(f"w{(i * 131 + j * 7) % (VOCAB - 8)}" for j in range(TEXT_LEN - 2)) for i in range(n)]
@@ -132,11 +150,11 @@ def measure_embed(arch: str, tower: str, n: int, device: str) -> dict:
     items = texts(n) if tower == "text" else images(n)
     run = enc.embed_texts if tower == "text" else enc.embed_images
     run(items[: min(8, n)])  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = run(items, batch_size=64 if tower == "text" else 16)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert out.shape == (n, ARCHS[arch]["embed"])
-    return {"arch": arch, "tower": tower, "items": n, "seconds": round(seconds, 2), "per_s": round(n / seconds, 2)}
+    return {"arch": arch, "tower": tower, **rates(n, seconds, cpu)}
 
 
 def measure_train(old: str, new: str, method: str, batch: int, steps: int, device: str) -> dict:
@@ -160,19 +178,17 @@ def measure_train(old: str, new: str, method: str, batch: int, steps: int, devic
     stamps = []
     cfg = FinetuneConfig(batch_size=batch, epochs=1)
     finetune(
-        enc, phi, pairs, spec.plan, cfg, old_targets=targets, on_step=lambda s, v: stamps.append(time.perf_counter())
+        enc,
+        phi,
+        pairs,
+        spec.plan,
+        cfg,
+        old_targets=targets,
+        on_step=lambda s, v: stamps.append((time.perf_counter(), time.process_time())),
     )
-    per_step = [b - a for a, b in zip(stamps, stamps[1:])]  # the first step (warm-up) is left out
-    seconds = sum(per_step)
-    return {
-        "old": old,
-        "new": new,
-        "method": method,
-        "batch": batch,
-        "steps_timed": len(per_step),
-        "seconds": round(seconds, 2),
-        "pairs_per_s": round(batch * len(per_step) / seconds, 3),
-    }
+    # the first step (warm-up) is left out
+    seconds, cpu = (stamps[-1][i] - stamps[0][i] for i in (0, 1))
+    return {"old": old, "new": new, "method": method, "batch": batch, **rates(batch * (len(stamps) - 1), seconds, cpu)}
 
 
 PHI_METHODS = ("xbt", "xbt-gallery")  # each with its own φ terms: XBT_DEFAULTS, GALLERY_DEFAULTS
@@ -202,17 +218,15 @@ def measure_phi(old: str, new: str, method: str, device: str, steps: int = 30, p
     pair_rows = (unit(pairs, d_new), unit(pairs, d_new), unit(pairs, d_old), unit(pairs, d_old))
     pair_rows = pair_rows if cfg.anchor_weight else pair_rows[:2]
     phi = Phi(PhiConfig(d_new, d_old)).to(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     text_only_pretrain(phi, w_new, w_old, cfg, pairs=pair_rows if cfg.uses_pairs else None)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "old": old,
         "new": new,
         "method": method,
         "terms": {k: v for k, v in defaults.items() if k.endswith("_weight")},
-        "rows": rows,
-        "seconds": round(seconds, 2),
-        "rows_per_s": round(rows / seconds, 1),
+        **rates(rows, seconds, cpu),
     }
 
 
@@ -238,12 +252,12 @@ def project(embed: dict, train: dict, phi: dict, old: str, new: str) -> dict:
         "xbt": {
             "corpus_old_text": n / text(old),
             "corpus_new_text": n / text(new),
-            "phi_pretrain": PHI_EPOCHS * n / phi["xbt"]["rows_per_s"],
-            "train": p / train[(old, new, "xbt")]["pairs_per_s"],
+            "phi_pretrain": PHI_EPOCHS * n / phi["xbt"]["per_s"],
+            "train": p / train[(old, new, "xbt")]["per_s"],
         },
         "base": {
             "old_targets": p / image(old) + p / text(old),
-            "train": p / train[(old, new, "base")]["pairs_per_s"],
+            "train": p / train[(old, new, "base")]["per_s"],
         },
         # xbt-gallery (cost 1): no encoder trains; the pairs by the new model and their captions by the old
         # (their images' old embeddings are the stored gallery's, --gallery)
@@ -252,7 +266,7 @@ def project(embed: dict, train: dict, phi: dict, old: str, new: str) -> dict:
             "corpus_new_text": n / text(new),
             "pairs_new": p / image(new) + p / text(new),
             "pairs_old_text": p / text(old),
-            "phi_pretrain": PHI_EPOCHS * n / phi["xbt-gallery"]["rows_per_s"],
+            "phi_pretrain": PHI_EPOCHS * n / phi["xbt-gallery"]["per_s"],
         },
     }
     hours = {m: {k: round(v / 3600, 1) for k, v in stages.items()} for m, stages in hours.items()}

@@ -561,8 +561,7 @@ def _real_size(r: dict) -> list[str]:
     lines += [f"| {e['arch']} | {e['tower']} | {e['per_s']} | {_mib(e['peak_rss_mb'])} |" for e in r["embed"]]
     lines += ["", "| old -> new | method | pairs/s (training) | peak RSS |", "|---|---|---|---|"]
     lines += [
-        f"| {t['old']} -> {t['new']} | {t['method']} | {t['pairs_per_s']} | {_mib(t['peak_rss_mb'])} |"
-        for t in r["train"]
+        f"| {t['old']} -> {t['new']} | {t['method']} | {t['per_s']} | {_mib(t['peak_rss_mb'])} |" for t in r["train"]
     ]
     data = r["paper_data"]
     lines += [

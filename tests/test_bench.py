@@ -194,17 +194,18 @@ def test_real_size_projection_divides_each_stage_by_its_measured_rate():
 
     rates = [("B/32", "text", 1000.0), ("B/32", "image", 100.0), ("L/14", "text", 500.0), ("L/14", "image", 20.0)]
     embed = {(a, tower): {"per_s": r} for a, tower, r in rates}
-    train = {("B/32", "L/14", "xbt"): {"pairs_per_s": 10.0}, ("B/32", "L/14", "base"): {"pairs_per_s": 8.0}}
-    t = project(embed, train, {"rows_per_s": 1e5}, "B/32", "L/14")
+    train = {("B/32", "L/14", "xbt"): {"per_s": 10.0}, ("B/32", "L/14", "base"): {"per_s": 8.0}}
+    t = project(embed, train, {"xbt": {"per_s": 1e5}, "xbt-gallery": {"per_s": 5e4}}, "B/32", "L/14")
     assert t["hours"]["xbt"]["corpus_old_text"] == round(67e6 / 1000 / 3600, 1)
     assert t["hours"]["xbt"]["phi_pretrain"] == round(3 * 67e6 / 1e5 / 3600, 1)
+    assert t["hours"]["xbt-gallery"]["phi_pretrain"] == round(3 * 67e6 / 5e4 / 3600, 1)
     assert t["hours"]["base"]["old_targets"] == round((4e6 / 100 + 4e6 / 1000) / 3600, 1)
     assert t["hours"]["base"]["train"] == round(4e6 / 8 / 3600, 1)
     assert t["backfill_hours"] == round(1e9 / 20 / 3600, 1)
     assert t["xbt_over_base"] == round(t["total_hours"]["xbt"] / t["total_hours"]["base"], 2)
     r = {
         "embed": [{"arch": a, "tower": tw, "per_s": e["per_s"], "peak_rss_mb": 900.0} for (a, tw), e in embed.items()],
-        "train": [{"old": "B/32", "new": "L/14", "method": "xbt", "pairs_per_s": 10.0, "peak_rss_mb": 3000.0}],
+        "train": [{"old": "B/32", "new": "L/14", "method": "xbt", "per_s": 10.0, "peak_rss_mb": 3000.0}],
         "table6": [t],
         "paper_data": {"corpus_texts": 67_000_000, "pairs": 4_000_000},
         "paper_hours": {"xbt_pretrain": 1.55, "xbt_train": 2.84, "base": 5.66},
