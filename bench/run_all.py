@@ -400,7 +400,11 @@ def _real_size_goals(r: dict) -> list[tuple]:
                 f"{t['xbt_over_base']}x (XBT {t['total_hours']['xbt']:,} h vs Base {t['total_hours']['base']:,} h); "
                 f"xbt-gallery {t['xbt_gallery_over_base']}x",
                 t["xbt_over_base"] <= 0.5,
-                f"XBT's largest stage is {biggest}, {h['xbt'][biggest]:,} of its {t['total_hours']['xbt']:,} h",
+                f"XBT's largest stage is {biggest}, {h['xbt'][biggest]:,} of its {t['total_hours']['xbt']:,} h, "
+                f"where Base trains as long ({h['base']['train']:,} h) and needs no corpus; xbt-gallery trains no "
+                f"encoder, but embeds the corpus with both text towers at 77 tokens "
+                f"({h['xbt-gallery']['corpus_old_text'] + h['xbt-gallery']['corpus_new_text']:,.1f} of its "
+                f"{t['total_hours']['xbt-gallery']:,} h)",
             )
         )
     return rows
