@@ -704,15 +704,22 @@ def calibration_rows(m: int) -> np.ndarray:
     return np.unique(np.linspace(0, m - 1, min(m, CALIBRATION_ITEMS)).astype(np.int64))
 
 
+def blend_coefficients(cal_old: np.ndarray, cal_new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., C) calibration items' old- and new-space scores -> (shift, weight), each (..., 1), such that a
+    backfilled item's blended score is 0.5 * s_old + shift + weight * s_new (blended_score)."""
+    mean_old, mean_new = cal_old.mean(axis=-1, keepdims=True), cal_new.mean(axis=-1, keepdims=True)
+    spread_old, spread_new = cal_old.std(axis=-1, keepdims=True), cal_new.std(axis=-1, keepdims=True)
+    scale = np.where(spread_new > 1e-6, spread_old / np.maximum(spread_new, 1e-6), 1.0)
+    return 0.5 * (mean_old - mean_new * scale), 0.5 * scale
+
+
 def blended_score(s_old, s_new, cal_old: np.ndarray, cal_new: np.ndarray):
     """A backfilled item's score in the mixed gallery: the mean of its old-space cosine and its new-space
     cosine mapped onto the old scale. The map standardises s_new by the calibration items' new-space
     scores and gives it their old-space mean and spread. Shapes: s_old, s_new (..., M) of the same items;
     cal_old, cal_new (..., C) of the calibration items (leading dims: queries)."""
-    mean_old, mean_new = cal_old.mean(axis=-1, keepdims=True), cal_new.mean(axis=-1, keepdims=True)
-    spread_old, spread_new = cal_old.std(axis=-1, keepdims=True), cal_new.std(axis=-1, keepdims=True)
-    scale = np.where(spread_new > 1e-6, spread_old / np.maximum(spread_new, 1e-6), 1.0)
-    return 0.5 * s_old + 0.5 * (mean_old + (s_new - mean_new) * scale)
+    shift, weight = blend_coefficients(cal_old, cal_new)
+    return 0.5 * s_old + shift + weight * s_new
 
 
 BACKFILL_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -857,14 +864,19 @@ class MixedGallery:
         cal = calibration_rows(len(self.new_ids))
         cal_old = old_q @ self.old_vectors[self.old_rows[cal]].T  # (B, C)
         cal_new = new_q @ self.new_vectors[cal].T  # (B, C)
+        shift, weight = blend_coefficients(cal_old, cal_new)  # (B, 1) each
         moved_rows, new_by_row = self._new_by_old_row()
+        # shift + weight * s_new of every backfilled item, (M, B) in old-row order: one product for the batch
+        new_part = new_by_row @ np.ascontiguousarray((new_q * weight).T, dtype=np.float32)
+        new_part += shift[:, 0].astype(np.float32)
 
         def blend(start: int, scores: np.ndarray) -> None:  # scores (m, B) of old rows start .. start + m
             lo, hi = np.searchsorted(moved_rows, [start, start + len(scores)])
             if lo < hi:
                 local = moved_rows[lo:hi] - start
-                s_new = new_q @ new_by_row[lo:hi].T  # (B, m')
-                scores[local] = blended_score(scores[local].T, s_new, cal_old, cal_new).T
+                blended = 0.5 * scores[local]
+                blended += new_part[lo:hi]
+                scores[local] = blended
 
         return [[Hit(self.old.ids[r], s) for r, s in row] for row in exact_scan(vectors, old_q, k, blend)]
 
