@@ -331,10 +331,11 @@ class ScanCodes:
         scale[scale == 0] = 1.0
         codes = np.empty(vectors.shape, dtype=np.int8)
         residual = code_norm = vector_norm = 0.0
-        for start in range(0, len(vectors), SCAN_BLOCK):
-            x = vectors[start : start + SCAN_BLOCK].astype(np.float64)
+        step = max(1, (1 << 22) // max(1, vectors.shape[1]))  # rows per pass: float64 temporaries of 32 MB
+        for start in range(0, len(vectors), step):
+            x = vectors[start : start + step].astype(np.float64)
             c = np.clip(np.rint(x / scale), -127, 127)
-            codes[start : start + SCAN_BLOCK] = c
+            codes[start : start + step] = c
             residual = max(residual, float(np.linalg.norm(x - c * scale, axis=1).max()))
             code_norm = max(code_norm, float(np.linalg.norm(c, axis=1).max()))
             vector_norm = max(vector_norm, float(np.linalg.norm(x, axis=1).max()))
