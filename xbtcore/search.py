@@ -229,8 +229,8 @@ class GalleryIndex:
         (the same answer, faster): for a server, which searches many times. A one-off search scans the
         float32 vectors (making the codes reads them all once more)."""
         vectors = flat_vectors(self.index)
-        if self.codes is None and vectors is not None and len(vectors) >= QUANTIZED_MIN_ROWS:
-            self.codes = ScanCodes.of(vectors)
+        if self.codes is None and vectors is not None:
+            self.codes = ScanCodes.worth_making(vectors)
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[Hit]]:
         """(B, D) query vectors -> for each, the top k hits by inner product, best first, ties by id.
@@ -240,6 +240,50 @@ class GalleryIndex:
 
 
 SCAN_BLOCK = 65536  # vectors per matrix product of exact_scan: (65536, B) scores stay in cache
+
+
+class _Kept:
+    """The candidates a scan keeps across blocks, as (query, row, score): each query's at or above its
+    floor minus `margin`. Once a query has kept more than `limit`, its floor rises to the k-th best score
+    it kept (still a score its k-th best cannot fall under) and what falls under is dropped."""
+
+    def __init__(self, b: int, k: int, limit: int, margin=0):
+        self.b, self.k, self.limit, self.margin = b, k, limit, margin
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.counts = np.zeros(b, dtype=np.int64)
+
+    def add(self, queries: np.ndarray, rows: np.ndarray, scores: np.ndarray, floor: np.ndarray) -> bool:
+        """Keep these; -> whether `floor` (B,) rose (it is raised in place)."""
+        if not len(rows):
+            return False
+        self.parts.append((queries, rows, scores))
+        self.counts += np.bincount(queries, minlength=self.b)
+        if self.counts.max() <= self.limit:
+            return False
+        q, r, s = self.arrays()
+        for j in np.flatnonzero(self.counts > self.limit):
+            mine = s[q == j]
+            floor[j] = np.partition(mine, len(mine) - self.k)[len(mine) - self.k]
+        keep = s >= (floor - self.margin)[q]
+        self.parts = [(q[keep], r[keep], s[keep])]
+        self.counts = np.bincount(q[keep], minlength=self.b)
+        return True
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.parts:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+        return tuple(np.concatenate(x) for x in zip(*self.parts))
+
+
+def _ranked(q: np.ndarray, r: np.ndarray, s: np.ndarray, b: int, k: int) -> list[list[tuple[int, float]]]:
+    """Candidates (query, row, score) -> each query's top k, (score desc, row asc)."""
+    out = []
+    for j in range(b):
+        mine = q == j
+        rj, sj = r[mine], s[mine]
+        best = np.lexsort((rj, -sj))[:k]
+        out.append(list(zip(rj[best].tolist(), sj[best].astype(float).tolist())))
+    return out
 
 
 def exact_scan(
@@ -265,8 +309,7 @@ def exact_scan(
     buffer = np.empty((rows_per_block, b), dtype=np.float32)  # reused: no allocation per block
     floor = np.full(b, -np.inf, dtype=np.float32)  # (B,) a score below this cannot be in the top k
     cut = np.tile(floor, rows_per_block)  # floor[q] at every flat position row * B + q of a block's scores
-    kept_rows, kept_queries, kept_scores = [], [], []
-    counts = np.zeros(b, dtype=np.int64)
+    kept = _Kept(b, k, 4 * k)
     for start in range(0, n, SCAN_BLOCK):
         block = vectors[start : start + SCAN_BLOCK]
         scores = np.matmul(block, qt, out=buffer[: len(block)])  # (m, B)
@@ -278,30 +321,9 @@ def exact_scan(
             cut = np.tile(floor, rows_per_block)
         flat = scores.ravel()
         hits = np.flatnonzero(flat >= cut[: len(flat)])
-        if not len(hits):
-            continue
-        queries_of = hits % b
-        kept_rows.append(hits // b + start)
-        kept_queries.append(queries_of)
-        kept_scores.append(flat[hits])
-        counts += np.bincount(queries_of, minlength=b)
-        if counts.max() > 4 * k:  # raise the floors of the queries that kept too much, drop what falls under
-            r, q, s = np.concatenate(kept_rows), np.concatenate(kept_queries), np.concatenate(kept_scores)
-            for j in np.flatnonzero(counts > 4 * k):
-                mine = s[q == j]
-                floor[j] = np.partition(mine, len(mine) - k)[len(mine) - k]
-            keep = s >= floor[q]
-            kept_rows, kept_queries, kept_scores = [r[keep]], [q[keep]], [s[keep]]
-            counts = np.bincount(q[keep], minlength=b)
+        if kept.add(hits % b, hits // b + start, flat[hits], floor):
             cut = np.tile(floor, rows_per_block)
-    r, q, s = (np.concatenate(x) for x in (kept_rows, kept_queries, kept_scores))
-    out = []
-    for j in range(b):
-        mine = q == j
-        rj, sj = r[mine], s[mine]
-        best = np.lexsort((rj, -sj))[:k]
-        out.append(list(zip(rj[best].tolist(), sj[best].astype(float).tolist())))
-    return out
+    return _ranked(*kept.arrays(), b, k)
 
 
 QUANTIZED_MIN_ROWS = 65536  # below one scan block a plain exact_scan is as fast: no codes are kept
@@ -340,6 +362,11 @@ class ScanCodes:
             code_norm = max(code_norm, float(np.linalg.norm(c, axis=1).max()))
             vector_norm = max(vector_norm, float(np.linalg.norm(x, axis=1).max()))
         return cls(torch.from_numpy(codes), scale, residual, code_norm, vector_norm)
+
+    @classmethod
+    def worth_making(cls, vectors: np.ndarray) -> ScanCodes | None:
+        """The codes of a scan they make faster: None under QUANTIZED_MIN_ROWS vectors."""
+        return cls.of(vectors) if len(vectors) >= QUANTIZED_MIN_ROWS else None
 
     def query(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(B, D) float queries -> ((B, D) int8 codes, (B,) scales, (B,) bounds) such that for every stored
@@ -385,38 +412,24 @@ def quantized_scan(
     def candidates() -> tuple[np.ndarray, np.ndarray]:
         """-> (query, row) of every candidate."""
         lowest = np.iinfo(np.int32).min
+
+        def cut_at(floor: np.ndarray):  # (B, 1) int32: floor - margin, what a candidate must reach
+            return torch.from_numpy(np.maximum(floor - margin, lowest).astype(np.int32))[:, None]
+
         floor = np.full(b, lowest, dtype=np.int64)  # (B,) a k-th best code score seen: a lower bound
-        cut = torch.full((b, 1), lowest, dtype=torch.int32)  # floor - margin
-        found, kept_q, kept_r, kept_s = False, [], [], []
-        counts = np.zeros(b, dtype=np.int64)
+        cut = cut_at(floor)
+        kept = _Kept(b, k, 4 * k + QUANTIZED_SLACK, margin)
         for start in range(0, n, QUANTIZED_BLOCK):
             scores = torch._int_mm(q_codes_t, codes.codes[start : start + QUANTIZED_BLOCK].T)  # (B, m) int32
             m = scores.shape[1]
-            if not found and m >= k:
+            if start == 0 and m >= k:
                 head = scores[:, : max(k, min(m, 64 * k))]  # a k-th best of a few rows is a valid floor
                 floor = torch.topk(head, k, dim=1).values[:, -1].numpy().astype(np.int64)
-                cut = torch.from_numpy(np.maximum(floor - margin, lowest).astype(np.int32))[:, None]
-                found = True
+                cut = cut_at(floor)
             hits = np.flatnonzero(torch.ge(scores, cut).numpy())
-            if not len(hits):
-                continue
-            q_of = hits // m
-            kept_q.append(q_of)
-            kept_r.append(hits % m + start)
-            kept_s.append(scores.numpy().ravel()[hits])
-            counts += np.bincount(q_of, minlength=b)
-            if found and counts.max() > 4 * k + QUANTIZED_SLACK:  # raise the floors of those that kept too much
-                qq, rr, ss = (np.concatenate(x) for x in (kept_q, kept_r, kept_s))
-                for j in np.flatnonzero(counts > 4 * k + QUANTIZED_SLACK):
-                    mine = ss[qq == j]
-                    floor[j] = np.partition(mine, len(mine) - k)[len(mine) - k]
-                keep = ss >= (floor - margin)[qq]
-                kept_q, kept_r, kept_s = [qq[keep]], [rr[keep]], [ss[keep]]
-                counts = np.bincount(qq[keep], minlength=b)
-                cut = torch.from_numpy(np.maximum(floor - margin, lowest).astype(np.int32))[:, None]
-        if not kept_q:
-            return np.empty(0, np.int64), np.empty(0, np.int64)
-        return np.concatenate(kept_q), np.concatenate(kept_r)
+            if kept.add(hits // m, hits % m + start, scores.numpy().ravel()[hits], floor):
+                cut = cut_at(floor)
+        return kept.arrays()[:2]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(cores())
@@ -426,13 +439,8 @@ def quantized_scan(
         torch.set_num_threads(threads)
     if len(cand_r) > max(64 * k * b, n * b // 8):
         return exact_scan(vectors, queries, k)
-    out = []
-    for j in range(b):
-        rows = np.sort(cand_r[cand_q == j])
-        scores = (vectors[rows] * queries[j]).sum(axis=1, dtype=np.float32)  # (m,) the same sum for equal rows
-        best = np.lexsort((rows, -scores))[:k]
-        out.append(list(zip(rows[best].tolist(), scores[best].astype(float).tolist())))
-    return out
+    scores = (vectors[cand_r] * queries[cand_q]).sum(axis=1, dtype=np.float32)  # the same sum for equal rows
+    return _ranked(cand_q, cand_r, scores, b, k)
 
 
 def flat_vectors(index) -> np.ndarray | None:
@@ -896,8 +904,8 @@ class MixedGallery:
         the float32 vectors."""
         if not new:
             self.old.prepare_scan()
-        elif self.new_codes is None and len(self.new_ids) >= QUANTIZED_MIN_ROWS:
-            self.new_codes = ScanCodes.of(self.new_vectors)
+        elif self.new_codes is None and self.new_ids:
+            self.new_codes = ScanCodes.worth_making(self.new_vectors)
 
     def search_new(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """(B, D_new) queries -> the top k of the backfilled items alone, by plain new-space cosine."""
