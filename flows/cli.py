@@ -571,10 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bf.add_argument(
         "--order",
-        default=BACKFILL_ORDER,
         choices=BACKFILL_ORDERS,
-        help="which items first: isolated-first the items farthest from their nearest neighbour in the old "
-        "space; cluster-ends and dense-clusters whole old-space neighbourhoods, the loosest and the tightest "
+        help="which items first (default: learned where --new is an upgrade's bundle and the index holds "
+        f"images, else {BACKFILL_ORDER}): learned by the gain model the upgrade fitted on its validation pairs "
+        "with isolation; isolated-first the items farthest from their nearest neighbour in the old space; "
+        "cluster-ends and dense-clusters whole old-space neighbourhoods, the loosest and the tightest "
         "alternately or the tightest first (docs/serving.md measures each against random)",
     )
     bf.add_argument("--chunk-rows", type=int, default=1024, help="items per resumable chunk")

@@ -52,7 +52,7 @@ from tasks.servers import check_servers
 from tasks.shards import embed_corpus_on_dask, parse_dask
 from tasks.train import fit_head, publish_bundle, train
 from worlds import shapes
-from xbtcore.bundle import is_bundle
+from xbtcore.bundle import GAIN_FILE, is_bundle
 from xbtcore.config import Settings, apply_overrides
 from xbtcore.data import Gallery, ValSplit, check_output, parquet_files, read_pairs
 from xbtcore.encoders import check_model_dir
@@ -466,9 +466,12 @@ def upgrade(params: UpgradeParams) -> dict:
     chosen = choose(candidates) if params.method == "auto" else {"method": params.method, "reason": "--method"}
     run_of = runs[chosen["method"]]
     spec = get_method(chosen["method"])
-    bundle = publish_bundle(run_of["bundle"], str(out / "bundle"))
+    fitted = Path(run_of["validation"]) / "backfill_gain.json" if run_of["validation"] else None  # on val pairs
+    extra = {GAIN_FILE: str(fitted)} if fitted and fitted.is_file() else {}
+    bundle = publish_bundle(run_of["bundle"], str(out / "bundle"), extra)
+    order = "learned" if extra else BACKFILL_ORDER  # the order `xbt backfill` takes from this bundle
 
-    eval_inputs = (data_fp["eval"], model_fp, fingerprint_content(bundle), prev, params.gallery, BACKFILL_ORDER)
+    eval_inputs = (data_fp["eval"], model_fp, fingerprint_content(bundle), prev, params.gallery, order)
     with clock("evaluate"):
         evaluated = evaluate(
             data["eval"],
@@ -479,7 +482,7 @@ def upgrade(params: UpgradeParams) -> dict:
             ctx.cache_root,
             step_path(work, "evaluate", *eval_inputs),
             gallery=params.gallery,
-            backfill_order=BACKFILL_ORDER,
+            backfill_order=order,
         )
     recall = read_json(Path(evaluated) / "recall.json")
     verdict = gate(recall, params.gate_ks, prev is not None)

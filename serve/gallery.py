@@ -136,13 +136,17 @@ def index_gallery(
 def backfill(
     index: str,
     model,
-    order: str = BACKFILL_ORDER,
+    order: str | None = None,
     chunk_rows: int = 1024,
     seed: int = 0,
     stop_after: int | None = None,
 ) -> dict:
     """Re-embed the gallery with the model's own (new) space into INDEX/backfill, in `order`, chunk by chunk.
-    Resumable: a rerun continues at the first missing chunk. model: serve.engine.QueryModel."""
+    Resumable: a rerun continues at the first missing chunk. model: serve.engine.QueryModel.
+
+    order None: "learned" where the model is an upgrade's bundle holding a gain model (fitted for text
+    queries over an image gallery) and the index holds images, else BACKFILL_ORDER."""
+    from xbtcore.bundle import is_bundle, read_gain
     from xbtcore.search import GalleryIndex
 
     old = GalleryIndex(index)
@@ -164,7 +168,14 @@ def backfill(
         ordered = json.loads((bf / IDS).read_text())
         chunk_rows = read_plan(bf)["chunk_rows"]
     else:
-        ordered = [old.ids[r] for r in backfill_order(old.vectors(), order, seed)]
+        gain = read_gain(model.resolved) if is_bundle(model.resolved) else None
+        if order is None:
+            order = "learned" if gain is not None and plan["modality"] == "image" else BACKFILL_ORDER
+        if order == "learned" and plan["modality"] != "image":
+            raise ValueError(
+                f"{index} holds texts and the learned order is fitted for an image gallery: choose another --order"
+            )
+        ordered = [old.ids[r] for r in backfill_order(old.vectors(), order, seed, gain)]
     source_rows = json.loads((Path(index) / ROWS_FILE).read_text())
     _, batch = read_items(plan["source"], plan["modality"], plan.get("text_column", "caption"))
     encoder = model.own()

@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import task
 from safetensors.torch import save_file
 
-from xbtcore.bundle import is_bundle, load_compatible, read_meta
+from xbtcore.bundle import is_bundle, load_compatible, read_gain, read_meta
 from xbtcore.cache import EmbeddingCache, cached_old_image_embeddings, cached_text_embeddings
 from xbtcore.data import Gallery, ValSplit, read_pairs, read_part, split_pairs
 from xbtcore.encoders import DualEncoder
@@ -17,7 +17,7 @@ from xbtcore.evaluate import Side, backfill_study, evaluate_cases, side_of
 from xbtcore.gate import describe_failures, eqn2_gate, no_regression_gate
 from xbtcore.inspect_sample import report_sample
 from xbtcore.margins import gate_margins
-from xbtcore.search import BACKFILL_ORDER
+from xbtcore.search import BACKFILL_ORDER, GainModel
 
 from .common import CACHED, log
 
@@ -109,10 +109,14 @@ def evaluate(
     (part "val" of `split`: the validation of a candidate), into the folder `out`: recall.json,
     gate_margins.json (xbtcore.margins), sample.safetensors, the few embeddings the HTML report's map
     and retrieval examples need (xbtcore.inspect_sample.report_sample), and on the eval set backfill.json
-    (xbtcore.evaluate.backfill_study, in `backfill_order` beside random order); -> out.
+    (xbtcore.evaluate.backfill_study, in `backfill_order` beside isolated-first and random order); -> out.
 
     The gallery side is always the root model, embedded once into the cache (its images from the stored
     `gallery` where it holds them).
+
+    On the validation part it also fits the backfill gain model of the learned order
+    (xbtcore.search.GainModel) into backfill_gain.json: upgrade publishes the chosen candidate's with its
+    bundle. The eval set's study runs the learned order with the bundle's gain model.
     """
     evalset = read_part(eval_path, part, split)
     cache = EmbeddingCache(cache_root)
@@ -131,8 +135,13 @@ def evaluate(
         json.dumps(gate_margins(upgraded_side, old_side, evalset.caption_image), indent=2)
     )
     (tmp / "recall.json").write_text(json.dumps(recall, indent=2))
+    if part == "val":
+        sides = (upgraded_side.text, old_side.image, orig_side.text, orig_side.image)
+        model = GainModel.fit(*(t.float().numpy() for t in sides), evalset.caption_image.numpy())
+        (tmp / "backfill_gain.json").write_text(json.dumps(model.to_dict(), indent=2))
     if part == "all":  # the eval report: what a backfill of this gallery would give on the way
-        study = backfill_study(old_side, upgraded_side, orig_side, evalset.caption_image, backfill_order)
+        gain = read_gain(bundle_dir) if backfill_order == "learned" else None
+        study = backfill_study(old_side, upgraded_side, orig_side, evalset.caption_image, backfill_order, gain=gain)
         (tmp / "backfill.json").write_text(json.dumps(study, indent=2))
     if folder.exists():
         shutil.rmtree(folder)

@@ -192,12 +192,15 @@ def train(
 
 
 @task(name="publish-bundle")
-def publish_bundle(trained: str, bundle: str) -> str:
-    """The trained bundle (named by its inputs under work/) as OUT/bundle: hard links, swapped in whole; -> bundle."""
+def publish_bundle(trained: str, bundle: str, extra: dict[str, str] | None = None) -> str:
+    """The trained bundle (named by its inputs under work/) as OUT/bundle: hard links, swapped in whole;
+    extra: file name in the bundle -> a file to copy there beside them; -> bundle."""
     out = Path(bundle)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(trained, tmp, copy_function=link_or_copy)
+    for name, src in (extra or {}).items():
+        shutil.copyfile(src, tmp / name)
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)

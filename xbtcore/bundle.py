@@ -7,6 +7,8 @@
       adapter/               peft LoRA adapter (adapter_config.json, adapter_model.safetensors)
       model/                 full weights, when every encoder weight trained (no adapter to ship)
       old/                   the gallery's model, for a head that blends with the old model's query
+      backfill_order.json    the gain model of `xbt backfill`'s learned order (xbtcore.search.GainModel),
+                             fitted on the upgrade's validation pairs (absent without them)
       base/                  the base new model's files (hard links where the filesystem
                              allows): from its local directory, or for a hub id from the
                              Hugging Face cache's snapshot. A registered bundle must still
@@ -33,6 +35,7 @@ from .adapters import add_vision_prompts, find_prompts
 from .phi import HEADS, PhiConfig, head_kind
 
 BUNDLE_FILE = "xbt_bundle.json"
+GAIN_FILE = "backfill_order.json"
 BUNDLE_VERSION = 2
 READS_VERSIONS = (1, 2)  # version 1 had no "head": its kind shows in phi.safetensors (a lone "weight" is linear)
 
@@ -52,6 +55,19 @@ class BundleMeta:
 
 def is_bundle(ref: str | os.PathLike) -> bool:
     return (Path(ref) / BUNDLE_FILE).is_file()
+
+
+def read_gain(bundle_dir: str | Path):
+    """The bundle's backfill gain model (xbtcore.search.GainModel), or None where it has none."""
+    from .search import GainModel
+
+    path = Path(bundle_dir) / GAIN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return GainModel.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a backfill gain model ({e}): remove it, or publish the bundle again") from e
 
 
 def save_bundle(

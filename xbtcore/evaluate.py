@@ -79,21 +79,22 @@ def backfill_study(
     caption_image: torch.Tensor,
     order: str | None = None,
     random_orders: int = 3,
+    gain=None,
 ) -> dict:
     """What a progressive backfill of this gallery (`xbt backfill`) gives text queries on the way: t2i
     recall of the mixed gallery as `xbt serve` ranks it, at each fraction re-embedded by the new model,
-    in `order` (default: the one `xbt backfill` uses) and in random order (the mean of `random_orders`).
-    -> {direction, fractions, order, curves: {order: [{K: recall} per fraction], random: [...]}, random_orders}"""
+    in `order` (default: the one `xbt backfill` uses without a gain model; "learned" needs `gain`, the
+    bundle's GainModel), in isolated-first order, and in random order (the mean of `random_orders`).
+    -> {direction, fractions, order, curves: {order: [{K: recall} per fraction], ..., random: [...]},
+    random_orders}"""
     import numpy as np
 
     from .search import BACKFILL_FRACTIONS, BACKFILL_ORDER, backfill_curve, backfill_order
 
     order = order or BACKFILL_ORDER
     v_old = old.image.float().numpy()  # (N, D_old)
-    orders = {
-        order: [backfill_order(v_old, order)],
-        "random": [backfill_order(v_old, "random", seed=s) for s in range(random_orders)],
-    }
+    orders = {name: [backfill_order(v_old, name, gain=gain)] for name in dict.fromkeys((order, BACKFILL_ORDER))}
+    orders["random"] = [backfill_order(v_old, "random", seed=s) for s in range(random_orders)]
     runs = backfill_curve(
         upgraded.text.float().numpy(),
         v_old,
@@ -110,7 +111,7 @@ def backfill_study(
         "direction": "t2i",
         "fractions": list(BACKFILL_FRACTIONS),
         "order": order,
-        "curves": {order: runs[order][0], "random": mean},
+        "curves": {**{name: runs[name][0] for name in orders if name != "random"}, "random": mean},
         "random_orders": random_orders,
     }
 

@@ -607,14 +607,18 @@ def remove_index(path: str | Path) -> None:
 
 # --- progressive backfill ------------------------------------------------------------------------------
 
-BACKFILL_ORDERS = ("isolated-first", "cluster-ends", "dense-clusters", "random")
-BACKFILL_ORDER = "isolated-first"  # what `xbt backfill` uses unless told
+BACKFILL_ORDERS = ("learned", "isolated-first", "cluster-ends", "dense-clusters", "random")
+BACKFILL_ORDER = "isolated-first"  # what `xbt backfill` uses unless told, where no gain model was fitted
+GAIN_KS = (1, 5, 10)  # the hits at K a backfilled item's gain counts
+GAIN_NEIGHBOURS = (1, 5, 10)  # order features: mean cosine to the nearest 1, 5 and 10 other items
+GAIN_RIDGE = 1.0  # the gain model's L2 penalty
 EXACT_NEIGHBOUR_ITEMS = 50_000  # up to this many items each one's nearest neighbour is exact; beyond, IVF
 NEIGHBOUR_PROBES = 32  # IVF lists searched per item beyond EXACT_NEIGHBOUR_ITEMS
 
 
-def nearest_similarity(x: np.ndarray, exact_up_to: int = EXACT_NEIGHBOUR_ITEMS, seed: int = 0) -> np.ndarray:
-    """(N, D) unit vectors -> (N,) each item's cosine to its nearest other item (-inf for a lone item).
+def neighbour_similarities(x: np.ndarray, k: int = 1, exact_up_to: int = EXACT_NEIGHBOUR_ITEMS, seed: int = 0):
+    """(N, D) unit vectors -> (N, k) each item's cosines to its k nearest other items, highest first (-inf
+    where there are fewer than k others).
 
     Exact (a blocked matrix product) up to `exact_up_to` items; beyond, an IVF index over 2 sqrt(N) k-means
     lists searched NEIGHBOUR_PROBES lists deep, about N * 16 sqrt(N) dot products instead of N^2 (an item
@@ -623,14 +627,16 @@ def nearest_similarity(x: np.ndarray, exact_up_to: int = EXACT_NEIGHBOUR_ITEMS, 
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
-    best = np.full(n, -np.inf, dtype=np.float32)
+    best = np.full((n, k), -np.inf, dtype=np.float32)
     if n < 2:
         return best
+    take = min(k, n - 1)
     if n <= exact_up_to:
         for start in range(0, n, 2048):
             s = x[start : start + 2048] @ x.T  # (b, N)
             s[np.arange(len(s)), np.arange(start, start + len(s))] = -np.inf  # not itself
-            best[start : start + len(s)] = s.max(axis=1)
+            top = np.partition(s, n - take, axis=1)[:, n - take :]  # (b, take) the highest, unsorted
+            best[start : start + len(s), :take] = -np.sort(-top, axis=1)[:, :take]
         return best
     lists = max(1, round(2 * math.sqrt(n)))
     quantizer = faiss.IndexFlatIP(d)
@@ -640,11 +646,16 @@ def nearest_similarity(x: np.ndarray, exact_up_to: int = EXACT_NEIGHBOUR_ITEMS, 
     index.add(x)
     index.nprobe = NEIGHBOUR_PROBES
     for start in range(0, n, 65536):
-        scores, rows = index.search(x[start : start + 65536], 2)  # itself and its nearest other, in some order
+        scores, rows = index.search(x[start : start + 65536], k + 1)  # itself among them, in some place
         own = rows == np.arange(start, start + len(rows))[:, None]
         scores[own | (rows < 0)] = -np.inf
-        best[start : start + len(rows)] = scores.max(axis=1)
+        best[start : start + len(rows)] = -np.sort(-scores, axis=1)[:, :k]
     return best
+
+
+def nearest_similarity(x: np.ndarray, exact_up_to: int = EXACT_NEIGHBOUR_ITEMS, seed: int = 0) -> np.ndarray:
+    """(N, D) unit vectors -> (N,) each item's cosine to its nearest other item (-inf for a lone item)."""
+    return neighbour_similarities(x, 1, exact_up_to, seed)[:, 0]
 
 
 def _clusters(x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -667,10 +678,94 @@ def _clusters(x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return label, rank
 
 
-def backfill_order(vectors: np.ndarray, how: str = BACKFILL_ORDER, seed: int = 0) -> np.ndarray:
+def order_features(near: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """(N, max(GAIN_NEIGHBOURS)) each item's nearest cosines (neighbour_similarities) and its (N, D) old
+    vector -> (N, len(GAIN_NEIGHBOURS) + D): the mean cosine to the nearest 1, 5 and 10 others as its
+    percentile over this gallery (0 the most isolated; a percentile so that a gallery of another size,
+    and so of other absolute distances, reads the same), then the vector itself."""
+    n = len(vectors)
+    means = np.column_stack([near[:, :m].mean(axis=1) for m in GAIN_NEIGHBOURS])  # (N, 3)
+    ranks = np.argsort(np.argsort(means, axis=0, kind="stable"), axis=0, kind="stable")
+    return np.column_stack([ranks / max(n - 1, 1), vectors]).astype(np.float64)
+
+
+def backfill_gains(
+    q_old: np.ndarray, v_old: np.ndarray, q_new: np.ndarray, v_new: np.ndarray, own: np.ndarray, chunk: int = 1024
+) -> np.ndarray:
+    """(N,) what backfilling each item alone does to t2i hits, summed over K in GAIN_KS: the hits its own
+    queries gain (scored as MixedGallery scores a backfilled item, calibrated on all N items) minus the
+    hits it takes from other queries by now outscoring their own item. Shapes as backfill_curve's."""
+    n = len(v_old)
+    gain = np.zeros(n)
+    for start in range(0, len(q_old), chunk):
+        s_old = q_old[start : start + chunk] @ v_old.T  # (B, N)
+        s_new = q_new[start : start + chunk] @ v_new.T  # (B, N)
+        mine = own[start : start + chunk]
+        rows = np.arange(len(mine))
+        moved = blended_score(s_old, s_new, s_old, s_new)  # (B, N) each item's score once backfilled
+        own_old = s_old[rows, mine][:, None]  # (B, 1)
+        rank = (s_old > own_old + 1e-5).sum(axis=1)  # (B,) before anything moves
+        above_moved = s_old > moved[rows, mine][:, None] + 1e-5
+        above_moved[rows, mine] = False
+        rank_moved = above_moved.sum(axis=1)  # (B,) the own item backfilled
+        shift = (moved > own_old + 1e-5).astype(np.int64) - (s_old > own_old + 1e-5)  # (B, N) another moved
+        shift[rows, mine] = 0
+        for k in GAIN_KS:
+            hit = rank < k
+            np.add.at(gain, mine, (rank_moved < k).astype(float) - hit)
+            gain += ((rank[:, None] + shift) < k).sum(axis=0) - hit.sum()
+    return gain
+
+
+@dataclass(frozen=True)
+class GainModel:
+    """A ridge regression from order_features to backfill_gains, fitted on one upgrade's validation pairs:
+    which old-space items a backfill should re-embed first, read from what their vectors and their
+    neighbourhoods say. weights: (len(GAIN_NEIGHBOURS) + D + 1,), the last the intercept."""
+
+    weights: tuple[float, ...]
+    dim: int
+    fitted_on: dict
+
+    @classmethod
+    def fit(cls, q_old, v_old, q_new, v_new, own) -> GainModel:
+        v_old = normalise(v_old)
+        gain = backfill_gains(q_old, v_old, q_new, v_new, own)
+        near = neighbour_similarities(v_old, max(GAIN_NEIGHBOURS))
+        x = np.column_stack([order_features(near, v_old), np.ones(len(v_old))])  # (N, F + 1)
+        w = np.linalg.solve(x.T @ x + GAIN_RIDGE * np.eye(x.shape[1]), x.T @ gain)
+        return cls(tuple(float(v) for v in w), v_old.shape[1], {"items": len(v_old), "queries": len(q_old)})
+
+    def predict(self, near: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """(N,) predicted gain of each item (near: its neighbour_similarities)."""
+        if vectors.shape[1] != self.dim:
+            raise ValueError(
+                f"the gain model was fitted on {self.dim}-d old vectors and this gallery's are "
+                f"{vectors.shape[1]}-d: backfill with the bundle of an upgrade from this gallery's model, or "
+                "choose another --order"
+            )
+        w = np.asarray(self.weights)
+        return order_features(near, vectors) @ w[:-1] + w[-1]
+
+    def to_dict(self) -> dict:
+        return {"order": "learned", "dim": self.dim, "weights": list(self.weights), "fitted_on": self.fitted_on}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GainModel:
+        return cls(tuple(d["weights"]), int(d["dim"]), dict(d.get("fitted_on", {})))
+
+
+def backfill_order(
+    vectors: np.ndarray, how: str = BACKFILL_ORDER, seed: int = 0, gain: GainModel | None = None
+) -> np.ndarray:
     """(N, D) old-space vectors -> (N,) row order in which to re-embed the gallery. No new-model pass is
     spent on choosing.
 
+    learned: the sum of two ranks, highest first (ties by row): the item's gain predicted by the upgrade's
+    `gain` model and its isolation (isolated-first's key). The gain model predicts the marginal effect of
+    one item; isolation stands for what it misses, the items backfilled together. Chosen on the
+    selection world old-same-text -> new (3 upgrades, `python experiments/run.py
+    experiments/configs/old_same_text.json`, docs/serving.md).
     isolated-first: item by item, the one whose nearest neighbour in the old space is farthest first
     (nearest_similarity ascending, ties by row). cluster-ends and dense-clusters move whole old-space
     neighbourhoods (k-means clusters, about sqrt(N)/3) at a time, a cluster's items together (by row):
@@ -686,6 +781,16 @@ def backfill_order(vectors: np.ndarray, how: str = BACKFILL_ORDER, seed: int = 0
         return np.random.default_rng(seed).permutation(n)
     if how not in BACKFILL_ORDERS:
         raise ValueError(f"unknown backfill order {how!r}; one of {', '.join(BACKFILL_ORDERS)}")
+    if how == "learned":
+        if gain is None:
+            raise ValueError(
+                "the learned backfill order needs the gain model an upgrade fits on its validation pairs: "
+                "pass the upgrade's bundle (or models:/NAME@champion) as --new, or choose another --order"
+            )
+        near = neighbour_similarities(vectors, max(GAIN_NEIGHBOURS), seed=seed)  # (N, 10)
+        rank = lambda v: np.argsort(np.argsort(v, kind="stable"), kind="stable")  # noqa: E731
+        key = rank(gain.predict(near, np.asarray(vectors, dtype=np.float32))) + rank(-near[:, 0])
+        return np.lexsort((np.arange(n), -key))
     if how == "isolated-first":
         return np.lexsort((np.arange(n), nearest_similarity(vectors, seed=seed)))
     label, rank = _clusters(np.ascontiguousarray(vectors, dtype=np.float32), seed)
