@@ -107,6 +107,9 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
 
     assert report["promotion"]["promoted"] == report["gate"]["passed"]
     curve = report["backfill"]  # a backfill's way from the compatible queries to the new model alone
+    gain = json.loads((out / "bundle" / "backfill_order.json").read_text())  # fitted on the validation pairs
+    assert gain["fitted_on"]["items"] == val_images and len(gain["weights"]) == 3 + gain["dim"] + 1
+    assert curve["order"] == "learned" and list(curve["curves"]) == ["learned", "isolated-first", "random"]
     for k in ("1", "5", "10"):  # numpy here, torch there: a near-tie may fall the other way
         assert curve["curves"][curve["order"]][0][k] == pytest.approx(report["recall"]["t2i"]["new/old"][k], abs=0.1)
         assert curve["curves"]["random"][-1][k] == pytest.approx(report["recall"]["t2i"]["orig-new/new"][k], abs=0.1)

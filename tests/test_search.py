@@ -512,6 +512,94 @@ def test_nearest_similarity_past_the_exact_size_agrees_with_the_exact_one():
     assert np.corrcoef(*ranks)[0, 1] > 0.99  # and the order by isolation barely moves
 
 
+def test_neighbour_similarities_are_each_items_k_nearest_others_exact_and_past_the_exact_size():
+    rng = np.random.default_rng(7)
+    x = search.normalise(np.repeat(rng.standard_normal((20, 16)), 30, axis=0) + 0.4 * rng.standard_normal((600, 16)))
+    full = x @ x.T
+    np.fill_diagonal(full, -np.inf)
+    brute = -np.sort(-full, axis=1)[:, :10]
+    np.testing.assert_allclose(search.neighbour_similarities(x, 10), brute, atol=1e-5)
+    approx = search.neighbour_similarities(x, 10, exact_up_to=100)  # the IVF path
+    assert (approx <= brute + 1e-5).all() and (np.diff(approx, axis=1) <= 1e-6).all()
+    assert np.mean(np.abs(approx - brute) < 1e-5) > 0.9
+    few = search.neighbour_similarities(x[:3], 10)
+    assert np.isfinite(few[:, :2]).all() and (few[:, 2:] == -np.inf).all()  # only two others
+
+
+def _backfill_world(seed: int, n: int = 120, q_per: int = 2):
+    """Compatible queries that find their image in the old space only roughly, a sharper new space."""
+    rng = np.random.default_rng(seed)
+    truth = rng.standard_normal((n, 16))
+    v_old = search.normalise(truth + 0.6 * rng.standard_normal((n, 16)))
+    v_new = search.normalise(truth + 0.2 * rng.standard_normal((n, 16)))
+    own = np.repeat(np.arange(n), q_per)
+    q_old = search.normalise(truth[own] + 0.9 * rng.standard_normal((len(own), 16)))
+    q_new = search.normalise(truth[own] + 0.3 * rng.standard_normal((len(own), 16)))
+    return q_old, v_old, q_new, v_new, own
+
+
+def test_backfill_gains_are_what_moving_each_item_alone_does_to_the_hits():
+    q_old, v_old, q_new, v_new, own = _backfill_world(8)
+    s_old, s_new = q_old @ v_old.T, q_new @ v_new.T
+    moved_all = search.blended_score(s_old, s_new, s_old, s_new)  # calibrated on every item
+
+    def hits(scores):
+        rank = (scores > scores[np.arange(len(own)), own][:, None] + 1e-5).sum(axis=1)
+        return sum((rank < k).sum() for k in search.GAIN_KS)
+
+    before = hits(s_old)
+    brute = []
+    for i in range(len(v_old)):
+        scores = s_old.copy()
+        scores[:, i] = moved_all[:, i]
+        brute.append(hits(scores) - before)
+    gains = search.backfill_gains(q_old, v_old, q_new, v_new, own, chunk=50)  # chunks split the queries
+    np.testing.assert_array_equal(gains, brute)
+    assert gains.max() > 0 > gains.min()  # some items gain their queries hits, some take others' away
+
+
+def test_the_learned_order_ranks_by_predicted_gain_plus_isolation_and_needs_a_fitting_gain_model():
+    q_old, v_old, q_new, v_new, own = _backfill_world(9)
+    model = search.GainModel.fit(q_old, v_old, q_new, v_new, own)
+    assert len(model.weights) == 3 + 16 + 1 and model.fitted_on == {"items": 120, "queries": 240}
+    assert search.GainModel.from_dict(json.loads(json.dumps(model.to_dict()))) == model
+    order = search.backfill_order(v_old, "learned", gain=model)
+    near = search.neighbour_similarities(v_old, 10)
+    predicted = model.predict(near, v_old)
+    key = np.argsort(np.argsort(predicted, kind="stable")) + np.argsort(np.argsort(-near[:, 0], kind="stable"))
+    assert order.tolist() == sorted(range(120), key=lambda r: (-key[r], r))
+    assert order.tolist() != search.backfill_order(v_old, "isolated-first").tolist()  # the gain moves it
+    with pytest.raises(ValueError, match="needs the gain model"):
+        search.backfill_order(v_old, "learned")
+    with pytest.raises(ValueError, match="fitted on 16-d old vectors and this gallery's are 8-d"):
+        search.backfill_order(search.normalise(v_old[:, :8]), "learned", gain=model)
+
+
+def test_the_learned_order_beats_random_where_gains_follow_the_old_vectors():
+    """Items on one side of the old space gain when backfilled, the rest only take hits away: a gain model
+    fitted on one draw puts the gaining side first on another draw of the same world."""
+    rng = np.random.default_rng(10)
+    direction = search.normalise(rng.standard_normal((1, 16)))[0]
+
+    def world(seed):
+        q_old, v_old, q_new, v_new, own = _backfill_world(seed, n=300)
+        sharp = v_old @ direction > 0  # these items' new vectors are exact; the others' are noise
+        noise = search.normalise(np.random.default_rng(seed + 100).standard_normal(v_new.shape))
+        v_new = np.where(sharp[:, None], v_new, noise)
+        return (q_old, v_old, q_new, v_new, own), sharp
+
+    (fit_on, _), (test_on, sharp) = world(11), world(12)
+    model = search.GainModel.fit(*fit_on)
+    order = search.backfill_order(test_on[1], "learned", gain=model)
+    first = order[: sharp.sum()]
+    assert sharp[first].mean() > 0.65  # random takes about half; isolation, half the key, knows no gain
+    orders = {"learned": [order], "random": [search.backfill_order(test_on[1], "random", seed=s) for s in range(5)]}
+    curves = search.backfill_curve(*test_on, orders, fractions=(0.25, 0.5), ks=(1, 5, 10))
+    for f in range(2):
+        for k in ("1", "5", "10"):
+            assert curves["learned"][0][f][k] > np.mean([c[f][k] for c in curves["random"]])
+
+
 def test_qdrant_collection_answers_as_the_exact_index_and_its_alias_swaps(tmp_path):
     pytest.importorskip("qdrant_client")
     from serve import qdrant

@@ -351,6 +351,34 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
         Engine(load_query_model(OLD), MixedGallery(index))
 
 
+def test_backfill_takes_the_learned_order_from_an_upgrades_bundle_and_isolated_first_without_one(setup, tmp_path):
+    from serve.engine import load_query_model
+    from serve.gallery import backfill, index_gallery
+    from xbtcore.bundle import GAIN_FILE
+    from xbtcore.search import GainModel, backfill_order, read_plan
+
+    old = search.GalleryIndex(setup["index"])
+    rng = np.random.default_rng(0)
+    gain = GainModel(tuple(rng.standard_normal(3 + old.vectors().shape[1] + 1).tolist()), old.vectors().shape[1], {})
+    bundle = tmp_path / "bundle"
+    shutil.copytree(setup["b1"], bundle)
+    (bundle / GAIN_FILE).write_text(json.dumps(gain.to_dict()))
+    for model, order, expected in ((bundle, "learned", gain), (setup["b1"], "isolated-first", None)):
+        index = tmp_path / f"idx-{order}"
+        shutil.copytree(setup["index"], index)
+        backfill(str(index), load_query_model(str(model)), chunk_rows=16, stop_after=1)
+        assert read_plan(index / "backfill")["order"] == order
+        ids = json.loads((index / "backfill" / "ids.json").read_text())
+        assert ids == [old.ids[r] for r in backfill_order(old.vectors(), order, gain=expected)]
+    texts = tmp_path / "texts"  # a gallery of captions: the gain model is fitted for images
+    index_gallery(load_query_model(OLD), setup["world"]["eval"], "text", str(texts), chunk_rows=16)
+    r = xbt("backfill", "--index", texts, "--new", bundle, "--order", "learned")
+    assert r.returncode != 0 and "holds texts and the learned order is fitted for an image gallery" in r.stderr
+    assert not (texts / "backfill").exists()
+    r = xbt("backfill", "--index", setup["index"], "--new", NEW, "--order", "learned")
+    assert r.returncode != 0 and "needs the gain model" in r.stderr
+
+
 def test_the_server_searches_qdrant_and_follows_its_alias_to_a_finished_backfill(setup, tmp_path):
     pytest.importorskip("qdrant_client")
     from serve import qdrant
