@@ -12,8 +12,9 @@ backfill: t2i recall (CONTRACT.md's protocol, ties within 1e-5) of the mixed gal
 it has been re-embedded by the new model's own encoder, each order of xbt backfill against random order (mean
 of --random-seeds permutations), scored as the server scores it (xbtcore.search.MixedGallery). The
 queries are the eval captions: the bundle's compatible encoder for the old space, the new model for the
-new one. Without --bundle the upgrade is a Procrustes map fitted on a world corpus (the `procrustes`
-method's closed form).
+new one. The learned order's gain model is fitted on the world's pairs (--val-images), as an upgrade
+fits it on its validation pairs. Without --bundle the upgrade is a Procrustes map fitted on a world
+corpus (the `procrustes` method's closed form).
 """
 
 from __future__ import annotations
@@ -69,11 +70,11 @@ def bench_backfill(args) -> dict:
     from worlds import shapes
     from xbtcore.bundle import base_encoder, load_compatible, read_meta
     from xbtcore.encoders import DualEncoder
-    from xbtcore.search import BACKFILL_ORDER, BACKFILL_ORDERS, backfill_curve, backfill_order
+    from xbtcore.search import BACKFILL_ORDERS, GainModel, backfill_curve, backfill_order
 
     work = Path(args.work)
     spec = shapes.WorldSpec(
-        seed=args.world_seed, corpus_captions=args.corpus, pair_images=10, eval_images=args.eval_images
+        seed=args.world_seed, corpus_captions=args.corpus, pair_images=args.val_images, eval_images=args.eval_images
     )
     world = shapes.write_world(work / "world", spec)
     bundle = (
@@ -82,25 +83,31 @@ def bench_backfill(args) -> dict:
     meta = read_meta(bundle)
     compat, _ = load_compatible(bundle)
     old, new = DualEncoder.from_pretrained(meta.root_model), base_encoder(bundle, meta)
-    table = pq.read_table(world["eval"], columns=["image", "caption", "image_id"])
-    ids = table.column("image_id").to_pylist()
-    first = {i: r for r, i in reversed(list(enumerate(ids)))}
-    distinct = sorted(first)
-    own = np.array([distinct.index(i) for i in ids])  # (Q,) each caption's image
-    blobs = table.column("image").to_pylist()
-    images = [Image.open(io.BytesIO(blobs[first[i]])).convert("RGB") for i in distinct]
-    captions = table.column("caption").to_pylist()
-    cached = work / "embeddings.npz"  # a rerun on the same --work skips the encoders
-    if cached.exists():
-        v_old, v_new, w_old, w_compat, w_new = (
-            np.load(cached)[k] for k in ("v_old", "v_new", "w_old", "w_compat", "w_new")
-        )
-    else:
-        progress(f"embedding {len(images)} images and {len(captions)} captions")
+
+    def embedded(part: str) -> tuple:
+        """(v_old, v_new, w_old, w_compat, w_new, own) of the world's `part` Parquet."""
+        cached = work / f"embeddings-{part}.npz"  # a rerun on the same --work skips the encoders
+        if cached.exists():
+            return tuple(np.load(cached)[k] for k in ("v_old", "v_new", "w_old", "w_compat", "w_new", "own"))
+        table = pq.read_table(world[part], columns=["image", "caption", "image_id"])
+        ids = table.column("image_id").to_pylist()
+        first = {i: r for r, i in reversed(list(enumerate(ids)))}
+        distinct = sorted(first)
+        row_of = {i: r for r, i in enumerate(distinct)}
+        own = np.array([row_of[i] for i in ids])  # (Q,) each caption's image
+        blobs = table.column("image").to_pylist()
+        images = [Image.open(io.BytesIO(blobs[first[i]])).convert("RGB") for i in distinct]
+        captions = table.column("caption").to_pylist()
+        progress(f"embedding {len(images)} {part} images and {len(captions)} captions")
         v_old, v_new = old.embed_images(images).numpy(), new.embed_images(images).numpy()  # (N, D_old), (N, D_new)
         w_old, w_compat, w_new = (e.embed_texts(captions).numpy() for e in (old, compat, new))  # (Q, D) each
-        np.savez(cached, v_old=v_old, v_new=v_new, w_old=w_old, w_compat=w_compat, w_new=w_new)
-    orders = {o: [backfill_order(v_old, o)] for o in BACKFILL_ORDERS if o != "random"}
+        np.savez(cached, v_old=v_old, v_new=v_new, w_old=w_old, w_compat=w_compat, w_new=w_new, own=own)
+        return v_old, v_new, w_old, w_compat, w_new, own
+
+    val_old, val_new, _, val_compat, val_w_new, val_own = embedded("pairs")  # validation pairs: the gain model
+    gain = GainModel.fit(val_compat, val_old, val_w_new, val_new, val_own)
+    v_old, v_new, w_old, w_compat, w_new, own = embedded("eval")
+    orders = {o: [backfill_order(v_old, o, gain=gain)] for o in BACKFILL_ORDERS if o != "random"}
     orders["random"] = [backfill_order(v_old, "random", seed=s) for s in range(args.random_seeds)]
     runs = backfill_curve(w_compat, v_old, w_new, v_new, own, orders, FRACTIONS, KS, scoring=args.scoring)
     curve = []
@@ -123,15 +130,16 @@ def bench_backfill(args) -> dict:
         "world_seed": args.world_seed,
         "bundle": str(bundle),
         "method": meta.method,
-        "images": len(images),
-        "captions": len(captions),
+        "images": len(v_old),
+        "captions": len(own),
         "recall_t2i": {
             "old/old": _recall(w_old @ v_old.T, own),
             "new/old": _recall(s_old, own),
             "orig-new/new": _recall(s_new, own),
         },
         "scoring": args.scoring,
-        "order": BACKFILL_ORDER,
+        "order": "learned",
+        "validation": {"images": len(val_old), "captions": len(val_own)},
         "curve": curve,
         "random_seeds": args.random_seeds,
     }
@@ -525,6 +533,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--new", default=str(ROOT / "zoo" / "new"), help="the new model")
     ap.add_argument("--bundle", help="an upgrade bundle to serve (default: a Procrustes map of --new onto --old)")
     ap.add_argument("--eval-images", type=int, default=1000, help="backfill: gallery images (5 captions each)")
+    ap.add_argument(
+        "--val-images", type=int, default=1000, help="backfill: validation pair images the learned order is fitted on"
+    )
     ap.add_argument("--corpus", type=int, default=20000, help="backfill: corpus captions the map is fitted on")
     ap.add_argument("--world-seed", type=int, default=7, help="backfill: the world's seed")
     ap.add_argument("--random-seeds", type=int, default=5, help="backfill: random orders averaged")

@@ -476,7 +476,7 @@ def _examples_section(examples: list[dict] | None) -> str:
     return "".join(out)
 
 
-ORDER_COLOURS = ("#1c7ed6", "#f08c00", "#868e96", "#ae3ec9")  # the product's order first, then random
+ORDER_COLOURS = ("#1c7ed6", "#f08c00", "#868e96", "#ae3ec9", "#2f9e44")  # the product's order first
 
 
 def backfill_svg(study: dict, k: str = "1", refs: dict | None = None) -> str:
@@ -564,8 +564,14 @@ def _backfill_section(report: dict) -> str:
         '<p class="muted small">Text queries on this eval set while <code>xbt backfill</code> re-embeds the '
         "gallery with the new model, searched as <code>xbt serve</code> searches the mixed gallery: at 0% the "
         "upgraded queries against the old gallery (new/old), at 100% the new model alone (orig-new/new). "
-        f"{_e(study['order'])} is the order <code>xbt backfill</code> uses. "
-        f"Random order: the mean of {study['random_orders']} permutations.</p>"
+        f"{_e(study['order'])} is the order <code>xbt backfill</code> uses with this bundle"
+        + (
+            ": each item's gain predicted by a model fitted on the validation pairs, plus its isolation "
+            "(isolated-first's key). "
+            if study["order"] == "learned"
+            else ". "
+        )
+        + f"Random order: the mean of {study['random_orders']} permutations.</p>"
         f'<div class="grid"><div>{backfill_svg(study, "1", refs)}</div>'
         f"<div><table>{''.join(rows)}</table></div></div></section>"
     )
