@@ -171,18 +171,20 @@ def bench_ivf(args) -> dict:
 
 
 def bench_order(args) -> dict:
-    """Seconds each backfill order takes to choose on --items synthetic clustered vectors (no model pass)."""
-    from xbtcore.search import BACKFILL_ORDERS, backfill_order, normalise
+    """Seconds each backfill order takes to choose on --items synthetic clustered vectors (no model pass; the
+    learned order with a gain model of random weights: its cost does not depend on them)."""
+    from xbtcore.search import BACKFILL_ORDERS, GAIN_NEIGHBOURS, GainModel, backfill_order, normalise
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((max(1, args.items // 100), args.dim)).astype(np.float32)
     vectors = normalise(
         np.repeat(centres, 100, axis=0)[: args.items] + 0.2 * rng.standard_normal((args.items, args.dim))
     )
+    gain = GainModel(tuple(rng.standard_normal(len(GAIN_NEIGHBOURS) + args.dim + 1).tolist()), args.dim, {})
     seconds = {}
     for how in BACKFILL_ORDERS:
         t0 = time.perf_counter()
-        backfill_order(vectors, how)
+        backfill_order(vectors, how, gain=gain)
         seconds[how] = round(time.perf_counter() - t0, 2)
     return {
         "bench": "serving.order",
