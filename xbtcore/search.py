@@ -695,8 +695,9 @@ def backfill_gains(
     """(N,) what backfilling each item alone does to t2i hits, summed over K in GAIN_KS: the hits its own
     queries gain (scored as MixedGallery scores a backfilled item, calibrated on all N items) minus the
     hits it takes from other queries by now outscoring their own item. Shapes as backfill_curve's."""
-    n = len(v_old)
-    gain = np.zeros(n)
+    from .recall import TIE_TOLERANCE as tol
+
+    gain = np.zeros(len(v_old))
     for start in range(0, len(q_old), chunk):
         s_old = q_old[start : start + chunk] @ v_old.T  # (B, N)
         s_new = q_new[start : start + chunk] @ v_new.T  # (B, N)
@@ -704,11 +705,12 @@ def backfill_gains(
         rows = np.arange(len(mine))
         moved = blended_score(s_old, s_new, s_old, s_new)  # (B, N) each item's score once backfilled
         own_old = s_old[rows, mine][:, None]  # (B, 1)
-        rank = (s_old > own_old + 1e-5).sum(axis=1)  # (B,) before anything moves
-        above_moved = s_old > moved[rows, mine][:, None] + 1e-5
+        above = s_old > own_old + tol  # (B, N) before anything moves
+        rank = above.sum(axis=1)  # (B,)
+        above_moved = s_old > moved[rows, mine][:, None] + tol
         above_moved[rows, mine] = False
         rank_moved = above_moved.sum(axis=1)  # (B,) the own item backfilled
-        shift = (moved > own_old + 1e-5).astype(np.int64) - (s_old > own_old + 1e-5)  # (B, N) another moved
+        shift = (moved > own_old + tol).astype(np.int64) - above  # (B, N) the own item's rank, another moved
         shift[rows, mine] = 0
         for k in GAIN_KS:
             hit = rank < k
