@@ -678,15 +678,18 @@ def _clusters(x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return label, rank
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Each entry's rank along axis 0, 0 the lowest (ties by position)."""
+    return np.argsort(np.argsort(x, axis=0, kind="stable"), axis=0, kind="stable")
+
+
 def order_features(near: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """(N, max(GAIN_NEIGHBOURS)) each item's nearest cosines (neighbour_similarities) and its (N, D) old
     vector -> (N, len(GAIN_NEIGHBOURS) + D): the mean cosine to the nearest 1, 5 and 10 others as its
     percentile over this gallery (0 the most isolated; a percentile so that a gallery of another size,
     and so of other absolute distances, reads the same), then the vector itself."""
-    n = len(vectors)
     means = np.column_stack([near[:, :m].mean(axis=1) for m in GAIN_NEIGHBOURS])  # (N, 3)
-    ranks = np.argsort(np.argsort(means, axis=0, kind="stable"), axis=0, kind="stable")
-    return np.column_stack([ranks / max(n - 1, 1), vectors]).astype(np.float64)
+    return np.column_stack([_ranks(means) / max(len(vectors) - 1, 1), vectors]).astype(np.float64)
 
 
 def backfill_gains(
@@ -764,19 +767,18 @@ def backfill_order(
     spent on choosing.
 
     learned: the sum of two ranks, highest first (ties by row): the item's gain predicted by the upgrade's
-    `gain` model and its isolation (isolated-first's key). The gain model predicts the marginal effect of
-    one item; isolation stands for what it misses, the items backfilled together. Chosen on the
-    selection world old-same-text -> new (3 upgrades, `python experiments/run.py
-    experiments/configs/old_same_text.json`, docs/serving.md).
-    isolated-first: item by item, the one whose nearest neighbour in the old space is farthest first
-    (nearest_similarity ascending, ties by row). cluster-ends and dense-clusters move whole old-space
-    neighbourhoods (k-means clusters, about sqrt(N)/3) at a time, a cluster's items together (by row):
-    cluster-ends the loosest cluster, then the tightest, then the next loosest, the next tightest, and so
-    on; dense-clusters the tightest first. random: a seeded permutation, the baseline. Chosen on four
-    selection worlds of `python -m bench.serving backfill` (seeds 11 to 14, docs/serving.md): against the
-    mean of 5 random orders at 25% and 50% backfilled, isolated-first's worst check over R@1, 5 and 10
-    was +0.42, +0.63, -0.45 and 0.00, cluster-ends' -0.22, +0.30, -0.75 and -0.56, and isolated-first
-    led at R@1 by 2.1 to 4.6 points.
+    `gain` model, and its isolation (isolated-first's key), which stands for what the gain of one item
+    moved alone misses, the items backfilled together. isolated-first: item by item, the one whose
+    nearest neighbour in the old space is farthest first (nearest_similarity ascending, ties by row).
+    cluster-ends and dense-clusters move whole old-space neighbourhoods (k-means clusters, about
+    sqrt(N)/3) at a time, a cluster's items together (by row): cluster-ends the loosest cluster, then the
+    tightest, then the next loosest, the next tightest, and so on; dense-clusters the tightest first.
+    random: a seeded permutation, the baseline.
+
+    On the four selection worlds of `python -m bench.serving backfill` (seeds 11 to 14, docs/serving.md),
+    against the mean of 5 random orders at 25% and 50% backfilled, the worst check over R@1, 5 and 10 was
+    learned's +0.68, +1.08, +0.41 and +1.16, isolated-first's +0.42, +0.63, -0.45 and 0.00 and
+    cluster-ends' -0.22, +0.30, -0.75 and -0.56.
     """
     n = len(vectors)
     if how == "random":
@@ -790,8 +792,7 @@ def backfill_order(
                 "pass the upgrade's bundle (or models:/NAME@champion) as --new, or choose another --order"
             )
         near = neighbour_similarities(vectors, max(GAIN_NEIGHBOURS), seed=seed)  # (N, 10)
-        rank = lambda v: np.argsort(np.argsort(v, kind="stable"), kind="stable")  # noqa: E731
-        key = rank(gain.predict(near, np.asarray(vectors, dtype=np.float32))) + rank(-near[:, 0])
+        key = _ranks(gain.predict(near, np.asarray(vectors, dtype=np.float32))) + _ranks(-near[:, 0])
         return np.lexsort((np.arange(n), -key))
     if how == "isolated-first":
         return np.lexsort((np.arange(n), nearest_similarity(vectors, seed=seed)))
