@@ -1,6 +1,7 @@
 """Serving benches, one JSON object on stdout (progress on stderr).
 
     python -m bench.serving backfill [--bundle DIR] [--eval-images 1000]   mixed-gallery recall vs fraction backfilled
+                                     [--val-images 1000]                  (learned order fitted on the pairs)
     python -m bench.serving ivf [--items 200000]                            approximate vs exact index
     python -m bench.serving load [--items 1000000] [--concurrency 8]        HTTP throughput and latency on loopback,
                                                                             champion rolled back mid-load
