@@ -168,7 +168,7 @@ def backfill(
         ordered = json.loads((bf / IDS).read_text())
         chunk_rows = read_plan(bf)["chunk_rows"]
     else:
-        gain = read_gain(model.resolved) if is_bundle(model.resolved) else None
+        gain = read_gain(model.resolved) if order in (None, "learned") and is_bundle(model.resolved) else None
         if order is None:
             order = "learned" if gain is not None and plan["modality"] == "image" else BACKFILL_ORDER
         if order == "learned" and plan["modality"] != "image":

@@ -698,7 +698,7 @@ def backfill_gains(
     """(N,) what backfilling each item alone does to t2i hits, summed over K in GAIN_KS: the hits its own
     queries gain (scored as MixedGallery scores a backfilled item, calibrated on all N items) minus the
     hits it takes from other queries by now outscoring their own item. Shapes as backfill_curve's."""
-    from .recall import TIE_TOLERANCE as tol
+    from .recall import TIE_TOLERANCE, ranks_above_own
 
     gain = np.zeros(len(v_old))
     for start in range(0, len(q_old), chunk):
@@ -707,13 +707,12 @@ def backfill_gains(
         mine = own[start : start + chunk]
         rows = np.arange(len(mine))
         moved = blended_score(s_old, s_new, s_old, s_new)  # (B, N) each item's score once backfilled
-        own_old = s_old[rows, mine][:, None]  # (B, 1)
-        above = s_old > own_old + tol  # (B, N) before anything moves
-        rank = above.sum(axis=1)  # (B,)
-        above_moved = s_old > moved[rows, mine][:, None] + tol
-        above_moved[rows, mine] = False
-        rank_moved = above_moved.sum(axis=1)  # (B,) the own item backfilled
-        shift = (moved > own_old + tol).astype(np.int64) - above  # (B, N) the own item's rank, another moved
+        rank = ranks_above_own(s_old, mine)  # (B,) before anything moves
+        own_moved = s_old.copy()
+        own_moved[rows, mine] = moved[rows, mine]
+        rank_moved = ranks_above_own(own_moved, mine)  # (B,) the own item backfilled
+        cut = s_old[rows, mine][:, None] + TIE_TOLERANCE  # (B, 1) what outscores the own item, unmoved
+        shift = (moved > cut).astype(np.int64) - (s_old > cut)  # (B, N) the own item's rank, another moved
         shift[rows, mine] = 0
         for k in GAIN_KS:
             hit = rank < k
