@@ -64,14 +64,16 @@ def _procrustes_bundle(out: Path, corpus: str, old: str, new: str) -> Path:
     return save_bundle(out, new_enc, LinearMap.of(w), meta)
 
 
-def bench_backfill(args) -> dict:
+def backfill_world(args) -> tuple:
+    """The backfill bench's world, upgrade and embeddings: -> (meta, bundle, embedded), embedded(part) the
+    (v_old, v_new, w_old, w_compat, w_new, own) of the world's `part` ("pairs" or "eval") Parquet, cached
+    in --work."""
     import pyarrow.parquet as pq
     from PIL import Image
 
     from worlds import shapes
     from xbtcore.bundle import base_encoder, load_compatible, read_meta
     from xbtcore.encoders import DualEncoder
-    from xbtcore.search import BACKFILL_ORDERS, GainModel, backfill_curve, backfill_order
 
     work = Path(args.work)
     spec = shapes.WorldSpec(
@@ -86,7 +88,6 @@ def bench_backfill(args) -> dict:
     old, new = DualEncoder.from_pretrained(meta.root_model), base_encoder(bundle, meta)
 
     def embedded(part: str) -> tuple:
-        """(v_old, v_new, w_old, w_compat, w_new, own) of the world's `part` Parquet."""
         cached = work / f"embeddings-{part}.npz"  # a rerun on the same --work skips the encoders
         if cached.exists():
             return tuple(np.load(cached)[k] for k in ("v_old", "v_new", "w_old", "w_compat", "w_new", "own"))
@@ -105,6 +106,13 @@ def bench_backfill(args) -> dict:
         np.savez(cached, v_old=v_old, v_new=v_new, w_old=w_old, w_compat=w_compat, w_new=w_new, own=own)
         return v_old, v_new, w_old, w_compat, w_new, own
 
+    return meta, bundle, embedded
+
+
+def bench_backfill(args) -> dict:
+    from xbtcore.search import BACKFILL_ORDERS, GainModel, backfill_curve, backfill_order
+
+    meta, bundle, embedded = backfill_world(args)
     val_old, val_new, _, val_compat, val_w_new, val_own = embedded("pairs")  # validation pairs: the gain model
     gain = GainModel.fit(val_compat, val_old, val_w_new, val_new, val_own)
     v_old, v_new, w_old, w_compat, w_new, own = embedded("eval")

@@ -11,7 +11,7 @@ from conftest import REPO, TINY_WORLD
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from experiments import headroom, phi_alone, run  # noqa: E402
+from experiments import backfill_order, headroom, phi_alone, run  # noqa: E402
 
 CONFIGS = sorted((REPO / "experiments" / "configs").glob("*.json"))
 
@@ -117,3 +117,29 @@ def test_transfer_diagnostics_by_hand():
     # a φ that lands each image on its first caption: in the text region, everywhere
     on_caption = Side(text=text, image=text[::2])
     assert phi_alone.transfer(on_caption, old, caption_image)["image_lands_in_text_region"] == 100.0
+
+
+def test_backfill_order_probe_subsets_keep_each_query_on_its_item_and_cross_fitting_picks_a_mix():
+    import numpy as np
+
+    from xbtcore.search import normalise
+
+    rng = np.random.default_rng(0)
+    truth = rng.standard_normal((80, 8))
+    own = np.repeat(np.arange(80), 2)
+    sides = (
+        normalise(truth[own] + 0.9 * rng.standard_normal((160, 8))),
+        normalise(truth + 0.6 * rng.standard_normal((80, 8))),
+        normalise(truth[own] + 0.3 * rng.standard_normal((160, 8))),
+        normalise(truth + 0.2 * rng.standard_normal((80, 8))),
+        own,
+    )
+    items = np.array([70, 3, 41])
+    q_old, v_old, q_new, v_new, sub_own = backfill_order.subset(sides, items)
+    assert v_old.tolist() == sides[1][[3, 41, 70]].tolist() and sub_own.tolist() == [0, 0, 1, 1, 2, 2]
+    assert q_old.tolist() == sides[0][[6, 7, 82, 83, 140, 141]].tolist()
+    mix, worst = backfill_order.cross_fitted_mix(sides, splits=1)
+    assert set(worst) == set(backfill_order.MIXES) and worst[mix] == max(worst.values())
+    first_random = {"random seed 0": np.random.default_rng(0).permutation(80)}  # the random orders' first
+    (adv,) = backfill_order.advantages(sides, first_random, 1).values()
+    assert adv == [0.0] * 6  # against itself: no advantage at any check

@@ -569,6 +569,14 @@ def test_the_learned_order_ranks_by_predicted_gain_plus_isolation_and_needs_a_fi
     key = np.argsort(np.argsort(predicted, kind="stable")) + np.argsort(np.argsort(-near[:, 0], kind="stable"))
     assert order.tolist() == sorted(range(120), key=lambda r: (-key[r], r))
     assert order.tolist() != search.backfill_order(v_old, "isolated-first").tolist()  # the gain moves it
+    # the mix's ends: isolation alone (the most isolated first, as isolated-first), the predicted gain alone
+    alone = {m: search.backfill_order(v_old, "learned", gain=model, mix=m) for m in (0.0, 1.0)}
+    assert (np.diff(near[alone[0.0], 0]) >= 0).all() and (np.diff(predicted[alone[1.0]]) <= 0).all()
+    assert alone[1.0].tolist() != order.tolist() != alone[0.0].tolist()
+    stiffer = search.GainModel.fit(q_old, v_old, q_new, v_new, own, ridge=1e6)  # a heavy penalty shrinks the weights
+    assert np.abs(stiffer.weights).sum() < 0.1 * np.abs(model.weights).sum()
+    k1 = search.backfill_gains(q_old, v_old, q_new, v_new, own, ks=(1,))
+    assert (search.backfill_gains(q_old, v_old, q_new, v_new, own, ks=(1, 1)) == 2 * k1).all()
     with pytest.raises(ValueError, match="needs the gain model"):
         search.backfill_order(v_old, "learned")
     with pytest.raises(ValueError, match="fitted on 16-d old vectors and this gallery's are 8-d"):

@@ -612,6 +612,7 @@ BACKFILL_ORDER = "isolated-first"  # what `xbt backfill` uses unless told, where
 GAIN_KS = (1, 5, 10)  # the hits at K a backfilled item's gain counts
 GAIN_NEIGHBOURS = (1, 5, 10)  # order features: mean cosine to the nearest 1, 5 and 10 other items
 GAIN_RIDGE = 1.0  # the gain model's L2 penalty
+LEARNED_MIX = 0.5  # the learned key: this weight on the predicted gain's rank, the rest on isolation's
 EXACT_NEIGHBOUR_ITEMS = 50_000  # up to this many items each one's nearest neighbour is exact; beyond, IVF
 NEIGHBOUR_PROBES = 32  # IVF lists searched per item beyond EXACT_NEIGHBOUR_ITEMS
 
@@ -693,9 +694,15 @@ def order_features(near: np.ndarray, vectors: np.ndarray) -> np.ndarray:
 
 
 def backfill_gains(
-    q_old: np.ndarray, v_old: np.ndarray, q_new: np.ndarray, v_new: np.ndarray, own: np.ndarray, chunk: int = 1024
+    q_old: np.ndarray,
+    v_old: np.ndarray,
+    q_new: np.ndarray,
+    v_new: np.ndarray,
+    own: np.ndarray,
+    chunk: int = 1024,
+    ks: Sequence[int] = GAIN_KS,
 ) -> np.ndarray:
-    """(N,) what backfilling each item alone does to t2i hits, summed over K in GAIN_KS: the hits its own
+    """(N,) what backfilling each item alone does to t2i hits, summed over K in `ks`: the hits its own
     queries gain (scored as MixedGallery scores a backfilled item, calibrated on all N items) minus the
     hits it takes from other queries by now outscoring their own item. Shapes as backfill_curve's."""
     from .recall import TIE_TOLERANCE, ranks_above_own
@@ -714,7 +721,7 @@ def backfill_gains(
         cut = s_old[rows, mine][:, None] + TIE_TOLERANCE  # (B, 1) what outscores the own item, unmoved
         shift = (moved > cut).astype(np.int64) - (s_old > cut)  # (B, N) the own item's rank, another moved
         shift[rows, mine] = 0
-        for k in GAIN_KS:
+        for k in ks:
             hit = rank < k
             np.add.at(gain, mine, (rank_moved < k).astype(float) - hit)
             gain += ((rank[:, None] + shift) < k).sum(axis=0) - hit.sum()
@@ -732,12 +739,13 @@ class GainModel:
     fitted_on: dict
 
     @classmethod
-    def fit(cls, q_old, v_old, q_new, v_new, own) -> GainModel:
+    def fit(cls, q_old, v_old, q_new, v_new, own, ridge: float = GAIN_RIDGE, ks: Sequence[int] = GAIN_KS) -> GainModel:
+        """On validation pairs (shapes as backfill_curve's): ridge, the L2 penalty; ks, the gain's K."""
         v_old = normalise(v_old)
-        gain = backfill_gains(q_old, v_old, q_new, v_new, own)
+        gain = backfill_gains(q_old, v_old, q_new, v_new, own, ks=ks)
         near = neighbour_similarities(v_old, max(GAIN_NEIGHBOURS))
         x = np.column_stack([order_features(near, v_old), np.ones(len(v_old))])  # (N, F + 1)
-        w = np.linalg.solve(x.T @ x + GAIN_RIDGE * np.eye(x.shape[1]), x.T @ gain)
+        w = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ gain)
         return cls(tuple(float(v) for v in w), v_old.shape[1], {"items": len(v_old), "queries": len(q_old)})
 
     def predict(self, near: np.ndarray, vectors: np.ndarray) -> np.ndarray:
@@ -760,15 +768,20 @@ class GainModel:
 
 
 def backfill_order(
-    vectors: np.ndarray, how: str = BACKFILL_ORDER, seed: int = 0, gain: GainModel | None = None
+    vectors: np.ndarray,
+    how: str = BACKFILL_ORDER,
+    seed: int = 0,
+    gain: GainModel | None = None,
+    mix: float = LEARNED_MIX,
 ) -> np.ndarray:
     """(N, D) old-space vectors -> (N,) row order in which to re-embed the gallery. No new-model pass is
     spent on choosing.
 
-    learned: the sum of two ranks, highest first (ties by row): the item's gain predicted by the upgrade's
-    `gain` model, and its isolation (isolated-first's key), which stands for what the gain of one item
-    moved alone misses, the items backfilled together. isolated-first: item by item, the one whose
-    nearest neighbour in the old space is farthest first (nearest_similarity ascending, ties by row).
+    learned: a weighted sum of two ranks, highest first (ties by row): the item's gain predicted by the
+    upgrade's `gain` model (weight `mix`), and its isolation (isolated-first's key; weight 1 - mix), which
+    stands for what the gain of one item moved alone misses, the items backfilled together.
+    isolated-first: item by item, the one whose nearest neighbour in the old space is farthest first
+    (nearest_similarity ascending, ties by row).
     cluster-ends and dense-clusters move whole old-space neighbourhoods (k-means clusters, about
     sqrt(N)/3) at a time, a cluster's items together (by row): cluster-ends the loosest cluster, then the
     tightest, then the next loosest, the next tightest, and so on; dense-clusters the tightest first.
@@ -791,7 +804,8 @@ def backfill_order(
                 "pass the upgrade's bundle (or models:/NAME@champion) as --new, or choose another --order"
             )
         near = neighbour_similarities(vectors, max(GAIN_NEIGHBOURS), seed=seed)  # (N, 10)
-        key = _ranks(gain.predict(near, np.asarray(vectors, dtype=np.float32))) + _ranks(-near[:, 0])
+        predicted = gain.predict(near, np.asarray(vectors, dtype=np.float32))
+        key = mix * _ranks(predicted) + (1 - mix) * _ranks(-near[:, 0])
         return np.lexsort((np.arange(n), -key))
     if how == "isolated-first":
         return np.lexsort((np.arange(n), nearest_similarity(vectors, seed=seed)))
