@@ -591,7 +591,8 @@ def _real_size(r: dict) -> list[str]:
 def _serving_backfill(r: dict) -> list[str]:
     lines = [
         f"Text queries of a {r['images']:,}-image world (seed {r['world_seed']}), upgrade {r['method']}; old/old "
-        f"{_r(r['recall_t2i']['old/old'])}. R@1 / 5 / 10:",
+        f"{_r(r['recall_t2i']['old/old'])}. random: the mean of {r['random_seeds']} orders (in the figure, the "
+        "shaded band runs from their lowest to their highest). R@1 / 5 / 10:",
         "",
         f"![t2i R@1 of the mixed gallery against the share backfilled]({BACKFILL_FIGURE})",
         "",
@@ -617,6 +618,7 @@ def figures(results: Path) -> dict[str, str]:
     study = {
         "fractions": [c["fraction"] for c in r["curve"]],
         "curves": {o: [c[o] for c in r["curve"]] for o in orders},
+        "random_min_max": [c["random_min_max"] for c in r["curve"]],
     }
     return {BACKFILL_FIGURE: backfill_svg(study, "1", {"old/old": r["recall_t2i"]["old/old"]["1"]})}
 

@@ -482,11 +482,14 @@ ORDER_COLOURS = ("#1c7ed6", "#f08c00", "#868e96", "#ae3ec9", "#2f9e44")  # the p
 def backfill_svg(study: dict, k: str = "1", refs: dict | None = None) -> str:
     """A line per backfill order: t2i R@k of the mixed gallery against the share of the gallery re-embedded.
     study: report.json's `backfill` (fractions; curves: order -> one recall dict per fraction, the
-    product's order first). refs: label -> value drawn as a dashed line across (old/old, the system today)."""
+    product's order first; random_min_max, where present: the random orders' lowest and highest, drawn as a
+    band). refs: label -> value drawn as a dashed line across (old/old, the system today)."""
     fractions = [float(f) for f in study["fractions"]]
     curves = study["curves"]
+    band = [(float(r[k][0]), float(r[k][1])) for r in study.get("random_min_max") or []]
     colour = dict(zip(curves, ORDER_COLOURS))
     values = [float(c[i][k]) for c in curves.values() for i in range(len(fractions))]
+    values += [v for pair in band for v in pair]
     values += [float(v) for v in (refs or {}).values()]
     lo, hi = 5 * math.floor(min(values) / 5), 5 * math.ceil(max(values) / 5 + 1e-9)
     hi = max(hi, lo + 5)
@@ -523,6 +526,14 @@ def backfill_svg(study: dict, k: str = "1", refs: dict | None = None) -> str:
         out.append(
             f'<line x1="{left}" x2="{w - right}" y1="{y(float(v)):.1f}" y2="{y(float(v)):.1f}" stroke="#343a40" '
             f'stroke-dasharray="3 2"><title>{_e(label)}: {float(v):.2f}</title></line>'
+        )
+    if band and "random" in colour:
+        edge = [(x(f), y(hi_)) for f, (_, hi_) in zip(fractions, band)]
+        edge += [(x(f), y(lo_)) for f, (lo_, _) in reversed(list(zip(fractions, band)))]
+        out.append(
+            f'<polygon fill="{colour["random"]}" fill-opacity="0.15" stroke="none" '
+            f'points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in edge)}"><title>random orders: lowest to highest'
+            "</title></polygon>"
         )
     for o, curve in curves.items():
         pts = [(x(f), y(float(curve[i][k]))) for i, f in enumerate(fractions)]
@@ -571,7 +582,9 @@ def _backfill_section(report: dict) -> str:
             if study["order"] == "learned"
             else ". "
         )
-        + f"Random order: the mean of {study['random_orders']} permutations.</p>"
+        + f"Random order: the mean of {study['random_orders']} permutations"
+        + ("; the shaded band, the lowest and highest of them" if study.get("random_min_max") else "")
+        + ".</p>"
         f'<div class="grid"><div>{backfill_svg(study, "1", refs)}</div>'
         f"<div><table>{''.join(rows)}</table></div></div></section>"
     )

@@ -225,6 +225,8 @@ def test_serving_results_render_their_goals_and_the_backfill_figure(tmp_path):
     ]
     curve[-1]["random"] = curve[-1]["cluster-ends"]
     curve[2]["random"] = {k: v + 9 for k, v in case.items()}  # random ahead at 50%
+    for c in curve:
+        c["random_min_max"] = {k: [v - 1, v + 1] for k, v in c["random"].items()}
     results = tmp_path / "results"
     results.mkdir()
     backfill = {
@@ -235,6 +237,7 @@ def test_serving_results_render_their_goals_and_the_backfill_figure(tmp_path):
         "method": "procrustes",
         "curve": curve,
         "order": "cluster-ends",
+        "random_seeds": 5,
         "recall_t2i": {"old/old": case, "new/old": case, "orig-new/new": curve[-1]["cluster-ends"]},
     }
     load = {
@@ -261,3 +264,4 @@ def test_serving_results_render_their_goals_and_the_backfill_figure(tmp_path):
     assert "missed by 30.0 ms" in text and "| champion swap mid-load |" in text
     svg = (doc.parent / run_all.BACKFILL_FIGURE).read_text()
     assert svg.startswith("<svg") and svg.count("<polyline") == 2 and f"]({run_all.BACKFILL_FIGURE})" in text
+    assert svg.count("<polygon") == 1 and "random: the mean of 5 orders" in text  # their range, shaded

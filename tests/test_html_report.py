@@ -298,6 +298,13 @@ def test_backfill_study_starts_at_new_old_and_ends_at_orig_new_new_and_is_drawn(
         for k in ("1", "5", "10"):
             assert curve[0][k] == pytest.approx(recall["new/old"][k], abs=0.01)
             assert curve[-1][k] == pytest.approx(recall["orig-new/new"][k], abs=0.01)
+    for i, lows_highs in enumerate(study["random_min_max"]):  # the mean lies within its orders' range
+        for k, (low, high) in lows_highs.items():
+            assert low - 0.01 <= study["curves"]["random"][i][k] <= high + 0.01
+    assert any(low < high for r in study["random_min_max"] for low, high in r.values())  # orders differ
     html = render_report({**_report(), "backfill": study})
     assert "If you backfill" in html and html.count("<polyline") == 2
+    assert html.count("<polygon") == 1 and "the shaded band" in html
+    older = {key: v for key, v in study.items() if key != "random_min_max"}  # a report without the range
+    assert "<polygon" not in render_report({**_report(), "backfill": older})
     assert "If you backfill" not in render_report(_report())

@@ -86,7 +86,7 @@ def backfill_study(
     in `order` (default: the one `xbt backfill` uses without a gain model; "learned" needs `gain`, the
     bundle's GainModel), in isolated-first order, and in random order (the mean of `random_orders`).
     -> {direction, fractions, order, curves: {order: [{K: recall} per fraction], ..., random: [...]},
-    random_orders}"""
+    random_orders, random_min_max: [{K: [lowest, highest] of the random orders} per fraction]}"""
     import numpy as np
 
     from .search import BACKFILL_FRACTIONS, BACKFILL_ORDER, backfill_curve, backfill_order
@@ -103,16 +103,15 @@ def backfill_study(
         caption_image.numpy(),
         orders,
     )
-    mean = [
-        {k: round(float(np.mean([run[i][k] for run in runs["random"]])), 2) for k in runs["random"][0][i]}
-        for i in range(len(BACKFILL_FRACTIONS))
-    ]
+    at = [[run[i] for run in runs["random"]] for i in range(len(BACKFILL_FRACTIONS))]  # the random runs, per fraction
+    mean = [{k: round(float(np.mean([r[k] for r in rs])), 2) for k in rs[0]} for rs in at]
     return {
         "direction": "t2i",
         "fractions": list(BACKFILL_FRACTIONS),
         "order": order,
         "curves": {**{name: runs[name][0] for name in orders if name != "random"}, "random": mean},
         "random_orders": random_orders,
+        "random_min_max": [{k: [min(r[k] for r in rs), max(r[k] for r in rs)] for k in rs[0]} for rs in at],
     }
 
 
