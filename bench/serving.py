@@ -11,7 +11,7 @@
 
 backfill: t2i recall (CONTRACT.md's protocol, ties within 1e-5) of the mixed gallery when a fraction of
 it has been re-embedded by the new model's own encoder, each order of xbt backfill against random order (mean
-of --random-seeds permutations), scored as the server scores it (xbtcore.search.MixedGallery). The
+of --random-seeds permutations), scored as the server scores it (xbtcore.backfill.MixedGallery). The
 queries are the eval captions: the bundle's compatible encoder for the old space, the new model for the
 new one. The learned order's gain model is fitted on the world's pairs (--val-images), as an upgrade
 fits it on its validation pairs. Without --bundle the upgrade is a Procrustes map fitted on a world
@@ -110,7 +110,7 @@ def backfill_world(args) -> tuple:
 
 
 def bench_backfill(args) -> dict:
-    from xbtcore.search import BACKFILL_ORDERS, GainModel, backfill_curve, backfill_order
+    from xbtcore.backfill import BACKFILL_ORDERS, GainModel, backfill_curve, backfill_order
 
     meta, bundle, embedded = backfill_world(args)
     val_old, val_new, _, val_compat, val_w_new, val_own = embedded("pairs")  # validation pairs: the gain model
@@ -182,7 +182,8 @@ def bench_ivf(args) -> dict:
 def bench_order(args) -> dict:
     """Seconds each backfill order takes to choose on --items synthetic clustered vectors (no model pass; the
     learned order with a gain model of random weights: its cost does not depend on them)."""
-    from xbtcore.search import BACKFILL_ORDERS, GAIN_NEIGHBOURS, GainModel, backfill_order, normalise
+    from xbtcore.backfill import BACKFILL_ORDERS, GAIN_NEIGHBOURS, GainModel, backfill_order
+    from xbtcore.search import normalise
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((max(1, args.items // 100), args.dim)).astype(np.float32)

@@ -7,7 +7,7 @@ are `python -m bench.serving backfill`'s (embeddings cached in --work). Each var
 gallery; its t2i recall minus random's (the mean of --random-seeds orders) at 25% and 50% backfilled,
 R@1 / 5 / 10, and the worst of those six checks:
 
-- learned: the product's order (xbtcore.search.backfill_order, its defaults);
+- learned: the product's order (xbtcore.backfill.backfill_order, its defaults);
 - mix=M: the learned key with weight M on the predicted gain's rank and 1 - M on isolation's (the
   product's is LEARNED_MIX; M = 0 is isolated-first);
 - cross-fitted mix: M chosen per upgrade on its validation pairs alone, by cross-fitting: split the
@@ -40,7 +40,7 @@ MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)
 def advantages(sides: tuple, orders: dict, random_seeds: int) -> dict:
     """sides: (q_old, v_old, q_new, v_new, own) of one gallery -> {name: [recall minus random's at each check,
     fraction by fraction, K by K]}."""
-    from xbtcore.search import backfill_curve, backfill_order
+    from xbtcore.backfill import backfill_curve, backfill_order
 
     v_old = sides[1]
     perms = {name: [order] for name, order in orders.items()}
@@ -65,7 +65,8 @@ def subset(sides: tuple, items: np.ndarray) -> tuple:
 
 def cross_fitted_mix(sides: tuple, splits: int, seed: int = 0) -> tuple[float, dict]:
     """The mix chosen on one upgrade's validation pairs alone -> (mix, {mix: its worst check, mean over folds})."""
-    from xbtcore.search import LEARNED_MIX, GainModel, backfill_order, normalise
+    from xbtcore.backfill import LEARNED_MIX, GainModel, backfill_order
+    from xbtcore.search import normalise
 
     sides = (sides[0], normalise(sides[1]), *sides[2:])
     rng = np.random.default_rng(seed)
@@ -85,7 +86,7 @@ def cross_fitted_mix(sides: tuple, splits: int, seed: int = 0) -> tuple[float, d
 
 
 def run(args) -> dict:
-    from xbtcore.search import GainModel, backfill_order
+    from xbtcore.backfill import GainModel, backfill_order
 
     if args.work is None:
         args.work = str(BENCH_STATE / f"backfill-order-world{args.world_seed}")

@@ -20,8 +20,9 @@ import time
 import warnings
 from pathlib import Path
 
+from xbtcore.backfill import BACKFILL_ORDER, BACKFILL_ORDERS
 from xbtcore.config import parse_settings
-from xbtcore.search import BACKFILL_ORDER, BACKFILL_ORDERS, BATCH_WAIT_S
+from xbtcore.search import BATCH_WAIT_S
 
 STARTED = time.time()  # the report's total time counts from here
 
@@ -213,7 +214,7 @@ def cmd_index(a) -> int:
 def cmd_search(a) -> int:
     from serve.app import MAX_K, _image
     from serve.engine import Engine
-    from xbtcore.search import MixedGallery
+    from xbtcore.backfill import MixedGallery
 
     if not 1 <= a.k <= MAX_K:
         raise ValueError(f"--k must be from 1 to {MAX_K}, got {a.k}")

@@ -52,6 +52,7 @@ from tasks.servers import check_servers
 from tasks.shards import embed_corpus_on_dask, parse_dask
 from tasks.train import fit_head, publish_bundle, train
 from worlds import shapes
+from xbtcore.backfill import BACKFILL_ORDER
 from xbtcore.bundle import GAIN_FILE, is_bundle
 from xbtcore.config import Settings, apply_overrides
 from xbtcore.data import Gallery, ValSplit, check_output, parquet_files, read_pairs
@@ -60,7 +61,6 @@ from xbtcore.finetune import FinetuneConfig
 from xbtcore.methods import by_cost, get_method, head_owner
 from xbtcore.methods.select import choose, qualifies
 from xbtcore.pretrain import PretrainConfig
-from xbtcore.search import BACKFILL_ORDER
 
 STEPS = ("extract", "embed", "pretrain", "train", "validate", "evaluate")  # report.json's timings_s
 

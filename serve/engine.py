@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xbtcore.search import BATCH_WAIT_S, Hit, MicroBatcher, MixedGallery, cores, state_of
+from xbtcore.backfill import MixedGallery, state_of
+from xbtcore.search import BATCH_WAIT_S, Hit, MicroBatcher, cores
 
 log = logging.getLogger("xbt.serve")
 

@@ -13,18 +13,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from xbtcore.backfill import BACKFILL_ORDER, backfill_order
 from xbtcore.data import InputError, parquet_files
-from xbtcore.search import (
-    BACKFILL_ORDER,
-    IDS,
-    PLAN,
-    backfill_order,
-    build_index,
-    distinct_ids,
-    is_complete,
-    read_plan,
-    remove_index,
-)
+from xbtcore.search import IDS, PLAN, build_index, distinct_ids, is_complete, read_plan, remove_index
 
 ROWS_FILE = "source_rows.json"  # each stored id's row in the source
 

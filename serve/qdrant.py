@@ -111,7 +111,7 @@ class QdrantGallery:
     own collection: its space, by the compatible query. The alias on the collection of the index's finished
     backfill (`xbt backfill --qdrant` moves it there): the new space alone, by the new model's query. A
     backfill under way is not in Qdrant, so this gallery is never mixed; the faiss index serves that.
-    Same interface as xbtcore.search.MixedGallery, as serve.engine.Engine uses it."""
+    Same interface as xbtcore.backfill.MixedGallery, as serve.engine.Engine uses it."""
 
     def __init__(self, path: str | Path, client, alias: str = ALIAS):
         self.path = Path(path)

@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import task
 from safetensors.torch import save_file
 
+from xbtcore.backfill import BACKFILL_ORDER, GainModel
 from xbtcore.bundle import is_bundle, load_compatible, read_gain, read_meta
 from xbtcore.cache import EmbeddingCache, cached_old_image_embeddings, cached_text_embeddings
 from xbtcore.data import Gallery, ValSplit, read_pairs, read_part, split_pairs
@@ -17,7 +18,6 @@ from xbtcore.evaluate import Side, backfill_study, evaluate_cases, side_of
 from xbtcore.gate import describe_failures, eqn2_gate, no_regression_gate
 from xbtcore.inspect_sample import report_sample
 from xbtcore.margins import gate_margins
-from xbtcore.search import BACKFILL_ORDER, GainModel
 
 from .common import CACHED, log
 
@@ -115,7 +115,7 @@ def evaluate(
     `gallery` where it holds them).
 
     On the validation part it also fits the backfill gain model of the learned order
-    (xbtcore.search.GainModel) into backfill_gain.json: upgrade publishes the chosen candidate's with its
+    (xbtcore.backfill.GainModel) into backfill_gain.json: upgrade publishes the chosen candidate's with its
     bundle. The eval set's study runs the learned order with the bundle's gain model.
     """
     evalset = read_part(eval_path, part, split)

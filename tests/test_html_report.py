@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tasks.html_report import examples_of, map_panels, render_report
+from xbtcore.backfill import BACKFILL_ORDER
 from xbtcore.evaluate import Side
 from xbtcore.inspect_sample import pca_2d, report_sample
-from xbtcore.search import BACKFILL_ORDER
 
 KS = ("1", "5", "10", "50")
 CASES = ("old/old", "new/old", "new/new", "orig-new/new")

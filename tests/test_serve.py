@@ -113,7 +113,7 @@ def test_answers_carry_the_version_and_match_brute_force(client, setup):
 
 def test_a_served_exact_index_scans_int8_codes_and_answers_as_brute_force(setup, monkeypatch):
     from serve.engine import Engine, embed_query, load_query_model
-    from xbtcore.search import MixedGallery
+    from xbtcore.backfill import MixedGallery
 
     monkeypatch.setattr(search, "QUANTIZED_MIN_ROWS", 1)  # the test gallery is small
     engine = Engine(load_query_model(OLD), MixedGallery(setup["index"]))
@@ -127,8 +127,8 @@ def test_a_served_exact_index_scans_int8_codes_and_answers_as_brute_force(setup,
 
 def test_concurrent_text_queries_share_batches_and_each_gets_its_own_answer(setup):
     from serve.engine import Engine, load_query_model
+    from xbtcore.backfill import MixedGallery
     from xbtcore.encoders import DualEncoder
-    from xbtcore.search import MixedGallery
 
     engine = Engine(load_query_model(OLD), MixedGallery(setup["index"]))
     run = engine.text_batches.run
@@ -290,9 +290,9 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
 
     from serve.engine import Engine, Server, SpaceMismatch, load_query_model
     from serve.gallery import backfill, backfill_status, remove_old
+    from xbtcore.backfill import MixedGallery
     from xbtcore.bundle import load_compatible
     from xbtcore.encoders import DualEncoder
-    from xbtcore.search import MixedGallery
 
     index = tmp_path / "idx"
     shutil.copytree(setup["index"], index)
@@ -354,8 +354,9 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
 def test_backfill_takes_the_learned_order_from_an_upgrades_bundle_and_isolated_first_without_one(setup, tmp_path):
     from serve.engine import load_query_model
     from serve.gallery import backfill, index_gallery
+    from xbtcore.backfill import GainModel, backfill_order
     from xbtcore.bundle import GAIN_FILE
-    from xbtcore.search import GainModel, backfill_order, read_plan
+    from xbtcore.search import read_plan
 
     old = search.GalleryIndex(setup["index"])
     rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@
       adapter/               peft LoRA adapter (adapter_config.json, adapter_model.safetensors)
       model/                 full weights, when every encoder weight trained (no adapter to ship)
       old/                   the gallery's model, for a head that blends with the old model's query
-      backfill_order.json    the gain model of `xbt backfill`'s learned order (xbtcore.search.GainModel),
+      backfill_order.json    the gain model of `xbt backfill`'s learned order (xbtcore.backfill.GainModel),
                              fitted on the upgrade's validation pairs (absent without them)
       base/                  the base new model's files (hard links where the filesystem
                              allows): from its local directory, or for a hub id from the
@@ -58,8 +58,8 @@ def is_bundle(ref: str | os.PathLike) -> bool:
 
 
 def read_gain(bundle_dir: str | Path):
-    """The bundle's backfill gain model (xbtcore.search.GainModel), or None where it has none."""
-    from .search import GainModel
+    """The bundle's backfill gain model (xbtcore.backfill.GainModel), or None where it has none."""
+    from .backfill import GainModel
 
     path = Path(bundle_dir) / GAIN_FILE
     if not path.is_file():

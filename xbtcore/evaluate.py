@@ -89,7 +89,7 @@ def backfill_study(
     random_orders, random_min_max: [{K: [lowest, highest] of the random orders} per fraction]}"""
     import numpy as np
 
-    from .search import BACKFILL_FRACTIONS, BACKFILL_ORDER, backfill_curve, backfill_order
+    from .backfill import BACKFILL_FRACTIONS, BACKFILL_ORDER, backfill_curve, backfill_order
 
     order = order or BACKFILL_ORDER
     v_old = old.image.float().numpy()  # (N, D_old)
