@@ -16,7 +16,7 @@ export XBT_STATE_DIR := $(STATE)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench zoo zoo-worlds servers clean
+.PHONY: install browser demo test bench zoo zoo-worlds servers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,7 +30,13 @@ demo: $(STAMP)
 	mkdir -p $(STATE)/mlflow
 	$(BIN)/xbt demo --out out/demo
 
-test: $(STAMP)
+# The search page's test drives a real headless chromium; as root with apt-get, install it where it is missing.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+	  echo "no chromium: the search page's browser test will be skipped (apt-get install -y chromium)"
+
+test: $(STAMP) browser
 	mkdir -p $(STATE)/mlflow
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
