@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 from serving import NEW, OLD, make_world, procrustes_bundle, register
-from test_search import assert_same_ranking, brute_force, mixed_reference, xbt
+from test_backfill import mixed_reference
+from test_search import assert_same_ranking, brute_force, xbt
 
 from xbtcore import search
 
