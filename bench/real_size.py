@@ -11,7 +11,9 @@ product's one loading path. Every measurement runs in its own process, so its
 peak RSS is its own:
 
 - embed: `DualEncoder.embed_texts` on 77-token texts and `embed_images` on 224 px
-  images -> texts/s, images/s, peak RSS;
+  images -> texts/s, images/s, peak RSS; and `embed_texts` on shorter texts
+  (--corpus-tokens: the product pads each batch to its longest text, so a corpus
+  of short captions costs less than one of 77-token texts);
 - train: `xbtcore.finetune.finetune`, the product's training loop, on 224 px
   pairs with each method's plan from the registry: xbt (LoRA, prompts, φ's
   LayerNorms, Eqn. 5: no old model), base (LoRA, prompts, all of φ, Eqn. 6
@@ -30,6 +32,9 @@ machine, each stage's hours = items / measured rate:
                   + 4M / image_rate(new) + 4M / text_rate(new) + 4M / text_rate(old)     (with --gallery)
     backfill (what both avoid) = 1B / image_rate(new)
 
+The table assumes 77-token corpus texts, the most CLIP reads. `corpus_lengths`
+repeats xbt's and xbt-gallery's totals with the corpus stages' text rates
+measured at each --corpus-tokens length (every other stage as above).
 (φ takes 3 passes over the corpus, `PretrainConfig.epochs_for`; Base's old
 targets are the pairs' images and captions by the old model.) Prints one JSON
 object.
@@ -60,6 +65,7 @@ PAPER = {"corpus_texts": 67_000_000, "pairs": 4_000_000, "gallery": 1_000_000_00
 # Table 6 of the paper (B/32 -> L/14, 8 A100s), hours
 PAPER_HOURS = {"xbt_pretrain": 1.55, "xbt_train": 2.84, "base": 5.66}
 PHI_EPOCHS = 3
+LENGTH_KEYS = ("hours", "total_hours", "xbt_over_base", "xbt_gallery_over_base")  # corpus_lengths' figures
 
 
 def arch_dir(arch: str) -> Path:
@@ -114,9 +120,9 @@ def rates(items: int, seconds: float, cpu_seconds: float) -> dict:
     }
 
 
-def texts(n: int) -> list[str]:
-    """n texts of TEXT_LEN tokens with <bos> and <eos> (distinct words of the built vocabulary)."""
-    return [" ".join(f"w{(i * 131 + j * 7) % (VOCAB - 8)}" for j in range(TEXT_LEN - 2)) for i in range(n)]
+def texts(n: int, tokens: int = TEXT_LEN) -> list[str]:
+    """n texts of `tokens` tokens with <bos> and <eos> (distinct words of the built vocabulary)."""
+    return [" ".join(f"w{(i * 131 + j * 7) % (VOCAB - 8)}" for j in range(tokens - 2)) for i in range(n)]
 
 
 def images(n: int) -> list:
@@ -143,18 +149,18 @@ def pair_set(n: int):
     return PairSet(encoded, texts(n), torch.arange(n), list(range(n)), "real-size")
 
 
-def measure_embed(arch: str, tower: str, n: int, device: str) -> dict:
+def measure_embed(arch: str, tower: str, n: int, device: str, tokens: int = TEXT_LEN) -> dict:
     from xbtcore.encoders import DualEncoder
 
     enc = DualEncoder.from_pretrained(str(arch_dir(arch)), device=device)
-    items = texts(n) if tower == "text" else images(n)
+    items = texts(n, tokens) if tower == "text" else images(n)
     run = enc.embed_texts if tower == "text" else enc.embed_images
     run(items[: min(8, n)])  # warm-up
     t0, c0 = time.perf_counter(), time.process_time()
     out = run(items, batch_size=64 if tower == "text" else 16)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert out.shape == (n, ARCHS[arch]["embed"])
-    return {"arch": arch, "tower": tower, **rates(n, seconds, cpu)}
+    return {"arch": arch, "tower": tower, **({"tokens": tokens} if tower == "text" else {}), **rates(n, seconds, cpu)}
 
 
 def measure_train(old: str, new: str, method: str, batch: int, steps: int, device: str) -> dict:
@@ -243,15 +249,17 @@ def child(args) -> dict:
     return measure_phi(**job, device=args.device)
 
 
-def project(embed: dict, train: dict, phi: dict, old: str, new: str) -> dict:
+def project(embed: dict, train: dict, phi: dict, old: str, new: str, corpus: dict | None = None) -> dict:
     """Table 6's stages in hours at the paper's data sizes, from this machine's measured rates.
-    phi: method -> measure_phi's result for this upgrade."""
+    phi: method -> measure_phi's result for this upgrade. corpus: arch -> the text rate (measure_embed's
+    result) the corpus stages divide by (default: the 77-token one, embed[(arch, "text")])."""
     text, image = (lambda a: embed[(a, "text")]["per_s"]), (lambda a: embed[(a, "image")]["per_s"])
+    corpus_text = (lambda a: corpus[a]["per_s"]) if corpus else text
     n, p = PAPER["corpus_texts"], PAPER["pairs"]
     hours = {
         "xbt": {
-            "corpus_old_text": n / text(old),
-            "corpus_new_text": n / text(new),
+            "corpus_old_text": n / corpus_text(old),
+            "corpus_new_text": n / corpus_text(new),
             "phi_pretrain": PHI_EPOCHS * n / phi["xbt"]["per_s"],
             "train": p / train[(old, new, "xbt")]["per_s"],
         },
@@ -262,8 +270,8 @@ def project(embed: dict, train: dict, phi: dict, old: str, new: str) -> dict:
         # xbt-gallery (cost 1): no encoder trains; the pairs by the new model and their captions by the old
         # (their images' old embeddings are the stored gallery's, --gallery)
         "xbt-gallery": {
-            "corpus_old_text": n / text(old),
-            "corpus_new_text": n / text(new),
+            "corpus_old_text": n / corpus_text(old),
+            "corpus_new_text": n / corpus_text(new),
             "pairs_new": p / image(new) + p / text(new),
             "pairs_old_text": p / text(old),
             "phi_pretrain": PHI_EPOCHS * n / phi["xbt-gallery"]["per_s"],
@@ -301,11 +309,14 @@ def main(argv: list[str] | None = None) -> dict:
     for arch in dict.fromkeys([*args.archs, *(a for u in upgrades for a in u)]):
         run({"kind": "build", "arch": arch})
 
-    embed = {}
+    embed, short = {}, {}  # short: (arch, tokens) -> the text rate at a --corpus-tokens length
     for arch in dict.fromkeys([*args.archs, *(a for u in upgrades for a in u)]):
         embed[(arch, "text")] = run({"kind": "embed", "arch": arch, "tower": "text", "n": args.texts})
         embed[(arch, "image")] = run({"kind": "embed", "arch": arch, "tower": "image", "n": args.images})
-    train, phi, tables = {}, {}, []
+        for tokens in args.corpus_tokens:
+            job = {"kind": "embed", "arch": arch, "tower": "text", "n": args.texts, "tokens": tokens}
+            short[(arch, tokens)] = run(job)
+    train, phi, tables, lengths = {}, {}, [], []
     for old, new in upgrades:
         for method in args.methods:
             job = {"kind": "train", "old": old, "new": new, "method": method}
@@ -313,16 +324,21 @@ def main(argv: list[str] | None = None) -> dict:
         for method in PHI_METHODS:
             phi[(old, new, method)] = run({"kind": "phi", "old": old, "new": new, "method": method})
         if {"xbt", "base"} <= set(args.methods):
-            tables.append(project(embed, train, {m: phi[(old, new, m)] for m in PHI_METHODS}, old, new))
+            terms = {m: phi[(old, new, m)] for m in PHI_METHODS}
+            tables.append(project(embed, train, terms, old, new))
+            for tokens in args.corpus_tokens:
+                t = project(embed, train, terms, old, new, {a: short[(a, tokens)] for a in (old, new)})
+                lengths.append({"old": old, "new": new, "corpus_tokens": tokens, **{k: t[k] for k in LENGTH_KEYS}})
     return emit(
         {
             "bench": "real_size",
             "machine": machine(device),
             "archs": {a: ARCHS[a] for a in dict.fromkeys(k[0] for k in embed)},
-            "embed": list(embed.values()),
+            "embed": [*embed.values(), *short.values()],
             "train": list(train.values()),
             "phi": list(phi.values()),
             "table6": tables,
+            "corpus_lengths": lengths,
             "paper_data": PAPER,
             "paper_hours": PAPER_HOURS,
         },
@@ -336,6 +352,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--upgrades", nargs="+", default=["B/32:L/14", "L/14:H/14"], metavar="OLD:NEW")
     ap.add_argument("--methods", nargs="+", default=["xbt", "base"], help="registered methods with a training plan")
     ap.add_argument("--texts", type=int, default=64, help="77-token texts each text tower embeds")
+    ap.add_argument(
+        "--corpus-tokens",
+        nargs="*",
+        type=int,
+        default=[16, 32],
+        help="shorter corpus text lengths (tokens, with <bos> and <eos>) to measure and project too",
+    )
     ap.add_argument("--images", type=int, default=8, help="224 px images each image tower embeds")
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--train-steps", type=int, default=3, help="steps per method; the first is not timed")

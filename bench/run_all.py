@@ -562,7 +562,11 @@ def _zeroshot(r: dict) -> list[str]:
 def _real_size(r: dict) -> list[str]:
     """Throughput and memory per architecture, training per upgrade, and Table 6 projected to the paper's data."""
     lines = ["| architecture | tower | items/s | peak RSS |", "|---|---|---|---|"]
-    lines += [f"| {e['arch']} | {e['tower']} | {e['per_s']} | {_mib(e['peak_rss_mb'])} |" for e in r["embed"]]
+    lines += [
+        f"| {e['arch']} | {e['tower']}{f', {t} tokens' if (t := e.get('tokens', 77)) != 77 else ''} | {e['per_s']} "
+        f"| {_mib(e['peak_rss_mb'])} |"
+        for e in r["embed"]
+    ]
     lines += ["", "| old -> new | method | pairs/s (training) | peak RSS |", "|---|---|---|---|"]
     lines += [
         f"| {t['old']} -> {t['new']} | {t['method']} | {t['per_s']} | {_mib(t['peak_rss_mb'])} |" for t in r["train"]
@@ -585,6 +589,25 @@ def _real_size(r: dict) -> list[str]:
                 f"| {t['old']} -> {t['new']} | {method} | {', '.join(f'{k} {v:,}' for k, v in stages.items())} "
                 f"| {t['total_hours'][method]:,} | {ratio} | {t['backfill_hours']:,} h |"
             )
+    lengths = [(77, t) for t in r["table6"]] + [(c["corpus_tokens"], c) for c in r.get("corpus_lengths", [])]
+    if len(lengths) > len(r["table6"]):
+        lines += [
+            "",
+            "The table above embeds 77-token corpus texts, the most CLIP reads; the product pads each batch to its "
+            "longest text, so shorter captions cost less. The same projection with the corpus stages at the text "
+            "rate measured at each length (every other stage as above):",
+            "",
+            "| old -> new | corpus tokens | xbt: corpus stages, total hours, / Base "
+            "| xbt-gallery: corpus stages, total hours, / Base |",
+            "|---|---|---|---|",
+        ]
+        for tokens, t in sorted(lengths, key=lambda x: (x[1]["old"], x[1]["new"], x[0])):
+            cells = []
+            for method, ratio in (("xbt", "xbt_over_base"), ("xbt-gallery", "xbt_gallery_over_base")):
+                h = t["hours"][method]
+                corpus = round(h["corpus_old_text"] + h["corpus_new_text"], 1)
+                cells.append(f"{corpus:,} h, {t['total_hours'][method]:,} h, {t[ratio]}")
+            lines.append(f"| {t['old']} -> {t['new']} | {tokens} | {' | '.join(cells)} |")
     return lines
 
 

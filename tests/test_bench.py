@@ -210,8 +210,21 @@ def test_real_size_projection_divides_each_stage_by_its_measured_rate():
         "paper_data": {"corpus_texts": 67_000_000, "pairs": 4_000_000},
         "paper_hours": {"xbt_pretrain": 1.55, "xbt_train": 2.84, "base": 5.66},
     }
+    short = {"B/32": {"per_s": 4000.0}, "L/14": {"per_s": 2000.0}}  # texts/s at 16 tokens
+    t16 = project(embed, train, {"xbt": {"per_s": 1e5}, "xbt-gallery": {"per_s": 5e4}}, "B/32", "L/14", short)
+    assert t16["hours"]["xbt"]["corpus_new_text"] == round(67e6 / 2000 / 3600, 1)  # the corpus at its own rate
+    assert t16["hours"]["xbt"]["train"] == t["hours"]["xbt"]["train"] and t16["hours"]["base"] == t["hours"]["base"]
+    assert t16["total_hours"]["xbt-gallery"] < t["total_hours"]["xbt-gallery"]
     page = "\n".join(run_all.render_result("real_size", r))
     assert "| B/32 -> L/14 | xbt-gallery |" in page and "| L/14 | image | 20.0 | 900 MiB |" in page
+    assert "corpus tokens" not in page  # no shorter lengths measured: no such table
+    r["corpus_lengths"] = [{"old": "B/32", "new": "L/14", "corpus_tokens": 16, **t16}]
+    r["embed"].append({"arch": "L/14", "tower": "text", "tokens": 16, "per_s": 2000.0, "peak_rss_mb": 800.0})
+    page = "\n".join(run_all.render_result("real_size", r))
+    assert "| L/14 | text, 16 tokens | 2000.0 | 800 MiB |" in page
+    corpus = round(t16["hours"]["xbt"]["corpus_old_text"] + t16["hours"]["xbt"]["corpus_new_text"], 1)
+    row = f"| B/32 -> L/14 | 16 | {corpus:,} h, {t16['total_hours']['xbt']:,} h, {t16['xbt_over_base']} |"
+    assert row in page and "| B/32 -> L/14 | 77 |" in page
     (goal,) = run_all.goal_rows("real_size", r)
     assert goal[3] == (t["xbt_over_base"] <= 0.5) and f"{t['xbt_over_base']}x" in goal[2]
 
