@@ -393,12 +393,18 @@ def _real_size_goals(r: dict) -> list[tuple]:
             continue
         h = t["hours"]
         biggest = max(h["xbt"], key=h["xbt"].get)
+        shorter = [c for c in r.get("corpus_lengths", []) if (c["old"], c["new"]) == (t["old"], t["new"])]
         rows.append(
             (
                 "cost at real sizes (Table 6, projected)",
                 "XBT <= 0.5x Base, B/32 -> L/14, the paper's data sizes, the same machine",
                 f"{t['xbt_over_base']}x (XBT {t['total_hours']['xbt']:,} h vs Base {t['total_hours']['base']:,} h); "
-                f"xbt-gallery {t['xbt_gallery_over_base']}x",
+                f"xbt-gallery {t['xbt_gallery_over_base']}x"
+                + "".join(
+                    f"; at {c['corpus_tokens']}-token corpus texts XBT {c['xbt_over_base']}x, xbt-gallery "
+                    f"{c['xbt_gallery_over_base']}x"
+                    for c in shorter
+                ),
                 t["xbt_over_base"] <= 0.5,
                 f"XBT's largest stage is {biggest}, {h['xbt'][biggest]:,} of its {t['total_hours']['xbt']:,} h, "
                 f"where Base trains as long ({h['base']['train']:,} h) and needs no corpus; xbt-gallery trains no "

@@ -227,6 +227,10 @@ def test_real_size_projection_divides_each_stage_by_its_measured_rate():
     assert row in page and "| B/32 -> L/14 | 77 |" in page
     (goal,) = run_all.goal_rows("real_size", r)
     assert goal[3] == (t["xbt_over_base"] <= 0.5) and f"{t['xbt_over_base']}x" in goal[2]
+    assert (
+        f"at 16-token corpus texts XBT {t16['xbt_over_base']}x, xbt-gallery {t16['xbt_gallery_over_base']}x"
+        in (goal[2])
+    )
 
 
 def test_serving_results_render_their_goals_and_the_backfill_figure(tmp_path):
