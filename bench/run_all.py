@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import DIRECTIONS, ROOT, git_commit, machine, progress  # noqa: E402
+from bench.real_size import TEXT_LEN  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -569,8 +570,8 @@ def _real_size(r: dict) -> list[str]:
     """Throughput and memory per architecture, training per upgrade, and Table 6 projected to the paper's data."""
     lines = ["| architecture | tower | items/s | peak RSS |", "|---|---|---|---|"]
     lines += [
-        f"| {e['arch']} | {e['tower']}{f', {t} tokens' if (t := e.get('tokens', 77)) != 77 else ''} | {e['per_s']} "
-        f"| {_mib(e['peak_rss_mb'])} |"
+        f"| {e['arch']} | {e['tower']}{f', {t} tokens' if (t := e.get('tokens', TEXT_LEN)) != TEXT_LEN else ''} "
+        f"| {e['per_s']} | {_mib(e['peak_rss_mb'])} |"
         for e in r["embed"]
     ]
     lines += ["", "| old -> new | method | pairs/s (training) | peak RSS |", "|---|---|---|---|"]
@@ -595,7 +596,7 @@ def _real_size(r: dict) -> list[str]:
                 f"| {t['old']} -> {t['new']} | {method} | {', '.join(f'{k} {v:,}' for k, v in stages.items())} "
                 f"| {t['total_hours'][method]:,} | {ratio} | {t['backfill_hours']:,} h |"
             )
-    lengths = [(77, t) for t in r["table6"]] + [(c["corpus_tokens"], c) for c in r.get("corpus_lengths", [])]
+    lengths = [(TEXT_LEN, t) for t in r["table6"]] + [(c["corpus_tokens"], c) for c in r.get("corpus_lengths", [])]
     if len(lengths) > len(r["table6"]):
         lines += [
             "",
