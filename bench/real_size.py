@@ -222,7 +222,7 @@ def measure_phi(old: str, new: str, method: str, device: str, steps: int = 30, p
 
     w_new, w_old = unit(rows, d_new), unit(rows, d_old)
     pair_rows = (unit(pairs, d_new), unit(pairs, d_new), unit(pairs, d_old), unit(pairs, d_old))
-    pair_rows = pair_rows if cfg.anchor_weight else pair_rows[:2]
+    pair_rows = pair_rows if cfg.uses_anchors else pair_rows[:2]
     phi = Phi(PhiConfig(d_new, d_old)).to(device)
     t0, c0 = time.perf_counter(), time.process_time()
     text_only_pretrain(phi, w_new, w_old, cfg, pairs=pair_rows if cfg.uses_pairs else None)

@@ -38,6 +38,21 @@ def test_eqn3_terms_add_up_and_vanish_at_zero_weights():
     torch.testing.assert_close(eqn3_loss(mapped, w_old, 10.0, pair=(v, w)), _infonce(mapped, w_old, 10.0))
 
 
+def test_each_gallery_anchor_takes_its_own_weight():
+    mapped, w_old, v_bar, w_bar, v_old_p, w_old_p = (_unit(6, 4, s) for s in range(6))
+    base = _infonce(mapped, w_old, 10.0)
+    image_query, text_query = _infonce(v_bar, w_old_p, 10.0), _infonce(w_bar, v_old_p, 10.0)
+    both = {"pair": (v_bar, w_bar), "anchor": (v_old_p, w_old_p)}
+    torch.testing.assert_close(
+        eqn3_loss(mapped, w_old, 10.0, anchor_weight=1.5, **both), base + 1.5 * (image_query + text_query)
+    )
+    torch.testing.assert_close(
+        eqn3_loss(mapped, w_old, 10.0, anchor_weight=1.0, text_anchor_weight=3.0, **both),
+        base + image_query + 3.0 * text_query,
+    )
+    torch.testing.assert_close(eqn3_loss(mapped, w_old, 10.0, text_anchor_weight=2.0, **both), base + 2.0 * text_query)
+
+
 def test_eqn5_and_eqn6_are_the_papers_sums():
     v_bar, w_bar, v_old, w_old = (_unit(7, 4, s) for s in range(4))
     torch.testing.assert_close(eqn5_loss(v_bar, w_bar, 5.0), _infonce(v_bar, w_bar, 5.0))

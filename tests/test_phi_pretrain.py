@@ -184,7 +184,7 @@ def test_pair_term_off_ignores_the_pairs_and_on_needs_them():
         text_only_pretrain(phi, w_new, w_old, cfg, pairs=given)
         states.append(phi.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    for term in ("pair_weight", "anchor_weight", "distill_weight"):
+    for term in ("pair_weight", "anchor_weight", "text_anchor_weight", "distill_weight"):
         with pytest.raises(ValueError, match="needs the pairs' new-model embeddings"):
             text_only_pretrain(Phi(PhiConfig(24, 16)), w_new, w_old, dataclasses.replace(cfg, **{term: 1.0}))
 
@@ -198,6 +198,7 @@ def test_pair_term_off_ignores_the_pairs_and_on_needs_them():
         ({"pair_batch_size": 1}, "pair_batch_size"),
         ({"fit_weight": -1.0}, "fit_weight"),
         ({"distill_weight": -1.0}, "distill_weight"),
+        ({"text_anchor_weight": -1.0}, "text_anchor_weight"),
         ({"distill_scale": 0.0}, "distill_scale"),
         ({"min_steps": -1}, "min_steps"),
         ({"source": "images"}, "source must be one of text, image, text\\+image"),

@@ -58,6 +58,7 @@ def eqn3_loss(
     pair_weight: float = 0.0,
     anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
     anchor_weight: float = 0.0,
+    text_anchor_weight: float | None = None,
     corpus_weight: float = 1.0,
     distill: tuple[torch.Tensor, ...] | None = None,
     distill_weight: float = 0.0,
@@ -72,6 +73,8 @@ def eqn3_loss(
     anchor, anchor_weight γ: γ · Eqn. 6 on the same pair batch against the old
     model's own embeddings of it, anchor = (v_old, w_old), (P, D_old) each: each
     query modality towards the gallery's space in the other modality.
+    text_anchor_weight: the text-query anchor's own weight, L_c(φ(w_new), v_old), the image-query one keeping
+    γ; None: γ for both.
     corpus_weight: the weight of Eqn. 3's own term (1: the paper's).
     distill, distill_weight κ: κ · distill_loss(*distill, distill_scale), distill = (φ(w_new), φ(v_new),
     w_new, v_new): the mapped rows and pair images beside the frozen new model's own.
@@ -83,9 +86,14 @@ def eqn3_loss(
     if pair_weight:
         assert pair is not None, "pair_weight > 0 needs a batch of mapped pairs"
         loss = loss + pair_weight * eqn5_loss(*pair, logit_scale)
-    if anchor_weight:
+    if text_anchor_weight is None and anchor_weight:
         assert pair is not None and anchor is not None, "anchor_weight > 0 needs mapped pairs and their old embeddings"
         loss = loss + anchor_weight * eqn6_loss(*pair, *anchor, logit_scale)
+    elif text_anchor_weight is not None and (anchor_weight or text_anchor_weight):
+        assert pair is not None and anchor is not None, "the anchors need mapped pairs and their old embeddings"
+        (v_bar, w_bar), (v_old, w_old_pairs) = pair, anchor
+        loss = loss + (anchor_weight or 0.0) * clip_loss(v_bar, w_old_pairs, logit_scale)
+        loss = loss + text_anchor_weight * clip_loss(w_bar, v_old, logit_scale)
     if distill_weight:
         assert distill is not None, "distill_weight > 0 needs the mapped rows and the new model's own"
         loss = loss + distill_weight * distill_loss(*distill, distill_scale)

@@ -3,7 +3,8 @@
     L_pre = E_t [ L_c( φ(w̃_new), w_old ) ],  w̃_new = normalize(w_new + ε),  ε ~ N(0, σ²)
           + μ E_t [ 1 - cos( φ(w̃_new), w_old ) ]                  (ours, μ = fit_weight)
           + λ E_(v,w) [ L_c( φ(v_new), φ(w_new) ) ]                (ours, λ = pair_weight)
-          + γ E_(v,w) [ L_c( φ(v_new), w_old ) + L_c( φ(w_new), v_old ) ]   (ours, γ = anchor_weight)
+          + γ E_(v,w) [ L_c( φ(v_new), w_old ) ] + γ_t E_(v,w) [ L_c( φ(w_new), v_old ) ]
+                                       (ours, γ = anchor_weight, γ_t = text_anchor_weight, γ unless set)
           + κ E [ KL( s(w_new, v_new) || s(φ(w_new), φ(v_new)) ) ]   (ours, κ = distill_weight)
 
 The loss is `losses.eqn3_loss`; this module holds its configuration and the
@@ -120,6 +121,13 @@ class PretrainConfig:
             "method's own (0 for xbt)"
         },
     )
+    text_anchor_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "the weight of the text-query anchor alone, L_c(φ(w_new), v_old), the image-query one "
+            "keeping anchor_weight (ours); None: anchor_weight for both"
+        },
+    )
     fit_weight: float | None = field(
         default=None,
         metadata={
@@ -167,6 +175,8 @@ class PretrainConfig:
             raise ValueError(f"corpus_weight must be >= 0, got {self.corpus_weight}")
         if self.anchor_weight is not None and self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        if self.text_anchor_weight is not None and self.text_anchor_weight < 0:
+            raise ValueError(f"text_anchor_weight must be >= 0, got {self.text_anchor_weight}")
         if self.distill_weight is not None and self.distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
         if self.distill_scale <= 0:
@@ -189,9 +199,14 @@ class PretrainConfig:
         return replace(self, fit_weight=CHAIN_FIT_WEIGHT if compatible else 0.0)
 
     @property
+    def uses_anchors(self) -> bool:
+        """Either gallery anchor has a weight: the pairs' old embeddings are read."""
+        return bool(self.anchor_weight or self.text_anchor_weight)
+
+    @property
     def uses_pairs(self) -> bool:
         """The pair term, the anchors or the distillation term reads a pair batch each step."""
-        return bool(self.pair_weight or self.anchor_weight or self.distill_weight)
+        return bool(self.pair_weight or self.uses_anchors or self.distill_weight)
 
     @property
     def uses_images(self) -> bool:
@@ -254,8 +269,8 @@ def text_only_pretrain(
             "pair_weight, anchor_weight or distill_weight > 0 needs the pairs' new-model embeddings "
             "(pairs=(v_new, w_new))"
         )
-    if cfg.anchor_weight and len(pairs) != 4:
-        raise ValueError("anchor_weight > 0 needs the pairs' old embeddings too (pairs=(v_new, w_new, v_old, w_old))")
+    if cfg.uses_anchors and len(pairs) != 4:
+        raise ValueError("the gallery anchors need the pairs' old embeddings too (pairs=(v_new, w_new, v_old, w_old))")
     device = next(phi.parameters()).device
     torch.manual_seed(cfg.seed)  # noise and order; a CPU generator could not feed a CUDA randn
     opt = torch.optim.AdamW(phi.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -293,6 +308,7 @@ def text_only_pretrain(
                 pair_weight=cfg.pair_weight,
                 anchor=anchor,
                 anchor_weight=cfg.anchor_weight,
+                text_anchor_weight=cfg.text_anchor_weight,
                 corpus_weight=1.0 if cfg.corpus_weight is None else cfg.corpus_weight,
                 distill=distill,
                 distill_weight=cfg.distill_weight or 0.0,

@@ -51,7 +51,7 @@ def xbt_needs(cfg: XbtConfig) -> tuple[str, ...]:
     ]
     if pre.uses_pairs:
         needs += ["v_new_pairs", "w_new_pairs"]
-    if pre.anchor_weight:
+    if pre.uses_anchors:
         needs += ["v_old_pairs", "w_old_pairs"]
     return tuple(dict.fromkeys(needs))
 
@@ -67,7 +67,7 @@ def _pretrained_phi(inputs: HeadInputs, cfg: XbtConfig):
     )
     pairs = None
     if pre.uses_pairs:
-        old = (inputs.frozen("v_old_pairs"), inputs.frozen("w_old_pairs")) if pre.anchor_weight else ()
+        old = (inputs.frozen("v_old_pairs"), inputs.frozen("w_old_pairs")) if pre.uses_anchors else ()
         pairs = pair_rows(inputs.frozen("v_new_pairs"), inputs.frozen("w_new_pairs"), inputs.caption_image, *old)
     phi, _ = pretrain_phi(*rows, pre, device=inputs.device, on_step=inputs.on_step, pairs=pairs)
     return phi
