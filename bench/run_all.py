@@ -59,6 +59,7 @@ BENCHES = {
     "ablations": Bench("bench/ablations.py", ("--seeds", "0"), fast=False),
     "zeroshot": Bench("bench/zeroshot.py", ("--seed", "0"), fast=False),
     "real_size": Bench("bench/real_size.py", takes_device=True, fast=False),
+    "precision": Bench("bench/precision.py", takes_device=True),
     "serving_backfill": Bench("bench/serving.py", ("backfill",)),
     "serving_load": Bench("bench/serving.py", ("load",)),
     "serving_crash": Bench("bench/serving.py", ("crash", "--eval-images", "1000")),
@@ -655,6 +656,41 @@ def figures(results: Path) -> dict[str, str]:
 
 BACKFILL_FIGURE = "benchmarks-backfill.svg"
 
+
+def _precision(r: dict) -> list[str]:
+    """float32 against bf16 for the frozen passes: speed per architecture, and how far bf16 moves embeddings."""
+    flags = r.get("cpu_bf16_flags")
+    units = (
+        f"This CPU's bf16 units: {', '.join(flags) if flags else 'none'} (/proc/cpuinfo). "
+        if flags is not None
+        else ""
+    )
+    lines = [
+        f"{units}Random weights, 77-token texts and 224 px images; cosine: the smallest between an item's two "
+        "embeddings.",
+        "",
+        "| architecture | tower | fp32 items/s | bf16 items/s | speed-up | smallest cosine |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {x['arch']} | {x['tower']} | {x['fp32_per_s']} | {x['bf16_per_s']} | {x['speedup']}x | {x['min_cosine']} |"
+        for x in r["real_size"]
+    ]
+    lines += [
+        "",
+        "The zoo's trained models on the built-in world's corpus captions and eval images, bf16 against fp32:",
+        "",
+        "| model | text cosine, smallest / mean | image cosine, smallest / mean | nearest caption changes |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {z['model']} | {z['text_cosine_min']} / {z['text_cosine_mean']} | {z['image_cosine_min']} / "
+        f"{z['image_cosine_mean']} | {100 * z['nearest_caption_changed']:.1f}% of {z['images']:,} |"
+        for z in r["zoo"]
+    ]
+    return lines
+
+
 TABLES = {
     "quality": _quality,
     "cost": _cost,
@@ -662,6 +698,7 @@ TABLES = {
     "ablations": _ablations,
     "zeroshot": _zeroshot,
     "real_size": _real_size,
+    "precision": _precision,
     "serving_backfill": _serving_backfill,
 }
 

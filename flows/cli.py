@@ -22,6 +22,7 @@ from pathlib import Path
 
 from xbtcore.backfill import BACKFILL_ORDER, BACKFILL_ORDERS
 from xbtcore.config import parse_settings
+from xbtcore.encoders import DEVICE_HELP, PRECISION_HELP, PRECISIONS
 from xbtcore.search import BATCH_WAIT_S
 
 STARTED = time.time()  # the report's total time counts from here
@@ -116,6 +117,8 @@ def _choice(a) -> dict:
         seed=a.seed,
         val_fraction=a.val_fraction,
         allow_old_encoder=a.allow_old_encoder,
+        device=a.device,
+        precision=a.precision,
         **parse_settings(a.set),
     )
 
@@ -150,7 +153,7 @@ def cmd_embed(a) -> int:
     from xbtcore.bundle import is_bundle, load_compatible
     from xbtcore.data import LazyImages, check_output, write_embeddings_parquet
     from xbtcore.embed_input import read_ids, read_images, read_texts
-    from xbtcore.encoders import DualEncoder
+    from xbtcore.encoders import DualEncoder, resolve_device, resolve_precision
 
     check_output(a.out, folder=False)
     resolved = resolve_ref(a.model)
@@ -159,11 +162,13 @@ def cmd_embed(a) -> int:
         items = read_texts(a.input, a.text_column)
     else:
         items = read_images(a.input)
+    device = resolve_device(a.device)
+    on = {"device": device, "dtype": PRECISIONS[resolve_precision(a.precision, device)]}
     if is_bundle(ref):
-        encoder, meta = load_compatible(ref)
+        encoder, meta = load_compatible(ref, **on)
         root = meta.root_model
     else:
-        encoder, root = DualEncoder.from_pretrained(ref), ref
+        encoder, root = DualEncoder.from_pretrained(ref, **on), ref
     if a.modality == "text":
         emb = encoder.embed_texts(items, batch_size=a.batch_size, progress=True)
     else:
@@ -406,7 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=_Help)
 
+    def runtime(sp):
+        sp.add_argument("--device", default="auto", help="where the encoders and training run: " + DEVICE_HELP)
+        sp.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS], help=PRECISION_HELP)
+
     def common(sp):
+        runtime(sp)
         sp.add_argument(
             "--method",
             default="auto",
@@ -489,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output Parquet: row, embedding (L2-normalised), id")
     e.add_argument("--text-column", default="caption", help="the input's text column")
     e.add_argument("--batch-size", type=int, default=256, help="items per forward pass")
+    runtime(e)
     e.set_defaults(func=cmd_embed)
 
     ix = command("index", "build a search index of a gallery, stamped with its embedding space")

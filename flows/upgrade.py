@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from prefect import flow, runtime
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -56,7 +57,7 @@ from xbtcore.backfill import BACKFILL_ORDER
 from xbtcore.bundle import GAIN_FILE, is_bundle
 from xbtcore.config import Settings, apply_overrides
 from xbtcore.data import Gallery, ValSplit, check_output, parquet_files, read_pairs
-from xbtcore.encoders import check_model_dir
+from xbtcore.encoders import DEVICE_HELP, PRECISION_HELP, check_model_dir, resolve_device, resolve_precision
 from xbtcore.finetune import FinetuneConfig
 from xbtcore.methods import by_cost, get_method, head_owner
 from xbtcore.methods.select import choose, qualifies
@@ -108,6 +109,8 @@ class UpgradeParams(BaseModel):
         description="embed the corpus across Dask workers: local:N (N processes here) or a scheduler address "
         "tcp://HOST:PORT whose workers see the state folder (tasks/shards.py)",
     )
+    device: str = Field("auto", description=DEVICE_HELP)
+    precision: str = Field("auto", description=PRECISION_HELP)
     seed: int = Field(0, ge=0)
     text_column: str = Field("caption", min_length=1)
     min_chars: int | None = Field(None, ge=1, description="drop corpus texts shorter than this")
@@ -198,6 +201,8 @@ class UpgradeParams(BaseModel):
         shapes.WorldSpec(**self.world)  # a fractional row count fails here, not in the world writer
         if self.method == "auto" and not self.val_fraction:
             raise ValueError("--method auto chooses on the validation pairs: give --val-fraction above 0")
+        self.device = resolve_device(self.device)  # "auto" settles here, on the machine that runs the flow
+        self.precision = resolve_precision(self.precision, self.device)
         self._preflight()
         return self
 
@@ -218,6 +223,12 @@ class UpgradeParams(BaseModel):
     @property
     def settings(self) -> Settings:
         return Settings(pretrain=self.pretrain, finetune=self.finetune)
+
+    @property
+    def runtime(self) -> tuple[str, str]:
+        """(device type, precision): what the numbers of a trained or evaluated step depend on beyond its
+        inputs, so part of those steps' paths."""
+        return torch.device(self.device).type, self.precision
 
 
 class StepClock:
@@ -270,7 +281,11 @@ def train_candidate(ctx: Context, method: str) -> dict:
         if p.dask and {"w_new", "w_old"} & set(needs):
             refs = {"w_new": ctx.lineage["new"], "w_old": ctx.targets}
             embed_corpus_on_dask(
-                p.dask, ctx.cache_root, [refs[n] for n in ("w_new", "w_old") if n in needs], ctx.corpus["path"]
+                p.dask,
+                ctx.cache_root,
+                [refs[n] for n in ("w_new", "w_old") if n in needs],
+                ctx.corpus["path"],
+                precision=p.precision,
             )
         embeddings = embed_frozen(
             needs,
@@ -285,6 +300,8 @@ def train_candidate(ctx: Context, method: str) -> dict:
                 ctx.corpus["fingerprint"], pairs_fp, ctx.model_fp, model_fingerprint(ctx.targets), p.gallery
             ),
             progress=p.progress,
+            device=p.device,
+            precision=p.precision,
         )
     compatible_targets = ctx.targets != ctx.inputs["root"]
     head = None
@@ -310,9 +327,11 @@ def train_candidate(ctx: Context, method: str) -> dict:
                     ctx.split,
                     p.seed,
                     compatible_targets,
+                    p.runtime,
                     suffix=".safetensors",
                 ),
                 compatible_targets=compatible_targets,
+                device=p.device,
             )
     with ctx.clock("train"):
         bundle = train(
@@ -336,8 +355,10 @@ def train_candidate(ctx: Context, method: str) -> dict:
                 fingerprint_content(head) if head else "",
                 ctx.lineage,
                 p.seed,
+                p.runtime,
             ),
             progress=p.progress,
+            device=p.device,
         )
     validation = None
     if ctx.split is not None:
@@ -357,10 +378,13 @@ def train_candidate(ctx: Context, method: str) -> dict:
                     ctx.model_fp,
                     fingerprint_content(bundle),
                     p.gallery,
+                    p.runtime,
                 ),
                 part="val",
                 split=ctx.split,
                 gallery=p.gallery,
+                device=p.device,
+                precision=p.precision,
             )
     return {
         "method": method,
@@ -471,7 +495,7 @@ def upgrade(params: UpgradeParams) -> dict:
     bundle = publish_bundle(run_of["bundle"], str(out / "bundle"), extra)
     order = "learned" if extra else BACKFILL_ORDER  # the order `xbt backfill` takes from this bundle
 
-    eval_inputs = (data_fp["eval"], model_fp, fingerprint_content(bundle), prev, params.gallery, order)
+    eval_inputs = (data_fp["eval"], model_fp, fingerprint_content(bundle), prev, params.gallery, order, params.runtime)
     with clock("evaluate"):
         evaluated = evaluate(
             data["eval"],
@@ -483,6 +507,8 @@ def upgrade(params: UpgradeParams) -> dict:
             step_path(work, "evaluate", *eval_inputs),
             gallery=params.gallery,
             backfill_order=order,
+            device=params.device,
+            precision=params.precision,
         )
     recall = read_json(Path(evaluated) / "recall.json")
     verdict = gate(recall, params.gate_ks, prev is not None)
@@ -505,6 +531,8 @@ def upgrade(params: UpgradeParams) -> dict:
         "config": {
             "seed": params.seed,
             "val_fraction": params.val_fraction,
+            "device": params.device,
+            "precision": params.precision,
             **dataclasses.asdict(spec.config(settings)),
             "text_column": params.text_column,
             "data": data,

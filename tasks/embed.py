@@ -21,7 +21,7 @@ from xbtcore.cache import (
     fingerprint_texts,
 )
 from xbtcore.data import Gallery, ValSplit, read_pairs, split_pairs
-from xbtcore.encoders import DualEncoder
+from xbtcore.encoders import PRECISIONS, DualEncoder
 from xbtcore.methods import EMBEDDINGS
 
 from .common import CACHED, log
@@ -31,11 +31,14 @@ def read_corpus(path: str) -> list[str]:
     return pq.read_table(path, columns=["caption"]).column("caption").to_pylist()
 
 
-def old_space_encoder(ref: str):
+def old_space_encoder(ref: str, device: str = "cpu", precision: str = "fp32"):
     """The encoder whose space "old" means for training: a model, or a champion bundle, whose
     compatible (φ-mapped) embeddings stand in for the old ones (a chain link with
-    `PretrainConfig.chain_targets` "champion")."""
-    return load_compatible(ref)[0] if is_bundle(ref) else DualEncoder.from_pretrained(ref)
+    `PretrainConfig.chain_targets` "champion"), on `device` at `precision` (encoders.PRECISIONS)."""
+    dtype = PRECISIONS[precision]
+    if is_bundle(ref):
+        return load_compatible(ref, device=device, dtype=dtype)[0]
+    return DualEncoder.from_pretrained(ref, device=device, dtype=dtype)
 
 
 def load_cached(cache_root: str, key: dict) -> torch.Tensor:
@@ -59,13 +62,16 @@ def embed_frozen(
     gallery: str | None = None,
     fingerprint: str = "",
     progress: bool = True,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> dict:
     """Embed what `needs` names (from methods.EMBEDDINGS) into the cache; -> {name: cache key}.
 
     "_pairs" names are the training part of the pairs, "_val" ones the validation part (`split`).
     "old" is a model (in a chain link the root model, by default), or the champion bundle
     (`old_space_encoder`), whose compatible embeddings stand in for it; its image embeddings
-    come from the stored `gallery` where it holds an image's id.
+    come from the stored `gallery` where it holds an image's id. The encoders run on `device` at
+    `precision` (encoders.PRECISIONS; bf16 embeddings are cached apart from float32 ones).
     """
     unknown = sorted(set(needs) - set(EMBEDDINGS))
     if unknown or not needs:
@@ -75,8 +81,10 @@ def embed_frozen(
         raise ValueError(f"embed: {of_pairs} need the pairs (pairs_path)")
     logger = log()
     cache = EmbeddingCache(cache_root)
-    old = old_space_encoder(old_ref)
-    new = DualEncoder.from_pretrained(new_ref) if any(n.startswith(("w_new", "v_new")) for n in needs) else None
+    old = old_space_encoder(old_ref, device, precision)
+    new = None
+    if any(n.startswith(("w_new", "v_new")) for n in needs):
+        new = DualEncoder.from_pretrained(new_ref, device=device, dtype=PRECISIONS[precision])
     stored = Gallery(gallery) if gallery else None
 
     def key(encoder, data_fp: str, modality: str, rows: int, extra: str = "") -> dict:  # cache.cached_*'s key

@@ -13,7 +13,7 @@ from xbtcore.backfill import BACKFILL_ORDER, GainModel
 from xbtcore.bundle import is_bundle, load_compatible, read_gain, read_meta
 from xbtcore.cache import EmbeddingCache, cached_old_image_embeddings, cached_text_embeddings
 from xbtcore.data import Gallery, ValSplit, read_pairs, read_part, split_pairs
-from xbtcore.encoders import DualEncoder
+from xbtcore.encoders import PRECISIONS, DualEncoder
 from xbtcore.evaluate import Side, backfill_study, evaluate_cases, side_of
 from xbtcore.gate import describe_failures, eqn2_gate, no_regression_gate
 from xbtcore.inspect_sample import report_sample
@@ -104,6 +104,8 @@ def evaluate(
     gallery: str | None = None,
     fingerprint: str = "",
     backfill_order: str = BACKFILL_ORDER,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> str:
     """The cases of CONTRACT.md (and prev/old for a chain) on an eval set, or on one part of the pairs
     (part "val" of `split`: the validation of a candidate), into the folder `out`: recall.json,
@@ -112,7 +114,7 @@ def evaluate(
     (xbtcore.evaluate.backfill_study, in `backfill_order` beside isolated-first and random order); -> out.
 
     The gallery side is always the root model, embedded once into the cache (its images from the stored
-    `gallery` where it holds them).
+    `gallery` where it holds them). Every encoder runs on `device` at `precision` (encoders.PRECISIONS).
 
     On the validation part it also fits the backfill gain model of the learned order
     (xbtcore.backfill.GainModel) into backfill_gain.json: upgrade publishes the chosen candidate's with its
@@ -120,12 +122,13 @@ def evaluate(
     """
     evalset = read_part(eval_path, part, split)
     cache = EmbeddingCache(cache_root)
-    root = DualEncoder.from_pretrained(root_ref)
+    on = {"device": device, "dtype": PRECISIONS[precision]}
+    root = DualEncoder.from_pretrained(root_ref, **on)
     old_image, _ = cached_old_image_embeddings(cache, root, evalset, Gallery(gallery) if gallery else None)
     old_side = Side(text=cached_text_embeddings(cache, root, evalset.captions), image=old_image)
-    orig_side = side_of(DualEncoder.from_pretrained(new_ref), evalset, cache)
-    upgraded_side = side_of(load_compatible(bundle_dir)[0], evalset)
-    prev_side = side_of(load_compatible(prev_bundle)[0], evalset) if prev_bundle else None
+    orig_side = side_of(DualEncoder.from_pretrained(new_ref, **on), evalset, cache)
+    upgraded_side = side_of(load_compatible(bundle_dir, **on)[0], evalset)
+    prev_side = side_of(load_compatible(prev_bundle, **on)[0], evalset) if prev_bundle else None
     recall = evaluate_cases(old_side, upgraded_side, orig_side, evalset.caption_image, prev=prev_side)
     folder = Path(out)
     tmp = folder.with_name(folder.name + ".tmp")

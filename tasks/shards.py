@@ -19,15 +19,19 @@ from xbtcore.cache import SHARD_ROWS, TEXT_BATCH, EmbeddingCache, cache_model_ke
 
 from .common import log
 
-_ENCODERS: dict[str, object] = {}  # ref -> encoder, one load per worker process
+_ENCODERS: dict[tuple[str, str], object] = {}  # (ref, precision) -> encoder, one load per worker process
 
 
-def _encoder(ref: str):
+def _encoder(ref: str, precision: str = "fp32"):
+    """The encoder at `ref` on this process's device (a worker's GPU when it has one) at `precision`, the
+    flow's: its shards are the cache entry the flow's embed step reads."""
+    from xbtcore.encoders import resolve_device
+
     from .embed import old_space_encoder  # a model, or a champion bundle whose compatible space is "old"
 
-    if ref not in _ENCODERS:
-        _ENCODERS[ref] = old_space_encoder(ref)
-    return _ENCODERS[ref]
+    if (ref, precision) not in _ENCODERS:
+        _ENCODERS[ref, precision] = old_space_encoder(ref, resolve_device("auto"), precision)
+    return _ENCODERS[ref, precision]
 
 
 def parse_dask(spec: str) -> dict:
@@ -55,7 +59,7 @@ def caption_rows(path: str, start: int, stop: int) -> list[str]:
 
 
 @task(name="embed-shard", retries=1)
-def embed_shard(cache_root: str, ref: str, corpus_path: str, entry: dict, shard: int) -> int:
+def embed_shard(cache_root: str, ref: str, corpus_path: str, entry: dict, shard: int, precision: str = "fp32") -> int:
     """Shard `shard` of a corpus entry by the encoder at `ref`, written into the cache -> rows embedded."""
     cache = EmbeddingCache(cache_root)
     d = cache.entry_dir(entry["model"], entry["data"], "text")
@@ -64,18 +68,20 @@ def embed_shard(cache_root: str, ref: str, corpus_path: str, entry: dict, shard:
     start = shard * entry["shard_rows"]
     stop = min(start + entry["shard_rows"], entry["rows"])
     texts = caption_rows(corpus_path, start, stop)
-    cache.write_shard(d, shard, _encoder(ref).embed_texts(texts, batch_size=TEXT_BATCH), stop - start)
+    cache.write_shard(d, shard, _encoder(ref, precision).embed_texts(texts, batch_size=TEXT_BATCH), stop - start)
     return stop - start
 
 
-def missing_shards(cache_root: str, refs: list[str], corpus_path: str, shard_rows: int = SHARD_ROWS) -> list[tuple]:
-    """(ref, entry, shard) of every shard the corpus entries of `refs` (models or bundles) still lack; the
-    entries' manifests are written here, so the workers only add shards."""
+def missing_shards(
+    cache_root: str, refs: list[str], corpus_path: str, shard_rows: int = SHARD_ROWS, precision: str = "fp32"
+) -> list[tuple]:
+    """(ref, entry, shard) of every shard the corpus entries of `refs` (models or bundles) at `precision` still
+    lack; the entries' manifests are written here, so the workers only add shards."""
     texts = pq.read_table(corpus_path, columns=["caption"]).column("caption").to_pylist()
     data_fp, cache = fingerprint_texts(texts), EmbeddingCache(cache_root)
     plan = []
     for ref in refs:
-        model_fp = cache_model_key(_encoder(ref))
+        model_fp = cache_model_key(_encoder(ref, precision))
         d, info = cache.open_entry(model_fp, data_fp, "text", len(texts), {"model_ref": ref}, shard_rows)
         entry = {"model": model_fp, "data": data_fp, "rows": len(texts), "shard_rows": shard_rows}
         plan += [(ref, entry, i) for i in range(info["shards"]) if not cache.shard_path(d, i).exists()]
@@ -83,21 +89,23 @@ def missing_shards(cache_root: str, refs: list[str], corpus_path: str, shard_row
 
 
 @flow(name="xbt-embed-corpus-sharded")
-def embed_corpus_sharded(cache_root: str, corpus_path: str, plan: list[tuple]) -> dict:
+def embed_corpus_sharded(cache_root: str, corpus_path: str, plan: list[tuple], precision: str = "fp32") -> dict:
     """Each (ref, entry, shard) of `plan` as its own task on the flow's task runner -> {"shards", "rows"}."""
-    futures = [embed_shard.submit(cache_root, ref, corpus_path, entry, i) for ref, entry, i in plan]
+    futures = [embed_shard.submit(cache_root, ref, corpus_path, entry, i, precision) for ref, entry, i in plan]
     rows = sum(f.result() for f in futures)
     log().info("embedded %d corpus rows in %d shards across the Dask workers", rows, len(futures))
     return {"shards": len(futures), "rows": rows}
 
 
-def embed_corpus_on_dask(spec: str, cache_root: str, refs: list[str], corpus_path: str, **kw) -> dict:
-    """The missing shards of the corpus entries of `refs`, on a DaskTaskRunner made from --dask's value; no
-    cluster starts when the cache already holds them all."""
+def embed_corpus_on_dask(
+    spec: str, cache_root: str, refs: list[str], corpus_path: str, precision: str = "fp32", **kw
+) -> dict:
+    """The missing shards of the corpus entries of `refs` at `precision`, on a DaskTaskRunner made from
+    --dask's value; no cluster starts when the cache already holds them all."""
     from prefect_dask import DaskTaskRunner
 
-    plan = missing_shards(cache_root, refs, corpus_path, **kw)
+    plan = missing_shards(cache_root, refs, corpus_path, precision=precision, **kw)
     if not plan:
         return {"shards": 0, "rows": 0}
     runner = DaskTaskRunner(**parse_dask(spec))
-    return embed_corpus_sharded.with_options(task_runner=runner)(cache_root, corpus_path, plan)
+    return embed_corpus_sharded.with_options(task_runner=runner)(cache_root, corpus_path, plan, precision)

@@ -62,12 +62,14 @@ def fit_head(
     seed: int,
     out: str,
     compatible_targets: bool = False,
+    device: str = "cpu",
 ) -> str:
     """The method's head on cached frozen embeddings (XBT: φ pretrained by Eqn. 3; a map: W in closed
     form), written to `out` (safetensors, kind and PhiConfig in its metadata); -> out.
 
     compatible_targets: "old" is a champion bundle's compatible space (a chain link with
     `PretrainConfig.chain_targets` "champion"), which settles the fit term (`PretrainConfig.for_targets`).
+    The head trains on `device`.
     """
     spec = get_method(method)
     settings = dataclasses.replace(settings, pretrain=settings.pretrain.for_targets(compatible=compatible_targets))
@@ -82,6 +84,7 @@ def fit_head(
         old_dim=old_dim,
         seed=seed,
         on_step=_loss_logger(method, None, history),
+        device=device,
     )
     head = spec.fit_head(inputs, cfg)
 
@@ -90,7 +93,7 @@ def fit_head(
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file(
-            {k: v.contiguous() for k, v in head.state_dict().items()},
+            {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
             tmp,
             metadata={"kind": head_kind(head), "phi": json.dumps(dataclasses.asdict(head.cfg))},
         )
@@ -124,15 +127,17 @@ def train(
     seed: int,
     out: str,
     progress: bool = True,
+    device: str = "cpu",
 ) -> str:
     """The method's training plan on the new encoders (none: the head alone) and its bundle at `out`; -> out.
 
     lineage: {"new", "old", "root", "chain"}, the refs the bundle records. A plan starts from the head
     (XBT's pretrained φ) or, without one, from a random φ (Eqn. 6). A checkpoint beside `out` makes a
-    killed run resume where it stopped.
+    killed run resume where it stopped. The plan trains on `device` (float32 weights); a head alone is only
+    written.
     """
     spec = get_method(method)
-    new = DualEncoder.from_pretrained(lineage["new"])
+    new = DualEncoder.from_pretrained(lineage["new"], device=device if spec.plan is not None else "cpu")
     meta = BundleMeta(
         lineage["new"], lineage["old"], lineage["root"], method, phi={}, chain=[*lineage["chain"], lineage["new"]]
     )

@@ -233,6 +233,37 @@ def test_real_size_projection_divides_each_stage_by_its_measured_rate():
     )
 
 
+def test_precision_results_render_speed_and_agreement_per_model():
+    r = {
+        "cpu_bf16_flags": ["amx_bf16"],
+        "real_size": [
+            {
+                "arch": "L/14",
+                "tower": "text",
+                "fp32_per_s": 20.0,
+                "bf16_per_s": 60.0,
+                "speedup": 3.0,
+                "min_cosine": 0.9999,
+            }
+        ],
+        "zoo": [
+            {
+                "model": "zoo/new",
+                "images": 1000,
+                "text_cosine_min": 0.9998,
+                "text_cosine_mean": 0.99999,
+                "image_cosine_min": 0.9997,
+                "image_cosine_mean": 0.99998,
+                "nearest_caption_changed": 0.012,
+            }
+        ],
+    }
+    page = "\n".join(run_all.render_result("precision", r))
+    assert "| L/14 | text | 20.0 | 60.0 | 3.0x | 0.9999 |" in page and "bf16 units: amx_bf16" in page
+    assert "| zoo/new | 0.9998 / 0.99999 | 0.9997 / 0.99998 | 1.2% of 1,000 |" in page
+    assert "bf16 units: none" in "\n".join(run_all.render_result("precision", {**r, "cpu_bf16_flags": []}))
+
+
 def test_serving_results_render_their_goals_and_the_backfill_figure(tmp_path):
     run = {"command": "x", "seconds": 1.0, "date": "d", "commit": "c", "memory_gb": 1.0, "loadavg_1m": [0.1, 0.2]}
     case = {"1": 30.0, "5": 70.0, "10": 85.0}

@@ -8,7 +8,8 @@ from families import EMBED_DIM, save_tiny_family, tiny_family_model
 
 from worlds import shapes
 from worlds.tinyclip import TinyClipSpec, make_tiny_clip, save_checkpoint
-from xbtcore.encoders import DualEncoder, ModelLoadError
+from xbtcore.cache import cache_model_key
+from xbtcore.encoders import DualEncoder, ModelLoadError, resolve_device, resolve_precision
 
 SPEC = TinyClipSpec(width=32, layers=1, heads=2, embed_dim=16)
 
@@ -171,3 +172,34 @@ def test_incomplete_or_missing_directories(clip_dir, tmp_path):
     (tmp_path / "nopad" / "tokenizer_config.json").write_text(json.dumps({**cfg, "pad_token": None}))
     with pytest.raises(ModelLoadError, match=r"nopad.*no pad token"):
         DualEncoder.from_pretrained(str(tmp_path / "nopad"))
+
+
+def test_bf16_passes_on_the_cpu_match_float32_within_bf16_tolerance(enc, clip_dir, texts, images):
+    half = DualEncoder.from_pretrained(str(clip_dir), dtype=torch.bfloat16)
+    for name, items in (("embed_texts", texts), ("embed_images", images)):
+        full, low = getattr(enc, name)(items, batch_size=4), getattr(half, name)(items, batch_size=4)
+        assert low.dtype == torch.float32 and low.device.type == "cpu"  # the same output contract
+        torch.testing.assert_close(low.norm(dim=1), torch.ones(len(items)))
+        cos = (full * low).sum(1)
+        assert cos.min() > 0.99 and not torch.equal(full, low), name  # bf16 ran, and stayed close
+    assert cache_model_key(half) == cache_model_key(enc) + "-bf16"  # never mixed with float32 entries
+
+
+def test_device_and_precision_settle_or_name_the_fix(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="'cuda'.*sees no CUDA GPU.*use cpu or auto"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="'tpu' is not a device: use auto"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="'meta' is not supported"):
+        resolve_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == "cuda" and resolve_device("cuda:0") == "cuda:0"
+    with pytest.raises(ValueError, match="'cuda:1'.*has 1 CUDA GPU"):
+        resolve_device("cuda:1")
+    assert resolve_precision("auto", "cuda:0") == "bf16" and resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="'fp16' is not one of auto, fp32, bf16"):
+        resolve_precision("fp16", "cpu")

@@ -70,6 +70,10 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
         assert all(list(r) == ["1", "5", "10", "50"] for r in report["recall"][d].values())
     assert set(report["gate"]) == {"passed", "criterion", "ks", "failures"} and report["gate"]["ks"] == [1, 5, 10]
     assert set(report["timings_s"]) == {"extract", "embed", "pretrain", "train", "validate", "evaluate", "total"}
+    gpu = torch.cuda.is_available()  # --device auto and --precision auto, settled on this machine
+    assert (report["config"]["device"], report["config"]["precision"]) == (
+        ("cuda", "bf16") if gpu else ("cpu", "fp32")
+    )
 
     # Counts against an independent reading of the inputs.
     corpus = [t for t in pq.read_table(tiny["corpus"]).column("caption").to_pylist() if t and t.strip()]
@@ -355,6 +359,22 @@ def test_every_method_upgrades_end_to_end_and_its_bundle_embeds(prefect_harness,
     emb = compat.embed_texts(captions)
     assert emb.shape == (len(captions), DualEncoder.from_pretrained(tiny["old"]).embed_dim)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(len(captions)), atol=1e-5)
+
+
+def test_bf16_frozen_passes_give_the_float32_upgrade_within_tolerance(prefect_harness, tiny, tmp_path, monkeypatch):
+    # --precision bf16 on the CPU: the corpus, the pairs and the eval set embedded in bf16 (keyed apart in the
+    # cache), the training in float32 weights; XBT's bundle (adapters and prompts) loads and embeds in bf16.
+    monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
+    from flows.upgrade import upgrade
+
+    full = upgrade(_params(tiny, tmp_path / "fp32", device="cpu", precision="fp32"))
+    half = upgrade(_params(tiny, tmp_path / "bf16", device="cpu", precision="bf16"))
+    assert (half["config"]["device"], half["config"]["precision"]) == ("cpu", "bf16")
+    assert half["steps"]["embed-frozen"] == "Completed"  # not float32's cached embeddings
+    for d in ("t2i", "i2t"):
+        for case in ("old/old", "orig-new/new", "new/old"):
+            for k in ("5", "10"):
+                assert half["recall"][d][case][k] == pytest.approx(full["recall"][d][case][k], abs=5.0), (d, case, k)
 
 
 def test_reruns_never_serve_an_output_that_changed_since(prefect_harness, tiny, tmp_path, monkeypatch):

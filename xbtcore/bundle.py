@@ -207,6 +207,11 @@ class CompatibleEncoder:
     def embed_dim(self) -> int:
         return self.phi.cfg.out_dim
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The new encoder's (the precision of its passes)."""
+        return self.encoder.dtype
+
     def _map(self, new_emb: torch.Tensor, old_emb: torch.Tensor | None, batch_size: int = 8192) -> torch.Tensor:
         device = next(itertools.chain(self.phi.parameters(), self.phi.buffers())).device
         out = []

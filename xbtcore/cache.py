@@ -186,9 +186,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def cache_model_key(encoder) -> str:
     """The cache's model key: a compatible encoder (a bundle's, `compatible=True`) embeds into the
-    old space, so it is keyed apart from its base model."""
-    return fingerprint_model(encoder.ref, with_mtime=True) + (
-        "-compat" if getattr(encoder, "compatible", False) else ""
+    old space, so it is keyed apart from its base model; bf16 passes apart from float32 ones."""
+    bf16 = getattr(encoder, "dtype", torch.float32) == torch.bfloat16  # keyed apart from float32's
+    return (
+        fingerprint_model(encoder.ref, with_mtime=True)
+        + ("-bf16" if bf16 else "")
+        + ("-compat" if getattr(encoder, "compatible", False) else "")
     )
 
 

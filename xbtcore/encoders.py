@@ -233,6 +233,48 @@ def _load(ref: str, dtype: torch.dtype, with_model: bool):
         ) from e.cause
 
 
+# --- device and precision -----------------------------------------------------
+
+# The frozen passes' precision (embedding the corpus, the pairs, the eval set, a gallery). Training keeps
+# float32 weights whatever it is.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEVICE_HELP = "auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
+PRECISION_HELP = (
+    "the frozen encoders' passes: auto (bf16 on a GPU, fp32 on the CPU), fp32 or bf16 "
+    "(on a CPU with AMX or AVX512-BF16 about 3x faster, docs/benchmarks.md)"
+)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; a named device is checked against this machine.
+    ValueError naming the value and the fix."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device: use {DEVICE_HELP}") from e
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported: use {DEVICE_HELP}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r}: torch {torch.__version__} sees no CUDA GPU on this machine; use cpu or auto"
+            )
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return str(d)
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' -> 'bf16' on a CUDA device, 'fp32' on the CPU; else one of PRECISIONS (ValueError otherwise)."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
+    return precision
+
+
 # --- the dual encoder ---------------------------------------------------------
 
 
@@ -314,8 +356,8 @@ class DualEncoder:
     # inference (normalised embeddings)
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.dtype == torch.bfloat16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.dtype == torch.bfloat16:  # CUDA, or a CPU's bf16 units (oneDNN: AMX, AVX512-BF16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def embed_texts(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:

@@ -190,7 +190,7 @@ def finetune(
     losses: list[dict] = []  # {"step", "epoch", "loss"} of every step trained, those before a resume too
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=device)
         _load_trainable(encoder, phi, state["trainable"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
