@@ -2,13 +2,16 @@
 
     .venv/bin/python bench/real_size.py [--archs B/32 L/14 H/14] [--upgrades B/32:L/14 L/14:H/14]
         [--texts 64] [--images 8] [--train-batch 4] [--train-steps 3] [--device cpu|cuda]
+        [--precision auto|fp32|bf16]
 
 Throughput and memory do not depend on the weights, so each architecture is
 built from its `CLIPConfig` (224 px, 77 tokens, a word-level tokenizer of
 CLIP's vocabulary size built locally), saved in the Hugging Face layout under
 the bench's state and loaded through `DualEncoder.from_pretrained`, the
-product's one loading path. Every measurement runs in its own process, so its
-peak RSS is its own:
+product's one loading path. `--precision` is the product's: the embedding passes
+in bf16 and training's forward pass under bf16 autocast, or all in float32 (auto:
+bf16 on cuda, float32 on the CPU, as `xbt upgrade` settles it). Every measurement
+runs in its own process, so its peak RSS is its own:
 
 - embed: `DualEncoder.embed_texts` on 77-token texts and `embed_images` on 224 px
   images -> texts/s, images/s, peak RSS; and `embed_texts` on shorter texts
@@ -149,10 +152,10 @@ def pair_set(n: int):
     return PairSet(encoded, texts(n), torch.arange(n), list(range(n)), "real-size")
 
 
-def measure_embed(arch: str, tower: str, n: int, device: str, tokens: int = TEXT_LEN) -> dict:
-    from xbtcore.encoders import DualEncoder
+def measure_embed(arch: str, tower: str, n: int, device: str, precision: str, tokens: int = TEXT_LEN) -> dict:
+    from xbtcore.encoders import PRECISIONS, DualEncoder
 
-    enc = DualEncoder.from_pretrained(str(arch_dir(arch)), device=device)
+    enc = DualEncoder.from_pretrained(str(arch_dir(arch)), device=device, dtype=PRECISIONS[precision])
     items = texts(n, tokens) if tower == "text" else images(n)
     run = enc.embed_texts if tower == "text" else enc.embed_images
     run(items[: min(8, n)])  # warm-up
@@ -163,7 +166,7 @@ def measure_embed(arch: str, tower: str, n: int, device: str, tokens: int = TEXT
     return {"arch": arch, "tower": tower, **({"tokens": tokens} if tower == "text" else {}), **rates(n, seconds, cpu)}
 
 
-def measure_train(old: str, new: str, method: str, batch: int, steps: int, device: str) -> dict:
+def measure_train(old: str, new: str, method: str, batch: int, steps: int, device: str, precision: str) -> dict:
     """`steps` steps of the product's training loop; the rate counts the steps after the first."""
     import torch
 
@@ -191,6 +194,7 @@ def measure_train(old: str, new: str, method: str, batch: int, steps: int, devic
         cfg,
         old_targets=targets,
         on_step=lambda s, v: stamps.append((time.perf_counter(), time.process_time())),
+        precision=precision,
     )
     # the first step (warm-up) is left out
     seconds, cpu = (stamps[-1][i] - stamps[0][i] for i in (0, 1))
@@ -241,11 +245,11 @@ def child(args) -> dict:
     job = json.loads(args.child)
     kind = job.pop("kind")
     if kind == "embed":
-        return measure_embed(**job, device=args.device)
+        return measure_embed(**job, device=args.device, precision=args.precision)
     if kind == "build":
         return {"arch": job["arch"], "dir": str(build(job["arch"]))}
     if kind == "train":
-        return measure_train(**job, device=args.device)
+        return measure_train(**job, device=args.device, precision=args.precision)
     return measure_phi(**job, device=args.device)
 
 
@@ -293,6 +297,9 @@ def project(embed: dict, train: dict, phi: dict, old: str, new: str, corpus: dic
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     device = check_device(args.device)
+    from xbtcore.encoders import resolve_precision
+
+    args.precision = resolve_precision(args.precision, device)
     if args.child:
         print(json.dumps(child(args)), flush=True)
         return {}
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def run(job: dict) -> dict:
         progress(f"real-size: {job}")
-        return run_child([__file__, "--device", device, "--child", json.dumps(job)])
+        return run_child([__file__, "--device", device, "--precision", args.precision, "--child", json.dumps(job)])
 
     # Built in children too: a child's peak RSS starts from its parent's at fork, so the parent stays small.
     for arch in dict.fromkeys([*args.archs, *(a for u in upgrades for a in u)]):
@@ -333,6 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
         {
             "bench": "real_size",
             "machine": machine(device),
+            "precision": args.precision,
             "archs": {a: ARCHS[a] for a in dict.fromkeys(k[0] for k in embed)},
             "embed": [*embed.values(), *short.values()],
             "train": list(train.values()),
@@ -363,6 +371,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--train-steps", type=int, default=3, help="steps per method; the first is not timed")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="the embedding passes' and the training's forward pass, as `xbt upgrade --precision` runs them "
+        "(auto: bf16 on cuda, fp32 on the CPU)",
+    )
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default="")
     return ap

@@ -59,6 +59,7 @@ BENCHES = {
     "ablations": Bench("bench/ablations.py", ("--seeds", "0"), fast=False),
     "zeroshot": Bench("bench/zeroshot.py", ("--seed", "0"), fast=False),
     "real_size": Bench("bench/real_size.py", takes_device=True, fast=False),
+    "real_size-bf16": Bench("bench/real_size.py", ("--precision", "bf16"), takes_device=True, fast=False),
     "precision": Bench("bench/precision.py", takes_device=True),
     "serving_backfill": Bench("bench/serving.py", ("backfill",)),
     "serving_load": Bench("bench/serving.py", ("load",)),

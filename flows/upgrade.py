@@ -359,6 +359,7 @@ def train_candidate(ctx: Context, method: str) -> dict:
             ),
             progress=p.progress,
             device=p.device,
+            precision=p.precision,
         )
     validation = None
     if ctx.split is not None:

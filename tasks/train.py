@@ -128,13 +128,14 @@ def train(
     out: str,
     progress: bool = True,
     device: str = "cpu",
+    precision: str = "fp32",
 ) -> str:
     """The method's training plan on the new encoders (none: the head alone) and its bundle at `out`; -> out.
 
     lineage: {"new", "old", "root", "chain"}, the refs the bundle records. A plan starts from the head
     (XBT's pretrained φ) or, without one, from a random φ (Eqn. 6). A checkpoint beside `out` makes a
-    killed run resume where it stopped. The plan trains on `device` (float32 weights); a head alone is only
-    written.
+    killed run resume where it stopped. The plan trains on `device`, float32 weights, the encoders' forward
+    pass under bf16 autocast at `precision` "bf16"; a head alone is only written.
     """
     spec = get_method(method)
     new = DualEncoder.from_pretrained(lineage["new"], device=device if spec.plan is not None else "cpu")
@@ -176,6 +177,7 @@ def train(
             on_step=_loss_logger(method, steps, history),
             progress=progress,
             name=method,
+            precision=precision,
         )
         trainable = count_trainable(new, head)
         meta.n_prompts = prompt_count(new)

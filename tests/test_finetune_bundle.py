@@ -76,6 +76,25 @@ def test_xbt_trains_only_lora_prompts_and_phi_layernorms(tiny):
         assert torch.equal(frozen[key], p), n
 
 
+def test_bf16_autocast_training_keeps_float32_weights_and_follows_the_float32_run(tiny):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
+        history = finetune(enc, phi, tiny["pairs"], plan("xbt"), FAST, precision=precision)
+        losses = [h["loss"] for h in history if "loss" in h]
+        trained = {n: p.detach().clone() for n, p in enc.model.named_parameters() if p.requires_grad}
+        assert all(p.dtype == torch.float32 for p in trained.values()) and phi.net[1].weight.dtype == torch.float32
+        runs[precision] = losses, trained
+    (full, full_w), (half, half_w) = runs["fp32"], runs["bf16"]
+    assert full != half and len(full) == len(half)  # bf16 ran: its losses are not float32's to the last bit
+    assert half == pytest.approx(full, rel=0.02)  # the same batches and steps, within bf16's rounding
+    assert full_w.keys() == half_w.keys() and not all(torch.equal(full_w[n], half_w[n]) for n in full_w)
+    with pytest.raises(ValueError, match="precision must be fp32 or bf16, got 'fp16'"):
+        finetune(
+            DualEncoder.from_pretrained(tiny["new"]), _new_phi(), tiny["pairs"], plan("xbt"), FAST, precision="fp16"
+        )
+
+
 def test_bundle_roundtrip_is_bit_identical_and_off_is_original(tiny, tmp_path):
     ev = tiny["eval"]
     orig = DualEncoder.from_pretrained(tiny["new"])

@@ -162,6 +162,7 @@ def finetune(
     on_step=None,
     progress: bool = False,
     name: str = "train",
+    precision: str = "fp32",
 ) -> list[dict]:
     """Train `encoder` (a DualEncoder of the new model) and `phi` in place as `plan` says; return
     per-step history: {"step", "epoch", "loss"} for every step, those trained before a resume too
@@ -173,10 +174,20 @@ def finetune(
     checkpoint_path: if given, resume from it when it exists and save to it every
         cfg.checkpoint_every steps; the caller deletes it when the run is done.
     name: what a diverged loss's message calls this training.
+    precision: "bf16" runs the encoders' forward pass under bf16 autocast (mixed precision: the weights,
+        φ and the loss stay float32); "fp32" runs it all in float32.
     """
     if plan.loss != "eqn5" and old_targets is None:
         raise ValueError(f"{name} trains against the old model's embeddings (Eqn. 6): pass old_targets")
     device = encoder.device
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+
+    def amp():
+        if precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return encoder._autocast()  # an encoder loaded in bf16 runs under its own autocast
+
     groups = prepare_model(encoder, phi, plan, cfg)
     phi.to(device)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -221,17 +232,17 @@ def finetune(
         tok = {k2: v.to(device) for k2, v in tok.items()}
         t1 = time.perf_counter()
 
-        with encoder._autocast():
+        with amp():
             v_new = F.normalize(encoder.image_features(pixels), dim=-1)  # (B, D_new)
             w_new = F.normalize(encoder.text_features(tok["input_ids"], tok.get("attention_mask")), dim=-1)
-            v_bar, w_bar = phi(v_new.float()), phi(w_new.float())  # (B, D_old) synthetic old embeddings, Eqn. 4
-            if plan.loss == "eqn5":
-                loss = eqn5_loss(v_bar, w_bar, scale)
-            else:
-                v_old, w_old = old_targets[0][img_idx].to(device), old_targets[1][rows].to(device)  # (B, D_old)
-                loss = eqn6_loss(v_bar, w_bar, v_old, w_old, scale)
-                if plan.loss == "eqn5+anchors":
-                    loss = eqn5_loss(v_bar, w_bar, scale) + cfg.anchor_weight * loss
+        v_bar, w_bar = phi(v_new.float()), phi(w_new.float())  # (B, D_old) synthetic old embeddings, Eqn. 4
+        if plan.loss == "eqn5":
+            loss = eqn5_loss(v_bar, w_bar, scale)
+        else:
+            v_old, w_old = old_targets[0][img_idx].to(device), old_targets[1][rows].to(device)  # (B, D_old)
+            loss = eqn6_loss(v_bar, w_bar, v_old, w_old, scale)
+            if plan.loss == "eqn5+anchors":
+                loss = eqn5_loss(v_bar, w_bar, scale) + cfg.anchor_weight * loss
         value = loss.item()
         check_loss(name, value, step + 1)
         opt.zero_grad(set_to_none=True)
