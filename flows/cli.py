@@ -186,10 +186,13 @@ def cmd_embed(a) -> int:
     return 0
 
 
-def _query_model(ref: str):
+def _query_model(ref: str, device: str = "cpu", precision: str = "auto"):
+    """The model at `ref` on `device` at `precision`, as --device and --precision settle them."""
     from serve.engine import load_query_model
+    from xbtcore.encoders import resolve_device, resolve_precision
 
-    return load_query_model(ref)
+    device = resolve_device(device)
+    return load_query_model(ref, device, resolve_precision(precision, device))
 
 
 def cmd_index(a) -> int:
@@ -198,7 +201,7 @@ def cmd_index(a) -> int:
 
     check_output(a.out, folder=True)
     r = index_gallery(
-        _query_model(a.model),
+        _query_model(a.model, a.device, a.precision),
         a.input,
         a.modality,
         a.out,
@@ -287,7 +290,9 @@ def cmd_backfill(a) -> int:
         return 0
     if not a.new:
         raise ValueError("pass --new REF (the model whose own space to backfill into), or --status/--remove-old")
-    r = backfill(a.index, _query_model(a.new), order=a.order, chunk_rows=a.chunk_rows, seed=a.seed)
+    r = backfill(
+        a.index, _query_model(a.new, a.device, a.precision), order=a.order, chunk_rows=a.chunk_rows, seed=a.seed
+    )
     if a.qdrant and r["complete"]:  # the new space's collection, then Qdrant's alias swap
         from serve.qdrant import ALIAS, connect, export
 
@@ -533,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also export the index to Qdrant (a local folder: "
         "embedded mode; a URL: a server), as a collection of its space behind the alias xbt-gallery",
     )
+    runtime(ix)
     ix.set_defaults(func=cmd_index)
 
     se = command("search", "one query against an index, printed as JSON (as POST /search answers)")
@@ -604,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH|URL",
         help="when the backfill finishes, export the new space to Qdrant and move the alias xbt-gallery to it",
     )
+    runtime(bf)
     bf.set_defaults(func=cmd_backfill)
 
     pr = command("promote", "move the alias champion to a version (a passing upgrade moves it by itself)")

@@ -52,20 +52,22 @@ class QueryModel:
         return self._own
 
 
-def load_query_model(ref: str) -> QueryModel:
-    """A model REF (HF id or folder, bundle, models:/ URI) -> its encoders and spaces."""
+def load_query_model(ref: str, device: str = "cpu", precision: str = "fp32") -> QueryModel:
+    """A model REF (HF id or folder, bundle, models:/ URI) -> its encoders and spaces, on `device` at
+    `precision` (encoders.PRECISIONS)."""
     from tasks.common import absolute_ref
     from tasks.registry import pinned_ref, resolve_ref, space_of
     from xbtcore.bundle import base_encoder, is_bundle, load_compatible, read_meta
     from xbtcore.cache import fingerprint_model
-    from xbtcore.encoders import DualEncoder
+    from xbtcore.encoders import PRECISIONS, DualEncoder
 
+    on = {"device": device, "dtype": PRECISIONS[precision]}
     resolved = absolute_ref(resolve_ref(ref))
     pinned = pinned_ref(ref, resolved)
     version = pinned.rsplit("/", 1)[1] if pinned.startswith("models:/") else fingerprint_model(resolved)[:8]
     if is_bundle(resolved):
         meta = read_meta(resolved)
-        compat, _ = load_compatible(resolved)
+        compat, _ = load_compatible(resolved, **on)
         return QueryModel(
             ref,
             resolved,
@@ -73,9 +75,9 @@ def load_query_model(ref: str) -> QueryModel:
             space_of(meta.root_model),
             space_of(meta.base_model),
             compat,
-            lambda: base_encoder(Path(resolved), meta),
+            lambda: base_encoder(Path(resolved), meta, **on),
         )
-    encoder = DualEncoder.from_pretrained(resolved)
+    encoder = DualEncoder.from_pretrained(resolved, **on)
     space = space_of(resolved)
     return QueryModel(ref, resolved, version, space, space, encoder)
 

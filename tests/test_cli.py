@@ -171,6 +171,27 @@ def test_embed_text_and_image_and_bundle(tiny, tmp_path):
     assert str(tmp_path / "b.parquet") in [g["path"] for g in galleries]
 
 
+def test_embed_and_index_take_a_device_and_precision(tiny, tmp_path):
+    from xbtcore.data import read_gallery
+
+    args = ("--model", tiny["new"], "--input", tiny["eval"], "--modality", "text")
+    for precision in ("fp32", "bf16"):
+        r = xbt(
+            "embed", *args, "--out", tmp_path / f"{precision}.parquet", "--device", "cpu", "--precision", precision
+        )
+        assert r.returncode == 0, r.stderr
+    (_, full), (_, half) = (read_gallery(tmp_path / f"{p}.parquet") for p in ("fp32", "bf16"))
+    cos = (full * half).sum(1)
+    assert cos.min() > 0.999 and not torch.equal(full, half)  # bf16 ran, close to float32
+    r = xbt("index", *args, "--out", tmp_path / "index", "--device", "cpu", "--precision", "bf16")
+    assert r.returncode == 0, r.stderr
+    if not torch.cuda.is_available():
+        _one_line_error(xbt("embed", *args, "--out", tmp_path / "x.parquet", "--device", "cuda"), "sees no CUDA GPU")
+        _one_line_error(xbt("index", *args, "--out", tmp_path / "i2", "--device", "cuda:1"), "sees no CUDA GPU")
+        _one_line_error(xbt(*upgrade_args(tiny, tmp_path / "o"), "--device", "cuda"), "sees no CUDA GPU", "use cpu")
+    assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "o" / "report.json").exists()
+
+
 def test_promote_and_rollback_commands(tmp_path, monkeypatch):
     from tasks import registry
     from tests.test_mlflow_registry import _register
