@@ -681,12 +681,15 @@ def _precision(r: dict) -> list[str]:
         "",
         "The zoo's trained models on the built-in world's corpus captions and eval images, bf16 against fp32:",
         "",
-        "| model | text cosine, smallest / mean | image cosine, smallest / mean | nearest caption changes |",
-        "|---|---|---|---|",
+        "| model | text cosine, smallest / mean | image cosine, smallest / mean | nearest caption changes "
+        "| texts/s, fp32 / bf16 | images/s, fp32 / bf16 |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {z['model']} | {z['text_cosine_min']} / {z['text_cosine_mean']} | {z['image_cosine_min']} / "
-        f"{z['image_cosine_mean']} | {100 * z['nearest_caption_changed']:.1f}% of {z['images']:,} |"
+        f"{z['image_cosine_mean']} | {100 * z['nearest_caption_changed']:.1f}% of {z['images']:,} "
+        f"| {z.get('fp32_texts_per_s', 'n/a')} / {z.get('bf16_texts_per_s', 'n/a')} "
+        f"| {z.get('fp32_images_per_s', 'n/a')} / {z.get('bf16_images_per_s', 'n/a')} |"
         for z in r["zoo"]
     ]
     return lines

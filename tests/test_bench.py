@@ -260,7 +260,7 @@ def test_precision_results_render_speed_and_agreement_per_model():
     }
     page = "\n".join(run_all.render_result("precision", r))
     assert "| L/14 | text | 20.0 | 60.0 | 3.0x | 0.9999 |" in page and "bf16 units: amx_bf16" in page
-    assert "| zoo/new | 0.9998 / 0.99999 | 0.9997 / 0.99998 | 1.2% of 1,000 |" in page
+    assert "| zoo/new | 0.9998 / 0.99999 | 0.9997 / 0.99998 | 1.2% of 1,000 | n/a / n/a | n/a / n/a |" in page
     assert "bf16 units: none" in "\n".join(run_all.render_result("precision", {**r, "cpu_bf16_flags": []}))
 
 
