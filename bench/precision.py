@@ -94,11 +94,10 @@ def trained_agreement(ref: str, n_texts: int, n_images: int, device: str) -> dic
     encoders = pair(ref, device)
     emb, speed = {}, {}
     for name, enc in encoders.items():
-        enc.embed_texts(captions[:256]), enc.embed_images(pictures[:64])  # warm-up
-        (t_text, texts_out), (t_image, images_out) = (
-            timed(enc.embed_texts, captions, 256),
-            timed(enc.embed_images, pictures, 256),
-        )
+        enc.embed_texts(captions[:256])  # warm-up
+        enc.embed_images(pictures[:64])
+        t_text, texts_out = timed(enc.embed_texts, captions, 256)
+        t_image, images_out = timed(enc.embed_images, pictures, 256)
         emb[name] = texts_out, images_out
         speed[f"{name}_texts_per_s"] = round(len(captions) / t_text, 1)
         speed[f"{name}_images_per_s"] = round(len(pictures) / t_image, 1)
