@@ -235,13 +235,13 @@ def _load(ref: str, dtype: torch.dtype, with_model: bool):
 
 # --- device and precision -----------------------------------------------------
 
-# The frozen passes' precision (embedding the corpus, the pairs, the eval set, a gallery). Training keeps
-# float32 weights whatever it is.
+# The frozen passes' precision (embedding the corpus, the pairs, the eval set, a gallery); at bf16 training's
+# encoder forward pass runs under autocast too, its weights, φ and loss kept float32.
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEVICE_HELP = "auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
 PRECISION_HELP = (
-    "the frozen encoders' passes: auto (bf16 on a GPU, fp32 on the CPU), fp32 or bf16 "
-    "(on a CPU with AMX or AVX512-BF16 about 3x faster, docs/benchmarks.md)"
+    "of the frozen passes and of training's encoder forward (autocast): auto (bf16 on a GPU, fp32 on the CPU), "
+    "fp32 or bf16 (on a CPU with AMX or AVX512-BF16, 2.7-4.7x faster at CLIP's sizes: docs/benchmarks.md)"
 )
 
 
