@@ -54,14 +54,13 @@ def machine(device: str = "cpu") -> str:
 
 
 def check_device(device: str) -> str:
-    """A device string the benches accept; a clear exit when cuda is asked for and absent."""
-    import torch
+    """--device settled as the product settles it (`encoders.resolve_device`); a clear exit where it cannot be."""
+    from xbtcore.encoders import resolve_device
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: torch sees no CUDA device (this build: {torch.__version__})")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise SystemExit(f"--device must be cpu or cuda[:N], got {device!r}")
-    return device
+    try:
+        return resolve_device(device)
+    except ValueError as e:
+        raise SystemExit(f"--device: {e}") from None
 
 
 def sync(device: str) -> None:

@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.common import Clock, check_device, emit, machine, progress  # noqa: E402
 from worlds.shapes import corpus_captions  # noqa: E402
 from xbtcore.cache import cached_text_embeddings  # noqa: E402
-from xbtcore.encoders import DualEncoder  # noqa: E402
+from xbtcore.encoders import PRECISIONS, DualEncoder, resolve_precision  # noqa: E402
 
 GOAL_RATIO = 3.0
 NAIVE_BATCH = 32
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     texts = corpus_captions(0, args.n)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = PRECISIONS[resolve_precision("auto", device)]  # the product's default on this device
     ours = DualEncoder.from_pretrained(args.model, device=device, dtype=dtype)
     naive_model = AutoModel.from_pretrained(args.model).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)

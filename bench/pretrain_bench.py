@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from bench.common import BENCH_STATE, Clock, check_device, emit, machine, progress  # noqa: E402
 from worlds.shapes import corpus_captions  # noqa: E402
 from xbtcore.cache import EmbeddingCache, cached_text_embeddings  # noqa: E402
-from xbtcore.encoders import DualEncoder  # noqa: E402
+from xbtcore.encoders import PRECISIONS, DualEncoder, resolve_precision  # noqa: E402
 from xbtcore.phi import Phi, PhiConfig  # noqa: E402
 from xbtcore.pretrain import PretrainConfig, pretrain_phi, text_only_pretrain  # noqa: E402
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     texts = corpus_captions(0, args.n)
     cfg = PretrainConfig(epochs=args.epochs, pair_weight=0.0)  # the corpus rows the cache saves; no pairs here
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = PRECISIONS[resolve_precision("auto", device)]  # the product's default on this device
     new = DualEncoder.from_pretrained(args.new, device=device, dtype=dtype)
     old = DualEncoder.from_pretrained(args.old, device=device, dtype=dtype)
     new.embed_texts(texts[:256]), old.embed_texts(texts[:256])  # warm-up out of the timings
