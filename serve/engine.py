@@ -44,6 +44,7 @@ class QueryModel:
     own_space: str
     compat: object  # encoder into compat_space
     own_loader: object = None  # () -> encoder into own_space, loaded on first use
+    precision: str = "fp32"  # what both encoders embed at (encoders.PRECISIONS)
     _own: object = field(default=None, repr=False)
 
     def own(self):
@@ -76,10 +77,11 @@ def load_query_model(ref: str, device: str = "cpu", precision: str = "fp32") -> 
             space_of(meta.base_model),
             compat,
             lambda: base_encoder(Path(resolved), meta, **on),
+            precision,
         )
     encoder = DualEncoder.from_pretrained(resolved, **on)
     space = space_of(resolved)
-    return QueryModel(ref, resolved, version, space, space, encoder)
+    return QueryModel(ref, resolved, version, space, space, encoder, precision=precision)
 
 
 def current_version(ref: str) -> str | None:

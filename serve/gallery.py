@@ -77,7 +77,12 @@ def index_gallery(
     from (same ids), kept for backfills and thumbnails."""
     from xbtcore.data import read_gallery
 
-    info = {"model": model.ref, "model_version": model.version, "modality": modality, "text_column": text_column}
+    info = {
+        "model": model.ref,
+        "model_version": model.version,
+        "modality": modality,
+        "text_column": text_column,
+    }
     if _is_embedding_parquet(source):
         check_gallery_space(source, model)
         row_ids, emb = read_gallery(source)
@@ -112,6 +117,7 @@ def index_gallery(
         row_ids, batch = read_items(source, modality, text_column)
         positions, ids = distinct_ids(row_ids)
         info["source"] = str(Path(source).absolute())
+        info["precision"] = model.precision  # an embedding Parquet's vectors are taken as they are
         source_rows = positions
 
         def embed(pos):
@@ -182,6 +188,7 @@ def backfill(
         "source": plan["source"],
         "text_column": plan.get("text_column", "caption"),
         "old_space": old.space,
+        "precision": model.precision,
     }
     bar, progress = _bar("backfill")
     with bar:

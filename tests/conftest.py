@@ -25,6 +25,10 @@ os.environ["DO_NOT_TRACK"] = "true"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "60"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite's expectations are the CPU's float32 (what `--device auto` gives without a GPU). Hiding any
+# GPU keeps them on a GPU machine too, in this process and every `xbt` it starts; the GPU path is measured
+# by the benches (`--device cuda`), not here.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -148,6 +148,20 @@ def test_unfinished_index_never_opens_and_resumes_where_it_stopped(tmp_path):
         search.GalleryIndex(out)
 
 
+def test_an_unfinished_index_resumes_only_at_the_precision_it_was_started_at(world, tmp_path):
+    from serve.engine import load_query_model
+    from serve.gallery import index_gallery
+
+    out = str(tmp_path / "idx")
+    index_gallery(load_query_model(OLD, precision="bf16"), world["eval"], "image", out, chunk_rows=16, stop_after=2)
+    assert search.read_plan(out)["precision"] == "bf16"
+    with pytest.raises(ValueError, match="started at --precision bf16 and this run embeds at fp32"):
+        index_gallery(load_query_model(OLD), world["eval"], "image", out, chunk_rows=16)
+    assert search.chunks_done(out) == [0, 1] and not search.is_complete(out)  # the refusal wrote nothing
+    r = index_gallery(load_query_model(OLD, precision="bf16"), world["eval"], "image", out, chunk_rows=16)
+    assert r["complete"] and len(search.GalleryIndex(out)) == r["items"]
+
+
 def test_ties_are_broken_by_id_also_at_the_cut(tmp_path):
     base = np.zeros((40, 4), np.float32)
     base[:, 0] = 1.0  # 40 identical vectors: every score ties

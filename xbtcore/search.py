@@ -1,7 +1,7 @@
 """A gallery index for search: L2-normalised float32 vectors under inner product, stamped with their space.
 
     DIR/
-      plan.json         what is being built: space, ids' digest, chunk size, order, source
+      plan.json         what is being built: space, ids' digest, chunk size, order, source, precision
       ids.json          the distinct ids, one per vector (row r of the index is ids[r])
       chunks/NNNNN.npy  finished chunks of vectors, each written to a temp name and renamed
       index.faiss       the assembled faiss index
@@ -105,7 +105,8 @@ def build_index(
     embed(positions) -> (len(positions), D) vectors of those positions of `ids`. A rerun with the same
     ids, space and chunk size resumes; another plan in an unfinished DIR is refused. `stop_after` chunks:
     return without finishing (what a kill leaves; the tests use it). `info`: kept in the plan (model,
-    modality, source, ...); `extra`: more JSON files written with the plan ({name: object}).
+    modality, source, precision, ...); an unfinished DIR started at another `precision` is refused.
+    `extra`: more JSON files written with the plan ({name: object}).
     kind: "flat" (exact), "ivf" (approximate) or "auto" (flat under IVF_THRESHOLD).
     """
     out = Path(out)
@@ -120,6 +121,12 @@ def build_index(
             raise ValueError(f"{out} holds {state} index of another input or model: delete it or pass another --out")
         if is_complete(out):
             return out
+        started, now = old.get("precision"), plan.get("precision")
+        if started and now and started != now:
+            raise ValueError(
+                f"{out} was started at --precision {started} and this run embeds at {now}: its chunks would mix "
+                f"both; resume it with --precision {started}, or delete it to rebuild at {now}"
+            )
         plan = {**old, **{k: plan[k] for k in plan if k not in old}}
     else:
         out.mkdir(parents=True, exist_ok=True)
