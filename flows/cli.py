@@ -22,6 +22,7 @@ from pathlib import Path
 
 from xbtcore.backfill import BACKFILL_ORDER, BACKFILL_ORDERS
 from xbtcore.config import parse_settings
+from xbtcore.ddp import NPROC_HELP
 from xbtcore.encoders import DEVICE_HELP, PRECISION_HELP, PRECISIONS
 from xbtcore.search import BATCH_WAIT_S
 
@@ -119,6 +120,7 @@ def _choice(a) -> dict:
         allow_old_encoder=a.allow_old_encoder,
         device=a.device,
         precision=a.precision,
+        nproc=a.nproc,
         **parse_settings(a.set),
     )
 
@@ -422,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp):
         runtime(sp)
+        sp.add_argument("--nproc", default="auto", help=NPROC_HELP)
         sp.add_argument(
             "--method",
             default="auto",

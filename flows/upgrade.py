@@ -57,6 +57,7 @@ from xbtcore.backfill import BACKFILL_ORDER
 from xbtcore.bundle import GAIN_FILE, is_bundle
 from xbtcore.config import Settings, apply_overrides
 from xbtcore.data import Gallery, ValSplit, check_output, parquet_files, read_pairs
+from xbtcore.ddp import NPROC_HELP, resolve_nproc
 from xbtcore.encoders import DEVICE_HELP, PRECISION_HELP, check_model_dir, resolve_device, resolve_precision
 from xbtcore.finetune import FinetuneConfig
 from xbtcore.methods import by_cost, get_method, head_owner
@@ -111,6 +112,7 @@ class UpgradeParams(BaseModel):
     )
     device: str = Field("auto", description=DEVICE_HELP)
     precision: str = Field("auto", description=PRECISION_HELP)
+    nproc: int | str = Field("auto", description=NPROC_HELP)
     seed: int = Field(0, ge=0)
     text_column: str = Field("caption", min_length=1)
     min_chars: int | None = Field(None, ge=1, description="drop corpus texts shorter than this")
@@ -203,6 +205,7 @@ class UpgradeParams(BaseModel):
             raise ValueError("--method auto chooses on the validation pairs: give --val-fraction above 0")
         self.device = resolve_device(self.device)  # "auto" settles here, on the machine that runs the flow
         self.precision = resolve_precision(self.precision, self.device)
+        self.nproc = resolve_nproc(self.nproc, self.device)
         self._preflight()
         return self
 
@@ -356,10 +359,12 @@ def train_candidate(ctx: Context, method: str) -> dict:
                 ctx.lineage,
                 p.seed,
                 p.runtime,
+                p.nproc,
             ),
             progress=p.progress,
             device=p.device,
             precision=p.precision,
+            nproc=p.nproc,
         )
     validation = None
     if ctx.split is not None:
@@ -534,6 +539,7 @@ def upgrade(params: UpgradeParams) -> dict:
             "val_fraction": params.val_fraction,
             "device": params.device,
             "precision": params.precision,
+            "nproc": params.nproc,
             **dataclasses.asdict(spec.config(settings)),
             "text_column": params.text_column,
             "data": data,

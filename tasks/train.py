@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -21,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from xbtcore.bundle import BundleMeta, link_or_copy, save_bundle
 from xbtcore.config import Settings
 from xbtcore.data import ValSplit, read_pairs, split_pairs
-from xbtcore.ddp import on_main_rank
+from xbtcore.ddp import on_main_rank, world_info
 from xbtcore.encoders import DualEncoder
 from xbtcore.finetune import count_trainable, finetune, prompt_count
 from xbtcore.methods import HeadInputs, get_method
@@ -129,15 +132,21 @@ def train(
     progress: bool = True,
     device: str = "cpu",
     precision: str = "fp32",
+    nproc: int = 1,
 ) -> str:
     """The method's training plan on the new encoders (none: the head alone) and its bundle at `out`; -> out.
 
     lineage: {"new", "old", "root", "chain"}, the refs the bundle records. A plan starts from the head
     (XBT's pretrained φ) or, without one, from a random φ (Eqn. 6). A checkpoint beside `out` makes a
     killed run resume where it stopped. The plan trains on `device`, float32 weights, the encoders' forward
-    pass under bf16 autocast at `precision` "bf16"; a head alone is only written.
+    pass under bf16 autocast at `precision` "bf16"; a head alone is only written. nproc > 1: the plan runs
+    in that many processes under torchrun (one per GPU on "cuda", gloo on the CPU), each on its slice of
+    every global batch (xbtcore/ddp.py), and rank 0 writes the bundle.
     """
     spec = get_method(method)
+    if nproc > 1 and spec.plan is not None and world_info()[1] == 1:
+        args = {k: v for k, v in locals().items() if k != "spec"}  # the arguments as given
+        return _under_torchrun(args)
     new = DualEncoder.from_pretrained(lineage["new"], device=device if spec.plan is not None else "cpu")
     meta = BundleMeta(
         lineage["new"], lineage["old"], lineage["root"], method, phi={}, chain=[*lineage["chain"], lineage["new"]]
@@ -196,6 +205,30 @@ def train(
     )
     log().info("%s: %d trainable parameters; bundle -> %s", method, trainable, out)
     return out
+
+
+def _under_torchrun(args: dict) -> str:
+    """`train(**args)` in args["nproc"] processes started by torchrun on this machine (tasks/torchrun_train.py);
+    -> the bundle rank 0 wrote. Their output streams here; a failed rank fails the step, naming its code."""
+    out, nproc = Path(args["out"]), args["nproc"]
+    launch = Path(f"{out}.launch.pt")
+    launch.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(args, launch)
+    env = dict(os.environ)
+    if torch.device(args["device"]).type == "cpu":  # the ranks split the cores rather than contend for them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    log().info("%s: training in %d processes under torchrun on %s", args["method"], nproc, args["device"])
+    done = subprocess.run([*cmd, "-m", "tasks.torchrun_train", str(launch)], env=env)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"training {args['method']} under torchrun ({nproc} processes) failed with exit code "
+            f"{done.returncode} (its output is above); rerun with --nproc 1 to train in one process"
+        )
+    launch.unlink()
+    if not out.is_dir():
+        raise RuntimeError(f"training under torchrun ended without writing the bundle {out}")
+    return str(out)
 
 
 @task(name="publish-bundle")

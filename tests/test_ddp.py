@@ -253,3 +253,18 @@ def test_finetune_under_two_ranks_equals_one(ft_runs, method):
     ckpt = torch.load(root / f"{method}.ckpt", weights_only=False)
     assert ckpt["step"] == steps - 1 and ckpt["trainable"].keys() == keys
     assert not (root / f"{method}.tmp").exists()
+
+
+def test_a_failed_rank_under_torchrun_fails_the_step_naming_the_fix(tmp_path):
+    # The flow's launch (tasks/train.py): a rank that raises ends torchrun, and the step fails with one
+    # line naming the code and the fix; no bundle appears, and the launch file stays for a look.
+    from tasks.train import _under_torchrun
+
+    out = tmp_path / "bundle-xbt"
+    args = dict(method="xbt", head_path=str(tmp_path / "no-head.safetensors"), out=str(out), nproc=2)
+    args |= dict(settings=None, embeddings={}, cache_root=str(tmp_path), pairs_path=str(tmp_path / "none.parquet"))
+    args |= dict(split=None, lineage={"new": str(tmp_path / "no-model"), "old": "", "root": "", "chain": []})
+    args |= dict(seed=0, progress=False, device="cpu", precision="fp32")
+    with pytest.raises(RuntimeError, match=r"under torchrun \(2 processes\) failed with exit code 1.*--nproc 1"):
+        _under_torchrun(args)
+    assert not out.exists() and (tmp_path / "bundle-xbt.launch.pt").exists()

@@ -203,3 +203,20 @@ def test_device_and_precision_settle_or_name_the_fix(monkeypatch):
     assert resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ValueError, match="'fp16' is not one of auto, fp32, bf16"):
         resolve_precision("fp16", "cpu")
+
+
+def test_training_processes_settle_or_name_the_fix(monkeypatch):
+    from xbtcore.ddp import resolve_nproc
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert resolve_nproc("auto", "cpu") == 1 and resolve_nproc("2", "cpu") == 2  # gloo ranks share the cores
+    assert resolve_nproc("auto", "cuda") == 4  # one per GPU
+    assert resolve_nproc("auto", "cuda:1") == 1  # a named GPU is one process
+    with pytest.raises(ValueError, match="names one: pass --device cuda .* or --nproc 1"):
+        resolve_nproc(2, "cuda:1")
+    with pytest.raises(ValueError, match="nproc 8: this machine has 4 CUDA GPU"):
+        resolve_nproc(8, "cuda")
+    with pytest.raises(ValueError, match="'two' is not a number: use auto"):
+        resolve_nproc("two", "cpu")
+    with pytest.raises(ValueError, match="at least one process"):
+        resolve_nproc(0, "cpu")

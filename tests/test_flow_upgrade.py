@@ -377,6 +377,33 @@ def test_bf16_frozen_passes_give_the_float32_upgrade_within_tolerance(prefect_ha
                 assert half["recall"][d][case][k] == pytest.approx(full["recall"][d][case][k], abs=5.0), (d, case, k)
 
 
+def test_training_under_torchrun_in_two_processes_gives_the_one_process_bundle(
+    prefect_harness, tiny, tmp_path, monkeypatch
+):
+    # --nproc 2 on the CPU: the flow's train step starts torchrun, two gloo ranks each train on half of every
+    # global batch, rank 0 writes the bundle. LoRA dropout off: with it a rank draws other masks than one
+    # process does for the same rows (tests/test_ddp.py), a valid but different sample.
+    monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
+    from safetensors.torch import load_file
+
+    from flows.upgrade import upgrade
+
+    no_dropout = {"finetune": {**FAST["finetune"], "lora.dropout": 0.0}}
+    one = upgrade(_params(tiny, tmp_path / "one", device="cpu", nproc=1, **no_dropout))
+    two = upgrade(_params(tiny, tmp_path / "two", device="cpu", nproc=2, **no_dropout))
+    assert (one["config"]["nproc"], two["config"]["nproc"]) == (1, 2)
+    assert two["steps"]["train"] == "Completed"  # trained again, not one process's cached bundle
+    files = ["phi.safetensors", "prompts.safetensors", "adapter/adapter_model.safetensors"]
+    for name in files:
+        want, got = load_file(tmp_path / "one" / "bundle" / name), load_file(tmp_path / "two" / "bundle" / name)
+        assert got.keys() == want.keys() and want
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, atol=1e-4, rtol=1e-3, msg=lambda m, k=k, n=name: f"{n} {k}: {m}")
+    assert not list((tmp_path / "two" / "work").glob("*.launch.pt"))  # the launch file is removed after
+    for d in ("t2i", "i2t"):
+        assert two["recall"][d]["new/old"] == pytest.approx(one["recall"][d]["new/old"], abs=1.0)
+
+
 def test_reruns_never_serve_an_output_that_changed_since(prefect_harness, tiny, tmp_path, monkeypatch):
     # Cached steps return paths in the run folder; a run with other inputs may have overwritten them since.
     import shutil

@@ -3,7 +3,8 @@
 Under torchrun each rank all-gathers the other ranks' embeddings *with*
 gradient (as open_clip's `gather_features` with `gather_with_grad=True`), so
 the loss and gradients equal those of one process on the concatenated batch.
-Outside torchrun every helper is the identity.
+Outside torchrun every helper is the identity. `resolve_nproc` settles how many
+processes the flow's training step runs in (tasks/train.py launches them).
 """
 
 from __future__ import annotations
@@ -26,6 +27,35 @@ class _AllGatherWithGrad(torch.autograd.Function):
         g = torch.stack(grads)  # (W, B, D)
         dist.all_reduce(g)  # every rank's loss depends on every slice
         return g[dist.get_rank()]
+
+
+NPROC_HELP = (
+    "processes training on the pairs runs in, under torchrun with the gradients averaged: auto (one per GPU "
+    "where --device is cuda and torch sees several, else 1) or N (on the CPU, N gloo processes share the cores)"
+)
+
+
+def resolve_nproc(nproc: int | str, device: str) -> int:
+    """'auto' -> the GPU count where `device` is every GPU ("cuda") and there are several, else 1; a number is
+    checked against the device. ValueError naming the value and the fix."""
+    on_gpu = torch.device(device).type == "cuda"
+    if nproc == "auto":
+        return torch.cuda.device_count() if on_gpu and torch.device(device).index is None else 1
+    try:
+        n = int(nproc)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"nproc {nproc!r} is not a number: use auto or a count of processes") from e
+    if n < 1:
+        raise ValueError(f"nproc {n}: training needs at least one process")
+    if on_gpu and n > 1:
+        if torch.device(device).index is not None:
+            raise ValueError(
+                f"nproc {n} runs one process per GPU but device {device!r} names one: "
+                "pass --device cuda (every GPU torch sees) or --nproc 1"
+            )
+        if n > torch.cuda.device_count():
+            raise ValueError(f"nproc {n}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return n
 
 
 def world_info() -> tuple[int, int]:
