@@ -8,7 +8,10 @@
   float32 and at bfloat16 (the product's bf16 path: bf16 weights under
   autocast), and both embed the same texts and images, alternating `--rounds`
   times; each side's fastest round counts -> items/s each, the speed-up, and
-  the smallest cosine between an item's two embeddings.
+  the smallest cosine between an item's two embeddings. Each item's forward
+  FLOPs are counted once (torch's FlopCounterMode over the tower with eager
+  attention: every matmul, the same at both precisions) -> the TFLOP/s each side reaches and, on a GPU whose
+  dense bf16 peak is in DENSE_BF16_TFLOPS, bf16's model FLOPs utilisation (MFU).
 - Trained weights: the zoo's new and old models embed the built-in world's
   corpus captions and eval images both ways -> the smallest and the mean
   cosine, how often an image's nearest caption changes (random weights say
@@ -33,10 +36,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import check_device, emit, machine, progress  # noqa: E402
-from bench.real_size import ARCHS, build, images, texts  # noqa: E402
+from bench.real_size import ARCHS, IMAGE_SIZE, TEXT_LEN, build, images, texts  # noqa: E402
 from xbtcore.encoders import PRECISIONS, DualEncoder  # noqa: E402
 
 BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16")
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by a part of the device's name.
+DENSE_BF16_TFLOPS = {
+    "H100 80GB HBM3": 989.4,  # SXM5
+    "H100 NVL": 835.5,
+    "H100 PCIe": 756.5,
+    "H200": 989.4,
+    "A100": 312.0,
+}
+MFU_GOAL = 0.40  # of the L/14 text tower's embedding pass at 77 tokens
 ZOO = ("zoo/new", "zoo/old")
 
 
@@ -53,6 +65,29 @@ def pair(ref: str, device: str) -> dict[str, DualEncoder]:
     return {name: DualEncoder.from_pretrained(ref, device=device, dtype=dtype) for name, dtype in PRECISIONS.items()}
 
 
+def peak_bf16_tflops(device: str) -> float | None:
+    """The GPU's dense bf16 peak (DENSE_BF16_TFLOPS); None on the CPU or a GPU not in the table."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf for part, tf in DENSE_BF16_TFLOPS.items() if part in name), None)
+
+
+def forward_gflops(model_dir: str, tower: str) -> float:
+    """GFLOPs of one 77-token text's or one 224 px image's forward pass through the tower, counted by torch's
+    FlopCounterMode with eager attention (its matmuls are counted; the fused kernel is not on every device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        if tower == "text":
+            model.get_text_features(input_ids=torch.ones(1, TEXT_LEN, dtype=torch.long))
+        else:
+            model.get_image_features(pixel_values=torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+    return counter.get_total_flops() / 1e9
+
+
 def timed(run, items, batch_size: int) -> tuple[float, torch.Tensor]:
     t0 = time.perf_counter()
     out = run(items, batch_size=batch_size)
@@ -60,7 +95,9 @@ def timed(run, items, batch_size: int) -> tuple[float, torch.Tensor]:
 
 
 def measure_arch(arch: str, n_texts: int, n_images: int, rounds: int, device: str) -> list[dict]:
-    encoders = pair(str(build(arch)), device)
+    model_dir = str(build(arch))
+    encoders = pair(model_dir, device)
+    peak = peak_bf16_tflops(device)
     rows = []
     for tower, items, batch in (("text", texts(n_texts), 64), ("image", images(n_images), 16)):
         best, outs = {}, {}
@@ -71,6 +108,8 @@ def measure_arch(arch: str, n_texts: int, n_images: int, rounds: int, device: st
                 seconds, outs[name] = timed(getattr(enc, f"embed_{tower}s"), items, batch)
                 best[name] = min(best.get(name, seconds), seconds)
         cos = (outs["fp32"] * outs["bf16"]).sum(1)
+        gflops = forward_gflops(model_dir, tower)
+        tflops = {name: gflops * len(items) / s / 1000 for name, s in best.items()}
         rows.append(
             {
                 "arch": arch,
@@ -79,6 +118,9 @@ def measure_arch(arch: str, n_texts: int, n_images: int, rounds: int, device: st
                 **{f"{name}_per_s": round(len(items) / s, 3) for name, s in best.items()},
                 "speedup": round(best["fp32"] / best["bf16"], 2),
                 "min_cosine": round(cos.min().item(), 5),
+                "gflops_per_item": round(gflops, 2),
+                **{f"{name}_tflops": round(tf, 3) for name, tf in tflops.items()},
+                "bf16_mfu": None if peak is None else round(tflops["bf16"] / peak, 4),
             }
         )
         progress(f"{arch} {tower}: fp32 {rows[-1]['fp32_per_s']}/s, bf16 {rows[-1]['bf16_per_s']}/s")
@@ -137,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
             "device": device,
             "cpu_bf16_flags": cpu_flags() if device == "cpu" else None,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "peak_bf16_tflops": peak_bf16_tflops(device),
+            "mfu_goal": MFU_GOAL,
             "real_size": real,
             "zoo": zoo,
         }

@@ -262,6 +262,21 @@ def test_precision_results_render_speed_and_agreement_per_model():
     assert "| L/14 | text | 20.0 | 60.0 | 3.0x | 0.9999 |" in page and "bf16 units: amx_bf16" in page
     assert "| zoo/new | 0.9998 / 0.99999 | 0.9997 / 0.99998 | 1.2% of 1,000 | n/a / n/a | n/a / n/a |" in page
     assert "bf16 units: none" in "\n".join(run_all.render_result("precision", {**r, "cpu_bf16_flags": []}))
+    assert run_all.goal_rows("precision", r) == []  # a result from before the FLOPs were counted: no goal row
+
+    # FLOPs counted: TFLOP/s on every device, MFU against the GPU's peak only where there is one
+    flops = {"gflops_per_item": 13.3, "fp32_tflops": 0.266, "bf16_tflops": 0.798, "bf16_mfu": None}
+    cpu = {**r, "device": "cpu", "mfu_goal": 0.4, "peak_bf16_tflops": None}
+    cpu["real_size"] = [{**r["real_size"][0], **flops}]
+    assert "| 0.9999 | 13.3 | 0.266 / 0.798 | n/a |" in "\n".join(run_all.render_result("precision", cpu))
+    ((item, goal, measured, met, _),) = run_all.goal_rows("precision", cpu)
+    assert met is None and measured == "not measured (no GPU): 0.798 TFLOP/s in bf16" and "40%" in goal
+    gpu = {**cpu, "device": "cuda", "peak_bf16_tflops": 989.4}
+    gpu["real_size"] = [{**cpu["real_size"][0], "bf16_tflops": 346.3, "bf16_mfu": 0.35}]
+    ((_, _, measured, met, reason),) = run_all.goal_rows("precision", gpu)
+    assert met is False and measured == "35.0% (346.3 of 989.4 TFLOP/s)" and reason
+    gpu["real_size"][0]["bf16_mfu"] = 0.41
+    assert run_all.goal_rows("precision", gpu)[0][3] is True
 
 
 def test_serving_results_render_their_goals_and_the_backfill_figure(tmp_path):
