@@ -241,7 +241,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEVICE_HELP = "auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
 PRECISION_HELP = (
     "of the frozen passes and of training's encoder forward (autocast): auto (bf16 on a GPU, fp32 on the CPU), "
-    "fp32 or bf16 (on a CPU with AMX or AVX512-BF16, 2.7-4.7x faster at CLIP's sizes: docs/benchmarks.md)"
+    "fp32 or bf16 (on a CPU with AMX or AVX512-BF16 several times faster at CLIP's sizes: docs/benchmarks.md)"
 )
 
 
