@@ -4,7 +4,8 @@
         [--device cpu|cuda]
 
 - Real sizes: each architecture of bench/real_size.py (random weights, 224 px,
-  77-token texts) is loaded twice through `DualEncoder.from_pretrained`, at
+  77-token texts, embedded in the corpus pass's batches, `xbtcore.cache.TEXT_BATCH`)
+  is loaded twice through `DualEncoder.from_pretrained`, at
   float32 and at bfloat16 (the product's bf16 path: bf16 weights under
   autocast), and both embed the same texts and images, alternating `--rounds`
   times; each side's fastest round counts -> items/s each, the speed-up, and
@@ -37,6 +38,7 @@ import torch  # noqa: E402
 
 from bench.common import check_device, emit, machine, progress  # noqa: E402
 from bench.real_size import ARCHS, IMAGE_SIZE, TEXT_LEN, build, images, texts  # noqa: E402
+from xbtcore.cache import TEXT_BATCH  # noqa: E402
 from xbtcore.encoders import PRECISIONS, DualEncoder  # noqa: E402
 
 BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16")
@@ -99,7 +101,7 @@ def measure_arch(arch: str, n_texts: int, n_images: int, rounds: int, device: st
     encoders = pair(model_dir, device)
     peak = peak_bf16_tflops(device)
     rows = []
-    for tower, items, batch in (("text", texts(n_texts), 64), ("image", images(n_images), 16)):
+    for tower, items, batch in (("text", texts(n_texts), TEXT_BATCH), ("image", images(n_images), 16)):
         best, outs = {}, {}
         for name, enc in encoders.items():  # warm-up: thread pools and kernels out of the timings
             getattr(enc, f"embed_{tower}s")(items[: min(4, len(items))], batch_size=batch)

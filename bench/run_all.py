@@ -435,7 +435,7 @@ def _mfu_goals(r: dict) -> list[tuple]:
             goal,
             f"{row['bf16_mfu']:.1%} ({row['bf16_tflops']} of {r['peak_bf16_tflops']} TFLOP/s)",
             row["bf16_mfu"] >= r["mfu_goal"],
-            "the pass embeds batches of 64 texts; a larger batch or torch.compile may fill the GPU more",
+            "the pass embeds 77-token texts in the corpus pass's batches (xbtcore.cache.TEXT_BATCH)",
         )
     ]
 

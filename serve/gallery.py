@@ -77,12 +77,7 @@ def index_gallery(
     from (same ids), kept for backfills and thumbnails."""
     from xbtcore.data import read_gallery
 
-    info = {
-        "model": model.ref,
-        "model_version": model.version,
-        "modality": modality,
-        "text_column": text_column,
-    }
+    info = {"model": model.ref, "model_version": model.version, "modality": modality, "text_column": text_column}
     if _is_embedding_parquet(source):
         check_gallery_space(source, model)
         row_ids, emb = read_gallery(source)
