@@ -53,8 +53,9 @@ def measure(arch: str, tower: str, precision: str, n: int, rounds: int) -> dict:
         return time.perf_counter() - t0, out
 
     embed(eager)  # warm-up
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # reset() keeps the counters
     first, _ = embed(compiled)  # the compilation
-    compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
     best, outs = {}, {}
     for _ in range(rounds):
         for side, enc in (("eager", eager), ("compiled", compiled)):
