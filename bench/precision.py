@@ -75,19 +75,23 @@ def peak_bf16_tflops(device: str) -> float | None:
     return next((tf for part, tf in DENSE_BF16_TFLOPS.items() if part in name), None)
 
 
-def forward_gflops(model_dir: str, tower: str) -> float:
-    """GFLOPs of one 77-token text's or one 224 px image's forward pass through the tower, counted by torch's
+def forward_gflops(model_dir: str) -> dict[str, float]:
+    """{"text", "image"}: GFLOPs of one 77-token text's and one 224 px image's forward pass, counted by torch's
     FlopCounterMode with eager attention (its matmuls are counted; the fused kernel is not on every device)."""
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPModel
 
     model = CLIPModel.from_pretrained(model_dir, attn_implementation="eager").eval()
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        if tower == "text":
-            model.get_text_features(input_ids=torch.ones(1, TEXT_LEN, dtype=torch.long))
-        else:
-            model.get_image_features(pixel_values=torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
-    return counter.get_total_flops() / 1e9
+    passes = {
+        "text": lambda: model.get_text_features(input_ids=torch.ones(1, TEXT_LEN, dtype=torch.long)),
+        "image": lambda: model.get_image_features(pixel_values=torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)),
+    }
+    out = {}
+    for tower, forward in passes.items():
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            forward()
+        out[tower] = counter.get_total_flops() / 1e9
+    return out
 
 
 def timed(run, items, batch_size: int) -> tuple[float, torch.Tensor]:
@@ -99,7 +103,7 @@ def timed(run, items, batch_size: int) -> tuple[float, torch.Tensor]:
 def measure_arch(arch: str, n_texts: int, n_images: int, rounds: int, device: str) -> list[dict]:
     model_dir = str(build(arch))
     encoders = pair(model_dir, device)
-    peak = peak_bf16_tflops(device)
+    peak, flops = peak_bf16_tflops(device), forward_gflops(model_dir)
     rows = []
     for tower, items, batch in (("text", texts(n_texts), TEXT_BATCH), ("image", images(n_images), 16)):
         best, outs = {}, {}
@@ -110,7 +114,7 @@ def measure_arch(arch: str, n_texts: int, n_images: int, rounds: int, device: st
                 seconds, outs[name] = timed(getattr(enc, f"embed_{tower}s"), items, batch)
                 best[name] = min(best.get(name, seconds), seconds)
         cos = (outs["fp32"] * outs["bf16"]).sum(1)
-        gflops = forward_gflops(model_dir, tower)
+        gflops = flops[tower]
         tflops = {name: gflops * len(items) / s / 1000 for name, s in best.items()}
         rows.append(
             {

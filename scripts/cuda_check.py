@@ -17,11 +17,11 @@ the product (`encoders.PRECISIONS`):
   largest gap in points.
 
 Each check has a tolerance (TOLERANCE, set before any GPU ran it) and the
-result says which passed. It
-needs torch, transformers, peft, pyarrow, pillow and safetensors only (no
-Prefect, DuckDB, faiss or MLflow), so a bare GPU image with PyTorch runs it.
-With `--device cpu` both sides run on the CPU, which checks the script itself
-(tests/test_bench.py). Prints one JSON object (also written to DIR/cuda_check.json).
+result says which passed. It needs torch, transformers, peft, pyarrow, pillow
+and safetensors only (no Prefect, DuckDB, faiss or MLflow), so a bare GPU image
+with PyTorch runs it. With `--device cpu` both sides run on the CPU, which
+checks the script itself (tests/test_cuda_check.py). Prints one JSON object
+(also written to DIR/cuda_check.json).
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ TOLERANCE = {
 }
 
 
-def run_side(models: dict, world: dict, device: str, precision: str) -> dict:
-    """Every step on one device at one precision -> embeddings, loss curves and recall."""
+def run_side(models: dict, world: dict, gallery: torch.Tensor, device: str, precision: str) -> dict:
+    """Every step on one device at one precision -> embeddings, loss curves and recall against `gallery`,
+    the eval images by the old model on the CPU (the stored old gallery)."""
     dtype = PRECISIONS[precision]
     old = DualEncoder.from_pretrained(models["old"], device=device, dtype=dtype)
     new = DualEncoder.from_pretrained(models["new"], device=device, dtype=dtype)
@@ -80,7 +81,6 @@ def run_side(models: dict, world: dict, device: str, precision: str) -> dict:
     eval_images = [ev.load_image(i) for i in range(ev.n_images)]
     with torch.inference_mode():
         queries = F.normalize(phi(trainee.embed_texts(ev.captions).to(device)), dim=-1).cpu()
-    gallery = DualEncoder.from_pretrained(models["old"]).embed_images(eval_images)  # the stored old gallery
     return {
         "texts": w_new.float().cpu(),
         "images": new.embed_images(eval_images).float().cpu(),
@@ -119,10 +119,12 @@ def main(argv: list[str] | None = None) -> dict:
     world = shapes.write_world(root / "world", WORLD)
     models = {"old": args.old, "new": args.new}
     t0 = time.perf_counter()
-    ref = run_side(models, world, "cpu", "fp32")
+    ev = read_pairs(world["eval"])
+    gallery = DualEncoder.from_pretrained(models["old"]).embed_images([ev.load_image(i) for i in range(ev.n_images)])
+    ref = run_side(models, world, gallery, "cpu", "fp32")
     checks = {}
     for precision in PRECISIONS:
-        side = run_side(models, world, device, precision)
+        side = run_side(models, world, gallery, device, precision)
         checks[precision] = compare(side, ref, precision) | {"recall_t2i": side["recall"]}
     result = {
         "check": "cuda_check",
