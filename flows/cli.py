@@ -23,7 +23,7 @@ from pathlib import Path
 from xbtcore.backfill import BACKFILL_ORDER, BACKFILL_ORDERS
 from xbtcore.config import parse_settings
 from xbtcore.ddp import NPROC_HELP
-from xbtcore.encoders import DEVICE_HELP, PRECISION_HELP, PRECISIONS
+from xbtcore.encoders import COMPILE_HELP, DEVICE_HELP, PRECISION_HELP, PRECISIONS
 from xbtcore.search import BATCH_WAIT_S
 
 STARTED = time.time()  # the report's total time counts from here
@@ -120,6 +120,7 @@ def _choice(a) -> dict:
         allow_old_encoder=a.allow_old_encoder,
         device=a.device,
         precision=a.precision,
+        compile=a.compile,
         nproc=a.nproc,
         **parse_settings(a.set),
     )
@@ -155,7 +156,7 @@ def cmd_embed(a) -> int:
     from xbtcore.bundle import is_bundle, load_compatible
     from xbtcore.data import LazyImages, check_output, write_embeddings_parquet
     from xbtcore.embed_input import read_ids, read_images, read_texts
-    from xbtcore.encoders import DualEncoder, resolve_device, resolve_precision
+    from xbtcore.encoders import DualEncoder, resolve_compile, resolve_device, resolve_precision
 
     check_output(a.out, folder=False)
     resolved = resolve_ref(a.model)
@@ -171,6 +172,7 @@ def cmd_embed(a) -> int:
         root = meta.root_model
     else:
         encoder, root = DualEncoder.from_pretrained(ref, **on), ref
+    encoder.compiled = resolve_compile(a.compile, device)
     if a.modality == "text":
         emb = encoder.embed_texts(items, batch_size=a.batch_size, progress=True)
     else:
@@ -188,13 +190,14 @@ def cmd_embed(a) -> int:
     return 0
 
 
-def _query_model(ref: str, device: str = "cpu", precision: str = "auto"):
-    """The model at `ref` on `device` at `precision`, as --device and --precision settle them."""
+def _query_model(ref: str, device: str = "cpu", precision: str = "auto", compile: str = "off"):
+    """The model at `ref` on `device` at `precision`, its bulk passes compiled or not, as --device,
+    --precision and --compile settle them."""
     from serve.engine import load_query_model
-    from xbtcore.encoders import resolve_device, resolve_precision
+    from xbtcore.encoders import resolve_compile, resolve_device, resolve_precision
 
     device = resolve_device(device)
-    return load_query_model(ref, device, resolve_precision(precision, device))
+    return load_query_model(ref, device, resolve_precision(precision, device), resolve_compile(compile, device))
 
 
 def cmd_index(a) -> int:
@@ -203,7 +206,7 @@ def cmd_index(a) -> int:
 
     check_output(a.out, folder=True)
     r = index_gallery(
-        _query_model(a.model, a.device, a.precision),
+        _query_model(a.model, a.device, a.precision, a.compile),
         a.input,
         a.modality,
         a.out,
@@ -293,7 +296,11 @@ def cmd_backfill(a) -> int:
     if not a.new:
         raise ValueError("pass --new REF (the model whose own space to backfill into), or --status/--remove-old")
     r = backfill(
-        a.index, _query_model(a.new, a.device, a.precision), order=a.order, chunk_rows=a.chunk_rows, seed=a.seed
+        a.index,
+        _query_model(a.new, a.device, a.precision, a.compile),
+        order=a.order,
+        chunk_rows=a.chunk_rows,
+        seed=a.seed,
     )
     if a.qdrant and r["complete"]:  # the new space's collection, then Qdrant's alias swap
         from serve.qdrant import ALIAS, connect, export
@@ -421,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     def runtime(sp):
         sp.add_argument("--device", default="auto", help="where the encoders and training run: " + DEVICE_HELP)
         sp.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS], help=PRECISION_HELP)
+        sp.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help=COMPILE_HELP)
 
     def common(sp):
         runtime(sp)

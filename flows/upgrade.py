@@ -58,7 +58,15 @@ from xbtcore.bundle import GAIN_FILE, is_bundle
 from xbtcore.config import Settings, apply_overrides
 from xbtcore.data import Gallery, ValSplit, check_output, parquet_files, read_pairs
 from xbtcore.ddp import NPROC_HELP, resolve_nproc
-from xbtcore.encoders import DEVICE_HELP, PRECISION_HELP, check_model_dir, resolve_device, resolve_precision
+from xbtcore.encoders import (
+    COMPILE_HELP,
+    DEVICE_HELP,
+    PRECISION_HELP,
+    check_model_dir,
+    resolve_compile,
+    resolve_device,
+    resolve_precision,
+)
 from xbtcore.finetune import FinetuneConfig
 from xbtcore.methods import by_cost, get_method, head_owner
 from xbtcore.methods.select import choose, qualifies
@@ -112,6 +120,7 @@ class UpgradeParams(BaseModel):
     )
     device: str = Field("auto", description=DEVICE_HELP)
     precision: str = Field("auto", description=PRECISION_HELP)
+    compile: str | bool = Field("auto", description=COMPILE_HELP)
     nproc: int | str = Field("auto", description=NPROC_HELP)
     seed: int = Field(0, ge=0)
     text_column: str = Field("caption", min_length=1)
@@ -205,6 +214,7 @@ class UpgradeParams(BaseModel):
             raise ValueError("--method auto chooses on the validation pairs: give --val-fraction above 0")
         self.device = resolve_device(self.device)  # "auto" settles here, on the machine that runs the flow
         self.precision = resolve_precision(self.precision, self.device)
+        self.compile = resolve_compile(self.compile, self.device)
         self.nproc = resolve_nproc(self.nproc, self.device)
         self._preflight()
         return self
@@ -289,6 +299,7 @@ def train_candidate(ctx: Context, method: str) -> dict:
                 [refs[n] for n in ("w_new", "w_old") if n in needs],
                 ctx.corpus["path"],
                 precision=p.precision,
+                compile=p.compile,
             )
         embeddings = embed_frozen(
             needs,
@@ -305,6 +316,7 @@ def train_candidate(ctx: Context, method: str) -> dict:
             progress=p.progress,
             device=p.device,
             precision=p.precision,
+            compile=p.compile,
         )
     compatible_targets = ctx.targets != ctx.inputs["root"]
     head = None
@@ -539,6 +551,7 @@ def upgrade(params: UpgradeParams) -> dict:
             "val_fraction": params.val_fraction,
             "device": params.device,
             "precision": params.precision,
+            "compile": params.compile,
             "nproc": params.nproc,
             **dataclasses.asdict(spec.config(settings)),
             "text_column": params.text_column,

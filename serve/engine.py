@@ -53,9 +53,10 @@ class QueryModel:
         return self._own
 
 
-def load_query_model(ref: str, device: str = "cpu", precision: str = "fp32") -> QueryModel:
+def load_query_model(ref: str, device: str = "cpu", precision: str = "fp32", compile: bool = False) -> QueryModel:
     """A model REF (HF id or folder, bundle, models:/ URI) -> its encoders and spaces, on `device` at
-    `precision` (encoders.PRECISIONS)."""
+    `precision` (encoders.PRECISIONS), their bulk passes torch.compile'd where `compile` (an index's
+    or a backfill's; queries one at a time are not worth compiling)."""
     from tasks.common import absolute_ref
     from tasks.registry import pinned_ref, resolve_ref, space_of
     from xbtcore.bundle import base_encoder, is_bundle, load_compatible, read_meta
@@ -66,9 +67,14 @@ def load_query_model(ref: str, device: str = "cpu", precision: str = "fp32") -> 
     resolved = absolute_ref(resolve_ref(ref))
     pinned = pinned_ref(ref, resolved)
     version = pinned.rsplit("/", 1)[1] if pinned.startswith("models:/") else fingerprint_model(resolved)[:8]
+
+    def compiled(encoder):
+        encoder.compiled = compile
+        return encoder
+
     if is_bundle(resolved):
         meta = read_meta(resolved)
-        compat, _ = load_compatible(resolved, **on)
+        compat = compiled(load_compatible(resolved, **on)[0])
         return QueryModel(
             ref,
             resolved,
@@ -76,10 +82,10 @@ def load_query_model(ref: str, device: str = "cpu", precision: str = "fp32") -> 
             space_of(meta.root_model),
             space_of(meta.base_model),
             compat,
-            lambda: base_encoder(Path(resolved), meta, **on),
+            lambda: compiled(base_encoder(Path(resolved), meta, **on)),
             precision,
         )
-    encoder = DualEncoder.from_pretrained(resolved, **on)
+    encoder = compiled(DualEncoder.from_pretrained(resolved, **on))
     space = space_of(resolved)
     return QueryModel(ref, resolved, version, space, space, encoder, precision=precision)
 

@@ -64,6 +64,7 @@ def embed_frozen(
     progress: bool = True,
     device: str = "cpu",
     precision: str = "fp32",
+    compile: bool = False,
 ) -> dict:
     """Embed what `needs` names (from methods.EMBEDDINGS) into the cache; -> {name: cache key}.
 
@@ -71,7 +72,8 @@ def embed_frozen(
     "old" is a model (in a chain link the root model, by default), or the champion bundle
     (`old_space_encoder`), whose compatible embeddings stand in for it; its image embeddings
     come from the stored `gallery` where it holds an image's id. The encoders run on `device` at
-    `precision` (encoders.PRECISIONS; bf16 embeddings are cached apart from float32 ones).
+    `precision` (encoders.PRECISIONS; bf16 embeddings are cached apart from float32 ones), their
+    passes torch.compile'd where `compile` (encoders.resolve_compile).
     """
     unknown = sorted(set(needs) - set(EMBEDDINGS))
     if unknown or not needs:
@@ -85,6 +87,8 @@ def embed_frozen(
     new = None
     if any(n.startswith(("w_new", "v_new")) for n in needs):
         new = DualEncoder.from_pretrained(new_ref, device=device, dtype=PRECISIONS[precision])
+        new.compiled = compile
+    old.compiled = compile
     stored = Gallery(gallery) if gallery else None
 
     def key(encoder, data_fp: str, modality: str, rows: int, extra: str = "") -> dict:  # cache.cached_*'s key

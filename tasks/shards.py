@@ -22,15 +22,17 @@ from .common import log
 _ENCODERS: dict[tuple[str, str], object] = {}  # (ref, precision) -> encoder, one load per worker process
 
 
-def _encoder(ref: str, precision: str = "fp32"):
+def _encoder(ref: str, precision: str = "fp32", compile: bool = False):
     """The encoder at `ref` on this process's device (a worker's GPU when it has one) at `precision`, the
-    flow's: its shards are the cache entry the flow's embed step reads."""
+    flow's: its shards are the cache entry the flow's embed step reads. `compile`: its passes run
+    torch.compile'd (encoders.resolve_compile)."""
     from xbtcore.encoders import resolve_device
 
     from .embed import old_space_encoder  # a model, or a champion bundle whose compatible space is "old"
 
     if (ref, precision) not in _ENCODERS:
         _ENCODERS[ref, precision] = old_space_encoder(ref, resolve_device("auto"), precision)
+    _ENCODERS[ref, precision].compiled = compile
     return _ENCODERS[ref, precision]
 
 
@@ -59,7 +61,15 @@ def caption_rows(path: str, start: int, stop: int) -> list[str]:
 
 
 @task(name="embed-shard", retries=1)
-def embed_shard(cache_root: str, ref: str, corpus_path: str, entry: dict, shard: int, precision: str = "fp32") -> int:
+def embed_shard(
+    cache_root: str,
+    ref: str,
+    corpus_path: str,
+    entry: dict,
+    shard: int,
+    precision: str = "fp32",
+    compile: bool = False,
+) -> int:
     """Shard `shard` of a corpus entry by the encoder at `ref`, written into the cache -> rows embedded."""
     cache = EmbeddingCache(cache_root)
     d = cache.entry_dir(entry["model"], entry["data"], "text")
@@ -68,7 +78,8 @@ def embed_shard(cache_root: str, ref: str, corpus_path: str, entry: dict, shard:
     start = shard * entry["shard_rows"]
     stop = min(start + entry["shard_rows"], entry["rows"])
     texts = caption_rows(corpus_path, start, stop)
-    cache.write_shard(d, shard, _encoder(ref, precision).embed_texts(texts, batch_size=TEXT_BATCH), stop - start)
+    emb = _encoder(ref, precision, compile).embed_texts(texts, batch_size=TEXT_BATCH)
+    cache.write_shard(d, shard, emb, stop - start)
     return stop - start
 
 
@@ -89,23 +100,27 @@ def missing_shards(
 
 
 @flow(name="xbt-embed-corpus-sharded")
-def embed_corpus_sharded(cache_root: str, corpus_path: str, plan: list[tuple], precision: str = "fp32") -> dict:
+def embed_corpus_sharded(
+    cache_root: str, corpus_path: str, plan: list[tuple], precision: str = "fp32", compile: bool = False
+) -> dict:
     """Each (ref, entry, shard) of `plan` as its own task on the flow's task runner -> {"shards", "rows"}."""
-    futures = [embed_shard.submit(cache_root, ref, corpus_path, entry, i, precision) for ref, entry, i in plan]
+    futures = [
+        embed_shard.submit(cache_root, ref, corpus_path, entry, i, precision, compile) for ref, entry, i in plan
+    ]
     rows = sum(f.result() for f in futures)
     log().info("embedded %d corpus rows in %d shards across the Dask workers", rows, len(futures))
     return {"shards": len(futures), "rows": rows}
 
 
 def embed_corpus_on_dask(
-    spec: str, cache_root: str, refs: list[str], corpus_path: str, precision: str = "fp32", **kw
+    spec: str, cache_root: str, refs: list[str], corpus_path: str, precision: str = "fp32", compile: bool = False, **kw
 ) -> dict:
-    """The missing shards of the corpus entries of `refs` at `precision`, on a DaskTaskRunner made from
-    --dask's value; no cluster starts when the cache already holds them all."""
+    """The missing shards of the corpus entries of `refs` at `precision` (`compile`: torch.compile'd passes),
+    on a DaskTaskRunner made from --dask's value; no cluster starts when the cache already holds them all."""
     from prefect_dask import DaskTaskRunner
 
     plan = missing_shards(cache_root, refs, corpus_path, precision=precision, **kw)
     if not plan:
         return {"shards": 0, "rows": 0}
     runner = DaskTaskRunner(**parse_dask(spec))
-    return embed_corpus_sharded.with_options(task_runner=runner)(cache_root, corpus_path, plan, precision)
+    return embed_corpus_sharded.with_options(task_runner=runner)(cache_root, corpus_path, plan, precision, compile)

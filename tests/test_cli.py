@@ -194,6 +194,20 @@ def test_embed_and_index_take_a_device_and_precision(tiny, tmp_path):
     assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "o" / "report.json").exists()
 
 
+def test_embed_compiled_gives_the_plain_embeddings(tiny, tmp_path):
+    from xbtcore.data import read_gallery
+
+    args = ("--model", tiny["new"], "--input", tiny["eval"], "--modality", "text", "--device", "cpu")
+    for compile in ("on", "off"):
+        r = xbt("embed", *args, "--out", tmp_path / f"{compile}.parquet", "--compile", compile)
+        assert r.returncode == 0, r.stderr
+        assert "torch.compile of" not in r.stderr  # it compiled, not fell back
+    (ids, on), (ids_off, off) = (read_gallery(tmp_path / f"{c}.parquet") for c in ("on", "off"))
+    assert ids == ids_off
+    torch.testing.assert_close(on, off, atol=1e-5, rtol=0)
+    _one_line_error(xbt("embed", *args, "--out", tmp_path / "x.parquet", "--compile", "yes"), "invalid choice: 'yes'")
+
+
 def test_promote_and_rollback_commands(tmp_path, monkeypatch):
     from tasks import registry
     from tests.test_mlflow_registry import _register

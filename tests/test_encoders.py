@@ -9,7 +9,14 @@ from families import EMBED_DIM, save_tiny_family, tiny_family_model
 from worlds import shapes
 from worlds.tinyclip import TinyClipSpec, make_tiny_clip, save_checkpoint
 from xbtcore.cache import cache_model_key
-from xbtcore.encoders import DualEncoder, ModelLoadError, resolve_device, resolve_precision
+from xbtcore.encoders import (
+    LENGTH_STEP,
+    DualEncoder,
+    ModelLoadError,
+    resolve_compile,
+    resolve_device,
+    resolve_precision,
+)
 
 SPEC = TinyClipSpec(width=32, layers=1, heads=2, embed_dim=16)
 
@@ -183,6 +190,59 @@ def test_bf16_passes_on_the_cpu_match_float32_within_bf16_tolerance(enc, clip_di
         cos = (full * low).sum(1)
         assert cos.min() > 0.99 and not torch.equal(full, low), name  # bf16 ran, and stayed close
     assert cache_model_key(half) == cache_model_key(enc) + "-bf16"  # never mixed with float32 entries
+
+
+def test_compiled_passes_meet_few_shapes_and_equal_the_plain_ones(enc, clip_dir, texts, images):
+    # Batches of 7 over 20 texts: three length buckets of LENGTH_STEP tokens, a last batch of 6 rows padded to 7
+    # (the cap); images: 4 + 2 rows. Each shape compiles once, and a second pass compiles nothing.
+    compiled = DualEncoder.from_pretrained(str(clip_dir))
+    compiled.compiled = True
+    lengths = sorted((len(ids) for ids in enc.tokenizer(texts)["input_ids"]), reverse=True)
+    buckets = {min(-(-lengths[i] // LENGTH_STEP) * LENGTH_STEP, enc.max_text_length) for i in range(0, 20, 7)}
+    assert len(buckets) >= 2  # the texts span several buckets, so padding past a batch's longest text is exercised
+    stats = torch._dynamo.utils.counters["stats"]
+    graphs = stats["unique_graphs"]
+    t, v = compiled.embed_texts(texts, batch_size=7), compiled.embed_images(images, batch_size=4)
+    assert 0 < stats["unique_graphs"] - graphs <= len(buckets) + 2 and compiled.compiled
+    graphs = stats["unique_graphs"]
+    again = compiled.embed_texts(texts, batch_size=7)
+    assert stats["unique_graphs"] == graphs  # same shapes: nothing recompiles
+    torch.testing.assert_close(t, enc.embed_texts(texts, batch_size=7), atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, t, atol=0, rtol=0)
+    torch.testing.assert_close(v, enc.embed_images(images, batch_size=4), atol=1e-5, rtol=0)
+    # Two texts of other lengths in one bucket, as batches of one and two rows: one new shape between them.
+    by_length = {len(ids): text for ids, text in zip(enc.tokenizer(texts)["input_ids"], texts)}
+    bucket_of = {n: min(-(-n // LENGTH_STEP) * LENGTH_STEP, enc.max_text_length) for n in by_length}
+    same = max(([n for n in by_length if bucket_of[n] == b] for b in set(bucket_of.values())), key=len)
+    assert len(same) >= 2
+    graphs = stats["unique_graphs"]
+    compiled.embed_texts([by_length[same[0]]] * 2, batch_size=2)
+    compiled.embed_texts([by_length[same[1]], by_length[same[0]]], batch_size=2)
+    assert stats["unique_graphs"] - graphs == 1
+
+
+def test_a_tower_that_cannot_compile_warns_and_embeds_without(enc, clip_dir, texts, monkeypatch):
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("InductorError: no C++ compiler\nsecond line")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    other = DualEncoder.from_pretrained(str(clip_dir))
+    other.compiled = True
+    failed = "torch.compile of .*'s text tower failed here .*no C.. compiler.*--compile off"
+    with pytest.warns(UserWarning, match=failed):
+        out = other.embed_texts(texts, batch_size=7)
+    assert not other.compiled
+    torch.testing.assert_close(out, enc.embed_texts(texts, batch_size=7), atol=1e-5, rtol=0)
+
+
+def test_compile_settles_by_device_or_names_the_choices():
+    assert resolve_compile("auto", "cuda:0") and not resolve_compile("auto", "cpu")
+    assert resolve_compile("on", "cpu") and not resolve_compile("off", "cuda") and resolve_compile(True, "cpu")
+    with pytest.raises(ValueError, match="compile 'yes' is not one of auto, on, off"):
+        resolve_compile("yes", "cpu")
 
 
 def test_device_and_precision_settle_or_name_the_fix(monkeypatch):

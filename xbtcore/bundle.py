@@ -212,6 +212,17 @@ class CompatibleEncoder:
         """The new encoder's (the precision of its passes)."""
         return self.encoder.dtype
 
+    @property
+    def compiled(self) -> bool:
+        """Whether its encoders' passes run torch.compile'd (DualEncoder.compiled)."""
+        return self.encoder.compiled
+
+    @compiled.setter
+    def compiled(self, on: bool) -> None:
+        for encoder in (self.encoder, self.old):
+            if encoder is not None:
+                encoder.compiled = on
+
     def _map(self, new_emb: torch.Tensor, old_emb: torch.Tensor | None, batch_size: int = 8192) -> torch.Tensor:
         device = next(itertools.chain(self.phi.parameters(), self.phi.buffers())).device
         out = []

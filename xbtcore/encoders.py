@@ -14,6 +14,7 @@ on the CPU.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +267,47 @@ def resolve_device(device: str = "auto") -> str:
     return str(d)
 
 
+COMPILE_HELP = (
+    "torch.compile the frozen embedding passes (texts padded to a multiple of 8 tokens and batches to a "
+    "power of two, so each tower compiles a few shapes once): auto (on a GPU), on or off (docs/method.md)"
+)
+# Shapes a compiled pass meets: texts padded up to a multiple of this many tokens, batches up to a power of two.
+LENGTH_STEP = 8
+
+
+def resolve_compile(compile: str | bool, device: str) -> bool:
+    """'auto' -> on for a CUDA device, off on the CPU; 'on' / 'off' (or a bool) as given.
+    ValueError naming the value and the choices."""
+    if isinstance(compile, bool):
+        return compile
+    if compile == "auto":
+        return torch.device(device).type == "cuda"
+    if compile not in ("on", "off"):
+        raise ValueError(f"compile {compile!r} is not one of auto, on, off")
+    return compile == "on"
+
+
+def _bucket(n: int, cap: int, step: int | None = None) -> int:
+    """n rounded up to a multiple of `step` (else to a power of two), at most `cap`."""
+    up = -(-n // step) * step if step else 1 << max(n - 1, 0).bit_length()
+    return max(n, min(cap, up))
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with copies of its first row appended up to `rows` (a copy, not a blank row: an all-masked
+    text would make attention's softmax NaN)."""
+    return x if len(x) >= rows else torch.cat([x, x[:1].expand(rows - len(x), *x.shape[1:])])
+
+
+def _allow_compiled_shapes() -> None:
+    # Every model's feature method is one code object to dynamo; past its recompile limit it would
+    # silently run eager. Two towers of two or three models at ~10 lengths and ~9 batch sizes each fit.
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+
+
 def resolve_precision(precision: str, device: str) -> str:
     """'auto' -> 'bf16' on a CUDA device, 'fp32' on the CPU; else one of PRECISIONS (ValueError otherwise)."""
     if precision == "auto":
@@ -292,6 +334,8 @@ class DualEncoder:
     ref: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    compiled: bool = False  # embed_texts / embed_images run torch.compile'd towers on bucketed shapes
+    _compiled_towers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.device = torch.device(self.device)
@@ -337,6 +381,27 @@ class DualEncoder:
             lengths.append(text_config.max_position_embeddings)
         return int(min(lengths))
 
+    def _forward(self, name: str, *inputs: torch.Tensor) -> torch.Tensor:
+        """Tower `name` ("text" / "image") on `inputs` for the inference passes: compiled once per
+        encoder when `compiled`, else the plain forward. Where this machine cannot compile (no C++
+        compiler, no Triton), it warns once and goes on without."""
+        plain = {"text": self.text_features, "image": self.image_features}[name]
+        if not self.compiled:
+            return plain(*inputs)
+        if name not in self._compiled_towers:
+            _allow_compiled_shapes()
+            self._compiled_towers[name] = torch.compile(plain, dynamic=False)
+        try:
+            return self._compiled_towers[name](*inputs)
+        except Exception as e:  # inductor's and dynamo's failures have no common base class
+            warnings.warn(
+                f"torch.compile of {self.ref}'s {name} tower failed here ({_first_line(e)}); embedding "
+                "without it (--compile off skips the attempt)",
+                stacklevel=2,
+            )
+            self.compiled = False
+            return plain(*inputs)
+
     # preprocessing
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -365,6 +430,9 @@ class DualEncoder:
 
         Texts are sorted by token length and each batch is padded to its own
         longest text: padding is masked out, so results equal one-at-a-time ones.
+        When `compiled`, a batch is padded further, to a multiple of LENGTH_STEP tokens
+        and a power of two rows (copies of its first text), so the compiled tower meets
+        a few shapes; the extra rows are dropped.
         """
         texts = list(texts)
         # Tokenize once, unpadded; each batch is then only padded (on a GPU the tokenizer is the bottleneck).
@@ -376,14 +444,18 @@ class DualEncoder:
         with torch.inference_mode(), self._autocast(), _progress(len(texts), "embed texts", progress) as bar:
             for start in range(0, len(texts), batch_size):
                 idx = order[start : start + batch_size]
+                length = self.max_text_length if to_max else len(tokens["input_ids"][idx[0]])  # the longest
+                if self.compiled:
+                    length = _bucket(length, self.max_text_length, LENGTH_STEP)
                 enc = self.tokenizer.pad(
                     {k: [tokens[k][i] for i in idx] for k in keys},
-                    padding="max_length" if to_max else True,
-                    max_length=self.max_text_length if to_max else None,
+                    padding="max_length",
+                    max_length=length,
                     return_tensors="pt",
                 )
-                enc = {k: enc[k].to(self.device) for k in keys}
-                feats = self.text_features(enc["input_ids"], enc.get("attention_mask"))  # (b, D)
+                rows = _bucket(len(idx), batch_size) if self.compiled else len(idx)
+                enc = {k: _pad_rows(enc[k], rows).to(self.device) for k in keys}
+                feats = self._forward("text", enc["input_ids"], enc.get("attention_mask"))[: len(idx)]  # (b, D)
                 chunks.append(F.normalize(feats.float(), dim=-1).cpu())
                 bar.update(len(idx))
         if not chunks:
@@ -407,7 +479,9 @@ class DualEncoder:
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
                 pixels = self.preprocess_images([images[i] for i in range(start, stop)])  # (b, C, H, W)
-                feats = self.image_features(pixels.to(self.device, self.dtype))  # (b, D)
+                if self.compiled:
+                    pixels = _pad_rows(pixels, _bucket(stop - start, batch_size))
+                feats = self._forward("image", pixels.to(self.device, self.dtype))[: stop - start]  # (b, D)
                 if out is None:
                     out = torch.empty(n, feats.shape[1])
                 out[start:stop] = F.normalize(feats.float(), dim=-1).cpu()
