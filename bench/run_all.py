@@ -61,6 +61,7 @@ BENCHES = {
     "real_size": Bench("bench/real_size.py", takes_device=True, fast=False),
     "real_size-bf16": Bench("bench/real_size.py", ("--precision", "bf16"), takes_device=True, fast=False),
     "precision": Bench("bench/precision.py", takes_device=True),
+    "compile": Bench("bench/compile_bench.py", takes_device=True, fast=False),
     "serving_backfill": Bench("bench/serving.py", ("backfill",)),
     "serving_load": Bench("bench/serving.py", ("load",)),
     "serving_crash": Bench("bench/serving.py", ("crash", "--eval-images", "1000")),
@@ -719,6 +720,38 @@ def _precision(r: dict) -> list[str]:
     return lines
 
 
+def _compile(r: dict) -> list[str]:
+    """Compiled against plain frozen passes (`--compile on`): speed, what compiling costs, where it pays."""
+    header = [
+        "| model | tower | precision | items (batch) | plain items/s | compiled items/s | speed-up | graphs "
+        "| compile overhead | pays past | smallest cosine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def rows(xs: list[dict]) -> list[str]:
+        return [
+            f"| {x['model']} | {x['tower']} | {x['precision']} | {x['items']:,} ({x['batch']}) | {x['plain_per_s']} "
+            f"| {x['compiled_per_s']}{'' if x['still_compiled'] else ' (fell back)'} | {x['speedup']}x "
+            f"| {x['graphs_compiled']} | {x['compile_overhead_s']} s "
+            f"| {'never' if x['pays_after_items'] is None else format(x['pays_after_items'], ',') + ' items'} "
+            f"| {x['min_cosine']} |"
+            for x in xs
+        ]
+
+    return [
+        "Real sizes: random weights, texts of 5 to 77 tokens (evenly spread), 224 px images. Pays past: the "
+        "items after which the compile overhead is won back.",
+        "",
+        *header,
+        *rows(r["real_size"]),
+        "",
+        "The zoo's trained models at float32 on the built-in world's corpus captions and eval images:",
+        "",
+        *header,
+        *rows(r["zoo"]),
+    ]
+
+
 TABLES = {
     "quality": _quality,
     "cost": _cost,
@@ -727,6 +760,7 @@ TABLES = {
     "zeroshot": _zeroshot,
     "real_size": _real_size,
     "precision": _precision,
+    "compile": _compile,
     "serving_backfill": _serving_backfill,
 }
 

@@ -328,3 +328,26 @@ def test_serving_results_render_their_goals_and_the_backfill_figure(tmp_path):
     svg = (doc.parent / run_all.BACKFILL_FIGURE).read_text()
     assert svg.startswith("<svg") and svg.count("<polyline") == 2 and f"]({run_all.BACKFILL_FIGURE})" in text
     assert svg.count("<polygon") == 1 and "random: the mean of 5 orders" in text  # their range, shaded
+
+
+def test_compile_results_render_speed_overhead_and_break_even():
+    row = {
+        "model": "L/14",
+        "tower": "text",
+        "precision": "bf16",
+        "items": 2048,
+        "batch": 512,
+        "plain_per_s": 40.0,
+        "compiled_per_s": 60.0,
+        "speedup": 1.5,
+        "graphs_compiled": 4,
+        "compile_overhead_s": 12.5,
+        "pays_after_items": 1500,
+        "min_cosine": 0.9999,
+        "still_compiled": True,
+    }
+    slower = {**row, "tower": "image", "speedup": 0.98, "pays_after_items": None, "still_compiled": False}
+    page = "\n".join(run_all.render_result("compile", {"real_size": [row, slower], "zoo": [row]}))
+    assert "| L/14 | text | bf16 | 2,048 (512) | 40.0 | 60.0 | 1.5x | 4 | 12.5 s | 1,500 items | 0.9999 |" in page
+    assert "| 60.0 (fell back) | 0.98x | 4 | 12.5 s | never |" in page
+    assert "compile" in run_all.BENCHES and run_all.BENCHES["compile"].takes_device
