@@ -172,7 +172,7 @@ def cmd_embed(a) -> int:
         root = meta.root_model
     else:
         encoder, root = DualEncoder.from_pretrained(ref, **on), ref
-    encoder.compiled = resolve_compile(a.compile, device)
+    encoder.compile_after = resolve_compile(a.compile, device)  # a bundle's sets its encoders' own
     if a.modality == "text":
         emb = encoder.embed_texts(items, batch_size=a.batch_size, progress=True)
     else:

@@ -120,7 +120,9 @@ class UpgradeParams(BaseModel):
     )
     device: str = Field("auto", description=DEVICE_HELP)
     precision: str = Field("auto", description=PRECISION_HELP)
-    compile: str | bool = Field("auto", description=COMPILE_HELP)
+    compile: str | int | None = Field(
+        "auto", description=COMPILE_HELP + "; settled to the pass size from which passes compile (None: none)"
+    )
     nproc: int | str = Field("auto", description=NPROC_HELP)
     seed: int = Field(0, ge=0)
     text_column: str = Field("caption", min_length=1)
@@ -299,7 +301,7 @@ def train_candidate(ctx: Context, method: str) -> dict:
                 [refs[n] for n in ("w_new", "w_old") if n in needs],
                 ctx.corpus["path"],
                 precision=p.precision,
-                compile=p.compile,
+                compile_after=p.compile,
             )
         embeddings = embed_frozen(
             needs,
@@ -316,7 +318,7 @@ def train_candidate(ctx: Context, method: str) -> dict:
             progress=p.progress,
             device=p.device,
             precision=p.precision,
-            compile=p.compile,
+            compile_after=p.compile,
         )
     compatible_targets = ctx.targets != ctx.inputs["root"]
     head = None

@@ -7,8 +7,10 @@ small built-in world with the zoo's old and new models, each step runs once on
 the CPU in float32, the reference, and once on `--device` at each precision of
 the product (`encoders.PRECISIONS`):
 
-- embedding (`DualEncoder.embed_texts`, `embed_images`): the smallest cosine
-  between an item's two embeddings;
+- embedding (`DualEncoder.embed_texts`, `embed_images`; `--compile auto`, the
+  default, compiles every pass on a GPU, where the product compiles large
+  passes, and none on the CPU):
+  the smallest cosine between an item's two embeddings;
 - φ pretraining (`pretrain.text_only_pretrain`, Eqn. 3 with the pair term) on
   the same embeddings, and training (`finetune.finetune`, XBT's plan, Eqn. 5,
   under bf16 autocast at bf16) from the same weights: the largest gap between
@@ -42,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from worlds import shapes  # noqa: E402
 from xbtcore.adapters import LoraSettings  # noqa: E402
 from xbtcore.data import read_pairs  # noqa: E402
-from xbtcore.encoders import PRECISIONS, DualEncoder, resolve_device  # noqa: E402
+from xbtcore.encoders import PRECISIONS, DualEncoder, resolve_compile, resolve_device  # noqa: E402
 from xbtcore.finetune import FinetuneConfig, finetune  # noqa: E402
 from xbtcore.methods import get_method  # noqa: E402
 from xbtcore.phi import Phi, PhiConfig  # noqa: E402
@@ -61,12 +63,15 @@ TOLERANCE = {
 }
 
 
-def run_side(models: dict, world: dict, gallery: torch.Tensor, device: str, precision: str) -> dict:
-    """Every step on one device at one precision -> embeddings, loss curves and recall against `gallery`,
-    the eval images by the old model on the CPU (the stored old gallery)."""
+def run_side(
+    models: dict, world: dict, gallery: torch.Tensor, device: str, precision: str, compiled: bool = False
+) -> dict:
+    """Every step on one device at one precision, every frozen pass `compiled` or none -> embeddings, loss
+    curves and recall against `gallery`, the eval images by the old model on the CPU (the stored old gallery)."""
     dtype = PRECISIONS[precision]
     old = DualEncoder.from_pretrained(models["old"], device=device, dtype=dtype)
     new = DualEncoder.from_pretrained(models["new"], device=device, dtype=dtype)
+    old.compile_after = new.compile_after = 0 if compiled else None
     corpus = pq.read_table(world["corpus"], columns=["caption"]).column("caption").to_pylist()
     pairs, ev = read_pairs(world["pairs"]), read_pairs(world["eval"])
     images = [pairs.load_image(i) for i in range(pairs.n_images)]
@@ -81,9 +86,11 @@ def run_side(models: dict, world: dict, gallery: torch.Tensor, device: str, prec
     eval_images = [ev.load_image(i) for i in range(ev.n_images)]
     with torch.inference_mode():
         queries = F.normalize(phi(trainee.embed_texts(ev.captions).to(device)), dim=-1).cpu()
+    eval_emb = new.embed_images(eval_images).float().cpu()
     return {
+        "compiled": new.compile_after == old.compile_after == 0,  # False where asked for and fell back
         "texts": w_new.float().cpu(),
-        "images": new.embed_images(eval_images).float().cpu(),
+        "images": eval_emb,
         "pretrain_loss": [h["loss"] for h in pre if "loss" in h],
         "train_loss": [h["loss"] for h in hist if "loss" in h],
         "recall": recall_at_k(queries, gallery, ev.caption_image, directions=("t2i",))["t2i"],
@@ -113,8 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--old", default=str(ROOT / "zoo" / "old"), help="the gallery's model")
     p.add_argument("--new", default=str(ROOT / "zoo" / "new"), help="the new model")
     p.add_argument("--out", default=None, help="folder for the world and cuda_check.json")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="the device side's passes")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
+    compiled = resolve_compile(args.compile, device) is not None
     root = Path(args.out or tempfile.mkdtemp(prefix="cuda-check-"))
     world = shapes.write_world(root / "world", WORLD)
     models = {"old": args.old, "new": args.new}
@@ -124,16 +133,18 @@ def main(argv: list[str] | None = None) -> dict:
     ref = run_side(models, world, gallery, "cpu", "fp32")
     checks = {}
     for precision in PRECISIONS:
-        side = run_side(models, world, gallery, device, precision)
-        checks[precision] = compare(side, ref, precision) | {"recall_t2i": side["recall"]}
+        side = run_side(models, world, gallery, device, precision, compiled)
+        seen = {"recall_t2i": side["recall"], "compiled": side["compiled"]}
+        checks[precision] = compare(side, ref, precision) | seen
     result = {
         "check": "cuda_check",
         "device": device,
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
+        "compile": compiled,
         "reference_recall_t2i": ref["recall"],
         "checks": checks,
-        "passed": all(all(c["ok"].values()) for c in checks.values()),
+        "passed": all(all(c["ok"].values()) and c["compiled"] == compiled for c in checks.values()),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     (root / "cuda_check.json").write_text(json.dumps(result, indent=2))

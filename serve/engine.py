@@ -53,10 +53,12 @@ class QueryModel:
         return self._own
 
 
-def load_query_model(ref: str, device: str = "cpu", precision: str = "fp32", compile: bool = False) -> QueryModel:
+def load_query_model(
+    ref: str, device: str = "cpu", precision: str = "fp32", compile_after: int | None = None
+) -> QueryModel:
     """A model REF (HF id or folder, bundle, models:/ URI) -> its encoders and spaces, on `device` at
-    `precision` (encoders.PRECISIONS), their bulk passes torch.compile'd where `compile` (an index's
-    or a backfill's; queries one at a time are not worth compiling)."""
+    `precision` (encoders.PRECISIONS), their passes torch.compile'd once each has embedded `compile_after`
+    items (an index's or a backfill's, as encoders.resolve_compile settles --compile; queries are not)."""
     from tasks.common import absolute_ref
     from tasks.registry import pinned_ref, resolve_ref, space_of
     from xbtcore.bundle import base_encoder, is_bundle, load_compatible, read_meta
@@ -69,7 +71,7 @@ def load_query_model(ref: str, device: str = "cpu", precision: str = "fp32", com
     version = pinned.rsplit("/", 1)[1] if pinned.startswith("models:/") else fingerprint_model(resolved)[:8]
 
     def compiled(encoder):
-        encoder.compiled = compile
+        encoder.compile_after = compile_after
         return encoder
 
     if is_bundle(resolved):

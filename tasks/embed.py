@@ -64,7 +64,7 @@ def embed_frozen(
     progress: bool = True,
     device: str = "cpu",
     precision: str = "fp32",
-    compile: bool = False,
+    compile_after: int | None = None,
 ) -> dict:
     """Embed what `needs` names (from methods.EMBEDDINGS) into the cache; -> {name: cache key}.
 
@@ -73,7 +73,7 @@ def embed_frozen(
     (`old_space_encoder`), whose compatible embeddings stand in for it; its image embeddings
     come from the stored `gallery` where it holds an image's id. The encoders run on `device` at
     `precision` (encoders.PRECISIONS; bf16 embeddings are cached apart from float32 ones), their
-    passes torch.compile'd where `compile` (encoders.resolve_compile).
+    passes torch.compile'd once each has embedded `compile_after` items (encoders.resolve_compile).
     """
     unknown = sorted(set(needs) - set(EMBEDDINGS))
     if unknown or not needs:
@@ -87,8 +87,8 @@ def embed_frozen(
     new = None
     if any(n.startswith(("w_new", "v_new")) for n in needs):
         new = DualEncoder.from_pretrained(new_ref, device=device, dtype=PRECISIONS[precision])
-        new.compiled = compile
-    old.compiled = compile
+        new.compile_after = compile_after
+    old.compile_after = compile_after
     stored = Gallery(gallery) if gallery else None
 
     def key(encoder, data_fp: str, modality: str, rows: int, extra: str = "") -> dict:  # cache.cached_*'s key

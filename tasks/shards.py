@@ -22,17 +22,17 @@ from .common import log
 _ENCODERS: dict[tuple[str, str], object] = {}  # (ref, precision) -> encoder, one load per worker process
 
 
-def _encoder(ref: str, precision: str = "fp32", compile: bool = False):
+def _encoder(ref: str, precision: str = "fp32", compile_after: int | None = None):
     """The encoder at `ref` on this process's device (a worker's GPU when it has one) at `precision`, the
-    flow's: its shards are the cache entry the flow's embed step reads. `compile`: its passes run
-    torch.compile'd (encoders.resolve_compile)."""
+    flow's: its shards are the cache entry the flow's embed step reads. Its passes run torch.compile'd
+    once it has embedded `compile_after` items (encoders.resolve_compile)."""
     from xbtcore.encoders import resolve_device
 
     from .embed import old_space_encoder  # a model, or a champion bundle whose compatible space is "old"
 
     if (ref, precision) not in _ENCODERS:
         _ENCODERS[ref, precision] = old_space_encoder(ref, resolve_device("auto"), precision)
-    _ENCODERS[ref, precision].compiled = compile
+    _ENCODERS[ref, precision].compile_after = compile_after
     return _ENCODERS[ref, precision]
 
 
@@ -68,7 +68,7 @@ def embed_shard(
     entry: dict,
     shard: int,
     precision: str = "fp32",
-    compile: bool = False,
+    compile_after: int | None = None,
 ) -> int:
     """Shard `shard` of a corpus entry by the encoder at `ref`, written into the cache -> rows embedded."""
     cache = EmbeddingCache(cache_root)
@@ -78,7 +78,7 @@ def embed_shard(
     start = shard * entry["shard_rows"]
     stop = min(start + entry["shard_rows"], entry["rows"])
     texts = caption_rows(corpus_path, start, stop)
-    emb = _encoder(ref, precision, compile).embed_texts(texts, batch_size=TEXT_BATCH)
+    emb = _encoder(ref, precision, compile_after).embed_texts(texts, batch_size=TEXT_BATCH)
     cache.write_shard(d, shard, emb, stop - start)
     return stop - start
 
@@ -101,11 +101,11 @@ def missing_shards(
 
 @flow(name="xbt-embed-corpus-sharded")
 def embed_corpus_sharded(
-    cache_root: str, corpus_path: str, plan: list[tuple], precision: str = "fp32", compile: bool = False
+    cache_root: str, corpus_path: str, plan: list[tuple], precision: str = "fp32", compile_after: int | None = None
 ) -> dict:
     """Each (ref, entry, shard) of `plan` as its own task on the flow's task runner -> {"shards", "rows"}."""
     futures = [
-        embed_shard.submit(cache_root, ref, corpus_path, entry, i, precision, compile) for ref, entry, i in plan
+        embed_shard.submit(cache_root, ref, corpus_path, entry, i, precision, compile_after) for ref, entry, i in plan
     ]
     rows = sum(f.result() for f in futures)
     log().info("embedded %d corpus rows in %d shards across the Dask workers", rows, len(futures))
@@ -113,9 +113,15 @@ def embed_corpus_sharded(
 
 
 def embed_corpus_on_dask(
-    spec: str, cache_root: str, refs: list[str], corpus_path: str, precision: str = "fp32", compile: bool = False, **kw
+    spec: str,
+    cache_root: str,
+    refs: list[str],
+    corpus_path: str,
+    precision: str = "fp32",
+    compile_after: int | None = None,
+    **kw,
 ) -> dict:
-    """The missing shards of the corpus entries of `refs` at `precision` (`compile`: torch.compile'd passes),
+    """The missing shards of the corpus entries of `refs` at `precision` (`compile_after`: resolve_compile's),
     on a DaskTaskRunner made from --dask's value; no cluster starts when the cache already holds them all."""
     from prefect_dask import DaskTaskRunner
 
@@ -123,4 +129,5 @@ def embed_corpus_on_dask(
     if not plan:
         return {"shards": 0, "rows": 0}
     runner = DaskTaskRunner(**parse_dask(spec))
-    return embed_corpus_sharded.with_options(task_runner=runner)(cache_root, corpus_path, plan, precision, compile)
+    sharded = embed_corpus_sharded.with_options(task_runner=runner)
+    return sharded(cache_root, corpus_path, plan, precision, compile_after)

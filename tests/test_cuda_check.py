@@ -20,3 +20,4 @@ def test_the_device_check_finds_float32_equal_and_bf16_close_on_the_cpu(tmp_path
     assert fp32 == {"cosine": 1.0, "pretrain_loss": 0.0, "train_loss": 0.0, "recall_points": 0.0}  # deterministic
     assert bf16["cosine"] < 1.0 and bf16["train_loss"] > 0  # bf16 ran, and the check sees it differ
     assert r["reference_recall_t2i"]["1"] > 10  # trained models: the recall it compares means something
+    assert r["compile"] is False and not r["checks"]["fp32"]["compiled"]  # auto: the CPU's passes are not compiled

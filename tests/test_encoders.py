@@ -10,6 +10,7 @@ from worlds import shapes
 from worlds.tinyclip import TinyClipSpec, make_tiny_clip, save_checkpoint
 from xbtcore.cache import cache_model_key
 from xbtcore.encoders import (
+    COMPILE_AFTER_ITEMS,
     LENGTH_STEP,
     DualEncoder,
     ModelLoadError,
@@ -196,14 +197,14 @@ def test_compiled_passes_meet_few_shapes_and_equal_the_plain_ones(enc, clip_dir,
     # Batches of 7 over 20 texts: three length buckets of LENGTH_STEP tokens, a last batch of 6 rows padded to 7
     # (the cap); images: 4 + 2 rows. Each shape compiles once, and a second pass compiles nothing.
     compiled = DualEncoder.from_pretrained(str(clip_dir))
-    compiled.compiled = True
+    compiled.compile_after = 0
     lengths = sorted((len(ids) for ids in enc.tokenizer(texts)["input_ids"]), reverse=True)
     buckets = {min(-(-lengths[i] // LENGTH_STEP) * LENGTH_STEP, enc.max_text_length) for i in range(0, 20, 7)}
     assert len(buckets) >= 2  # the texts span several buckets, so padding past a batch's longest text is exercised
     stats = torch._dynamo.utils.counters["stats"]
     graphs = stats["unique_graphs"]
     t, v = compiled.embed_texts(texts, batch_size=7), compiled.embed_images(images, batch_size=4)
-    assert 0 < stats["unique_graphs"] - graphs <= len(buckets) + 2 and compiled.compiled
+    assert 0 < stats["unique_graphs"] - graphs <= len(buckets) + 2 and compiled.compile_after == 0
     graphs = stats["unique_graphs"]
     again = compiled.embed_texts(texts, batch_size=7)
     assert stats["unique_graphs"] == graphs  # same shapes: nothing recompiles
@@ -230,19 +231,29 @@ def test_a_tower_that_cannot_compile_warns_and_embeds_without(enc, clip_dir, tex
 
     monkeypatch.setattr(torch, "compile", broken)
     other = DualEncoder.from_pretrained(str(clip_dir))
-    other.compiled = True
+    other.compile_after = 0
     failed = "torch.compile of .*'s text tower failed here .*no C.. compiler.*--compile off"
     with pytest.warns(UserWarning, match=failed):
         out = other.embed_texts(texts, batch_size=7)
-    assert not other.compiled
+    assert other.compile_after is None
     torch.testing.assert_close(out, enc.embed_texts(texts, batch_size=7), atol=1e-5, rtol=0)
 
 
-def test_compile_settles_by_device_or_names_the_choices():
-    assert resolve_compile("auto", "cuda:0") and not resolve_compile("auto", "cpu")
-    assert resolve_compile("on", "cpu") and not resolve_compile("off", "cuda") and resolve_compile(True, "cpu")
-    with pytest.raises(ValueError, match="compile 'yes' is not one of auto, on, off"):
-        resolve_compile("yes", "cpu")
+def test_compile_settles_by_device_and_pass_size_or_names_the_choices(clip_dir, texts):
+    assert resolve_compile("auto", "cuda:0") == COMPILE_AFTER_ITEMS and resolve_compile("auto", "cpu") is None
+    assert resolve_compile("on", "cpu") == 0 and resolve_compile("off", "cuda") is None
+    assert resolve_compile(COMPILE_AFTER_ITEMS, "cpu") == COMPILE_AFTER_ITEMS  # settled values pass through
+    for bad in ("yes", True, -1):
+        with pytest.raises(ValueError, match=f"compile {bad!r} is not one of auto, on, off"):
+            resolve_compile(bad, "cpu")
+    # Passes embed plain until the encoder has embedded compile_after items, then compiled.
+    enc = DualEncoder.from_pretrained(str(clip_dir))
+    enc.compile_after = len(texts) + 1
+    enc.embed_texts(texts, batch_size=7)
+    enc.embed_texts(texts[:1])
+    assert enc.embedded == len(texts) + 1 and not enc._compiled_towers
+    enc.embed_texts(texts, batch_size=7)
+    assert set(enc._compiled_towers) == {"text"}
 
 
 def test_device_and_precision_settle_or_name_the_fix(monkeypatch):

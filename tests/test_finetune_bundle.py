@@ -124,6 +124,11 @@ def test_bundle_roundtrip_is_bit_identical_and_off_is_original(tiny, tmp_path):
         assert torch.equal(up2.encoder.embed_images(_images(ev)), orig_i)
     # and on again afterwards
     assert torch.equal(up2.embed_texts(ev.captions), t1)
+    # LoRA and the prompts under torch.compile, on bucketed shapes: the same embeddings
+    up2.compile_after = 0
+    torch.testing.assert_close(up2.embed_texts(ev.captions), t1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(up2.embed_images(_images(ev)), i1, atol=1e-5, rtol=0)
+    assert set(up2.encoder._compiled_towers) == {"text", "image"} and up2.compile_after == 0
 
 
 def test_bundle_carries_a_local_base_model_and_loads_after_it_moves(tiny, tmp_path):

@@ -12,6 +12,7 @@ from conftest import FAST
 from pydantic import ValidationError
 
 from xbtcore.data import ValSplit
+from xbtcore.encoders import COMPILE_AFTER_ITEMS
 
 CONTRACT_KEYS = {"method", "old", "new", "recall", "gate", "counts", "timings_s"}
 CASES = ["old/old", "new/old", "new/new", "orig-new/new"]
@@ -70,9 +71,9 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
         assert all(list(r) == ["1", "5", "10", "50"] for r in report["recall"][d].values())
     assert set(report["gate"]) == {"passed", "criterion", "ks", "failures"} and report["gate"]["ks"] == [1, 5, 10]
     assert set(report["timings_s"]) == {"extract", "embed", "pretrain", "train", "validate", "evaluate", "total"}
-    gpu = torch.cuda.is_available()  # --device auto and --precision auto, settled on this machine
-    assert (report["config"]["device"], report["config"]["precision"]) == (
-        ("cuda", "bf16") if gpu else ("cpu", "fp32")
+    gpu = torch.cuda.is_available()  # --device, --precision and --compile auto, settled on this machine
+    assert (report["config"]["device"], report["config"]["precision"], report["config"]["compile"]) == (
+        ("cuda", "bf16", COMPILE_AFTER_ITEMS) if gpu else ("cpu", "fp32", None)
     )
 
     # Counts against an independent reading of the inputs.

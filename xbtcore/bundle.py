@@ -213,15 +213,15 @@ class CompatibleEncoder:
         return self.encoder.dtype
 
     @property
-    def compiled(self) -> bool:
-        """Whether its encoders' passes run torch.compile'd (DualEncoder.compiled)."""
-        return self.encoder.compiled
+    def compile_after(self) -> int | None:
+        """After how many items its encoders' passes run torch.compile'd (DualEncoder.compile_after)."""
+        return self.encoder.compile_after
 
-    @compiled.setter
-    def compiled(self, on: bool) -> None:
+    @compile_after.setter
+    def compile_after(self, items: int | None) -> None:
         for encoder in (self.encoder, self.old):
             if encoder is not None:
-                encoder.compiled = on
+                encoder.compile_after = items
 
     def _map(self, new_emb: torch.Tensor, old_emb: torch.Tensor | None, batch_size: int = 8192) -> torch.Tensor:
         device = next(itertools.chain(self.phi.parameters(), self.phi.buffers())).device

@@ -267,24 +267,30 @@ def resolve_device(device: str = "auto") -> str:
     return str(d)
 
 
-COMPILE_HELP = (
-    "torch.compile the frozen embedding passes (texts padded to a multiple of 8 tokens and batches to a "
-    "power of two, so each tower compiles a few shapes once): auto (on a GPU), on or off (docs/method.md)"
-)
 # Shapes a compiled pass meets: texts padded up to a multiple of this many tokens, batches up to a power of two.
 LENGTH_STEP = 8
+# --compile auto on a GPU compiles an encoder's passes once it has embedded this many items: a corpus or a
+# large gallery is compiled after its first shards; the validation and eval sets and small galleries embed
+# plain rather than wait for a tower's compilations.
+COMPILE_AFTER_ITEMS = 100_000
+COMPILE_HELP = (
+    "torch.compile the frozen embedding passes (texts padded to a multiple of 8 tokens and batches to a "
+    f"power of two, so each tower compiles a few shapes once): auto (on a GPU, once a model has embedded "
+    f"{COMPILE_AFTER_ITEMS:,} items), on (every pass) or off (docs/method.md)"
+)
 
 
-def resolve_compile(compile: str | bool, device: str) -> bool:
-    """'auto' -> on for a CUDA device, off on the CPU; 'on' / 'off' (or a bool) as given.
+def resolve_compile(compile: str | int | None, device: str) -> int | None:
+    """--compile's value -> `DualEncoder.compile_after`: 'auto' -> COMPILE_AFTER_ITEMS on a CUDA device, None
+    on the CPU; 'on' -> 0 (every pass); 'off' -> None; an int or None (already settled) as it is.
     ValueError naming the value and the choices."""
-    if isinstance(compile, bool):
+    if compile is None or (isinstance(compile, int) and not isinstance(compile, bool) and compile >= 0):
         return compile
     if compile == "auto":
-        return torch.device(device).type == "cuda"
+        return COMPILE_AFTER_ITEMS if torch.device(device).type == "cuda" else None
     if compile not in ("on", "off"):
         raise ValueError(f"compile {compile!r} is not one of auto, on, off")
-    return compile == "on"
+    return 0 if compile == "on" else None
 
 
 def _bucket(n: int, cap: int, step: int | None = None) -> int:
@@ -334,7 +340,10 @@ class DualEncoder:
     ref: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
-    compiled: bool = False  # embed_texts / embed_images run torch.compile'd towers on bucketed shapes
+    # once this many items are embedded (embed_texts / embed_images, all passes counted), the passes run
+    # torch.compile'd towers on bucketed shapes; 0: from the first, None: never (resolve_compile, --compile)
+    compile_after: int | None = None
+    embedded: int = field(default=0, init=False)  # items its passes have embedded
     _compiled_towers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -381,12 +390,16 @@ class DualEncoder:
             lengths.append(text_config.max_position_embeddings)
         return int(min(lengths))
 
-    def _forward(self, name: str, *inputs: torch.Tensor) -> torch.Tensor:
+    def _compiles(self) -> bool:
+        """Whether the next pass runs compiled (`compile_after`)."""
+        return self.compile_after is not None and self.embedded >= self.compile_after
+
+    def _forward(self, name: str, compiled: bool, *inputs: torch.Tensor) -> torch.Tensor:
         """Tower `name` ("text" / "image") on `inputs` for the inference passes: compiled once per
-        encoder when `compiled`, else the plain forward. Where this machine cannot compile (no C++
-        compiler, no Triton), it warns once and goes on without."""
+        encoder where `compiled`, else the plain forward. Where this machine cannot compile (no C++
+        compiler, no Triton), it warns once and goes on without (`compile_after` becomes None)."""
         plain = {"text": self.text_features, "image": self.image_features}[name]
-        if not self.compiled:
+        if not compiled or self.compile_after is None:
             return plain(*inputs)
         if name not in self._compiled_towers:
             _allow_compiled_shapes()
@@ -399,7 +412,7 @@ class DualEncoder:
                 "without it (--compile off skips the attempt)",
                 stacklevel=2,
             )
-            self.compiled = False
+            self.compile_after = None
             return plain(*inputs)
 
     # preprocessing
@@ -430,7 +443,7 @@ class DualEncoder:
 
         Texts are sorted by token length and each batch is padded to its own
         longest text: padding is masked out, so results equal one-at-a-time ones.
-        When `compiled`, a batch is padded further, to a multiple of LENGTH_STEP tokens
+        A compiled pass (`compile_after`) pads a batch further, to a multiple of LENGTH_STEP tokens
         and a power of two rows (copies of its first text), so the compiled tower meets
         a few shapes; the extra rows are dropped.
         """
@@ -440,12 +453,13 @@ class DualEncoder:
         keys = [k for k in ("input_ids", "attention_mask") if k in tokens]
         order = sorted(range(len(texts)), key=lambda i: -len(tokens["input_ids"][i]))
         to_max = _pads_to_max_length(self.model)
+        compiled = self._compiles()
         chunks = []
         with torch.inference_mode(), self._autocast(), _progress(len(texts), "embed texts", progress) as bar:
             for start in range(0, len(texts), batch_size):
                 idx = order[start : start + batch_size]
                 length = self.max_text_length if to_max else len(tokens["input_ids"][idx[0]])  # the longest
-                if self.compiled:
+                if compiled:
                     length = _bucket(length, self.max_text_length, LENGTH_STEP)
                 enc = self.tokenizer.pad(
                     {k: [tokens[k][i] for i in idx] for k in keys},
@@ -453,11 +467,12 @@ class DualEncoder:
                     max_length=length,
                     return_tensors="pt",
                 )
-                rows = _bucket(len(idx), batch_size) if self.compiled else len(idx)
+                rows = _bucket(len(idx), batch_size) if compiled else len(idx)
                 enc = {k: _pad_rows(enc[k], rows).to(self.device) for k in keys}
-                feats = self._forward("text", enc["input_ids"], enc.get("attention_mask"))[: len(idx)]  # (b, D)
+                feats = self._forward("text", compiled, enc["input_ids"], enc.get("attention_mask"))[: len(idx)]
                 chunks.append(F.normalize(feats.float(), dim=-1).cpu())
                 bar.update(len(idx))
+        self.embedded += len(texts)
         if not chunks:
             return torch.empty(0, self.embed_dim)
         sorted_emb = torch.cat(chunks)  # (N, D), in length order
@@ -475,17 +490,19 @@ class DualEncoder:
         if n == 0:
             return torch.empty(0, self.embed_dim)
         out = None
+        compiled = self._compiles()
         with torch.inference_mode(), self._autocast(), _progress(n, "embed images", progress) as bar:
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
                 pixels = self.preprocess_images([images[i] for i in range(start, stop)])  # (b, C, H, W)
-                if self.compiled:
+                if compiled:
                     pixels = _pad_rows(pixels, _bucket(stop - start, batch_size))
-                feats = self._forward("image", pixels.to(self.device, self.dtype))[: stop - start]  # (b, D)
+                feats = self._forward("image", compiled, pixels.to(self.device, self.dtype))[: stop - start]
                 if out is None:
                     out = torch.empty(n, feats.shape[1])
                 out[start:stop] = F.normalize(feats.float(), dim=-1).cpu()
                 bar.update(stop - start)
+        self.embedded += n
         return out
 
 
