@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/real_size.py [--archs B/32 L/14 H/14] [--upgrades B/32:L/14 L/14:H/14]
         [--texts 64] [--images 8] [--train-batch 4] [--train-steps 3] [--device cpu|cuda]
-        [--precision auto|fp32|bf16]
+        [--precision auto|fp32|bf16] [--compile off|on]
 
 Throughput and memory do not depend on the weights, so each architecture is
 built from its `CLIPConfig` (224 px, 77 tokens, a word-level tokenizer of
@@ -10,8 +10,10 @@ CLIP's vocabulary size built locally), saved in the Hugging Face layout under
 the bench's state and loaded through `DualEncoder.from_pretrained`, the
 product's one loading path. `--precision` is the product's: the embedding passes
 in bf16 and training's forward pass under bf16 autocast, or all in float32 (auto:
-bf16 on cuda, float32 on the CPU, as `xbt upgrade` settles it). Every measurement
-runs in its own process, so its peak RSS is its own:
+bf16 on cuda, float32 on the CPU, as `xbt upgrade` settles it); `--compile on`
+embeds through the product's compiled pass (`--compile on`; the warm-up compiles
+the timed pass's shapes, training is not compiled). Every measurement runs in
+its own process, so its peak RSS is its own:
 
 - embed: `DualEncoder.embed_texts` on 77-token texts and `embed_images` on 224 px
   images -> texts/s, images/s, peak RSS; and `embed_texts` on shorter texts
@@ -152,15 +154,20 @@ def pair_set(n: int):
     return PairSet(encoded, texts(n), torch.arange(n), list(range(n)), "real-size")
 
 
-def measure_embed(arch: str, tower: str, n: int, device: str, precision: str, tokens: int = TEXT_LEN) -> dict:
-    from xbtcore.encoders import PRECISIONS, DualEncoder
+def measure_embed(
+    arch: str, tower: str, n: int, device: str, precision: str, tokens: int = TEXT_LEN, compile: str = "off"
+) -> dict:
+    from xbtcore.encoders import PRECISIONS, DualEncoder, resolve_compile
 
     enc = DualEncoder.from_pretrained(str(arch_dir(arch)), device=device, dtype=PRECISIONS[precision])
+    enc.compile_after = resolve_compile(compile, device)
     items = texts(n, tokens) if tower == "text" else images(n)
     run = enc.embed_texts if tower == "text" else enc.embed_images
-    run(items[: min(8, n)])  # warm-up
+    batch = 64 if tower == "text" else 16
+    # warm-up; compiled, a full batch, so the timed pass meets only shapes compiled here
+    run(items[: min(8 if enc.compile_after is None else batch, n)], batch_size=batch)
     t0, c0 = time.perf_counter(), time.process_time()
-    out = run(items, batch_size=64 if tower == "text" else 16)
+    out = run(items, batch_size=batch)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert out.shape == (n, ARCHS[arch]["embed"])
     return {"arch": arch, "tower": tower, **({"tokens": tokens} if tower == "text" else {}), **rates(n, seconds, cpu)}
@@ -245,7 +252,7 @@ def child(args) -> dict:
     job = json.loads(args.child)
     kind = job.pop("kind")
     if kind == "embed":
-        return measure_embed(**job, device=args.device, precision=args.precision)
+        return measure_embed(**job, device=args.device, precision=args.precision, compile=args.compile)
     if kind == "build":
         return {"arch": job["arch"], "dir": str(build(job["arch"]))}
     if kind == "train":
@@ -310,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def run(job: dict) -> dict:
         progress(f"real-size: {job}")
-        return run_child([__file__, "--device", device, "--precision", args.precision, "--child", json.dumps(job)])
+        flags = ["--device", device, "--precision", args.precision, "--compile", args.compile]
+        return run_child([__file__, *flags, "--child", json.dumps(job)])
 
     # Built in children too: a child's peak RSS starts from its parent's at fork, so the parent stays small.
     for arch in dict.fromkeys([*args.archs, *(a for u in upgrades for a in u)]):
@@ -341,6 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
             "bench": "real_size",
             "machine": machine(device),
             "precision": args.precision,
+            "compile": args.compile,
             "archs": {a: ARCHS[a] for a in dict.fromkeys(k[0] for k in embed)},
             "embed": [*embed.values(), *short.values()],
             "train": list(train.values()),
@@ -377,6 +386,13 @@ def parser() -> argparse.ArgumentParser:
         choices=["auto", "fp32", "bf16"],
         help="the embedding passes' and the training's forward pass, as `xbt upgrade --precision` runs them "
         "(auto: bf16 on cuda, fp32 on the CPU)",
+    )
+    ap.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "on"],
+        help="the embedding passes through torch.compile, as `xbt upgrade --compile on` runs them (training is "
+        "not compiled)",
     )
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default="")

@@ -60,6 +60,9 @@ BENCHES = {
     "zeroshot": Bench("bench/zeroshot.py", ("--seed", "0"), fast=False),
     "real_size": Bench("bench/real_size.py", takes_device=True, fast=False),
     "real_size-bf16": Bench("bench/real_size.py", ("--precision", "bf16"), takes_device=True, fast=False),
+    "real_size-bf16-compile": Bench(
+        "bench/real_size.py", ("--precision", "bf16", "--compile", "on"), takes_device=True, fast=False
+    ),
     "precision": Bench("bench/precision.py", takes_device=True),
     "compile": Bench("bench/compile_bench.py", takes_device=True, fast=False),
     "serving_backfill": Bench("bench/serving.py", ("backfill",)),
@@ -592,7 +595,13 @@ def _zeroshot(r: dict) -> list[str]:
 
 def _real_size(r: dict) -> list[str]:
     """Throughput and memory per architecture, training per upgrade, and Table 6 projected to the paper's data."""
-    lines = ["| architecture | tower | items/s | peak RSS |", "|---|---|---|---|"]
+    lines = [
+        f"Embedding passes {'compiled (--compile on)' if r.get('compile') == 'on' else 'not compiled'}; training "
+        "is not compiled.",
+        "",
+        "| architecture | tower | items/s | peak RSS |",
+        "|---|---|---|---|",
+    ]
     lines += [
         f"| {e['arch']} | {e['tower']}{f', {t} tokens' if (t := e.get('tokens', TEXT_LEN)) != TEXT_LEN else ''} "
         f"| {e['per_s']} | {_mib(e['peak_rss_mb'])} |"
