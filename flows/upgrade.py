@@ -121,7 +121,7 @@ class UpgradeParams(BaseModel):
     device: str = Field("auto", description=DEVICE_HELP)
     precision: str = Field("auto", description=PRECISION_HELP)
     compile: str | int | None = Field(
-        "auto", description=COMPILE_HELP + "; settled to the pass size from which passes compile (None: none)"
+        "auto", description=COMPILE_HELP + "; settled to the items a model embeds before it compiles (None: never)"
     )
     nproc: int | str = Field("auto", description=NPROC_HELP)
     seed: int = Field(0, ge=0)
