@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import check_device, emit, machine, progress  # noqa: E402
-from bench.real_size import ARCHS, TEXT_LEN, VOCAB, build, images  # noqa: E402
+from bench.precision import timed, zoo_inputs  # noqa: E402
+from bench.real_size import ARCHS, TEXT_LEN, build, images, text  # noqa: E402
 from xbtcore.cache import TEXT_BATCH  # noqa: E402
 from xbtcore.encoders import PRECISIONS, DualEncoder  # noqa: E402
 
@@ -44,7 +44,7 @@ SHORTEST = 5  # tokens, with <bos> and <eos>
 def mixed_texts(n: int) -> list[str]:
     """n texts whose token counts (with <bos> and <eos>) run evenly from SHORTEST to TEXT_LEN."""
     lengths = [SHORTEST + i * (TEXT_LEN - SHORTEST) // max(n - 1, 1) for i in range(n)]
-    return [" ".join(f"w{(i * 131 + j * 7) % (VOCAB - 8)}" for j in range(t - 2)) for i, t in enumerate(lengths)]
+    return [text(i, t) for i, t in enumerate(lengths)]
 
 
 def graphs() -> int:
@@ -58,16 +58,12 @@ def compare(name: str, precision: str, tower: str, load, items, batch: int, roun
     run = {side: getattr(enc, f"embed_{tower}s") for side, enc in sides.items()}
     run["plain"](items[: min(4, len(items))], batch_size=batch)  # warm-up: thread pools out of the timings
     before = graphs()
-    t0 = time.perf_counter()
-    run["compiled"](items, batch_size=batch)
-    first = time.perf_counter() - t0
+    first, _ = timed(run["compiled"], items, batch)
     compiled_graphs = graphs() - before
     best, outs = {}, {}
     for _ in range(rounds):  # alternating, so a burst of load from other jobs hits both alike
         for side, embed in run.items():
-            t0 = time.perf_counter()
-            outs[side] = embed(items, batch_size=batch)
-            seconds = time.perf_counter() - t0
+            seconds, outs[side] = timed(embed, items, batch)
             best[side] = min(best.get(side, seconds), seconds)
     n = len(items)
     saving = best["plain"] / n - best["compiled"] / n  # seconds per item
@@ -124,11 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
             load = loader(ref, device, precision)
             real.append(compare(arch, precision, "text", load, mixed_texts(args.texts), TEXT_BATCH, args.rounds))
             real.append(compare(arch, precision, "image", load, images(args.images), IMAGE_BATCH, args.rounds))
-    from worlds import shapes
-
-    captions = shapes.corpus_captions(seed=0, n=args.zoo_texts)
-    scenes = shapes.scenes_with_captions(0, "eval", args.zoo_images, 1)
-    pictures = [shapes.render_scene(s, noise_seed=i) for i, (s, _) in enumerate(scenes)]
+    captions, pictures = zoo_inputs(args.zoo_texts, args.zoo_images)
     zoo = []
     for ref in ZOO:
         load = loader(ref, device, "fp32")

@@ -133,12 +133,17 @@ def measure_arch(arch: str, n_texts: int, n_images: int, rounds: int, device: st
     return rows
 
 
-def trained_agreement(ref: str, n_texts: int, n_images: int, rounds: int, device: str) -> dict:
+def zoo_inputs(n_texts: int, n_images: int) -> tuple[list[str], list]:
+    """The built-in world's first `n_texts` corpus captions and `n_images` eval images (seed 0)."""
     from worlds import shapes
 
-    captions = shapes.corpus_captions(seed=0, n=n_texts)
     scenes = shapes.scenes_with_captions(0, "eval", n_images, 1)
     pictures = [shapes.render_scene(s, noise_seed=i) for i, (s, _) in enumerate(scenes)]
+    return shapes.corpus_captions(seed=0, n=n_texts), pictures
+
+
+def trained_agreement(ref: str, n_texts: int, n_images: int, rounds: int, device: str) -> dict:
+    captions, pictures = zoo_inputs(n_texts, n_images)
     encoders = pair(ref, device)
     emb, best = {}, {}
     for enc in encoders.values():  # warm-up

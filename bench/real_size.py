@@ -125,9 +125,14 @@ def rates(items: int, seconds: float, cpu_seconds: float) -> dict:
     }
 
 
+def text(i: int, tokens: int = TEXT_LEN) -> str:
+    """Text number `i` of `tokens` tokens with <bos> and <eos> (distinct words of the built vocabulary)."""
+    return " ".join(f"w{(i * 131 + j * 7) % (VOCAB - 8)}" for j in range(tokens - 2))
+
+
 def texts(n: int, tokens: int = TEXT_LEN) -> list[str]:
-    """n texts of `tokens` tokens with <bos> and <eos> (distinct words of the built vocabulary)."""
-    return [" ".join(f"w{(i * 131 + j * 7) % (VOCAB - 8)}" for j in range(tokens - 2)) for i in range(n)]
+    """n texts of `tokens` tokens each (`text`)."""
+    return [text(i, tokens) for i in range(n)]
 
 
 def images(n: int) -> list:
