@@ -34,7 +34,7 @@ def run(args) -> dict:
     runs = []
     for seed in args.seeds:
         for method in args.methods:
-            report = upgrade(args, method, seed)
+            report = upgrade(args, method, seed, allow_old_encoder=args.allow_old_encoder)
             runs.append(
                 # run_row's method is the one that ran (auto's choice); the row keeps the one asked for
                 {**run_row(report), "method": method, "seed": seed, "trainable_params": trainable_params(report)}
@@ -73,7 +73,13 @@ def table(runs: list[dict], methods: list[str]) -> list[dict]:
 
 
 def parser():
-    return table_parser(__doc__)
+    ap = table_parser(__doc__)
+    ap.add_argument(
+        "--allow-old-encoder",
+        action="store_true",
+        help="as `xbt upgrade --allow-old-encoder`: auto may keep a method whose queries run the old encoder",
+    )
+    return ap
 
 
 def main():

@@ -52,6 +52,29 @@ def _loss_logger(name: str, total: int | None, history: list):
     return on_step
 
 
+def head_inputs(
+    embeddings: dict,
+    cache_root: str,
+    pairs_path: str | None,
+    split: ValSplit | None,
+    new_dim: int,
+    old_dim: int,
+    seed: int,
+    device: str = "cpu",
+) -> HeadInputs:
+    """What a head's fit (or its finishing step) reads: the cached embeddings and the pairs' layout."""
+    train, val = split_pairs(read_pairs(pairs_path), split) if pairs_path else (None, None)
+    return HeadInputs(
+        frozen=lambda name: load_cached(cache_root, embeddings[name]),
+        caption_image=None if train is None else train.caption_image,
+        val_caption_image=None if val is None else val.caption_image,
+        new_dim=new_dim,
+        old_dim=old_dim,
+        seed=seed,
+        device=device,
+    )
+
+
 @task(name="fit-head", **CACHED)
 def fit_head(
     method: str,
@@ -78,17 +101,8 @@ def fit_head(
     settings = dataclasses.replace(settings, pretrain=settings.pretrain.for_targets(compatible=compatible_targets))
     cfg = spec.config(settings)
     history: list = []
-    train, val = split_pairs(read_pairs(pairs_path), split) if pairs_path else (None, None)
-    inputs = HeadInputs(
-        frozen=lambda name: load_cached(cache_root, embeddings[name]),
-        caption_image=None if train is None else train.caption_image,
-        val_caption_image=None if val is None else val.caption_image,
-        new_dim=new_dim,
-        old_dim=old_dim,
-        seed=seed,
-        on_step=_loss_logger(method, None, history),
-        device=device,
-    )
+    inputs = head_inputs(embeddings, cache_root, pairs_path, split, new_dim, old_dim, seed, device)
+    inputs.on_step = _loss_logger(method, None, history)
     head = spec.fit_head(inputs, cfg)
 
     def write():
@@ -155,6 +169,10 @@ def train(
     resumed_from = 0
     if spec.plan is None:
         head = load_head(head_path)
+        if spec.finish_head is not None:
+            dims = (head.cfg.in_dim, head.cfg.out_dim)
+            head = spec.finish_head(head, head_inputs(embeddings, cache_root, pairs_path, split, *dims, seed))
+            log().info("%s: head %s (%s)", method, head_kind(head), head.extra_repr())
         on_main_rank(lambda: save_bundle(out, new, head, meta))
         trainable = sum(p.numel() for p in head.parameters())
     else:

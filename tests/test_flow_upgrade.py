@@ -341,7 +341,8 @@ def test_embed_step_computes_only_what_the_method_reads(tiny, tmp_path, method, 
 
 
 @pytest.mark.parametrize(
-    "method", ["base", "lora-only", "full-tune", "lstsq", "slerp-bc", "xbt-gallery", "xbt-gallery-lora"]
+    "method",
+    ["base", "lora-only", "full-tune", "lstsq", "slerp-bc", "xbt-gallery", "xbt-gallery-blend", "xbt-gallery-lora"],
 )
 def test_every_method_upgrades_end_to_end_and_its_bundle_embeds(prefect_harness, tiny, tmp_path, method):
     # Each baseline through the whole flow, as `xbt upgrade --method M` runs it: Full-tune's bundle once
@@ -360,6 +361,9 @@ def test_every_method_upgrades_end_to_end_and_its_bundle_embeds(prefect_harness,
     emb = compat.embed_texts(captions)
     assert emb.shape == (len(captions), DualEncoder.from_pretrained(tiny["old"]).embed_dim)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(len(captions)), atol=1e-5)
+    if method == "xbt-gallery-blend":  # the old model ships in the bundle exactly when a modality blends
+        assert type(compat.phi).__name__ == "BlendHead" and (compat.old is not None) == compat.phi.blends
+        assert (out / "bundle" / "old").is_dir() == compat.phi.blends
 
 
 def test_bf16_frozen_passes_give_the_float32_upgrade_within_tolerance(prefect_harness, tiny, tmp_path, monkeypatch):

@@ -80,6 +80,48 @@ def test_methods_that_share_a_head_fit_it_once_under_the_cheapest_name():
     assert head_owner("xbt") == "xbt" and head_owner("procrustes") == "procrustes"
     assert head_owner("lstsq") == "lstsq"  # a different closed form: its own head
     assert head_owner("base") == "base"  # no head fitted before training
+    assert head_owner("xbt-gallery-blend") == "xbt-gallery"  # xbt-gallery's φ, blended after
+    blend = get_method("xbt-gallery-blend")
+    assert blend.old_encoder_at_query and blend.portfolio and blend.plan is None
+
+
+def _blend_inputs(text_query: torch.Tensor, image_query: torch.Tensor, old_text, old_image):
+    """HeadInputs holding validation pairs, one caption per image, whose new embeddings are already in the old
+    space (the head a LinearMap of identity)."""
+    from xbtcore.methods import HeadInputs
+
+    frozen = {"w_new_val": text_query, "v_new_val": image_query, "w_old_val": old_text, "v_old_val": old_image}
+    n, d = old_image.shape
+    return HeadInputs(frozen.__getitem__, None, d, d, 0, val_caption_image=torch.arange(n))
+
+
+def test_a_blend_takes_each_query_modality_from_where_it_searches_best_on_validation():
+    from xbtcore.evaluate import Side
+    from xbtcore.methods.maps import blend_on_validation, gate_margins_by_direction
+    from xbtcore.phi import LinearMap, slerp
+
+    n, d = 60, 16
+    old_image = _unit(n, d, 0)
+    old_text = F.normalize(old_image + 0.9 * _unit(n, d, 1), dim=-1)  # the old model's captions: near their images
+    head = LinearMap.of(torch.eye(d))
+    # text queries that find their image exactly; image queries that are noise
+    blend = blend_on_validation(head, _blend_inputs(old_image, _unit(n, d, 2), old_text, old_image))
+    assert blend.weight_of("text") == 1.0 and not blend.needs_old("text")  # φ alone beats any blend
+    assert blend.weight_of("image") < 1.0 and blend.needs_old("image") and blend.blends
+    old = Side(text=old_text, image=old_image)
+    chosen = Side(
+        text=old_image, image=slerp(old_image, F.normalize(_unit(n, d, 2), dim=-1), blend.weight_of("image"))
+    )
+    assert gate_margins_by_direction(chosen, old, torch.arange(n))["i2t"] >= 0  # never under the old query alone
+    x = _unit(n, d, 3)
+    torch.testing.assert_close(blend(x, old_text, "text"), head(x))  # α = 1: the head, no old embedding read
+    # both modalities exact: φ alone both ways, and the head needs no old encoder at all
+    clean = blend_on_validation(head, _blend_inputs(old_image, old_text, old_text, old_image))
+    assert not clean.blends and clean.extra_repr() == "alpha_text=1, alpha_image=1"
+    with pytest.raises(ValueError, match="--val-fraction"):
+        blend_on_validation(
+            head, dataclasses.replace(_blend_inputs(old_image, old_text, old_text, old_image), val_caption_image=None)
+        )
 
 
 def test_a_method_config_reads_its_scopes_of_the_settings():
@@ -146,3 +188,34 @@ def test_auto_keeps_the_cheapest_candidate_that_passes_clearly_and_keeps_new_new
                 {"method": "xbt", "eligible": True, "margins": None, "recall": None},
             ]
         )
+
+
+class _Counting:
+    """An encoder stand-in: fixed unit embeddings, and which modalities it was asked for."""
+
+    ref = "stand-in"
+
+    def __init__(self, dim, seed):
+        self.dim, self.seed, self.asked = dim, seed, []
+
+    def embed_texts(self, texts, batch_size=256, progress=False):
+        self.asked.append("text")
+        return _unit(len(texts), self.dim, self.seed)
+
+    def embed_images(self, images, batch_size=256, progress=False):
+        self.asked.append("image")
+        return _unit(len(images), self.dim, self.seed + 1)
+
+
+def test_a_blended_bundle_runs_the_old_encoder_only_for_the_modality_it_blends():
+    from xbtcore.bundle import CompatibleEncoder
+    from xbtcore.phi import BlendHead, LinearMap, slerp
+
+    head = BlendHead(LinearMap.of(torch.eye(8)).cfg, LinearMap.of(torch.eye(8)), alpha_text=0.3, alpha_image=1.0)
+    new, old = _Counting(8, 0), _Counting(8, 10)
+    compat = CompatibleEncoder(new, head, old=old)
+    texts = compat.embed_texts(["a", "b", "c"])
+    torch.testing.assert_close(texts, slerp(_unit(3, 8, 10), _unit(3, 8, 0), 0.3))
+    images = compat.embed_images([0, 1])
+    torch.testing.assert_close(images, _unit(2, 8, 1))  # φ alone
+    assert new.asked == ["text", "image"] and old.asked == ["text"]

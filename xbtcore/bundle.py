@@ -223,20 +223,25 @@ class CompatibleEncoder:
             if encoder is not None:
                 encoder.compile_after = items
 
-    def _map(self, new_emb: torch.Tensor, old_emb: torch.Tensor | None, batch_size: int = 8192) -> torch.Tensor:
+    def _runs_old(self, modality: str) -> bool:
+        """Whether `modality`'s queries run the old encoder (a blending head that blends them)."""
+        return self.old is not None and self.phi.needs_old(modality)
+
+    def _map(self, new_emb: torch.Tensor, old_emb: torch.Tensor | None, modality: str, batch_size: int = 8192):
         device = next(itertools.chain(self.phi.parameters(), self.phi.buffers())).device
+        blend = {"modality": modality} if self.old is not None else {}
         out = []
         with torch.inference_mode():
             for i in range(0, len(new_emb), batch_size):
                 extra = () if old_emb is None else (old_emb[i : i + batch_size].to(device),)
-                out.append(self.phi(new_emb[i : i + batch_size].to(device), *extra).float().cpu())
+                out.append(self.phi(new_emb[i : i + batch_size].to(device), *extra, **blend).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 
     def embed_texts(self, texts, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """(N,) texts -> (N, D_old) compatible embeddings, L2-normalised (the head normalises)."""
-        old = None if self.old is None else self.old.embed_texts(texts, batch_size, progress)
-        return self._map(self.encoder.embed_texts(texts, batch_size, progress), old)
+        old = self.old.embed_texts(texts, batch_size, progress) if self._runs_old("text") else None
+        return self._map(self.encoder.embed_texts(texts, batch_size, progress), old, "text")
 
     def embed_images(self, images, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-        old = None if self.old is None else self.old.embed_images(images, batch_size, progress)
-        return self._map(self.encoder.embed_images(images, batch_size, progress), old)
+        old = self.old.embed_images(images, batch_size, progress) if self._runs_old("image") else None
+        return self._map(self.encoder.embed_images(images, batch_size, progress), old, "image")

@@ -105,12 +105,54 @@ class SlerpHead(LinearMap):
         super().__init__(cfg, weight)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
 
-    def forward(self, x: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    def needs_old(self, modality: str) -> bool:
+        return True
+
+    def forward(self, x: torch.Tensor, old: torch.Tensor, modality: str = "text") -> torch.Tensor:
         return slerp(old, x @ self.weight, float(self.alpha))  # (B, D_old)
 
 
+MODALITIES = ("text", "image")
+
+
+class BlendHead(nn.Module):
+    """φ blended with the old model's own query, one weight per query modality: slerp(u_old, φ(x), α).
+
+    α = 1 is φ alone, and that modality's queries need no old encoder; α = 0 is the old model's own
+    query. Where some α is under 1 the head `blends`: those queries run the old encoder too.
+    """
+
+    def __init__(self, cfg: PhiConfig, phi: Phi | None = None, alpha_text: float = 1.0, alpha_image: float = 1.0):
+        super().__init__()
+        self.cfg = cfg
+        self.phi = Phi(cfg) if phi is None else phi
+        self.register_buffer("alpha", torch.tensor([float(alpha_text), float(alpha_image)]))  # MODALITIES order
+
+    @property
+    def blends(self) -> bool:
+        return bool((self.alpha < 1).any())
+
+    def weight_of(self, modality: str) -> float:
+        return float(self.alpha[MODALITIES.index(modality)])
+
+    def needs_old(self, modality: str) -> bool:
+        return self.weight_of(modality) < 1
+
+    def forward(self, x: torch.Tensor, old: torch.Tensor | None = None, modality: str = "text") -> torch.Tensor:
+        mapped = self.phi(x)  # (B, D_old)
+        if not self.needs_old(modality):
+            return mapped
+        return slerp(old, mapped, self.weight_of(modality))
+
+    def layernorm_parameters(self) -> list[nn.Parameter]:
+        return self.phi.layernorm_parameters()
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"alpha_{m}={self.weight_of(m):g}" for m in MODALITIES)
+
+
 # A bundle names its head's kind; the loader builds it from PhiConfig and loads its weights.
-HEADS = {"phi": Phi, "linear": LinearMap, "slerp": SlerpHead}
+HEADS = {"phi": Phi, "linear": LinearMap, "slerp": SlerpHead, "blend": BlendHead}
 
 
 def head_kind(head: nn.Module) -> str:

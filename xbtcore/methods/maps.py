@@ -16,7 +16,7 @@ import torch
 
 from ..evaluate import Side, cross_recall
 from ..gate import DIRECTIONS, GATE_KS
-from ..phi import LinearMap, PhiConfig, SlerpHead, slerp
+from ..phi import BlendHead, LinearMap, PhiConfig, SlerpHead, slerp
 from .registry import HeadInputs, MethodSpec, register_method
 
 SLERP_ALPHAS = tuple(i / 10 for i in range(11))
@@ -66,11 +66,16 @@ def _slerp_needs(cfg: SlerpConfig) -> tuple[str, ...]:
     )
 
 
-def min_gate_margin(query: Side, old: Side, caption_image: torch.Tensor) -> float:
-    """The smallest Eqn. 2 margin, new/old - old/old in points, over both directions and K in 1, 5, 10."""
+def gate_margins_by_direction(query: Side, old: Side, caption_image: torch.Tensor) -> dict[str, float]:
+    """Per direction, the smallest Eqn. 2 margin over K in 1, 5, 10: new/old - old/old in points."""
     new_old = cross_recall(query, old, caption_image, GATE_KS)
     old_old = cross_recall(old, old, caption_image, GATE_KS)
-    return min(new_old[d][str(k)] - old_old[d][str(k)] for d in DIRECTIONS for k in GATE_KS)
+    return {d: min(new_old[d][str(k)] - old_old[d][str(k)] for k in GATE_KS) for d in DIRECTIONS}
+
+
+def min_gate_margin(query: Side, old: Side, caption_image: torch.Tensor) -> float:
+    """The smallest Eqn. 2 margin, new/old - old/old in points, over both directions and K in 1, 5, 10."""
+    return min(gate_margins_by_direction(query, old, caption_image).values())
 
 
 def fit_slerp(inputs: HeadInputs, cfg: SlerpConfig) -> SlerpHead:
@@ -98,6 +103,28 @@ def fit_slerp(inputs: HeadInputs, cfg: SlerpConfig) -> SlerpHead:
         ),
     )
     return SlerpHead(PhiConfig(weight.shape[0], weight.shape[1]), weight, alpha=best).to(inputs.device)
+
+
+def blend_on_validation(head: torch.nn.Module, inputs: HeadInputs) -> BlendHead:
+    """A fitted φ blended with the old model's own query, one α per query modality: of SLERP_ALPHAS, the one
+    whose validation queries of that modality beat the old model's by the largest smallest margin over K
+    (ties: the larger α, the nearer φ alone). Text queries are scored on t2i, image queries on i2t."""
+    if inputs.val_caption_image is None:
+        raise ValueError("a blend is chosen on the validation pairs: give --val-fraction above 0")
+    frozen = inputs.frozen
+    old = Side(text=frozen("w_old_val"), image=frozen("v_old_val"))
+    with torch.inference_mode():
+        mapped = Side(text=head(frozen("w_new_val")), image=head(frozen("v_new_val")))  # (N, D_old), unit
+    margins = {
+        a: gate_margins_by_direction(
+            Side(text=slerp(old.text, mapped.text, a), image=slerp(old.image, mapped.image, a)),
+            old,
+            inputs.val_caption_image,
+        )
+        for a in SLERP_ALPHAS
+    }
+    alpha = {d: max(SLERP_ALPHAS, key=lambda a: (margins[a][d], a)) for d in DIRECTIONS}
+    return BlendHead(head.cfg, head, alpha_text=alpha["t2i"], alpha_image=alpha["i2t"])
 
 
 def register() -> None:

@@ -63,6 +63,9 @@ class MethodSpec:
     bundle: str  # what its bundle holds beside the unmodified new model
     fit_head: Callable[[HeadInputs, object], torch.nn.Module] | None = None  # None: the plan starts from a random φ
     plan: TrainPlan | None = None  # None: no encoder is fine-tuned
+    # a step on the fitted head before its bundle, without a plan (xbt-gallery-blend: its blend with the old
+    # model's query, chosen on the validation pairs): (head, inputs) -> the head the bundle holds
+    finish_head: Callable[[torch.nn.Module, HeadInputs], torch.nn.Module] | None = None
     old_encoder_at_query: bool = False  # a query also runs the old encoder
     portfolio: bool = False  # a candidate of `--method auto`
     pretrain_defaults: dict = field(default_factory=dict)  # φ pretraining values for the fields a user left None
@@ -70,6 +73,7 @@ class MethodSpec:
     def __post_init__(self):
         assert self.cost in COST_CLASSES, self
         assert self.fit_head is not None or self.plan is not None, f"{self.name}: a method trains something"
+        assert self.finish_head is None or (self.fit_head is not None and self.plan is None), self.name
 
     def config(self, settings) -> object:
         """This method's config from the run's parsed settings (each field is a scope of settings), with its own

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from ..finetune import FinetuneConfig, TrainPlan
 from ..pretrain import PretrainConfig, pair_rows, pretrain_phi, pretraining_rows, source_parts
+from .maps import blend_on_validation
 from .registry import HeadInputs, MethodSpec, register_method
 
 XBT_DEFAULTS = {"anchor_weight": 0.0, "corpus_weight": 1.0, "pair_weight": 2.0}
@@ -82,6 +83,11 @@ def gallery_lora_needs(cfg: XbtConfig) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*xbt_needs(cfg), "v_old_pairs", "w_old_pairs"]))
 
 
+def blend_needs(cfg: XbtConfig) -> tuple[str, ...]:
+    """xbt-gallery's, and the validation pairs by both models, on which the blend is chosen."""
+    return tuple(dict.fromkeys([*xbt_needs(cfg), "v_new_val", "v_old_val", "w_new_val", "w_old_val"]))
+
+
 def gallery_anchored_phi(inputs: HeadInputs, cfg: XbtConfig):
     return _pretrained_phi(inputs, cfg)
 
@@ -131,6 +137,21 @@ def register() -> None:
             summary="xbt-gallery with the pair term weighted 12 (λ) instead of 2: new/new closer to the new "
             "model, smaller gate margins",
             pretrain_defaults=GALLERY_PAIRS_DEFAULTS,
+        )
+    )
+
+    register_method(
+        replace(
+            gallery,
+            name="xbt-gallery-blend",
+            summary="xbt-gallery's φ, each query blended with the old model's own query (SLERP-BC's spherical "
+            "blend), its weight per query modality chosen on the validation pairs; a query runs the old encoder "
+            "where its modality blends",
+            needs=blend_needs,
+            old_encoder_at_query=True,
+            trains="φ as xbt-gallery; then α per query modality, chosen on the validation pairs",
+            bundle="φ, α per query modality, the old model",
+            finish_head=blend_on_validation,
         )
     )
 
