@@ -34,7 +34,8 @@ def run(args) -> dict:
     runs = []
     for seed in args.seeds:
         for method in args.methods:
-            report = upgrade(args, method, seed, allow_old_encoder=args.allow_old_encoder)
+            # only when set: a run without it keeps the run folder (and the cache) of any other bench's
+            report = upgrade(args, method, seed, **({"allow_old_encoder": True} if args.allow_old_encoder else {}))
             runs.append(
                 # run_row's method is the one that ran (auto's choice); the row keeps the one asked for
                 {**run_row(report), "method": method, "seed": seed, "trainable_params": trainable_params(report)}

@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--allow-old-encoder",
             action="store_true",
-            help="let auto choose a method whose queries also run the old encoder (SLERP-BC)",
+            help="let auto choose a method whose queries also run the old encoder (slerp-bc, xbt-gallery-blend)",
         )
         sp.add_argument(
             "--set",
