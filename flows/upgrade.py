@@ -325,10 +325,13 @@ def train_candidate(ctx: Context, method: str) -> dict:
     if spec.fit_head is not None:
         with ctx.clock("pretrain"):
             owner = head_owner(method)  # a head two methods share is fitted once
+            own = get_method(owner)
+            # only what the owner reads: the shared head's step and cache key are the owner's own
+            head_reads = {n: embeddings[n] for n in own.needs(own.config(ctx.settings))}
             head = fit_head(
                 owner,
                 ctx.settings,
-                embeddings,
+                head_reads,
                 ctx.cache_root,
                 ctx.data["pairs"],
                 ctx.split,
@@ -339,7 +342,7 @@ def train_candidate(ctx: Context, method: str) -> dict:
                     ctx.work,
                     f"head-{owner}",
                     ctx.settings,
-                    embeddings,
+                    head_reads,
                     ctx.data_fp["pairs"],
                     ctx.split,
                     p.seed,
