@@ -99,6 +99,9 @@ def test_new_new_gap_past_a_point_points_at_the_distillation_and_pair_terms():
     assert "pretrain.distill_weight, now 1" in gallery[-1]  # the values the run used, its method's own
     assert next_steps(_report(new_new=(59.0, 59.5)), TEXT) == []  # within a point
     assert not any("pair_weight" in s for s in next_steps(_report(method="base", new_new=(50.0, 50.0)), TEXT))
+    blend = next_steps(_report(method="xbt-gallery-blend", new_new=(57.0, 60.0)), TEXT)  # its α, not its φ's terms
+    assert len(blend) == 1 and "3.00 points t2i R@1" in blend[0] and "blended with the old model's own" in blend[0]
+    assert "pair_weight" not in blend[0]
 
 
 def test_a_chain_link_worse_than_the_champion_says_the_champion_stays():
