@@ -68,14 +68,29 @@ def _slerp_needs(cfg: SlerpConfig) -> tuple[str, ...]:
 
 def gate_margins_by_direction(query: Side, old: Side, caption_image: torch.Tensor) -> dict[str, float]:
     """Per direction, the smallest Eqn. 2 margin over K in 1, 5, 10: new/old - old/old in points."""
-    new_old = cross_recall(query, old, caption_image, GATE_KS)
-    old_old = cross_recall(old, old, caption_image, GATE_KS)
+    return _margins(cross_recall(query, old, caption_image, GATE_KS), cross_recall(old, old, caption_image, GATE_KS))
+
+
+def _margins(new_old: dict, old_old: dict) -> dict[str, float]:
     return {d: min(new_old[d][str(k)] - old_old[d][str(k)] for k in GATE_KS) for d in DIRECTIONS}
 
 
-def min_gate_margin(query: Side, old: Side, caption_image: torch.Tensor) -> float:
-    """The smallest Eqn. 2 margin, new/old - old/old in points, over both directions and K in 1, 5, 10."""
-    return min(gate_margins_by_direction(query, old, caption_image).values())
+def blend_margins(old: Side, mapped: Side, caption_image: torch.Tensor) -> dict[float, dict[str, float]]:
+    """Each α of SLERP_ALPHAS -> per direction, the smallest Eqn. 2 margin of the queries slerp(old, mapped, α)
+    against the old model's own (old/old computed once)."""
+    old_old = cross_recall(old, old, caption_image, GATE_KS)
+    return {
+        a: _margins(
+            cross_recall(
+                Side(text=slerp(old.text, mapped.text, a), image=slerp(old.image, mapped.image, a)),
+                old,
+                caption_image,
+                GATE_KS,
+            ),
+            old_old,
+        )
+        for a in SLERP_ALPHAS
+    }
 
 
 def fit_slerp(inputs: HeadInputs, cfg: SlerpConfig) -> SlerpHead:
@@ -91,17 +106,8 @@ def fit_slerp(inputs: HeadInputs, cfg: SlerpConfig) -> SlerpHead:
     )  # (D_new, D_old)
     old = Side(text=frozen("w_old_val"), image=frozen("v_old_val"))
     new = Side(text=frozen("w_new_val") @ weight, image=frozen("v_new_val") @ weight)  # unnormalised, as slerp takes
-    best = max(
-        SLERP_ALPHAS,
-        key=lambda a: (
-            min_gate_margin(
-                Side(text=slerp(old.text, new.text, a), image=slerp(old.image, new.image, a)),
-                old,
-                inputs.val_caption_image,
-            ),
-            a,
-        ),
-    )
+    margins = blend_margins(old, new, inputs.val_caption_image)
+    best = max(SLERP_ALPHAS, key=lambda a: (min(margins[a].values()), a))
     return SlerpHead(PhiConfig(weight.shape[0], weight.shape[1]), weight, alpha=best).to(inputs.device)
 
 
@@ -115,14 +121,7 @@ def blend_on_validation(head: torch.nn.Module, inputs: HeadInputs) -> BlendHead:
     old = Side(text=frozen("w_old_val"), image=frozen("v_old_val"))
     with torch.inference_mode():
         mapped = Side(text=head(frozen("w_new_val")), image=head(frozen("v_new_val")))  # (N, D_old), unit
-    margins = {
-        a: gate_margins_by_direction(
-            Side(text=slerp(old.text, mapped.text, a), image=slerp(old.image, mapped.image, a)),
-            old,
-            inputs.val_caption_image,
-        )
-        for a in SLERP_ALPHAS
-    }
+    margins = blend_margins(old, mapped, inputs.val_caption_image)
     alpha = {d: max(SLERP_ALPHAS, key=lambda a: (margins[a][d], a)) for d in DIRECTIONS}
     return BlendHead(head.cfg, head, alpha_text=alpha["t2i"], alpha_image=alpha["i2t"])
 
