@@ -50,9 +50,11 @@ def test_auto_runs_the_portfolio_cheapest_first_and_keeps_one_chosen_on_validati
             assert set(c["recall"]["t2i"]) == {"old/old", "new/old", "new/new", "orig-new/new"}
             assert {"margin", "low", "high"} <= set(c["margins"]["i2t"]["1"]) and c["seconds"] > 0
     assert report["counts"]["val_images"] == 48  # half the 96 pair images: fewer than 500 to spare
-    # xbt-gallery-blend blends xbt-gallery's φ: it is fitted once, under xbt-gallery's name
+    # xbt-gallery-lora starts from xbt-gallery's φ: it is fitted once, under xbt-gallery's name; the blend fits its own
     work = tmp_path / "auto" / "work"
-    assert len([p for p in work.iterdir() if re.fullmatch(r"head-xbt-gallery-[0-9a-f]+\.safetensors", p.name)]) == 1
+    for owner in ("xbt-gallery", "xbt-gallery-blend"):
+        heads = [p for p in work.iterdir() if re.fullmatch(rf"head-{owner}-[0-9a-f]+\.safetensors", p.name)]
+        assert len(heads) == 1, (owner, heads)
     assert report["timings_s"]["validate"] > 0 and report["timings_s"]["total"] >= sum(
         v for k, v in report["timings_s"].items() if k != "total"
     )

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from xbtcore.config import Settings
 from xbtcore.losses import clip_loss, eqn3_loss, eqn5_loss, eqn6_loss
+from xbtcore.pretrain import PretrainConfig
 from xbtcore.methods import COST_CLASSES, EMBEDDINGS, METHODS, by_cost, get_method, head_owner
 
 
@@ -80,9 +81,11 @@ def test_methods_that_share_a_head_fit_it_once_under_the_cheapest_name():
     assert head_owner("xbt") == "xbt" and head_owner("procrustes") == "procrustes"
     assert head_owner("lstsq") == "lstsq"  # a different closed form: its own head
     assert head_owner("base") == "base"  # no head fitted before training
-    assert head_owner("xbt-gallery-blend") == "xbt-gallery"  # xbt-gallery's φ, blended after
+    assert head_owner("xbt-gallery-blend") == "xbt-gallery-blend"  # its φ drops the corpus term: its own head
     blend = get_method("xbt-gallery-blend")
     assert blend.old_encoder_at_query and blend.portfolio and blend.plan is None
+    pre = blend.settle_pretrain(PretrainConfig())
+    assert (pre.corpus_weight, pre.distill_weight, pre.anchor_weight, pre.pair_weight) == (0.0, 0.0, 1.0, 2.0)
 
 
 def _blend_inputs(text_query: torch.Tensor, image_query: torch.Tensor, old_text, old_image):
