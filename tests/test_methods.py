@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from xbtcore.config import Settings
 from xbtcore.losses import clip_loss, eqn3_loss, eqn5_loss, eqn6_loss
-from xbtcore.pretrain import PretrainConfig
 from xbtcore.methods import COST_CLASSES, EMBEDDINGS, METHODS, by_cost, get_method, head_owner
+from xbtcore.pretrain import PretrainConfig
 
 
 def _unit(n, d, seed):
