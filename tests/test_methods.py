@@ -86,6 +86,9 @@ def test_methods_that_share_a_head_fit_it_once_under_the_cheapest_name():
     assert blend.old_encoder_at_query and blend.portfolio and blend.plan is None
     pre = blend.settle_pretrain(PretrainConfig())
     assert (pre.corpus_weight, pre.distill_weight, pre.anchor_weight, pre.pair_weight) == (0.0, 0.0, 1.0, 2.0)
+    needs = blend.needs(blend.config(Settings()))
+    assert "w_new" not in needs and "w_old" not in needs  # φ on the pairs alone: no corpus embedded for it
+    assert {"v_new_pairs", "w_new_pairs", "v_old_pairs", "w_old_pairs", "w_old_val", "v_old_val"} <= set(needs)
 
 
 def _blend_inputs(text_query: torch.Tensor, image_query: torch.Tensor, old_text, old_image):

@@ -189,6 +189,42 @@ def test_pair_term_off_ignores_the_pairs_and_on_needs_them():
             text_only_pretrain(Phi(PhiConfig(24, 16)), w_new, w_old, dataclasses.replace(cfg, **{term: 1.0}))
 
 
+def test_without_the_corpus_phi_trains_on_the_pairs_alone():
+    # Eqn. 3's term, the fit and distillation terms off: no corpus rows; each step one pair batch, and the anchors
+    # teach φ to find each caption's old image embedding (the old space reads 6 of the new model's 24 dims).
+    from xbtcore.pretrain import pretrain_phi
+
+    torch.manual_seed(0)
+    v_new = F.normalize(torch.randn(1024, 24), dim=-1)
+    w_new = F.normalize(v_new + 0.02 * torch.randn(1024, 24), dim=-1)
+    proj = torch.randn(6, 16)
+    v_old, w_old = (F.normalize(torch.tanh(x[:, :6] @ proj), dim=-1) for x in (v_new, w_new))
+    pairs = (v_new, w_new, v_old, w_old)
+    cfg = PretrainConfig(
+        lr=1e-3, corpus_weight=0.0, pair_weight=1.0, anchor_weight=1.0, pair_batch_size=128, min_steps=400
+    )
+    assert (
+        not cfg.uses_corpus
+        and PretrainConfig().uses_corpus
+        and PretrainConfig(corpus_weight=0, fit_weight=1).uses_corpus
+    )
+
+    def t2i_r1(phi) -> float:
+        with torch.no_grad():
+            return (phi(w_new) @ v_old.T).argmax(1).eq(torch.arange(1024)).float().mean().item()
+
+    torch.manual_seed(0)
+    before = t2i_r1(Phi(PhiConfig(24, 16)))
+    steps = []
+    phi, history = pretrain_phi(None, None, cfg, pairs=pairs, on_step=lambda step, loss: steps.append(step))
+    assert len(steps) == cfg.epochs_for(1024, 128) * (1024 // 128) == 50 * 8 and len(history) == 50
+    assert t2i_r1(phi) > before + 0.3, (before, t2i_r1(phi))
+    with pytest.raises(ValueError, match="trains on the gallery anchors"):
+        pretrain_phi(None, None, cfg, pairs=pairs[:2])
+    with pytest.raises(ValueError, match="nothing to train on"):
+        text_only_pretrain(phi, None, None, dataclasses.replace(cfg, pair_weight=0.0, anchor_weight=0.0), pairs=pairs)
+
+
 @pytest.mark.parametrize(
     "bad, says",
     [

@@ -49,8 +49,8 @@ def fit_term(mapped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def eqn3_loss(
-    mapped: torch.Tensor,
-    w_old: torch.Tensor,
+    mapped: torch.Tensor | None,
+    w_old: torch.Tensor | None,
     logit_scale: float,
     *,
     fit_weight: float = 0.0,
@@ -66,7 +66,8 @@ def eqn3_loss(
 ) -> torch.Tensor:
     """Eqn. 3, L_c(φ(w̃_new), w_old), with four optional terms of ours.
 
-    mapped: φ(w̃_new), (B, D_old); w_old: (B, D_old), row-aligned.
+    mapped: φ(w̃_new), (B, D_old); w_old: (B, D_old), row-aligned; both None where φ reads no corpus
+    (`PretrainConfig.uses_corpus`: Eqn. 3's term, the fit and distillation terms off).
     fit_weight μ: μ · fit_term(φ(w̃_new), w_old).
     pair, pair_weight λ: λ · L_c(φ(v_new), φ(w_new)) on a batch of the frozen new
     model's pairs, pair = (φ(v_new), φ(w_new)), (P, D_old) each: Eqn. 5's loss.
@@ -80,7 +81,11 @@ def eqn3_loss(
     w_new, v_new): the mapped rows and pair images beside the frozen new model's own.
     At μ = λ = γ = κ = 0 and corpus_weight 1 it is the paper's Eqn. 3.
     """
-    loss = corpus_weight * clip_loss(mapped, w_old, logit_scale)
+    if mapped is None:  # no corpus rows: the pair terms alone
+        assert pair is not None, "without corpus rows eqn3_loss needs a batch of mapped pairs"
+        loss = pair[0].new_zeros(())
+    else:
+        loss = corpus_weight * clip_loss(mapped, w_old, logit_scale)
     if fit_weight:
         loss = loss + fit_weight * fit_term(mapped, w_old)
     if pair_weight:

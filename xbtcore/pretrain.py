@@ -26,7 +26,9 @@ it is the paper's Eqn. 3. Why each default is what it is, with the measurement
 behind it: docs/method.md.
 
 All encoders are frozen, so their outputs are computed once (the embedding
-cache) and this loop touches no encoder at all.
+cache) and this loop touches no encoder at all. With Eqn. 3's own term, the
+fit and the distillation terms at 0 it reads no corpus: each step is a pair
+batch (xbt-gallery-blend's φ).
 """
 
 from __future__ import annotations
@@ -108,8 +110,9 @@ class PretrainConfig:
     corpus_weight: float | None = field(
         default=None,
         metadata={
-            "help": "weight of Eqn. 3's own term, the corpus texts towards w_old; None: the method's own "
-            "(1, the paper's, for xbt)"
+            "help": "weight of Eqn. 3's own term, the corpus texts towards w_old; 0, with the fit and "
+            "distillation terms off: φ trains on the pairs alone and no corpus is embedded for it; None: the "
+            "method's own (1, the paper's, for xbt; 0 for xbt-gallery-blend)"
         },
     )
     anchor_weight: float | None = field(
@@ -209,11 +212,18 @@ class PretrainConfig:
         return bool(self.pair_weight or self.uses_anchors or self.distill_weight)
 
     @property
+    def uses_corpus(self) -> bool:
+        """Eqn. 3's own term, the fit term or the distillation term reads the pretraining rows (the corpus); with
+        all three off φ trains on the pairs alone, and no corpus is embedded for it."""
+        return self.corpus_weight != 0 or bool(self.fit_weight or self.distill_weight)
+
+    @property
     def uses_images(self) -> bool:
         return "image" in source_parts(self.source)
 
-    def epochs_for(self, n_rows: int) -> int:
-        """Passes over a corpus of n_rows: `epochs` if set, else max(3, enough for min_steps).
+    def epochs_for(self, n_rows: int, batch_size: int | None = None) -> int:
+        """Passes over n_rows rows taken batch_size at a time (the corpus's `batch_size` unless given; the pairs'
+        without the corpus): `epochs` if set, else max(3, enough for min_steps).
 
         φ's quality follows the number of steps more than the corpus size: 100k
         captions for 6 passes matched 209k for 3 (docs/method.md), so a small
@@ -221,7 +231,8 @@ class PretrainConfig:
         """
         if self.epochs is not None:
             return self.epochs
-        per_epoch = max(1, n_rows // max(1, min(self.batch_size, n_rows)))
+        batch_size = self.batch_size if batch_size is None else batch_size
+        per_epoch = max(1, n_rows // max(1, min(batch_size, n_rows)))
         return max(3, math.ceil((MIN_STEPS if self.min_steps is None else self.min_steps) / per_epoch))
 
 
@@ -244,15 +255,17 @@ def add_embedding_noise(w: torch.Tensor, sigma: float, generator: torch.Generato
 
 def text_only_pretrain(
     phi: Phi,
-    w_new: torch.Tensor,
-    w_old: torch.Tensor,
+    w_new: torch.Tensor | None,
+    w_old: torch.Tensor | None,
     cfg: PretrainConfig,
     on_step=None,
     pairs: tuple[torch.Tensor, ...] | None = None,
 ) -> list[dict]:
     """Train all of φ on row-aligned (w_new, w_old) rows with `losses.eqn3_loss`; returns per-epoch history.
 
-    w_new: (N, D_new), w_old: (N, D_old), both L2-normalised, same row order.
+    w_new: (N, D_new), w_old: (N, D_old), both L2-normalised, same row order;
+    None where cfg reads no corpus (`uses_corpus`): then a step is one pair batch
+    and an epoch one pass over the pairs.
     pairs: (v_new, w_new) of the pairs by the frozen new model, row-aligned (each
     caption with its image's embedding), (P, D_new) each, and for the gallery
     anchors (cfg.anchor_weight > 0) also (v_old, w_old), (P, D_old) each; read when
@@ -262,8 +275,12 @@ def text_only_pretrain(
     slice, negatives are all-gathered and gradients averaged, so the result
     equals one process.
     """
-    assert w_new.shape[0] == w_old.shape[0], "w_new and w_old must be row-aligned"
-    assert w_new.shape[1] == phi.cfg.in_dim and w_old.shape[1] == phi.cfg.out_dim
+    if cfg.uses_corpus:
+        assert w_new is not None and w_old is not None, "Eqn. 3's terms read the corpus rows (w_new, w_old)"
+        assert w_new.shape[0] == w_old.shape[0], "w_new and w_old must be row-aligned"
+        assert w_new.shape[1] == phi.cfg.in_dim and w_old.shape[1] == phi.cfg.out_dim
+    elif not cfg.uses_pairs:
+        raise ValueError("φ has nothing to train on: Eqn. 3's corpus term, the pair term and the anchors are all 0")
     if cfg.uses_pairs and pairs is None:
         raise ValueError(
             "pair_weight, anchor_weight or distill_weight > 0 needs the pairs' new-model embeddings "
@@ -275,21 +292,23 @@ def text_only_pretrain(
     torch.manual_seed(cfg.seed)  # noise and order; a CPU generator could not feed a CUDA randn
     opt = torch.optim.AdamW(phi.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scale = math.exp(cfg.log_logit_scale)
-    n = w_new.shape[0]
-    bs = global_batch(cfg.batch_size, n)
+    # without the corpus the steps are the pair batches: the same count per pass as _pair_batches draws
+    n, batch_size = (w_new.shape[0], cfg.batch_size) if cfg.uses_corpus else (pairs[0].shape[0], cfg.pair_batch_size)
+    bs = global_batch(batch_size, n)
     pair_batches = _pair_batches(pairs, cfg.pair_batch_size) if cfg.uses_pairs else None
     history, step = [], 0
     phi.train()
-    for epoch in range(cfg.epochs_for(n)):
+    for epoch in range(cfg.epochs_for(n, batch_size)):
         t0, total, count = time.perf_counter(), 0.0, 0
-        order = torch.randperm(n)
+        order = torch.randperm(n) if cfg.uses_corpus else None
         for i in range(0, n - bs + 1, bs):  # drop the ragged tail: a tiny last batch has few negatives
-            idx = order[i : i + bs]
-            rows_new = w_new[idx].to(device)  # (B, D_new)
-            x = add_embedding_noise(rows_new, cfg.sigma)  # same noise on every rank
-            mine = local_slice(bs)
-            mapped, target = phi(x[mine]), w_old[idx][mine].to(device)  # (B/W, D_old) each, unit length
-            pair = anchor = distill = None
+            mapped = target = pair = anchor = distill = None
+            if order is not None:
+                idx = order[i : i + bs]
+                rows_new = w_new[idx].to(device)  # (B, D_new)
+                x = add_embedding_noise(rows_new, cfg.sigma)  # same noise on every rank
+                mine = local_slice(bs)
+                mapped, target = phi(x[mine]), w_old[idx][mine].to(device)  # (B/W, D_old) each, unit length
             if pair_batches is not None:
                 rows, pmine = next(pair_batches)  # (P, D) each, the same rows on every rank
                 images = rows[0][pmine].to(device)  # (P/W, D_new) v_new
@@ -330,16 +349,20 @@ def text_only_pretrain(
 
 
 def pretrain_phi(
-    w_new: torch.Tensor,
-    w_old: torch.Tensor,
+    w_new: torch.Tensor | None,
+    w_old: torch.Tensor | None,
     cfg: PretrainConfig,
     device="cpu",
     on_step=None,
     pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Phi, list[dict]]:
-    """-> (φ, per-epoch history): a fresh φ, D_new -> D_old, all of it trained by `text_only_pretrain`."""
+    """-> (φ, per-epoch history): a fresh φ, D_new -> D_old, all of it trained by `text_only_pretrain`. Without a
+    corpus (w_new, w_old None) its sizes come from the pairs: v_new (P, D_new) and the anchors' v_old (P, D_old)."""
     torch.manual_seed(cfg.seed)
-    phi = Phi(PhiConfig(in_dim=w_new.shape[1], out_dim=w_old.shape[1])).to(device)
+    if w_new is None and (pairs is None or len(pairs) != 4):
+        raise ValueError("φ without a corpus trains on the gallery anchors: give pairs=(v_new, w_new, v_old, w_old)")
+    in_dim, out_dim = (w_new.shape[1], w_old.shape[1]) if w_new is not None else (pairs[0].shape[1], pairs[2].shape[1])
+    phi = Phi(PhiConfig(in_dim=in_dim, out_dim=out_dim)).to(device)
     history = text_only_pretrain(phi, w_new, w_old, cfg, on_step=on_step, pairs=pairs)
     return phi, history
 

@@ -54,8 +54,8 @@ def xbt_needs(cfg: XbtConfig) -> tuple[str, ...]:
     pre = cfg.pretrain
     parts = source_parts(pre.source)
     needs = [
-        *(["w_new", "w_old"] if "text" in parts else []),
-        *(["v_new_pairs", "v_old_pairs"] if "image" in parts else []),
+        *(["w_new", "w_old"] if "text" in parts and pre.uses_corpus else []),
+        *(["v_new_pairs", "v_old_pairs"] if "image" in parts and pre.uses_corpus else []),
     ]
     if pre.uses_pairs:
         needs += ["v_new_pairs", "w_new_pairs"]
@@ -68,11 +68,13 @@ def _pretrained_phi(inputs: HeadInputs, cfg: XbtConfig):
     """Eqn. 3 on the rows `PretrainConfig.source` names, with the pair term when λ > 0 and the gallery
     anchors when γ > 0 -> φ."""
     pre = replace(cfg.pretrain, seed=inputs.seed)
-    rows = pretraining_rows(
-        pre.source,
-        text=(inputs.frozen("w_new"), inputs.frozen("w_old")) if "text" in source_parts(pre.source) else None,
-        image=(inputs.frozen("v_new_pairs"), inputs.frozen("v_old_pairs")) if pre.uses_images else None,
-    )
+    rows = (None, None)  # φ on the pairs alone
+    if pre.uses_corpus:
+        rows = pretraining_rows(
+            pre.source,
+            text=(inputs.frozen("w_new"), inputs.frozen("w_old")) if "text" in source_parts(pre.source) else None,
+            image=(inputs.frozen("v_new_pairs"), inputs.frozen("v_old_pairs")) if pre.uses_images else None,
+        )
     pairs = None
     if pre.uses_pairs:
         old = (inputs.frozen("v_old_pairs"), inputs.frozen("w_old_pairs")) if pre.uses_anchors else ()
