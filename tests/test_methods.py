@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from xbtcore.config import Settings
 from xbtcore.losses import clip_loss, eqn3_loss, eqn5_loss, eqn6_loss
 from xbtcore.methods import COST_CLASSES, EMBEDDINGS, METHODS, by_cost, get_method, head_owner
-from xbtcore.pretrain import PretrainConfig
+from xbtcore.pretrain import PAPER_LR, PretrainConfig
 
 
 def _unit(n, d, seed):
@@ -86,6 +86,7 @@ def test_methods_that_share_a_head_fit_it_once_under_the_cheapest_name():
     assert blend.old_encoder_at_query and blend.portfolio and blend.plan is None
     pre = blend.settle_pretrain(PretrainConfig())
     assert (pre.corpus_weight, pre.distill_weight, pre.anchor_weight, pre.pair_weight) == (0.0, 0.0, 1.0, 2.0)
+    assert pre.lr == 1e-3 and get_method("xbt-gallery").settle_pretrain(PretrainConfig()).lr == PAPER_LR
     needs = blend.needs(blend.config(Settings()))
     assert "w_new" not in needs and "w_old" not in needs  # φ on the pairs alone: no corpus embedded for it
     assert {"v_new_pairs", "w_new_pairs", "v_old_pairs", "w_old_pairs", "w_old_val", "v_old_val"} <= set(needs)

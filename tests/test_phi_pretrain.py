@@ -229,6 +229,7 @@ def test_without_the_corpus_phi_trains_on_the_pairs_alone():
     "bad, says",
     [
         ({"sigma": -1}, "sigma"),
+        ({"lr": 0.0}, "lr must be > 0"),
         ({"batch_size": 1}, "batch_size"),
         ({"pair_weight": -0.5}, "pair_weight"),
         ({"pair_batch_size": 1}, "pair_batch_size"),

@@ -53,6 +53,8 @@ CHAIN_TARGETS = ("root", "champion")
 # μ of the fit term when φ's targets are a champion bundle's compatible embeddings: the contrastive
 # loss alone fits their order, not their place (docs/method.md, "The fit term").
 CHAIN_FIT_WEIGHT = 10.0
+# φ's AdamW learning rate in the paper (Sec. 4.1): PretrainConfig.lr left None, and a method with no value of its own.
+PAPER_LR = 1e-4
 # Steps φ takes at least (PretrainConfig.min_steps left None, and a method with no value of its own).
 MIN_STEPS = 1200
 
@@ -72,7 +74,13 @@ class PretrainConfig:
         },
     )
     batch_size: int = field(default=1024, metadata={"help": "paper: 8,192 on 8 GPUs; 1,024 here (docs/method.md)"})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4)"})
+    lr: float | None = field(
+        default=None,
+        metadata={
+            "help": f"AdamW learning rate; None: the method's own (the paper's {PAPER_LR:g}; 1e-3 for "
+            "xbt-gallery-blend, whose φ reads no corpus; docs/method.md)"
+        },
+    )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)"})
     epochs: int | None = field(
         default=None,
@@ -166,6 +174,8 @@ class PretrainConfig:
     def __post_init__(self):
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 for a contrastive loss, got {self.batch_size}")
         if self.epochs is not None and self.epochs < 1:
@@ -290,7 +300,7 @@ def text_only_pretrain(
         raise ValueError("the gallery anchors need the pairs' old embeddings too (pairs=(v_new, w_new, v_old, w_old))")
     device = next(phi.parameters()).device
     torch.manual_seed(cfg.seed)  # noise and order; a CPU generator could not feed a CUDA randn
-    opt = torch.optim.AdamW(phi.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(phi.parameters(), lr=PAPER_LR if cfg.lr is None else cfg.lr, weight_decay=cfg.weight_decay)
     scale = math.exp(cfg.log_logit_scale)
     # without the corpus the steps are the pair batches: the same count per pass as _pair_batches draws
     n, batch_size = (w_new.shape[0], cfg.batch_size) if cfg.uses_corpus else (pairs[0].shape[0], cfg.pair_batch_size)
