@@ -290,7 +290,10 @@ def train_candidate(ctx: Context, method: str) -> dict:
     -> {"method", "bundle", "validation" (its evaluate folder, or None), "needs", "seconds"}."""
     t0 = time.perf_counter()
     p, spec = ctx.params, get_method(method)
-    needs = list(spec.needs(spec.config(ctx.settings)))
+    # the fit term settled as the train step settles it: against a champion's compatible space it reads the corpus
+    compatible_targets = ctx.targets != ctx.inputs["root"]
+    settled = dataclasses.replace(ctx.settings, pretrain=ctx.settings.pretrain.for_targets(compatible_targets))
+    needs = list(spec.needs(spec.config(settled)))
     pairs_fp = ctx.data_fp["pairs"] if any(n not in ("w_new", "w_old") for n in needs) else ""
     with ctx.clock("embed"):
         if p.dask and {"w_new", "w_old"} & set(needs):
@@ -320,14 +323,13 @@ def train_candidate(ctx: Context, method: str) -> dict:
             precision=p.precision,
             compile_after=p.compile,
         )
-    compatible_targets = ctx.targets != ctx.inputs["root"]
     head = None
     if spec.fit_head is not None:
         with ctx.clock("pretrain"):
             owner = head_owner(method)  # a head two methods share is fitted once
             own = get_method(owner)
             # only what the owner reads: the shared head's step and cache key are the owner's own
-            head_reads = {n: embeddings[n] for n in own.needs(own.config(ctx.settings))}
+            head_reads = {n: embeddings[n] for n in own.needs(own.config(settled))}
             head = fit_head(
                 owner,
                 ctx.settings,

@@ -89,6 +89,9 @@ def test_methods_that_share_a_head_fit_it_once_under_the_cheapest_name():
     assert pre.lr == 1e-3 and get_method("xbt-gallery").settle_pretrain(PretrainConfig()).lr == PAPER_LR
     needs = blend.needs(blend.config(Settings()))
     assert "w_new" not in needs and "w_old" not in needs  # φ on the pairs alone: no corpus embedded for it
+    # against a champion's compatible space the fit term is settled on, and it reads the corpus rows
+    champion = Settings(pretrain=PretrainConfig().for_targets(compatible=True))
+    assert {"w_new", "w_old"} <= set(blend.needs(blend.config(champion)))
     assert {"v_new_pairs", "w_new_pairs", "v_old_pairs", "w_old_pairs", "w_old_val", "v_old_val"} <= set(needs)
 
 
