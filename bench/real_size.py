@@ -26,7 +26,7 @@ its own process, so its peak RSS is its own:
   peak RSS;
 - φ pretraining on cached embeddings (`pretrain.text_only_pretrain`) with each method's own terms
   (xbt: Eqn. 3 and the pair term; xbt-gallery: also the gallery anchors and the distillation term)
-  -> corpus rows/s.
+  -> corpus rows/s; xbt-gallery-blend's φ reads no corpus (the pair term and the anchors) -> pair rows/s.
 
 Table 6, projected to the paper's data (67M corpus texts, 4M pairs) on this
 machine, each stage's hours = items / measured rate:
@@ -35,13 +35,19 @@ machine, each stage's hours = items / measured rate:
     base = 4M / image_rate(old) + 4M / text_rate(old) + 4M / train_rate(base)
     xbt-gallery = 67M / text_rate(old) + 67M / text_rate(new) + 3 * 67M / phi_rate
                   + 4M / image_rate(new) + 4M / text_rate(new) + 4M / text_rate(old)     (with --gallery)
-    backfill (what both avoid) = 1B / image_rate(new)
+    xbt-gallery-blend = 4M / image_rate(new) + 4M / text_rate(new) + 4M / text_rate(old)
+                        + 3 * 4M / phi_rate                                            (with --gallery)
+    backfill (what all avoid) = 1B / image_rate(new)
+
+xbt-gallery-blend's queries also run the old encoder (a query modality whose
+α < 1), a serving cost Table 6 does not hold.
 
 The table assumes 77-token corpus texts, the most CLIP reads. `corpus_lengths`
 repeats xbt's and xbt-gallery's totals with the corpus stages' text rates
 measured at each --corpus-tokens length (every other stage as above).
-(φ takes 3 passes over the corpus, `PretrainConfig.epochs_for`; Base's old
-targets are the pairs' images and captions by the old model.) Prints one JSON
+(φ takes 3 passes over the corpus, or over the pairs where it reads no corpus,
+`PretrainConfig.epochs_for`; Base's old targets are the pairs' images and
+captions by the old model.) Prints one JSON
 object.
 """
 
@@ -69,7 +75,6 @@ IMAGE_SIZE = 224
 PAPER = {"corpus_texts": 67_000_000, "pairs": 4_000_000, "gallery": 1_000_000_000}
 # Table 6 of the paper (B/32 -> L/14, 8 A100s), hours
 PAPER_HOURS = {"xbt_pretrain": 1.55, "xbt_train": 2.84, "base": 5.66}
-PHI_EPOCHS = 3
 LENGTH_KEYS = ("hours", "total_hours", "xbt_over_base", "xbt_gallery_over_base")  # corpus_lengths' figures
 
 
@@ -213,30 +218,36 @@ def measure_train(old: str, new: str, method: str, batch: int, steps: int, devic
     return {"old": old, "new": new, "method": method, "batch": batch, **rates(batch * (len(stamps) - 1), seconds, cpu)}
 
 
-PHI_METHODS = ("xbt", "xbt-gallery")  # each with its own φ terms: XBT_DEFAULTS, GALLERY_DEFAULTS
+# each with its own φ terms: XBT_DEFAULTS, GALLERY_DEFAULTS, BLEND_DEFAULTS
+PHI_METHODS = ("xbt", "xbt-gallery", "xbt-gallery-blend")
 
 
 def measure_phi(old: str, new: str, method: str, device: str, steps: int = 30, pairs: int = 4096) -> dict:
-    """φ pretraining on cached embeddings at the product's batch size, with the method's own terms (Eqn. 3,
+    """φ pretraining on cached embeddings at the product's batch sizes, with the method's own terms (Eqn. 3,
     the pair term, and for xbt-gallery the gallery anchors and the distillation term, each step reading a
-    pair batch beside its corpus batch) -> corpus rows/s."""
+    pair batch beside its corpus batch) -> corpus rows/s; for a φ that reads no corpus (xbt-gallery-blend:
+    the pair term and the anchors), each step one pair batch -> pair rows/s (`per` says which)."""
     from dataclasses import replace
 
     import torch
 
-    from xbtcore.methods.xbt import GALLERY_DEFAULTS, XBT_DEFAULTS
+    from xbtcore.methods.xbt import BLEND_DEFAULTS, GALLERY_DEFAULTS, XBT_DEFAULTS
     from xbtcore.phi import Phi, PhiConfig
     from xbtcore.pretrain import PretrainConfig, text_only_pretrain
 
-    defaults = {"xbt": XBT_DEFAULTS, "xbt-gallery": GALLERY_DEFAULTS}[method]
+    defaults = {"xbt": XBT_DEFAULTS, "xbt-gallery": GALLERY_DEFAULTS, "xbt-gallery-blend": BLEND_DEFAULTS}[method]
     cfg = replace(PretrainConfig(**defaults), epochs=1)
-    rows = cfg.batch_size * steps
     d_new, d_old = ARCHS[new]["embed"], ARCHS[old]["embed"]
 
     def unit(n: int, d: int) -> torch.Tensor:
         return torch.nn.functional.normalize(torch.randn(n, d), dim=-1)
 
-    w_new, w_old = unit(rows, d_new), unit(rows, d_old)
+    if cfg.uses_corpus:
+        rows = cfg.batch_size * steps
+        w_new, w_old = unit(rows, d_new), unit(rows, d_old)
+    else:  # one pass over the pairs is the run: `steps` pair batches
+        rows = pairs = cfg.pair_batch_size * steps
+        w_new = w_old = None
     pair_rows = (unit(pairs, d_new), unit(pairs, d_new), unit(pairs, d_old), unit(pairs, d_old))
     pair_rows = pair_rows if cfg.uses_anchors else pair_rows[:2]
     phi = Phi(PhiConfig(d_new, d_old)).to(device)
@@ -248,8 +259,19 @@ def measure_phi(old: str, new: str, method: str, device: str, steps: int = 30, p
         "new": new,
         "method": method,
         "terms": {k: v for k, v in defaults.items() if k.endswith("_weight")},
+        "per": "corpus row" if cfg.uses_corpus else "pair row",
+        "epochs": phi_epochs(defaults, PAPER["corpus_texts"] if cfg.uses_corpus else PAPER["pairs"]),
         **rates(rows, seconds, cpu),
     }
+
+
+def phi_epochs(defaults: dict, rows: int) -> int:
+    """φ's passes over `rows` rows (the corpus, or the pairs where φ reads no corpus) at the method's
+    defaults, as `PretrainConfig.epochs_for` settles them."""
+    from xbtcore.pretrain import PretrainConfig
+
+    cfg = PretrainConfig(**defaults)
+    return cfg.epochs_for(rows) if cfg.uses_corpus else cfg.epochs_for(rows, cfg.pair_batch_size)
 
 
 def child(args) -> dict:
@@ -276,7 +298,7 @@ def project(embed: dict, train: dict, phi: dict, old: str, new: str, corpus: dic
         "xbt": {
             "corpus_old_text": n / corpus_text(old),
             "corpus_new_text": n / corpus_text(new),
-            "phi_pretrain": PHI_EPOCHS * n / phi["xbt"]["per_s"],
+            "phi_pretrain": phi["xbt"]["epochs"] * n / phi["xbt"]["per_s"],
             "train": p / train[(old, new, "xbt")]["per_s"],
         },
         "base": {
@@ -290,7 +312,13 @@ def project(embed: dict, train: dict, phi: dict, old: str, new: str, corpus: dic
             "corpus_new_text": n / corpus_text(new),
             "pairs_new": p / image(new) + p / text(new),
             "pairs_old_text": p / text(old),
-            "phi_pretrain": PHI_EPOCHS * n / phi["xbt-gallery"]["per_s"],
+            "phi_pretrain": phi["xbt-gallery"]["epochs"] * n / phi["xbt-gallery"]["per_s"],
+        },
+        # xbt-gallery-blend (cost 1): as xbt-gallery without the corpus; φ passes over the pairs
+        "xbt-gallery-blend": {
+            "pairs_new": p / image(new) + p / text(new),
+            "pairs_old_text": p / text(old),
+            "phi_pretrain": phi["xbt-gallery-blend"]["epochs"] * p / phi["xbt-gallery-blend"]["per_s"],
         },
     }
     hours = {m: {k: round(v / 3600, 1) for k, v in stages.items()} for m, stages in hours.items()}
@@ -302,6 +330,7 @@ def project(embed: dict, train: dict, phi: dict, old: str, new: str, corpus: dic
         "total_hours": total,
         "xbt_over_base": round(total["xbt"] / total["base"], 2),
         "xbt_gallery_over_base": round(total["xbt-gallery"] / total["base"], 2),
+        "xbt_gallery_blend_over_base": round(total["xbt-gallery-blend"] / total["base"], 2),
         "backfill_hours": round(PAPER["gallery"] / image(new) / 3600, 1),
     }
 

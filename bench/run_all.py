@@ -407,7 +407,8 @@ def _real_size_goals(r: dict) -> list[tuple]:
                 "cost at real sizes (Table 6, projected)",
                 "XBT <= 0.5x Base, B/32 -> L/14, the paper's data sizes, the same machine",
                 f"{t['xbt_over_base']}x (XBT {t['total_hours']['xbt']:,} h vs Base {t['total_hours']['base']:,} h); "
-                f"xbt-gallery {t['xbt_gallery_over_base']}x"
+                f"xbt-gallery {t['xbt_gallery_over_base']}x; xbt-gallery-blend {t['xbt_gallery_blend_over_base']}x "
+                "(its queries also run the old encoder)"
                 + "".join(
                     f"; at {c['corpus_tokens']}-token corpus texts XBT {c['xbt_over_base']}x, xbt-gallery "
                     f"{c['xbt_gallery_over_base']}x"

@@ -189,16 +189,35 @@ def test_the_suites_table_benches_take_the_arguments_run_all_gives_them():
             assert args.json_out == "" and not getattr(args, "data", ""), name  # its own world under its state
 
 
+def test_real_size_phi_rate_counts_the_rows_each_method_reads():
+    from bench.real_size import measure_phi
+
+    xbt = measure_phi("B/32", "L/14", "xbt", "cpu", steps=2)
+    assert (xbt["per"], xbt["items"], xbt["epochs"]) == ("corpus row", 2 * 1024, 3)
+    blend = measure_phi("B/32", "L/14", "xbt-gallery-blend", "cpu", steps=2)
+    assert (blend["per"], blend["items"], blend["epochs"]) == ("pair row", 2 * 256, 3)
+    assert blend["terms"]["corpus_weight"] == 0.0 and blend["per_s"] > 0
+
+
 def test_real_size_projection_divides_each_stage_by_its_measured_rate():
     from bench.real_size import project
 
     rates = [("B/32", "text", 1000.0), ("B/32", "image", 100.0), ("L/14", "text", 500.0), ("L/14", "image", 20.0)]
     embed = {(a, tower): {"per_s": r} for a, tower, r in rates}
     train = {("B/32", "L/14", "xbt"): {"per_s": 10.0}, ("B/32", "L/14", "base"): {"per_s": 8.0}}
-    t = project(embed, train, {"xbt": {"per_s": 1e5}, "xbt-gallery": {"per_s": 5e4}}, "B/32", "L/14")
+    phi = {
+        "xbt": {"per_s": 1e5, "epochs": 3},
+        "xbt-gallery": {"per_s": 5e4, "epochs": 3},
+        "xbt-gallery-blend": {"per_s": 2e4, "epochs": 4},
+    }
+    t = project(embed, train, phi, "B/32", "L/14")
     assert t["hours"]["xbt"]["corpus_old_text"] == round(67e6 / 1000 / 3600, 1)
     assert t["hours"]["xbt"]["phi_pretrain"] == round(3 * 67e6 / 1e5 / 3600, 1)
     assert t["hours"]["xbt-gallery"]["phi_pretrain"] == round(3 * 67e6 / 5e4 / 3600, 1)
+    # the blend's φ reads no corpus: its passes are over the pairs, and it embeds only the pairs
+    assert t["hours"]["xbt-gallery-blend"]["phi_pretrain"] == round(4 * 4e6 / 2e4 / 3600, 1)
+    assert t["hours"]["xbt-gallery-blend"]["pairs_new"] == t["hours"]["xbt-gallery"]["pairs_new"]
+    assert not any(k.startswith("corpus") for k in t["hours"]["xbt-gallery-blend"])
     assert t["hours"]["base"]["old_targets"] == round((4e6 / 100 + 4e6 / 1000) / 3600, 1)
     assert t["hours"]["base"]["train"] == round(4e6 / 8 / 3600, 1)
     assert t["backfill_hours"] == round(1e9 / 20 / 3600, 1)
@@ -211,7 +230,7 @@ def test_real_size_projection_divides_each_stage_by_its_measured_rate():
         "paper_hours": {"xbt_pretrain": 1.55, "xbt_train": 2.84, "base": 5.66},
     }
     short = {"B/32": {"per_s": 4000.0}, "L/14": {"per_s": 2000.0}}  # texts/s at 16 tokens
-    t16 = project(embed, train, {"xbt": {"per_s": 1e5}, "xbt-gallery": {"per_s": 5e4}}, "B/32", "L/14", short)
+    t16 = project(embed, train, phi, "B/32", "L/14", short)
     assert t16["hours"]["xbt"]["corpus_new_text"] == round(67e6 / 2000 / 3600, 1)  # the corpus at its own rate
     assert t16["hours"]["xbt"]["train"] == t["hours"]["xbt"]["train"] and t16["hours"]["base"] == t["hours"]["base"]
     assert t16["total_hours"]["xbt-gallery"] < t["total_hours"]["xbt-gallery"]
@@ -227,6 +246,7 @@ def test_real_size_projection_divides_each_stage_by_its_measured_rate():
     assert row in page and "| B/32 -> L/14 | 77 |" in page
     (goal,) = run_all.goal_rows("real_size", r)
     assert goal[3] == (t["xbt_over_base"] <= 0.5) and f"{t['xbt_over_base']}x" in goal[2]
+    assert f"xbt-gallery-blend {t['xbt_gallery_blend_over_base']}x" in goal[2]
     assert (
         f"at 16-token corpus texts XBT {t16['xbt_over_base']}x, xbt-gallery {t16['xbt_gallery_over_base']}x"
         in (goal[2])
