@@ -290,7 +290,8 @@ def train_candidate(ctx: Context, method: str) -> dict:
     -> {"method", "bundle", "validation" (its evaluate folder, or None), "needs", "seconds"}."""
     t0 = time.perf_counter()
     p, spec = ctx.params, get_method(method)
-    # the fit term settled as the train step settles it: against a champion's compatible space it reads the corpus
+    # the fit term settled once, for what to embed and for the head's fit: against a champion's compatible space
+    # (a chain link) it reads the corpus
     compatible_targets = ctx.targets != ctx.inputs["root"]
     settled = dataclasses.replace(ctx.settings, pretrain=ctx.settings.pretrain.for_targets(compatible_targets))
     needs = list(spec.needs(spec.config(settled)))
@@ -332,7 +333,7 @@ def train_candidate(ctx: Context, method: str) -> dict:
             head_reads = {n: embeddings[n] for n in own.needs(own.config(settled))}
             head = fit_head(
                 owner,
-                ctx.settings,
+                settled,
                 head_reads,
                 ctx.cache_root,
                 ctx.data["pairs"],
@@ -343,7 +344,7 @@ def train_candidate(ctx: Context, method: str) -> dict:
                 step_path(
                     ctx.work,
                     f"head-{owner}",
-                    ctx.settings,
+                    settled,
                     head_reads,
                     ctx.data_fp["pairs"],
                     ctx.split,
@@ -352,7 +353,6 @@ def train_candidate(ctx: Context, method: str) -> dict:
                     p.runtime,
                     suffix=".safetensors",
                 ),
-                compatible_targets=compatible_targets,
                 device=p.device,
             )
     with ctx.clock("train"):

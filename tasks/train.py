@@ -87,18 +87,15 @@ def fit_head(
     old_dim: int,
     seed: int,
     out: str,
-    compatible_targets: bool = False,
     device: str = "cpu",
 ) -> str:
     """The method's head on cached frozen embeddings (XBT: φ pretrained by Eqn. 3; a map: W in closed
     form), written to `out` (safetensors, kind and PhiConfig in its metadata); -> out.
 
-    compatible_targets: "old" is a champion bundle's compatible space (a chain link with
-    `PretrainConfig.chain_targets` "champion"), which settles the fit term (`PretrainConfig.for_targets`).
-    The head trains on `device`.
+    settings: with the fit term settled for φ's targets (`PretrainConfig.for_targets`, which the flow
+    applies once for both what to embed and this fit). The head trains on `device`.
     """
     spec = get_method(method)
-    settings = dataclasses.replace(settings, pretrain=settings.pretrain.for_targets(compatible=compatible_targets))
     cfg = spec.config(settings)
     history: list = []
     inputs = head_inputs(embeddings, cache_root, pairs_path, split, new_dim, old_dim, seed, device)
