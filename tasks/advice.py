@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from xbtcore.methods import get_method
-from xbtcore.methods.select import min_margin, qualifies
+from xbtcore.methods.select import choose, min_margin, new_new_gap, qualifies
 from xbtcore.pretrain import PretrainConfig
 
 # new/new may sit this many points R@1 under the original new model before the advice
@@ -25,6 +25,16 @@ GALLERY = {"t2i": "image", "i2t": "caption"}  # what each direction searches: th
 def _pretrains_phi(method: str) -> bool:
     """The method pretrains φ (its config has a pretraining scope)."""
     return "pretrain" in {f.name for f in fields(get_method(method).config_cls)}
+
+
+def _kept_with_old_encoder(candidates: dict) -> dict | None:
+    """The candidate `--method auto --allow-old-encoder` would keep on this run's validation pairs, when it
+    is one this run could not keep (its queries run the old encoder); else None."""
+    ran = [c for c in candidates.values() if c.get("margins")]
+    if all(c["eligible"] for c in ran):
+        return None
+    kept = candidates[choose([{**c, "eligible": True} for c in ran])["method"]]
+    return None if kept["eligible"] else kept
 
 
 def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
@@ -52,12 +62,27 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
             "points) but fails on the eval set: the eval data differ from the pairs; pairs drawn like the "
             "eval set make the choice on data like it"
         )
-    if failing:
-        blocked = [c for c in candidates.values() if not c["eligible"] and c.get("margins") and qualifies(c)]
-        for c in blocked:
+    blocked = _kept_with_old_encoder(candidates) if failing else None
+    if blocked is not None:
+        m, smallest = blocked["method"], min_margin(blocked["margins"])
+        if qualifies(blocked):
             steps.append(
-                f"{c['method']} passed on the validation pairs (smallest margin {min_margin(c['margins']):+.2f} "
-                "points), but its queries run the old encoder: --allow-old-encoder lets auto choose it"
+                f"{m} passed on the validation pairs (smallest margin {smallest:+.2f} points), but its queries "
+                "run the old encoder: --allow-old-encoder lets auto choose it"
+            )
+        elif smallest > 0:
+            gap = new_new_gap(blocked["recall"])
+            kept = (candidates.get(method) or {}).get("margins")
+            steps.append(
+                f"with --allow-old-encoder auto would keep {m}: no candidate passed every check on the validation "
+                f"pairs, and {m} passed Eqn. 2 there with the largest smallest margin ({smallest:+.2f} points"
+                + (f"; {method}'s {min_margin(kept):+.2f}" if kept else "")
+                + "); its queries run the old encoder, and "
+                + (
+                    f"its new/new sat {gap:.2f} points R@1 under the new model's there"
+                    if gap > 0
+                    else "its new/new was at or above the new model's there"
+                )
             )
     ran = [c for c in candidates.values() if c.get("margins")]
     for d in sorted({d for d, _ in failing}) if len(ran) > 1 else []:

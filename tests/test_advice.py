@@ -79,6 +79,22 @@ def test_validation_evidence_of_this_run_is_named():
     assert next_steps(_report(method="xbt-gallery", candidates=candidates), TEXT) == []  # the gate passed
 
 
+def test_a_blend_auto_would_keep_with_the_old_encoder_is_named_with_its_new_new():
+    # no candidate qualifies: the eligible ones tie the old model, the blend passes Eqn. 2 but not new/new
+    tie, clear = _margins(-0.2, -1.5, 1.0), _margins(1.5, 0.2, 3.0)
+    blend = _candidate("xbt-gallery-blend", eligible=False, margins=clear)
+    blend["recall"]["t2i"]["new/new"]["1"] = 57.0  # 3 points under the new model's
+    candidates = [_candidate("procrustes", margins=tie), blend, _candidate("xbt-gallery-lora", margins=tie)]
+    report = _report(method="xbt-gallery-lora", new_old=(39.0, 50.0), candidates=candidates)
+    (line,) = [s for s in next_steps(report, TEXT) if "--allow-old-encoder" in s]
+    assert line.startswith("with --allow-old-encoder auto would keep xbt-gallery-blend")
+    assert "(+1.50 points; xbt-gallery-lora's -0.20)" in line and "3.00 points R@1 under" in line
+    # a blend that does not pass Eqn. 2 on validation either is not worth the flag
+    candidates[1] = _candidate("xbt-gallery-blend", eligible=False, margins=_margins(-0.1, -1.0, 1.0))
+    report = _report(method="xbt-gallery-lora", new_old=(39.0, 50.0), candidates=candidates)
+    assert not any("--allow-old-encoder" in s for s in next_steps(report, TEXT))
+
+
 def test_no_candidate_clear_in_a_failing_direction_points_at_the_room_there():
     tie, clear = _margins(-0.5, -2.0, 1.0), _margins(2.0, 0.5, 3.5)
     candidates = [_candidate("procrustes", margins=tie), _candidate("xbt-gallery", margins=tie)]
