@@ -47,8 +47,7 @@ repeats xbt's and xbt-gallery's totals with the corpus stages' text rates
 measured at each --corpus-tokens length (every other stage as above).
 (φ takes 3 passes over the corpus, or over the pairs where it reads no corpus,
 `PretrainConfig.epochs_for`; Base's old targets are the pairs' images and
-captions by the old model.) Prints one JSON
-object.
+captions by the old model.) Prints one JSON object.
 """
 
 from __future__ import annotations
