@@ -235,7 +235,13 @@ def measure_phi(old: str, new: str, method: str, device: str, steps: int = 30, p
     from xbtcore.pretrain import PretrainConfig, text_only_pretrain
 
     defaults = {"xbt": XBT_DEFAULTS, "xbt-gallery": GALLERY_DEFAULTS, "xbt-gallery-blend": BLEND_DEFAULTS}[method]
-    cfg = replace(PretrainConfig(**defaults), epochs=1)
+    full = PretrainConfig(**defaults)  # its passes at the paper's sizes, as `PretrainConfig.epochs_for` settles them
+    epochs = (
+        full.epochs_for(PAPER["corpus_texts"])
+        if full.uses_corpus
+        else full.epochs_for(PAPER["pairs"], full.pair_batch_size)
+    )
+    cfg = replace(full, epochs=1)
     d_new, d_old = ARCHS[new]["embed"], ARCHS[old]["embed"]
 
     def unit(n: int, d: int) -> torch.Tensor:
@@ -259,18 +265,9 @@ def measure_phi(old: str, new: str, method: str, device: str, steps: int = 30, p
         "method": method,
         "terms": {k: v for k, v in defaults.items() if k.endswith("_weight")},
         "per": "corpus row" if cfg.uses_corpus else "pair row",
-        "epochs": phi_epochs(defaults, PAPER["corpus_texts"] if cfg.uses_corpus else PAPER["pairs"]),
+        "epochs": epochs,
         **rates(rows, seconds, cpu),
     }
-
-
-def phi_epochs(defaults: dict, rows: int) -> int:
-    """φ's passes over `rows` rows (the corpus, or the pairs where φ reads no corpus) at the method's
-    defaults, as `PretrainConfig.epochs_for` settles them."""
-    from xbtcore.pretrain import PretrainConfig
-
-    cfg = PretrainConfig(**defaults)
-    return cfg.epochs_for(rows) if cfg.uses_corpus else cfg.epochs_for(rows, cfg.pair_batch_size)
 
 
 def child(args) -> dict:

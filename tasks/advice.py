@@ -27,13 +27,13 @@ def _pretrains_phi(method: str) -> bool:
     return "pretrain" in {f.name for f in fields(get_method(method).config_cls)}
 
 
-def _kept_with_old_encoder(candidates: dict) -> dict | None:
-    """The candidate `--method auto --allow-old-encoder` would keep on this run's validation pairs, when it
-    is one this run could not keep (its queries run the old encoder); else None."""
-    ran = [c for c in candidates.values() if c.get("margins")]
+def _kept_with_old_encoder(ran: list[dict]) -> dict | None:
+    """The candidate `--method auto --allow-old-encoder` would keep among the run candidates (in the order
+    they ran), when it is one this run could not keep (its queries run the old encoder); else None."""
     if all(c["eligible"] for c in ran):
         return None
-    kept = candidates[choose([{**c, "eligible": True} for c in ran])["method"]]
+    method = choose([{**c, "eligible": True} for c in ran])["method"]
+    kept = next(c for c in ran if c["method"] == method)
     return None if kept["eligible"] else kept
 
 
@@ -62,7 +62,8 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
             "points) but fails on the eval set: the eval data differ from the pairs; pairs drawn like the "
             "eval set make the choice on data like it"
         )
-    blocked = _kept_with_old_encoder(candidates) if failing else None
+    ran = [c for c in candidates.values() if c.get("margins")]
+    blocked = _kept_with_old_encoder(ran) if failing else None
     if blocked is not None:
         m, smallest = blocked["method"], min_margin(blocked["margins"])
         if qualifies(blocked):
@@ -84,7 +85,6 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
                     else "its new/new was at or above the new model's there"
                 )
             )
-    ran = [c for c in candidates.values() if c.get("margins")]
     for d in sorted({d for d, _ in failing}) if len(ran) > 1 else []:
         if all(c["margins"][d]["1"]["low"] <= 0 for c in ran):
             best = max(ran, key=lambda c: c["margins"][d]["1"]["margin"])
