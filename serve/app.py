@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
@@ -33,7 +34,7 @@ def _k(value) -> int:
         k = int(value)
         if isinstance(value, float) and k != value:
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's 1e400 reads as inf
         _bad(422, f"k must be an integer from 1 to {MAX_K}, got {value!r}")
     if not 1 <= k <= MAX_K:
         _bad(422, f"k must be from 1 to {MAX_K}, got {k}")
@@ -85,7 +86,7 @@ def create_app(server) -> FastAPI:
         if kind == "application/json":
             try:
                 body = json.loads(await request.body())
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nesting deeper than the decoder goes
                 _bad(400, "body is not valid JSON")
             if not isinstance(body, dict):
                 _bad(422, 'body must be a JSON object such as {"text": "a red circle", "k": 10}')
@@ -114,7 +115,7 @@ def create_app(server) -> FastAPI:
 
         engine = server.engine
         ids = engine.gallery.old.row_of
-        key = item_id if item_id in ids else int(item_id) if item_id.lstrip("-").isdigit() else item_id
+        key = item_id if item_id in ids else int(item_id) if re.fullmatch(r"-?[0-9]+", item_id) else item_id
         found = source_item(str(engine.gallery.path), ids[key]) if key in ids else None
         if found is None:
             _bad(404, f"no image for id {item_id} in this index")

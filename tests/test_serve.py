@@ -56,18 +56,23 @@ def test_every_bad_input_is_a_4xx_with_one_line_detail(client, setup):
     from serve.app import MAX_K, MAX_UPLOAD_BYTES
 
     png = _eval_image(setup)
+    json_type = {"content-type": "application/json"}
     cases = [
         ({"json": {"text": "", "k": 5}}, 422, "empty"),
         ({"json": {"text": "   "}}, 422, "empty"),
         ({"json": {"k": 5}}, 422, "missing text"),
         ({"json": {"text": 7}}, 422, "must be a string"),
         ({"json": ["a red circle"]}, 422, "JSON object"),
-        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+        ({"content": b"{not json", "headers": json_type}, 400, "not valid JSON"),
         ({"json": {"text": "a red circle", "k": 0}}, 422, f"from 1 to {MAX_K}"),
         ({"json": {"text": "a red circle", "k": MAX_K + 1}}, 422, f"from 1 to {MAX_K}"),
         ({"json": {"text": "a red circle", "k": "many"}}, 422, "integer"),
         ({"json": {"text": "a red circle", "k": 2.5}}, 422, "integer"),
         ({"json": {"text": "a red circle", "k": True}}, 422, "integer"),
+        ({"content": b'{"text": "a red circle", "k": 1e400}', "headers": json_type}, 422, "integer"),
+        ({"content": b'{"text": "a red circle", "k": NaN}', "headers": json_type}, 422, "integer"),
+        ({"content": b"[" * 100_000, "headers": json_type}, 400, "not valid JSON"),
+        ({"content": b'{"text": "\xff"}', "headers": json_type}, 400, "not valid JSON"),
         ({"files": {"image": ("x.png", b"not an image", "image/png")}, "data": {"k": "3"}}, 422, "does not decode"),
         ({"files": {"image": ("x.png", png[: len(png) // 2], "image/png")}}, 422, "does not decode"),
         ({"files": {"image": ("x.png", b"", "image/png")}}, 422, "empty"),
@@ -81,7 +86,8 @@ def test_every_bad_input_is_a_4xx_with_one_line_detail(client, setup):
         assert r.status_code == status, (kwargs.get("json"), r.status_code, r.text)
         detail = r.json()["detail"]
         assert isinstance(detail, str) and "\n" not in detail and needle in detail, (status, detail)
-    assert client.get("/items/no-such-id").status_code == 404
+    for missing in ("no-such-id", "--5", "-", "5-"):
+        assert client.get(f"/items/{missing}").status_code == 404, missing
 
 
 def test_answers_carry_the_version_and_match_brute_force(client, setup):
