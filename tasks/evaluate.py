@@ -49,12 +49,24 @@ def check_inputs(
     old, new = DualEncoder.from_pretrained(root), DualEncoder.from_pretrained(new_ref)
     pairs, evalset = read_pairs(pairs_path), read_pairs(eval_path)
     train, val = split_pairs(pairs, split)
-    held = set(Gallery(gallery).ids()) if gallery else set()
+    stored = Gallery(gallery) if gallery else None
+    if stored is not None:
+        stored.check_dim(old.embed_dim, root)
+    stored_ids = stored.ids() if stored is not None else []
+    held = set(stored_ids)
     images = {
         part: {"images": p.n_images, "in_gallery": sum(str(i) in held for i in p.image_ids)}
         for part, p in (("train", train), ("val", val), ("eval", evalset))
         if p is not None
     }
+    if stored is not None and not any(images[part]["in_gallery"] for part in ("train", "val") if part in images):
+        log().warning(
+            "--gallery %s holds none of the pairs' image ids (pairs: %s; gallery: %s): the old image tower "
+            "embeds every pair image; the gallery's id must be the pairs' image_id",
+            gallery,
+            ", ".join(repr(str(i)) for i in pairs.image_ids[:3]),
+            ", ".join(repr(i) for i in stored_ids[:3]) or "no ids",
+        )
     log().info(
         "inputs ok: old %s (dim %d), new %s (dim %d), %d pairs (%d images, %d for validation), %d eval images",
         root,

@@ -246,6 +246,29 @@ def test_gallery_errors(tmp_path):
     ragged = pa.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0, 3.0]], pa.list_(pa.float32()))
     with pytest.raises(InputError, match=r"b\.parquet: column 'embedding'.*\(row 2\)"):
         read_gallery(_write(tmp_path / "b.parquet", embedding=ragged))
+    bad = pa.array([[1.0, 0.0], [0.0, 1.0], [float("nan"), 1.0], [float("inf"), 0.0]], pa.list_(pa.float32()))
+    with pytest.raises(InputError, match=r"c\.parquet: column 'embedding': NaN or infinite.*\(rows 2, 3\)"):
+        read_gallery(_write(tmp_path / "c.parquet", embedding=bad))
+    with pytest.raises(InputError, match=r"d\.parquet: column 'embedding': has type string"):
+        read_gallery(_write(tmp_path / "d.parquet", embedding=["0.1,0.2"]))
+
+
+def test_a_stored_gallery_names_its_bad_rows_and_a_dim_of_another_model(tmp_path):
+    from xbtcore.data import Gallery
+
+    with pytest.raises(InputError, match=r"a\.parquet: column 'embedding': has type string"):
+        Gallery(_write(tmp_path / "a.parquet", id=["x"], embedding=["0.1,0.2"]))
+    emb = pa.array([[1.0, 0.0], [0.0, 1.0], [float("nan"), 1.0], [0.6, 0.8, 0.0]], pa.list_(pa.float32()))
+    gallery = Gallery(_write(tmp_path / "b.parquet", id=["p", "q", "r", "s"], embedding=emb))
+    positions, found = gallery.lookup(["q", "zz", "p"])  # the rows looked up are read, the others are not
+    assert positions == [0, 2] and found.tolist() == [[0.0, 1.0], [1.0, 0.0]]
+    with pytest.raises(InputError, match=r"b\.parquet: column 'embedding': NaN or infinite.*\(row 2\)"):
+        gallery.lookup(["p", "r"])
+    with pytest.raises(InputError, match=r"b\.parquet: column 'embedding': embeddings of different.*\(row 3\)"):
+        gallery.lookup(["q", "s"])
+    gallery.check_dim(2, "old-model")
+    with pytest.raises(InputError, match=r"holds 2-d embeddings; the old model old-model embeds images in 3-d"):
+        gallery.check_dim(3, "old-model")
 
 
 def test_validation_split_holds_out_whole_images_by_id_whatever_the_row_order():

@@ -459,3 +459,33 @@ def test_a_small_eval_set_is_warned_about_before_any_training(tiny, monkeypatch)
     assert counts["eval_images"] == 24
     assert any(w.startswith("--eval has 24 images") for w in warned)
     assert any(w.startswith("the validation split has 48 images") for w in warned)
+
+
+def test_a_gallery_of_another_model_fails_and_one_of_other_ids_is_warned_about_before_training(
+    tiny, tmp_path, monkeypatch
+):
+    import logging
+
+    import tasks.evaluate
+    from xbtcore.data import InputError, write_embeddings_parquet
+
+    warned = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                warned.append(record.getMessage())
+
+    logger = logging.getLogger("xbt.test-gallery-ids")
+    logger.addHandler(Keep())
+    logger.propagate = False
+    monkeypatch.setattr(tasks.evaluate, "log", lambda: logger)
+    vectors = torch.nn.functional.normalize(torch.randn(4, 24), dim=-1)  # the tiny old model's 24-d space
+    elsewhere = write_embeddings_parquet(tmp_path / "other-ids.parquet", vectors, ids=[f"zz{i}" for i in range(4)])
+    args = (tiny["old"], tiny["new"], tiny["pairs"], tiny["eval"], ValSplit())
+    counts = tasks.evaluate.check_inputs.fn(*args, gallery=str(elsewhere))
+    assert counts["images"]["train"]["in_gallery"] == 0
+    assert any("holds none of the pairs' image ids" in w and "'zz0'" in w for w in warned), warned
+    wide = write_embeddings_parquet(tmp_path / "wide.parquet", torch.randn(4, 32), ids=[f"zz{i}" for i in range(4)])
+    with pytest.raises(InputError, match=r"wide\.parquet: column 'embedding': holds 32-d embeddings.* in 24-d"):
+        tasks.evaluate.check_inputs.fn(*args, gallery=str(wide))

@@ -377,6 +377,47 @@ def _raise_image_problems(places: list[tuple]) -> None:
 # --- gallery embeddings -------------------------------------------------------
 
 
+def _embedding_block(file, column, rows: np.ndarray, dim: int | None = None) -> np.ndarray:
+    """Embeddings read from `file` at its rows `rows` (n,) -> (n, D) float32; an InputError naming the rows
+    that are null, of another length than `dim` (or than the first, without one), or hold NaN or inf."""
+    nulls = _null_rows(column)
+    if nulls:
+        raise InputError(file, "null embeddings", "drop those rows", column="embedding", rows=rows[nulls].tolist())
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)  # (n,)
+    dim = int(lengths[0]) if dim is None else dim
+    ragged = np.flatnonzero(lengths != dim)
+    if len(ragged):
+        raise InputError(
+            file,
+            f"embeddings of different lengths (expected {dim})",
+            "write every embedding with the same model",
+            column="embedding",
+            rows=rows[ragged].tolist(),
+        )
+    values = pc.list_flatten(column)
+    if values.null_count:
+        raise InputError(file, "null values inside embeddings", "write complete embeddings", column="embedding")
+    block = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(rows), dim)
+    bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+    if len(bad):
+        raise InputError(
+            file,
+            "NaN or infinite values inside embeddings",
+            "embed those rows again with `xbt embed`, or drop them",
+            column="embedding",
+            rows=rows[bad].tolist(),
+        )
+    return block
+
+
+def _check_embedding_type(file, schema: pa.Schema) -> None:
+    kind = schema.field("embedding").type
+    if not (
+        pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    ) or not pa.types.is_floating(kind.value_type):
+        raise InputError(file, f"has type {kind}", "store embeddings as list<float32>", column="embedding")
+
+
 def read_gallery(path) -> tuple[list, torch.Tensor]:
     """(ids, (N, D) float32 embeddings) from a gallery: `embedding` list<float>,
     ids from `id`, else `row` (as `xbt embed` writes), else the row number."""
@@ -388,38 +429,15 @@ def read_gallery(path) -> tuple[list, torch.Tensor]:
         if "embedding" not in schema.names:
             raise _missing_column(file, "'embedding'", schema, "pass a gallery written by `xbt embed`")
         id_col = next((c for c in ("id", "row") if c in schema.names), None)
+        _check_embedding_type(file, schema)
         table = _read_table(file, ["embedding"] + ([id_col] if id_col else []))
         column = table.column("embedding")
-        kind = column.type
-        if not (
-            pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
-        ) or not pa.types.is_floating(kind.value_type):
-            raise InputError(file, f"has type {kind}", "store embeddings as list<float32>", column="embedding")
         start = 0
         for chunk in column.chunks:  # chunk by chunk: one list array holds under 2**31 values
-            nulls = _null_rows(chunk)
-            if nulls:
-                raise InputError(
-                    file, "null embeddings", "drop those rows", column="embedding", rows=[start + r for r in nulls]
-                )
-            lengths = pc.list_value_length(chunk).to_numpy(zero_copy_only=False)
             if len(chunk):
-                dim = int(lengths[0]) if dim is None else dim
-                ragged = np.flatnonzero(lengths != dim)
-                if len(ragged):
-                    raise InputError(
-                        file,
-                        f"embeddings of different lengths (expected {dim})",
-                        "write every embedding with the same model",
-                        column="embedding",
-                        rows=(start + ragged).tolist(),
-                    )
-                values = pc.list_flatten(chunk)
-                if values.null_count:
-                    raise InputError(
-                        file, "null values inside embeddings", "write complete embeddings", column="embedding"
-                    )
-                blocks.append(values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(chunk), dim))
+                block = _embedding_block(file, chunk, start + np.arange(len(chunk)), dim)  # (n, D)
+                dim = block.shape[1]
+                blocks.append(block)
             start += len(chunk)
         ids += table.column(id_col).to_pylist() if id_col else list(range(len(ids), len(ids) + table.num_rows))
     if not ids:
@@ -438,18 +456,36 @@ class Gallery:
         self.path = str(path)
         self.files = parquet_files(path)
         for file in self.files:
-            names = _schema(file).names
-            if "embedding" not in names or "id" not in names:
-                missing = "'embedding'" if "embedding" not in names else "'id'"
+            schema = _schema(file)
+            if "embedding" not in schema.names or "id" not in schema.names:
+                missing = "'embedding'" if "embedding" not in schema.names else "'id'"
                 raise _missing_column(
                     file,
                     missing,
-                    _schema(file),
+                    schema,
                     "pass a gallery written by `xbt embed` from an input with image_id or id",
                 )
+            _check_embedding_type(file, schema)
 
     def ids(self) -> list[str]:
         return [str(i) for f in self.files for i in _read_table(f, ["id"]).column("id").to_pylist()]
+
+    def check_dim(self, dim: int, model: str) -> None:
+        """An InputError unless the first stored embedding has `model`'s `dim`: a gallery of another model
+        fails here, in seconds, instead of inside training. Reads one row."""
+        for file in self.files:
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=1, columns=["embedding"]):
+                first = batch.column(0)[0] if batch.num_rows else None
+                if first is None:
+                    continue
+                if first.is_valid and len(first) != dim:
+                    raise InputError(
+                        file,
+                        f"holds {len(first)}-d embeddings; the old model {model} embeds images in {dim}-d",
+                        "pass the gallery that model embedded (`xbt embed --model OLD --modality image`)",
+                        column="embedding",
+                    )
+                return
 
     @property
     def fingerprint(self) -> str:
@@ -472,7 +508,7 @@ class Gallery:
             rows = [r for r, i in enumerate(ids) if i in want and want[i] not in found]
             if not rows:
                 continue
-            emb = np.asarray(table.column("embedding").take(pa.array(rows)).to_pylist(), dtype=np.float32)  # (n, D)
+            emb = _embedding_block(file, table.column("embedding").take(pa.array(rows)), np.asarray(rows))  # (n, D)
             for r, e in zip(rows, emb):
                 found.setdefault(want[ids[r]], e)
         positions = sorted(found)
