@@ -250,6 +250,23 @@ def cmd_search(a) -> int:
     return 0
 
 
+def _listen(host: str, port: int):
+    """The server's listening socket, bound before anything loads: a port in use fails at once, in one line."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(
+            f"--host {host} --port {port}: cannot listen there ({e.strerror}): pass a free --port, "
+            "or stop the server that holds it"
+        ) from e
+    return sock
+
+
 def cmd_serve(a) -> int:
     import uvicorn
 
@@ -258,24 +275,31 @@ def cmd_serve(a) -> int:
 
     if not 0 <= a.batch_wait_ms <= 1000:
         raise ValueError(f"--batch-wait-ms must be from 0 to 1000, got {a.batch_wait_ms:g}")
-    one_thread_per_request()
-    qdrant = None
-    if a.qdrant:
-        from serve.qdrant import connect
-
-        qdrant = connect(a.qdrant)
-    server = Server(a.model, a.index, poll_s=a.poll_seconds, qdrant=qdrant, batch_wait_s=a.batch_wait_ms / 1000)
-    server.start()
-    e = server.engine.describe()
-    print(
-        f"serving {e['index']} ({e['items']} items, space {e['space']}) with {e['model']} version "
-        f"{e['model_version']} on http://{a.host}:{a.port}/",
-        flush=True,
-    )
+    sock = _listen(a.host, a.port)
     try:
-        uvicorn.run(create_app(server), host=a.host, port=a.port, log_level="warning")
+        one_thread_per_request()
+        qdrant = None
+        if a.qdrant:
+            from serve.qdrant import connect
+
+            qdrant = connect(a.qdrant)
+        server = Server(a.model, a.index, poll_s=a.poll_seconds, qdrant=qdrant, batch_wait_s=a.batch_wait_ms / 1000)
+        server.start()
+        e = server.engine.describe()
+        print(
+            f"serving {e['index']} ({e['items']} items, space {e['space']}) with {e['model']} version "
+            f"{e['model_version']} on http://{a.host}:{sock.getsockname()[1]}/",
+            flush=True,
+        )
+        try:
+            config = uvicorn.Config(create_app(server), host=a.host, port=a.port, log_level="warning")
+            uvicorn.Server(config).run(sockets=[sock])
+        except (KeyboardInterrupt, _Terminated):  # uvicorn hands the signal on once its requests have finished
+            print("stopped", flush=True)
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        sock.close()
     return 0
 
 

@@ -180,6 +180,19 @@ def test_serve_refuses_a_batch_wait_out_of_range_before_loading_anything(setup):
     assert r.stderr.strip().splitlines() == ["xbt: error: --batch-wait-ms must be from 0 to 1000, got -1"]
 
 
+def test_serve_on_a_port_in_use_fails_in_one_line_before_loading_anything(setup):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = xbt("serve", "--index", setup["index"], "--model", OLD, "--port", str(port))
+    assert r.returncode != 0 and "serving" not in r.stdout
+    assert r.stderr.strip().splitlines() == [
+        f"xbt: error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use): "
+        "pass a free --port, or stop the server that holds it"
+    ]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
