@@ -115,7 +115,8 @@ class Engine:
 
     def __init__(self, model: QueryModel, gallery: MixedGallery, batch_wait_s: float = BATCH_WAIT_S):
         index_space = gallery.old.space
-        if index_space not in (model.compat_space, model.own_space):
+        finished_in_own = gallery.complete and gallery.new_space == model.own_space  # no adapter needed
+        if index_space not in (model.compat_space, model.own_space) and not finished_in_own:
             raise SpaceMismatch(
                 f"model {model.ref} queries the space {model.compat_space} but index {gallery.path} holds "
                 f"{index_space}: serve it with a model of that space (or an upgrade bundle of its model)"

@@ -364,6 +364,7 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
     hits = engine.search(10, text=query)["results"]
     assert_same_ranking(hits, brute_force(own, old.ids, q_new, 10))
     assert search.is_complete(index) and search.GalleryIndex(index).space == old.space
+    assert Engine(load_query_model(NEW), MixedGallery(index)).search(10, text=query)["results"] == hits  # no bundle
     remove_old(str(index))
     assert search.GalleryIndex(index).space == model.own_space and not (index / "backfill").exists()
     assert Engine(model, MixedGallery(index)).search(10, text=query)["results"] == hits
