@@ -250,21 +250,22 @@ def cmd_search(a) -> int:
     return 0
 
 
-def _listen(host: str, port: int):
-    """The server's listening socket, bound before anything loads: a port in use fails at once, in one line."""
+def _free_port(host: str, port: int) -> int:
+    """Checks that the server can listen on host:port before anything loads, so a port in use fails at once in
+    one line; -> the port (a free one for 0). uvicorn binds it again itself: a server handed a bound socket
+    (uvicorn.Server.run(sockets=...)) batched concurrent queries half as well in bench/serving.py load."""
     import socket
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ValueError(
-            f"--host {host} --port {port}: cannot listen there ({e.strerror}): pass a free --port, "
-            "or stop the server that holds it"
-        ) from e
-    return sock
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ValueError(
+                f"--host {host} --port {port}: cannot listen there ({e.strerror}): pass a free --port, "
+                "or stop the server that holds it"
+            ) from e
+        return sock.getsockname()[1]
 
 
 def cmd_serve(a) -> int:
@@ -275,31 +276,28 @@ def cmd_serve(a) -> int:
 
     if not 0 <= a.batch_wait_ms <= 1000:
         raise ValueError(f"--batch-wait-ms must be from 0 to 1000, got {a.batch_wait_ms:g}")
-    sock = _listen(a.host, a.port)
-    try:
-        one_thread_per_request()
-        qdrant = None
-        if a.qdrant:
-            from serve.qdrant import connect
+    port = _free_port(a.host, a.port)
+    one_thread_per_request()
+    qdrant = None
+    if a.qdrant:
+        from serve.qdrant import connect
 
-            qdrant = connect(a.qdrant)
-        server = Server(a.model, a.index, poll_s=a.poll_seconds, qdrant=qdrant, batch_wait_s=a.batch_wait_ms / 1000)
-        server.start()
-        e = server.engine.describe()
-        print(
-            f"serving {e['index']} ({e['items']} items, space {e['space']}) with {e['model']} version "
-            f"{e['model_version']} on http://{a.host}:{sock.getsockname()[1]}/",
-            flush=True,
-        )
-        try:
-            config = uvicorn.Config(create_app(server), host=a.host, port=a.port, log_level="warning")
-            uvicorn.Server(config).run(sockets=[sock])
-        except (KeyboardInterrupt, _Terminated):  # uvicorn hands the signal on once its requests have finished
-            print("stopped", flush=True)
-        finally:
-            server.stop()
+        qdrant = connect(a.qdrant)
+    server = Server(a.model, a.index, poll_s=a.poll_seconds, qdrant=qdrant, batch_wait_s=a.batch_wait_ms / 1000)
+    server.start()
+    e = server.engine.describe()
+    print(
+        f"serving {e['index']} ({e['items']} items, space {e['space']}) with {e['model']} version "
+        f"{e['model_version']} on http://{a.host}:{port}/",
+        flush=True,
+    )
+    try:
+        uvicorn.run(create_app(server), host=a.host, port=port, log_level="warning")
+    except _Terminated:  # uvicorn hands SIGTERM on once the requests under way have finished (Ctrl-C it keeps)
+        pass
     finally:
-        sock.close()
+        server.stop()
+    print("stopped", flush=True)
     return 0
 
 
