@@ -547,6 +547,7 @@ def upgrade(params: UpgradeParams) -> dict:
             "pairs": inputs["pairs"],
             "eval_images": inputs["eval_images"],
             "eval_captions": inputs["eval_captions"],
+            "eval_images_in_pairs": inputs["images"]["eval"]["in_pairs"],
             "val_images": inputs["val_images"],
             "val_pairs": inputs["val_pairs"],
         },

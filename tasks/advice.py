@@ -45,6 +45,13 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
     candidates = {c["method"]: c for c in report.get("candidates") or []}
     pretrain = get_method(method).settle_pretrain(pretrain)  # the values the run used
 
+    counts = report.get("counts", {})
+    if counts.get("eval_images_in_pairs"):
+        steps.append(
+            f"{counts['eval_images_in_pairs']} of the {counts['eval_images']} eval images are also in the pairs "
+            "(the same image bytes): the eval recall counts images the upgrade trained or chose on, so the gate's "
+            "verdict is optimistic; pass an eval set held out of the pairs"
+        )
     margins = report.get("gate_margins")
     if failing and margins:
         ties = sorted((d, k) for d, k in failing if margins[d][str(k)]["low"] <= 0 <= margins[d][str(k)]["high"])

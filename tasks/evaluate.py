@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from xbtcore.backfill import BACKFILL_ORDER, GainModel
 from xbtcore.bundle import is_bundle, load_compatible, read_gain, read_meta
 from xbtcore.cache import EmbeddingCache, cached_old_image_embeddings, cached_text_embeddings
-from xbtcore.data import Gallery, ValSplit, read_pairs, read_part, split_pairs
+from xbtcore.data import Gallery, ValSplit, read_pairs, read_part, shared_images, split_pairs
 from xbtcore.encoders import PRECISIONS, DualEncoder
 from xbtcore.evaluate import Side, backfill_study, evaluate_cases, side_of
 from xbtcore.gate import describe_failures, eqn2_gate, no_regression_gate
@@ -59,6 +59,17 @@ def check_inputs(
         for part, p in (("train", train), ("val", val), ("eval", evalset))
         if p is not None
     }
+    leaked = shared_images(pairs, evalset)  # (n,) eval images the pairs hold too
+    images["eval"]["in_pairs"] = len(leaked)
+    if leaked:
+        log().warning(
+            "--eval shares %d of its %d images with --pairs (the same image bytes; eval image ids %s): its "
+            "recall counts images the upgrade trained or chose on, so the gate's verdict is optimistic; pass an eval "
+            "set held out of the pairs",
+            len(leaked),
+            evalset.n_images,
+            ", ".join(repr(str(evalset.image_ids[i])) for i in leaked[:3]) + (", ..." if len(leaked) > 3 else ""),
+        )
     if stored is not None and not any(images[part]["in_gallery"] for part in ("train", "val") if part in images):
         log().warning(
             "--gallery %s holds none of the pairs' image ids (pairs: %s; gallery: %s): the old image tower "

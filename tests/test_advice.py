@@ -53,6 +53,13 @@ def test_a_passing_upgrade_that_keeps_new_new_needs_nothing():
     assert next_steps(_report(), TEXT) == []
 
 
+def test_an_eval_set_that_shares_images_with_the_pairs_is_named_even_when_the_gate_passes():
+    report = {**_report(), "counts": {"eval_images": 1000, "eval_images_in_pairs": 12}}
+    steps = next_steps(report, TEXT)
+    assert len(steps) == 1 and steps[0].startswith("12 of the 1000 eval images are also in the pairs")
+    assert next_steps({**report, "counts": {"eval_images": 1000, "eval_images_in_pairs": 0}}, TEXT) == []
+
+
 def test_a_failing_named_method_points_at_auto():
     steps = next_steps(_report(method="procrustes", new_old=(39.0, 39.0)), TEXT)
     assert len(steps) == 1 and "--method auto" in steps[0]

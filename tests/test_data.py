@@ -240,6 +240,20 @@ def test_nothing_to_read(tmp_path):
     assert "no such file" in _error(tmp_path / "missing.parquet")
 
 
+def test_shared_images_are_found_by_their_bytes_inline_or_at_a_path_and_not_by_id(tmp_path):
+    from xbtcore.data import PairSet, shared_images
+
+    def pairset(images, ids):
+        return PairSet(images, [f"c{i}" for i in range(len(images))], torch.arange(len(images)), ids, "x")
+
+    (tmp_path / "b.png").write_bytes(b"image b")
+    (tmp_path / "q.png").write_bytes(b"image q")
+    pairs = pairset([b"image a", str(tmp_path / "b.png"), b"image c"], list("123"))
+    evalset = pairset([b"image c", b"image x", str(tmp_path / "q.png"), b"image b", b"image y"], list("12345"))
+    assert shared_images(pairs, evalset) == [0, 3]  # ids 1 to 3 in both sets name other images
+    assert shared_images(pairs, pairset([b"image z"], ["3"])) == []
+
+
 def test_gallery_errors(tmp_path):
     with pytest.raises(InputError, match=r"missing column 'embedding'.*\['vec'\]"):
         read_gallery(_write(tmp_path / "a.parquet", vec=[[1.0, 2.0]]))

@@ -89,6 +89,7 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
         "eval_captions": len(ev["caption"]),
         "val_images": val_images,
         "val_pairs": val_images * len(pair_ids) // pair_images,  # the tiny world: as many captions per image
+        "eval_images_in_pairs": 0,  # the tiny world's eval images are not among its pairs
     }
 
     # new/old t2i recomputed by brute force from the reloaded bundle and the old model.
@@ -456,7 +457,11 @@ def test_a_small_eval_set_is_warned_about_before_any_training(tiny, monkeypatch)
     logger.propagate = False
     monkeypatch.setattr(tasks.evaluate, "log", lambda: logger)  # the run log, whatever Prefect's logging setup
     counts = tasks.evaluate.check_inputs.fn(tiny["old"], tiny["new"], tiny["pairs"], tiny["eval"], ValSplit())
-    assert counts["eval_images"] == 24
+    assert counts["eval_images"] == 24 and counts["images"]["eval"]["in_pairs"] == 0
+    assert not any("shares" in w for w in warned)
+    counts = tasks.evaluate.check_inputs.fn(tiny["old"], tiny["new"], tiny["pairs"], tiny["pairs"], ValSplit())
+    assert counts["images"]["eval"]["in_pairs"] == counts["pair_images"]
+    assert any(w.startswith(f"--eval shares {counts['pair_images']} of its") for w in warned), warned
     assert any(w.startswith("--eval has 24 images") for w in warned)
     assert any(w.startswith("the validation split has 48 images") for w in warned)
 

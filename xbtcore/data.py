@@ -178,6 +178,31 @@ class PairSet:
         )
 
 
+def _image_bytes(item) -> bytes:
+    return bytes(item) if isinstance(item, (bytes, bytearray)) else Path(item).read_bytes()
+
+
+def _image_size(item) -> int:
+    return len(item) if isinstance(item, (bytes, bytearray)) else os.path.getsize(item)
+
+
+def shared_images(pairs: PairSet, evalset: PairSet) -> list[int]:
+    """The eval images whose encoded bytes are also a pair image's (stored inline or at a path): indices into
+    `evalset.images`. Ids are not compared, since two sets may number their images alike. Only pair images
+    of a length some eval image has are read and hashed."""
+    wanted: dict[tuple[int, bytes], list[int]] = {}  # (length, SHA-1) -> eval image indices
+    for i, item in enumerate(evalset.images):
+        data = _image_bytes(item)
+        wanted.setdefault((len(data), hashlib.sha1(data).digest()), []).append(i)
+    lengths = {n for n, _ in wanted}
+    shared: set[int] = set()
+    for item in pairs.images:
+        n = _image_size(item)
+        if n in lengths:
+            shared.update(wanted.get((n, hashlib.sha1(_image_bytes(item)).digest()), ()))
+    return sorted(shared)
+
+
 @dataclass(frozen=True)
 class ValSplit:
     """A validation share of the pairs' images, held out of all training (CONTRACT.md, --val-fraction).
