@@ -440,7 +440,8 @@ def test_reruns_never_serve_an_output_that_changed_since(prefect_harness, tiny, 
     assert all(edited["steps"][s] == "Completed" for s in ("embed-frozen", "fit-head", "train", "evaluate"))
 
 
-def test_a_small_eval_set_is_warned_about_before_any_training(tiny, monkeypatch):
+def _check_inputs_warnings(monkeypatch, name: str) -> list[str]:
+    """The warnings check_inputs logs from now on, collected in the returned list."""
     import logging
 
     import tasks.evaluate
@@ -452,10 +453,17 @@ def test_a_small_eval_set_is_warned_about_before_any_training(tiny, monkeypatch)
             if record.levelno >= logging.WARNING:
                 warned.append(record.getMessage())
 
-    logger = logging.getLogger("xbt.test-small-eval")
+    logger = logging.getLogger(f"xbt.test-{name}")
     logger.addHandler(Keep())
     logger.propagate = False
     monkeypatch.setattr(tasks.evaluate, "log", lambda: logger)  # the run log, whatever Prefect's logging setup
+    return warned
+
+
+def test_a_small_eval_set_is_warned_about_before_any_training(tiny, monkeypatch):
+    import tasks.evaluate
+
+    warned = _check_inputs_warnings(monkeypatch, "small-eval")
     counts = tasks.evaluate.check_inputs.fn(tiny["old"], tiny["new"], tiny["pairs"], tiny["eval"], ValSplit())
     assert counts["eval_images"] == 24 and counts["images"]["eval"]["in_pairs"] == 0
     assert not any("shares" in w for w in warned)
@@ -469,22 +477,10 @@ def test_a_small_eval_set_is_warned_about_before_any_training(tiny, monkeypatch)
 def test_a_gallery_of_another_model_fails_and_one_of_other_ids_is_warned_about_before_training(
     tiny, tmp_path, monkeypatch
 ):
-    import logging
-
     import tasks.evaluate
     from xbtcore.data import InputError, write_embeddings_parquet
 
-    warned = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            if record.levelno >= logging.WARNING:
-                warned.append(record.getMessage())
-
-    logger = logging.getLogger("xbt.test-gallery-ids")
-    logger.addHandler(Keep())
-    logger.propagate = False
-    monkeypatch.setattr(tasks.evaluate, "log", lambda: logger)
+    warned = _check_inputs_warnings(monkeypatch, "gallery-ids")
     vectors = torch.nn.functional.normalize(torch.randn(4, 24), dim=-1)  # the tiny old model's 24-d space
     elsewhere = write_embeddings_parquet(tmp_path / "other-ids.parquet", vectors, ids=[f"zz{i}" for i in range(4)])
     args = (tiny["old"], tiny["new"], tiny["pairs"], tiny["eval"], ValSplit())
