@@ -11,7 +11,7 @@ from conftest import REPO, TINY_WORLD
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from experiments import backfill_order, headroom, phi_alone, run  # noqa: E402
+from experiments import backfill_order, head_seeds, headroom, phi_alone, run  # noqa: E402
 
 CONFIGS = sorted((REPO / "experiments" / "configs").glob("*.json"))
 
@@ -101,6 +101,30 @@ def test_phi_alone_is_the_xbt_head_on_the_unmodified_new_model(world, flow_repor
         assert seed0["recall"][d]["orig-new/new"] == flow_report["recall"][d]["orig-new/new"]
     assert set(seed0["transfer"]) == {"i2i", "i2i_mean_cos", "t2t", "t2t_mean_cos", "image_lands_in_text_region"}
     assert len(list(tmp_path.glob("head-*.safetensors"))) == 1  # the flow's head stage wrote it
+
+
+def test_head_seeds_probe_gives_the_upgrades_own_head_at_offset_0(world, prefect_harness, tmp_path):
+    small = ["pretrain.min_steps=4", "pretrain.epochs=1", "pretrain.batch_size=64", "pretrain.pair_batch_size=32"]
+    flags = [*world["flags"], "--method", "xbt-gallery", "--seeds", "0", "--head-offsets", "0", "7"]
+    res = head_seeds.run(
+        head_seeds.parser().parse_args([*flags, *(x for v in small for x in ("--set", v)), "--out", str(tmp_path)])
+    )
+    args = common.table_parser("").parse_args(
+        [*world["flags"], "--out", str(world["root"] / "runs"), *(x for v in small for x in ("--set", v))]
+    )
+    recall = common.upgrade(args, "xbt-gallery", 0)["recall"]
+    (split,) = res["splits"]
+    own, other = split["heads"]
+    assert (own["head_seed"], other["head_seed"]) == (0, 7)
+    for d in ("t2i", "i2t"):
+        for k in ("1", "5", "10"):
+            assert own[d][k]["margin"] == pytest.approx(recall[d]["new/old"][k] - recall[d]["old/old"][k], abs=0.011)
+            assert own[d][k]["low"] <= own[d][k]["margin"]
+        under = recall[d]["orig-new/new"]["1"] - recall[d]["new/new"]["1"]
+        assert own[d]["new/new under, R@1"] == pytest.approx(under, abs=0.011)
+    assert set(split["ensemble"]) == {"t2i", "i2t"}
+    with pytest.raises(ValueError, match="frozen encoders only"):
+        head_seeds.run(head_seeds.parser().parse_args([*world["flags"], "--method", "xbt"]))
 
 
 def test_transfer_diagnostics_by_hand():
