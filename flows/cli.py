@@ -40,6 +40,9 @@ def _set_env_defaults() -> None:
         # Run logs go to stdout: stderr carries progress bars and, on failure, the one-line reason.
         "PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM": "ext://sys.stdout",
         "TOKENIZERS_PARALLELISM": "false",
+        # A bundle is a handful of small files: MLflow's download bar only clutters `xbt search` and the log
+        # of a server whose champion moves.
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)

@@ -1,6 +1,9 @@
 """MLflow registration and promotion: candidate always, champion only on a passing gate, rollback, URIs."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,6 +130,19 @@ def test_models_uri_resolves_to_a_local_bundle(mlflow_store):
         == f"models:/{first['name']}/{first['version']}"
     )
     assert registry.pinned_ref("/some/dir", "/some/dir") == "/some/dir"
+
+
+def test_the_cli_downloads_a_champion_without_a_progress_bar(mlflow_store):
+    first = _register(mlflow_store, "v1", passed=True)
+    uri = f"models:/{first['name']}@champion"
+    script = (
+        "import sys; from flows import cli; from tasks import registry; cli._set_env_defaults(); "
+        "print(registry.resolve_ref(sys.argv[1]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"}
+    done = subprocess.run([sys.executable, "-c", script, uri], capture_output=True, text=True, env=env, check=True)
+    assert json.loads((Path(done.stdout.strip()) / "xbt_bundle.json").read_text()) == {"tag": "v1"}
+    assert "Downloading artifacts" not in done.stderr, done.stderr
 
 
 def test_same_name_and_version_in_two_registries_are_two_bundles(tmp_path, monkeypatch):
