@@ -15,7 +15,17 @@ import pyarrow.parquet as pq
 
 from xbtcore.backfill import BACKFILL_ORDER, backfill_order
 from xbtcore.data import InputError, parquet_files
-from xbtcore.search import IDS, PLAN, build_index, distinct_ids, is_complete, read_plan, remove_index
+from xbtcore.search import (
+    IDS,
+    PLAN,
+    build_index,
+    check_finished,
+    chunks_done,
+    distinct_ids,
+    is_complete,
+    read_plan,
+    remove_index,
+)
 
 ROWS_FILE = "source_rows.json"  # each stored id's row in the source
 
@@ -193,13 +203,15 @@ def backfill(
 
 
 def backfill_status(index: str) -> dict:
-    from xbtcore.search import chunks_done
-
+    """A backfill's progress; before one starts, every item of the index waits in the index's own space."""
+    check_finished(index)
     bf = Path(index) / "backfill"
     if not (bf / PLAN).is_file():
-        return {"index": str(index), "backfilled": 0, "items": None, "complete": False}
-    plan = read_plan(bf)
-    done = min(plan["n"], len(chunks_done(bf)) * plan["chunk_rows"])
+        own = read_plan(index)
+        plan, done = {"space": None, "old_space": own["space"], "order": None, "n": own["n"]}, 0
+    else:
+        plan = read_plan(bf)
+        done = min(plan["n"], len(chunks_done(bf)) * plan["chunk_rows"])
     return {
         "index": str(index),
         "space": plan["space"],
@@ -233,6 +245,7 @@ def remove_old(index: str) -> dict:
 
 
 def discard_backfill(index: str) -> None:
+    check_finished(index)
     bf = Path(index) / "backfill"
     if bf.exists():
         remove_index(bf)

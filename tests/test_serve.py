@@ -309,7 +309,7 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
     import pyarrow.parquet as pq
 
     from serve.engine import Engine, Server, SpaceMismatch, load_query_model
-    from serve.gallery import backfill, backfill_status, remove_old
+    from serve.gallery import backfill, backfill_status, discard_backfill, remove_old
     from xbtcore.backfill import MixedGallery
     from xbtcore.bundle import load_compatible
     from xbtcore.encoders import DualEncoder
@@ -320,6 +320,13 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
     model = load_query_model(str(setup["b1"]))
     server = Server(str(setup["b1"]), index, poll_s=0)  # serving while the backfill runs
     assert server.engine.space == old.space and not server.refresh()
+    before = backfill_status(str(index))  # none started: every item waits in the index's own space
+    assert (before["items"], before["backfilled"], before["fraction"]) == (len(old.ids), 0, 0.0)
+    assert before["old_space"] == old.space and before["space"] is None and not before["complete"]
+    for not_an_index in (tmp_path / "nowhere", tmp_path):
+        for call in (backfill_status, discard_backfill, remove_old):
+            with pytest.raises(ValueError, match="not a finished index"):
+                call(str(not_an_index))
     backfill(str(index), model, chunk_rows=16, stop_after=2)  # a crash after 2 of 4 chunks ...
     (index / "backfill" / "chunks" / "00002.npy.tmp").write_bytes(b"half a chunk")  # ... while writing the 3rd
     status = backfill_status(str(index))

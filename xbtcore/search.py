@@ -79,6 +79,14 @@ def is_complete(out: str | Path) -> bool:
     return (Path(out) / DONE).is_file()
 
 
+def check_finished(out: str | Path) -> None:
+    """A ValueError naming `out` unless it is a finished index."""
+    if not is_complete(out):
+        raise ValueError(
+            f"{out}: not a finished index (no {DONE}); run `xbt index` again with the same arguments to finish it"
+        )
+
+
 def read_plan(out: str | Path) -> dict:
     return json.loads((Path(out) / PLAN).read_text())
 
@@ -202,11 +210,7 @@ class GalleryIndex:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not is_complete(self.path):
-            raise ValueError(
-                f"{self.path}: not a finished index (no {DONE}); run `xbt index` again with the same arguments "
-                "to finish it"
-            )
+        check_finished(self.path)
         import faiss
 
         self.plan = read_plan(self.path)
