@@ -2,13 +2,14 @@
 
     python experiments/run.py experiments/configs/head_seeds.json
 
-Per split seed S (the upgrade's `--seed`: the validation split, and the seed its head trains with), a
-method's head is fitted as the flow fits it (tasks.embed.embed_frozen, then tasks.train.fit_head on the
-cached embeddings, the validation images held out) once per head seed S + each of `--head-offsets`; offset 0
-is the head `xbt upgrade --method METHOD --seed S` trains. Each head is applied to the unmodified new model's
-eval embeddings, and so is the ensemble of all of a split's heads (their outputs summed, then normalised).
-For each: new/old − old/old in points at R@1, 5, 10 with the 95% interval over resampled eval images
-(xbtcore.margins, as the report gives it), and new/new under the original new model at R@1.
+Per split seed S (the upgrade's `--seed`: the validation split, and the seed its head trains with), a method's
+head is fitted as the flow fits it (tasks.embed.embed_frozen, then tasks.train.fit_head on the cached
+embeddings, the validation images held out) once per head seed S + each of `--head-offsets`; offset 0 is the
+head `xbt upgrade --method METHOD --seed S` trains (experiments/phi_alone.pretrained_phi). Each head is
+applied to the unmodified new model's eval embeddings, and so is the ensemble of all of a split's heads (their
+outputs summed, then normalised). For each: new/old − old/old in points at R@1, 5, 10 with the 95% interval
+over resampled eval images (xbtcore.margins, as the report gives it), and new/new under the original new model
+at R@1.
 
 Heads without a finetuning plan only (a cost-1 method, e.g. xbt-gallery): the ensemble is of φs on the
 frozen encoders.
@@ -42,13 +43,11 @@ def scores(upgraded, old_side, orig_side, caption_image: torch.Tensor) -> dict:
 
 
 def run(args) -> dict:
-    from tasks.common import absolute_ref, cache_dir, step_path
-    from tasks.embed import embed_frozen
-    from tasks.extract import extract_corpus
-    from tasks.train import fit_head, load_head
+    from experiments.phi_alone import pretrained_phi
+    from tasks.common import absolute_ref, cache_dir
     from xbtcore.cache import EmbeddingCache
     from xbtcore.config import Settings, parse_settings
-    from xbtcore.data import ValSplit, read_pairs
+    from xbtcore.data import read_pairs
     from xbtcore.encoders import DualEncoder
     from xbtcore.evaluate import Side, map_side, side_of
     from xbtcore.methods import get_method
@@ -64,28 +63,15 @@ def run(args) -> dict:
     old_side = side_of(DualEncoder.from_pretrained(old), evalset, cache)
     orig_side = side_of(DualEncoder.from_pretrained(new), evalset, cache)
     dims = (orig_side.text.shape[1], old_side.text.shape[1])
-    work = Path(args.out)
-    corpus = extract_corpus.fn(paths["corpus"], step_path(work, "corpus", paths["corpus"], suffix=".parquet"))
     splits = []
     for seed in args.seeds:
-        split = ValSplit(args.val_fraction, seed=seed)
-        keys = embed_frozen.fn(
-            list(spec.needs(spec.config(settings))),
-            corpus["path"],
-            paths["pairs"],
-            old,
-            new,
-            str(cache_dir()),
-            split,
-            progress=False,
-        )
         heads, mapped = [], []
         for offset in args.head_offsets:
             head_seed = seed + offset
-            out = step_path(work, "head", args.method, settings, keys, split, head_seed, suffix=".safetensors")
-            fitted = fit_head.fn(args.method, settings, keys, str(cache_dir()), paths["pairs"], split, *dims,
-                                 head_seed, out)  # fmt: skip
-            mapped.append(map_side(orig_side, load_head(fitted)))
+            phi = pretrained_phi(
+                paths, old, new, dims, settings, seed, Path(args.out), args.method, head_seed, args.val_fraction
+            )
+            mapped.append(map_side(orig_side, phi))
             heads.append({"head_seed": head_seed, **scores(mapped[-1], old_side, orig_side, evalset.caption_image)})
             progress(f"seed {seed}, head seed {head_seed}: t2i R@1 {heads[-1]['t2i']['1']['margin']:+.2f}")
         ensemble = Side(

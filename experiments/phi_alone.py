@@ -54,9 +54,21 @@ def transfer(mapped, old_side, caption_image: torch.Tensor) -> dict:
     }
 
 
-def pretrained_phi(paths: dict, old: str, new: str, dims: tuple[int, int], settings, seed: int, work: Path):
-    """φ as the flow's head stage makes it for method xbt: corpus extracted, embeddings cached, Eqn. 3.
-    dims: (D_new, D_old)."""
+def pretrained_phi(
+    paths: dict,
+    old: str,
+    new: str,
+    dims: tuple[int, int],
+    settings,
+    seed: int,
+    work: Path,
+    method: str = "xbt",
+    head_seed: int | None = None,
+    val_fraction: float = 0.1,
+):
+    """`method`'s head as the flow's head stage makes it (xbt: Eqn. 3): corpus extracted, embeddings cached, the
+    head fitted on the pairs outside the validation split of `seed`, with head seed `head_seed` (an upgrade's:
+    `seed`). dims: (D_new, D_old)."""
     from tasks.common import cache_dir, step_path
     from tasks.embed import embed_frozen
     from tasks.extract import extract_corpus
@@ -64,8 +76,9 @@ def pretrained_phi(paths: dict, old: str, new: str, dims: tuple[int, int], setti
     from xbtcore.data import ValSplit
     from xbtcore.methods import get_method
 
-    spec = get_method("xbt")
-    split = ValSplit(0.1, seed=seed)  # the flow's default: the validation images never train
+    spec = get_method(method)
+    split = ValSplit(val_fraction, seed=seed)  # the flow's default: the validation images never train
+    head_seed = seed if head_seed is None else head_seed
     corpus = extract_corpus.fn(paths["corpus"], step_path(work, "corpus", paths["corpus"], suffix=".parquet"))
     keys = embed_frozen.fn(
         list(spec.needs(spec.config(settings))),
@@ -77,8 +90,10 @@ def pretrained_phi(paths: dict, old: str, new: str, dims: tuple[int, int], setti
         split,
         progress=False,
     )
-    out = step_path(work, "head", settings, keys, split, seed, suffix=".safetensors")
-    return load_head(fit_head.fn("xbt", settings, keys, str(cache_dir()), paths["pairs"], split, *dims, seed, out))
+    out = step_path(work, "head", method, settings, keys, split, head_seed, suffix=".safetensors")
+    return load_head(
+        fit_head.fn(method, settings, keys, str(cache_dir()), paths["pairs"], split, *dims, head_seed, out)
+    )
 
 
 def run(args) -> dict:
