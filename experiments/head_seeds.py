@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_world_flags, data_of, progress, world_of  # noqa: E402
+from bench.common import add_world_flags, data_of, progress  # noqa: E402
 
 
 def scores(upgraded, old_side, orig_side, caption_image: torch.Tensor) -> dict:
@@ -43,36 +43,26 @@ def scores(upgraded, old_side, orig_side, caption_image: torch.Tensor) -> dict:
 
 
 def run(args) -> dict:
-    from experiments.phi_alone import pretrained_phi
-    from tasks.common import absolute_ref, cache_dir
-    from xbtcore.cache import EmbeddingCache
-    from xbtcore.config import Settings, parse_settings
-    from xbtcore.data import read_pairs
-    from xbtcore.encoders import DualEncoder
-    from xbtcore.evaluate import Side, map_side, side_of
+    from experiments.phi_alone import Probe, pretrained_phi
+    from xbtcore.evaluate import Side, map_side
     from xbtcore.methods import get_method
 
     spec = get_method(args.method)
     if spec.fit_head is None or spec.plan is not None or spec.finish_head is not None:
         raise ValueError(f"--method {args.method}: a head on the frozen encoders only (cost 1, no blend)")
-    paths = world_of(args)
-    settings = Settings.of(parse_settings(args.set))
-    old, new = absolute_ref(args.old), absolute_ref(args.new)
-    evalset = read_pairs(paths["eval"])
-    cache = EmbeddingCache(cache_dir())
-    old_side = side_of(DualEncoder.from_pretrained(old), evalset, cache)
-    orig_side = side_of(DualEncoder.from_pretrained(new), evalset, cache)
-    dims = (orig_side.text.shape[1], old_side.text.shape[1])
+    p = Probe.of(args)
+    old_side, orig_side, caption_image = p.old_side, p.orig_side, p.evalset.caption_image
     splits = []
     for seed in args.seeds:
         heads, mapped = [], []
         for offset in args.head_offsets:
             head_seed = seed + offset
             phi = pretrained_phi(
-                paths, old, new, dims, settings, seed, Path(args.out), args.method, head_seed, args.val_fraction
-            )
+                p.paths, p.old, p.new, p.dims, p.settings, seed, Path(args.out), args.method, head_seed,
+                args.val_fraction,
+            )  # fmt: skip
             mapped.append(map_side(orig_side, phi))
-            heads.append({"head_seed": head_seed, **scores(mapped[-1], old_side, orig_side, evalset.caption_image)})
+            heads.append({"head_seed": head_seed, **scores(mapped[-1], old_side, orig_side, caption_image)})
             progress(f"seed {seed}, head seed {head_seed}: t2i R@1 {heads[-1]['t2i']['1']['margin']:+.2f}")
         ensemble = Side(
             text=torch.nn.functional.normalize(sum(m.text for m in mapped), dim=-1),
@@ -82,7 +72,7 @@ def run(args) -> dict:
             {
                 "seed": seed,
                 "heads": heads,
-                "ensemble": scores(ensemble, old_side, orig_side, evalset.caption_image),
+                "ensemble": scores(ensemble, old_side, orig_side, caption_image),
             }
         )
     return {

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -96,22 +97,53 @@ def pretrained_phi(
     )
 
 
-def run(args) -> dict:
-    from tasks.common import absolute_ref, cache_dir
-    from xbtcore.cache import EmbeddingCache
-    from xbtcore.config import Settings, parse_settings
-    from xbtcore.data import read_pairs
-    from xbtcore.encoders import DualEncoder
-    from xbtcore.evaluate import evaluate_cases, map_side, side_of
+@dataclass
+class Probe:
+    """A probe's world, models and settings, and the eval set embedded by the old and the unmodified new model."""
 
-    paths = world_of(args)
-    settings = Settings.of(parse_settings(args.set))
-    old, new = absolute_ref(args.old), absolute_ref(args.new)
-    evalset = read_pairs(paths["eval"])
-    cache = EmbeddingCache(cache_dir())
-    old_side = side_of(DualEncoder.from_pretrained(old), evalset, cache)
-    orig_side = side_of(DualEncoder.from_pretrained(new), evalset, cache)
-    dims = (orig_side.text.shape[1], old_side.text.shape[1])
+    paths: dict
+    old: str
+    new: str
+    settings: object
+    evalset: object
+    old_side: object
+    orig_side: object
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        """(D_new, D_old)"""
+        return self.orig_side.text.shape[1], self.old_side.text.shape[1]
+
+    @classmethod
+    def of(cls, args) -> "Probe":
+        from tasks.common import absolute_ref, cache_dir
+        from xbtcore.cache import EmbeddingCache
+        from xbtcore.config import Settings, parse_settings
+        from xbtcore.data import read_pairs
+        from xbtcore.encoders import DualEncoder
+        from xbtcore.evaluate import side_of
+
+        paths = world_of(args)
+        old, new = absolute_ref(args.old), absolute_ref(args.new)
+        evalset = read_pairs(paths["eval"])
+        cache = EmbeddingCache(cache_dir())
+        return cls(
+            paths,
+            old,
+            new,
+            Settings.of(parse_settings(args.set)),
+            evalset,
+            side_of(DualEncoder.from_pretrained(old), evalset, cache),
+            side_of(DualEncoder.from_pretrained(new), evalset, cache),
+        )
+
+
+def run(args) -> dict:
+    from xbtcore.evaluate import evaluate_cases, map_side
+
+    p = Probe.of(args)
+    paths, old, new, settings, evalset = p.paths, p.old, p.new, p.settings, p.evalset
+    old_side, orig_side, dims = p.old_side, p.orig_side, p.dims
     runs = []
     for seed in args.seeds:
         phi = pretrained_phi(paths, old, new, dims, settings, seed, Path(args.out))
