@@ -159,9 +159,7 @@ class PairSet:
         return len(self.images)
 
     def load_image(self, i: int) -> Image.Image:
-        src = self.images[i]
-        img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
-        return to_rgb(img)
+        return to_rgb(_open_image(self.images[i]))
 
     def subset(self, image_indices) -> "PairSet":
         """These distinct images (in this order) with all their captions, in row order."""
@@ -178,12 +176,21 @@ class PairSet:
         )
 
 
-def _image_bytes(item) -> bytes:
-    return bytes(item) if isinstance(item, (bytes, bytearray)) else Path(item).read_bytes()
+def _inline(src) -> bool:
+    """An image stored in the Parquet as its encoded bytes; else `src` is the path of its file."""
+    return isinstance(src, (bytes, bytearray))
 
 
-def _image_size(item) -> int:
-    return len(item) if isinstance(item, (bytes, bytearray)) else os.path.getsize(item)
+def _open_image(src) -> Image.Image:
+    return Image.open(io.BytesIO(src) if _inline(src) else src)
+
+
+def _image_bytes(src) -> bytes:
+    return bytes(src) if _inline(src) else Path(src).read_bytes()
+
+
+def _image_size(src) -> int:
+    return len(src) if _inline(src) else os.path.getsize(src)
 
 
 def shared_images(pairs: PairSet, evalset: PairSet) -> list[int]:
@@ -261,7 +268,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def _check_decodes(src) -> bool:
     try:
-        with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
+        with _open_image(src) as img:
             img.verify()  # parses the whole stream (PNG: every chunk CRC) without decoding pixels
         return True
     except Exception:
