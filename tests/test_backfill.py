@@ -211,6 +211,37 @@ def test_backfill_gains_are_what_moving_each_item_alone_does_to_the_hits():
     gains = backfill.backfill_gains(q_old, v_old, q_new, v_new, own, chunk=50)  # chunks split the queries
     np.testing.assert_array_equal(gains, brute)
     assert gains.max() > 0 > gains.min()  # some items gain their queries hits, some take others' away
+    nothing_moved = np.zeros(len(v_old), dtype=bool)
+    np.testing.assert_array_equal(backfill.backfill_gains(q_old, v_old, q_new, v_new, own, moved=nothing_moved), brute)
+
+
+def test_backfill_gains_against_a_partial_backfill_are_what_moving_each_item_does_there():
+    """With a third of the gallery moved, an item's gain is the mixed gallery's hits (mixed_ranks, the
+    server's scoring) with it moved minus with it not, every other item where the backfill put it."""
+    q_old, v_old, q_new, v_new, own = _backfill_world(8)
+    s_old, s_new = q_old @ v_old.T, q_new @ v_new.T
+    moved = np.zeros(len(v_old), dtype=bool)
+    moved[np.random.default_rng(3).permutation(len(v_old))[: len(v_old) // 3]] = True
+
+    def hits(mask):
+        rank = backfill.mixed_ranks(s_old, s_new, own, np.flatnonzero(moved), "blend")
+        if not (mask == moved).all():  # the same calibration (the backfill's moved items), one item toggled
+            cal = np.flatnonzero(moved)[backfill.calibration_rows(moved.sum())]
+            scores = np.where(mask, backfill.blended_score(s_old, s_new, s_old[:, cal], s_new[:, cal]), s_old)
+            rank = (scores > scores[np.arange(len(own)), own][:, None] + 1e-5).sum(axis=1)
+        return sum((rank < k).sum() for k in backfill.GAIN_KS)
+
+    brute = []
+    for i in range(len(v_old)):
+        with_i, without_i = moved.copy(), moved.copy()
+        with_i[i], without_i[i] = True, False
+        brute.append(hits(with_i) - hits(without_i))
+    gains = backfill.backfill_gains(q_old, v_old, q_new, v_new, own, chunk=50, moved=moved)
+    np.testing.assert_array_equal(gains, brute)
+    alone = backfill.backfill_gains(q_old, v_old, q_new, v_new, own)
+    assert (gains != alone).any()  # the items already moved change what moving another does
+    averaged = backfill.GainModel.fit(q_old, v_old, q_new, v_new, own, backgrounds=(None, moved))
+    assert averaged.weights != backfill.GainModel.fit(q_old, v_old, q_new, v_new, own).weights
 
 
 def test_the_learned_order_ranks_by_predicted_gain_plus_isolation_and_needs_a_fitting_gain_model():

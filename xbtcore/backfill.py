@@ -125,30 +125,49 @@ def backfill_gains(
     own: np.ndarray,
     chunk: int = 1024,
     ks: Sequence[int] = GAIN_KS,
+    moved: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(N,) what backfilling each item alone does to t2i hits, summed over K in `ks`: the hits its own
-    queries gain (scored as MixedGallery scores a backfilled item, calibrated on all N items) minus the
-    hits it takes from other queries by now outscoring their own item. Shapes as backfill_curve's."""
-    from .recall import TIE_TOLERANCE, ranks_above_own
+    """(N,) what backfilling each item does to t2i hits, summed over K in `ks`, the other items as they
+    are: the hits its own queries gain minus the hits it takes from other queries by now outscoring
+    their own item. Shapes as backfill_curve's.
+
+    moved: (N,) bool, the items a partial backfill has already moved (default: none). Each item's gain
+    is then the hits with it moved minus the hits with it not, every other item where `moved` puts it,
+    scored as MixedGallery scores the mixed gallery (calibrated on the moved items; with none moved, a
+    moved item is calibrated on all N)."""
+    from .recall import TIE_TOLERANCE
 
     gain = np.zeros(len(v_old))
+    cal = None
+    if moved is not None and moved.any():
+        rows_moved = np.flatnonzero(moved)
+        cal = rows_moved[calibration_rows(len(rows_moved))]
     for start in range(0, len(q_old), chunk):
         s_old = q_old[start : start + chunk] @ v_old.T  # (B, N)
         s_new = q_new[start : start + chunk] @ v_new.T  # (B, N)
         mine = own[start : start + chunk]
         rows = np.arange(len(mine))
-        moved = blended_score(s_old, s_new, s_old, s_new)  # (B, N) each item's score once backfilled
-        rank = ranks_above_own(s_old, mine)  # (B,) before anything moves
-        own_moved = s_old.copy()
-        own_moved[rows, mine] = moved[rows, mine]
-        rank_moved = ranks_above_own(own_moved, mine)  # (B,) the own item backfilled
-        cut = s_old[rows, mine][:, None] + TIE_TOLERANCE  # (B, 1) what outscores the own item, unmoved
-        shift = (moved > cut).astype(np.int64) - (s_old > cut)  # (B, N) the own item's rank, another moved
-        shift[rows, mine] = 0
+        if cal is None:
+            as_moved = blended_score(s_old, s_new, s_old, s_new)  # (B, N) each item's score once backfilled
+            now = s_old
+        else:
+            as_moved = blended_score(s_old, s_new, s_old[:, cal], s_new[:, cal])
+            now = np.where(moved, as_moved, s_old)  # (B, N) the mixed gallery as it stands
+        others = now.copy()
+        others[rows, mine] = -np.inf  # the own item never outscores itself
+        cut = now[rows, mine][:, None] + TIE_TOLERANCE  # (B, 1) what outscores the own item as it stands
+        above = others > cut  # (B, N)
+        rank = above.sum(axis=1)  # (B,)
+        # the own item's rank with it moved and with it not
+        rank_moved = (others > as_moved[rows, mine][:, None] + TIE_TOLERANCE).sum(axis=1)
+        rank_kept = (others > s_old[rows, mine][:, None] + TIE_TOLERANCE).sum(axis=1)
+        # the own item's rank with another item moved and with it not
+        shift_moved = (as_moved > cut).astype(np.int8) - above
+        shift_kept = (s_old > cut).astype(np.int8) - above
+        shift_moved[rows, mine] = shift_kept[rows, mine] = 0
         for k in ks:
-            hit = rank < k
-            np.add.at(gain, mine, (rank_moved < k).astype(float) - hit)
-            gain += ((rank[:, None] + shift) < k).sum(axis=0) - hit.sum()
+            np.add.at(gain, mine, (rank_moved < k).astype(float) - (rank_kept < k))
+            gain += ((rank[:, None] + shift_moved) < k).sum(axis=0) - ((rank[:, None] + shift_kept) < k).sum(axis=0)
     return gain
 
 
@@ -163,10 +182,22 @@ class GainModel:
     fitted_on: dict
 
     @classmethod
-    def fit(cls, q_old, v_old, q_new, v_new, own, ridge: float = GAIN_RIDGE, ks: Sequence[int] = GAIN_KS) -> GainModel:
-        """On validation pairs (shapes as backfill_curve's): ridge, the L2 penalty; ks, the gain's K."""
+    def fit(
+        cls,
+        q_old,
+        v_old,
+        q_new,
+        v_new,
+        own,
+        ridge: float = GAIN_RIDGE,
+        ks: Sequence[int] = GAIN_KS,
+        backgrounds: Sequence[np.ndarray | None] = (None,),
+    ) -> GainModel:
+        """On validation pairs (shapes as backfill_curve's): ridge, the L2 penalty; ks, the gain's K;
+        backgrounds, partial backfills ((N,) bool, None for none) the gain is averaged over
+        (backfill_gains' `moved`)."""
         v_old = normalise(v_old)
-        gain = backfill_gains(q_old, v_old, q_new, v_new, own, ks=ks)
+        gain = np.mean([backfill_gains(q_old, v_old, q_new, v_new, own, ks=ks, moved=m) for m in backgrounds], axis=0)
         near = neighbour_similarities(v_old, max(GAIN_NEIGHBOURS))
         x = np.column_stack([order_features(near, v_old), np.ones(len(v_old))])  # (N, F + 1)
         w = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ gain)
