@@ -1,11 +1,17 @@
-"""Variants of the learned backfill order on one bench world, against random order. A probe, as JSON.
+"""Variants of the learned backfill order on one selection upgrade, against random order. A probe, as JSON.
 
     python experiments/run.py experiments/configs/backfill_order.json
 
-The world, the upgrade (a Procrustes map of zoo/new onto zoo/old) and the gain model's validation pairs
-are `python -m bench.serving backfill`'s (embeddings cached in --work). Each variant orders the eval
-gallery; its t2i recall minus random's (the mean of --random-seeds orders) at 25% and 50% backfilled,
-R@1 / 5 / 10, and the worst of those six checks:
+The upgrade is one of two kinds:
+
+- --world-seed S: `python -m bench.serving backfill`'s world, its upgrade (a Procrustes map of zoo/new
+  onto zoo/old) and its validation pairs (embeddings cached in --work);
+- --named WORLD --seed S: the product's `--method auto` upgrade of that world at that seed, through
+  the flow as bench/quality.py runs it (so a run it made is served from its cache), its validation
+  pairs the upgrade's own split and its gallery the world's eval set.
+
+Each variant orders the eval gallery; its t2i recall minus random's (the mean of --random-seeds orders)
+at 25% and 50% backfilled, R@1 / 5 / 10, and the worst of those six checks:
 
 - learned: the product's order (xbtcore.backfill.backfill_order, its defaults);
 - mix=M: the learned key with weight M on the predicted gain's rank and 1 - M on isolation's (the
@@ -15,7 +21,10 @@ R@1 / 5 / 10, and the worst of those six checks:
   each M and score it as above (random: the mean of 8 orders), both ways; the M with the best worst
   check summed over the folds (ties: the one nearest LEARNED_MIX);
 - ridge=R: the gain model fitted with L2 penalty R (the product's is GAIN_RIDGE);
-- gain K=1,1,5,10: the gain counts hits at K = 1 twice.
+- gain K=1,1,5,10: the gain counts hits at K = 1 twice;
+- in-context D mix=M: the gain model fitted on each item's gain against partial backfills (the mean of
+  backfill_gains with nothing moved and with 4 random draws of 25% and 4 of 50% of the validation
+  items moved, the draws seeded by D), ordered with mix M. Two seeds D show how much the draw moves it.
 """
 
 from __future__ import annotations
@@ -35,6 +44,10 @@ from bench.serving import backfill_world  # noqa: E402
 CHECKS = (0.25, 0.5)  # fractions backfilled
 KS = (1, 5, 10)
 MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)
+CONTEXT_FRACTIONS = (0.25, 0.5)  # in-context gains: partial backfills of these fractions, ...
+CONTEXT_DRAWS = 4  # ... this many random draws of each
+CONTEXT_SEEDS = (0, 1)
+CONTEXT_MIXES = (0.5, 0.75)
 
 
 def advantages(sides: tuple, orders: dict, random_seeds: int) -> dict:
@@ -85,15 +98,56 @@ def cross_fitted_mix(sides: tuple, splits: int, seed: int = 0) -> tuple[float, d
     return max(MIXES, key=lambda m: (worst[m], -abs(m - LEARNED_MIX))), worst
 
 
-def run(args) -> dict:
-    from xbtcore.backfill import GainModel, backfill_order
+def context_backgrounds(n: int, seed: int) -> list:
+    """No item moved, then CONTEXT_DRAWS random draws of each of CONTEXT_FRACTIONS of n items: (n,) bool."""
+    rng = np.random.default_rng(seed)
+    masks: list = [None]
+    for fraction in CONTEXT_FRACTIONS:
+        for _ in range(CONTEXT_DRAWS):
+            mask = np.zeros(n, dtype=bool)
+            mask[rng.permutation(n)[: int(round(fraction * n))]] = True
+            masks.append(mask)
+    return masks
 
+
+def bench_world_sides(args) -> tuple[tuple, tuple]:
+    """(validation, eval) sides (q_old, v_old, q_new, v_new, own) of the backfill bench's world --world-seed."""
     if args.work is None:
         args.work = str(BENCH_STATE / f"backfill-order-world{args.world_seed}")
     _, _, embedded = backfill_world(args)
     val_old, val_new, _, val_compat, val_w_new, val_own = embedded("pairs")
     v_old, v_new, _, w_compat, w_new, own = embedded("eval")
-    validation = (val_compat, val_old, val_w_new, val_new, val_own)
+    return (val_compat, val_old, val_w_new, val_new, val_own), (w_compat, v_old, w_new, v_new, own)
+
+
+def upgrade_sides(args) -> tuple[tuple, tuple]:
+    """(validation, eval) sides of the product's auto upgrade of world --named at --seed: the compatible
+    queries are its bundle's, the new ones and the new vectors the new model's own."""
+    from bench.common import upgrade
+    from xbtcore.bundle import load_compatible
+    from xbtcore.data import ValSplit, read_part
+    from xbtcore.encoders import DualEncoder
+    from xbtcore.evaluate import side_of
+
+    flow_args = argparse.Namespace(old=args.old, new=args.new, data="", world=[], named=args.named, set=[])
+    flow_args.out = str(BENCH_STATE / "runs")
+    report = upgrade(flow_args, "auto", args.seed)
+    config = report["config"]
+    encoders = [DualEncoder.from_pretrained(args.old), DualEncoder.from_pretrained(args.new)]
+    encoders.append(load_compatible(report["bundle"])[0])
+    split = ValSplit(config["val_fraction"], seed=config["seed"])
+    sides = []
+    for part, path in (("val", config["data"]["pairs"]), ("all", config["data"]["eval"])):
+        pairs = read_part(path, part, split)
+        old, new, compat = (side_of(e, pairs) for e in encoders)
+        sides.append((compat.text, old.image, new.text, new.image, pairs.caption_image))
+    return tuple(tuple(t.numpy() for t in side) for side in sides)
+
+
+def run(args) -> dict:
+    from xbtcore.backfill import GainModel, backfill_order
+
+    validation, (w_compat, v_old, w_new, v_new, own) = upgrade_sides(args) if args.named else bench_world_sides(args)
     gain = GainModel.fit(*validation)
     chosen, folds = cross_fitted_mix(validation, args.splits)
     progress(f"cross-fitted mix {chosen} (fold worst checks {folds})")
@@ -103,9 +157,13 @@ def run(args) -> dict:
     for ridge in (10.0, 100.0):
         orders[f"ridge={ridge:g}"] = backfill_order(v_old, "learned", gain=GainModel.fit(*validation, ridge=ridge))
     orders["gain K=1,1,5,10"] = backfill_order(v_old, "learned", gain=GainModel.fit(*validation, ks=(1, 1, 5, 10)))
+    for draw in CONTEXT_SEEDS:
+        in_context = GainModel.fit(*validation, backgrounds=context_backgrounds(len(validation[1]), draw))
+        for m in CONTEXT_MIXES:
+            orders[f"in-context {draw} mix={m}"] = backfill_order(v_old, "learned", gain=in_context, mix=m)
     adv = advantages((w_compat, v_old, w_new, v_new, own), orders, args.random_seeds)
     return {
-        "world_seed": args.world_seed,
+        **({"world": args.named, "seed": args.seed} if args.named else {"world_seed": args.world_seed}),
         "checks": [f"{int(100 * f)}% R@{k}" for f in CHECKS for k in KS],
         "random_seeds": args.random_seeds,
         "cross_fitted": {"mix": chosen, "fold_worst": folds, "splits": args.splits},
@@ -116,6 +174,8 @@ def run(args) -> dict:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--world-seed", type=int, default=11, help="the bench world's seed")
+    ap.add_argument("--named", default="", help="a world of worlds.WORLDS: its auto upgrade instead of a bench world")
+    ap.add_argument("--seed", type=int, default=0, help="with --named: the upgrade's seed")
     ap.add_argument("--old", default=str(ROOT / "zoo" / "old"), help="the gallery's model")
     ap.add_argument("--new", default=str(ROOT / "zoo" / "new"), help="the new model")
     ap.add_argument("--bundle", help="an upgrade bundle (default: a Procrustes map of --new onto --old)")
