@@ -129,12 +129,14 @@ def upgrade_sides(args) -> tuple[tuple, tuple]:
     from xbtcore.encoders import DualEncoder
     from xbtcore.evaluate import side_of
 
-    flow_args = argparse.Namespace(old=args.old, new=args.new, data="", world=[], named=args.named, set=[])
-    flow_args.out = str(BENCH_STATE / "runs")
-    report = upgrade(flow_args, "auto", args.seed)
+    world = {"data": "", "world": [], "named": args.named, "set": [], "out": str(BENCH_STATE / "runs")}
+    report = upgrade(argparse.Namespace(old=args.old, new=args.new, **world), "auto", args.seed)  # bench/quality.py's
     config = report["config"]
-    encoders = [DualEncoder.from_pretrained(args.old), DualEncoder.from_pretrained(args.new)]
-    encoders.append(load_compatible(report["bundle"])[0])
+    encoders = (
+        DualEncoder.from_pretrained(args.old),
+        DualEncoder.from_pretrained(args.new),
+        load_compatible(report["bundle"])[0],
+    )
     split = ValSplit(config["val_fraction"], seed=config["seed"])
     sides = []
     for part, path in (("val", config["data"]["pairs"]), ("all", config["data"]["eval"])):
