@@ -223,14 +223,16 @@ def test_backfill_gains_against_a_partial_backfill_are_what_moving_each_item_doe
     moved = np.zeros(len(v_old), dtype=bool)
     moved[np.random.default_rng(3).permutation(len(v_old))[: len(v_old) // 3]] = True
 
+    cal = np.flatnonzero(moved)[backfill.calibration_rows(moved.sum())]  # the backfill's calibration items
+
     def hits(mask):
-        rank = backfill.mixed_ranks(s_old, s_new, own, np.flatnonzero(moved), "blend")
-        if not (mask == moved).all():  # the same calibration (the backfill's moved items), one item toggled
-            cal = np.flatnonzero(moved)[backfill.calibration_rows(moved.sum())]
-            scores = np.where(mask, backfill.blended_score(s_old, s_new, s_old[:, cal], s_new[:, cal]), s_old)
-            rank = (scores > scores[np.arange(len(own)), own][:, None] + 1e-5).sum(axis=1)
+        scores = np.where(mask, backfill.blended_score(s_old, s_new, s_old[:, cal], s_new[:, cal]), s_old)
+        return hits_of((scores > scores[np.arange(len(own)), own][:, None] + 1e-5).sum(axis=1))
+
+    def hits_of(rank):
         return sum((rank < k).sum() for k in backfill.GAIN_KS)
 
+    assert hits(moved) == hits_of(backfill.mixed_ranks(s_old, s_new, own, np.flatnonzero(moved)))  # as served
     brute = []
     for i in range(len(v_old)):
         with_i, without_i = moved.copy(), moved.copy()

@@ -161,13 +161,16 @@ def backfill_gains(
         # the own item's rank with it moved and with it not
         rank_moved = (others > as_moved[rows, mine][:, None] + TIE_TOLERANCE).sum(axis=1)
         rank_kept = (others > s_old[rows, mine][:, None] + TIE_TOLERANCE).sum(axis=1)
-        # the own item's rank with another item moved and with it not
+        # the own item's rank with another item moved and with it not (as it stands where nothing is moved)
         shift_moved = (as_moved > cut).astype(np.int8) - above
-        shift_kept = (s_old > cut).astype(np.int8) - above
-        shift_moved[rows, mine] = shift_kept[rows, mine] = 0
+        shift_moved[rows, mine] = 0
+        shift_kept = None if cal is None else (s_old > cut).astype(np.int8) - above
+        if shift_kept is not None:
+            shift_kept[rows, mine] = 0
         for k in ks:
             np.add.at(gain, mine, (rank_moved < k).astype(float) - (rank_kept < k))
-            gain += ((rank[:, None] + shift_moved) < k).sum(axis=0) - ((rank[:, None] + shift_kept) < k).sum(axis=0)
+            kept = (rank < k).sum() if shift_kept is None else ((rank[:, None] + shift_kept) < k).sum(axis=0)
+            gain += ((rank[:, None] + shift_moved) < k).sum(axis=0) - kept
     return gain
 
 
