@@ -48,7 +48,7 @@ KS = (1, 5, 10)
 MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)
 CONTEXT_FRACTIONS = (0.25, 0.5)  # in-context gains: partial backfills of these fractions, ...
 CONTEXT_DRAWS = 4  # ... this many random draws of each
-CONTEXT_SEEDS = (0, 1)
+DRAWS = (0, 1)  # the seeds of the in-context backgrounds and of the 90% subsamples
 CONTEXT_MIXES = (0.5, 0.75)
 SUBSAMPLE = 0.9  # learned on 90% D: the share of the validation images it is fitted on
 
@@ -162,12 +162,11 @@ def run(args) -> dict:
     for ridge in (10.0, 100.0):
         orders[f"ridge={ridge:g}"] = backfill_order(v_old, "learned", gain=GainModel.fit(*validation, ridge=ridge))
     orders["gain K=1,1,5,10"] = backfill_order(v_old, "learned", gain=GainModel.fit(*validation, ks=(1, 1, 5, 10)))
-    for draw in CONTEXT_SEEDS:
-        in_context = GainModel.fit(*validation, backgrounds=context_backgrounds(len(validation[1]), draw))
+    n_val = len(validation[1])
+    for draw in DRAWS:
+        in_context = GainModel.fit(*validation, backgrounds=context_backgrounds(n_val, draw))
         for m in CONTEXT_MIXES:
             orders[f"in-context {draw} mix={m}"] = backfill_order(v_old, "learned", gain=in_context, mix=m)
-    n_val = len(validation[1])
-    for draw in CONTEXT_SEEDS:
         kept = np.random.default_rng(draw).permutation(n_val)[: round(SUBSAMPLE * n_val)]
         refit = GainModel.fit(*subset(validation, kept))
         orders[f"learned on {SUBSAMPLE:.0%} {draw}"] = backfill_order(v_old, "learned", gain=refit)

@@ -160,7 +160,7 @@ def backfill_gains(
         rank = above.sum(axis=1)  # (B,)
         # the own item's rank with it moved and with it not
         rank_moved = (others > as_moved[rows, mine][:, None] + TIE_TOLERANCE).sum(axis=1)
-        rank_kept = (others > s_old[rows, mine][:, None] + TIE_TOLERANCE).sum(axis=1)
+        rank_kept = rank if cal is None else (others > s_old[rows, mine][:, None] + TIE_TOLERANCE).sum(axis=1)
         # the own item's rank with another item moved and with it not (as it stands where nothing is moved)
         shift_moved = (as_moved > cut).astype(np.int8) - above
         shift_moved[rows, mine] = 0
