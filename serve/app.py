@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
@@ -25,10 +26,11 @@ def _bad(status: int, detail: str):
     raise HTTPException(status_code=status, detail=" ".join(detail.split()))
 
 
-def _k(value) -> int:
-    if value is None or value == "":
+def _k(value, form: bool = False) -> int:
+    """k from a JSON body (a number; absent or null: 10) or a form field (digits; absent or empty: 10)."""
+    if value is None or (form and value == ""):
         return 10
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (not form and isinstance(value, str)):
         _bad(422, f"k must be an integer from 1 to {MAX_K}, got {value!r}")
     try:
         k = int(value)
@@ -68,6 +70,18 @@ def _image(data: bytes):
         _bad(422, f"image does not decode ({type(e).__name__}): upload a PNG or JPEG")
 
 
+async def _body(request: Request) -> bytes:
+    """The request body, read as it streams in: a body with no Content-Length (chunked) is cut off with a 413
+    once it passes the limit, so no client makes the server hold more."""
+    limit, chunks, size = MAX_UPLOAD_BYTES + 64 * 1024, [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            _bad(413, f"request body is over {limit} bytes; the limit for an upload is {MAX_UPLOAD_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(server) -> FastAPI:
     """server: serve.engine.Server (its `engine` is read once per request)."""
     app = FastAPI(title="xbt search", docs_url=None, redoc_url=None)
@@ -85,23 +99,29 @@ def create_app(server) -> FastAPI:
         text, image = None, None
         if kind == "application/json":
             try:
-                body = json.loads(await request.body())
+                body = json.loads(await _body(request))
             except (ValueError, RecursionError):  # RecursionError: nesting deeper than the decoder goes
                 _bad(400, "body is not valid JSON")
             if not isinstance(body, dict):
                 _bad(422, 'body must be a JSON object such as {"text": "a red circle", "k": 10}')
             text, k = _text(body.get("text")), _k(body.get("k"))
-        elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        elif kind == "multipart/form-data":
             try:
                 form = await request.form(max_part_size=MAX_UPLOAD_BYTES + 1)
             except Exception as e:
                 _bad(413 if "size" in str(e).lower() else 400, f"form does not parse: {e}")
-            k = _k(form.get("k"))
+            k = _k(form.get("k"), form=True)
             upload = form.get("image")
             if upload is not None and not isinstance(upload, str):
                 image = _image(await upload.read(MAX_UPLOAD_BYTES + 1))
             else:
                 text = _text(form.get("text"))
+        elif kind == "application/x-www-form-urlencoded":  # a plain HTML form: text only
+            try:
+                form = dict(parse_qsl((await _body(request)).decode("ascii"), keep_blank_values=True))
+            except UnicodeDecodeError:
+                _bad(400, "form is not URL-encoded (bytes outside ASCII)")
+            text, k = _text(form.get("text")), _k(form.get("k"), form=True)
         else:
             _bad(415, f"content type {kind or 'missing'}: send application/json or multipart/form-data")
         engine = server.engine  # this request's engine, whatever swaps meanwhile

@@ -67,6 +67,7 @@ def test_every_bad_input_is_a_4xx_with_one_line_detail(client, setup):
         ({"json": {"text": "a red circle", "k": 0}}, 422, f"from 1 to {MAX_K}"),
         ({"json": {"text": "a red circle", "k": MAX_K + 1}}, 422, f"from 1 to {MAX_K}"),
         ({"json": {"text": "a red circle", "k": "many"}}, 422, "integer"),
+        ({"json": {"text": "a red circle", "k": "5"}}, 422, "integer"),  # a form's k is text; JSON's a number
         ({"json": {"text": "a red circle", "k": 2.5}}, 422, "integer"),
         ({"json": {"text": "a red circle", "k": True}}, 422, "integer"),
         ({"content": b'{"text": "a red circle", "k": 1e400}', "headers": json_type}, 422, "integer"),
@@ -80,7 +81,13 @@ def test_every_bad_input_is_a_4xx_with_one_line_detail(client, setup):
         ({"files": {"image": ("big.png", b"\0" * (MAX_UPLOAD_BYTES + 1), "image/png")}}, 413, str(MAX_UPLOAD_BYTES)),
         ({"content": b"a red circle", "headers": {"content-type": "text/plain"}}, 415, "application/json"),
         ({"data": {"k": "3"}}, 422, "missing text"),
-    ]
+        ({"content": b"text=%FF\xff", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 400, "ASCII"),
+        # chunked, so no Content-Length to refuse it by: cut off as it streams in
+        ({"content": iter([b'{"text": "', b"y" * (MAX_UPLOAD_BYTES + 100_000), b'"}']), "headers": json_type}, 413,
+         str(MAX_UPLOAD_BYTES)),
+        ({"content": iter([b"text=", b"y" * (MAX_UPLOAD_BYTES + 100_000)]),
+          "headers": {"content-type": "application/x-www-form-urlencoded"}}, 413, str(MAX_UPLOAD_BYTES)),
+    ]  # fmt: skip
     for kwargs, status, needle in cases:
         r = client.post("/search", **kwargs)
         assert r.status_code == status, (kwargs.get("json"), r.status_code, r.text)
@@ -98,6 +105,8 @@ def test_answers_carry_the_version_and_match_brute_force(client, setup):
     r = client.post("/search", json={"text": query, "k": 7})
     assert r.status_code == 200, r.text
     body = r.json()
+    form = client.post("/search", data={"text": query, "k": "7"})  # a plain HTML form
+    assert form.status_code == 200 and form.json()["results"] == body["results"], form.text
     assert set(body) == {"model", "model_version", "space", "results"}
     assert body["model"] == OLD and body["space"] == index.space and body["model_version"]
     q = DualEncoder.from_pretrained(OLD).embed_texts([query])[0].numpy()

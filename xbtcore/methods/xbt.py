@@ -173,8 +173,7 @@ def register() -> None:
             name="xbt-gallery-lora",
             family="xbt",
             summary="xbt-gallery's φ, then LoRA, vision prompts and φ's LayerNorms trained with Eqn. 5 plus the "
-            "gallery "
-            "anchors (finetune.anchor_weight)",
+            "gallery anchors (finetune.anchor_weight)",
             config_cls=XbtConfig,
             needs=gallery_lora_needs,
             cost=2,
