@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -445,7 +446,30 @@ def candidate_record(method: str, eligible: bool, run: dict | None, why_not_run:
     }
 
 
-@flow(name="xbt-upgrade", log_prints=True)
+REPORT_FILES = ("report.json", "report.html")  # a run folder with report.json is a finished run
+
+
+def drop_unreported_bundle(flow, flow_run, state) -> None:
+    """On a failed, crashed or cancelled upgrade: OUT/bundle without a report (published by this run, whose
+    report never came) is removed, so that nothing unevaluated is left looking finished. The trained bundle
+    stays cached under OUT/work: a rerun does not train again."""
+    params = flow_run.parameters.get("params")
+    out = params.get("out") if isinstance(params, dict) else getattr(params, "out", None)
+    if out is None:
+        return
+    out = Path(out).expanduser().absolute()
+    if not (out / "report.json").is_file():
+        for unfinished in (out / "bundle", out / "bundle.tmp"):
+            shutil.rmtree(unfinished, ignore_errors=True)
+
+
+@flow(
+    name="xbt-upgrade",
+    log_prints=True,
+    on_failure=[drop_unreported_bundle],
+    on_crashed=[drop_unreported_bundle],
+    on_cancellation=[drop_unreported_bundle],
+)
 def upgrade(params: UpgradeParams) -> dict:
     """One upgrade; writes OUT/report.json, OUT/report.html and OUT/bundle/, registers the bundle in MLflow."""
     t_start = time.perf_counter()
@@ -517,6 +541,8 @@ def upgrade(params: UpgradeParams) -> dict:
     spec = get_method(chosen["method"])
     fitted = Path(run_of["validation"]) / "backfill_gain.json" if run_of["validation"] else None  # on val pairs
     extra = {GAIN_FILE: str(fitted)} if fitted and fitted.is_file() else {}
+    for stale in REPORT_FILES:  # a previous run's report would describe the bundle this run replaces
+        (out / stale).unlink(missing_ok=True)
     bundle = publish_bundle(run_of["bundle"], str(out / "bundle"), extra)
     order = "learned" if extra else BACKFILL_ORDER  # the order `xbt backfill` takes from this bundle
 

@@ -193,6 +193,36 @@ def test_a_broken_first_row_in_an_earlier_file_is_named_there(tmp_path, pngs):
     assert "a.parquet" in msg and "do not decode" in msg and "(row 0)" in msg
 
 
+def _scrambled_pixels(png: bytes) -> bytes:
+    """The PNG with its compressed pixel data scrambled and every chunk's CRC made right again: it parses
+    (what reading checks) but does not decode."""
+    import struct
+    import zlib
+
+    out, i = [png[:8]], 8
+    while i < len(png):
+        n, kind = struct.unpack(">I4s", png[i : i + 8])
+        data = png[i + 8 : i + 8 + n]
+        if kind == b"IDAT":
+            data = data[:2] + bytes(b ^ 0x5A for b in data[2:])
+        out.append(struct.pack(">I4s", n, kind) + data + struct.pack(">I", zlib.crc32(kind + data)))
+        i += 12 + n
+    return b"".join(out)
+
+
+def test_an_image_that_parses_but_does_not_decode_is_named_when_it_is_decoded(tmp_path, pngs):
+    from xbtcore.embed_input import read_images
+
+    f = _write(tmp_path / "p.parquet", image=[pngs[0], pngs[1], _scrambled_pixels(pngs[2])], caption=list("abc"))
+    for images in (read_pairs(f), read_pairs(f).subset([2, 0]), read_images(f)):  # subsets keep the places
+        good, bad = (0, 2) if images.n_images == 3 else (1, 0)
+        images.load_image(good)
+        with pytest.raises(InputError) as e:
+            images.load_image(bad)
+        msg = str(e.value)
+        assert "p.parquet" in msg and "column 'image'" in msg and "does not decode" in msg and "(row 2)" in msg, msg
+
+
 def test_dictionary_encoded_columns_read_as_their_values(tmp_path, pngs):
     # pandas' `category` dtype writes dictionary-encoded columns: captions, ids and paths as usual.
     (tmp_path / "a.png").write_bytes(pngs[0])

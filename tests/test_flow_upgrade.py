@@ -237,6 +237,32 @@ def test_diverging_loss_fails_the_run_and_promotes_nothing(prefect_harness, tiny
     assert not (out / "report.json").exists() and not (out / "bundle").exists()
 
 
+def test_an_eval_image_that_fails_to_decode_fails_the_run_naming_it_and_leaves_no_finished_looking_folder(
+    prefect_harness, tiny, tmp_path
+):
+    from test_data import _scrambled_pixels
+
+    from flows.upgrade import upgrade
+    from xbtcore.data import InputError
+
+    table = pq.read_table(tiny["eval"])
+    images = table.column("image").to_pylist()
+    target = next(png for png in images if png != images[0])  # the second image, in all its caption rows
+    first = images.index(target)
+    # it parses, so the check on reading passes it; decoding fails
+    images = [_scrambled_pixels(png) if png == target else png for png in images]
+    broken = tmp_path / "eval-broken.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array(images)), broken)
+    out = tmp_path / "run"
+    (out / "bundle").mkdir(parents=True)  # a previous run's outputs, which this run replaces
+    (out / "report.json").write_text("{}")
+    expected = rf"eval-broken\.parquet: column 'image': an image does not decode.*\(row {first}\)"
+    with pytest.raises(InputError, match=expected):
+        upgrade(_params(tiny, out, eval=str(broken), method="procrustes"))
+    assert not (out / "report.json").exists() and not (out / "report.html").exists()
+    assert not (out / "bundle").exists() and not (out / "bundle.tmp").exists()
+
+
 def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, tmp_path, monkeypatch):
     import tasks.evaluate
     from flows.upgrade import upgrade

@@ -146,10 +146,12 @@ class PairSet:
     caption_image: torch.Tensor  # (n_captions,) long
     image_ids: list
     source: str
+    places: list | None = None  # per image, (file, row, column) where it first appears: for errors
 
     def __post_init__(self):
         assert len(self.images) == len(self.image_ids), "one id per distinct image"
         assert self.caption_image.shape == (len(self.captions),), "one image index per caption"
+        assert self.places is None or len(self.places) == len(self.images), "one place per distinct image"
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -159,7 +161,19 @@ class PairSet:
         return len(self.images)
 
     def load_image(self, i: int) -> Image.Image:
-        return to_rgb(_open_image(self.images[i]))
+        """Image i decoded, in RGB; an InputError naming its file, column and row where it does not decode (the
+        check on reading parses each stream without decoding its pixels, so a corrupt one can pass it)."""
+        try:
+            return to_rgb(_open_image(self.images[i]))
+        except Exception as e:
+            file, row, column = self.places[i] if self.places else (self.source, None, None)
+            raise InputError(
+                file,
+                f"an image does not decode ({type(e).__name__}: {' '.join(str(e).split())})",
+                "store PNG or JPEG images",
+                column=column,
+                rows=() if row is None else (row,),
+            ) from e
 
     def subset(self, image_indices) -> "PairSet":
         """These distinct images (in this order) with all their captions, in row order."""
@@ -173,6 +187,7 @@ class PairSet:
             new_index[self.caption_image[rows]],
             [self.image_ids[i] for i in keep.tolist()],
             self.source,
+            None if self.places is None else [self.places[i] for i in keep.tolist()],
         )
 
 
@@ -380,7 +395,8 @@ def read_pairs(path) -> PairSet:
 
     # Rows are reported where each distinct image first appears, file by file.
     _raise_image_problems([first_row[i] + (src,) for i, src in enumerate(images)])
-    return PairSet(images, captions, torch.tensor(caption_image, dtype=torch.long), image_ids, str(path))
+    places = [first_row[i] for i in range(len(images))]
+    return PairSet(images, captions, torch.tensor(caption_image, dtype=torch.long), image_ids, str(path), places)
 
 
 def _raise_image_problems(places: list[tuple]) -> None:

@@ -45,6 +45,7 @@ def read_images(path) -> PairSet:
     from .data import _check_decodes
 
     images: list = []
+    places: list = []  # per image, (file, row, column): for errors
     for file in parquet_files(path):
         schema = _schema(file)
         col_name = "image" if "image" in schema.names else "image_path" if "image_path" in schema.names else None
@@ -70,11 +71,12 @@ def read_images(path) -> PairSet:
                 file, "images do not decode or do not exist", "store PNG or JPEG images", column=col_name, rows=bad
             )
         images += values
+        places += [(file, r, col_name) for r in range(len(values))]
     if not images:
         raise InputError(path, "no rows", "pass a non-empty input")
     import torch
 
-    return PairSet(images, [], torch.arange(0), list(range(len(images))), str(path))
+    return PairSet(images, [], torch.arange(0), list(range(len(images))), str(path), places)
 
 
 def read_ids(path) -> list | None:
