@@ -92,6 +92,22 @@ class Catalog:
             },
         )
 
+    def embeddings_at(self, path: str | Path) -> dict | None:
+        """The `xbt embed` record of the Parquet file at `path` (its galleries row: model, space, modality)
+        while the file holds as many rows as were recorded; None for a file xbt did not write, or that was
+        written again since by something else."""
+        import pyarrow.parquet as pq
+
+        path = Path(path).absolute()
+        found = [g for g in self.rows("galleries") if g["path"] == str(path)]
+        if not found or not path.is_file():
+            return None
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception:  # not Parquet (any more): the reader of the file says so
+            return None
+        return found[-1] if found[-1]["rows"] == rows else None
+
     def rows(self, table: str) -> list[dict]:
         assert table in TABLES, f"unknown catalog table {table!r}"
         if not self.path.exists():

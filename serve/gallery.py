@@ -42,17 +42,25 @@ def _bar(desc: str):
     return bar, lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def check_gallery_space(source: str, model) -> None:
-    """An `xbt embed` gallery recorded in the catalog in another space than the model's compatible one is refused."""
+def check_gallery_space(source: str, model, modality: str) -> None:
+    """An `xbt embed` output recorded in the catalog with another space than the model's compatible one, or
+    another modality than `modality`, is refused."""
     from catalog import Catalog
     from tasks.common import state_dir
 
-    path = str(Path(source).absolute())
-    recorded = [g for g in Catalog(state_dir() / "catalog.duckdb").rows("galleries") if g["path"] == path]
-    if recorded and recorded[-1]["space"] and recorded[-1]["space"] != model.compat_space:
+    recorded = Catalog(state_dir() / "catalog.duckdb").embeddings_at(source)
+    if recorded is None:
+        return
+    if recorded["space"] and recorded["space"] != model.compat_space:
         raise ValueError(
-            f"{source} was embedded in the space {recorded[-1]['space']} (by {recorded[-1]['model']}) "
+            f"{source} was embedded in the space {recorded['space']} (by {recorded['model']}) "
             f"but {model.ref} queries the space {model.compat_space}: index it with a model of its space"
+        )
+    if recorded["modality"] and recorded["modality"] != modality:
+        raise InputError(
+            source,
+            f"holds {recorded['modality']} embeddings (xbt embed --modality {recorded['modality']})",
+            f"index it with --modality {recorded['modality']}",
         )
 
 
@@ -89,7 +97,7 @@ def index_gallery(
 
     info = {"model": model.ref, "model_version": model.version, "modality": modality, "text_column": text_column}
     if _is_embedding_parquet(source):
-        check_gallery_space(source, model)
+        check_gallery_space(source, model, modality)
         row_ids, emb = read_gallery(source)
         dim = model.compat.embed_dim
         if emb.shape[1] != dim:

@@ -12,16 +12,48 @@ from safetensors.torch import save_file
 from xbtcore.backfill import BACKFILL_ORDER, GainModel
 from xbtcore.bundle import is_bundle, load_compatible, read_gain, read_meta
 from xbtcore.cache import EmbeddingCache, cached_old_image_embeddings, cached_text_embeddings
-from xbtcore.data import Gallery, ValSplit, read_pairs, read_part, shared_images, split_pairs
+from xbtcore.data import (
+    Gallery,
+    InputError,
+    ValSplit,
+    parquet_files,
+    read_pairs,
+    read_part,
+    shared_images,
+    split_pairs,
+)
 from xbtcore.encoders import PRECISIONS, DualEncoder
 from xbtcore.evaluate import Side, backfill_study, evaluate_cases, side_of
 from xbtcore.gate import describe_failures, eqn2_gate, no_regression_gate
 from xbtcore.inspect_sample import report_sample
 from xbtcore.margins import gate_margins
 
-from .common import CACHED, log
+from .common import CACHED, log, state_dir
 
+GALLERY_FIX = "pass the gallery the old model embedded (`xbt embed --model {model} --modality image`)"
 SMALL_GALLERY = 200  # images: below this, recall at K = 5, 10 saturates and the gate's strict test meets ties
+
+
+def check_stored_gallery(gallery: str, root: str) -> None:
+    """An InputError where the catalog records `gallery` (an `xbt embed` output) as text, or as embedded by a
+    model of another space than `root`'s, the model the gallery side is: of the same width, its vectors would
+    pass every other check and mix two spaces in every target and every recall."""
+    from catalog import Catalog
+    from tasks.registry import space_of
+
+    for file in parquet_files(gallery):
+        recorded = Catalog(state_dir() / "catalog.duckdb").embeddings_at(file)
+        if recorded is None:
+            continue
+        if recorded["modality"] != "image":
+            raise InputError(file, f"holds {recorded['modality']} embeddings", GALLERY_FIX.format(model=root))
+        if recorded["space"] and recorded["space"] != space_of(root):
+            raise InputError(
+                file,
+                f"was embedded by {recorded['model']} (space {recorded['space']}), not by the old model {root} "
+                f"(space {space_of(root)})",
+                GALLERY_FIX.format(model=root),
+            )
 
 
 @task(name="check-inputs", **CACHED)
@@ -52,6 +84,7 @@ def check_inputs(
     stored = Gallery(gallery) if gallery else None
     if stored is not None:
         stored.check_dim(old.embed_dim, root)
+        check_stored_gallery(gallery, root)
     stored_ids = stored.ids() if stored is not None else []
     held = set(stored_ids)
     images = {

@@ -516,3 +516,17 @@ def test_a_gallery_of_another_model_fails_and_one_of_other_ids_is_warned_about_b
     wide = write_embeddings_parquet(tmp_path / "wide.parquet", torch.randn(4, 32), ids=[f"zz{i}" for i in range(4)])
     with pytest.raises(InputError, match=r"wide\.parquet: column 'embedding': holds 32-d embeddings.* in 24-d"):
         tasks.evaluate.check_inputs.fn(*args, gallery=str(wide))
+
+    # As wide as the old model's, but the catalog records it as another model's (or as text): refused, both named.
+    from catalog import Catalog
+    from tasks.common import state_dir
+
+    catalog = Catalog(state_dir() / "catalog.duckdb")
+    catalog.record_gallery(str(elsewhere.absolute()), "zoo/other", "other-0123abcd", "image", 4, 24)
+    with pytest.raises(InputError, match=r"other-ids\.parquet: was embedded by zoo/other \(space other-0123abcd\).*"):
+        tasks.evaluate.check_inputs.fn(*args, gallery=str(elsewhere))
+    catalog.record_gallery(str(elsewhere.absolute()), tiny["old"], "any", "text", 4, 24)
+    with pytest.raises(InputError, match=r"other-ids\.parquet: holds text embeddings"):
+        tasks.evaluate.check_inputs.fn(*args, gallery=str(elsewhere))
+    catalog.record_gallery(str(elsewhere.absolute()), tiny["old"], "any", "image", 5, 24)  # another file since
+    tasks.evaluate.check_inputs.fn(*args, gallery=str(elsewhere))

@@ -12,7 +12,7 @@ from conftest import xbt
 from serving import NEW, OLD, make_world
 
 from xbtcore import search
-from xbtcore.data import read_gallery
+from xbtcore.data import InputError, read_gallery
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,9 @@ def test_index_equals_brute_force_on_xbt_embed_outputs(world, tmp_path):
     np.testing.assert_allclose(search.GalleryIndex(tmp_path / "idx2").vectors(), index.vectors(), atol=1e-6)
     with pytest.raises(ValueError, match=f"embedded in the space {index.space}"):  # the catalog knows its space
         index_gallery(load_query_model(NEW), str(tmp_path / "g.parquet"), "image", str(tmp_path / "idx3"))
+    with pytest.raises(InputError, match="holds image embeddings .* index it with --modality image"):  # and modality
+        index_gallery(load_query_model(OLD), str(tmp_path / "g.parquet"), "text", str(tmp_path / "idx3"))
+    assert not (tmp_path / "idx3").exists()
 
     # `xbt search` prints the same ranking.
     r = xbt("search", "--index", tmp_path / "idx", "--model", OLD, "--text", captions[0], "--k", "5")
