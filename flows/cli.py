@@ -736,8 +736,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        return _fail(f"{where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}")
+        loc = [str(x) for x in err["loc"]]
+        msg = err["msg"].removeprefix("Value error, ")
+        if len(loc) == 1 and hasattr(args, loc[0]):  # a flag's own value: named as the flag, with what was given
+            given = "" if str(err["input"]) in msg else f", got {err['input']!r}"
+            return _fail(f"--{loc[0].replace('_', '-')}: {msg}{given}")
+        where = ".".join(loc)
+        return _fail(f"{where + ': ' if where else ''}{msg}")
     except (ValueError, ModelLoadError, ServerUnreachable, DivergedError, FileNotFoundError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:

@@ -105,6 +105,7 @@ class UpgradeParams(BaseModel):
         0.1,
         ge=0.0,
         lt=1.0,
+        allow_inf_nan=False,
         description="share of the pairs' images held out for validation "
         "(at least 500 images, at most half); 0: no validation",
     )

@@ -81,6 +81,12 @@ def check_inputs(
     old, new = DualEncoder.from_pretrained(root), DualEncoder.from_pretrained(new_ref)
     pairs, evalset = read_pairs(pairs_path), read_pairs(eval_path)
     train, val = split_pairs(pairs, split)
+    if split is not None and val is None:
+        raise InputError(
+            pairs_path,
+            f"holds {pairs.n_images} distinct image; a validation split (--val-fraction) needs at least 2",
+            "pass more pairs, or --val-fraction 0 with a --method other than auto",
+        )
     stored = Gallery(gallery) if gallery else None
     if stored is not None:
         stored.check_dim(old.embed_dim, root)

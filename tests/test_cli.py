@@ -39,6 +39,8 @@ def test_bad_paths_fail_fast_with_the_path(tiny, tmp_path):
         "does not exist",
     )
     _one_line_error(xbt(*upgrade_args(tiny, tmp_path / "o"), "--set", "finetune.nope=1"), "unknown setting 'nope'")
+    for value, needle in (("-0.1", "greater than or equal to 0, got -0.1"), ("nan", "finite number, got nan")):
+        _one_line_error(xbt(*upgrade_args(tiny, tmp_path / "o"), "--val-fraction", value), "--val-fraction: ", needle)
 
 
 def test_a_missing_pairs_column_fails_before_the_flow_starts(tiny, tmp_path):

@@ -136,6 +136,7 @@ def test_bad_inputs_fail_before_training(prefect_harness, tiny, tmp_path):
     import pyarrow as pa
 
     from flows.upgrade import upgrade
+    from xbtcore.data import InputError
 
     table = pq.read_table(tiny["pairs"])
     no_caption = tmp_path / "pairs.parquet"
@@ -153,6 +154,12 @@ def test_bad_inputs_fail_before_training(prefect_harness, tiny, tmp_path):
     pq.write_table(ev.set_column(ev.schema.get_field_index("image"), "image", pa.array(images, pa.binary())), broken)
     with pytest.raises(ValidationError, match=r"eval\.parquet: column 'image': images do not decode"):
         upgrade(_params(tiny, out, eval=str(broken)))
+    assert not (out / "bundle").exists()
+
+    one = tmp_path / "one-image.parquet"
+    pq.write_table(table.slice(0, 1), one)  # a validation split needs an image to hold out and one to train on
+    with pytest.raises(InputError, match=r"one-image\.parquet: holds 1 distinct image; a validation split"):
+        upgrade(_params(tiny, out, pairs=str(one), method="procrustes"))
     assert not (out / "bundle").exists()
 
     with pytest.raises(ValidationError, match="method"):
