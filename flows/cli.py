@@ -312,8 +312,8 @@ def cmd_backfill(a) -> int:
         print(f"{r['index']} now holds the new space {r['space']} only; the old vectors are removed")
         return 0
     if a.discard:
-        discard_backfill(a.index)
-        print(f"{a.index}: backfill discarded; the old index is untouched")
+        found = discard_backfill(a.index)
+        print(f"{a.index}: {'backfill discarded; the old index is untouched' if found else 'no backfill to discard'}")
         return 0
     if a.status:
         print(json.dumps(backfill_status(a.index)))
@@ -634,13 +634,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bf.add_argument("--chunk-rows", type=int, default=1024, help="items per resumable chunk")
     bf.add_argument("--seed", type=int, default=0, help="seed of the random order")
-    bf.add_argument("--status", action="store_true", help="print the backfill's progress as JSON and exit")
-    bf.add_argument(
+    act = bf.add_mutually_exclusive_group()
+    act.add_argument("--status", action="store_true", help="print the backfill's progress as JSON and exit")
+    act.add_argument(
         "--remove-old",
         action="store_true",
         help="after a finished backfill: the new-space index replaces the old one (no rollback after)",
     )
-    bf.add_argument("--discard", action="store_true", help="drop the backfill; the old index is untouched")
+    act.add_argument("--discard", action="store_true", help="drop the backfill; the old index is untouched")
     bf.add_argument(
         "--qdrant",
         metavar="PATH|URL",

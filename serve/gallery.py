@@ -176,7 +176,14 @@ def backfill(
         )
     if (bf / IDS).is_file():  # resuming: the order and chunk size fixed when the backfill started
         ordered = json.loads((bf / IDS).read_text())
-        chunk_rows = read_plan(bf)["chunk_rows"]
+        started = read_plan(bf)
+        if order is not None and order != started.get("order"):
+            raise ValueError(
+                f"{bf} was started in the order {started.get('order')}: resume it without --order (or with "
+                f"--order {started.get('order')}), or discard it (`xbt backfill --index {index} --discard`) to "
+                f"start again in the order {order}"
+            )
+        order, chunk_rows = started.get("order"), started["chunk_rows"]
     else:
         gain = read_gain(model.resolved) if order in (None, "learned") and is_bundle(model.resolved) else None
         if order is None:
@@ -234,8 +241,11 @@ def backfill_status(index: str) -> dict:
 
 def remove_old(index: str) -> dict:
     """After a finished backfill: the new-space index takes the old one's place, and the old vectors go."""
+    check_finished(index)
     index = Path(index)
     bf = index / "backfill"
+    if not (bf / PLAN).is_file() and "old_space" in read_plan(index):
+        raise ValueError(f"{index} already holds the new space {read_plan(index)['space']} only: nothing to remove")
     if not is_complete(bf):
         raise ValueError(
             f"{index}: the backfill is not finished ({backfill_status(str(index))['fraction']:.0%}); "
@@ -252,11 +262,14 @@ def remove_old(index: str) -> dict:
     return {"index": str(index), "space": read_plan(index)["space"]}
 
 
-def discard_backfill(index: str) -> None:
+def discard_backfill(index: str) -> bool:
+    """Drop INDEX/backfill; -> whether there was one."""
     check_finished(index)
     bf = Path(index) / "backfill"
-    if bf.exists():
-        remove_index(bf)
+    if not bf.exists():
+        return False
+    remove_index(bf)
+    return True
 
 
 def source_item(index: str, row: int) -> tuple[bytes, str] | None:

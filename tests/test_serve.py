@@ -332,11 +332,14 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
     before = backfill_status(str(index))  # none started: every item waits in the index's own space
     assert (before["items"], before["backfilled"], before["fraction"]) == (len(old.ids), 0, 0.0)
     assert before["old_space"] == old.space and before["space"] is None and not before["complete"]
-    for not_an_index in (tmp_path / "nowhere", tmp_path):
+    for not_an_index, why in ((tmp_path / "nowhere", "no such index folder"), (tmp_path, "not a finished index")):
         for call in (backfill_status, discard_backfill, remove_old):
-            with pytest.raises(ValueError, match="not a finished index"):
+            with pytest.raises(ValueError, match=why):
                 call(str(not_an_index))
+    assert not discard_backfill(str(index))  # nothing to discard
     backfill(str(index), model, chunk_rows=16, stop_after=2)  # a crash after 2 of 4 chunks ...
+    with pytest.raises(ValueError, match="started in the order isolated-first: resume it without --order"):
+        backfill(str(index), model, order="random", chunk_rows=16)  # the order is fixed when a backfill starts
     (index / "backfill" / "chunks" / "00002.npy.tmp").write_bytes(b"half a chunk")  # ... while writing the 3rd
     status = backfill_status(str(index))
     assert status["backfilled"] == 32 and not status["complete"] and status["space"] == model.own_space
@@ -383,6 +386,8 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
     assert Engine(load_query_model(NEW), MixedGallery(index)).search(10, text=query)["results"] == hits  # no bundle
     remove_old(str(index))
     assert search.GalleryIndex(index).space == model.own_space and not (index / "backfill").exists()
+    with pytest.raises(ValueError, match=f"already holds the new space {model.own_space} only: nothing to remove"):
+        remove_old(str(index))
     assert Engine(model, MixedGallery(index)).search(10, text=query)["results"] == hits
     with pytest.raises(SpaceMismatch, match=f"holds {model.own_space}"):  # the old model's queries no longer fit
         Engine(load_query_model(OLD), MixedGallery(index))

@@ -81,6 +81,8 @@ def is_complete(out: str | Path) -> bool:
 
 def check_finished(out: str | Path) -> None:
     """A ValueError naming `out` unless it is a finished index."""
+    if not Path(out).is_dir():
+        raise ValueError(f"{out}: no such index folder; build one with `xbt index --out {out}`")
     if not is_complete(out):
         raise ValueError(
             f"{out}: not a finished index (no {DONE}); run `xbt index` again with the same arguments to finish it"
