@@ -115,6 +115,20 @@ def test_ids_are_id_else_image_id_else_row_one_per_distinct_id(tmp_path):
     f2 = _table(tmp_path / "image_id.parquet", image_id=[7, 7, 8], embedding=emb)
     f3 = _table(tmp_path / "none.parquet", caption=["p", "q", "r"])
     assert read_ids(f1) == ["x", "y", "x"] and read_ids(f2) == [7, 7, 8] and read_ids(f3) is None
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    _table(mixed / "a.parquet", image_id=[7, 8], caption=["p", "q"])
+    _table(mixed / "b.parquet", caption=["r", "s"])  # its rows' numbers would stand in for ids
+    with pytest.raises(InputError, match=r"b\.parquet: has no 'image_id' column where other files"):
+        read_ids(mixed)
+
+
+def test_texts_to_embed_refuse_null_and_blank_rows_naming_them(tmp_path):
+    from xbtcore.embed_input import read_texts
+
+    f = _table(tmp_path / "t.parquet", caption=["a red circle", "  ", None, "\t"])
+    with pytest.raises(InputError, match=r"t\.parquet: column 'caption': null or blank texts \(rows 1, 2, 3\)"):
+        read_texts(f)
 
 
 def test_unfinished_index_never_opens_and_resumes_where_it_stopped(tmp_path):

@@ -31,10 +31,11 @@ def read_texts(path, column: str = "caption") -> list[str]:
         col = _read_table(file, [column]).column(column)
         if not is_text_type(col.type):
             raise InputError(file, f"has type {col.type}", "store texts as strings", column=column)
-        nulls = [i for i, v in enumerate(pc.is_null(col).to_pylist()) if v]
-        if nulls:
-            raise InputError(file, "null texts", "drop those rows or fill them in", column=column, rows=nulls)
-        texts += col.to_pylist()
+        values = col.to_pylist()
+        blank = [i for i, v in enumerate(values) if v is None or not v.strip()]  # as pair captions: refused
+        if blank:
+            raise InputError(file, "null or blank texts", "drop those rows or fill them in", column=column, rows=blank)
+        texts += values
     if not texts:
         raise InputError(path, "no rows", "pass a non-empty input")
     return texts
@@ -81,12 +82,21 @@ def read_images(path) -> PairSet:
 
 def read_ids(path) -> list | None:
     """Each row's id: the `id` column, else `image_id`, else None (the rows are their own ids)."""
-    names = [_schema(f).names for f in parquet_files(path)]
+    files = parquet_files(path)
+    names = [_schema(f).names for f in files]
     column = next((c for c in ("id", "image_id") if all(c in n for n in names)), None)
     if column is None:
+        partly = next((c for c in ("id", "image_id") if any(c in n for n in names)), None)
+        if partly is not None:  # the rows' numbers would silently stand in for the ids the other files give
+            lacking = next(f for f, n in zip(files, names) if partly not in n)
+            raise InputError(
+                lacking,
+                f"has no '{partly}' column where other files of the input have one",
+                f"give every file the column {partly} (or none of them)",
+            )
         return None
     ids: list = []
-    for file in parquet_files(path):
+    for file in files:
         col = _read_table(file, [column]).column(column)
         if col.null_count:
             raise InputError(
