@@ -626,6 +626,7 @@ def upgrade(params: UpgradeParams) -> dict:
             "recall": recall,
             "no_regression": verdict.get("no_regression"),
             "candidates": candidates,
+            "counts": run["counts"],
         },
         settings.pretrain,
     )

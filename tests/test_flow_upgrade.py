@@ -270,6 +270,16 @@ def test_an_eval_image_that_fails_to_decode_fails_the_run_naming_it_and_leaves_n
     assert not (out / "bundle").exists() and not (out / "bundle.tmp").exists()
 
 
+def test_an_eval_set_drawn_from_the_pairs_is_named_in_the_reports_advice(prefect_harness, tiny, tmp_path):
+    from flows.upgrade import upgrade
+
+    report = upgrade(_params(tiny, tmp_path / "run", eval=tiny["pairs"], method="procrustes"))
+    shared = report["counts"]["eval_images_in_pairs"]
+    assert shared == report["counts"]["eval_images"] > 0
+    named = f"{shared} of the {shared} eval images are also in the pairs"
+    assert any(line.startswith(named) for line in report["next_steps"]), report["next_steps"]
+
+
 def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, tmp_path, monkeypatch):
     import tasks.evaluate
     from flows.upgrade import upgrade
