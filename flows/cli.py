@@ -304,6 +304,14 @@ def cmd_serve(a) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """--port's value: a TCP port number (argparse names the flag when this raises)."""
+    port = int(text) if text.strip().lstrip("-").isdigit() else None
+    if port is None or not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0 to 65535)")
+    return port
+
+
 def cmd_backfill(a) -> int:
     from serve.gallery import backfill, backfill_status, discard_backfill, remove_old
 
@@ -596,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--index", required=True, help="index folder written by `xbt index`")
     sv.add_argument("--model", required=True, help="the query model, of the index's space: " + MODEL_REF)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    sv.add_argument("--port", type=int, default=8000, help="TCP port")
+    sv.add_argument("--port", type=_port, default=8000, help="TCP port, 0 to 65535 (0: any free one)")
     sv.add_argument(
         "--poll-seconds",
         type=float,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -128,6 +129,15 @@ def check_inputs(
         0 if val is None else val.n_images,
         evalset.n_images,
     )
+    if val is not None and val.n_images != math.ceil(split.fraction * pairs.n_images):
+        log().info(
+            "the validation split holds %d of the %d pair images, not --val-fraction %g of them: it takes at least "
+            "%d images and at most half",
+            val.n_images,
+            pairs.n_images,
+            split.fraction,
+            split.min_images,
+        )
     for name, n in (("--eval", evalset.n_images), ("the validation split", 0 if val is None else val.n_images)):
         if 0 < n < SMALL_GALLERY:
             log().warning(

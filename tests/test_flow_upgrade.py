@@ -483,8 +483,8 @@ def test_reruns_never_serve_an_output_that_changed_since(prefect_harness, tiny, 
     assert all(edited["steps"][s] == "Completed" for s in ("embed-frozen", "fit-head", "train", "evaluate"))
 
 
-def _check_inputs_warnings(monkeypatch, name: str) -> list[str]:
-    """The warnings check_inputs logs from now on, collected in the returned list."""
+def _check_inputs_warnings(monkeypatch, name: str, level: int = 30) -> list[str]:
+    """The warnings (with level=logging.INFO, also the notes) check_inputs logs from now on, in the returned list."""
     import logging
 
     import tasks.evaluate
@@ -493,10 +493,11 @@ def _check_inputs_warnings(monkeypatch, name: str) -> list[str]:
 
     class Keep(logging.Handler):
         def emit(self, record):
-            if record.levelno >= logging.WARNING:
+            if record.levelno >= level:
                 warned.append(record.getMessage())
 
     logger = logging.getLogger(f"xbt.test-{name}")
+    logger.setLevel(level)
     logger.addHandler(Keep())
     logger.propagate = False
     monkeypatch.setattr(tasks.evaluate, "log", lambda: logger)  # the run log, whatever Prefect's logging setup
@@ -506,7 +507,7 @@ def _check_inputs_warnings(monkeypatch, name: str) -> list[str]:
 def test_a_small_eval_set_is_warned_about_before_any_training(tiny, monkeypatch):
     import tasks.evaluate
 
-    warned = _check_inputs_warnings(monkeypatch, "small-eval")
+    warned = _check_inputs_warnings(monkeypatch, "small-eval", level=20)
     counts = tasks.evaluate.check_inputs.fn(tiny["old"], tiny["new"], tiny["pairs"], tiny["eval"], ValSplit())
     assert counts["eval_images"] == 24 and counts["images"]["eval"]["in_pairs"] == 0
     assert not any("shares" in w for w in warned)
@@ -515,6 +516,8 @@ def test_a_small_eval_set_is_warned_about_before_any_training(tiny, monkeypatch)
     assert any(w.startswith(f"--eval shares {counts['pair_images']} of its") for w in warned), warned
     assert any(w.startswith("--eval has 24 images") for w in warned)
     assert any(w.startswith("the validation split has 48 images") for w in warned)
+    held = "the validation split holds 48 of the 96 pair images, not --val-fraction 0.1"  # at most half of them
+    assert any(w.startswith(held) for w in warned)
 
 
 def test_a_gallery_of_another_model_fails_and_one_of_other_ids_is_warned_about_before_training(

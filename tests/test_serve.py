@@ -200,6 +200,11 @@ def test_serve_on_a_port_in_use_fails_in_one_line_before_loading_anything(setup)
         f"xbt: error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use): "
         "pass a free --port, or stop the server that holds it"
     ]
+    for bad in ("99999", "-1", "http"):
+        r = xbt("serve", "--index", setup["index"], "--model", OLD, "--port", bad)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            f"xbt: error: xbt serve: argument --port: {bad!r} is not a TCP port (0 to 65535) (see --help)"
+        ], r.stderr
 
 
 def _free_port() -> int:
