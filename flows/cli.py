@@ -354,7 +354,7 @@ def cmd_promote(a) -> int:
 
     c = client()
     name = pick_model(c, a.model)
-    version = a.version or str(c.get_model_version_by_alias(name, CANDIDATE).version)
+    version = str(a.version) if a.version is not None else str(c.get_model_version_by_alias(name, CANDIDATE).version)
     r = promote_reviewed(c, name, version, force=a.force)
     for d, k, new_old, old_old in r["failures"]:
         print(f"forced past a failing check: {d} R@{k} new/old {new_old} <= old/old {old_old}")
@@ -660,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = command("promote", "move the alias champion to a version (a passing upgrade moves it by itself)")
     pr.add_argument("--model", help="registered model name (default: the only xbt one)")
-    pr.add_argument("--version", help="version number (default: the alias candidate, the latest registered)")
+    pr.add_argument("--version", type=int, help="version number (default: the alias candidate, the latest registered)")
     pr.add_argument("--force", action="store_true", help="promote a version whose gate failed; recorded on it")
     pr.set_defaults(func=cmd_promote)
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from xbtcore.backfill import BACKFILL_ORDER, GainModel
 from xbtcore.bundle import is_bundle, load_compatible, read_gain, read_meta
-from xbtcore.cache import EmbeddingCache, cached_old_image_embeddings, cached_text_embeddings
+from xbtcore.cache import EmbeddingCache, cached_old_image_embeddings, cached_text_embeddings, fingerprint_model
 from xbtcore.data import (
     Gallery,
     InputError,
@@ -77,6 +77,13 @@ def check_inputs(
         meta = read_meta(old_ref)
         root, prev, chain = meta.root_model, old_ref, list(meta.chain)
         load_compatible(old_ref)
+        if fingerprint_model(new_ref) == fingerprint_model(meta.base_model):
+            log().warning(
+                "--old %s already serves %s, the --new model: this link fits the same model again (its queries "
+                "against the bundle's are the no-regression check); to upgrade to a newer model pass it as --new",
+                old_ref,
+                meta.base_model,
+            )
     else:
         root, prev, chain = old_ref, None, [old_ref]
     old, new = DualEncoder.from_pretrained(root), DualEncoder.from_pretrained(new_ref)

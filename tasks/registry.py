@@ -29,16 +29,19 @@ from xbtcore.bundle import BUNDLE_FILE
 from xbtcore.cache import fingerprint_model
 
 from .common import IO_RETRIES, digest, fingerprint_content, log, state_dir
-from .servers import artifact_root, tracking_uri
+from .servers import artifact_root, check_tracking_server, tracking_uri
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 TAG_PREVIOUS = "xbt.previous_champion"
 
 
 def client():
+    """An MlflowClient of the configured registry; a tracking server that does not answer fails here, in
+    seconds (tasks.servers.check_tracking_server), not after MLflow's minutes of retries."""
     import mlflow
     from mlflow import MlflowClient
 
+    check_tracking_server()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -163,9 +166,13 @@ def xbt_model_names(c) -> list[str]:
 
 def pick_model(c, name: str | None) -> str:
     """The named registered model, or the only xbt one there is."""
-    if name:
-        return name
     names = xbt_model_names(c)
+    if name:
+        if name not in names and not c.search_registered_models(f"name = '{name}'"):
+            raise ValueError(
+                f"no registered model {name!r} at {tracking_uri()}; its xbt models: {', '.join(names) or 'none'}"
+            )
+        return name
     if len(names) != 1:
         raise ValueError(f"name the registered model with --model (found {names or 'none'} at {tracking_uri()})")
     return names[0]
@@ -260,7 +267,7 @@ def register_and_promote(
     run: dict, recall: dict, bundle_dir: str, root_ref: str, verdict: dict, histories: dict, figures: list[str]
 ) -> dict:
     """Log the run, register the bundle as a version (alias candidate) and, if the gate
-    passed, move champion to it. The same bundle registered twice is one version.
+    passed, move champion to it. The same bundle with the same recall and verdict is one version.
     -> name, version, experiment, run_id, new_run (a run was logged now), promoted, champion, uri."""
     logger = log()
     c = client()
@@ -274,7 +281,10 @@ def register_and_promote(
             description=f"Compatible query encoders for the gallery embedded with {root_ref}",
         )
     sha = fingerprint_content(bundle_dir)
-    found = c.search_model_versions(f"name = '{name}' and tags.`xbt.bundle_sha` = '{sha}'")
+    # one version per bundle and verdict: a rerun finds its version, while the same bundle judged on other eval
+    # data is another version, so that no version's gate tags are overwritten by a verdict its report does not give
+    key = digest(sha, recall, verdict)
+    found = c.search_model_versions(f"name = '{name}' and tags.`xbt.version_key` = '{key}'")
     failures = [f for k, v in verdict.items() if k != "passed" for f in v["failures"]]
     if found:
         mv = found[0]
@@ -282,6 +292,7 @@ def register_and_promote(
     else:
         rid = _log_run(c, exp_id, run, recall, bundle_dir, histories, figures)
         tags = {
+            "xbt.version_key": key,
             "xbt.bundle_sha": sha,
             "xbt.method": run["method"],
             "xbt.new": run["new"],

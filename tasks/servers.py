@@ -69,14 +69,19 @@ def _check(name: str, url: str, env: str) -> None:
         ) from e
 
 
+def check_tracking_server() -> None:
+    """Raise ServerUnreachable where MLFLOW_TRACKING_URI names a server that does not answer."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        _check("the MLflow tracking server", uri.rstrip("/") + "/health", "MLFLOW_TRACKING_URI")
+
+
 def check_servers() -> None:
     """Raise ServerUnreachable naming the first configured server that does not answer."""
     api = os.environ.get("PREFECT_API_URL", "").strip()
     if api:
         _check("the Prefect API", api.rstrip("/") + "/health", "PREFECT_API_URL")
-    uri = tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        _check("the MLflow tracking server", uri.rstrip("/") + "/health", "MLFLOW_TRACKING_URI")
+    check_tracking_server()
 
 
 def _start_timeout_s() -> float:

@@ -93,6 +93,19 @@ def test_unreachable_server_fails_in_seconds_naming_it(tiny, tmp_path, env, name
     assert not (tmp_path / "o").exists()
 
 
+def test_registry_commands_fail_in_seconds_when_the_tracking_server_does_not_answer(tiny, tmp_path):
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    for args in (
+        ("promote",),
+        ("rollback",),
+        ("embed", "--model", "models:/xbt-any@champion", "--input", tiny["eval"], "--modality", "text", "--out",
+         tmp_path / "e.parquet"),
+    ):  # fmt: skip
+        t0 = time.perf_counter()
+        _one_line_error(xbt(*args, env=env), "MLflow tracking server at http://127.0.0.1:9", "unreachable")
+        assert time.perf_counter() - t0 < 60, args
+
+
 def test_embed_text_and_image_and_bundle(tiny, tmp_path):
     from xbtcore.bundle import BundleMeta, save_bundle
     from xbtcore.data import read_gallery, read_pairs

@@ -108,7 +108,15 @@ def test_same_bundle_is_one_version_and_metrics_are_logged(mlflow_store):
     report = json.loads(Path(path).read_text())
     b = registry.register_and_promote.fn(report, report["recall"], bundle, "/m/old", verdict, {}, [])
     assert a["version"] == b["version"] and a["new_run"] and not b["new_run"]
+    # the same bundle judged on other eval data (another recall, another verdict) is a version of its own, so
+    # neither run's report disagrees with the tags of the version it names
+    worse = {**report["recall"], "t2i": {**report["recall"]["t2i"], "new/old": {k: 9.0 for k in KS}}}
+    failed = {"eqn2": {**verdict["eqn2"], "passed": False, "failures": [["t2i", 1, 9.0, 10.0]]}, "passed": False}
+    d = registry.register_and_promote.fn(report, worse, bundle, "/m/old", failed, {}, [])
+    assert d["version"] != a["version"] and d["new_run"] and not d["promoted"]
     c = registry.client()
+    assert c.get_model_version(a["name"], a["version"]).tags["gate.passed"] == "true"
+    assert c.get_model_version(d["name"], d["version"]).tags["gate.passed"] == "false"
     run = c.get_run(a["run_id"])
     assert run.data.metrics["t2i.new_old.R1"] == 10.0
     assert [m.value for m in c.get_metric_history(a["run_id"], "train_loss")] == [2.0, 1.5]
@@ -156,6 +164,14 @@ def test_same_name_and_version_in_two_registries_are_two_bundles(tmp_path, monke
         got[store] = registry.resolve_ref(f"models:/{first['name']}/{first['version']}")
     assert got["a"] != got["b"]
     assert [json.loads((Path(got[s]) / "xbt_bundle.json").read_text())["tag"] for s in "ab"] == ["from-a", "from-b"]
+
+
+def test_a_registered_model_that_does_not_exist_is_named_with_those_that_do(mlflow_store):
+    c = registry.client()
+    name = _register(mlflow_store, "n1", passed=True)["name"]
+    with pytest.raises(ValueError, match=rf"no registered model 'nosuch' at .*; its xbt models: {name}"):
+        registry.pick_model(c, "nosuch")
+    assert registry.pick_model(c, name) == registry.pick_model(c, None) == name
 
 
 def test_promoting_a_missing_version_names_it(mlflow_store):
