@@ -61,7 +61,8 @@ def _on_sigterm(signum, frame):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
-        raise SystemExit(_fail(f"{self.prog}: {message} (see --help)", 2))
+        where = "" if self.prog == "xbt" else f"{self.prog}: "  # _fail's prefix names xbt already
+        raise SystemExit(_fail(f"{where}{message} (see --help)", 2))
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -183,7 +184,7 @@ def cmd_embed(a) -> int:
     out = write_embeddings_parquet(a.out, emb, ids=read_ids(a.input))  # `id`: what a gallery is matched on
     Catalog(state_dir() / "catalog.duckdb").record_gallery(
         str(Path(out).absolute()),
-        pinned_ref(a.model, resolved),
+        pinned_ref(str(Path(a.model).absolute()) if Path(a.model).is_dir() else a.model, resolved),
         space_of(root),
         a.modality,
         int(emb.shape[0]),

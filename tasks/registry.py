@@ -138,7 +138,7 @@ def promote_reviewed(c, name: str, version: str, force: bool = False, who: str =
         )
     reason = "promoted by a reviewer (xbt promote)"
     if tags.get("gate.passed") == "false":
-        who = who or os.environ.get("USER") or "unknown"
+        who = who or _user()
         c.set_model_version_tag(name, str(version), "xbt.forced_by", f"{who} {time.strftime('%Y-%m-%dT%H:%M:%S')}")
         reason = f"forced past a failed gate by {who} (xbt promote --force)"
     return {
@@ -211,6 +211,16 @@ def resolve_ref(ref: str) -> str:
         shutil.rmtree(dst, ignore_errors=True)
         os.replace(tmp, dst)
     return str(dst)
+
+
+def _user() -> str:
+    """Who runs this process: the login name, else the user id (a container's root often has no USER)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 def pinned_ref(ref: str, resolved: str) -> str:

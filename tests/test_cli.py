@@ -24,6 +24,9 @@ def _one_line_error(r, *needles):
 
 def test_usage_errors_are_one_line(tiny, tmp_path):
     _one_line_error(xbt(), "the following arguments are required")
+    r = xbt("methods", "--bogus")
+    _one_line_error(r, "unrecognized arguments: --bogus")
+    assert not r.stderr.startswith("xbt: error: xbt:"), r.stderr  # the prefix names xbt once
     _one_line_error(xbt(*upgrade_args(tiny, tmp_path, method="magic")), "invalid choice: 'magic'")
     r = xbt("upgrade", "--old", tiny["old"])
     assert r.returncode == 2

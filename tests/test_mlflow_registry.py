@@ -181,3 +181,16 @@ def test_promoting_a_missing_version_names_it(mlflow_store):
         registry.promote(c, name, "99", "review")
     with pytest.raises(ValueError, match="xbt-nope version 1 is not in the MLflow registry"):
         registry.promote(c, "xbt-nope", "1", "review")
+
+
+def test_who_forced_a_promotion_is_the_login_else_the_user_id(monkeypatch):
+    import getpass
+
+    monkeypatch.setattr(getpass, "getuser", lambda: "reviewer-b")
+    assert registry._user() == "reviewer-b"
+
+    def no_login():
+        raise KeyError("getpwuid(): uid not found")  # a container's user with no passwd entry and no USER
+
+    monkeypatch.setattr(getpass, "getuser", no_login)
+    assert registry._user() == f"uid {os.getuid()}"
