@@ -474,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="the upgrade method (`xbt methods` lists them); auto tries the registered candidates "
             "cheapest first and keeps the first that passes the gate on the validation pairs",
         )
-        sp.add_argument("--seed", type=int, default=0, help="seed of training, the validation split and sampling")
+        sp.add_argument(
+            "--seed", type=int, default=0, help="seed of training, the validation split and sampling (default: 0)"
+        )
         sp.add_argument(
             "--val-fraction",
             type=float,
@@ -531,9 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
         "scheduler whose workers see the state folder; each shard is cached, so a killed run resumes",
     )
     u.add_argument("--text-column", default="caption", help="the corpus's text column")
-    u.add_argument("--min-chars", type=int, help="drop corpus texts shorter than this")
-    u.add_argument("--max-chars", type=int, help="drop corpus texts longer than this")
-    u.add_argument("--sample", type=int, help="keep at most this many corpus texts (seeded)")
+    u.add_argument("--min-chars", type=int, help="drop corpus texts shorter than this (default: none dropped)")
+    u.add_argument("--max-chars", type=int, help="drop corpus texts longer than this (default: none dropped)")
+    u.add_argument("--sample", type=int, help="keep at most this many corpus texts (seeded; default: all)")
     u.add_argument("--no-progress", action="store_true", help="no progress bars")
     u.set_defaults(func=cmd_upgrade)
 
@@ -642,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
         "alternately or the tightest first (docs/serving.md measures each against random)",
     )
     bf.add_argument("--chunk-rows", type=int, default=1024, help="items per resumable chunk")
-    bf.add_argument("--seed", type=int, default=0, help="seed of the random order")
+    bf.add_argument("--seed", type=int, default=0, help="seed of the random order (default: 0)")
     act = bf.add_mutually_exclusive_group()
     act.add_argument("--status", action="store_true", help="print the backfill's progress as JSON and exit")
     act.add_argument(
