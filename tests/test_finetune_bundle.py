@@ -1,6 +1,7 @@
 """XBT training (Eqn. 5), baselines (Eqn. 6), the bundle and the on/off property."""
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -129,6 +130,14 @@ def test_bundle_roundtrip_is_bit_identical_and_off_is_original(tiny, tmp_path):
     torch.testing.assert_close(up2.embed_texts(ev.captions), t1, atol=1e-5, rtol=0)
     torch.testing.assert_close(up2.embed_images(_images(ev)), i1, atol=1e-5, rtol=0)
     assert set(up2.encoder._compiled_towers) == {"text", "image"} and up2.compile_after == 0
+
+    # A bundle missing a file of its own is named as broken, with the file
+    for name in ("phi.safetensors", "prompts.safetensors"):
+        broken = tmp_path / f"no-{name}"
+        shutil.copytree(tmp_path / "bundle", broken)
+        (broken / name).unlink()
+        with pytest.raises(ValueError, match=rf"no-{name}: a broken xbt bundle, {name} missing"):
+            load_compatible(broken)
 
 
 def test_bundle_carries_a_local_base_model_and_loads_after_it_moves(tiny, tmp_path):

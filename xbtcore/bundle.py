@@ -170,6 +170,13 @@ def load_compatible(bundle_dir: str | Path, device="cpu", dtype: torch.dtype = t
 
     bundle_dir = Path(bundle_dir)
     meta = read_meta(bundle_dir)
+    needed = ["phi.safetensors"] + (["prompts.safetensors"] if meta.n_prompts else [])
+    missing = [f for f in needed if not (bundle_dir / f).is_file()]
+    if missing:
+        raise ValueError(
+            f"{bundle_dir}: a broken xbt bundle, {' and '.join(missing)} missing; run the `xbt upgrade` that wrote "
+            "it again (its cached steps publish the bundle whole) or pass another bundle"
+        )
     base = base_encoder(bundle_dir, meta, device, dtype)
     if meta.n_prompts:
         emb = add_vision_prompts(base.model, meta.n_prompts)
