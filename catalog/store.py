@@ -99,14 +99,22 @@ class Catalog:
         import pyarrow.parquet as pq
 
         path = Path(path).absolute()
-        found = [g for g in self.rows("galleries") if g["path"] == str(path)]
-        if not found or not path.is_file():
+        if not self.path.exists() or not path.is_file():
+            return None
+        con = self._connect()
+        try:
+            cur = con.execute("SELECT * FROM galleries WHERE path = ?", [str(path)])  # the key: one row at most
+            names, found = [d[0] for d in cur.description], cur.fetchone()
+        finally:
+            con.close()
+        if found is None:
             return None
         try:
             rows = pq.ParquetFile(path).metadata.num_rows
         except Exception:  # not Parquet (any more): the reader of the file says so
             return None
-        return found[-1] if found[-1]["rows"] == rows else None
+        record = dict(zip(names, found))
+        return record if record["rows"] == rows else None
 
     def rows(self, table: str) -> list[dict]:
         assert table in TABLES, f"unknown catalog table {table!r}"

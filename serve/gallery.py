@@ -244,8 +244,9 @@ def remove_old(index: str) -> dict:
     check_finished(index)
     index = Path(index)
     bf = index / "backfill"
-    if not (bf / PLAN).is_file() and "old_space" in read_plan(index):
-        raise ValueError(f"{index} already holds the new space {read_plan(index)['space']} only: nothing to remove")
+    own = read_plan(index)
+    if not (bf / PLAN).is_file() and "old_space" in own:  # the plan of a backfill that replaced its old index
+        raise ValueError(f"{index} already holds the new space {own['space']} only: nothing to remove")
     if not is_complete(bf):
         raise ValueError(
             f"{index}: the backfill is not finished ({backfill_status(str(index))['fraction']:.0%}); "

@@ -17,7 +17,6 @@ from xbtcore.data import (
     Gallery,
     InputError,
     ValSplit,
-    parquet_files,
     read_pairs,
     read_part,
     shared_images,
@@ -35,15 +34,16 @@ GALLERY_FIX = "pass the gallery the old model embedded (`xbt embed --model {mode
 SMALL_GALLERY = 200  # images: below this, recall at K = 5, 10 saturates and the gate's strict test meets ties
 
 
-def check_stored_gallery(gallery: str, root: str) -> None:
-    """An InputError where the catalog records `gallery` (an `xbt embed` output) as text, or as embedded by a
-    model of another space than `root`'s, the model the gallery side is: of the same width, its vectors would
-    pass every other check and mix two spaces in every target and every recall."""
+def check_stored_gallery(files: list[Path], root: str) -> None:
+    """An InputError where the catalog records a file of the gallery (an `xbt embed` output) as text, or as
+    embedded by a model of another space than `root`'s, the model the gallery side is: of the same width, its
+    vectors would pass every other check and mix two spaces in every target and every recall."""
     from catalog import Catalog
     from tasks.registry import space_of
 
-    for file in parquet_files(gallery):
-        recorded = Catalog(state_dir() / "catalog.duckdb").embeddings_at(file)
+    catalog = Catalog(state_dir() / "catalog.duckdb")
+    for file in files:
+        recorded = catalog.embeddings_at(file)
         if recorded is None:
             continue
         if recorded["modality"] != "image":
@@ -98,7 +98,7 @@ def check_inputs(
     stored = Gallery(gallery) if gallery else None
     if stored is not None:
         stored.check_dim(old.embed_dim, root)
-        check_stored_gallery(gallery, root)
+        check_stored_gallery(stored.files, root)
     stored_ids = stored.ids() if stored is not None else []
     held = set(stored_ids)
     images = {

@@ -166,13 +166,13 @@ def xbt_model_names(c) -> list[str]:
 
 def pick_model(c, name: str | None) -> str:
     """The named registered model, or the only xbt one there is."""
+    if name and c.search_registered_models(f"name = '{name}'"):
+        return name
     names = xbt_model_names(c)
     if name:
-        if name not in names and not c.search_registered_models(f"name = '{name}'"):
-            raise ValueError(
-                f"no registered model {name!r} at {tracking_uri()}; its xbt models: {', '.join(names) or 'none'}"
-            )
-        return name
+        raise ValueError(
+            f"no registered model {name!r} at {tracking_uri()}; its xbt models: {', '.join(names) or 'none'}"
+        )
     if len(names) != 1:
         raise ValueError(f"name the registered model with --model (found {names or 'none'} at {tracking_uri()})")
     return names[0]
