@@ -43,6 +43,8 @@ def _set_env_defaults() -> None:
         # A bundle is a handful of small files: MLflow's download bar only clutters `xbt search` and the log
         # of a server whose champion moves.
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        # MLflow sets its loggers' level from this when imported (INFO otherwise: it announces each new store)
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)

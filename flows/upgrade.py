@@ -69,6 +69,7 @@ from xbtcore.encoders import (
     resolve_precision,
 )
 from xbtcore.finetune import FinetuneConfig
+from xbtcore.lock import busy, exclusive
 from xbtcore.methods import by_cost, get_method, head_owner
 from xbtcore.methods.select import choose, qualifies
 from xbtcore.pretrain import PretrainConfig
@@ -459,6 +460,8 @@ def drop_unreported_bundle(flow, flow_run, state) -> None:
     if out is None:
         return
     out = Path(out).expanduser().absolute()
+    if busy(out):  # refused because another run writes there: what is there is that run's
+        return
     if not (out / "report.json").is_file():
         for unfinished in (out / "bundle", out / "bundle.tmp"):
             shutil.rmtree(unfinished, ignore_errors=True)
@@ -472,10 +475,16 @@ def drop_unreported_bundle(flow, flow_run, state) -> None:
     on_cancellation=[drop_unreported_bundle],
 )
 def upgrade(params: UpgradeParams) -> dict:
-    """One upgrade; writes OUT/report.json, OUT/report.html and OUT/bundle/, registers the bundle in MLflow."""
+    """One upgrade; writes OUT/report.json, OUT/report.html and OUT/bundle/, registers the bundle in MLflow.
+    One run at a time writes OUT: a second one is refused before any work."""
+    out = Path(params.out).expanduser().absolute()
+    with exclusive(out, "xbt upgrade", "wait for that run to finish, or pass another --out"):
+        return _upgrade(params, out)
+
+
+def _upgrade(params: UpgradeParams, out: Path) -> dict:
     t_start = time.perf_counter()
     check_servers()
-    out = Path(params.out).expanduser().absolute()
     work = out / "work"
     clock = StepClock()
     settings = params.settings

@@ -6,6 +6,7 @@ backfill can re-embed the gallery and the search page can show its images.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 
 from xbtcore.backfill import BACKFILL_ORDER, backfill_order
 from xbtcore.data import InputError, parquet_files
+from xbtcore.lock import exclusive
 from xbtcore.search import (
     IDS,
     PLAN,
@@ -28,6 +30,7 @@ from xbtcore.search import (
 )
 
 ROWS_FILE = "source_rows.json"  # each stored id's row in the source
+_WAIT = "wait for it to finish, or stop it"
 
 
 def _is_embedding_parquet(path) -> bool:
@@ -137,12 +140,28 @@ def index_gallery(
             return batch(model.compat, [positions[p] for p in pos]).numpy()
 
     bar, progress = _bar("index")
-    with bar:
+    with bar, exclusive(out, "xbt index", _WAIT):
         extra = {ROWS_FILE: source_rows} if source_rows is not None else None
         path = build_index(out, ids, embed, model.compat_space, info, chunk_rows, kind, progress, stop_after, extra)
     return {"out": str(path), "items": len(ids), "space": model.compat_space, "complete": is_complete(path)}
 
 
+def _writes_index(command: str):
+    """fn(index, ...), run as `command`, with the finished index folder locked while it writes there."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def locked(index, *args, **kwargs):
+            check_finished(index)
+            with exclusive(index, command, _WAIT):
+                return fn(index, *args, **kwargs)
+
+        return locked
+
+    return wrap
+
+
+@_writes_index("xbt backfill")
 def backfill(
     index: str,
     model,
@@ -239,9 +258,9 @@ def backfill_status(index: str) -> dict:
     }
 
 
+@_writes_index("xbt backfill --remove-old")
 def remove_old(index: str) -> dict:
     """After a finished backfill: the new-space index takes the old one's place, and the old vectors go."""
-    check_finished(index)
     index = Path(index)
     bf = index / "backfill"
     own = read_plan(index)
@@ -263,9 +282,9 @@ def remove_old(index: str) -> dict:
     return {"index": str(index), "space": read_plan(index)["space"]}
 
 
+@_writes_index("xbt backfill --discard")
 def discard_backfill(index: str) -> bool:
     """Drop INDEX/backfill; -> whether there was one."""
-    check_finished(index)
     bf = Path(index) / "backfill"
     if not bf.exists():
         return False

@@ -30,13 +30,15 @@ from pathlib import Path
 
 import httpx
 
+from xbtcore.lock import file_lock
+
 from .common import state_dir
 
 CHECK_TIMEOUT_S = 5.0
 
 
 class ServerUnreachable(RuntimeError):
-    """A configured Prefect or MLflow server did not answer."""
+    """A configured Prefect or MLflow server did not answer, or MLflow cannot open its store."""
 
 
 def tracking_uri() -> str:
@@ -70,10 +72,30 @@ def _check(name: str, url: str, env: str) -> None:
 
 
 def check_tracking_server() -> None:
-    """Raise ServerUnreachable where MLFLOW_TRACKING_URI names a server that does not answer."""
+    """Raise ServerUnreachable where MLFLOW_TRACKING_URI names a server that does not answer, or a store
+    that MLflow cannot open. A SQLite store is created or migrated here, one process at a time (two runs
+    migrating one at once fail), so that the first run on a fresh state folder has nothing left to race."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         _check("the MLflow tracking server", uri.rstrip("/") + "/health", "MLFLOW_TRACKING_URI")
+    elif not uri.startswith("databricks"):
+        _open_store(uri)
+
+
+def _open_store(uri: str) -> None:
+    from mlflow import MlflowClient
+
+    db = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+    lock = file_lock(db.with_name(db.name + ".lock")) if db and db.parent.is_dir() else contextlib.nullcontext()
+    with lock:
+        try:
+            MlflowClient(uri, uri).search_experiments(max_results=1)
+        except Exception as e:  # MLflow's own types differ by store: any failure to open it is this one
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+            raise ServerUnreachable(
+                f"MLFLOW_TRACKING_URI={uri}: MLflow cannot open this store ({reason}): pass a tracking server's "
+                "http URL or sqlite:///PATH/mlflow.db, or unset it for a SQLite store in the state folder"
+            ) from e
 
 
 def check_servers() -> None:

@@ -96,6 +96,25 @@ def test_unreachable_server_fails_in_seconds_naming_it(tiny, tmp_path, env, name
     assert not (tmp_path / "o").exists()
 
 
+def test_an_upgrade_into_a_folder_another_run_writes_is_refused_and_leaves_that_runs_files(tiny, tmp_path):
+    from xbtcore.lock import exclusive
+
+    out = tmp_path / "o"
+    (out / "bundle").mkdir(parents=True)  # what a run at work has published before its report
+    (out / "bundle" / "phi.safetensors").write_bytes(b"that run's head")
+    with exclusive(out, "xbt upgrade", "wait"):  # that run
+        r = xbt(*upgrade_args(tiny, out))
+    _one_line_error(r, f"{out}: xbt upgrade (pid {os.getpid()}) is writing there", "pass another --out")
+    assert (out / "bundle" / "phi.safetensors").read_bytes() == b"that run's head"
+
+
+def test_a_tracking_store_mlflow_cannot_open_fails_the_upgrade_before_any_work(tiny, tmp_path):
+    uri = str(tmp_path / "mlruns")  # a plain folder: MLflow's file store, which it refuses to write
+    r = xbt(*upgrade_args(tiny, tmp_path / "o"), env={"MLFLOW_TRACKING_URI": uri})
+    _one_line_error(r, f"MLFLOW_TRACKING_URI={uri}: MLflow cannot open this store", "sqlite:///")
+    assert not (tmp_path / "o").exists()
+
+
 def test_registry_commands_fail_in_seconds_when_the_tracking_server_does_not_answer(tiny, tmp_path):
     env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
     for args in (

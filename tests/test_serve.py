@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import shutil
 import socket
 import threading
@@ -323,10 +324,12 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
     import pyarrow.parquet as pq
 
     from serve.engine import Engine, Server, SpaceMismatch, load_query_model
-    from serve.gallery import backfill, backfill_status, discard_backfill, remove_old
+    from serve.gallery import backfill, backfill_status, discard_backfill, index_gallery, remove_old
     from xbtcore.backfill import MixedGallery
     from xbtcore.bundle import load_compatible
+    from xbtcore.data import InputError
     from xbtcore.encoders import DualEncoder
+    from xbtcore.lock import exclusive
 
     index = tmp_path / "idx"
     shutil.copytree(setup["index"], index)
@@ -348,6 +351,16 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
     (index / "backfill" / "chunks" / "00002.npy.tmp").write_bytes(b"half a chunk")  # ... while writing the 3rd
     status = backfill_status(str(index))
     assert status["backfilled"] == 32 and not status["complete"] and status["space"] == model.own_space
+    with exclusive(index, "xbt backfill", "wait"):  # another process writing the index: every writer is refused
+        for call in (
+            lambda: backfill(str(index), model, chunk_rows=16),
+            lambda: discard_backfill(str(index)),
+            lambda: remove_old(str(index)),
+            lambda: index_gallery(load_query_model(OLD), setup["world"]["eval"], "image", str(index), chunk_rows=16),
+        ):
+            with pytest.raises(InputError, match=rf"xbt backfill \(pid {os.getpid()}\) is writing there: wait"):
+                call()
+    assert backfill_status(str(index)) == status
 
     # The mixed gallery: backfilled ids by the new model's own query, the rest by the compatible one.
     images = pq.read_table(setup["world"]["eval"], columns=["image"]).column("image").to_pylist()

@@ -3,6 +3,7 @@
 import os
 import shlex
 import subprocess
+import threading
 from pathlib import Path
 
 from flows.servers import export_line
@@ -34,3 +35,23 @@ def test_export_line_points_at_servers_and_keeps_state_local(tmp_path):
         "DO_NOT_TRACK": "true",
     }
     assert shlex.split(line)[0] == "export"
+
+
+def test_a_fresh_sqlite_store_is_created_by_one_process_at_a_time(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from tasks.servers import check_tracking_server
+    from xbtcore.lock import file_lock
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # Two runs migrating a fresh store at once fail ("duplicate column name"): the second waits for the first.
+    with file_lock(tmp_path / "mlflow.db.lock"):  # another process creating the store
+        second = threading.Thread(target=check_tracking_server)
+        second.start()
+        second.join(5)
+        assert second.is_alive() and not db.exists()
+    second.join(120)
+    assert not second.is_alive()
+    assert MlflowClient(uri, uri).search_experiments()  # made whole: the default experiment is there

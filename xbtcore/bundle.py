@@ -87,6 +87,7 @@ def save_bundle(
         save_file({"prompts": prompts.prompts.detach().cpu().contiguous()}, tmp / "prompts.safetensors")
     if hasattr(encoder.model, "peft_config"):
         encoder.model.save_pretrained(tmp / "adapter")
+        _sort_target_modules(tmp / "adapter" / "adapter_config.json")
     elif full_weights:  # weights, tokenizer and image processor
         encoder.model.save_pretrained(tmp / "model")
         encoder.tokenizer.save_pretrained(tmp / "model")
@@ -102,6 +103,15 @@ def save_bundle(
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def _sort_target_modules(config: Path) -> None:
+    """peft writes target_modules from a set, in an order that changes from process to process: sorted,
+    the same training writes the same bundle, byte for byte (and so the same registry version)."""
+    d = json.loads(config.read_text())
+    if isinstance(d.get("target_modules"), list):
+        d["target_modules"] = sorted(d["target_modules"])
+        config.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
 def _base_files(ref: str) -> Path | None:
