@@ -72,7 +72,7 @@ def backfill_world(args) -> tuple:
     from PIL import Image
 
     from worlds import shapes
-    from xbtcore.bundle import base_encoder, load_compatible, read_meta
+    from xbtcore.bundle import load_compatible, original_encoder, read_meta
     from xbtcore.encoders import DualEncoder
 
     work = Path(args.work)
@@ -85,7 +85,7 @@ def backfill_world(args) -> tuple:
     )
     meta = read_meta(bundle)
     compat, _ = load_compatible(bundle)
-    old, new = DualEncoder.from_pretrained(meta.root_model), base_encoder(bundle, meta)
+    old, new = DualEncoder.from_pretrained(meta.root_model), original_encoder(bundle, meta)
 
     def embedded(part: str) -> tuple:
         cached = work / f"embeddings-{part}.npz"  # a rerun on the same --work skips the encoders

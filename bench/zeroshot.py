@@ -70,13 +70,13 @@ def accuracy(images: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor) 
 
 def accuracies(bundle: str, evalset, spec: shapes.WorldSpec) -> dict:
     """Top-1 accuracy of each case and task for an upgrade bundle, its root model and its base new model."""
-    from xbtcore.bundle import base_encoder, load_compatible
+    from xbtcore.bundle import load_compatible, original_encoder
     from xbtcore.encoders import DualEncoder
 
     upgraded, meta = load_compatible(bundle)
     models = {
         "old": DualEncoder.from_pretrained(meta.root_model),
-        "orig": base_encoder(Path(bundle), meta),
+        "orig": original_encoder(Path(bundle), meta),
         "up": upgraded,
     }
     keep, labels = single_object_labels(evalset, spec)

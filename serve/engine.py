@@ -61,7 +61,7 @@ def load_query_model(
     items (an index's or a backfill's, as encoders.resolve_compile settles --compile; queries are not)."""
     from tasks.common import absolute_ref
     from tasks.registry import pinned_ref, resolve_ref, space_of
-    from xbtcore.bundle import base_encoder, is_bundle, load_compatible, read_meta
+    from xbtcore.bundle import is_bundle, load_compatible, original_encoder, read_meta
     from xbtcore.cache import fingerprint_model
     from xbtcore.encoders import PRECISIONS, DualEncoder
 
@@ -84,7 +84,7 @@ def load_query_model(
             space_of(meta.root_model),
             space_of(meta.base_model),
             compat,
-            lambda: compiled(base_encoder(Path(resolved), meta, **on)),
+            lambda: compiled(original_encoder(Path(resolved), meta, **on)),
             precision,
         )
     encoder = compiled(DualEncoder.from_pretrained(resolved, **on))

@@ -187,6 +187,9 @@ def test_full_tune_bundle_is_a_whole_checkpoint(tiny, tmp_path):
     # and loads (bit-identical) with the base model's folder gone.
     import shutil
 
+    from serve.engine import load_query_model
+    from tasks.registry import space_of
+
     ev = tiny["eval"]
     base_dir = tmp_path / "new"
     shutil.copytree(tiny["new"], base_dir)
@@ -206,10 +209,18 @@ def test_full_tune_bundle_is_a_whole_checkpoint(tiny, tmp_path):
         phi=dataclasses.asdict(phi.cfg),
     )
     save_bundle(tmp_path / "bundle", enc, phi, meta, full_weights=True)
+    # Its own space (a backfill's) is the new model it was tuned from, as that model embeds, not the tuned one.
+    own = load_query_model(str(tmp_path / "bundle"))
+    assert own.own_space == space_of(str(base_dir))
+    assert torch.equal(
+        own.own().embed_texts(ev.captions), DualEncoder.from_pretrained(str(base_dir)).embed_texts(ev.captions)
+    )
     shutil.rmtree(base_dir)
     up2, _ = load_compatible(tmp_path / "bundle")
     assert torch.equal(up2.embed_texts(ev.captions), want_t)
     assert torch.equal(up2.embed_images(_images(ev)), want_i)
+    with pytest.raises(ModelLoadError, match=f"is a full-tune bundle: .* the new model it was tuned from, {base_dir}"):
+        load_query_model(str(tmp_path / "bundle")).own()
 
 
 def _hub_cache(cache, repo_id: str, model_dir) -> None:

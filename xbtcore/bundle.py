@@ -173,6 +173,23 @@ def base_encoder(bundle_dir: Path, meta: BundleMeta, device="cpu", dtype: torch.
     return base
 
 
+def original_encoder(bundle_dir: Path, meta: BundleMeta, device="cpu", dtype: torch.dtype = torch.float32):
+    """The new model as it was before the upgrade, whose space a backfill embeds into (`orig-new/new`):
+    the base the bundle's adapters sit on; a full-tune bundle carries only the tuned weights, so the REF
+    it was trained from, which must still load."""
+    from .encoders import DualEncoder, ModelLoadError
+
+    if not (bundle_dir / "model").is_dir():
+        return base_encoder(bundle_dir, meta, device, dtype)
+    try:
+        return DualEncoder.from_pretrained(meta.base_model, device=device, dtype=dtype)
+    except ModelLoadError as e:
+        raise ModelLoadError(
+            f"{bundle_dir} is a full-tune bundle: its weights are the tuned ones, and the new model it was tuned "
+            f"from, {meta.base_model}, does not load ({e}): restore that model, or pass it as the new model"
+        ) from e
+
+
 def load_compatible(bundle_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
     """-> (CompatibleEncoder, BundleMeta) for a bundle of any method: the base new model through
     the one loader, its adapters, and its head."""
