@@ -165,6 +165,13 @@ def test_bundle_carries_a_local_base_model_and_loads_after_it_moves(tiny, tmp_pa
     save_bundle(tmp_path / "bundle", enc, phi, meta)
     weights = tmp_path / "bundle" / "base" / "model.safetensors"
     assert weights.stat().st_ino == (base_dir / "model.safetensors").stat().st_ino  # a hard link, no second copy
+    # save_pretrained rewrites the small files in place: the bundle holds copies, so saving a checkpoint again
+    # into its folder leaves the bundle as it was trained
+    for name in ("config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        with open(base_dir / name, "r+") as f:
+            config = json.load(f)
+            f.seek(0), f.truncate(), json.dump({**config, "edited": True}, f)
+    assert not any("edited" in json.loads(f.read_text()) for f in (tmp_path / "bundle" / "base").glob("*.json"))
 
     linear = torch.linalg.qr(torch.randn(40, 24))[0]  # a fitted-map bundle carries its base the same way
     save_bundle(

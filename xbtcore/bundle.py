@@ -94,10 +94,10 @@ def save_bundle(
         encoder.image_processor.save_pretrained(tmp / "model")
     files = None if (tmp / "model").exists() else _base_files(meta.base_model)
     if files is not None:
-        shutil.copytree(files, tmp / "base", copy_function=link_or_copy, ignore=_NOT_LOADED)
+        shutil.copytree(files, tmp / "base", copy_function=carry_file, ignore=_NOT_LOADED)
     old_files = _base_files(meta.root_model) if phi.blends else None  # a blending head's queries run the old model
     if old_files is not None:
-        shutil.copytree(old_files, tmp / "old", copy_function=link_or_copy, ignore=_NOT_LOADED)
+        shutil.copytree(old_files, tmp / "old", copy_function=carry_file, ignore=_NOT_LOADED)
     (tmp / BUNDLE_FILE).write_text(json.dumps(asdict(meta), indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -130,6 +130,19 @@ def _base_files(ref: str) -> Path | None:
 
 # What a Hugging Face checkpoint folder may hold that the torch loader never reads.
 _NOT_LOADED = shutil.ignore_patterns(".git", ".cache", "*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "*.lock")
+
+
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def carry_file(src: str, dst: str) -> None:
+    """A model's file into a bundle: weights hard-linked (save_pretrained writes them as new files, so a
+    checkpoint saved again in its folder leaves the bundle's alone), the small files copied (save_pretrained
+    rewrites config, tokenizer and image processor files in place, which would reach through a link)."""
+    if src.endswith(_WEIGHTS):
+        link_or_copy(src, dst)
+    else:
+        shutil.copy2(src, dst)
 
 
 def link_or_copy(src: str, dst: str) -> None:
