@@ -29,6 +29,16 @@ def tiny_family_model(family: str):
         from transformers import SiglipConfig, SiglipModel
 
         return SiglipModel(SiglipConfig(text_config=_TEXT, vision_config=_VISION))
+    # Families xbt refuses by name: SigLIP 2 (variable-resolution patches) and a text-only encoder.
+    if family == "siglip2":
+        from transformers import Siglip2Config, Siglip2Model
+
+        vision = dict(_TOWER, patch_size=SPEC.patch_size, num_patches=(SPEC.image_size // SPEC.patch_size) ** 2)
+        return Siglip2Model(Siglip2Config(text_config=_TEXT, vision_config=vision))
+    if family == "bert":
+        from transformers import BertConfig, BertModel
+
+        return BertModel(BertConfig(**_TEXT))
     raise ValueError(f"unknown family {family!r}: use one of {sorted(EMBED_DIM)}")
 
 

@@ -124,6 +124,17 @@ def test_other_families_match_their_own_forward(family, texts, images, tmp_path)
             torch.testing.assert_close(v, out.image_embeds, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "family, why",
+    [("siglip2", "is SigLIP 2, whose image tower takes patches at each image's own resolution"),
+     ("bert", r"\(bert\) is not a dual encoder with text and image features")],
+)  # fmt: skip
+def test_a_model_without_the_image_and_text_features_xbt_reads_is_refused_naming_it(family, why, tmp_path):
+    save_tiny_family(family, tmp_path)
+    with pytest.raises(ModelLoadError, match=f"model '{tmp_path}' {why}.*: pass a CLIP, SigLIP or BLIP retrieval"):
+        DualEncoder.from_pretrained(str(tmp_path))
+
+
 def test_offline_hub_id_fails_fast_with_the_name(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()

@@ -82,6 +82,22 @@ def _project_image(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return _pooled(model.get_image_features(pixel_values=pixel_values))  # (B, D)
 
 
+def _check_dual_encoder(model, ref: str) -> None:
+    """A ModelLoadError naming `ref` unless its model embeds texts and images the way this module reads them."""
+    kind = getattr(model.config, "model_type", "") or type(model).__name__
+    if kind == "siglip2":
+        raise ModelLoadError(
+            f"model '{ref}' is SigLIP 2, whose image tower takes patches at each image's own resolution "
+            "(pixel_attention_mask, spatial_shapes), which xbt's image batches do not carry: "
+            "pass a CLIP, SigLIP or BLIP retrieval checkpoint"
+        )
+    if not (_is_blip_retrieval(model) or all(hasattr(model, f) for f in ("get_text_features", "get_image_features"))):
+        raise ModelLoadError(
+            f"model '{ref}' ({kind}) is not a dual encoder with text and image features: "
+            "pass a CLIP, SigLIP or BLIP retrieval checkpoint"
+        )
+
+
 def _config_embed_dim(model) -> int | None:
     config = model.config
     if _is_blip_retrieval(model):
@@ -89,13 +105,13 @@ def _config_embed_dim(model) -> int | None:
     if getattr(config, "projection_dim", None):  # CLIP, ALIGN, BLIP (BlipModel), ...
         return config.projection_dim
     text_config = getattr(config, "text_config", None)
-    return getattr(text_config, "projection_size", None)  # SigLIP / SigLIP 2
+    return getattr(text_config, "projection_size", None)  # SigLIP
 
 
 def _pads_to_max_length(model) -> bool:
     # SigLIP pools the last position of the text tower and was trained on texts
     # padded to the full length: dynamic padding would change its features.
-    return getattr(model.config, "model_type", "") in {"siglip", "siglip2"}
+    return getattr(model.config, "model_type", "") == "siglip"
 
 
 # --- loading ------------------------------------------------------------------
@@ -359,6 +375,8 @@ class DualEncoder:
         """
         ref = str(ref)
         loaded, tokenizer, image_processor = _load(ref, dtype, with_model=model is None)
+        if loaded is not None:
+            _check_dual_encoder(loaded, ref)
         model = loaded if model is None else model
         model = model.to(device=device, dtype=dtype).eval()
         return cls(model, tokenizer, image_processor, ref, torch.device(device), dtype)
