@@ -32,6 +32,7 @@ from tasks.common import (
     digest,
     fingerprint_content,
     fingerprint_files,
+    log,
     read_json,
     state_dir,
     step_path,
@@ -549,6 +550,9 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
     chosen = choose(candidates) if params.method == "auto" else {"method": params.method, "reason": "--method"}
     run_of = runs[chosen["method"]]
     spec = get_method(chosen["method"])
+    if params.method != "auto" and (Path(run_of["bundle"]) / "old").is_dir():  # auto: only --allow-old-encoder
+        chosen["reason"] += "; its queries also run the old encoder, which a deployment must keep serving"
+        log().warning("%s: queries also run the old encoder (the bundle carries it)", spec.name)
     fitted = Path(run_of["validation"]) / "backfill_gain.json" if run_of["validation"] else None  # on val pairs
     extra = {GAIN_FILE: str(fitted)} if fitted and fitted.is_file() else {}
     for stale in REPORT_FILES:  # a previous run's report would describe the bundle this run replaces

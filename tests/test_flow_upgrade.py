@@ -399,6 +399,10 @@ def test_every_method_upgrades_end_to_end_and_its_bundle_embeds(prefect_harness,
     out = tmp_path / method
     report = upgrade(_params(tiny, out, method=method))
     assert report["method"] == method and json.loads((out / "report.json").read_text())["method"] == method
+    # a bundle whose queries run the old encoder (auto keeps one only with --allow-old-encoder) says so
+    runs_old = (out / "bundle" / "old").is_dir()
+    assert ("queries also run the old encoder" in report["chosen"]["reason"]) == runs_old
+    assert runs_old or method != "slerp-bc"
     compat, meta = load_compatible(out / "bundle")
     assert meta.method == method
     captions = read_pairs(tiny["eval"]).captions
