@@ -560,7 +560,9 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
     bundle = publish_bundle(run_of["bundle"], str(out / "bundle"), extra)
     order = "learned" if extra else BACKFILL_ORDER  # the order `xbt backfill` takes from this bundle
 
-    eval_inputs = (data_fp["eval"], model_fp, fingerprint_content(bundle), prev, params.gallery, order, params.runtime)
+    # The eval set's old side is embedded by the old model, never looked up in --gallery: its image ids are
+    # its own (an eval set and the pairs often both number their images from 0), the gallery's are the pairs'.
+    eval_inputs = (data_fp["eval"], model_fp, fingerprint_content(bundle), prev, order, params.runtime)
     with clock("evaluate"):
         evaluated = evaluate(
             data["eval"],
@@ -570,7 +572,6 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
             prev,
             ctx.cache_root,
             step_path(work, "evaluate", *eval_inputs),
-            gallery=params.gallery,
             backfill_order=order,
             device=params.device,
             precision=params.precision,
@@ -692,8 +693,9 @@ def portfolio(method: str, allow_old_encoder: bool) -> list[str]:
 
 
 def old_images_embedded(images: dict, needs: list[list[str]]) -> dict:
-    """How many distinct images the old image tower embedded (those the stored gallery does not hold): the
-    eval set's and the validation pairs' always, the training pairs' when a candidate read their old embeddings."""
+    """How many distinct images the old image tower embedded (the pairs' that the stored gallery does not
+    hold): the eval set's and the validation pairs' always, the training pairs' when a candidate read their
+    old embeddings."""
     parts = ["eval", "val"] + (["train"] if any("v_old_pairs" in n for n in needs) else [])
     counts = {part: images[part]["images"] - images[part]["in_gallery"] for part in parts if part in images}
     return {

@@ -19,6 +19,7 @@ from xbtcore.cache import (
     cached_text_embeddings,
     fingerprint_items,
     fingerprint_texts,
+    gallery_key,
 )
 from xbtcore.data import Gallery, ValSplit, read_pairs, split_pairs
 from xbtcore.encoders import PRECISIONS, DualEncoder
@@ -117,7 +118,7 @@ def embed_frozen(
                 keys["v_new" + suffix] = key(new, images_fp, "image", pairs.n_images)
             if "v_old" + suffix in needs:
                 _, held = cached_old_image_embeddings(cache, old, pairs, stored, progress=progress)
-                extra = f"-gallery-{stored.fingerprint}" if stored else ""
+                extra = gallery_key(stored, pairs.image_ids) if stored else ""
                 keys["v_old" + suffix] = key(old, images_fp, "image", pairs.n_images, extra)
                 logger.info("%d of %d images%s from the gallery", held, pairs.n_images, suffix)
             for name, encoder in (("w_old" + suffix, old), ("w_new" + suffix, new)):

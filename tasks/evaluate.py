@@ -102,10 +102,10 @@ def check_inputs(
     stored_ids = stored.ids() if stored is not None else []
     held = set(stored_ids)
     images = {
-        part: {"images": p.n_images, "in_gallery": sum(str(i) in held for i in p.image_ids)}
+        part: {"images": p.n_images, "in_gallery": sum(str(i) in held for i in p.image_ids) if part != "eval" else 0}
         for part, p in (("train", train), ("val", val), ("eval", evalset))
         if p is not None
-    }
+    }  # the gallery's ids are the pairs': the eval set's old side is always embedded (evaluate)
     leaked = shared_images(pairs, evalset)  # (n,) eval images the pairs hold too
     images["eval"]["in_pairs"] = len(leaked)
     if leaked:
@@ -192,8 +192,9 @@ def evaluate(
     and retrieval examples need (xbtcore.inspect_sample.report_sample), and on the eval set backfill.json
     (xbtcore.evaluate.backfill_study, in `backfill_order` beside isolated-first and random order); -> out.
 
-    The gallery side is always the root model, embedded once into the cache (its images from the stored
-    `gallery` where it holds them). Every encoder runs on `device` at `precision` (encoders.PRECISIONS).
+    The gallery side is always the root model, embedded once into the cache (a part of the pairs takes its
+    images from the stored `gallery` where it holds their ids; the flow passes none for the eval set).
+    Every encoder runs on `device` at `precision` (encoders.PRECISIONS).
 
     On the validation part it also fits the backfill gain model of the learned order
     (xbtcore.backfill.GainModel) into backfill_gain.json: upgrade publishes the chosen candidate's with its

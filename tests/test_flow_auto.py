@@ -85,13 +85,21 @@ def _xbt(*args, state: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_with_the_stored_gallery_the_old_image_tower_embeds_nothing(tiny, tmp_path):
+def test_with_the_stored_gallery_the_old_image_tower_embeds_only_the_eval_set(tiny, tmp_path):
     # The user's gallery: the old model's embeddings of every pair and eval image, as `xbt embed` writes them.
     both = tmp_path / "images.parquet"
     tables = [pq.read_table(tiny[k], columns=["image", "image_id"]) for k in ("pairs", "eval")]
     import pyarrow as pa
 
     pq.write_table(pa.concat_tables(tables), both)
+    # An eval set numbered like the pairs (its ids are its own): the gallery's embeddings under those ids are
+    # other images', which must not stand in for its old side.
+    evalset = pq.read_table(tiny["eval"])
+    pair_ids = list(dict.fromkeys(pq.read_table(tiny["pairs"], columns=["image_id"]).column(0).to_pylist()))
+    renumber = {i: pair_ids[n] for n, i in enumerate(dict.fromkeys(evalset.column("image_id").to_pylist()))}
+    ids = pa.array([renumber[i] for i in evalset.column("image_id").to_pylist()])
+    colliding = tmp_path / "eval_numbered_like_the_pairs.parquet"
+    pq.write_table(evalset.set_column(evalset.schema.get_field_index("image_id"), "image_id", ids), colliding)
     r = _xbt(
         "embed",
         "--model",
@@ -107,14 +115,17 @@ def test_with_the_stored_gallery_the_old_image_tower_embeds_nothing(tiny, tmp_pa
     assert r.returncode == 0, r.stderr
     common = ["--set", "finetune.batch_size=32"]
     r = _xbt(
-        *upgrade_args(tiny, tmp_path / "with", method="base", gallery=tmp_path / "gallery.parquet"),
+        *upgrade_args(
+            {**tiny, "eval": colliding}, tmp_path / "with", method="base", gallery=tmp_path / "gallery.parquet"
+        ),
         *common,
         state=tmp_path / "state",
     )
     assert r.returncode == 0, r.stderr
     with_gallery = json.loads((tmp_path / "with" / "report.json").read_text())
-    assert with_gallery["old_image_tower"]["images"] == 0
-    assert with_gallery["old_image_tower"]["from_gallery"] == 96 + 24  # train + val pairs, eval
+    # the pairs' old images all come from the gallery; the eval set's ids are its own, so the old model embeds it
+    assert with_gallery["old_image_tower"]["images"] == 24
+    assert with_gallery["old_image_tower"]["from_gallery"] == 96  # train + val pairs
     r = _xbt(*upgrade_args(tiny, tmp_path / "without", method="base"), *common, state=tmp_path / "state2")
     assert r.returncode == 0, r.stderr
     without = json.loads((tmp_path / "without" / "report.json").read_text())

@@ -232,6 +232,13 @@ def cached_image_embeddings(cache: EmbeddingCache, encoder, pairs, progress=Fals
     )
 
 
+def gallery_key(gallery, image_ids) -> str:
+    """The model key's suffix for old image embeddings taken from a stored gallery: which of its rows stand
+    in for which image hangs on the images' ids as much as on the gallery."""
+    ids = hashlib.sha256("\x00".join(map(str, image_ids)).encode()).hexdigest()[:16]
+    return f"-gallery-{gallery.fingerprint}-ids-{ids}"
+
+
 def cached_old_image_embeddings(cache: EmbeddingCache, encoder, pairs, gallery=None, progress=False, stats=None):
     """(N_images, D) old-model embeddings of a PairSet's distinct images, through the cache: from the stored
     gallery (data.Gallery) where it holds an image's id, by the old encoder for the rest.
@@ -253,7 +260,7 @@ def cached_old_image_embeddings(cache: EmbeddingCache, encoder, pairs, gallery=N
             assembled.append(out)
         return assembled[0][a:b]
 
-    key = f"{cache_model_key(encoder)}-gallery-{gallery.fingerprint}"
+    key = cache_model_key(encoder) + gallery_key(gallery, pairs.image_ids)
     emb = cache.get_or_compute(
         key,
         fingerprint_items(pairs.images),
