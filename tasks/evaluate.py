@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+import torch.nn.functional as F
 from prefect import task
 from safetensors.torch import save_file
 
@@ -16,6 +17,7 @@ from xbtcore.cache import EmbeddingCache, cached_old_image_embeddings, cached_te
 from xbtcore.data import (
     Gallery,
     InputError,
+    PairSet,
     ValSplit,
     read_pairs,
     read_part,
@@ -55,6 +57,41 @@ def check_stored_gallery(files: list[Path], root: str) -> None:
                 f"(space {space_of(root)})",
                 GALLERY_FIX.format(model=root),
             )
+
+
+GALLERY_CHECK_IMAGES = 500  # validation images the gallery check reads (one caption each: the old text tower)
+
+
+def gallery_fit(stored: Gallery, old: DualEncoder, val: PairSet) -> tuple[float, float, int]:
+    """How well the stored gallery's embeddings of validation images (looked up by image_id) answer the old
+    model's own captions of them: -> (t2i R@10 in %, chance's R@10 in %, images read)."""
+    positions, emb = stored.lookup(val.image_ids[:GALLERY_CHECK_IMAGES])  # (n,), (n, D)
+    if len(positions) < 20:
+        return float("nan"), float("nan"), len(positions)
+    first = {int(i): c for c, i in reversed(list(enumerate(val.caption_image.tolist())))}
+    text = old.embed_texts([val.captions[first[p]] for p in positions])  # (n, D)
+    scores = text @ F.normalize(emb.float(), dim=-1).T  # (n captions, n images), caption k's image is k
+    higher = (scores > scores.diagonal()[:, None] + 1e-5).sum(1)
+    k = min(10, len(positions))
+    return 100 * float((higher < k).float().mean()), 100 * k / len(positions), len(positions)
+
+
+def check_gallery_matches(stored: Gallery, old: DualEncoder, val: PairSet, path: str) -> None:
+    """A warning where the gallery's embeddings under the pairs' image ids answer the old model's captions
+    of those images no better than chance: its ids name other images (a file whose `id` numbers captions,
+    ids written as numbers in one file and text in another), and its targets would train towards them."""
+    recall, chance, n = gallery_fit(stored, old, val)
+    if n >= 20 and recall <= 3 * chance:
+        log().warning(
+            "--gallery %s: the old model's captions of %d validation images find them among the gallery's "
+            "embeddings under their image ids no better than chance (R@10 %.1f%%, chance %.1f%%): if the old "
+            "model is the one that embedded the gallery, its ids name other images; its `id` must be the "
+            "pairs' image_id",
+            path,
+            n,
+            recall,
+            chance,
+        )
 
 
 @task(name="check-inputs", **CACHED)
@@ -125,6 +162,8 @@ def check_inputs(
             ", ".join(repr(str(i)) for i in pairs.image_ids[:3]),
             ", ".join(repr(i) for i in stored_ids[:3]) or "no ids",
         )
+    if stored is not None and val is not None:
+        check_gallery_matches(stored, old, val, gallery)
     log().info(
         "inputs ok: old %s (dim %d), new %s (dim %d), %d pairs (%d images, %d for validation), %d eval images",
         root,

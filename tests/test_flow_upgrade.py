@@ -554,3 +554,34 @@ def test_a_gallery_of_another_model_fails_and_one_of_other_ids_is_warned_about_b
         tasks.evaluate.check_inputs.fn(*args, gallery=str(elsewhere))
     catalog.record_gallery(str(elsewhere.absolute()), tiny["old"], "any", "image", 5, 24)  # another file since
     tasks.evaluate.check_inputs.fn(*args, gallery=str(elsewhere))
+
+
+def test_a_gallery_whose_ids_name_other_images_is_warned_about_before_training(tiny, tmp_path, monkeypatch):
+    # A gallery keyed by other ids than the pairs' image_id (a COCO file's caption `id`, say) trains towards
+    # other images' embeddings: the old model's own captions tell it, with no old image tower run.
+    from conftest import REPO
+
+    import tasks.evaluate
+    from xbtcore.data import Gallery, read_pairs, write_embeddings_parquet
+    from xbtcore.encoders import DualEncoder
+
+    old = DualEncoder.from_pretrained(str(REPO / "zoo" / "old"))  # trained on this world's kind of images
+    pairs = read_pairs(tiny["pairs"])
+    images = old.embed_images([pairs.load_image(i) for i in range(pairs.n_images)])
+    fits = write_embeddings_parquet(tmp_path / "fits.parquet", images, ids=pairs.image_ids)
+    shifted = write_embeddings_parquet(
+        tmp_path / "shifted.parquet", images, ids=pairs.image_ids[1:] + pairs.image_ids[:1]
+    )
+    recall, chance, n = tasks.evaluate.gallery_fit(Gallery(str(fits)), old, pairs)
+    assert n == pairs.n_images and recall > 3 * chance
+    recall, chance, _ = tasks.evaluate.gallery_fit(Gallery(str(shifted)), old, pairs)
+    assert recall <= 3 * chance
+    warned = _check_inputs_warnings(monkeypatch, "gallery-fit")
+    for gallery in (fits, shifted):
+        args = (str(REPO / "zoo" / "old"), tiny["new"], tiny["pairs"], tiny["eval"], ValSplit())
+        tasks.evaluate.check_inputs.fn(*args, gallery=str(gallery))
+    assert (
+        [w for w in warned if "no better than chance" in w]
+        == [w for w in warned if "shifted.parquet: the old model's captions of 48 validation images" in w]
+        != []
+    )
