@@ -61,6 +61,21 @@ def test_without_image_id_every_row_is_its_own_image(tmp_path, pngs):
     assert len(pairs.images) == 3 and pairs.caption_image.tolist() == [0, 1, 2]
 
 
+def test_image_ids_typed_as_integers_in_one_file_and_text_in_another_are_one_id(tmp_path, pngs):
+    _write(tmp_path / "parts" / "a.parquet", image=[pngs[0], pngs[1]], caption=["first", "second"], image_id=[7, 8])
+    _write(tmp_path / "parts" / "b.parquet", image=[pngs[0], pngs[2]], caption=["again", "third"], image_id=["7", "9"])
+    pairs = read_pairs(tmp_path / "parts")
+    assert pairs.image_ids == ["7", "8", "9"] and pairs.caption_image.tolist() == [0, 1, 0, 2]
+
+
+def test_a_folder_where_only_some_files_have_image_id_is_refused_naming_one_without(tmp_path, pngs):
+    # The id-less rows' numbers would stand in for ids, and could equal another file's (silently merged).
+    _write(tmp_path / "parts" / "a.parquet", image=[pngs[0], pngs[1]], caption=["first", "second"], image_id=[0, 1])
+    _write(tmp_path / "parts" / "b.parquet", image=[pngs[2], pngs[3]], caption=["third", "fourth"])
+    with pytest.raises(InputError, match=r"b\.parquet: has no 'image_id' column where other files of the input"):
+        read_pairs(tmp_path / "parts")
+
+
 def test_image_path_relative_to_the_parquet_folder(tmp_path, pngs, monkeypatch):
     (tmp_path / "data" / "img").mkdir(parents=True)
     for i in range(2):

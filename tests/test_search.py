@@ -121,6 +121,11 @@ def test_ids_are_id_else_image_id_else_row_one_per_distinct_id(tmp_path):
     _table(mixed / "b.parquet", caption=["r", "s"])  # its rows' numbers would stand in for ids
     with pytest.raises(InputError, match=r"b\.parquet: has no 'image_id' column where other files"):
         read_ids(mixed)
+    typed = tmp_path / "typed"  # 7 in one file and "7" in another are one id, written as text
+    typed.mkdir()
+    _table(typed / "a.parquet", image_id=[7, 8], caption=["p", "q"])
+    _table(typed / "b.parquet", image_id=["7", "9"], caption=["r", "s"])
+    assert read_ids(typed) == ["7", "8", "7", "9"]
 
 
 def test_texts_to_embed_refuse_null_and_blank_rows_naming_them(tmp_path):

@@ -121,6 +121,13 @@ def is_text_type(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
+def ids_as_text(files: list[Path], column: str) -> bool:
+    """Whether `column` is text in some files and integers in others: its ids then compare as text, so that
+    7 in one file and "7" in another are one id (as a stored gallery compares them)."""
+    types = [_schema(f).field(column).type for f in files if column in _schema(f).names]
+    return len({is_text_type(t) for t in types}) > 1
+
+
 def _is_bytes(t: pa.DataType) -> bool:
     t = _values(t)
     return pa.types.is_binary(t) or pa.types.is_large_binary(t)
@@ -356,6 +363,14 @@ def read_pairs(path) -> PairSet:
     image is checked to decode.
     """
     files = parquet_files(path)
+    with_ids = [f for f in files if "image_id" in _schema(f).names]
+    if with_ids and len(with_ids) < len(files):  # row numbers would stand in for ids, and could equal some
+        raise InputError(
+            next(f for f in files if f not in with_ids),
+            "has no 'image_id' column where other files of the input have one",
+            "give every file the column image_id (or none of them)",
+        )
+    as_text = ids_as_text(files, "image_id")
     images, image_ids, captions, caption_image = [], [], [], []
     index_of: dict = {}  # image_id -> index into images
     first_row: dict = {}  # image index -> (file, row, column) where it first appeared, for errors
@@ -364,7 +379,7 @@ def read_pairs(path) -> PairSet:
         caps, sources, ids, image_col = _read_pairs_file(file)
         conflicts = []
         for r, (cap, src) in enumerate(zip(caps, sources)):
-            key = ids[r] if ids is not None else offset + r
+            key = (str(ids[r]) if as_text else ids[r]) if ids is not None else offset + r
             i = index_of.get(key)
             if i is None:
                 i = index_of[key] = len(images)

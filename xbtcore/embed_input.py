@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from .data import InputError, PairSet, _is_bytes, _read_table, _schema, is_text_type, parquet_files
+from .data import InputError, PairSet, _is_bytes, _read_table, _schema, ids_as_text, is_text_type, parquet_files
 
 _IMAGE_FIX = "store images as 'image' (PNG/JPEG bytes) or 'image_path' (string) columns"
 
@@ -107,4 +107,4 @@ def read_ids(path) -> list | None:
                 rows=[i for i, v in enumerate(pc.is_null(col).to_pylist()) if v],
             )
         ids += col.to_pylist()
-    return ids
+    return [str(i) for i in ids] if ids_as_text(files, column) else ids
