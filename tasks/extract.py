@@ -25,6 +25,12 @@ def _quote_str(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _literal_path(path: Path) -> str:
+    """A file name as DuckDB's read_parquet matches it literally: it reads any path as a glob, so
+    `corpus[1].parquet` would read `corpus1.parquet`; each of [, * and ? goes in a class of its own."""
+    return "".join(f"[{c}]" if c in "[*?" else c for c in str(path))
+
+
 def check_text_column(files: list[Path], column: str) -> None:
     """Every file readable and holding `column` as strings; else an InputError naming both."""
     for f in files:
@@ -60,7 +66,7 @@ def corpus_query(
     """
     sources = " UNION ALL ".join(
         f"SELECT {i}::BIGINT AS f, file_row_number AS r, {_quote_ident(column)} AS text "
-        f"FROM read_parquet({_quote_str(str(p))}, file_row_number = true)"
+        f"FROM read_parquet({_quote_str(_literal_path(p))}, file_row_number = true)"
         for i, p in enumerate(files)
     )
     keep = [r"text IS NOT NULL", r"NOT regexp_full_match(text, '\s*')"]

@@ -53,6 +53,21 @@ def test_glob_and_single_file(corpus_dir, tmp_path):
     assert _run(corpus_dir / "b.parquet", tmp_path)[1] == _reference([FILE_B])
 
 
+def test_file_names_with_glob_characters_are_read_as_they_are(tmp_path):
+    # DuckDB reads any path as a glob: `c[1].parquet` matched `c1.parquet`, `c?.parquet` also `cA.parquet`.
+    d = tmp_path / "odd names"
+    d.mkdir()
+    for name, texts in (
+        ("c[1].parquet", FILE_A),
+        ("c1.parquet", ["decoy"]),
+        ("c?.parquet", FILE_B),
+        ("cA.parquet", ["b"]),
+    ):
+        pq.write_table(pa.table({"caption": pa.array(texts, pa.string())}), d / name)
+    assert _run(d / "c[1].parquet", tmp_path)[1] == _reference([FILE_A])
+    assert _run(d / "c?.parquet", tmp_path)[1] == _reference([FILE_B])
+
+
 def test_length_filter(corpus_dir, tmp_path):
     assert _run(corpus_dir, tmp_path, min_chars=2, max_chars=20)[1] == _reference([FILE_A, FILE_B], 2, 20)
 
