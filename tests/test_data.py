@@ -113,6 +113,17 @@ def test_folder_and_glob_of_files(tmp_path, pngs):
     assert read_pairs(str(tmp_path / "parts" / "*.parquet")).captions == pairs.captions
 
 
+def test_a_folder_reads_its_subfolders_and_a_double_star_glob_spans_folders(tmp_path, pngs):
+    # A partitioned dataset (year=2024/part-0.parquet): every file under the folder, none dropped silently.
+    _write(tmp_path / "ds" / "year=2023" / "part-0.parquet", image=[pngs[0]], caption=["first"], image_id=["i0"])
+    _write(tmp_path / "ds" / "year=2024" / "part-0.parquet", image=[pngs[1]], caption=["second"], image_id=["i1"])
+    _write(tmp_path / "ds" / "top.parquet", image=[pngs[2]], caption=["third"], image_id=["i2"])
+    _write(tmp_path / "ds" / "_tmp" / "x.parquet", image=[pngs[3]], caption=["a writer's"], image_id=["i3"])
+    _write(tmp_path / "ds" / ".part-1.parquet", image=[pngs[3]], caption=["hidden"], image_id=["i3"])
+    assert read_pairs(tmp_path / "ds").captions == ["third", "first", "second"]  # by path: top.parquet < year=...
+    assert read_pairs(str(tmp_path / "ds" / "**" / "part-0.parquet")).captions == ["first", "second"]
+
+
 def test_gallery_round_trip(tmp_path):
     emb = torch.nn.functional.normalize(torch.randn(9, 5, generator=torch.Generator().manual_seed(0)), dim=1)
     out = write_embeddings_parquet(tmp_path / "g" / "emb.parquet", emb, rows=range(10, 19))

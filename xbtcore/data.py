@@ -64,11 +64,16 @@ def check_output(path, folder: bool) -> Path:
 
 
 def parquet_files(path) -> list[Path]:
-    """One file, every *.parquet in a folder (sorted), or the files a glob matches (sorted)."""
+    """One file, every *.parquet under a folder, its subfolders too (sorted by path; names starting with . or _
+    skipped, as pyarrow's datasets skip them), or the files a glob matches (sorted; ** spans folders)."""
     text = str(path)
     p = Path(text).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.glob("*.parquet") if f.is_file())
+        files = sorted(
+            f
+            for f in p.rglob("*.parquet")
+            if f.is_file() and not any(part.startswith((".", "_")) for part in f.relative_to(p).parts)
+        )
         if not files:
             raise InputError(
                 p, "folder holds no *.parquet file", "point at a Parquet file, a folder of them or a glob"
@@ -77,7 +82,7 @@ def parquet_files(path) -> list[Path]:
     if p.is_file():
         return [p]
     if _GLOB_CHARS & set(text):
-        files = sorted(Path(f) for f in _glob.glob(os.path.expanduser(text)) if Path(f).is_file())
+        files = sorted(Path(f) for f in _glob.glob(os.path.expanduser(text), recursive=True) if Path(f).is_file())
         if not files:
             raise InputError(text, "glob matches no file", "check the pattern")
         return files
