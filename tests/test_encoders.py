@@ -1,6 +1,7 @@
 """DualEncoder: loading, feature access per family, batching invariances."""
 
 import time
+import weakref
 
 import pytest
 import torch
@@ -77,6 +78,33 @@ def test_embed_images_shape_norm_and_batching(enc, images):
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(images)))
     torch.testing.assert_close(enc.embed_images(images, batch_size=1), emb, atol=1e-5, rtol=0)
     assert enc.preprocess_images(images[:2]).shape == (2, 3, SPEC.image_size, SPEC.image_size)
+
+
+def test_a_batch_of_images_is_decoded_a_few_at_a_time(enc, images, monkeypatch):
+    # Full-size photos are the memory peak: a batch of 256 decodes DECODE_CHUNK at a time, to the same embeddings.
+    from xbtcore import encoders
+
+    class Lazy:  # decodes on access, as a PairSet's images do; counts the decoded images still referenced
+        def __init__(self, n):
+            self.n, self.alive, self.most = n, 0, 0
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            self.alive += 1
+            self.most = max(self.most, self.alive)
+            image = images[i % len(images)].copy()
+            weakref.finalize(image, self._freed)
+            return image
+
+        def _freed(self):
+            self.alive -= 1
+
+    lazy = Lazy(40)
+    emb = enc.embed_images(lazy, batch_size=256)
+    assert lazy.most <= encoders.DECODE_CHUNK
+    torch.testing.assert_close(emb, enc.embed_images([images[i % len(images)] for i in range(40)], batch_size=1))
 
 
 def test_features_are_differentiable_and_unnormalised(enc, texts, images):

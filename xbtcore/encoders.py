@@ -285,6 +285,7 @@ def resolve_device(device: str = "auto") -> str:
 
 # Shapes a compiled pass meets: texts padded up to a multiple of this many tokens, batches up to a power of two.
 LENGTH_STEP = 8
+DECODE_CHUNK = 16  # images decoded and preprocessed at once within a batch (their full-size pixels are the peak)
 # --compile auto on a GPU compiles an encoder's passes once it has embedded this many items: a corpus or a
 # large gallery is compiled after its first shards; the validation and eval sets and small galleries embed
 # plain rather than wait for a tower's compilations.
@@ -502,7 +503,8 @@ class DualEncoder:
         """(N,) PIL images -> (N, D) L2-normalised float32 CPU embeddings.
 
         `images` may be any indexable sequence (a lazy one that decodes on access
-        works too): only one batch is decoded and preprocessed at a time.
+        works too): at most DECODE_CHUNK images are decoded at once, each resized
+        to the model's input size before the next are decoded.
         """
         n = len(images)
         if n == 0:
@@ -512,7 +514,13 @@ class DualEncoder:
         with torch.inference_mode(), self._autocast(), _progress(n, "embed images", progress) as bar:
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
-                pixels = self.preprocess_images([images[i] for i in range(start, stop)])  # (b, C, H, W)
+                # decoded DECODE_CHUNK at a time: 256 decoded 12-megapixel photos alone would take 9 GB
+                pixels = torch.cat(
+                    [
+                        self.preprocess_images([images[i] for i in range(a, min(a + DECODE_CHUNK, stop))])
+                        for a in range(start, stop, DECODE_CHUNK)
+                    ]
+                )  # (b, C, H, W)
                 if compiled:
                     pixels = _pad_rows(pixels, _bucket(stop - start, batch_size))
                 feats = self._forward("image", compiled, pixels.to(self.device, self.dtype))[: stop - start]
