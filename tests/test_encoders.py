@@ -80,6 +80,21 @@ def test_embed_images_shape_norm_and_batching(enc, images):
     assert enc.preprocess_images(images[:2]).shape == (2, 3, SPEC.image_size, SPEC.image_size)
 
 
+def test_transparent_pixels_are_white_as_the_models_own_image_processor_makes_them(enc, images):
+    # A gallery embedded by transformers' own pipeline composites transparency onto white: the same pixels here.
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.asarray(images[0].convert("RGB"))
+    alpha = np.tile(np.linspace(0, 255, rgb.shape[1], dtype=np.uint8), (rgb.shape[0], 1))  # clear to opaque
+    rgba = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    for image in (rgba, rgba.convert("LA"), rgba.convert("PA")):
+        torch.testing.assert_close(
+            enc.preprocess_images([image]), enc.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        )
+    assert not torch.equal(enc.preprocess_images([rgba]), enc.preprocess_images([rgba.convert("RGB")]))
+
+
 def test_a_batch_of_images_is_decoded_a_few_at_a_time(enc, images, monkeypatch):
     # Full-size photos are the memory peak: a batch of 256 decodes DECODE_CHUNK at a time, to the same embeddings.
     from xbtcore import encoders

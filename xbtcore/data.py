@@ -287,9 +287,13 @@ def read_part(path, part: str = "all", split: ValSplit | None = None) -> PairSet
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB, with 16-bit grey (PNG) scaled to 8 bits: PIL's own convert clips it, so all but the
-    darkest pixels turn white."""
+    darkest pixels turn white; transparent pixels composited onto white, as transformers' image
+    processors do (PIL's convert drops the alpha and shows what the transparent pixels hide)."""
     if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return img.convert("RGB")
 
 
