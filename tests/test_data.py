@@ -137,6 +137,24 @@ def test_gallery_round_trip(tmp_path):
     assert ids[:2] == ["d0", "d1"]
 
 
+def test_a_stored_gallery_takes_an_id_held_twice_only_with_one_embedding(tmp_path):
+    from xbtcore.data import Gallery
+
+    emb = torch.nn.functional.normalize(torch.randn(4, 5, generator=torch.Generator().manual_seed(0)), dim=1)
+    same = write_embeddings_parquet(
+        tmp_path / "same.parquet", torch.cat([emb, emb[:1]]), ids=["a", "b", "c", "d", "a"]
+    )
+    positions, got = Gallery(str(same)).lookup(["c", "a"])
+    assert positions == [0, 1] and torch.equal(got, emb[[2, 0]])
+    other = write_embeddings_parquet(
+        tmp_path / "other.parquet", torch.cat([emb, emb[1:2]]), ids=["a", "b", "c", "d", "a"]
+    )
+    with pytest.raises(
+        InputError, match=r"other\.parquet: column 'id': holds an id again with another embedding.*\(row 4\)"
+    ):
+        Gallery(str(other)).lookup(["c", "a"])
+
+
 # --- errors -------------------------------------------------------------------
 
 

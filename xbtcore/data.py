@@ -569,7 +569,8 @@ class Gallery:
         return h.hexdigest()[:16]
 
     def lookup(self, wanted_ids: Sequence) -> tuple[list[int], torch.Tensor]:
-        """(positions in wanted_ids found in the gallery, their embeddings (n_found, D)); an id's first row wins."""
+        """(positions in wanted_ids found in the gallery, their embeddings (n_found, D)). An id held twice must
+        hold one embedding (to float noise): an InputError names the rows that differ from its first."""
         want: dict[str, int] = {}
         for pos, i in enumerate(wanted_ids):
             want.setdefault(str(i), pos)
@@ -577,12 +578,23 @@ class Gallery:
         for file in self.files:
             table = _read_table(file, ["id", "embedding"])
             ids = [str(i) for i in table.column("id").to_pylist()]
-            rows = [r for r, i in enumerate(ids) if i in want and want[i] not in found]
+            rows = [r for r, i in enumerate(ids) if i in want]
             if not rows:
                 continue
             emb = _embedding_block(file, table.column("embedding").take(pa.array(rows)), np.asarray(rows))  # (n, D)
+            differ = []
             for r, e in zip(rows, emb):
-                found.setdefault(want[ids[r]], e)
+                first = found.setdefault(want[ids[r]], e)
+                if first is not e and np.abs(first - e).max() > 1e-4:
+                    differ.append(r)
+            if differ:
+                raise InputError(
+                    file,
+                    "holds an id again with another embedding than its first row's",
+                    "keep one row per id, the old model's embedding of that image",
+                    column="id",
+                    rows=differ,
+                )
         positions = sorted(found)
         if not positions:
             return [], torch.empty(0, 0)
