@@ -188,6 +188,17 @@ def test_undecodable_image_names_file_column_and_row(tmp_path, pngs):
     assert "bad.parquet" in msg and "column 'image'" in msg and "(row 3)" in msg
 
 
+def test_an_image_past_pils_decompression_bomb_guard_is_named_as_too_large(tmp_path, pngs, monkeypatch):
+    from PIL import Image
+
+    f = _write(tmp_path / "p.parquet", image=pngs[:2], caption=["a", "b"])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses over twice this; the images are larger
+    with pytest.raises(
+        InputError, match=r"column 'image': images too large to decode \(over 200 pixels.*\(rows 0, 1\)"
+    ):
+        read_pairs(f)
+
+
 def test_missing_image_path_file(tmp_path, pngs):
     (tmp_path / "ok.png").write_bytes(pngs[0])
     msg = _error(

@@ -306,6 +306,17 @@ def _check_decodes(src) -> bool:
         return False
 
 
+def _too_large(src) -> bool:
+    """Whether PIL refuses the image as a decompression bomb (more than twice Image.MAX_IMAGE_PIXELS)."""
+    try:
+        with _open_image(src):
+            return False
+    except Image.DecompressionBombError:
+        return True
+    except Exception:
+        return False
+
+
 def _read_pairs_file(file: Path):
     """(captions, image sources, image ids or None) of one file, every row checked."""
     schema = _schema(file)
@@ -443,6 +454,16 @@ def _raise_image_problems(places: list[tuple]) -> None:
         )
     if undecodable:
         (file, col), rows = next(iter(undecodable.items()))
+        huge = sorted({r for f, r, c, src in places if (f, c) == (file, col) and r in rows and _too_large(src)})
+        if huge:
+            raise InputError(
+                file,
+                f"images too large to decode (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, PIL's guard against "
+                "decompression bombs)",
+                "downscale them (the model reads a few hundred pixels a side)",
+                column=col,
+                rows=huge,
+            )
         raise InputError(file, "images do not decode", "store PNG or JPEG images", column=col, rows=sorted(set(rows)))
 
 
