@@ -69,7 +69,7 @@ def corpus_query(
         f"FROM read_parquet({_quote_str(_literal_path(p))}, file_row_number = true)"
         for i, p in enumerate(files)
     )
-    keep = [r"text IS NOT NULL", r"NOT regexp_full_match(text, '\s*')"]
+    keep = [r"text IS NOT NULL", r"NOT regexp_full_match(text, '[\s\p{Z}]*')"]  # \p{Z}: U+3000, no-break space
     if min_chars is not None:
         keep.append(f"length(text) >= {int(min_chars)}")
     if max_chars is not None:

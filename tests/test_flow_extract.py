@@ -8,7 +8,7 @@ import pytest
 from tasks.extract import extract_corpus
 from xbtcore.data import InputError
 
-FILE_A = ["a red circle", None, "  ", "a blue square", "a red circle", "\t\n", "two stars", "x"]
+FILE_A = ["a red circle", None, "  ", "a blue square", "a red circle", "\t\n", "two stars", "x", "\u3000", "\xa0 "]
 FILE_B = ["two stars", "a green hexagon", "", "a blue square ", "a long caption with many many words"]
 
 
