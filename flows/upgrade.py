@@ -693,9 +693,9 @@ def portfolio(method: str, allow_old_encoder: bool) -> list[str]:
 
 
 def old_images_embedded(images: dict, needs: list[list[str]]) -> dict:
-    """How many distinct images the old image tower embedded (the pairs' that the stored gallery does not
-    hold): the eval set's and the validation pairs' always, the training pairs' when a candidate read their
-    old embeddings."""
+    """How many distinct images the old image tower embedded: the eval set's (all of them: --gallery serves
+    the pairs), and those of the validation pairs (always) and of the training pairs (when a candidate read
+    their old embeddings) that the stored gallery does not hold."""
     parts = ["eval", "val"] + (["train"] if any("v_old_pairs" in n for n in needs) else [])
     counts = {part: images[part]["images"] - images[part]["in_gallery"] for part in parts if part in images}
     return {
