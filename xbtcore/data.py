@@ -129,8 +129,18 @@ def is_text_type(t: pa.DataType) -> bool:
 def ids_as_text(files: list[Path], column: str) -> bool:
     """Whether `column` is text in some files and integers in others: its ids then compare as text, so that
     7 in one file and "7" in another are one id (as a stored gallery compares them)."""
-    types = [_schema(f).field(column).type for f in files if column in _schema(f).names]
+    types = [schema.field(column).type for schema in map(_schema, files) if column in schema.names]
     return len({is_text_type(t) for t in types}) > 1
+
+
+def lacks_column(file: Path, column: str) -> InputError:
+    """The error for a file of a multi-file input without an id column the others have: its rows' numbers
+    would stand in for ids, and could equal the other files'."""
+    return InputError(
+        file,
+        f"has no '{column}' column where other files of the input have one",
+        f"give every file the column {column} (or none of them)",
+    )
 
 
 def _is_bytes(t: pa.DataType) -> bool:
@@ -384,12 +394,8 @@ def read_pairs(path) -> PairSet:
     """
     files = parquet_files(path)
     with_ids = [f for f in files if "image_id" in _schema(f).names]
-    if with_ids and len(with_ids) < len(files):  # row numbers would stand in for ids, and could equal some
-        raise InputError(
-            next(f for f in files if f not in with_ids),
-            "has no 'image_id' column where other files of the input have one",
-            "give every file the column image_id (or none of them)",
-        )
+    if with_ids and len(with_ids) < len(files):
+        raise lacks_column(next(f for f in files if f not in with_ids), "image_id")
     as_text = ids_as_text(files, "image_id")
     images, image_ids, captions, caption_image = [], [], [], []
     index_of: dict = {}  # image_id -> index into images

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from .data import InputError, PairSet, _is_bytes, _read_table, _schema, ids_as_text, is_text_type, parquet_files
+from .data import (
+    InputError,
+    PairSet,
+    _is_bytes,
+    _read_table,
+    _schema,
+    ids_as_text,
+    is_text_type,
+    lacks_column,
+    parquet_files,
+)
 
 _IMAGE_FIX = "store images as 'image' (PNG/JPEG bytes) or 'image_path' (string) columns"
 
@@ -87,13 +97,8 @@ def read_ids(path) -> list | None:
     column = next((c for c in ("id", "image_id") if all(c in n for n in names)), None)
     if column is None:
         partly = next((c for c in ("id", "image_id") if any(c in n for n in names)), None)
-        if partly is not None:  # the rows' numbers would silently stand in for the ids the other files give
-            lacking = next(f for f, n in zip(files, names) if partly not in n)
-            raise InputError(
-                lacking,
-                f"has no '{partly}' column where other files of the input have one",
-                f"give every file the column {partly} (or none of them)",
-            )
+        if partly is not None:
+            raise lacks_column(next(f for f, n in zip(files, names) if partly not in n), partly)
         return None
     ids: list = []
     for file in files:
