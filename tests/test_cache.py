@@ -69,5 +69,27 @@ def test_model_fingerprint_sees_an_edit_inside_a_large_weights_file(tmp_path):
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a later write, on any clock granularity
     assert weights.stat().st_size == st.st_size
     assert fingerprint_model(str(tmp_path), with_mtime=True) != before  # the embedding cache's key
+    edited = fingerprint_model(str(tmp_path))
+    assert edited != space  # a gallery space's id: another checkpoint is another space
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000))  # touched again, same bytes
-    assert fingerprint_model(str(tmp_path)) == space  # a gallery space's id is about content, not mtimes
+    assert fingerprint_model(str(tmp_path)) == edited  # ... and is about content, not mtimes
+
+
+def test_a_file_digest_is_remembered_across_processes_by_path_size_and_mtime(tmp_path, monkeypatch):
+    import os
+
+    from xbtcore import cache
+
+    monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 1000)
+    first = cache.file_digest(weights)
+    assert len(list((tmp_path / "state" / "digests").iterdir())) == 1
+    monkeypatch.setattr(cache, "_DIGESTS", {})  # a new process: only the state folder remembers
+    st = weights.stat()
+    with weights.open("r+b") as fh:  # the same bytes' memo is read, not the file
+        fh.write(b"b")
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cache.file_digest(weights) == first
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a write the stat sees
+    assert cache.file_digest(weights) != first

@@ -51,27 +51,67 @@ def fingerprint_items(items: Sequence) -> str:
     return h.hexdigest()[:16]
 
 
+MODEL_FILES = {".json", ".safetensors", ".bin", ".txt", ".model"}
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(f: Path) -> str:
+    """sha256 of a file's whole content, computed once per (path, size, mtime, inode): in this process,
+    and across processes under $XBT_STATE_DIR/digests where that is set (the CLI always sets it), so
+    a multi-GB checkpoint is read in full once, not by every `xbt search`."""
+    st = f.stat()
+    key = (str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    memo = None
+    if os.environ.get("XBT_STATE_DIR"):
+        name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+        memo = Path(os.environ["XBT_STATE_DIR"]) / "digests" / name
+        if memo.is_file():
+            _DIGESTS[key] = memo.read_text().strip()
+            return _DIGESTS[key]
+    h = hashlib.sha256()
+    with f.open("rb") as fh:
+        for block in iter(lambda: fh.read(8 << 20), b""):
+            h.update(block)
+    _DIGESTS[key] = h.hexdigest()
+    if memo is not None:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+            tmp.write_text(_DIGESTS[key])
+            os.replace(tmp, memo)
+        except OSError:
+            pass  # a read-only state folder costs a re-read next time, nothing else
+    return _DIGESTS[key]
+
+
 def fingerprint_model(ref: str, with_mtime: bool = False) -> str:
-    """A local directory hashes its config and weight files (size, head and tail), so a retrained
-    checkpoint in the same folder gets a new key; a hub id is its name. with_mtime adds each file's
-    modification time, for keys that must also see an edit inside a large file (which changes neither
-    its size nor its first and last MiB): the embedding cache's. Without it the id survives a copy or
-    checkout of the same files (a gallery space's name in the registry)."""
+    """Fingerprint of a model: a hub id is its name; a local directory is its path and its config,
+    weight and tokenizer files.
+
+    Without with_mtime (a gallery space's id, a model version): each file's whole content (its digest
+    memoised by file_digest), so two checkpoints that differ anywhere get other ids, and a touch or a
+    checkout of the same bytes keeps its id. With with_mtime (the embedding cache's key,
+    computed on every pass): each file's size, modification time and first and last MiB, which sees a
+    rewrite without reading a large file in full."""
     p = Path(ref)
     h = hashlib.sha256(str(ref).encode())
     if p.is_dir():
         for f in sorted(p.rglob("*")):
-            if f.is_file() and f.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}:
-                st = f.stat()
-                h.update(
-                    f"{f.relative_to(p)}|{st.st_size}".encode()
-                    + (f"|{st.st_mtime_ns}".encode() if with_mtime else b"")
-                )
-                with f.open("rb") as fh:
-                    h.update(fh.read(1 << 20))
-                    if st.st_size > 2 << 20:
-                        fh.seek(-(1 << 20), os.SEEK_END)
-                        h.update(fh.read())
+            if not (f.is_file() and f.suffix in MODEL_FILES):
+                continue
+            st = f.stat()
+            h.update(f"{f.relative_to(p)}|{st.st_size}".encode())
+            if not with_mtime:
+                h.update(file_digest(f).encode())
+                continue
+            h.update(f"|{st.st_mtime_ns}".encode())
+            with f.open("rb") as fh:
+                h.update(fh.read(1 << 20))
+                if st.st_size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    h.update(fh.read())
     return h.hexdigest()[:16]
 
 
