@@ -453,8 +453,8 @@ REPORT_FILES = ("report.json", "report.html")  # a run folder with report.json i
 
 
 def drop_unreported_bundle(flow, flow_run, state) -> None:
-    """On a failed, crashed or cancelled upgrade: OUT/bundle without a report (published by this run, whose
-    report never came) is removed, so that nothing unevaluated is left looking finished. The trained bundle
+    """On a failed, crashed or cancelled upgrade: OUT/bundle without a report (moved there by this run, whose
+    report was not written) is removed, so that nothing unevaluated is left looking finished. The trained bundle
     stays cached under OUT/work: a rerun does not train again."""
     params = flow_run.parameters.get("params")
     out = params.get("out") if isinstance(params, dict) else getattr(params, "out", None)
@@ -555,9 +555,9 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
         log().warning("%s: queries also run the old encoder (the bundle carries it)", spec.name)
     fitted = Path(run_of["validation"]) / "backfill_gain.json" if run_of["validation"] else None  # on val pairs
     extra = {GAIN_FILE: str(fitted)} if fitted and fitted.is_file() else {}
-    for stale in REPORT_FILES:  # a previous run's report would describe the bundle this run replaces
-        (out / stale).unlink(missing_ok=True)
-    bundle = publish_bundle(run_of["bundle"], str(out / "bundle"), extra)
+    # Evaluated and registered from work/, moved into OUT beside its report only once that is written: a run
+    # killed before then leaves OUT as the previous run left it (its bundle with its report, or nothing).
+    bundle = publish_bundle(run_of["bundle"], str(work / "bundle"), extra)
     order = "learned" if extra else BACKFILL_ORDER  # the order `xbt backfill` takes from this bundle
 
     # The eval set's old side is embedded by the old model, never looked up in --gallery: its image ids are
@@ -593,7 +593,7 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
             "val_pairs": inputs["val_pairs"],
         },
         "timings_s": dict(clock.seconds),
-        "bundle": bundle,
+        "bundle": str(out / "bundle"),
         "space": space_of(root),
         "config": {
             "seed": params.seed,
@@ -649,6 +649,9 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
     if backfill is not None and "curves" not in backfill:  # an evaluation cached by an older xbt: leave it out
         backfill = None
     report = build_report(run, recall, verdict, margins, promotion, advice, candidates, chosen, backfill)
+    for stale in REPORT_FILES:  # the previous run's report describes the bundle this run replaces
+        (out / stale).unlink(missing_ok=True)
+    publish_bundle(bundle, str(out / "bundle"))
     written = write_report(report, data["eval"], str(Path(evaluated) / "sample.safetensors"), str(out))
     if reg["new_run"]:
         attach_report(reg["run_id"], [written["json"], written["html"]])
@@ -669,7 +672,7 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
             "root_model": root,
             "space": run["space"],
             "out_dir": str(out),
-            "bundle": bundle,
+            "bundle": run["bundle"],
             "gate_passed": verdict["passed"],
             "promoted": reg["promoted"],
             "mlflow_model": reg["name"],

@@ -244,7 +244,7 @@ def test_diverging_loss_fails_the_run_and_promotes_nothing(prefect_harness, tiny
     assert not (out / "report.json").exists() and not (out / "bundle").exists()
 
 
-def test_an_eval_image_that_fails_to_decode_fails_the_run_naming_it_and_leaves_no_finished_looking_folder(
+def test_an_eval_image_that_fails_to_decode_fails_the_run_naming_it_and_leaves_the_folder_as_it_was(
     prefect_harness, tiny, tmp_path
 ):
     from test_data import _scrambled_pixels
@@ -260,14 +260,24 @@ def test_an_eval_image_that_fails_to_decode_fails_the_run_naming_it_and_leaves_n
     images = [_scrambled_pixels(png) if png == target else png for png in images]
     broken = tmp_path / "eval-broken.parquet"
     pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array(images)), broken)
-    out = tmp_path / "run"
-    (out / "bundle").mkdir(parents=True)  # a previous run's outputs, which this run replaces
-    (out / "report.json").write_text("{}")
     expected = rf"eval-broken\.parquet: column 'image': an image does not decode.*\(row {first}\)"
+    out = tmp_path / "run"
+    def none(flow, flow_run, state):
+        pass
+
+    unhooked = upgrade.with_options(on_failure=[none], on_crashed=[none], on_cancellation=[none])  # as SIGKILL
     with pytest.raises(InputError, match=expected):
-        upgrade(_params(tiny, out, eval=str(broken), method="procrustes"))
-    assert not (out / "report.json").exists() and not (out / "report.html").exists()
-    assert not (out / "bundle").exists() and not (out / "bundle.tmp").exists()
+        unhooked(_params(tiny, out, eval=str(broken), method="procrustes"))
+    assert not (out / "report.json").exists() and not (out / "bundle").exists()
+
+    other = tmp_path / "rerun"
+    (other / "bundle").mkdir(parents=True)  # a previous run's outputs, which only a finished run replaces
+    (other / "bundle" / "xbt_bundle.json").write_text("{}")
+    (other / "report.json").write_text("{}")
+    with pytest.raises(InputError, match=expected):
+        upgrade(_params(tiny, other, eval=str(broken), method="procrustes"))
+    assert (other / "report.json").read_text() == "{}" and (other / "bundle" / "xbt_bundle.json").is_file()
+    assert not (other / "bundle.tmp").exists()
 
 
 def test_an_eval_set_drawn_from_the_pairs_is_named_in_the_reports_advice(prefect_harness, tiny, tmp_path):
