@@ -231,14 +231,17 @@ def cmd_index(a) -> int:
 
 
 def cmd_search(a) -> int:
-    from serve.app import MAX_K, _image
+    from serve.app import MAX_K, _image, _text
     from serve.engine import Engine
     from xbtcore.backfill import MixedGallery
 
     if not 1 <= a.k <= MAX_K:
         raise ValueError(f"--k must be from 1 to {MAX_K}, got {a.k}")
-    if a.text is not None and not a.text.strip():
-        raise ValueError("--text is empty: pass a non-blank query")
+    if a.text is not None:
+        try:
+            _text(a.text, "--text")
+        except Exception as e:
+            raise ValueError(getattr(e, "detail", str(e))) from e
     image = None
     if a.image is not None:
         try:

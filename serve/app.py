@@ -43,13 +43,19 @@ def _k(value, form: bool = False) -> int:
     return k
 
 
-def _text(value) -> str:
+def _text(value, name: str = "text") -> str:
+    """A query text: a non-blank string that is valid Unicode (JSON's "\\ud800" and a shell's non-UTF-8
+    bytes arrive as lone surrogates, which no tokenizer takes)."""
     if value is None:
         _bad(422, 'missing text: send {"text": "...", "k": 10} or a multipart form with an image file')
     if not isinstance(value, str):
-        _bad(422, f"text must be a string, got {type(value).__name__}")
+        _bad(422, f"{name} must be a string, got {type(value).__name__}")
     if not value.strip():
-        _bad(422, "text is empty: send a non-blank query")
+        _bad(422, f"{name} is empty: send a non-blank query")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        _bad(422, f"{name} is not valid Unicode (a lone surrogate at character {e.start}): send UTF-8 text")
     return value
 
 

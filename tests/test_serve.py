@@ -75,6 +75,8 @@ def test_every_bad_input_is_a_4xx_with_one_line_detail(client, setup):
         ({"content": b'{"text": "a red circle", "k": NaN}', "headers": json_type}, 422, "integer"),
         ({"content": b"[" * 100_000, "headers": json_type}, 400, "not valid JSON"),
         ({"content": b'{"text": "\xff"}', "headers": json_type}, 400, "not valid JSON"),
+        ({"content": b'{"text": "\\ud800"}', "headers": json_type}, 422, "lone surrogate at character 0"),
+        ({"content": b'{"text": "a \\udfff b", "k": 0}', "headers": json_type}, 422, "lone surrogate"),
         ({"files": {"image": ("x.png", b"not an image", "image/png")}, "data": {"k": "3"}}, 422, "does not decode"),
         ({"files": {"image": ("x.png", png[: len(png) // 2], "image/png")}}, 422, "does not decode"),
         ({"files": {"image": ("x.png", b"", "image/png")}}, 422, "empty"),
@@ -498,3 +500,16 @@ def _embed_images(encoder, blobs: list[bytes]) -> np.ndarray:
     from PIL import Image
 
     return encoder.embed_images([Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]).numpy()
+
+
+def test_xbt_search_refuses_a_bad_query_in_one_line_naming_the_flag(setup):
+    base = ["search", "--index", setup["index"], "--model", OLD]
+    cases = [
+        (["--text", "   "], "--text is empty"),
+        (["--text", "\udcff\udcfe"], "--text is not valid Unicode"),  # a shell's non-UTF-8 bytes
+        (["--text", "a red circle", "--k", "0"], "--k must be from 1 to"),
+    ]
+    for extra, needle in cases:
+        r = xbt(*base, *extra)
+        assert r.returncode != 0 and not r.stdout, (extra, r.stdout)
+        assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, (extra, r.stderr)
