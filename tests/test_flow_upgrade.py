@@ -262,6 +262,7 @@ def test_an_eval_image_that_fails_to_decode_fails_the_run_naming_it_and_leaves_t
     pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array(images)), broken)
     expected = rf"eval-broken\.parquet: column 'image': an image does not decode.*\(row {first}\)"
     out = tmp_path / "run"
+
     def none(flow, flow_run, state):
         pass
 
