@@ -96,9 +96,15 @@ def index_gallery(
 
     model: serve.engine.QueryModel. images: for an embedding Parquet, the image/text Parquet it was made
     from (same ids), kept for backfills and thumbnails."""
+    from tasks.common import digest, fingerprint_files
+    from xbtcore.cache import fingerprint_model
     from xbtcore.data import read_gallery
 
     info = {"model": model.ref, "model_version": model.version, "modality": modality, "text_column": text_column}
+    # What a resumed index must be made of too: the model's files and the input files (name, size, mtime).
+    embedder = None if _is_embedding_parquet(source) else fingerprint_model(model.resolved)
+    files = [fingerprint_files(parquet_files(p)) for p in (source, images) if p]
+    info["inputs"] = digest(embedder, text_column, *files)
     if _is_embedding_parquet(source):
         check_gallery_space(source, model, modality)
         row_ids, emb = read_gallery(source)

@@ -415,3 +415,24 @@ def test_qdrant_collection_answers_as_the_exact_index_and_its_alias_swaps(tmp_pa
     assert qdrant.aliased(client) == new_name != old_name and client.collection_exists(old_name)
     q = search.normalise(rng.standard_normal((1, 6)))[0]
     assert_same_ranking(qdrant.search(client, qdrant.ALIAS, q, 5), brute_force(new_vecs, ids, q, 5))
+
+
+def test_an_index_resumes_or_stands_only_for_the_input_and_model_it_was_made_of(world, tmp_path):
+    from serve.engine import load_query_model
+    from serve.gallery import index_gallery
+
+    out = str(tmp_path / "idx")
+    index_gallery(load_query_model(OLD), world["eval"], "image", out, chunk_rows=16, stop_after=2)
+    # the same ids, other images: the finished chunks would stand for images no longer there
+    table = pq.read_table(world["eval"])
+    shuffled = table.column("image").to_pylist()
+    shuffled = shuffled[1:] + shuffled[:1]
+    other = tmp_path / "other.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array(shuffled)), other)
+    with pytest.raises(ValueError, match="an unfinished index of another input or model"):
+        index_gallery(load_query_model(OLD), str(other), "image", out, chunk_rows=16)
+    assert search.chunks_done(out) == [0, 1]  # the refusal wrote nothing
+    r = index_gallery(load_query_model(OLD), world["eval"], "image", out, chunk_rows=16)
+    assert r["complete"]
+    with pytest.raises(ValueError, match="a finished index of another input or model"):
+        index_gallery(load_query_model(OLD), str(other), "image", out, chunk_rows=16)

@@ -113,7 +113,8 @@ def build_index(
     """Embed `ids` (distinct, in the order they will be stored) chunk by chunk into DIR and assemble the index.
 
     embed(positions) -> (len(positions), D) vectors of those positions of `ids`. A rerun with the same
-    ids, space and chunk size resumes; another plan in an unfinished DIR is refused. `stop_after` chunks:
+    ids, space, chunk size and `info["inputs"]` (the caller's fingerprint of what it embeds) resumes;
+    another plan in a DIR is refused. `stop_after` chunks:
     return without finishing (what a kill leaves; the tests use it). `info`: kept in the plan (model,
     modality, source, precision, ...); an unfinished DIR started at another `precision` is refused.
     `extra`: more JSON files written with the plan ({name: object}).
@@ -125,7 +126,8 @@ def build_index(
     plan = {"space": space, "n": len(ids), "ids": digest_ids(ids), "chunk_rows": chunk_rows, **(info or {})}
     if out.exists() and (out / PLAN).is_file():
         old = read_plan(out)
-        same = all(old.get(k) == plan[k] for k in ("space", "n", "ids", "chunk_rows"))
+        keys = ("space", "n", "ids", "chunk_rows") + (("inputs",) if "inputs" in old else ())
+        same = all(old.get(k) == plan.get(k) for k in keys)
         if not same:
             state = "a finished" if is_complete(out) else "an unfinished"
             raise ValueError(f"{out} holds {state} index of another input or model: delete it or pass another --out")
