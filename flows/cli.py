@@ -310,6 +310,12 @@ def cmd_serve(a) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def _port(text: str) -> int:
     """--port's value: a TCP port number (argparse names the flag when this raises)."""
     port = int(text) if text.strip().lstrip("-").isdigit() else None
@@ -555,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--modality", required=True, choices=["text", "image"], help="what to embed")
     e.add_argument("--out", required=True, help="output Parquet: row, embedding (L2-normalised), id")
     e.add_argument("--text-column", default="caption", help="the input's text column")
-    e.add_argument("--batch-size", type=int, default=256, help="items per forward pass")
+    e.add_argument("--batch-size", type=_at_least_one, default=256, help="items per forward pass")
     runtime(e)
     e.set_defaults(func=cmd_embed)
 
@@ -577,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(same ids), kept for backfills and the search page's thumbnails",
     )
     ix.add_argument("--text-column", default="caption", help="the input's text column")
-    ix.add_argument("--chunk-rows", type=int, default=4096, help="items per resumable chunk")
+    ix.add_argument("--chunk-rows", type=_at_least_one, default=4096, help="items per resumable chunk")
     ix.add_argument(
         "--kind",
         default="auto",
@@ -648,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster-ends and dense-clusters whole old-space neighbourhoods, the loosest and the tightest "
         "alternately or the tightest first (docs/serving.md measures each against random)",
     )
-    bf.add_argument("--chunk-rows", type=int, default=1024, help="items per resumable chunk")
+    bf.add_argument("--chunk-rows", type=_at_least_one, default=1024, help="items per resumable chunk")
     bf.add_argument("--seed", type=int, default=0, help="seed of the random order (default: 0)")
     act = bf.add_mutually_exclusive_group()
     act.add_argument("--status", action="store_true", help="print the backfill's progress as JSON and exit")

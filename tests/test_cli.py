@@ -199,7 +199,8 @@ def test_embed_text_and_image_and_bundle(tiny, tmp_path):
             "--out",
             tmp_path / "x.parquet",
         ),
-        "missing column 'nope'",
+        "missing column 'nope'; the file has columns ['image', 'caption', 'image_id']: name the text column with "
+        "--text-column NAME (its text columns: ['caption'])",
     )
 
     r = xbt("catalog", "--json", "--table", "galleries")
@@ -428,3 +429,14 @@ def test_a_state_folder_that_does_not_exist_yet_is_made(monkeypatch, tmp_path):
     _set_env_defaults()
     assert os.environ["PREFECT_HOME"] == str(state / "prefect")
     assert (state / "prefect").is_dir()
+
+
+def test_sizes_below_one_are_refused_by_the_argument_parser_naming_the_flag():
+    for args in (
+        ["embed", "--model", "zoo/old", "--input", "x.parquet", "--modality", "text", "--out", "y.parquet"],
+        ["index", "--model", "zoo/old", "--input", "x.parquet", "--modality", "text", "--out", "idx"],
+    ):
+        flag = "--batch-size" if args[0] == "embed" else "--chunk-rows"
+        for bad in ("0", "-3", "2.5"):
+            r = xbt(*args, flag, bad)
+            assert r.returncode == 2 and f"argument {flag}: '{bad}' is not a whole number of at least 1" in r.stderr

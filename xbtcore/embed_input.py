@@ -31,12 +31,14 @@ def read_texts(path, column: str = "caption") -> list[str]:
     for file in parquet_files(path):
         schema = _schema(file)
         if column not in schema.names:
-            images = {"image", "image_path"} & set(schema.names)
-            fix = (
-                "it holds images: embed them with --modality image"
-                if images
-                else "name the text column with --text-column NAME"
-            )
+            ids_or_paths = ("image_path", "id", "image_id")
+            texts_in = [f.name for f in schema if is_text_type(f.type) and f.name not in ids_or_paths]
+            if texts_in:
+                fix = f"name the text column with --text-column NAME (its text columns: {texts_in})"
+            elif {"image", "image_path"} & set(schema.names):
+                fix = "it holds images: embed them with --modality image"
+            else:
+                fix = "name the text column with --text-column NAME"
             raise InputError(file, f"missing column '{column}'; the file has columns {schema.names}", fix)
         col = _read_table(file, [column]).column(column)
         if not is_text_type(col.type):
