@@ -449,6 +449,7 @@ def candidate_record(method: str, eligible: bool, run: dict | None, why_not_run:
     }
 
 
+CRITERIA = {"eqn2": "Eqn. 2", "no-regression": "no-regression"}  # verdict criterion -> how a reason names it
 REPORT_FILES = ("report.json", "report.html")  # a run folder with report.json is a finished run
 
 
@@ -483,6 +484,20 @@ def upgrade(params: UpgradeParams) -> dict:
         return _upgrade(params, out)
 
 
+def check_not_replaced(out: Path, models: dict[str, str]) -> None:
+    """A model inside OUT/bundle or OUT/work would be replaced by this run: a chain link written into its
+    --old bundle's folder destroys that link, and its bundle then names itself as its old model."""
+    for flag, ref in models.items():
+        if not Path(ref).is_dir():
+            continue
+        for replaced in (out / "bundle", out / "work"):
+            if Path(ref).resolve().is_relative_to(replaced.resolve()):
+                raise ValueError(
+                    f"{flag} {ref} is inside {replaced}, which this run replaces: pass another --out "
+                    "(each link of a chain needs a run folder of its own)"
+                )
+
+
 def _upgrade(params: UpgradeParams, out: Path) -> dict:
     t_start = time.perf_counter()
     check_servers()
@@ -499,6 +514,7 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
     data_fp = {k: fingerprint_files(parquet_files(v)) for k, v in data.items()}
     old = absolute_ref(resolve_model(params.old))
     new = absolute_ref(resolve_model(params.new))
+    check_not_replaced(out, {"--old": old, "--new": new})
     model_fp = {"old": model_fingerprint(old), "new": model_fingerprint(new)}
 
     with clock("extract"):  # bad input of any kind fails here, before anything trains
@@ -610,7 +626,11 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
     histories = read_histories({"pretrain": run_of["head"], "train": run_of["bundle"]})
     figures = draw_figures(histories, recall, str(work / "figures"))
     reg = register_and_promote(run, recall, bundle, root, verdict, histories, figures)
-    failures = [f for k, v in verdict.items() if k != "passed" for f in v["failures"]]
+    failing = ", ".join(
+        f"{len(v['failures'])} failing {CRITERIA[v['criterion']]} check{'s' * (len(v['failures']) != 1)}"
+        for k, v in verdict.items()
+        if k != "passed" and v["failures"]
+    )
     promotion = {
         "promoted": reg["promoted"],
         "model": reg["name"],
@@ -618,7 +638,7 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
         "champion": reg["champion"],
         "reason": "gate passed: champion moved to this version"
         if reg["promoted"]
-        else f"gate failed ({len(failures)} failing checks): not promoted, champion stays "
+        else f"gate failed ({failing}): not promoted, champion stays "
         + (f"version {reg['champion']}" if reg["champion"] is not None else "unset (no version has passed yet)"),
     }
     run["mlflow"] = {

@@ -133,8 +133,8 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
     if regress and not regress["passed"]:
         checks = ", ".join(f"{d} R@{k} {a} < {b}" for d, k, a, b in regress["failures"])
         steps.append(
-            f"the candidate's queries do worse than the champion link's against the same gallery "
-            f"({checks}); the champion stays, and its link is the one to keep serving"
+            f"the candidate's queries do worse than the previous link's (the --old bundle's) against the same "
+            f"gallery ({checks}), so it is not promoted: keep serving that link"
         )
         if pretrain.chain_targets == "champion":
             steps.append(

@@ -127,9 +127,11 @@ def test_new_new_gap_past_a_point_points_at_the_distillation_and_pair_terms():
     assert "pair_weight" not in blend[0]
 
 
-def test_a_chain_link_worse_than_the_champion_says_the_champion_stays():
+def test_a_chain_link_worse_than_the_link_it_starts_from_says_to_keep_serving_that_one():
     steps = next_steps(_report(prev_old=(50.0, 51.0)), TEXT)
-    assert len(steps) == 1 and "champion stays" in steps[0] and "i2t R@1 50.0 < 51.0" in steps[0]
+    assert len(steps) == 1 and "i2t R@1 50.0 < 51.0" in steps[0]
+    # --old may be any bundle, champion or not: the advice names the link, not the registry's alias
+    assert "previous link's (the --old bundle's)" in steps[0] and "champion" not in steps[0]
     # Trained towards the champion's compatible embeddings, the advice also points at the root targets.
     towards_champion = dataclasses.replace(TEXT, chain_targets="champion")
     steps = next_steps(_report(prev_old=(50.0, 51.0)), towards_champion)

@@ -309,6 +309,7 @@ def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, t
     second = upgrade(_params(tiny, tmp_path / "b", seed=12))
     assert not second["promotion"]["promoted"] and "not promoted" in second["promotion"]["reason"]
     assert second["promotion"]["reason"].endswith(f"champion stays version {first['promotion']['version']}")
+    assert second["promotion"]["reason"].startswith("gate failed (1 failing Eqn. 2 check):")
     assert second["gate"] == failing.to_dict()
     assert registry.champion_version(c, name) == first["promotion"]["version"]
     assert str(c.get_model_version_by_alias(name, "candidate").version) == second["promotion"]["version"]
@@ -322,6 +323,13 @@ def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, t
     assert third["recall"]["t2i"]["old/old"] == first["recall"]["t2i"]["old/old"]
     assert third["promotion"]["model"] == name  # same gallery space, same registered model
     assert Path(third["bundle"]).is_dir()
+    # The next link into the folder of the link it starts from would replace that link under itself.
+    from tasks.common import fingerprint_content
+
+    link = fingerprint_content(third["bundle"])
+    with pytest.raises(ValueError, match=r"--old \S+/c/bundle is inside \S+/c/bundle, which this run replaces"):
+        upgrade(_params(tiny, tmp_path / "c", old=third["bundle"], method="procrustes"))
+    assert fingerprint_content(third["bundle"]) == link and (tmp_path / "c" / "report.json").is_file()
 
     # What the link trains towards (pretrain.chain_targets). By default the gallery's root model: the link's
     # map is the one a first upgrade from the root fits. With "champion", the champion's compatible space:
