@@ -121,9 +121,10 @@ CACHED = dict(cache_policy=WhileOutputExists(), persist_result=True, on_completi
 
 
 def absolute_ref(ref: str) -> str:
-    """A local directory as an absolute path (the cache keys models by this string); a hub id as is."""
+    """A local directory as its absolute path, `..` and symlinks resolved (the cache keys models by this
+    string, so each folder has one); a hub id as is."""
     p = Path(ref).expanduser()
-    return str(p.absolute()) if p.exists() else ref
+    return str(p.resolve()) if p.exists() else ref
 
 
 def log():

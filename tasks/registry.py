@@ -49,8 +49,10 @@ def client():
 
 
 def space_of(root_ref: str) -> str:
-    """A readable, stable id of a gallery space: the root model's name and fingerprint."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(str(root_ref).rstrip("/")).name or str(root_ref)).strip("-")
+    """A readable, stable id of a gallery space: the root model's name (a local folder's own) and fingerprint."""
+    local = Path(root_ref).expanduser()
+    shown = local.resolve().name if local.is_dir() else Path(str(root_ref).rstrip("/")).name
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", shown or str(root_ref)).strip("-")
     return f"{name}-{fingerprint_model(root_ref)[:8]}"
 
 

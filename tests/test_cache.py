@@ -93,3 +93,30 @@ def test_a_file_digest_is_remembered_across_processes_by_path_size_and_mtime(tmp
     assert cache.file_digest(weights) == first
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a write the stat sees
     assert cache.file_digest(weights) != first
+
+
+def test_a_model_folder_is_one_space_however_its_path_is_spelled(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from tasks.common import absolute_ref
+    from tasks.registry import space_of
+
+    monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
+    model = tmp_path / "models" / "clip-old"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "link").symlink_to(model)
+    shutil.copytree(model, tmp_path / "elsewhere" / "clip-old")
+    monkeypatch.chdir(tmp_path / "models")
+    spellings = ["clip-old", "./clip-old/", str(model), "../models/clip-old", f"{tmp_path}/link", "../link"]
+    spaces = {space_of(absolute_ref(s)) for s in spellings} | {space_of(str(tmp_path / "elsewhere" / "clip-old"))}
+    assert len(spaces) == 1 and spaces.pop().startswith("clip-old-")
+    weights = model / "model.safetensors"
+    st = weights.stat()
+    with weights.open("r+b") as fh:  # another checkpoint in the same folder
+        fh.seek(100)
+        fh.write(b"\xff")
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a later write, on any clock granularity
+    assert space_of(absolute_ref("clip-old")) != space_of(str(tmp_path / "elsewhere" / "clip-old"))

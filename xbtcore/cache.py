@@ -87,16 +87,17 @@ def file_digest(f: Path) -> str:
 
 
 def fingerprint_model(ref: str, with_mtime: bool = False) -> str:
-    """Fingerprint of a model: a hub id is its name; a local directory is its path and its config,
-    weight and tokenizer files.
+    """Fingerprint of a model: a hub id is its name; a local directory is its config, weight and
+    tokenizer files.
 
-    Without with_mtime (a gallery space's id, a model version): each file's whole content (its digest
-    memoised by file_digest), so two checkpoints that differ anywhere get other ids, and a touch or a
-    checkout of the same bytes keeps its id. With with_mtime (the embedding cache's key,
-    computed on every pass): each file's size, modification time and first and last MiB, which sees a
-    rewrite without reading a large file in full."""
+    Without with_mtime (a gallery space's id, a model version): each file's name in the folder and
+    whole content (its digest memoised by file_digest), not where the folder is, so two checkpoints
+    that differ anywhere get other ids, and the same files are one id however their path is spelled,
+    copied or touched. With with_mtime (the embedding cache's key, computed on every pass): the path
+    and each file's size, modification time and first and last MiB, which sees a rewrite without
+    reading a large file in full."""
     p = Path(ref)
-    h = hashlib.sha256(str(ref).encode())
+    h = hashlib.sha256(b"files" if p.is_dir() and not with_mtime else str(ref).encode())
     if p.is_dir():
         for f in sorted(p.rglob("*")):
             if not (f.is_file() and f.suffix in MODEL_FILES):
