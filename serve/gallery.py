@@ -101,11 +101,12 @@ def index_gallery(
     from xbtcore.data import read_gallery
 
     info = {"model": model.ref, "model_version": model.version, "modality": modality, "text_column": text_column}
+    given_vectors = _is_embedding_parquet(source)
     # What a resumed index must be made of too: the model's files and the input files (name, size, mtime).
-    embedder = None if _is_embedding_parquet(source) else fingerprint_model(model.resolved)
+    embedder = None if given_vectors else fingerprint_model(model.resolved)
     files = [fingerprint_files(parquet_files(p)) for p in (source, images) if p]
     info["inputs"] = digest(embedder, text_column, *files)
-    if _is_embedding_parquet(source):
+    if given_vectors:
         check_gallery_space(source, model, modality)
         row_ids, emb = read_gallery(source)
         dim = model.compat.embed_dim
