@@ -222,6 +222,26 @@ def train(
     return out
 
 
+TORCHRUN_GRACE_S = 60  # torchrun gives its ranks 30 s after SIGTERM before it SIGKILLs them
+
+
+def run_stopping_on_exit(cmd: list[str], env: dict, grace_s: float = TORCHRUN_GRACE_S) -> int:
+    """Run cmd; -> its exit code. When this process is stopped meanwhile (Ctrl-C, or SIGTERM, which the CLI
+    raises as an exception), cmd gets SIGTERM and grace_s to end before SIGKILL. torchrun stops its ranks on
+    SIGTERM; SIGKILLed, it would leave them running, since each runs in a session of its own."""
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+
+
 def _under_torchrun(args: dict) -> str:
     """`train(**args)` in args["nproc"] processes started by torchrun on this machine (tasks/torchrun_train.py);
     -> the bundle rank 0 wrote. Their output streams here; a failed rank fails the step, naming its code."""
@@ -234,11 +254,11 @@ def _under_torchrun(args: dict) -> str:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     log().info("%s: training in %d processes under torchrun on %s", args["method"], nproc, args["device"])
-    done = subprocess.run([*cmd, "-m", "tasks.torchrun_train", str(launch)], env=env)
-    if done.returncode != 0:
+    code = run_stopping_on_exit([*cmd, "-m", "tasks.torchrun_train", str(launch)], env)
+    if code != 0:
         raise RuntimeError(
             f"training {args['method']} under torchrun ({nproc} processes) failed with exit code "
-            f"{done.returncode} (its output is above); rerun with --nproc 1 to train in one process"
+            f"{code} (its output is above); rerun with --nproc 1 to train in one process"
         )
     launch.unlink()
     if not out.is_dir():

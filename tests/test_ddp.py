@@ -268,3 +268,59 @@ def test_a_failed_rank_under_torchrun_fails_the_step_naming_the_fix(tmp_path):
     with pytest.raises(RuntimeError, match=r"under torchrun \(2 processes\) failed with exit code 1.*--nproc 1"):
         _under_torchrun(args)
     assert not out.exists() and (tmp_path / "bundle-xbt.launch.pt").exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_stopped_training_step_stops_torchruns_ranks_too(tmp_path):
+    """The CLI raises SIGTERM as an exception; the step then hands torchrun a SIGTERM, on which it stops its
+    ranks. SIGKILLed instead, torchrun would leave them running: each rank has a session of its own."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import REPO
+
+    sleeper = tmp_path / "rank.py"
+    sleeper.write_text(
+        "import os, sys, time\n"
+        "open(os.path.join(sys.argv[1], 'rank%s.pid' % os.environ['RANK']), 'w').write(str(os.getpid()))\n"
+        "time.sleep(600)\n"
+    )
+    driver = tmp_path / "step.py"
+    driver.write_text(
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from tasks.train import run_stopping_on_exit\n"
+        "class Stopped(Exception):\n    pass\n"
+        "def stop(*_):\n    raise Stopped()\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node=2', "
+        f"{str(sleeper)!r}, {str(tmp_path)!r}]\n"
+        "try:\n    run_stopping_on_exit(cmd, dict(os.environ))\nexcept Stopped:\n    sys.exit(143)\n"
+    )
+    step = subprocess.Popen([sys.executable, str(driver)])
+    pids = []
+    try:
+        deadline = time.time() + 120
+        while len(pids) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+            pids = [int(f.read_text()) for f in tmp_path.glob("rank*.pid") if f.read_text()]
+        assert len(pids) == 2, "the ranks did not start"
+        step.send_signal(signal.SIGTERM)  # to the step's process alone, as `kill PID` sends it
+        assert step.wait(timeout=90) == 143
+        deadline = time.time() + 10
+        while any(_alive(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in pids if _alive(p)], "torchrun's ranks outlived the stopped step"
+    finally:
+        step.kill()
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
