@@ -170,7 +170,7 @@ def test_unfinished_index_never_opens_and_resumes_where_it_stopped(tmp_path):
         search.GalleryIndex(out)
 
 
-def test_an_unfinished_index_resumes_only_at_the_precision_it_was_started_at(world, tmp_path):
+def test_an_index_resumes_or_stands_only_at_the_precision_it_was_started_at(world, tmp_path):
     from serve.engine import load_query_model
     from serve.gallery import index_gallery
 
@@ -182,6 +182,8 @@ def test_an_unfinished_index_resumes_only_at_the_precision_it_was_started_at(wor
     assert search.chunks_done(out) == [0, 1] and not search.is_complete(out)  # the refusal wrote nothing
     r = index_gallery(load_query_model(OLD, precision="bf16"), world["eval"], "image", out, chunk_rows=16)
     assert r["complete"] and len(search.GalleryIndex(out)) == r["items"]
+    with pytest.raises(ValueError, match="is an index built at --precision bf16 and this run embeds at fp32"):
+        index_gallery(load_query_model(OLD), world["eval"], "image", out, chunk_rows=16)  # finished, too
 
 
 def test_ties_are_broken_by_id_also_at_the_cut(tmp_path):
