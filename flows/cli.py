@@ -251,7 +251,7 @@ def cmd_search(a) -> int:
     if a.qdrant:
         from serve.qdrant import QdrantGallery, connect
 
-        gallery = QdrantGallery(a.index, connect(a.qdrant))
+        gallery = QdrantGallery(a.index, connect(a.qdrant, existing=True))
     else:
         gallery = MixedGallery(a.index)
     engine = Engine(_query_model(a.model), gallery)
@@ -291,7 +291,7 @@ def cmd_serve(a) -> int:
     if a.qdrant:
         from serve.qdrant import connect
 
-        qdrant = connect(a.qdrant)
+        qdrant = connect(a.qdrant, existing=True)
     server = Server(a.model, a.index, poll_s=a.poll_seconds, qdrant=qdrant, batch_wait_s=a.batch_wait_ms / 1000)
     server.start()
     e = server.engine.describe()

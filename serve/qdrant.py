@@ -18,14 +18,27 @@ from xbtcore.search import GalleryIndex, Hit, digest_ids, id_key, is_complete, n
 ALIAS = "xbt-gallery"
 
 
-def connect(target: str):
-    """A Qdrant server URL (http://...) or a local folder (embedded mode)."""
+def connect(target: str, existing: bool = False):
+    """A Qdrant server URL (http://...) or a local folder (embedded mode; with `existing`, one that an export
+    made: a read-only command does not create a mistyped folder)."""
     try:
         from qdrant_client import QdrantClient
     except ImportError as e:
         raise ValueError("--qdrant needs qdrant-client: pip install 'xbt[qdrant]'") from e
 
-    return QdrantClient(url=target) if target.startswith(("http://", "https://")) else QdrantClient(path=target)
+    if target.startswith(("http://", "https://")):
+        return QdrantClient(url=target)
+    if existing and not Path(target).is_dir():
+        raise ValueError(f"--qdrant {target}: no such folder; export an index there with `xbt index ... --qdrant`")
+    try:
+        return QdrantClient(path=target)
+    except RuntimeError as e:
+        if "already accessed" not in str(e):
+            raise
+        raise ValueError(
+            f"--qdrant {target} is held by another process (an embedded Qdrant folder takes one at a time): "
+            "stop that one, or run a Qdrant server and pass its URL"
+        ) from e
 
 
 def collection_name(index: GalleryIndex) -> str:

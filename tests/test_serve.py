@@ -494,6 +494,15 @@ def test_xbt_search_and_serve_take_qdrant(setup, tmp_path):
     expected = [(h["id"], h["score"]) for h in json.loads(plain.stdout)["results"]]
     assert_same_ranking(json.loads(on_qdrant.stdout)["results"], expected)
     assert "--qdrant" in xbt("serve", "--help").stdout
+    typo = tmp_path / "qdrnat"
+    r = xbt(*args, "--qdrant", typo)
+    assert r.returncode == 1 and "no such folder" in r.stderr and not typo.exists()  # a search creates nothing
+    holder = qdrant.connect(str(tmp_path / "qdrant"))  # as a running `xbt serve --qdrant` holds it
+    try:
+        r = xbt(*args, "--qdrant", tmp_path / "qdrant")
+        assert r.returncode == 1 and "is held by another process" in r.stderr, r.stderr
+    finally:
+        holder.close()
 
 
 def _embed_images(encoder, blobs: list[bytes]) -> np.ndarray:
