@@ -334,7 +334,10 @@ def test_training_processes_settle_or_name_the_fix(monkeypatch):
     from xbtcore.ddp import resolve_nproc
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert resolve_nproc("auto", "cpu") == 1 and resolve_nproc("2", "cpu") == 2  # gloo ranks share the cores
+    with pytest.raises(ValueError, match="nproc 3: this machine has 2 CPU core.*--nproc 2 or fewer"):
+        resolve_nproc(3, "cpu")  # each rank holds the models: past a rank per core they only add memory
     assert resolve_nproc("auto", "cuda") == 4  # one per GPU
     assert resolve_nproc("auto", "cuda:1") == 1  # a named GPU is one process
     with pytest.raises(ValueError, match="names one: pass --device cuda .* or --nproc 1"):

@@ -9,6 +9,8 @@ processes the flow's training step runs in (tasks/train.py launches them).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -55,6 +57,9 @@ def resolve_nproc(nproc: int | str, device: str) -> int:
             )
         if n > torch.cuda.device_count():
             raise ValueError(f"nproc {n}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    cores = os.cpu_count() or 1
+    if not on_gpu and n > cores:  # each rank holds the models: past one per core they only add memory
+        raise ValueError(f"nproc {n}: this machine has {cores} CPU core(s); pass --nproc {cores} or fewer")
     return n
 
 
