@@ -52,7 +52,7 @@ from tasks.report import (
     write_report,
 )
 from tasks.servers import check_servers
-from tasks.shards import embed_corpus_on_dask, parse_dask
+from tasks.shards import check_scheduler, embed_corpus_on_dask, parse_dask
 from tasks.train import fit_head, publish_bundle, train
 from worlds import shapes
 from xbtcore.backfill import BACKFILL_ORDER
@@ -501,6 +501,8 @@ def check_not_replaced(out: Path, models: dict[str, str]) -> None:
 def _upgrade(params: UpgradeParams, out: Path) -> dict:
     t_start = time.perf_counter()
     check_servers()
+    if params.dask and "address" in parse_dask(params.dask):
+        check_scheduler(params.dask)
     work = out / "work"
     clock = StepClock()
     settings = params.settings

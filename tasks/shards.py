@@ -46,6 +46,38 @@ def parse_dask(spec: str) -> dict:
     raise ValueError(f"--dask {spec!r}: give local:N (N worker processes here) or a scheduler address tcp://HOST:PORT")
 
 
+SCHEDULER_WAIT_S = 15  # how long --dask's address has to answer as a Dask scheduler
+
+
+def check_scheduler(address: str, timeout_s: float = SCHEDULER_WAIT_S) -> None:
+    """A Dask scheduler answers at `address` (its identity call) within timeout_s, else a ValueError naming
+    it: distributed's Client waits on a port that accepts but never answers (a dashboard, another server)
+    without end, and reads another protocol's bytes as a frame of exabytes."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.comm import connect
+
+    async def identity():
+        comm = await connect(address, timeout=timeout_s)
+        try:
+            await comm.write({"op": "identity"})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    fix = "pass the scheduler's address (tcp://HOST:8786 unless it was started on another port; 8787 is its dashboard)"
+    try:  # in a thread of its own: the flow's thread may have an event loop running
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(asyncio.run, asyncio.wait_for(identity(), timeout_s)).result()
+    except Exception as e:
+        raise ValueError(
+            f"--dask {address}: no Dask scheduler answered there in {timeout_s:g} s ({type(e).__name__}): {fix}"
+        ) from e
+    if not isinstance(reply, dict) or reply.get("type") != "Scheduler":
+        raise ValueError(f"--dask {address}: what answers there is not a Dask scheduler: {fix}")
+
+
 def caption_rows(path: str, start: int, stop: int) -> list[str]:
     """Rows [start, stop) of a corpus Parquet file's caption column, reading only the row groups that hold them."""
     f = pq.ParquetFile(path)

@@ -75,3 +75,51 @@ def test_an_upgrade_with_dask_embeds_its_corpus_on_the_workers_and_reports_the_s
 def test_a_bad_dask_value_is_refused_before_anything_runs(tiny, tmp_path):
     r = xbt(*upgrade_args(tiny, tmp_path / "o", dask="somehost"))
     assert r.returncode != 0 and "local:N" in r.stderr and not (tmp_path / "o").exists()
+
+
+def _listen(answer: bytes | None) -> str:
+    """A port that accepts and then says `answer` (another protocol's bytes), or nothing at all."""
+    import socket
+    import threading
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+
+    def serve():
+        held = []
+        while True:
+            conn, _ = sock.accept()
+            held.append(conn)
+            if answer:
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_an_address_where_no_dask_scheduler_answers_is_refused_in_seconds():
+    import time
+
+    from distributed import LocalCluster
+
+    from tasks.shards import check_scheduler
+
+    listen = _listen
+    for answer in (None, b"HTTP/1.0 200 OK\r\n\r\n" + b"\xff" * 4096):  # a silent port; a dashboard's page
+        t0 = time.time()
+        with pytest.raises(ValueError, match="no Dask scheduler answered there in 2 s .*8787 is its dashboard"):
+            check_scheduler(listen(answer), timeout_s=2)
+        assert time.time() - t0 < 10
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        check_scheduler(cluster.scheduler_address, timeout_s=10)
+
+
+def test_an_upgrade_given_a_port_that_is_no_scheduler_fails_before_any_work(tiny, tmp_path):
+    import time
+
+    t0 = time.time()
+    r = xbt(*upgrade_args(tiny, tmp_path / "o", dask=_listen(None)), "--no-progress", timeout=120)
+    assert r.returncode == 1 and "no Dask scheduler answered there" in r.stderr.strip().splitlines()[-1]
+    assert time.time() - t0 < 120 and not (tmp_path / "o" / "report.json").exists()
+    assert not (tmp_path / "o" / "work").exists()  # before the corpus was read
