@@ -132,15 +132,13 @@ def build_index(
             state = "a finished" if is_complete(out) else "an unfinished"
             raise ValueError(f"{out} holds {state} index of another input or model: delete it or pass another --out")
         started, now = old.get("precision"), plan.get("precision")
-        if started and now and started != now and is_complete(out):
+        if started and now and started != now:
             raise ValueError(
                 f"{out} is an index built at --precision {started} and this run embeds at {now}: pass "
                 f"--precision {started} to keep it, or delete it to rebuild at {now}"
-            )
-        if started and now and started != now:
-            raise ValueError(
-                f"{out} was started at --precision {started} and this run embeds at {now}: its chunks would mix "
-                f"both; resume it with --precision {started}, or delete it to rebuild at {now}"
+                if is_complete(out)
+                else f"{out} was started at --precision {started} and this run embeds at {now}: its chunks would "
+                f"mix both; resume it with --precision {started}, or delete it to rebuild at {now}"
             )
         if is_complete(out):
             return out
