@@ -70,6 +70,7 @@ from xbtcore.encoders import (
     resolve_precision,
 )
 from xbtcore.finetune import FinetuneConfig
+from xbtcore.gate import CRITERION_NAMES
 from xbtcore.lock import busy, exclusive
 from xbtcore.methods import by_cost, get_method, head_owner
 from xbtcore.methods.select import choose, qualifies
@@ -449,7 +450,6 @@ def candidate_record(method: str, eligible: bool, run: dict | None, why_not_run:
     }
 
 
-CRITERIA = {"eqn2": "Eqn. 2", "no-regression": "no-regression"}  # verdict criterion -> how a reason names it
 REPORT_FILES = ("report.json", "report.html")  # a run folder with report.json is a finished run
 
 
@@ -629,7 +629,7 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
     figures = draw_figures(histories, recall, str(work / "figures"))
     reg = register_and_promote(run, recall, bundle, root, verdict, histories, figures)
     failing = ", ".join(
-        f"{len(v['failures'])} failing {CRITERIA[v['criterion']]} check{'s' * (len(v['failures']) != 1)}"
+        f"{len(v['failures'])} failing {CRITERION_NAMES[v['criterion']]} check{'s' * (len(v['failures']) != 1)}"
         for k, v in verdict.items()
         if k != "passed" and v["failures"]
     )

@@ -63,6 +63,7 @@ def no_regression_gate(
 
 
 FAILURE_TESTS = {"eqn2": "<= old/old", "no-regression": "< prev/old"}  # what a failing check's numbers show
+CRITERION_NAMES = {"eqn2": "Eqn. 2", "no-regression": "no-regression"}  # how a message names each
 
 
 def describe_failures(failures: list[list], criterion: str = "eqn2") -> list[str]:
