@@ -176,3 +176,33 @@ def test_identical_captions_embedded_apart_do_not_outrank_each_other():
     assert r["i2t"]["1"] >= 50.0  # image 0 finds its caption first whichever copy scores a hair higher
     copies = recall_at_k(torch.stack([noisy, caption]), image, torch.tensor([0, 1]), ks=(1,), directions=("i2t",))
     assert r == copies  # the order the copies were embedded in does not matter
+
+
+def test_an_image_with_most_of_the_captions_costs_one_pair_per_caption_and_ranks_as_brute_force():
+    """i2t's own items are (image, caption) pairs, as many as captions: one image holding 2,000 of 2,400
+    captions must not widen every image's row of own captions to 2,000 (that grew as images x captions)."""
+    from xbtcore.recall import _own_items
+
+    g = torch.Generator().manual_seed(3)
+    n_images, dim = 401, 16
+    caption_image = torch.cat([torch.zeros(2000, dtype=torch.long), torch.arange(1, n_images)])
+    caption_image = caption_image[torch.randperm(len(caption_image), generator=g)]
+    image = unit(torch.randn(n_images, dim, generator=g))
+    text = unit(image[caption_image] + 0.9 * torch.randn(len(caption_image), dim, generator=g))
+    owner, item = _own_items(caption_image, "i2t")
+    assert len(owner) == len(item) == len(caption_image)
+    assert torch.equal(caption_image[item], owner) and bool((owner.diff() >= 0).all())
+    want = recall_at_k_reference(text, image, caption_image, FINE_KS)
+    for chunk_size in (1, 7, 4096):
+        assert recall_at_k(text, image, caption_image, FINE_KS, chunk_size=chunk_size) == want
+    assert recall_at_k(text, image, caption_image, FINE_KS, backend="faiss") == want
+
+
+def test_per_query_ranks_refuse_an_image_without_a_caption():
+    """query_ranks (the paired margins read it) checks its inputs as recall_at_k does: an image without a
+    caption has no own item, and wrapping round to another image's caption would count a hit."""
+    from xbtcore.recall import query_ranks
+
+    with pytest.raises(ValueError, match=r"images \[2\] have no caption"):
+        query_ranks(torch.eye(3)[:2], torch.eye(3), torch.tensor([0, 1]), "i2t")
+    assert query_ranks(torch.eye(3)[:2], torch.eye(3), torch.tensor([0, 1]), "t2i").tolist() == [0.0, 0.0]

@@ -107,14 +107,14 @@ def query_ranks(
     """Per query, the number of gallery items that outrank its own (by more than TIE_TOLERANCE): (Nc,) for
     t2i (caption queries), (Ni,) for i2t (image queries); a hit at K is rank < K.
     The measurement recall_at_k summarises; kept per query for paired comparisons."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    _check_inputs(text_emb, image_emb, caption_image, KS, chunk_size, "torch", (direction,))
     caption_image = caption_image.to(device=text_emb.device, dtype=torch.long)
     text_emb = text_emb.detach().float().contiguous()
     image_emb = image_emb.detach().to(text_emb.device).float().contiguous()
-    if direction == "t2i":
-        return _ranks(text_emb, image_emb, caption_image[:, None], chunk_size)
-    if direction == "i2t":
-        return _ranks(image_emb, text_emb, _captions_per_image(caption_image, len(image_emb)), chunk_size)
-    raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    queries, gallery = (text_emb, image_emb) if direction == "t2i" else (image_emb, text_emb)
+    return _ranks(queries, gallery, _own_items(caption_image, direction), chunk_size)
 
 
 def recall_at_k_reference(
@@ -155,41 +155,45 @@ def ranks_above_own(scores, own):
     return (scores > own_score + TIE_TOLERANCE).sum(axis=1)
 
 
-def _ranks(queries: torch.Tensor, gallery: torch.Tensor, own: torch.Tensor, chunk: int) -> torch.Tensor:
+def _ranks(queries: torch.Tensor, gallery: torch.Tensor, own: tuple, chunk: int) -> torch.Tensor:
     """Per query: how many gallery items score more than TIE_TOLERANCE above its best own item.
 
-    own (Nq, M) lists each query's own gallery items (t2i: its image, M = 1;
-    i2t: its captions). Own items never exceed their own maximum, so only
-    other items are counted; a near-equal score is not (ties go to the query).
+    own: (query, item) pairs sorted by query (`_own_items`): each query's own gallery items (t2i: its
+    image; i2t: its captions). Own items never exceed their own maximum, so only other items are
+    counted; a near-equal score is not (ties go to the query).
     """
     ranks = torch.empty(len(queries), device=queries.device)  # (Nq,)
     # float32 counts 0/1 values exactly up to 2**24
     acc = torch.float32 if len(gallery) < 2**24 else torch.float64
     # one buffer for every chunk: no fresh multi-GB allocation (and page faults) per matmul
     buf = torch.empty(min(chunk, len(queries)), len(gallery), device=queries.device)  # (B, Ng)
-    for a in range(0, len(queries), chunk):
+    owner, item = own  # (P,) each
+    bounds = torch.searchsorted(owner, torch.arange(0, len(queries) + chunk, chunk, device=owner.device)).tolist()
+    for i, a in enumerate(range(0, len(queries), chunk)):
         q = queries[a : a + chunk]  # (B, D)
         sims = torch.matmul(q, gallery.T, out=buf[: len(q)])  # (B, Ng)
-        best = sims.gather(1, own[a : a + chunk]).amax(1, keepdim=True) + TIE_TOLERANCE  # (B, 1)
+        best = _best_own(sims, owner[bounds[i] : bounds[i + 1]] - a, item[bounds[i] : bounds[i + 1]])
         # 0/1 floats in place: no (B, Ng) bool buffer, and a float row sum is
         # several times faster than summing bools on CPU
-        torch.gt(sims, best, out=sims)  # (B, Ng)
+        torch.gt(sims, best[:, None] + TIE_TOLERANCE, out=sims)  # (B, Ng)
         ranks[a : a + chunk] = sims.sum(1, dtype=acc)  # (B,)
     return ranks
 
 
-def _captions_per_image(caption_image: torch.Tensor, n_images: int) -> torch.Tensor:
-    """(Ni, M) caption indices of each image, M = most captions of any image.
-
-    Short rows repeat their last caption instead of padding, so a max over a
-    row needs no mask.
-    """
+def _own_items(caption_image: torch.Tensor, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, item) index pairs sorted by query, one per caption: t2i (caption, its image), i2t (image,
+    its caption). As many pairs as captions, however they spread over the images."""
+    captions = torch.arange(len(caption_image), device=caption_image.device)  # (Nc,)
+    if direction == "t2i":
+        return captions, caption_image
     order = torch.argsort(caption_image, stable=True)  # (Nc,) captions grouped by image
-    counts = torch.bincount(caption_image, minlength=n_images)  # (Ni,)
-    starts = counts.cumsum(0) - counts  # (Ni,)
-    slot = torch.arange(int(counts.max()), device=caption_image.device)  # (M,)
-    slot = torch.minimum(slot[None, :], counts[:, None] - 1)  # (Ni, M)
-    return order[starts[:, None] + slot]  # (Ni, M)
+    return caption_image[order], captions[order]
+
+
+def _best_own(scores: torch.Tensor, owner: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+    """(B, Ng) scores of B queries, (P,) pairs (query row, own item) -> (B,) each query's best own score."""
+    best = torch.full((len(scores),), float("-inf"), device=scores.device, dtype=scores.dtype)  # (B,)
+    return best.scatter_reduce_(0, owner, scores[owner, item], "amax")
 
 
 def _faiss_ranks(text: torch.Tensor, image: torch.Tensor, caption_image: torch.Tensor, k: int, direction: str):
@@ -203,8 +207,9 @@ def _faiss_ranks(text: torch.Tensor, image: torch.Tensor, caption_image: torch.T
     scores, ids = index.search(np.ascontiguousarray(queries.cpu().numpy()), k)  # (Nq, k) each
     scores, ids = torch.from_numpy(scores), torch.from_numpy(ids)
     caption_image = caption_image.cpu()
-    own = _captions_per_image(caption_image, len(image)) if direction == "i2t" else caption_image[:, None]  # (Nq, M)
-    best = (queries.cpu()[:, None, :] * gallery.cpu()[own]).sum(-1).amax(1, keepdim=True)  # (Nq, 1)
+    owner, item = _own_items(caption_image, direction)  # (Nc,) each
+    own_scores = (queries.cpu()[owner] * gallery.cpu()[item]).sum(-1)  # (Nc,)
+    best = torch.full((len(queries),), float("-inf")).scatter_reduce_(0, owner, own_scores, "amax")[:, None]  # (Nq, 1)
     if direction == "t2i":
         is_own = ids == caption_image[:, None]  # (Nc, k)
     else:
