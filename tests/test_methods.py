@@ -165,11 +165,11 @@ def test_procrustes_recovers_a_rotation():
     assert math.isclose(float((fit_linear_map(w_new, w_new @ q, "lstsq") - q).abs().max()), 0.0, abs_tol=1e-4)
 
 
-def _candidate(method, margin, low, gap=0.0, eligible=True):
+def _candidate(method, margin, low, gap=0.0, eligible=True, orig=50.0):
     margins = {
         d: {k: {"margin": margin, "low": low, "high": margin + 1} for k in ("1", "5", "10")} for d in ("t2i", "i2t")
     }
-    recall = {d: {"new/new": {"1": 50.0 - gap}, "orig-new/new": {"1": 50.0}} for d in ("t2i", "i2t")}
+    recall = {d: {"new/new": {"1": round(orig - gap, 2)}, "orig-new/new": {"1": orig}} for d in ("t2i", "i2t")}
     return {"method": method, "eligible": eligible, "margins": margins, "recall": recall}
 
 
@@ -190,6 +190,15 @@ def test_auto_keeps_the_cheapest_candidate_that_passes_clearly_and_keeps_new_new
     cands = [_candidate("procrustes", -2.0, -3.0), _candidate("xbt", 1.0, -0.1), _candidate("base", 0.5, -0.5)]
     got = choose(cands)
     assert got["method"] == "xbt" and got["reason"].startswith("no candidate passed")
+    # With an ineligible candidate among them, the reason says that no eligible one passed
+    got = choose([*cands, _candidate("slerp-bc", 5.0, 3.0, eligible=False)])
+    assert got["method"] == "xbt" and got["reason"].startswith("no eligible candidate passed")
+    # A new/new gap of exactly one point is within the slack, whatever float subtraction makes of it
+    # (32.20 - 31.20 is 1.0000000000000036); new/new above the original is said so
+    got = choose([_candidate("procrustes", 2.0, 1.0, gap=1.0, orig=32.2), _candidate("xbt", 3.0, 2.0)])
+    assert got["method"] == "procrustes" and "(1.00 under)" in got["reason"]
+    got = choose([_candidate("procrustes", 2.0, 1.0, gap=-0.5)])
+    assert got["method"] == "procrustes" and "(0.50 above)" in got["reason"]
     # Not run (margins None) and not eligible never count
     with pytest.raises(ValueError, match="no eligible candidate ran"):
         choose(

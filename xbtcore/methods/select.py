@@ -31,8 +31,13 @@ def passes_clearly(margins: dict, ks=GATE_KS) -> bool:
 
 
 def new_new_gap(recall: dict) -> float:
-    """How far new/new sits under orig-new/new, in points R@1, the worse direction."""
-    return max(recall[d]["orig-new/new"]["1"] - recall[d]["new/new"]["1"] for d in DIRECTIONS)
+    """How far new/new sits under orig-new/new, in points R@1, the worse direction (negative: above it).
+    Rounded as the recalls are (two decimals): 32.20 - 31.20 is 1.00, not 1.0000000000000036."""
+    return round(max(recall[d]["orig-new/new"]["1"] - recall[d]["new/new"]["1"] for d in DIRECTIONS), 2)
+
+
+def _gap_words(gap: float) -> str:
+    return f"{gap:.2f} under" if gap > 0 else f"{-gap:.2f} above" if gap < 0 else "level with it"
 
 
 def qualifies(candidate: dict, ks=GATE_KS) -> bool:
@@ -57,12 +62,13 @@ def choose(candidates: list[dict], ks=GATE_KS) -> dict:
                 "reason": f"the cheapest candidate that passes Eqn. 2 on the validation "
                 f"pairs with every 95% interval above zero (smallest margin {min_margin(c['margins'], ks):+.2f}) "
                 f"and keeps new/new within {NEW_NEW_SLACK:g} point R@1 of the new model "
-                f"({new_new_gap(c['recall']):.2f} under)",
+                f"({_gap_words(new_new_gap(c['recall']))})",
             }
     best = max(ran, key=lambda c: min_margin(c["margins"], ks))
     return {
         "method": best["method"],
-        "reason": "no candidate passed Eqn. 2 on the validation pairs with every 95% "
-        f"interval above zero while keeping new/new; the largest smallest margin "
+        "reason": f"no {'eligible ' if any(not c['eligible'] for c in candidates) else ''}candidate passed "
+        "Eqn. 2 on the validation pairs with every 95% interval above zero while keeping new/new; the largest "
+        "smallest margin "
         f"({min_margin(best['margins'], ks):+.2f} points)",
     }
