@@ -70,7 +70,7 @@ from xbtcore.encoders import (
     resolve_precision,
 )
 from xbtcore.finetune import FinetuneConfig
-from xbtcore.gate import CRITERION_NAMES
+from xbtcore.gate import CRITERION_NAMES, GATE_KS
 from xbtcore.lock import busy, exclusive
 from xbtcore.methods import by_cost, get_method, head_owner
 from xbtcore.methods.select import choose, qualifies
@@ -200,9 +200,11 @@ class UpgradeParams(BaseModel):
     @field_validator("gate_ks")
     @classmethod
     def _ks(cls, v):
-        if any(k < 1 for k in v):
-            raise ValueError(f"gate K values must be >= 1, got {v}")
-        return v
+        # the validation margins auto chooses by are measured at GATE_KS: a gate at another K would be
+        # checked only on the eval set, after every candidate had trained
+        if not set(v) <= set(GATE_KS):
+            raise ValueError(f"gate K values must be drawn from {list(GATE_KS)}, got {v}")
+        return sorted(set(v))
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -559,13 +561,19 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
     candidates, runs = [], {}
     for method in portfolio(params.method, params.allow_old_encoder):
         eligible = params.method != "auto" or params.allow_old_encoder or not get_method(method).old_encoder_at_query
-        done = params.method == "auto" and any(c["eligible"] and qualifies(c) for c in candidates if c["ran"])
+        done = params.method == "auto" and any(
+            c["eligible"] and qualifies(c, params.gate_ks) for c in candidates if c["ran"]
+        )
         if done and eligible:
             candidates.append(candidate_record(method, eligible, None, "a cheaper candidate passed on validation"))
             continue
         runs[method] = train_candidate(ctx, method)
         candidates.append(candidate_record(method, eligible, runs[method]))
-    chosen = choose(candidates) if params.method == "auto" else {"method": params.method, "reason": "--method"}
+    chosen = (
+        choose(candidates, params.gate_ks)
+        if params.method == "auto"
+        else {"method": params.method, "reason": "--method"}
+    )
     run_of = runs[chosen["method"]]
     spec = get_method(chosen["method"])
     if params.method != "auto" and (Path(run_of["bundle"]) / "old").is_dir():  # auto: only --allow-old-encoder

@@ -27,12 +27,12 @@ def _pretrains_phi(method: str) -> bool:
     return "pretrain" in {f.name for f in fields(get_method(method).config_cls)}
 
 
-def _kept_with_old_encoder(ran: list[dict]) -> dict | None:
+def _kept_with_old_encoder(ran: list[dict], ks) -> dict | None:
     """The candidate `--method auto --allow-old-encoder` would keep among the run candidates (in the order
     they ran), when it is one this run could not keep (its queries run the old encoder); else None."""
     if all(c["eligible"] for c in ran):
         return None
-    method = choose([{**c, "eligible": True} for c in ran])["method"]
+    method = choose([{**c, "eligible": True} for c in ran], ks)["method"]
     kept = next(c for c in ran if c["method"] == method)
     return None if kept["eligible"] else kept
 
@@ -41,6 +41,7 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
     """Lines for a person reading a finished run's report; empty when nothing is worth changing."""
     steps: list[str] = []
     failing = {(d, int(k)) for d, k, *_ in report["gate"]["failures"]}
+    ks = tuple(report["gate"]["ks"])  # the run's gate: its validation checks are these too
     method = report["method"]
     candidates = {c["method"]: c for c in report.get("candidates") or []}
     pretrain = get_method(method).settle_pretrain(pretrain)  # the values the run used
@@ -63,17 +64,17 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
             )
 
     chosen = candidates.get(method)
-    if failing and chosen and chosen.get("margins") and qualifies(chosen):
+    if failing and chosen and chosen.get("margins") and qualifies(chosen, ks):
         steps.append(
-            f"{method} passed on the validation pairs (smallest margin {min_margin(chosen['margins']):+.2f} "
+            f"{method} passed on the validation pairs (smallest margin {min_margin(chosen['margins'], ks):+.2f} "
             "points) but fails on the eval set: the eval data differ from the pairs; pairs drawn like the "
             "eval set make the choice on data like it"
         )
     ran = [c for c in candidates.values() if c.get("margins")]
-    blocked = _kept_with_old_encoder(ran) if failing else None
+    blocked = _kept_with_old_encoder(ran, ks) if failing else None
     if blocked is not None:
-        m, smallest = blocked["method"], min_margin(blocked["margins"])
-        if qualifies(blocked):
+        m, smallest = blocked["method"], min_margin(blocked["margins"], ks)
+        if qualifies(blocked, ks):
             steps.append(
                 f"{m} passed on the validation pairs (smallest margin {smallest:+.2f} points), but its queries "
                 "run the old encoder: --allow-old-encoder lets auto choose it"
@@ -84,7 +85,7 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
             steps.append(
                 f"with --allow-old-encoder auto would keep {m}: no candidate passed every check on the validation "
                 f"pairs, and {m} passed Eqn. 2 there with the largest smallest margin ({smallest:+.2f} points"
-                + (f"; {method}'s {min_margin(kept):+.2f}" if kept else "")
+                + (f"; {method}'s {min_margin(kept, ks):+.2f}" if kept else "")
                 + "); its queries run the old encoder, and "
                 + (
                     f"its new/new sat {gap:.2f} points R@1 under the new model's there"

@@ -168,6 +168,10 @@ def test_bad_inputs_fail_before_training(prefect_harness, tiny, tmp_path):
         _params(tiny, out, corpus=str(tmp_path / "missing.parquet"))
     with pytest.raises(ValidationError, match="unknown setting 'nope'"):
         _params(tiny, out, pretrain={"nope": 1})
+    # a gate at a K the validation margins do not measure would fail only after every candidate trained
+    with pytest.raises(ValidationError, match=r"gate K values must be drawn from \[1, 5, 10\], got \[20, 3\]"):
+        _params(tiny, out, gate_ks=[20, 3])
+    assert _params(tiny, out, gate_ks=[5, 1, 5]).gate_ks == [1, 5]
     with pytest.raises(ValidationError, match="source must be one of"):
         _params(tiny, out, pretrain={"source": "pixels"})
     with pytest.raises(ValidationError, match="chain_targets must be one of root, champion, got 'mid'"):
