@@ -69,7 +69,11 @@ def corpus_query(
         f"FROM read_parquet({_quote_str(_literal_path(p))}, file_row_number = true)"
         for i, p in enumerate(files)
     )
-    keep = [r"text IS NOT NULL", r"NOT regexp_full_match(text, '[\s\p{Z}]*')"]  # \p{Z}: U+3000, no-break space
+    # Blank: white space only, as Python's str.isspace (the pairs' and eval set's readers) counts it: \t-\r,
+    # \x1c-\x1f, NEL and \p{Z} (the space, U+3000, no-break space). A text whose first byte is printable
+    # ASCII other than the space is not, which two byte comparisons tell: only the others run the regex.
+    blank = r"regexp_full_match(text, '[\t-\r\x1c-\x20\x85\p{Z}]*')"
+    keep = ["text IS NOT NULL", f"((text >= '!' AND text < chr(127)) OR NOT {blank})"]
     if min_chars is not None:
         keep.append(f"length(text) >= {int(min_chars)}")
     if max_chars is not None:
@@ -147,7 +151,9 @@ def extract_corpus(
     # Arrow copy of the corpus in Python
     query = corpus_query(files, text_column, min_chars, max_chars, sample, seed)
     try:
-        rows = duckdb.connect().execute(f"COPY ({query}) TO {_quote_str(str(tmp))} (FORMAT parquet)").fetchone()[0]
+        # every text is distinct: a dictionary page never pays, and building one to drop it costs time
+        copy = f"COPY ({query}) TO {_quote_str(str(tmp))} (FORMAT parquet, DICTIONARY_SIZE_LIMIT 1)"
+        rows = duckdb.connect().execute(copy).fetchone()[0]
     except duckdb.Error as e:
         tmp.unlink(missing_ok=True)
         raise InputError(

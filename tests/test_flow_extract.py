@@ -9,7 +9,10 @@ from tasks.extract import extract_corpus
 from xbtcore.data import InputError
 
 FILE_A = ["a red circle", None, "  ", "a blue square", "a red circle", "\t\n", "two stars", "x", "\u3000", "\xa0 "]
+# Blank is what Python's str.isspace says of every character: ASCII controls \v and \x1c-\x1f and NEL too.
+# A text starting with a byte that is not printable ASCII (é, DEL, a tab) is told blank or not by the regex.
 FILE_B = ["two stars", "a green hexagon", "", "a blue square ", "a long caption with many many words"]
+FILE_B += ["\x0b", "\x1c\x1f", "\x85 ", "\u2028", "\xe9t\xe9", "\x7f", "~", "!", "\tx", "\u3000y"]
 
 
 def _reference(frames: list[list], min_chars=None, max_chars=None) -> list[str]:
