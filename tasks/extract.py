@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -64,10 +65,14 @@ def corpus_query(
     on every machine and DuckDB version), still in order of first appearance.
     count: how many distinct texts there are instead (no sample).
     """
+    # A row's place in the corpus: the rows of the files before its own, plus its row in its file. The
+    # narrowest integer that holds it: first appearance is what the distinct texts are sorted by.
+    rows = [pq.read_metadata(p).num_rows for p in files]
+    place = "INTEGER" if sum(rows) < 2**31 else "BIGINT"
     sources = " UNION ALL ".join(
-        f"SELECT {i}::BIGINT AS f, file_row_number AS r, {_quote_ident(column)} AS text "
+        f"SELECT ({before} + file_row_number)::{place} AS place, {_quote_ident(column)} AS text "
         f"FROM read_parquet({_quote_str(_literal_path(p))}, file_row_number = true)"
-        for i, p in enumerate(files)
+        for before, p in zip(itertools.accumulate(rows, initial=0), files)
     )
     # Blank: white space only, as Python's str.isspace (the pairs' and eval set's readers) counts it: \t-\r,
     # \x1c-\x1f, NEL and \p{Z} (the space, U+3000, no-break space). A text whose first byte is printable
@@ -80,7 +85,7 @@ def corpus_query(
         keep.append(f"length(text) <= {int(max_chars)}")
     query = (
         f"WITH src AS ({sources}), "
-        f"firsts AS (SELECT text, min(f * 4294967296 + r) AS first FROM src WHERE {' AND '.join(keep)} GROUP BY text)"
+        f"firsts AS (SELECT text, min(place) AS first FROM src WHERE {' AND '.join(keep)} GROUP BY text)"
     )
     if count:
         query += " SELECT count(*) FROM firsts"
