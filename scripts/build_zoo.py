@@ -3,7 +3,7 @@
     python scripts/build_zoo.py --out zoo --seed 0            # all tiers (make zoo)
     python scripts/build_zoo.py --out zoo --tiers old --seed 0
 
-Variants for experiments (docs/method.md, "Other zoos"), never the committed zoo:
+Variants for experiments, written under .state/ and never the committed zoo:
 
     python scripts/build_zoo.py --out .state/zoo-variants/old-text32x1 --tiers old --spec text_width=32 text_layers=1
     python scripts/build_zoo.py --out .state/zoo-variants/varied --tiers mid new --zoo-user-phrasing 0.5
@@ -64,7 +64,7 @@ from xbtcore.losses import clip_loss  # noqa: E402
 # a star and a cross are hard to tell apart, at 32 px they are not. The old
 # tier also reads less: it was trained on plainer text (known_synonyms), so a
 # newer tier can beat it on the users' text queries too, not only on images
-# (docs/method.md, "The zoo's generations").
+# (README.md, "The built-in world and its zoo").
 TIERS = {
     "old": dict(
         spec=TinyClipSpec(width=64, layers=2, heads=4, embed_dim=64, image_size=16, patch_size=4),

@@ -48,10 +48,10 @@ PRETRAIN_SOURCES = ("text", "image", "text+image")
 # What "old" means for a chain link's training targets (Eqn. 3's w_old; Eqn. 6's targets too).
 # "root": the gallery's own model, which the link's gate runs anyway for old/old. "champion": the
 # champion bundle's compatible embeddings, the paper's Sec. 4.3 protocol, whose approximation of the
-# root space the new link inherits (docs/method.md, "Which old a chain link trains against").
+# root space the new link inherits (docs/method.md, "Where we depart from the paper, and why").
 CHAIN_TARGETS = ("root", "champion")
 # μ of the fit term when φ's targets are a champion bundle's compatible embeddings: the contrastive
-# loss alone fits their order, not their place (docs/method.md, "The fit term").
+# loss alone fits their order, not their place (docs/method.md, "Where we depart from the paper, and why").
 CHAIN_FIT_WEIGHT = 10.0
 # φ's AdamW learning rate in the paper (Sec. 4.1): PretrainConfig.lr left None, and a method with no value of its own.
 PAPER_LR = 1e-4
