@@ -353,7 +353,7 @@ def cmd_backfill(a) -> int:
         name = export(str(Path(a.index) / "backfill"), connect(a.qdrant))
         print(f"Qdrant {a.qdrant}: alias {ALIAS} now on {name}")
     state = (
-        "complete: serving moves to it; `xbt backfill --remove-old` drops the old vectors"
+        f"complete: serving moves to it; `xbt backfill --index {a.index} --remove-old` drops the old vectors"
         if r["complete"]
         else "partial: the same command again continues"
     )

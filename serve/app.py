@@ -129,7 +129,11 @@ def create_app(server) -> FastAPI:
                 _bad(400, "form is not URL-encoded (bytes outside ASCII)")
             text, k = _text(form.get("text")), _k(form.get("k"), form=True)
         else:
-            _bad(415, f"content type {kind or 'missing'}: send application/json or multipart/form-data")
+            _bad(
+                415,
+                f"content type {kind or 'missing'}: send application/json, multipart/form-data or "
+                "application/x-www-form-urlencoded",
+            )
         engine = server.engine  # this request's engine, whatever swaps meanwhile
         from starlette.concurrency import run_in_threadpool
 

@@ -82,7 +82,7 @@ def test_every_bad_input_is_a_4xx_with_one_line_detail(client, setup):
         ({"files": {"image": ("x.png", b"", "image/png")}}, 422, "empty"),
         ({"files": {"image": ("x.png", png, "image/png")}, "data": {"k": "-1"}}, 422, f"from 1 to {MAX_K}"),
         ({"files": {"image": ("big.png", b"\0" * (MAX_UPLOAD_BYTES + 1), "image/png")}}, 413, str(MAX_UPLOAD_BYTES)),
-        ({"content": b"a red circle", "headers": {"content-type": "text/plain"}}, 415, "application/json"),
+        ({"content": b"a red circle", "headers": {"content-type": "text/plain"}}, 415, "x-www-form-urlencoded"),
         ({"data": {"k": "3"}}, 422, "missing text"),
         ({"content": b"text=%FF\xff", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 400, "ASCII"),
         # chunked, so no Content-Length to refuse it by: cut off as it streams in
@@ -391,6 +391,7 @@ def test_backfill_resumes_after_a_crash_and_the_mixed_gallery_merges_both_spaces
     r = xbt("backfill", "--index", index, "--new", setup["b1"], "--chunk-rows", "16")
     assert r.returncode == 0, r.stderr
     assert "64 of 64 items" in r.stdout and "complete" in r.stdout
+    assert f"`xbt backfill --index {index} --remove-old`" in r.stdout  # the command as it runs
     done = search.GalleryIndex(index / "backfill")
     assert len(done.ids) == len(set(done.ids)) == len(old) and set(done.ids) == set(old.ids)
     np.testing.assert_allclose(done.vectors(), own[[old.row_of[i] for i in done.ids]], atol=1e-5)
