@@ -106,9 +106,11 @@ def _print_result(report: dict) -> None:
 
 def _run_upgrade(**fields) -> int:
     from tasks.servers import check_servers, prefect_api
+    from xbtcore.lock import refuse_if_busy
 
-    from .upgrade import UpgradeParams, upgrade
+    from .upgrade import OUT_BUSY_FIX, UpgradeParams, upgrade
 
+    refuse_if_busy(Path(fields["out"]).expanduser().absolute(), OUT_BUSY_FIX)  # a run at work there: at once
     params = UpgradeParams(**fields, started_at=STARTED)  # every path and setting checked before Prefect starts
     check_servers()
     with prefect_api():

@@ -452,6 +452,7 @@ def candidate_record(method: str, eligible: bool, run: dict | None, why_not_run:
     }
 
 
+OUT_BUSY_FIX = "wait for that run to finish, or pass another --out"  # another upgrade writes OUT
 REPORT_FILES = ("report.json", "report.html")  # a run folder with report.json is a finished run
 
 
@@ -482,7 +483,7 @@ def upgrade(params: UpgradeParams) -> dict:
     """One upgrade; writes OUT/report.json, OUT/report.html and OUT/bundle/, registers the bundle in MLflow.
     One run at a time writes OUT: a second one is refused before any work."""
     out = Path(params.out).expanduser().absolute()
-    with exclusive(out, "xbt upgrade", "wait for that run to finish, or pass another --out"):
+    with exclusive(out, "xbt upgrade", OUT_BUSY_FIX):
         return _upgrade(params, out)
 
 

@@ -104,7 +104,10 @@ def test_an_upgrade_into_a_folder_another_run_writes_is_refused_and_leaves_that_
     (out / "bundle" / "phi.safetensors").write_bytes(b"that run's head")
     with exclusive(out, "xbt upgrade", "wait"):  # that run
         r = xbt(*upgrade_args(tiny, out))
+        # refused before the servers are checked and Prefect starts (they fail here: nothing answers on port 9)
+        early = xbt(*upgrade_args(tiny, out), env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
     _one_line_error(r, f"{out}: xbt upgrade (pid {os.getpid()}) is writing there", "pass another --out")
+    _one_line_error(early, f"{out}: xbt upgrade (pid {os.getpid()}) is writing there", "pass another --out")
     assert (out / "bundle" / "phi.safetensors").read_bytes() == b"that run's head"
 
 

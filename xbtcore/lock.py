@@ -41,10 +41,21 @@ def exclusive(folder: str | Path, command: str, fix: str):
     path = folder / LOCK_FILE
     with file_lock(path, wait=False) as held:
         if not held:
-            pid, _, holder = path.read_text().strip().partition(" ")
-            raise InputError(folder, f"{holder or 'another xbt command'} (pid {pid or '?'}) is writing there", fix)
+            raise _writing_there(folder, fix)
         path.write_text(f"{os.getpid()} {command}\n")
         yield
+
+
+def _writing_there(folder: Path, fix: str) -> InputError:
+    pid, _, holder = (folder / LOCK_FILE).read_text().strip().partition(" ")
+    return InputError(folder, f"{holder or 'another xbt command'} (pid {pid or '?'}) is writing there", fix)
+
+
+def refuse_if_busy(folder: str | Path, fix: str) -> None:
+    """Before slow set-up (input checks, servers): the error `exclusive` would give, while another
+    process holds FOLDER's lock. The lock itself is taken by `exclusive`, where the writing starts."""
+    if busy(folder):
+        raise _writing_there(Path(folder), fix)
 
 
 def busy(folder: str | Path) -> bool:
