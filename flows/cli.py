@@ -119,8 +119,30 @@ def _run_upgrade(**fields) -> int:
     return 0
 
 
+def _unread_settings(method: str, settings: dict[str, dict]) -> None:
+    """Warn of `--set SCOPE.KEY` that an explicitly named method never reads (procrustes has no pretraining):
+    it would change nothing, and the report records only the settings its method reads."""
+    if method == "auto":
+        return  # each candidate reads the scopes it has; the report records the chosen one's
+    import dataclasses
+
+    from xbtcore.methods import get_method
+
+    scopes = {f.name for f in dataclasses.fields(get_method(method).config_cls)}
+    for scope, values in settings.items():
+        if values and scope not in scopes:
+            keys = ", ".join(f"{scope}.{k}" for k in values)
+            print(
+                f"xbt: warning: --set {keys}: {method} reads no {scope} settings "
+                f"({'its scopes: ' + ', '.join(sorted(scopes)) if scopes else 'it has none'}); ignored",
+                file=sys.stderr,
+            )
+
+
 def _choice(a) -> dict:
     """The flags every upgrade takes: which method, how it is chosen and validated."""
+    settings = parse_settings(a.set)
+    _unread_settings(a.method, settings)
     return dict(
         method=a.method,
         seed=a.seed,
@@ -130,7 +152,7 @@ def _choice(a) -> dict:
         precision=a.precision,
         compile=a.compile,
         nproc=a.nproc,
-        **parse_settings(a.set),
+        **settings,
     )
 
 

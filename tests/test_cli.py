@@ -42,6 +42,13 @@ def test_bad_paths_fail_fast_with_the_path(tiny, tmp_path):
         "does not exist",
     )
     _one_line_error(xbt(*upgrade_args(tiny, tmp_path / "o"), "--set", "finetune.nope=1"), "unknown setting 'nope'")
+    # a setting the named method never reads is warned about (and the unknown key still fails, before any work)
+    r = xbt(*upgrade_args(tiny, tmp_path / "o"), "--method", "procrustes", "--set", "pretrain.epochs=3",
+            "--set", "finetune.nope=1")  # fmt: skip
+    assert r.returncode == 1 and "unknown setting 'nope'" in r.stderr.splitlines()[-1]
+    assert "warning: --set pretrain.epochs: procrustes reads no pretrain settings (it has none); ignored" in r.stderr
+    r = xbt(*upgrade_args(tiny, tmp_path / "o"), "--method", "xbt", "--set", "finetune.nope=1")
+    assert "warning" not in r.stderr and "unknown setting 'nope'" in r.stderr
     for value, needle in (("-0.1", "greater than or equal to 0, got -0.1"), ("nan", "finite number, got nan")):
         _one_line_error(xbt(*upgrade_args(tiny, tmp_path / "o"), "--val-fraction", value), "--val-fraction: ", needle)
 
