@@ -417,3 +417,16 @@ def test_prompts_are_created_on_the_towers_device(tiny):
     enc.model.to("meta")
     prompts = add_vision_prompts(enc.model, 2)
     assert prompts.prompts.device.type == "meta"
+
+
+def test_the_soft_prompts_learn_at_100x_the_lr_unless_given_their_own(tiny):
+    """Sec. 4.1: prompts at 1e-2 beside 1e-4; a changed lr keeps the ratio, an explicit prompt_lr wins."""
+    from xbtcore.finetune import prepare_model
+
+    for cfg, want in (
+        (FinetuneConfig(), 1e-2),
+        (FinetuneConfig(lr=3e-4), 3e-2),
+        (FinetuneConfig(lr=3e-4, prompt_lr=5e-3), 5e-3),
+    ):
+        groups = prepare_model(DualEncoder.from_pretrained(tiny["new"]), _new_phi(), plan("xbt"), cfg)
+        assert [g["lr"] for g in groups] == pytest.approx([cfg.lr, want]), cfg

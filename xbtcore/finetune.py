@@ -34,6 +34,9 @@ from .phi import Phi
 LOSSES = ("eqn5", "eqn6", "eqn5+anchors")
 
 
+PROMPT_LR_FACTOR = 100  # the soft prompts' lr over the rest's (Sec. 4.1: 1e-2 against 1e-4)
+
+
 @dataclass(frozen=True)
 class TrainPlan:
     """What a method trains and which loss it uses (Sec. 4.2, "Different training options")."""
@@ -59,12 +62,15 @@ class FinetuneConfig:
         },
     )
     lr: float = field(default=1e-4, metadata={"help": "AdamW lr for LoRA, φ and full weights (paper: 1e-4)"})
-    prompt_lr: float = field(default=1e-2, metadata={"help": "soft prompt lr (paper: 100x, 1e-2)"})
+    prompt_lr: float | None = field(
+        default=None, metadata={"help": "soft prompt lr; None: the paper's 100x lr (1e-2 at lr 1e-4)"}
+    )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)"})
     batch_size: int = field(
         default=256,
         metadata={
-            "help": "pairs per step (paper: 1,024 over 4M pairs; 256 gives a 20k-pair epoch 78 steps, docs/method.md)"
+            "help": "pairs per step (paper: 1,024 over 4M pairs; 256 gives a 20k-pair epoch 78 steps; "
+            'docs/method.md, "Where we depart from the paper, and why")'
         },
     )
     epochs: int = field(default=1, metadata={"help": "passes over the pairs (paper: a single epoch)"})
@@ -116,7 +122,9 @@ def prepare_model(encoder, phi: Phi, plan: TrainPlan, cfg: FinetuneConfig) -> li
     groups = [{"params": main + [p for p in phi.parameters() if p.requires_grad], "lr": cfg.lr}]
     if prompts is not None:
         prompts.prompts.requires_grad_(True)
-        groups.append({"params": [prompts.prompts], "lr": cfg.prompt_lr})
+        groups.append(
+            {"params": [prompts.prompts], "lr": PROMPT_LR_FACTOR * cfg.lr if cfg.prompt_lr is None else cfg.prompt_lr}
+        )
     return groups
 
 
