@@ -84,8 +84,8 @@ PAPER_PROMPT_SHARE = 10 / 257  # 10 prompts beside ViT-L/14's 256 patches + CLS 
 
 def auto_prompt_count(model: nn.Module, cap: int = 10) -> int:
     """The paper's 10 prompts, scaled so prompts stay the same share of the vision
-    tokens: 10 for ViT-L/14, 2 for B/32, 1 for the 16-patch demo zoo. Ten
-    prompts among 17 tokens swamp a small tower (docs/method.md)."""
+    tokens: 10 for ViT-L/14, 2 for B/32, 1 for the 16-patch demo zoo (docs/method.md, "Where we depart
+    from the paper, and why")."""
     cfg = vision_embeddings_owner(model).config
     n_patches = (cfg.image_size // cfg.patch_size) ** 2
     return max(1, min(cap, round(PAPER_PROMPT_SHARE * (n_patches + 1))))

@@ -28,7 +28,13 @@ class MapConfig:
 
 
 def fit_linear_map(w_new: torch.Tensor, w_old: torch.Tensor, kind: str = "procrustes") -> torch.Tensor:
-    """W (D_new, D_old) minimising ||w_new W - w_old|| over row-aligned (N, D_new), (N, D_old) embeddings."""
+    """W (D_new, D_old) mapping row-aligned (N, D_new) embeddings onto (N, D_old) ones.
+
+    lstsq: the least-squares W. procrustes: U V^T of the SVD of w_new^T w_old, the orthogonal W minimising
+    ||w_new W - w_old|| when D_new <= D_old; with D_new > D_old it is the first D_old columns of the
+    orthogonal map into the old space padded with zeros to D_new (phi.slerp reads it so), which maximises
+    trace(W^T w_new^T w_old) but not always the fit: ||w_new W|| then depends on W.
+    """
     if kind == "lstsq":
         return torch.linalg.lstsq(w_new.double(), w_old.double()).solution.float()  # (D_new, D_old)
     if kind == "procrustes":

@@ -109,12 +109,13 @@ def register() -> None:
         MethodSpec(
             name="xbt",
             family="xbt",
-            summary="XBT (the paper): φ pretrained on text (Eqn. 3), then Eqn. 5 on the pairs; "
-            "no old model in training",
+            summary="XBT (the paper): φ pretrained on text (Eqn. 3) beside the new model's own pairs (λ = 2), "
+            "then Eqn. 5 on the pairs; no old model in training",
             config_cls=XbtConfig,
             needs=xbt_needs,
             cost=2,
-            trains="φ on cached text embeddings; then LoRA (both towers), vision prompts, φ's LayerNorms",
+            trains="φ on cached embeddings (corpus texts, the pairs by the new model); then LoRA (both towers), "
+            "vision prompts, φ's LayerNorms",
             bundle="φ, LoRA adapter, vision prompts",
             fit_head=text_pretrained_phi,
             plan=TrainPlan(loss="eqn5", lora=True, prompts=True, head="layernorm"),
