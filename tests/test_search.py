@@ -438,3 +438,20 @@ def test_an_index_resumes_or_stands_only_for_the_input_and_model_it_was_made_of(
     assert r["complete"]
     with pytest.raises(ValueError, match="a finished index of another input or model"):
         index_gallery(load_query_model(OLD), str(other), "image", out, chunk_rows=16)
+
+
+def test_an_approximate_index_of_a_few_items_trains_and_answers_k():
+    """IVF lists hold at least 39 training points each (faiss's guideline): 10 items trained 12 lists and
+    failed; 100 items in 40 lists, 2 probed, answered 2 to 5 of 10."""
+    rng = np.random.default_rng(5)
+    for n in (10, 100, 1000):
+        vectors = search.normalise(rng.standard_normal((n, 8)))
+        index = search.make_faiss(vectors, "ivf")
+        assert hasattr(index, "nprobe") and index.nlist <= max(1, n // 39)
+        hits = search.top_rows(index, vectors[:20], 10)
+        assert [len(h) for h in hits] == [10] * min(n, 20) and all(h[0][0] == i for i, h in enumerate(hits))
+
+
+def test_one_dimensional_vectors_are_scanned_in_float32_not_int8_codes():
+    assert search.ScanCodes.worth_making(np.ones((search.QUANTIZED_MIN_ROWS, 1), np.float32)) is None
+    assert search.ScanCodes.worth_making(np.ones((search.QUANTIZED_MIN_ROWS, 2), np.float32)) is not None

@@ -12,8 +12,9 @@ A killed build resumes at the first missing chunk; an index without complete.jso
 The space is an opaque id given by the caller (the registry's `space_of` of the model that embedded
 the gallery); a query from another space must never search this one.
 
-Rows are stored in id order, so breaking score ties by row breaks them by id: the same query gives
-the same ranking on every run and every machine.
+Score ties break by row, so the same query gives the same ranking on every run and every machine. An
+index `xbt index` makes stores its rows in id order, so its ties break by id; a backfill's rows are in
+the order it embedded them.
 """
 
 from __future__ import annotations
@@ -186,7 +187,9 @@ def make_faiss(vectors: np.ndarray, kind: str = "auto", seed: int = 0):
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     else:
-        nlist = max(1, int(4 * math.sqrt(n)))  # faiss's guideline: 4-16 x sqrt(N) lists
+        # faiss's guidelines: 4-16 x sqrt(N) lists, and at least 39 training points per list (fewer points
+        # than lists fail to train; thin lists leave a probe short of k)
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         sample = vectors[np.random.default_rng(seed).permutation(n)[: 64 * nlist]]
         index.train(sample)
@@ -251,7 +254,7 @@ class GalleryIndex:
             self.codes = ScanCodes.worth_making(vectors)
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[Hit]]:
-        """(B, D) query vectors -> for each, the top k hits by inner product, best first, ties by id.
+        """(B, D) query vectors -> for each, the top k hits by inner product, best first, ties by row.
         allowed: (N,) bool over rows; the others are never returned."""
         hits = top_rows(self.index, queries, k, allowed, self.codes)
         return [[Hit(self.ids[r], s) for r, s in row] for row in hits]
@@ -383,8 +386,9 @@ class ScanCodes:
 
     @classmethod
     def worth_making(cls, vectors: np.ndarray) -> ScanCodes | None:
-        """The codes of a scan they make faster: None under QUANTIZED_MIN_ROWS vectors."""
-        return cls.of(vectors) if len(vectors) >= QUANTIZED_MIN_ROWS else None
+        """The codes of a scan they make faster: None under QUANTIZED_MIN_ROWS vectors, and for 1-d vectors
+        (torch's CPU int8 product returns uninitialised memory for an inner dimension of 1)."""
+        return cls.of(vectors) if len(vectors) >= QUANTIZED_MIN_ROWS and vectors.shape[1] >= 2 else None
 
     def query(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(B, D) float queries -> ((B, D) int8 codes, (B,) scales, (B,) bounds) such that for every stored
@@ -409,7 +413,9 @@ def quantized_scan(
     vectors: np.ndarray, codes: ScanCodes, queries: np.ndarray, k: int
 ) -> list[list[tuple[int, float]]]:
     """exact_scan's answer, from int8 codes: the same rows in the same order, (score desc, row asc),
-    the scores float32 inner products of the stored vectors.
+    the scores float32 inner products of the stored vectors, up to float noise: a candidate is rescored as
+    a row's own dot product where exact_scan takes a block's matrix product, which can differ in the last
+    bit, so rows within about 1e-7 of each other may swap.
 
     Each query is quantized like the vectors and scored against every code by an int8 matrix product
     (a quarter of the bytes of a float32 scan, and integer dot products); the float32 score is within a
