@@ -424,7 +424,7 @@ class MixedGallery:
         new_query None: the old index alone (no backfill, or one of another model's space).
         old_query None: the new space alone (a finished backfill). Over an exact index, one scan
         (search_many); over an IVF index, the IVF index for the items not yet backfilled and Fagin's
-        threshold algorithm for the backfilled ones."""
+        threshold algorithm (over the IVF index's s_old list: approximate too) for the backfilled ones."""
         if new_query is None or self.new_index is None:
             return self.old.search(old_query[None], k)[0]
         new_query = normalise(new_query[None])[0]
@@ -502,9 +502,10 @@ class MixedGallery:
         return blended_score(s_old, s_new, *calibration)
 
     def _moved_top(self, old_query, new_query, k: int, calibration) -> list[Hit]:
-        """The top k backfilled items by the blended score, exactly: Fagin's threshold algorithm over the
-        two sorted lists (by s_new in the new index, by s_old in the old one), deepened until the k-th
-        blended score beats the best any unseen item could reach."""
+        """The top k backfilled items by the blended score: Fagin's threshold algorithm over the two sorted
+        lists (by s_new in the new, exact, index; by s_old in the old one), deepened until the k-th blended
+        score beats the best any unseen item could reach. Exact where both lists are; over an IVF old index
+        the s_old list is the IVF search's, so an item it misses can be missed here too."""
         m = len(self.new_ids)
         depth = min(m, k + 16)
         while True:
