@@ -83,8 +83,9 @@ class FinetuneConfig:
         },
     )
     log_logit_scale: float = field(default=PAPER_LOG_LOGIT_SCALE, metadata={"help": "τ_X / τ_N (paper: 2.6592)"})
-    # Off by default: the paper's crops and flips cut objects out and swap
-    # "left"/"right" in captions that name them; measured worse in docs/method.md.
+    # Off by default: the paper's crops and flips cut objects out and swap "left"/"right" in captions that
+    # name them; on, XBT failed the gate at every seed of the selection world (docs/method.md, "Where we
+    # depart from the paper, and why"; experiments/configs/augment.json).
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(enabled=False))
     checkpoint_every: int = field(default=20, metadata={"help": "steps between resumable checkpoints"})
     seed: int = 0
