@@ -69,8 +69,8 @@ class PretrainConfig:
     sigma: float = field(
         default=0.05,
         metadata={
-            "help": "std of the Gaussian noise added to w_new (Eqn. 3); not given in the paper, "
-            "chosen in docs/method.md"
+            "help": "std of the Gaussian noise added to each coordinate of w_new (Eqn. 3); not given in the "
+            "paper, chosen on 128-d embeddings in docs/method.md"
         },
     )
     batch_size: int = field(default=1024, metadata={"help": "paper: 8,192 on 8 GPUs; 1,024 here (docs/method.md)"})
