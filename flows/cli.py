@@ -169,6 +169,7 @@ def cmd_upgrade(a) -> int:
         eval=a.eval,
         out=a.out,
         gallery=a.gallery,
+        eval_in_gallery=a.eval_in_gallery,
         dask=a.dask,
         text_column=a.text_column,
         min_chars=a.min_chars,
@@ -560,6 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--gallery",
         help="the stored old gallery (`xbt embed --modality image` of the old model, with "
         "id = the pairs' image_id): its embeddings stand in for the old image tower",
+    )
+    u.add_argument(
+        "--eval-in-gallery",
+        action="store_true",
+        help="the eval set's image_id name --gallery items too: the eval images' old embeddings are read from "
+        "it, so with every image there the old image tower embeds none (off: it embeds the eval set)",
     )
     u.add_argument(
         "--dask",

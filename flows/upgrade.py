@@ -39,7 +39,7 @@ from tasks.common import (
     step_states,
 )
 from tasks.embed import embed_frozen
-from tasks.evaluate import check_inputs, evaluate, gate
+from tasks.evaluate import OLD_IMAGES, check_inputs, evaluate, gate
 from tasks.extract import check_corpus, ensure_world, extract_corpus
 from tasks.registry import attach_report, register_and_promote, resolve_model, space_of
 from tasks.report import (
@@ -116,6 +116,11 @@ class UpgradeParams(BaseModel):
         None,
         description="the stored old gallery (`xbt embed` output, `id` = the pairs' "
         "image_id): old image embeddings read instead of computed",
+    )
+    eval_in_gallery: bool = Field(
+        False,
+        description="the eval set's image_id name --gallery items too: its old image embeddings are read from "
+        "the gallery (the old image tower then embeds only images the gallery lacks)",
     )
     allow_old_encoder: bool = Field(False, description="auto may choose a method whose queries run the old encoder")
     dask: str | None = Field(
@@ -219,6 +224,8 @@ class UpgradeParams(BaseModel):
                 f"unknown world settings {sorted(set(self.world) - world_fields)}; known: {sorted(world_fields)}"
             )
         shapes.WorldSpec(**self.world)  # a fractional row count fails here, not in the world writer
+        if self.eval_in_gallery and self.gallery is None:
+            raise ValueError("--eval-in-gallery reads the eval images' old embeddings from --gallery: pass --gallery")
         if self.method == "auto" and not self.val_fraction:
             raise ValueError("--method auto chooses on the validation pairs: give --val-fraction above 0")
         self.device = resolve_device(self.device)  # "auto" settles here, on the machine that runs the flow
@@ -531,6 +538,7 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
             split,
             params.gallery,
             fingerprint=digest(data_fp, model_fp, params.gallery and fingerprint_files([params.gallery])),
+            eval_in_gallery=params.eval_in_gallery,
         )
         corpus_filter = (params.text_column, params.min_chars, params.max_chars, params.sample, params.seed)
         corpus = extract_corpus(
@@ -587,9 +595,10 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
     bundle = publish_bundle(run_of["bundle"], str(work / "bundle"), extra)
     order = "learned" if extra else BACKFILL_ORDER  # the order `xbt backfill` takes from this bundle
 
-    # The eval set's old side is embedded by the old model, never looked up in --gallery: its image ids are
-    # its own (an eval set and the pairs often both number their images from 0), the gallery's are the pairs'.
-    eval_inputs = (data_fp["eval"], model_fp, fingerprint_content(bundle), prev, order, params.runtime)
+    # The eval set's old side is embedded by the old model unless --eval-in-gallery says its image ids are the
+    # gallery's too: an eval set and the pairs often both number their images from 0, the gallery's are the pairs'.
+    eval_gallery = params.gallery if params.eval_in_gallery else None
+    eval_inputs = (data_fp["eval"], model_fp, fingerprint_content(bundle), prev, order, eval_gallery, params.runtime)
     with clock("evaluate"):
         evaluated = evaluate(
             data["eval"],
@@ -599,6 +608,7 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
             prev,
             ctx.cache_root,
             step_path(work, "evaluate", *eval_inputs),
+            gallery=eval_gallery,
             backfill_order=order,
             device=params.device,
             precision=params.precision,
@@ -661,7 +671,9 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
     run["steps"] = step_states(runtime.flow_run.id)
     total = time.time() - params.started_at if params.started_at else time.perf_counter() - t_start
     run["timings_s"] = {**clock.seconds, "total": round(total, 2)}
-    run["old_image_tower"] = old_images_embedded(inputs["images"], [r["needs"] for r in runs.values()])
+    # the eval set's count as the evaluation made it (the other parts' as the input check found them)
+    images = {**inputs["images"], "eval": read_json(Path(evaluated) / OLD_IMAGES)}
+    run["old_image_tower"] = old_images_embedded(images, [r["needs"] for r in runs.values()])
     margins = read_json(Path(evaluated) / "gate_margins.json")
     advice = next_steps(
         {
@@ -727,8 +739,8 @@ def portfolio(method: str, allow_old_encoder: bool) -> list[str]:
 
 
 def old_images_embedded(images: dict, needs: list[list[str]]) -> dict:
-    """How many distinct images the old image tower embedded: the eval set's (all of them: --gallery serves
-    the pairs), and those of the validation pairs (always) and of the training pairs (when a candidate read
+    """How many distinct images the old image tower embedded: those of the eval set (all of them, unless
+    --eval-in-gallery), of the validation pairs (always) and of the training pairs (when a candidate read
     their old embeddings) that the stored gallery does not hold."""
     parts = ["eval", "val"] + (["train"] if any("v_old_pairs" in n for n in needs) else [])
     counts = {part: images[part]["images"] - images[part]["in_gallery"] for part in parts if part in images}

@@ -36,6 +36,9 @@ GALLERY_FIX = "pass the gallery the old model embedded (`xbt embed --model {mode
 SMALL_GALLERY = 200  # images: below this, recall at K = 5, 10 saturates and the gate's strict test meets ties
 
 
+OLD_IMAGES = "old_images.json"  # an evaluated folder's count of images the old image tower embedded
+
+
 def check_stored_gallery(files: list[Path], root: str) -> None:
     """An InputError where the catalog records a file of the gallery (an `xbt embed` output) as text, or as
     embedded by a model of another space than `root`'s, the model the gallery side is: of the same width, its
@@ -76,21 +79,24 @@ def gallery_fit(stored: Gallery, old: DualEncoder, val: PairSet) -> tuple[float,
     return 100 * float((higher < k).float().mean()), 100 * k / len(positions), len(positions)
 
 
-def check_gallery_matches(stored: Gallery, old: DualEncoder, val: PairSet, path: str) -> None:
-    """A warning where the gallery's embeddings under the pairs' image ids answer the old model's captions
+def check_gallery_matches(stored: Gallery, old: DualEncoder, part: PairSet, path: str, name: str = "validation"):
+    """A warning where the gallery's embeddings under a part's image ids answer the old model's captions
     of those images no better than chance: its ids name other images (a file whose `id` numbers captions,
-    ids written as numbers in one file and text in another), and its targets would train towards them."""
-    recall, chance, n = gallery_fit(stored, old, val)
+    ids written as numbers in one file and text in another), and its targets (or, for the eval set, its
+    old side) would be other images'. A warning, not a refusal: an untrained old model is near chance too."""
+    recall, chance, n = gallery_fit(stored, old, part)
     if n >= 20 and recall <= 3 * chance:
         log().warning(
-            "--gallery %s: the old model's captions of %d validation images find them among the gallery's "
+            "--gallery %s: the old model's captions of %d %s images find them among the gallery's "
             "embeddings under their image ids no better than chance (R@10 %.1f%%, chance %.1f%%): if the old "
             "model is the one that embedded the gallery, its ids name other images; its `id` must be the "
-            "pairs' image_id",
+            "%s image_id",
             path,
             n,
+            name,
             recall,
             chance,
+            "eval set's" if name == "eval" else "pairs'",
         )
 
 
@@ -103,12 +109,14 @@ def check_inputs(
     split: ValSplit | None = None,
     gallery: str | None = None,
     fingerprint: str = "",
+    eval_in_gallery: bool = False,
 ) -> dict:
     """Load both models and read every pair and eval row (images decoded) before any training.
 
     With a bundle as the old model the upgrade is a chain link: the gallery space is the
     bundle's root model. -> counts, the chain's refs, and per part (train, val, eval) how many
-    distinct images the stored gallery holds and how many it does not.
+    distinct images the stored gallery holds and how many it does not. The eval set's ids count
+    as gallery ids only with eval_in_gallery.
     """
     if is_bundle(old_ref):
         meta = read_meta(old_ref)
@@ -138,11 +146,15 @@ def check_inputs(
         check_stored_gallery(stored.files, root)
     stored_ids = stored.ids() if stored is not None else []
     held = set(stored_ids)
+    looked_up = ("train", "val", "eval") if eval_in_gallery else ("train", "val")  # the gallery's ids are the pairs'
     images = {
-        part: {"images": p.n_images, "in_gallery": sum(str(i) in held for i in p.image_ids) if part != "eval" else 0}
+        part: {
+            "images": p.n_images,
+            "in_gallery": sum(str(i) in held for i in p.image_ids) if part in looked_up else 0,
+        }
         for part, p in (("train", train), ("val", val), ("eval", evalset))
         if p is not None
-    }  # the gallery's ids are the pairs': the eval set's old side is always embedded (evaluate)
+    }
     leaked = shared_images(pairs, evalset)  # (n,) eval images the pairs hold too
     images["eval"]["in_pairs"] = len(leaked)
     if leaked:
@@ -164,6 +176,8 @@ def check_inputs(
         )
     if stored is not None and val is not None:
         check_gallery_matches(stored, old, val, gallery)
+    if stored is not None and eval_in_gallery:
+        check_gallery_matches(stored, old, evalset, gallery, "eval")
     log().info(
         "inputs ok: old %s (dim %d), new %s (dim %d), %d pairs (%d images, %d for validation), %d eval images",
         root,
@@ -231,8 +245,10 @@ def evaluate(
     and retrieval examples need (xbtcore.inspect_sample.report_sample), and on the eval set backfill.json
     (xbtcore.evaluate.backfill_study, in `backfill_order` beside isolated-first and random order); -> out.
 
-    The gallery side is always the root model, embedded once into the cache (a part of the pairs takes its
-    images from the stored `gallery` where it holds their ids; the flow passes none for the eval set).
+    The gallery side is always the root model, embedded once into the cache (the part takes its images from
+    the stored `gallery` where it holds their ids; the flow passes it for the eval set with --eval-in-gallery);
+    old_images.json says how many of the part's images the old image tower embedded and how many the gallery
+    held.
     Every encoder runs on `device` at `precision` (encoders.PRECISIONS).
 
     On the validation part it also fits the backfill gain model of the learned order
@@ -243,7 +259,7 @@ def evaluate(
     cache = EmbeddingCache(cache_root)
     on = {"device": device, "dtype": PRECISIONS[precision]}
     root = DualEncoder.from_pretrained(root_ref, **on)
-    old_image, _ = cached_old_image_embeddings(cache, root, evalset, Gallery(gallery) if gallery else None)
+    old_image, held = cached_old_image_embeddings(cache, root, evalset, Gallery(gallery) if gallery else None)
     old_side = Side(text=cached_text_embeddings(cache, root, evalset.captions), image=old_image)
     orig_side = side_of(DualEncoder.from_pretrained(new_ref, **on), evalset, cache)
     upgraded_side = side_of(load_compatible(bundle_dir, **on)[0], evalset)
@@ -257,6 +273,7 @@ def evaluate(
         json.dumps(gate_margins(upgraded_side, old_side, evalset.caption_image), indent=2)
     )
     (tmp / "recall.json").write_text(json.dumps(recall, indent=2))
+    (tmp / OLD_IMAGES).write_text(json.dumps({"images": evalset.n_images, "in_gallery": held}))
     if part == "val":
         sides = (upgraded_side.text, old_side.image, orig_side.text, orig_side.image)
         model = GainModel.fit(*(t.float().numpy() for t in sides), evalset.caption_image.numpy())

@@ -85,7 +85,7 @@ def _xbt(*args, state: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_with_the_stored_gallery_the_old_image_tower_embeds_only_the_eval_set(tiny, tmp_path):
+def test_with_the_stored_gallery_the_old_image_tower_embeds_the_eval_set_unless_it_is_in_the_gallery(tiny, tmp_path):
     # The user's gallery: the old model's embeddings of every pair and eval image, as `xbt embed` writes them.
     both = tmp_path / "images.parquet"
     tables = [pq.read_table(tiny[k], columns=["image", "image_id"]) for k in ("pairs", "eval")]
@@ -130,10 +130,27 @@ def test_with_the_stored_gallery_the_old_image_tower_embeds_only_the_eval_set(ti
     assert r.returncode == 0, r.stderr
     without = json.loads((tmp_path / "without" / "report.json").read_text())
     assert without["old_image_tower"]["images"] == 96 + 24
+    # An eval set whose ids are the gallery's too, said so: the old image tower embeds no image at all
+    r = _xbt(
+        *upgrade_args(tiny, tmp_path / "all", method="base", gallery=tmp_path / "gallery.parquet"),
+        "--eval-in-gallery",
+        *common,
+        state=tmp_path / "state",
+    )
+    assert r.returncode == 0, r.stderr
+    all_in = json.loads((tmp_path / "all" / "report.json").read_text())
+    assert all_in["old_image_tower"] == {
+        "images": 0,
+        "by_part": {"eval": 0, "val": 0, "train": 0},
+        "from_gallery": 120,
+    }
     for d in ("t2i", "i2t"):  # the same old embeddings, read instead of computed: the same recall
         for case in ("old/old", "new/old"):
             for k, v in without["recall"][d][case].items():
                 assert with_gallery["recall"][d][case][k] == pytest.approx(v, abs=0.01), (d, case, k)
+                assert all_in["recall"][d][case][k] == pytest.approx(v, abs=0.01), (d, case, k)
+    r = _xbt(*upgrade_args(tiny, tmp_path / "none", method="base"), "--eval-in-gallery", state=tmp_path / "state")
+    assert r.returncode == 1 and "--eval-in-gallery reads the eval images' old embeddings from --gallery" in r.stderr
 
 
 def test_report_recall_equals_a_recompute_from_xbt_embed_in_shuffled_batches(tiny, tmp_path):
