@@ -352,8 +352,6 @@ def train_candidate(ctx: Context, method: str) -> dict:
                 ctx.cache_root,
                 ctx.data["pairs"],
                 ctx.split,
-                ctx.inputs["new_dim"],
-                ctx.inputs["old_dim"],
                 p.seed,
                 step_path(
                     ctx.work,

@@ -24,11 +24,6 @@ def state_dir() -> Path:
     return Path(os.environ.get("XBT_STATE_DIR") or Path.cwd() / ".state").expanduser().absolute()
 
 
-def results_dir() -> Path:
-    """Prefect result storage (a Path: a plain string would be read as a block name)."""
-    return state_dir() / "results"
-
-
 def cache_dir() -> Path:
     return state_dir() / "cache"
 

@@ -57,8 +57,6 @@ def head_inputs(
     cache_root: str,
     pairs_path: str | None,
     split: ValSplit | None,
-    new_dim: int,
-    old_dim: int,
     seed: int,
     device: str = "cpu",
 ) -> HeadInputs:
@@ -68,8 +66,6 @@ def head_inputs(
         frozen=lambda name: load_cached(cache_root, embeddings[name]),
         caption_image=None if train is None else train.caption_image,
         val_caption_image=None if val is None else val.caption_image,
-        new_dim=new_dim,
-        old_dim=old_dim,
         seed=seed,
         device=device,
     )
@@ -83,8 +79,6 @@ def fit_head(
     cache_root: str,
     pairs_path: str | None,
     split: ValSplit | None,
-    new_dim: int,
-    old_dim: int,
     seed: int,
     out: str,
     device: str = "cpu",
@@ -98,7 +92,7 @@ def fit_head(
     spec = get_method(method)
     cfg = spec.config(settings)
     history: list = []
-    inputs = head_inputs(embeddings, cache_root, pairs_path, split, new_dim, old_dim, seed, device)
+    inputs = head_inputs(embeddings, cache_root, pairs_path, split, seed, device)
     inputs.on_step = _loss_logger(method, None, history)
     head = spec.fit_head(inputs, cfg)
 
@@ -167,8 +161,7 @@ def train(
     if spec.plan is None:
         head = load_head(head_path)
         if spec.finish_head is not None:
-            dims = (head.cfg.in_dim, head.cfg.out_dim)
-            head = spec.finish_head(head, head_inputs(embeddings, cache_root, pairs_path, split, *dims, seed))
+            head = spec.finish_head(head, head_inputs(embeddings, cache_root, pairs_path, split, seed))
             log().info("%s: head %s (%s)", method, head_kind(head), head.extra_repr())
         on_main_rank(lambda: save_bundle(out, new, head, meta))
         trainable = sum(p.numel() for p in head.parameters())

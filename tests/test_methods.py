@@ -101,8 +101,7 @@ def _blend_inputs(text_query: torch.Tensor, image_query: torch.Tensor, old_text,
     from xbtcore.methods import HeadInputs
 
     frozen = {"w_new_val": text_query, "v_new_val": image_query, "w_old_val": old_text, "v_old_val": old_image}
-    n, d = old_image.shape
-    return HeadInputs(frozen.__getitem__, None, d, d, 0, val_caption_image=torch.arange(n))
+    return HeadInputs(frozen.__getitem__, None, 0, val_caption_image=torch.arange(len(old_image)))
 
 
 def test_a_blend_takes_each_query_modality_from_where_it_searches_best_on_validation():

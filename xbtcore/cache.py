@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +119,6 @@ def fingerprint_model(ref: str, with_mtime: bool = False) -> str:
 class CacheStats:
     computed_rows: int = 0
     reused_rows: int = 0
-    seconds: float = 0.0
 
 
 class EmbeddingCache:
@@ -149,7 +147,6 @@ class EmbeddingCache:
 
         embed(start, stop) -> (stop - start, D) float32 embeddings of those rows.
         """
-        t0 = time.perf_counter()
         d, info = self.open_entry(model_fp, data_fp, modality, n_rows, meta, shard_rows)
         n_shards = info["shards"]
         rank, world = world_info()
@@ -172,8 +169,6 @@ class EmbeddingCache:
         if rank == 0:
             info["complete"], info["dim"] = True, int(out.shape[1]) if out.ndim == 2 else 0
             _atomic_write_text(d / "manifest.json", json.dumps(info, indent=2))
-        if stats:
-            stats.seconds += time.perf_counter() - t0
         return out
 
     def open_entry(

@@ -14,7 +14,6 @@ killed run resume where it stopped, with the same data order and augmentation.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
@@ -22,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapters import LoraSettings, add_lora, add_vision_prompts, find_prompts
 from .augment import AugmentConfig, augment_image
 from .ddp import average_gradients, global_batch, local_slice, world_info
-from .losses import PAPER_LOG_LOGIT_SCALE, check_loss, eqn5_loss, eqn6_loss
+from .losses import PAPER_LOG_LOGIT_SCALE, check_loss, eqn5_loss, eqn6_loss, logit_scale_from_log
 from .phi import Phi
 
 LOSSES = ("eqn5", "eqn6", "eqn5+anchors")
@@ -200,7 +198,7 @@ def finetune(
     groups = prepare_model(encoder, phi, plan, cfg)
     phi.to(device)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    scale = math.exp(cfg.log_logit_scale)
+    scale = logit_scale_from_log(cfg.log_logit_scale)
 
     n = len(pairs.captions)
     bs = global_batch(cfg.batch_size, n)
@@ -293,11 +291,6 @@ def count_trainable(encoder, phi: Phi) -> int:
     return sum(p.numel() for p in encoder.model.parameters() if p.requires_grad) + sum(
         p.numel() for p in phi.parameters() if p.requires_grad
     )
-
-
-def prompts_of(encoder) -> nn.Parameter | None:
-    found = find_prompts(encoder.model)
-    return None if found is None else found.prompts
 
 
 def prompt_count(encoder) -> int:

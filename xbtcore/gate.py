@@ -3,7 +3,7 @@
 Eqn. 2 asks that the upgraded model's queries against the old gallery beat the
 old model on both sides: M(w̄_new, v_old) > M(w_old, v_old) for text queries and
 M(v̄_new, w_old) > M(v_old, w_old) for image queries. With M = Recall@K that is
-`new/old` > `old/old` for every K in both directions (../shared/CONTRACT.md).
+`new/old` > `old/old` for every K in both directions (docs/contract.md).
 A continual chain adds the no-regression check: the new link's queries must do
 at least as well as the champion link's (`prev/old`) against the same gallery.
 """

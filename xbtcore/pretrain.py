@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .ddp import average_gradients, global_batch, local_slice
-from .losses import PAPER_LOG_LOGIT_SCALE, check_loss, eqn3_loss
+from .losses import PAPER_LOG_LOGIT_SCALE, check_loss, eqn3_loss, logit_scale_from_log
 from .phi import Phi, PhiConfig
 
 PRETRAIN_SOURCES = ("text", "image", "text+image")
@@ -108,8 +108,8 @@ class PretrainConfig:
             "help": "λ of the pair term: Eqn. 5's loss on the frozen new model's "
             "embeddings of the pairs, trained into φ beside Eqn. 3, so that "
             "new/new stays near the original new model (ours; 0 = the paper's "
-            "text-only Eqn. 3); None: the method's own (2 for the xbt family; "
-            "docs/method.md)"
+            "text-only Eqn. 3); None: the method's own (2 for xbt, xbt-gallery and "
+            "xbt-gallery-blend, 12 for xbt-gallery-pairs; docs/method.md)"
         },
     )
     pair_batch_size: int = field(
@@ -301,7 +301,7 @@ def text_only_pretrain(
     device = next(phi.parameters()).device
     torch.manual_seed(cfg.seed)  # noise and order; a CPU generator could not feed a CUDA randn
     opt = torch.optim.AdamW(phi.parameters(), lr=PAPER_LR if cfg.lr is None else cfg.lr, weight_decay=cfg.weight_decay)
-    scale = math.exp(cfg.log_logit_scale)
+    scale = logit_scale_from_log(cfg.log_logit_scale)
     # without the corpus the steps are the pair batches: the same count per pass as _pair_batches draws
     n, batch_size = (w_new.shape[0], cfg.batch_size) if cfg.uses_corpus else (pairs[0].shape[0], cfg.pair_batch_size)
     bs = global_batch(batch_size, n)

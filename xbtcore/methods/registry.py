@@ -39,12 +39,10 @@ COST_CLASSES = {
 
 @dataclass
 class HeadInputs:
-    """What a head stage reads: cached frozen embeddings by name, the pairs' layout, sizes, seed."""
+    """What a head stage reads: cached frozen embeddings by name, the pairs' layout, seed."""
 
     frozen: Callable[[str], torch.Tensor]  # name in EMBEDDINGS -> (rows, D) embeddings
     caption_image: torch.Tensor | None  # (P,) the training pairs' caption -> distinct-image index
-    new_dim: int
-    old_dim: int
     seed: int
     val_caption_image: torch.Tensor | None = None  # (V,) the same of the validation pairs; None without a split
     on_step: Callable[[int, float], None] | None = None
