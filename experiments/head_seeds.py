@@ -58,7 +58,7 @@ def run(args) -> dict:
         for offset in args.head_offsets:
             head_seed = seed + offset
             phi = pretrained_phi(
-                p.paths, p.old, p.new, p.dims, p.settings, seed, Path(args.out), args.method, head_seed,
+                p.paths, p.old, p.new, p.settings, seed, Path(args.out), args.method, head_seed,
                 args.val_fraction,
             )  # fmt: skip
             mapped.append(map_side(orig_side, phi))

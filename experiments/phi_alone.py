@@ -59,7 +59,6 @@ def pretrained_phi(
     paths: dict,
     old: str,
     new: str,
-    dims: tuple[int, int],
     settings,
     seed: int,
     work: Path,
@@ -69,7 +68,7 @@ def pretrained_phi(
 ):
     """`method`'s head as the flow's head stage makes it (xbt: Eqn. 3): corpus extracted, embeddings cached, the
     head fitted on the pairs outside the validation split of `seed`, with head seed `head_seed` (an upgrade's:
-    `seed`). dims: (D_new, D_old)."""
+    `seed`)."""
     from tasks.common import cache_dir, step_path
     from tasks.embed import embed_frozen
     from tasks.extract import extract_corpus
@@ -92,9 +91,7 @@ def pretrained_phi(
         progress=False,
     )
     out = step_path(work, "head", method, settings, keys, split, head_seed, suffix=".safetensors")
-    return load_head(
-        fit_head.fn(method, settings, keys, str(cache_dir()), paths["pairs"], split, *dims, head_seed, out)
-    )
+    return load_head(fit_head.fn(method, settings, keys, str(cache_dir()), paths["pairs"], split, head_seed, out))
 
 
 @dataclass
@@ -108,11 +105,6 @@ class Probe:
     evalset: object
     old_side: object
     orig_side: object
-
-    @property
-    def dims(self) -> tuple[int, int]:
-        """(D_new, D_old)"""
-        return self.orig_side.text.shape[1], self.old_side.text.shape[1]
 
     @classmethod
     def of(cls, args) -> "Probe":
@@ -143,10 +135,10 @@ def run(args) -> dict:
 
     p = Probe.of(args)
     paths, old, new, settings, evalset = p.paths, p.old, p.new, p.settings, p.evalset
-    old_side, orig_side, dims = p.old_side, p.orig_side, p.dims
+    old_side, orig_side = p.old_side, p.orig_side
     runs = []
     for seed in args.seeds:
-        phi = pretrained_phi(paths, old, new, dims, settings, seed, Path(args.out))
+        phi = pretrained_phi(paths, old, new, settings, seed, Path(args.out))
         mapped = map_side(orig_side, phi)
         recall = evaluate_cases(old_side, mapped, orig_side, evalset.caption_image)
         runs.append({"seed": seed, "recall": recall, "transfer": transfer(mapped, old_side, evalset.caption_image)})
