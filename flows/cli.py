@@ -124,11 +124,9 @@ def _unread_settings(method: str, settings: dict[str, dict]) -> None:
     it would change nothing, and the report records only the settings its method reads."""
     if method == "auto":
         return  # each candidate reads the scopes it has; the report records the chosen one's
-    import dataclasses
-
     from xbtcore.methods import get_method
 
-    scopes = {f.name for f in dataclasses.fields(get_method(method).config_cls)}
+    scopes = get_method(method).scopes
     for scope, values in settings.items():
         if values and scope not in scopes:
             keys = ", ".join(f"{scope}.{k}" for k in values)

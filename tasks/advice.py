@@ -9,8 +9,6 @@ decides again on the next run.
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 from xbtcore.methods import get_method
 from xbtcore.methods.select import choose, min_margin, new_new_gap, qualifies
 from xbtcore.pretrain import PretrainConfig
@@ -24,7 +22,7 @@ GALLERY = {"t2i": "image", "i2t": "caption"}  # what each direction searches: th
 
 def _pretrains_phi(method: str) -> bool:
     """The method pretrains φ (its config has a pretraining scope)."""
-    return "pretrain" in {f.name for f in fields(get_method(method).config_cls)}
+    return "pretrain" in get_method(method).scopes
 
 
 def _kept_with_old_encoder(ran: list[dict], ks) -> dict | None:

@@ -115,8 +115,8 @@ def check_inputs(
 
     With a bundle as the old model the upgrade is a chain link: the gallery space is the
     bundle's root model. -> counts, the chain's refs, and per part (train, val, eval) how many
-    distinct images the stored gallery holds and how many it does not. The eval set's ids count
-    as gallery ids only with eval_in_gallery.
+    distinct images the stored gallery holds and how many it does not (the eval set's: evaluate's to count).
+    eval_in_gallery: the eval ids are checked against the gallery too.
     """
     if is_bundle(old_ref):
         meta = read_meta(old_ref)
@@ -146,15 +146,11 @@ def check_inputs(
         check_stored_gallery(stored.files, root)
     stored_ids = stored.ids() if stored is not None else []
     held = set(stored_ids)
-    looked_up = ("train", "val", "eval") if eval_in_gallery else ("train", "val")  # the gallery's ids are the pairs'
     images = {
-        part: {
-            "images": p.n_images,
-            "in_gallery": sum(str(i) in held for i in p.image_ids) if part in looked_up else 0,
-        }
+        part: {"images": p.n_images, "in_gallery": sum(str(i) in held for i in p.image_ids) if part != "eval" else 0}
         for part, p in (("train", train), ("val", val), ("eval", evalset))
         if p is not None
-    }
+    }  # the eval set's: what evaluate read from the gallery (its old_images.json), with --eval-in-gallery
     leaked = shared_images(pairs, evalset)  # (n,) eval images the pairs hold too
     images["eval"]["in_pairs"] = len(leaked)
     if leaked:

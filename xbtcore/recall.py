@@ -192,8 +192,13 @@ def _own_items(caption_image: torch.Tensor, direction: str) -> tuple[torch.Tenso
 
 def _best_own(scores: torch.Tensor, owner: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
     """(B, Ng) scores of B queries, (P,) pairs (query row, own item) -> (B,) each query's best own score."""
-    best = torch.full((len(scores),), float("-inf"), device=scores.device, dtype=scores.dtype)  # (B,)
-    return best.scatter_reduce_(0, owner, scores[owner, item], "amax")
+    return _max_per_query(scores[owner, item], owner, len(scores))
+
+
+def _max_per_query(values: torch.Tensor, owner: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """(P,) values, each of query owner[p] -> (n_queries,) each query's largest."""
+    best = torch.full((n_queries,), float("-inf"), device=values.device, dtype=values.dtype)  # (Nq,)
+    return best.scatter_reduce_(0, owner, values, "amax")
 
 
 def _faiss_ranks(text: torch.Tensor, image: torch.Tensor, caption_image: torch.Tensor, k: int, direction: str):
@@ -209,7 +214,7 @@ def _faiss_ranks(text: torch.Tensor, image: torch.Tensor, caption_image: torch.T
     caption_image = caption_image.cpu()
     owner, item = _own_items(caption_image, direction)  # (Nc,) each
     own_scores = (queries.cpu()[owner] * gallery.cpu()[item]).sum(-1)  # (Nc,)
-    best = torch.full((len(queries),), float("-inf")).scatter_reduce_(0, owner, own_scores, "amax")[:, None]  # (Nq, 1)
+    best = _max_per_query(own_scores, owner, len(queries))[:, None]  # (Nq, 1)
     if direction == "t2i":
         is_own = ids == caption_image[:, None]  # (Nc, k)
     else:

@@ -73,10 +73,15 @@ class MethodSpec:
         assert self.fit_head is not None or self.plan is not None, f"{self.name}: a method trains something"
         assert self.finish_head is None or (self.fit_head is not None and self.plan is None), self.name
 
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """The scopes of settings this method reads (`--set SCOPE.KEY`): its config's fields."""
+        return tuple(f.name for f in fields(self.config_cls))
+
     def config(self, settings) -> object:
         """This method's config from the run's parsed settings (each field is a scope of settings), with its own
         pretraining values where the user set none."""
-        cfg = self.config_cls(**{f.name: getattr(settings, f.name) for f in fields(self.config_cls)})
+        cfg = self.config_cls(**{scope: getattr(settings, scope) for scope in self.scopes})
         if self.pretrain_defaults and hasattr(cfg, "pretrain"):
             cfg = replace(cfg, pretrain=self.settle_pretrain(cfg.pretrain))
         return cfg
