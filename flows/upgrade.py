@@ -239,12 +239,15 @@ class UpgradeParams(BaseModel):
         """Every input a user gives, read and checked in seconds before any server starts or model loads:
         the corpus's text column and what its filters leave, every pair and eval row (images verified),
         the gallery's columns, and the local model folders' files."""
+        pairs = None
         if self.corpus is not None:
             check_corpus(self.corpus, self.text_column, self.min_chars, self.max_chars)
-            read_pairs(self.pairs)
+            pairs = read_pairs(self.pairs)
             read_pairs(self.eval)
         if self.gallery is not None:
-            Gallery(self.gallery)
+            stored = Gallery(self.gallery)
+            if pairs is not None:
+                stored.check_holds(pairs.image_ids, self.pairs)
         for ref in (self.old, self.new):
             if Path(ref).expanduser().is_dir() and not is_bundle(ref):
                 check_model_dir(Path(ref).expanduser())

@@ -162,14 +162,8 @@ def check_inputs(
             evalset.n_images,
             ", ".join(repr(str(evalset.image_ids[i])) for i in leaked[:3]) + (", ..." if len(leaked) > 3 else ""),
         )
-    if stored is not None and not any(images[part]["in_gallery"] for part in ("train", "val") if part in images):
-        log().warning(
-            "--gallery %s holds none of the pairs' image ids (pairs: %s; gallery: %s): the old image tower "
-            "embeds every pair image; the gallery's id must be the pairs' image_id",
-            gallery,
-            ", ".join(repr(str(i)) for i in pairs.image_ids[:3]),
-            ", ".join(repr(i) for i in stored_ids[:3]) or "no ids",
-        )
+    if stored is not None:
+        stored.check_holds(pairs.image_ids, pairs_path)
     if stored is not None and val is not None:
         check_gallery_matches(stored, old, val, gallery)
     if stored is not None and eval_in_gallery:

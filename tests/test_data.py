@@ -176,6 +176,16 @@ def test_missing_image_column(world_files):
     assert "corpus.parquet" in msg and "'image_path'" in msg and "['caption']" in msg
 
 
+def test_an_image_column_beside_an_image_path_column_is_refused_for_pairs_and_for_embedding(tmp_path, pngs):
+    from xbtcore.embed_input import read_images
+
+    (tmp_path / "b.png").write_bytes(pngs[1])
+    f = _write(tmp_path / "both.parquet", image=[pngs[0]], image_path=["b.png"], caption=["a"])
+    for read in (read_pairs, read_images):
+        with pytest.raises(InputError, match=r"both.parquet: has both an 'image' and an 'image_path' column"):
+            read(f)
+
+
 def test_unreadable_file(tmp_path):
     (tmp_path / "x.parquet").write_bytes(b"this is not parquet at all")
     msg = _error(tmp_path / "x.parquet")
@@ -186,6 +196,31 @@ def test_undecodable_image_names_file_column_and_row(tmp_path, pngs):
     images = [pngs[0], pngs[1], pngs[2], b"notanimage", pngs[3]]
     msg = _error(_write(tmp_path / "bad.parquet", image=images, caption=list("abcde")))
     assert "bad.parquet" in msg and "column 'image'" in msg and "(row 3)" in msg
+
+
+def _jpeg(png: bytes) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(out, "JPEG")
+    return out.getvalue()
+
+
+def test_a_jpeg_cut_short_is_refused_on_reading_and_one_with_bytes_after_its_end_is_not(tmp_path, pngs):
+    # A JPEG's header parses on its own: a download cut short passes PIL's verify and fails only when
+    # its pixels are decoded, after the work that needed them.
+    whole = _jpeg(pngs[0])
+    cut = whole[:-40]  # past its headers: only the pixel data is short
+    (tmp_path / "cut.jpg").write_bytes(cut)
+    inline = _write(tmp_path / "inline.parquet", image=[pngs[1], whole, cut], caption=list("abc"))
+    by_path = _write(tmp_path / "paths.parquet", image_path=["cut.jpg"], caption=["a"])
+    assert "column 'image'" in _error(inline) and "(row 2)" in _error(inline)
+    assert "column 'image_path'" in _error(by_path) and "(row 0)" in _error(by_path)
+
+    padded = _write(tmp_path / "padded.parquet", image=[whole + b"\x00" * 7], caption=["a"])
+    assert read_pairs(padded).load_image(0).size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
 
 
 def test_an_image_past_pils_decompression_bomb_guard_is_named_as_too_large(tmp_path, pngs, monkeypatch):

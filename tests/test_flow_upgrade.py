@@ -547,20 +547,25 @@ def test_a_small_eval_set_is_warned_about_before_any_training(tiny, monkeypatch)
     assert any(w.startswith(held) for w in warned)
 
 
-def test_a_gallery_of_another_model_fails_and_one_of_other_ids_is_warned_about_before_training(
-    tiny, tmp_path, monkeypatch
-):
+def test_a_gallery_of_another_model_or_of_none_of_the_pairs_ids_fails_before_training(tiny, tmp_path):
     import tasks.evaluate
-    from xbtcore.data import InputError, write_embeddings_parquet
+    from flows.upgrade import UpgradeParams
+    from xbtcore.data import InputError, read_pairs, write_embeddings_parquet
 
-    warned = _check_inputs_warnings(monkeypatch, "gallery-ids")
-    vectors = torch.nn.functional.normalize(torch.randn(4, 24), dim=-1)  # the tiny old model's 24-d space
-    elsewhere = write_embeddings_parquet(tmp_path / "other-ids.parquet", vectors, ids=[f"zz{i}" for i in range(4)])
+    ids = read_pairs(tiny["pairs"]).image_ids
+    vectors = torch.nn.functional.normalize(torch.randn(len(ids), 24), dim=-1)  # the tiny old model's 24-d space
+    elsewhere = write_embeddings_parquet(tmp_path / "other-ids.parquet", vectors, ids=[f"zz{i}" for i in ids])
     args = (tiny["old"], tiny["new"], tiny["pairs"], tiny["eval"], ValSplit())
-    counts = tasks.evaluate.check_inputs.fn(*args, gallery=str(elsewhere))
-    assert counts["images"]["train"]["in_gallery"] == 0
-    assert any("holds none of the pairs' image ids" in w and "'zz0'" in w for w in warned), warned
-    wide = write_embeddings_parquet(tmp_path / "wide.parquet", torch.randn(4, 32), ids=[f"zz{i}" for i in range(4)])
+    none_held = r"other-ids\.parquet: column 'id': holds none of the image_id values of --pairs .*'zz"
+    with pytest.raises(InputError, match=none_held):
+        tasks.evaluate.check_inputs.fn(*args, gallery=str(elsewhere))
+    flags = dict(old=tiny["old"], new=tiny["new"], corpus=tiny["corpus"], pairs=tiny["pairs"], eval=tiny["eval"])
+    with pytest.raises(ValueError, match=none_held):  # in the CLI's seconds, before Prefect starts
+        UpgradeParams(**flags, out=str(tmp_path / "out"), gallery=str(elsewhere))
+    nulls = write_embeddings_parquet(tmp_path / "null-id.parquet", vectors[:3], ids=[ids[0], None, ids[2]])
+    with pytest.raises(InputError, match=r"null-id\.parquet: column 'id': null ids \(row 1\)"):
+        tasks.evaluate.check_inputs.fn(*args, gallery=str(nulls))
+    wide = write_embeddings_parquet(tmp_path / "wide.parquet", torch.randn(4, 32), ids=ids[:4])
     with pytest.raises(InputError, match=r"wide\.parquet: column 'embedding': holds 32-d embeddings.* in 24-d"):
         tasks.evaluate.check_inputs.fn(*args, gallery=str(wide))
 
@@ -568,15 +573,17 @@ def test_a_gallery_of_another_model_fails_and_one_of_other_ids_is_warned_about_b
     from catalog import Catalog
     from tasks.common import state_dir
 
+    held = write_embeddings_parquet(tmp_path / "held.parquet", vectors, ids=ids)
     catalog = Catalog(state_dir() / "catalog.duckdb")
-    catalog.record_gallery(str(elsewhere.absolute()), "zoo/other", "other-0123abcd", "image", 4, 24)
-    with pytest.raises(InputError, match=r"other-ids\.parquet: was embedded by zoo/other \(space other-0123abcd\).*"):
-        tasks.evaluate.check_inputs.fn(*args, gallery=str(elsewhere))
-    catalog.record_gallery(str(elsewhere.absolute()), tiny["old"], "any", "text", 4, 24)
-    with pytest.raises(InputError, match=r"other-ids\.parquet: holds text embeddings"):
-        tasks.evaluate.check_inputs.fn(*args, gallery=str(elsewhere))
-    catalog.record_gallery(str(elsewhere.absolute()), tiny["old"], "any", "image", 5, 24)  # another file since
-    tasks.evaluate.check_inputs.fn(*args, gallery=str(elsewhere))
+    catalog.record_gallery(str(held.absolute()), "zoo/other", "other-0123abcd", "image", len(ids), 24)
+    with pytest.raises(InputError, match=r"held\.parquet: was embedded by zoo/other \(space other-0123abcd\).*"):
+        tasks.evaluate.check_inputs.fn(*args, gallery=str(held))
+    catalog.record_gallery(str(held.absolute()), tiny["old"], "any", "text", len(ids), 24)
+    with pytest.raises(InputError, match=r"held\.parquet: holds text embeddings"):
+        tasks.evaluate.check_inputs.fn(*args, gallery=str(held))
+    catalog.record_gallery(str(held.absolute()), tiny["old"], "any", "image", len(ids) + 1, 24)  # another file since
+    counts = tasks.evaluate.check_inputs.fn(*args, gallery=str(held))
+    assert counts["images"]["train"]["in_gallery"] == counts["images"]["train"]["images"]
 
 
 def test_a_gallery_whose_ids_name_other_images_is_warned_about_before_training(tiny, tmp_path, monkeypatch):

@@ -307,10 +307,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_JPEG_END = b"\xff\xd9"  # the end-of-image marker
+
+
+def _last_bytes(src, n: int) -> bytes:
+    if _inline(src):
+        return bytes(src[-n:])
+    with open(src, "rb") as f:
+        f.seek(max(os.path.getsize(src) - n, 0))
+        return f.read()
+
+
 def _check_decodes(src) -> bool:
+    """Whether an image reads: its whole stream parsed without decoding pixels (PNG: every chunk's CRC). A
+    JPEG parses from its header alone, so one that does not end in its end marker (a download cut short) is
+    decoded in full: a truncated stream fails there, bytes after the marker do not."""
     try:
         with _open_image(src) as img:
-            img.verify()  # parses the whole stream (PNG: every chunk CRC) without decoding pixels
+            unended = img.format == "JPEG" and _last_bytes(src, len(_JPEG_END)) != _JPEG_END
+            img.verify()
+        if unended:
+            with _open_image(src) as img:
+                img.load()
         return True
     except Exception:
         return False
@@ -327,12 +345,25 @@ def _too_large(src) -> bool:
         return False
 
 
+def image_column(file: Path, schema: pa.Schema) -> str | None:
+    """The column that holds a file's images: 'image' (encoded bytes) or 'image_path'; None for neither. A
+    file with both is refused: which of two possibly different pictures a row stands for is not ours to
+    guess."""
+    if "image" in schema.names and "image_path" in schema.names:
+        raise InputError(
+            file,
+            "has both an 'image' and an 'image_path' column",
+            "keep one: the images' bytes in 'image' or their files in 'image_path'",
+        )
+    return "image" if "image" in schema.names else "image_path" if "image_path" in schema.names else None
+
+
 def _read_pairs_file(file: Path):
     """(captions, image sources, image ids or None) of one file, every row checked."""
     schema = _schema(file)
     if "caption" not in schema.names:
         raise _missing_column(file, "'caption'", schema, _PAIRS_FIX)
-    image_col = "image" if "image" in schema.names else "image_path" if "image_path" in schema.names else None
+    image_col = image_column(file, schema)
     if image_col is None:
         raise _missing_column(file, "'image' (PNG/JPEG bytes) or 'image_path'", schema, _PAIRS_FIX)
     columns = ["caption", image_col] + (["image_id"] if "image_id" in schema.names else [])
@@ -567,7 +598,33 @@ class Gallery:
             _check_embedding_type(file, schema)
 
     def ids(self) -> list[str]:
-        return [str(i) for f in self.files for i in _read_table(f, ["id"]).column("id").to_pylist()]
+        """Every row's id, as text; an InputError names the rows without one."""
+        ids = []
+        for file in self.files:
+            column = _read_table(file, ["id"]).column("id")
+            nulls = _null_rows(column)
+            if nulls:
+                raise InputError(file, "null ids", "give every row the image_id it embeds, or drop it", "id", nulls)
+            ids += [str(i) for i in column.to_pylist()]
+        return ids
+
+    def check_holds(self, image_ids: Sequence, pairs) -> None:
+        """An InputError where the gallery holds none of the pairs' image ids: its `id` numbers something else
+        (rows, captions, another export), and the old image tower would embed every pair image after all."""
+        ids = self.ids()
+        held = set(ids)
+        if not any(str(i) in held for i in image_ids):
+            raise InputError(
+                self.path,
+                f"holds none of the image_id values of --pairs {pairs} (pairs: "
+                + ", ".join(repr(str(i)) for i in image_ids[:3])
+                + "; gallery: "
+                + ", ".join(repr(i) for i in ids[:3])
+                + ")",
+                "write it with `xbt embed` from an input whose image_id (or id) is the pairs' image_id, or leave out "
+                "--gallery: the old image tower then embeds the pair images",
+                column="id",
+            )
 
     def check_dim(self, dim: int, model: str) -> None:
         """An InputError unless the first stored embedding has `model`'s `dim`: a gallery of another model

@@ -55,13 +55,13 @@ def read_texts(path, column: str = "caption") -> list[str]:
 
 def read_images(path) -> PairSet:
     """Every row's image as its own image of a PairSet (captions empty); paths resolved, decoding checked."""
-    from .data import _check_decodes
+    from .data import _check_decodes, image_column
 
     images: list = []
     places: list = []  # per image, (file, row, column): for errors
     for file in parquet_files(path):
         schema = _schema(file)
-        col_name = "image" if "image" in schema.names else "image_path" if "image_path" in schema.names else None
+        col_name = image_column(file, schema)
         if col_name is None:
             texts = [n for n in schema.names if is_text_type(schema.field(n).type)]
             fix = f"it holds text ({', '.join(texts)}): embed it with --modality text" if texts else _IMAGE_FIX
