@@ -19,8 +19,10 @@ from xbtcore.data import (
     InputError,
     PairSet,
     ValSplit,
+    has_image_ids,
     read_pairs,
     read_part,
+    repeated_images,
     shared_images,
     split_pairs,
 )
@@ -131,6 +133,13 @@ def check_inputs(
             )
     else:
         root, prev, chain = old_ref, None, [old_ref]
+        if fingerprint_model(new_ref) == fingerprint_model(old_ref):
+            log().warning(
+                "--old %s and --new %s are the same model: its queries can at best tie its own on the old gallery, "
+                "which Eqn. 2's strict test fails; pass the newer model as --new",
+                old_ref,
+                new_ref,
+            )
     old, new = DualEncoder.from_pretrained(root), DualEncoder.from_pretrained(new_ref)
     pairs, evalset = read_pairs(pairs_path), read_pairs(eval_path)
     train, val = split_pairs(pairs, split)
@@ -164,6 +173,16 @@ def check_inputs(
         )
     if stored is not None:
         stored.check_holds(pairs.image_ids, pairs_path)
+    repeats = [] if has_image_ids(eval_path) else repeated_images(evalset)
+    if repeats:
+        log().warning(
+            "--eval has no image_id column and %d of its %d rows repeat an earlier row's image (the same bytes; "
+            "rows %s): each row counts as its own image, so an image query's hit is its own row's caption and "
+            "the captions of its copies count against it; give the rows of one image one image_id",
+            len(repeats),
+            evalset.n_images,
+            ", ".join(str(r) for r in repeats[:5]) + (", ..." if len(repeats) > 5 else ""),
+        )
     if stored is not None and val is not None:
         check_gallery_matches(stored, old, val, gallery)
     if stored is not None and eval_in_gallery:
@@ -181,12 +200,14 @@ def check_inputs(
     )
     if val is not None and val.n_images != math.ceil(split.fraction * pairs.n_images):
         log().info(
-            "the validation split holds %d of the %d pair images, not --val-fraction %g of them: it takes at least "
-            "%d images and at most half",
+            "the validation split holds %d of the %d pair images, not --val-fraction %g of them: %s",
             val.n_images,
             pairs.n_images,
             split.fraction,
-            split.min_images,
+            f"it takes at least {split.min_images} images"
+            if val.n_images == split.min_images
+            else f"it takes at most half of them (its {split.min_images}-image floor needs "
+            f"{2 * split.min_images} pair images)",
         )
     for name, n in (("--eval", evalset.n_images), ("the validation split", 0 if val is None else val.n_images)):
         if 0 < n < SMALL_GALLERY:

@@ -531,20 +531,32 @@ def _check_inputs_warnings(monkeypatch, name: str, level: int = 30) -> list[str]
     return warned
 
 
-def test_a_small_eval_set_is_warned_about_before_any_training(tiny, monkeypatch):
+def test_a_small_eval_set_is_warned_about_before_any_training(tiny, tmp_path, monkeypatch):
     import tasks.evaluate
 
     warned = _check_inputs_warnings(monkeypatch, "small-eval", level=20)
     counts = tasks.evaluate.check_inputs.fn(tiny["old"], tiny["new"], tiny["pairs"], tiny["eval"], ValSplit())
     assert counts["eval_images"] == 24 and counts["images"]["eval"]["in_pairs"] == 0
-    assert not any("shares" in w for w in warned)
+    assert not any("shares" in w or "same model" in w or "repeat" in w for w in warned)
     counts = tasks.evaluate.check_inputs.fn(tiny["old"], tiny["new"], tiny["pairs"], tiny["pairs"], ValSplit())
     assert counts["images"]["eval"]["in_pairs"] == counts["pair_images"]
     assert any(w.startswith(f"--eval shares {counts['pair_images']} of its") for w in warned), warned
     assert any(w.startswith("--eval has 24 images") for w in warned)
     assert any(w.startswith("the validation split has 48 images") for w in warned)
-    held = "the validation split holds 48 of the 96 pair images, not --val-fraction 0.1"  # at most half of them
-    assert any(w.startswith(held) for w in warned)
+    tasks.evaluate.check_inputs.fn(tiny["old"], tiny["old"], tiny["pairs"], tiny["eval"], ValSplit())
+    assert any(w.startswith(f"--old {tiny['old']} and --new {tiny['old']} are the same model") for w in warned)
+
+    # Without image_id every row is its own image: the rows of one image's captions are then copies.
+    unnamed = tmp_path / "eval-without-ids.parquet"
+    table = pq.read_table(tiny["eval"])
+    pq.write_table(table.drop(["image_id"]), unnamed)
+    counts = tasks.evaluate.check_inputs.fn(tiny["old"], tiny["new"], tiny["pairs"], str(unnamed), ValSplit())
+    copies = table.num_rows - 24  # 24 distinct images
+    assert counts["eval_images"] == table.num_rows
+    repeat = f"--eval has no image_id column and {copies} of its {table.num_rows} rows repeat an earlier row's image"
+    assert any(w.startswith(repeat) for w in warned), warned
+    held = "the validation split holds 48 of the 96 pair images, not --val-fraction 0.1 of them: it takes at most half"
+    assert any(w.startswith(held) and "(its 500-image floor needs 1000 pair images)" in w for w in warned), warned
 
 
 def test_a_gallery_of_another_model_or_of_none_of_the_pairs_ids_fails_before_training(tiny, tmp_path):

@@ -230,14 +230,35 @@ def _image_size(src) -> int:
     return len(src) if _inline(src) else os.path.getsize(src)
 
 
+def _bytes_key(item) -> tuple[int, bytes]:
+    data = _image_bytes(item)
+    return len(data), hashlib.sha1(data).digest()
+
+
+def repeated_images(images: PairSet) -> list[int]:
+    """The images whose encoded bytes an earlier image of the set has too: indices into `images.images`."""
+    seen: set[tuple[int, bytes]] = set()
+    repeats = []
+    for i, item in enumerate(images.images):
+        key = _bytes_key(item)
+        if key in seen:
+            repeats.append(i)
+        seen.add(key)
+    return repeats
+
+
+def has_image_ids(path) -> bool:
+    """Whether an input's rows carry image_id (read_pairs takes all of its files with it or none)."""
+    return "image_id" in _schema(parquet_files(path)[0]).names
+
+
 def shared_images(pairs: PairSet, evalset: PairSet) -> list[int]:
     """The eval images whose encoded bytes are also a pair image's (stored inline or at a path): indices into
     `evalset.images`. Ids are not compared, since two sets may number their images alike. Only pair images
     of a length some eval image has are read and hashed."""
     wanted: dict[tuple[int, bytes], list[int]] = {}  # (length, SHA-1) -> eval image indices
     for i, item in enumerate(evalset.images):
-        data = _image_bytes(item)
-        wanted.setdefault((len(data), hashlib.sha1(data).digest()), []).append(i)
+        wanted.setdefault(_bytes_key(item), []).append(i)
     lengths = {n for n, _ in wanted}
     shared: set[int] = set()
     for item in pairs.images:
