@@ -382,6 +382,16 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny, tmp_path):
     torch.testing.assert_close(CompatibleEncoder(enc, phi).embed_texts(ev.captions), want, atol=1e-6, rtol=0)
 
 
+def test_an_unreadable_checkpoint_is_moved_aside_and_the_training_starts_over(tiny, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"PK\x03\x04 not a whole zip archive")
+    enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
+    with pytest.warns(UserWarning, match=r"ckpt\.pt: the training checkpoint does not read .*ckpt\.pt\.unreadable"):
+        hist = finetune(enc, phi, tiny["pairs"], plan("xbt"), FAST, checkpoint_path=ckpt)
+    assert [h["step"] for h in hist if "loss" in h] == [1, 2, 3] and not any("resumed_from" in h for h in hist)
+    assert (tmp_path / "ckpt.pt.unreadable").read_bytes().startswith(b"PK")
+
+
 def test_nan_loss_stops_the_run(tiny):
     enc, phi = DualEncoder.from_pretrained(tiny["new"]), _new_phi()
     with torch.no_grad():

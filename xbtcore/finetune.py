@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,6 +143,24 @@ def _load_trainable(encoder, phi: Phi, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(t)
 
 
+def _read_checkpoint(path: Path, device) -> dict | None:
+    """A checkpoint's state; None, with a warning, where it does not read (saves are atomic, so only a damaged
+    disk or a hand-edited file gets here): it is moved aside to PATH.unreadable and the training starts over."""
+    try:
+        return torch.load(path, weights_only=False, map_location=device)
+    except Exception as e:
+        aside = path.with_name(path.name + ".unreadable")
+        if world_info()[0] != 0:
+            return None  # the first process moves it and says so
+        os.replace(path, aside)
+        warnings.warn(
+            f"{path}: the training checkpoint does not read ({type(e).__name__}: {str(e).splitlines()[0]}); moved "
+            f"to {aside.name}, this training starts again from its first step",
+            stacklevel=2,
+        )
+        return None
+
+
 def _save_checkpoint(path: Path, encoder, phi, opt, step: int, losses: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
@@ -207,8 +226,8 @@ def finetune(
     start = 0
     losses: list[dict] = []  # {"step", "epoch", "loss"} of every step trained, those before a resume too
     ckpt = Path(checkpoint_path) if checkpoint_path else None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location=device)
+    state = _read_checkpoint(ckpt, device) if ckpt is not None and ckpt.exists() else None
+    if state is not None:
         _load_trainable(encoder, phi, state["trainable"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
