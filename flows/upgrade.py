@@ -64,6 +64,7 @@ from xbtcore.encoders import (
     COMPILE_HELP,
     DEVICE_HELP,
     PRECISION_HELP,
+    check_hub_ref,
     check_model_dir,
     resolve_compile,
     resolve_device,
@@ -249,8 +250,11 @@ class UpgradeParams(BaseModel):
             if pairs is not None:
                 stored.check_holds(pairs.image_ids, self.pairs)
         for ref in (self.old, self.new):
-            if Path(ref).expanduser().is_dir() and not is_bundle(ref):
-                check_model_dir(Path(ref).expanduser())
+            if Path(ref).expanduser().is_dir():
+                if not is_bundle(ref):
+                    check_model_dir(Path(ref).expanduser())
+            elif not ref.startswith("models:/"):
+                check_hub_ref(ref)  # what _model_ref leaves that is not a folder: a hub id
 
     @property
     def settings(self) -> Settings:

@@ -188,6 +188,17 @@ def test_bad_inputs_fail_before_training(prefect_harness, tiny, tmp_path):
         _params(tiny, out, **builtin, world={"pairs": 10})
 
 
+def test_a_hub_id_missing_from_the_cache_offline_fails_as_the_parameters_are_built(tiny, tmp_path, monkeypatch):
+    from xbtcore.encoders import ModelLoadError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"model 'xbt-test/no-such-model' is not .* in the Hugging Face cache"):
+        _params(tiny, tmp_path / "run", new="xbt-test/no-such-model")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert _params(tiny, tmp_path / "run", new="xbt-test/no-such-model").new == "xbt-test/no-such-model"  # online
+
+
 def test_phi_pretrained_on_text_and_the_pairs_images(prefect_harness, tiny, tmp_path, monkeypatch):
     """pretrain.source=text+image: φ's rows are the distinct corpus texts plus one per pair image."""
     monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))

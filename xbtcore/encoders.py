@@ -148,6 +148,29 @@ def check_model_dir(path: Path, need_model: bool = True) -> None:
         )
 
 
+def _uncached_offline(ref: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"model '{ref}' is not a local directory and is not in the Hugging Face cache; "
+        "the hub is unreachable (HF_HUB_OFFLINE=1): "
+        "download it where the hub is reachable or pass a local directory"
+    )
+
+
+def check_hub_ref(ref: str) -> None:
+    """Offline, a hub id whose config is not in the local Hugging Face cache fails in seconds, before any
+    server starts or model loads (online, loading it is what tells)."""
+    if not _is_offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(ref, "config.json")
+    except Exception:  # not a valid repo id: not cached either
+        cached = None
+    if not isinstance(cached, str):
+        raise _uncached_offline(ref)
+
+
 class _PartError(Exception):
     """One part (model, tokenizer, image processor) failed to load."""
 
@@ -230,11 +253,7 @@ def _load(ref: str, dtype: torch.dtype, with_model: bool):
     except _PartError:
         pass
     if _is_offline():
-        raise ModelLoadError(
-            f"model '{ref}' is not a local directory and is not in the Hugging Face cache; "
-            "the hub is unreachable (HF_HUB_OFFLINE=1): "
-            "download it where the hub is reachable or pass a local directory"
-        )
+        raise _uncached_offline(ref)
     reason = _hub_reachable()
     if reason is not None:
         raise ModelLoadError(
