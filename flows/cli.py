@@ -308,6 +308,8 @@ def cmd_serve(a) -> int:
 
     if not 0 <= a.batch_wait_ms <= 1000:
         raise ValueError(f"--batch-wait-ms must be from 0 to 1000, got {a.batch_wait_ms:g}")
+    if not 0 <= a.poll_seconds < float("inf"):
+        raise ValueError(f"--poll-seconds must be 0 (never) or a positive number of seconds, got {a.poll_seconds:g}")
     port = _free_port(a.host, a.port)
     one_thread_per_request()
     qdrant = None

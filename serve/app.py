@@ -118,8 +118,12 @@ def create_app(server) -> FastAPI:
                 _bad(413 if "size" in str(e).lower() else 400, f"form does not parse: {e}")
             k = _k(form.get("k"), form=True)
             upload = form.get("image")
+            if upload is not None and form.get("text") is not None:
+                _bad(422, "the form holds both text and an image: send one query, text or an image")
             if upload is not None and not isinstance(upload, str):
                 image = _image(await upload.read(MAX_UPLOAD_BYTES + 1))
+            elif upload is not None:
+                _bad(422, "image must be a file (a multipart file part with a filename), not a text field")
             else:
                 text = _text(form.get("text"))
         elif kind == "application/x-www-form-urlencoded":  # a plain HTML form: text only
@@ -139,7 +143,7 @@ def create_app(server) -> FastAPI:
 
         return await run_in_threadpool(engine.search, k, text, image)
 
-    @app.get("/items/{item_id}")
+    @app.get("/items/{item_id:path}")  # an id may hold slashes ("imgs/0001.jpg")
     def item(item_id: str):
         from .gallery import source_item
 

@@ -84,6 +84,8 @@ def test_every_bad_input_is_a_4xx_with_one_line_detail(client, setup):
         ({"files": {"image": ("big.png", b"\0" * (MAX_UPLOAD_BYTES + 1), "image/png")}}, 413, str(MAX_UPLOAD_BYTES)),
         ({"content": b"a red circle", "headers": {"content-type": "text/plain"}}, 415, "x-www-form-urlencoded"),
         ({"data": {"k": "3"}}, 422, "missing text"),
+        ({"files": {"image": ("x.png", png, "image/png")}, "data": {"text": "a red circle"}}, 422, "both text and"),
+        ({"files": {"k": (None, "3")}, "data": {"image": "q.png"}}, 422, "image must be a file"),
         ({"content": b"text=%FF\xff", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 400, "ASCII"),
         # chunked, so no Content-Length to refuse it by: cut off as it streams in
         ({"content": iter([b'{"text": "', b"y" * (MAX_UPLOAD_BYTES + 100_000), b'"}']), "headers": json_type}, 413,
@@ -186,10 +188,39 @@ def test_a_model_of_another_space_is_refused(setup):
     Server(str(setup["b1"]), setup["index"], poll_s=0)  # a bundle of the gallery's model: its compatible space
 
 
-def test_serve_refuses_a_batch_wait_out_of_range_before_loading_anything(setup):
+def test_serve_refuses_a_batch_wait_or_poll_out_of_range_before_loading_anything(setup):
     r = xbt("serve", "--index", setup["index"], "--model", OLD, "--batch-wait-ms", "-1")
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == ["xbt: error: --batch-wait-ms must be from 0 to 1000, got -1"]
+    for poll in ("-1", "nan"):
+        r = xbt("serve", "--index", setup["index"], "--model", OLD, "--poll-seconds", poll)
+        assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+            f"xbt: error: --poll-seconds must be 0 (never) or a positive number of seconds, got {poll}"
+        ], r.stderr
+
+
+def test_an_item_whose_id_holds_a_slash_is_served_at_its_url(setup, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_app
+    from serve.engine import Server, load_query_model
+    from serve.gallery import index_gallery
+
+    table = pq.read_table(setup["world"]["eval"]).slice(0, 12)
+    paths = [f"imgs/{i}.png" for i in table.column("image_id").to_pylist()]
+    pq.write_table(table.set_column(table.schema.get_field_index("image_id"), "image_id", pa.array(paths)),
+                   tmp_path / "paths.parquet")  # fmt: skip
+    index_gallery(load_query_model(OLD), str(tmp_path / "paths.parquet"), "image", str(tmp_path / "idx"))
+    client = TestClient(create_app(Server(OLD, tmp_path / "idx", poll_s=0)))
+    hit = client.post("/search", json={"text": setup["captions"][0], "k": 1}).json()["results"][0]["id"]
+    assert "/" in hit
+    from urllib.parse import quote
+
+    for url in (f"/items/{quote(hit, safe='')}", f"/items/{hit}"):  # as the page asks for it, and as typed
+        r = client.get(url)
+        assert r.status_code == 200 and r.content == table.column("image")[paths.index(hit)].as_py(), url
 
 
 def test_serve_on_a_port_in_use_fails_in_one_line_before_loading_anything(setup):
