@@ -93,13 +93,21 @@ class Catalog:
         )
 
     def embeddings_at(self, path: str | Path) -> dict | None:
-        """The `xbt embed` record of the Parquet file at `path` (its galleries row: model, space, modality)
-        while the file holds as many rows as were recorded; None for a file xbt did not write, or that was
-        written again since by something else."""
+        """The `xbt embed` record of the Parquet file at `path` (model, space, modality): the stamp in the
+        file's own metadata, which travels with a copy; else its galleries row while the file holds as many
+        rows as were recorded; None for a file xbt did not write, or that was written again since by something
+        else."""
         import pyarrow.parquet as pq
 
+        from xbtcore.data import read_stamp
+
         path = Path(path).absolute()
-        if not self.path.exists() or not path.is_file():
+        if not path.is_file():
+            return None
+        stamp = read_stamp(path)
+        if stamp is not None:
+            return stamp | {"path": str(path)}
+        if not self.path.exists():
             return None
         con = self._connect()
         try:

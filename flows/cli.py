@@ -206,14 +206,11 @@ def cmd_embed(a) -> int:
         emb = encoder.embed_texts(items, batch_size=a.batch_size, progress=True)
     else:
         emb = encoder.embed_images(LazyImages(items), batch_size=a.batch_size, progress=True)
-    out = write_embeddings_parquet(a.out, emb, ids=read_ids(a.input))  # `id`: what a gallery is matched on
+    model = pinned_ref(str(Path(a.model).absolute()) if Path(a.model).is_dir() else a.model, resolved)
+    stamp = {"model": model, "space": space_of(root), "modality": a.modality}
+    out = write_embeddings_parquet(a.out, emb, ids=read_ids(a.input), stamp=stamp)  # `id`: what galleries match on
     Catalog(state_dir() / "catalog.duckdb").record_gallery(
-        str(Path(out).absolute()),
-        pinned_ref(str(Path(a.model).absolute()) if Path(a.model).is_dir() else a.model, resolved),
-        space_of(root),
-        a.modality,
-        int(emb.shape[0]),
-        int(emb.shape[1]),
+        str(Path(out).absolute()), model, stamp["space"], a.modality, int(emb.shape[0]), int(emb.shape[1])
     )
     print(f"{emb.shape[0]} {a.modality} embeddings (dim {emb.shape[1]}, space {space_of(root)}) -> {out}")
     return 0

@@ -81,6 +81,11 @@ def test_index_equals_brute_force_on_xbt_embed_outputs(world, tmp_path):
         index_gallery(load_query_model(NEW), str(tmp_path / "g.parquet"), "image", str(tmp_path / "idx3"))
     with pytest.raises(InputError, match="holds image embeddings .* index it with --modality image"):  # and modality
         index_gallery(load_query_model(OLD), str(tmp_path / "g.parquet"), "text", str(tmp_path / "idx3"))
+    import shutil
+
+    shutil.copy(tmp_path / "g.parquet", tmp_path / "copied.parquet")  # no catalog row: the file's own stamp says
+    with pytest.raises(ValueError, match=f"copied.parquet was embedded in the space {index.space}"):
+        index_gallery(load_query_model(NEW), str(tmp_path / "copied.parquet"), "image", str(tmp_path / "idx3"))
     assert not (tmp_path / "idx3").exists()
 
     # `xbt search` prints the same ranking.

@@ -706,9 +706,27 @@ class Gallery:
         return positions, torch.from_numpy(np.stack([found[p] for p in positions]))
 
 
-def write_embeddings_parquet(path, embeddings, rows=None, ids=None) -> Path:
+STAMP_KEYS = ("model", "space", "modality")  # what `xbt embed` stamps on its output, as xbt.KEY metadata
+
+
+def read_stamp(path) -> dict | None:
+    """The model, space and modality an embedding Parquet was stamped with (write_embeddings_parquet's
+    `stamp`), with its rows; None for a file without one (or not Parquet: its reader says so)."""
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception:
+        return None
+    kv = meta.metadata or {}
+    if not all(f"xbt.{k}".encode() in kv for k in STAMP_KEYS):
+        return None
+    return {k: kv[f"xbt.{k}".encode()].decode() for k in STAMP_KEYS} | {"rows": meta.num_rows}
+
+
+def write_embeddings_parquet(path, embeddings, rows=None, ids=None, stamp: dict | None = None) -> Path:
     """Write `row` (int64), `embedding` (list<float32>) and, if given, `id`.
 
+    stamp: {"model", "space", "modality"}, kept in the file's metadata (read_stamp), so that a copy of the
+    file still says which space its vectors are in.
     Atomic: written to a temporary file in the same folder, then renamed.
     Normalising is the caller's job (CONTRACT: `xbt embed` writes L2-normalised).
     """
@@ -733,6 +751,8 @@ def write_embeddings_parquet(path, embeddings, rows=None, ids=None) -> Path:
         assert len(ids) == n, "one id per embedding"
         columns["id"] = pa.array(ids)
     table = pa.table(columns)
+    if stamp is not None:
+        table = table.replace_schema_metadata({f"xbt.{k}": str(stamp[k]) for k in STAMP_KEYS})
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
