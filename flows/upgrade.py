@@ -39,7 +39,7 @@ from tasks.common import (
     step_states,
 )
 from tasks.embed import embed_frozen
-from tasks.evaluate import OLD_IMAGES, check_inputs, evaluate, gate
+from tasks.evaluate import OLD_IMAGES, TIED_IMAGES, check_inputs, evaluate, gate
 from tasks.extract import check_corpus, ensure_world, extract_corpus
 from tasks.registry import attach_report, register_and_promote, resolve_model, space_of
 from tasks.report import (
@@ -634,6 +634,7 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
             "val_images": inputs["val_images"],
             "val_pairs": inputs["val_pairs"],
         },
+        "eval_images_tied": read_json(tied) if (tied := Path(evaluated) / TIED_IMAGES).is_file() else None,
         "timings_s": dict(clock.seconds),
         "bundle": str(out / "bundle"),
         "space": space_of(root),
@@ -689,6 +690,7 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
             "no_regression": verdict.get("no_regression"),
             "candidates": candidates,
             "counts": run["counts"],
+            "eval_images_tied": run["eval_images_tied"],
         },
         settings.pretrain,
     )

@@ -35,6 +35,9 @@ def _kept_with_old_encoder(ran: list[dict], ks) -> dict | None:
     return None if kept["eligible"] else kept
 
 
+TIED_SHARE = 0.01  # eval images sharing an embedding in a case's gallery, past which the advice says so
+
+
 def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
     """Lines for a person reading a finished run's report; empty when nothing is worth changing."""
     steps: list[str] = []
@@ -50,6 +53,19 @@ def next_steps(report: dict, pretrain: PretrainConfig) -> list[str]:
             f"{counts['eval_images_in_pairs']} of the {counts['eval_images']} eval images are also in the pairs "
             "(the same image bytes): the eval recall counts images the upgrade trained or chose on, so the gate's "
             "verdict is optimistic; pass an eval set held out of the pairs"
+        )
+    tied = {
+        case: n
+        for case, n in (report.get("eval_images_tied") or {}).items()
+        if n >= TIED_SHARE * counts["eval_images"]
+    }
+    if tied:
+        named = {"old/old": "old/old and new/old"}  # new/old searches old/old's gallery
+        cases = "; ".join(f"{named.get(case, case)}: {n}" for case, n in tied.items())
+        steps.append(
+            f"eval images that share their embedding with another image in a t2i gallery ({cases} of "
+            f"{counts['eval_images']}): every query scores them alike and a tie counts as a hit, so that recall "
+            "overstates the model; its image tower may be untrained or collapsed"
         )
     margins = report.get("gate_margins")
     if failing and margins:

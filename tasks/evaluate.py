@@ -27,7 +27,7 @@ from xbtcore.data import (
     split_pairs,
 )
 from xbtcore.encoders import PRECISIONS, DualEncoder
-from xbtcore.evaluate import Side, backfill_study, evaluate_cases, side_of
+from xbtcore.evaluate import Side, backfill_study, evaluate_cases, side_of, tied_images
 from xbtcore.gate import describe_failures, eqn2_gate, no_regression_gate
 from xbtcore.inspect_sample import report_sample
 from xbtcore.margins import gate_margins
@@ -39,6 +39,7 @@ SMALL_GALLERY = 200  # images: below this, recall at K = 5, 10 saturates and the
 
 
 OLD_IMAGES = "old_images.json"  # an evaluated folder's count of images the old image tower embedded
+TIED_IMAGES = "tied_images.json"  # and per t2i case, its gallery's images that share an embedding (tied_images)
 
 
 def check_stored_gallery(files: list[Path], root: str) -> None:
@@ -285,6 +286,7 @@ def evaluate(
     )
     (tmp / "recall.json").write_text(json.dumps(recall, indent=2))
     (tmp / OLD_IMAGES).write_text(json.dumps({"images": evalset.n_images, "in_gallery": held}))
+    (tmp / TIED_IMAGES).write_text(json.dumps(tied_images(old_side, upgraded_side, orig_side)))
     if part == "val":
         sides = (upgraded_side.text, old_side.image, orig_side.text, orig_side.image)
         model = GainModel.fit(*(t.float().numpy() for t in sides), evalset.caption_image.numpy())

@@ -58,8 +58,8 @@ def build_report(
     """report.json's content: CONTRACT.md's keys, then the gate margins, the candidates and the choice among
     them, the promotion, what a progressive backfill would give on the way, and what to try next.
 
-    run: method, old, new, counts, timings_s, config, bundle, space, steps, mlflow, old_image_tower (the
-    flow's record of the run).
+    run: method, old, new, counts, timings_s, config, bundle, space, steps, mlflow, old_image_tower,
+    eval_images_tied (the flow's record of the run).
     """
     report = {
         "method": run["method"],
@@ -75,7 +75,9 @@ def build_report(
     report["gate_margins"] = margins
     report["candidates"] = candidates
     report["chosen"] = chosen
-    report.update({k: run[k] for k in ("old_image_tower", "config", "bundle", "space", "steps", "mlflow")})
+    report.update(
+        {k: run[k] for k in ("old_image_tower", "eval_images_tied", "config", "bundle", "space", "steps", "mlflow")}
+    )
     report["promotion"] = promotion
     if backfill is not None:
         report["backfill"] = backfill

@@ -60,6 +60,34 @@ def test_an_eval_set_that_shares_images_with_the_pairs_is_named_even_when_the_ga
     assert next_steps({**report, "counts": {"eval_images": 1000, "eval_images_in_pairs": 0}}, TEXT) == []
 
 
+def test_eval_images_that_share_an_embedding_in_a_gallery_are_named_past_one_percent():
+    tied = {"old/old": 0, "new/new": 9, "orig-new/new": 10}
+    steps = next_steps({**_report(), "counts": {"eval_images": 1000}, "eval_images_tied": tied}, TEXT)
+    assert len(steps) == 1 and steps[0].startswith(
+        "eval images that share their embedding with another image in a t2i gallery (orig-new/new: 10 of 1000)"
+    ), steps
+    tied = {"old/old": 40, "new/new": 0, "orig-new/new": 0}
+    steps = next_steps({**_report(), "counts": {"eval_images": 1000}, "eval_images_tied": tied}, TEXT)
+    assert len(steps) == 1 and "(old/old and new/old: 40 of 1000)" in steps[0], steps
+    assert next_steps({**_report(), "counts": {"eval_images": 1000}, "eval_images_tied": None}, TEXT) == []
+
+
+def test_tied_images_counts_the_images_of_each_gallery_that_share_an_embedding():
+    import torch
+
+    from xbtcore.evaluate import Side, tied_images
+
+    distinct = torch.nn.functional.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    collapsed = distinct.clone()
+    collapsed[[1, 4, 5]] = distinct[0] + 1e-7  # float noise apart: one embedding
+    side = lambda image: Side(text=torch.zeros(0, 4), image=image)  # noqa: E731
+    assert tied_images(side(collapsed), side(distinct), side(distinct[[0, 0, 1]])) == {
+        "old/old": 4,
+        "new/new": 0,
+        "orig-new/new": 2,
+    }
+
+
 def test_a_failing_named_method_points_at_auto():
     steps = next_steps(_report(method="procrustes", new_old=(39.0, 39.0)), TEXT)
     assert len(steps) == 1 and "--method auto" in steps[0]

@@ -82,6 +82,7 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
     pair_ids = pq.read_table(tiny["pairs"]).column("image_id").to_pylist()
     pair_images = len(set(pair_ids))
     val_images = min(max(math.ceil(0.1 * pair_images), 500), pair_images // 2)
+    tied = report["eval_images_tied"]
     assert report["counts"] == {
         "corpus": len(set(corpus)),
         "pairs": pq.read_metadata(tiny["pairs"]).num_rows,
@@ -101,6 +102,9 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
     w_bar = compat.embed_texts(evalset.captions)
     for k in (1, 5, 10):
         assert report["recall"]["t2i"]["new/old"][str(k)] == _t2i_recall(w_bar, old_images, evalset.caption_image, k)
+    # the old gallery's images that share an embedding with another, by pairwise distance
+    apart = (old_images[:, None] - old_images[None]).abs().amax(-1) + torch.eye(len(old_images))  # (N, N)
+    assert set(tied) == {"old/old", "new/new", "orig-new/new"} and tied["old/old"] == int((apart < 1e-4).any(1).sum())
 
     # Each gate check's margin with its bootstrap interval, matching the recall table.
     for d in ("t2i", "i2t"):

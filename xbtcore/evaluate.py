@@ -57,6 +57,21 @@ def cross_recall(query: Side, gallery: Side, caption_image: torch.Tensor, ks=KS)
     return {"t2i": t2i, "i2t": i2t}
 
 
+def tied_images(old: Side, upgraded: Side, orig_new: Side, decimals: int = 4) -> dict:
+    """Per t2i case, how many of its gallery's images share their embedding with another image (to `decimals`):
+    every query scores them alike, and CONTRACT.md's tie rule counts the own one a hit wherever they rank
+    together, so many of them (an untrained or collapsed image tower) inflate that case's recall.
+    new/old searches old/old's gallery."""
+    import numpy as np
+
+    def tied(x: torch.Tensor) -> int:
+        _, inverse, counts = np.unique(np.round(x.float().numpy(), decimals), axis=0, return_inverse=True,
+                                       return_counts=True)  # fmt: skip
+        return int((counts[inverse.reshape(-1)] > 1).sum())
+
+    return {"old/old": tied(old.image), "new/new": tied(upgraded.image), "orig-new/new": tied(orig_new.image)}
+
+
 def evaluate_cases(
     old: Side, upgraded: Side, orig_new: Side, caption_image: torch.Tensor, prev: Side | None = None, ks=KS
 ) -> dict:
