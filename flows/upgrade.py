@@ -552,6 +552,13 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
             *corpus_filter,
             fingerprint=data_fp["corpus"],
         )
+    if corpus["rows"] < inputs["new_dim"]:
+        log().warning(
+            "the corpus holds %d distinct texts, fewer than the new model's %d embedding dimensions: the maps "
+            "fitted on it (procrustes, φ's pretraining) are underdetermined; pass a corpus of many more texts",
+            corpus["rows"],
+            inputs["new_dim"],
+        )
     root, prev = inputs["root"], inputs["prev"]
     # "old" in Eqns. 3 and 6 is the old model; in a chain link the gallery's root model, or with
     # pretrain.chain_targets=champion the champion's compatible space (its bundle).

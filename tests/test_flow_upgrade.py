@@ -192,6 +192,21 @@ def test_bad_inputs_fail_before_training(prefect_harness, tiny, tmp_path):
         _params(tiny, out, **builtin, world={"pairs": 10})
 
 
+def test_a_corpus_of_fewer_texts_than_the_new_models_width_is_warned_about(
+    prefect_harness, tiny, tmp_path, monkeypatch
+):
+    import flows.upgrade
+    from flows.upgrade import upgrade
+
+    warned = _check_inputs_warnings(monkeypatch, "small-corpus", module=flows.upgrade)
+    texts = [t for t in pq.read_table(tiny["corpus"]).column("caption").to_pylist() if t and t.strip()]
+    small = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"caption": list(dict.fromkeys(texts))[:5]}), small)
+    report = upgrade(_params(tiny, tmp_path / "run", corpus=str(small), method="procrustes", val_fraction=0))
+    assert report["counts"]["corpus"] == 5
+    assert any(w.startswith("the corpus holds 5 distinct texts, fewer than the new model's") for w in warned), warned
+
+
 def test_a_hub_id_missing_from_the_cache_offline_fails_as_the_parameters_are_built(tiny, tmp_path, monkeypatch):
     from xbtcore.encoders import ModelLoadError
 
@@ -525,8 +540,9 @@ def test_reruns_never_serve_an_output_that_changed_since(prefect_harness, tiny, 
     assert all(edited["steps"][s] == "Completed" for s in ("embed-frozen", "fit-head", "train", "evaluate"))
 
 
-def _check_inputs_warnings(monkeypatch, name: str, level: int = 30) -> list[str]:
-    """The warnings (with level=logging.INFO, also the notes) check_inputs logs from now on, in the returned list."""
+def _check_inputs_warnings(monkeypatch, name: str, level: int = 30, module=None) -> list[str]:
+    """The warnings (with level=logging.INFO, also the notes) check_inputs (or `module`'s log()) logs from now
+    on, in the returned list."""
     import logging
 
     import tasks.evaluate
@@ -542,7 +558,7 @@ def _check_inputs_warnings(monkeypatch, name: str, level: int = 30) -> list[str]
     logger.setLevel(level)
     logger.addHandler(Keep())
     logger.propagate = False
-    monkeypatch.setattr(tasks.evaluate, "log", lambda: logger)  # the run log, whatever Prefect's logging setup
+    monkeypatch.setattr(module or tasks.evaluate, "log", lambda: logger)  # the run log, whatever Prefect's setup
     return warned
 
 
