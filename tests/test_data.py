@@ -111,6 +111,10 @@ def test_folder_and_glob_of_files(tmp_path, pngs):
     assert pairs.captions == ["first", "second", "again", "third"]  # files in sorted order
     assert pairs.image_ids == ["i0", "i1", "i2"] and pairs.caption_image.tolist() == [0, 1, 0, 2]
     assert read_pairs(str(tmp_path / "parts" / "*.parquet")).captions == pairs.captions
+    (tmp_path / "parts").rename(tmp_path / "parts [x]")  # [x] in a glob is a character class
+    with pytest.raises(InputError, match=r"glob matches no file: .*write a literal \[ as \[\[\]"):
+        read_pairs(str(tmp_path / "parts [x]" / "*.parquet"))
+    assert read_pairs(str(tmp_path / "parts [[]x]" / "*.parquet")).captions == pairs.captions
 
 
 def test_a_folder_reads_its_subfolders_and_a_double_star_glob_spans_folders(tmp_path, pngs):

@@ -84,7 +84,10 @@ def parquet_files(path) -> list[Path]:
     if _GLOB_CHARS & set(text):
         files = sorted(Path(f) for f in _glob.glob(os.path.expanduser(text), recursive=True) if Path(f).is_file())
         if not files:
-            raise InputError(text, "glob matches no file", "check the pattern")
+            fix = "check the pattern"
+            if "[" in text:  # a folder named "runs [x]" reads as a character class
+                fix += "; [ starts a character class in a glob: write a literal [ as [[]"
+            raise InputError(text, "glob matches no file", fix)
         return files
     raise InputError(text, "no such file or folder", "check the path")
 
