@@ -94,6 +94,9 @@ def fit_head(
     history: list = []
     inputs = head_inputs(embeddings, cache_root, pairs_path, split, seed, device)
     inputs.on_step = _loss_logger(method, None, history)
+    inputs.checkpoint = Path(f"{out}.ckpt")  # named by the inputs like `out`: a resume continues only the same fit
+    if inputs.checkpoint.exists():
+        log().info("resuming %s's head from %s", method, inputs.checkpoint)
     head = spec.fit_head(inputs, cfg)
 
     def write():
@@ -109,6 +112,7 @@ def fit_head(
             json.dumps({"method": method, "config": dataclasses.asdict(cfg), "steps": history})
         )
         tmp.replace(path)  # last: a head file that exists is a finished one
+        inputs.checkpoint.unlink(missing_ok=True)
 
     on_main_rank(write)
     return out

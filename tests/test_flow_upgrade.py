@@ -54,6 +54,7 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
     # Its own task-result store: other tests run the same inputs, and their
     # cached results would make this "first" run come back Cached.
     monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
+    import xbtcore.pretrain
     from flows.upgrade import upgrade
     from tasks.advice import next_steps
     from xbtcore.bundle import load_compatible
@@ -61,10 +62,15 @@ def test_report_matches_contract_and_rerun_skips_finished_steps(prefect_harness,
     from xbtcore.encoders import DualEncoder
     from xbtcore.pretrain import PretrainConfig
 
+    saved = []  # φ's checkpoints: one after every step here
+    monkeypatch.setattr(xbtcore.pretrain, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(xbtcore.pretrain, "save_checkpoint", lambda path, state: saved.append(path))
     out = tmp_path / "run"
     upgrade(_params(tiny, out))
     report = json.loads((out / "report.json").read_text())
     assert CONTRACT_KEYS <= set(report)
+    assert saved and all(p.parent == out / "work" and p.name.endswith(".ckpt") for p in saved), saved
+    assert not list((out / "work").glob("*.ckpt"))  # φ's and the fine-tune's checkpoints go with their runs
     assert report["method"] == "xbt" and report["old"] == tiny["old"] and report["new"] == tiny["new"]
     for d in ("t2i", "i2t"):
         assert list(report["recall"][d]) == CASES

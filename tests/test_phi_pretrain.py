@@ -290,3 +290,42 @@ def test_default_passes_keep_a_small_corpus_at_min_steps():
     assert cfg.epochs_for(10) == MIN_STEPS == 1200  # one step a pass
     assert PretrainConfig(min_steps=2400).epochs_for(209_155) == 12  # a method's own count
     assert PretrainConfig(epochs=2).epochs_for(104_000) == 2  # an explicit count is kept
+
+
+@pytest.mark.parametrize("stop_at", [3, 8, 13])  # mid-epoch, at an epoch's last step, in a later epoch
+def test_a_pretraining_killed_after_a_checkpoint_resumes_to_the_same_phi(tmp_path, stop_at):
+    # Every term that draws from the RNG on: the corpus order and noise, the pair batches' passes (64 pairs in
+    # batches of 24: a new order every 2 steps), the anchors and the distillation term.
+    torch.manual_seed(0)
+    w_new, w_old = F.normalize(torch.randn(640, 24), dim=-1), F.normalize(torch.randn(640, 16), dim=-1)
+    pairs = tuple(F.normalize(torch.randn(64, d), dim=-1) for d in (24, 24, 16, 16))
+    cfg = PretrainConfig(
+        batch_size=128, pair_batch_size=24, epochs=3, lr=1e-3, anchor_weight=1.0, distill_weight=0.5, seed=4
+    )
+    init = Phi(PhiConfig(24, 16)).state_dict()
+
+    def fresh() -> Phi:
+        phi = Phi(PhiConfig(24, 16))
+        phi.load_state_dict(init)
+        return phi
+
+    phi = fresh()
+    whole = text_only_pretrain(phi, w_new, w_old, cfg, pairs=pairs)  # 3 epochs of 5 steps
+    want = phi.state_dict()
+
+    ckpt, seen = tmp_path / "phi.ckpt", []
+
+    def killed(step, loss):
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        text_only_pretrain(fresh(), w_new, w_old, cfg, on_step=killed, pairs=pairs,
+                           checkpoint_path=ckpt, checkpoint_seconds=0)  # fmt: skip
+    torch.manual_seed(123)  # whatever the RNG and a new φ hold when the run comes back
+    phi = Phi(PhiConfig(24, 16))
+    resumed = text_only_pretrain(phi, w_new, w_old, cfg, on_step=lambda step, loss: seen.append(step), pairs=pairs,
+                                 checkpoint_path=ckpt, checkpoint_seconds=0)  # fmt: skip
+    assert seen == list(range(stop_at + 1, 16))  # only the steps after the kill ran again
+    assert all(torch.equal(phi.state_dict()[k], want[k]) for k in want)
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in whole], abs=1e-6)

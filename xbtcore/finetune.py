@@ -14,10 +14,8 @@ killed run resume where it stopped, with the same data order and augmentation.
 
 from __future__ import annotations
 
-import os
 import random
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 
 from .adapters import LoraSettings, add_lora, add_vision_prompts, find_prompts
 from .augment import AugmentConfig, augment_image
+from .checkpoint import read_checkpoint, save_checkpoint
 from .ddp import average_gradients, global_batch, local_slice, world_info
 from .losses import PAPER_LOG_LOGIT_SCALE, check_loss, eqn5_loss, eqn6_loss, logit_scale_from_log
 from .phi import Phi
@@ -143,31 +142,9 @@ def _load_trainable(encoder, phi: Phi, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(t)
 
 
-def _read_checkpoint(path: Path, device) -> dict | None:
-    """A checkpoint's state; None, with a warning, where it does not read (saves are atomic, so only a damaged
-    disk or a hand-edited file gets here): it is moved aside to PATH.unreadable and the training starts over."""
-    try:
-        return torch.load(path, weights_only=False, map_location=device)
-    except Exception as e:
-        aside = path.with_name(path.name + ".unreadable")
-        if world_info()[0] != 0:
-            return None  # the first process moves it and says so
-        os.replace(path, aside)
-        warnings.warn(
-            f"{path}: the training checkpoint does not read ({type(e).__name__}: {str(e).splitlines()[0]}); moved "
-            f"to {aside.name}, this training starts again from its first step",
-            stacklevel=2,
-        )
-        return None
-
-
 def _save_checkpoint(path: Path, encoder, phi, opt, step: int, losses: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {"step": step, "trainable": trainable_state(encoder, phi), "optimizer": opt.state_dict(), "losses": losses},
-        tmp,
-    )
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+    state = {"step": step, "trainable": trainable_state(encoder, phi), "optimizer": opt.state_dict(), "losses": losses}
+    save_checkpoint(path, state)
 
 
 def _batch_pixels(encoder, images: list, img_idx: torch.Tensor, rows: torch.Tensor, cfg: AugmentConfig, tag: str):
@@ -226,7 +203,7 @@ def finetune(
     start = 0
     losses: list[dict] = []  # {"step", "epoch", "loss"} of every step trained, those before a resume too
     ckpt = Path(checkpoint_path) if checkpoint_path else None
-    state = _read_checkpoint(ckpt, device) if ckpt is not None and ckpt.exists() else None
+    state = read_checkpoint(ckpt, device) if ckpt is not None and ckpt.exists() else None
     if state is not None:
         _load_trainable(encoder, phi, state["trainable"])
         opt.load_state_dict(state["optimizer"])

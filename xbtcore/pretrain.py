@@ -36,11 +36,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .ddp import average_gradients, global_batch, local_slice
+from .checkpoint import read_checkpoint, save_checkpoint
+from .ddp import average_gradients, global_batch, local_slice, world_info
 from .losses import PAPER_LOG_LOGIT_SCALE, check_loss, eqn3_loss, logit_scale_from_log
 from .phi import Phi, PhiConfig
 
@@ -257,6 +259,9 @@ def pretraining_rows(source: str, text=None, image=None) -> tuple[torch.Tensor, 
     return torch.cat([parts[p][0] for p in wanted]), torch.cat([parts[p][1] for p in wanted])
 
 
+CHECKPOINT_SECONDS = 60.0  # at most this long between checkpoints of φ's training (a save costs φ and AdamW's state)
+
+
 def add_embedding_noise(w: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """normalize(w + ε), ε ~ N(0, σ²): the noise injection of Eqn. 3."""
     eps = torch.randn(w.shape, generator=generator, device=w.device, dtype=w.dtype) * sigma  # (B, D)
@@ -270,6 +275,8 @@ def text_only_pretrain(
     cfg: PretrainConfig,
     on_step=None,
     pairs: tuple[torch.Tensor, ...] | None = None,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_seconds: float | None = None,
 ) -> list[dict]:
     """Train all of φ on row-aligned (w_new, w_old) rows with `losses.eqn3_loss`; returns per-epoch history.
 
@@ -284,6 +291,9 @@ def text_only_pretrain(
     same rows and draws the same global batch; each maps its own contiguous
     slice, negatives are all-gathered and gradients averaged, so the result
     equals one process.
+    checkpoint_path: if given, resume from it when it exists (φ, the optimizer, the place in the epoch and
+    the RNG states: the same φ as an uninterrupted run) and save to it every `checkpoint_seconds` at most
+    (default CHECKPOINT_SECONDS); the caller deletes it when the run is done.
     """
     if cfg.uses_corpus:
         assert w_new is not None and w_old is not None, "Eqn. 3's terms read the corpus rows (w_new, w_old)"
@@ -302,16 +312,34 @@ def text_only_pretrain(
     torch.manual_seed(cfg.seed)  # noise and order; a CPU generator could not feed a CUDA randn
     opt = torch.optim.AdamW(phi.parameters(), lr=PAPER_LR if cfg.lr is None else cfg.lr, weight_decay=cfg.weight_decay)
     scale = logit_scale_from_log(cfg.log_logit_scale)
-    # without the corpus the steps are the pair batches: the same count per pass as _pair_batches draws
+    # without the corpus the steps are the pair batches: the same count per pass as _PairBatches draws
     n, batch_size = (w_new.shape[0], cfg.batch_size) if cfg.uses_corpus else (pairs[0].shape[0], cfg.pair_batch_size)
     bs = global_batch(batch_size, n)
-    pair_batches = _pair_batches(pairs, cfg.pair_batch_size) if cfg.uses_pairs else None
+    pair_batches = _PairBatches(pairs, cfg.pair_batch_size) if cfg.uses_pairs else None
     history, step = [], 0
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    resume = read_checkpoint(ckpt, device) if ckpt is not None and ckpt.exists() else None
+    if resume is not None:
+        phi.load_state_dict(resume["phi"])
+        opt.load_state_dict(resume["optimizer"])
+        history, step = resume["history"], resume["step"]
+    saved_at, every = time.perf_counter(), CHECKPOINT_SECONDS if checkpoint_seconds is None else checkpoint_seconds
     phi.train()
-    for epoch in range(cfg.epochs_for(n, batch_size)):
-        t0, total, count = time.perf_counter(), 0.0, 0
+    for epoch in range(0 if resume is None else resume["epoch"], cfg.epochs_for(n, batch_size)):
+        within = resume is not None and epoch == resume["epoch"]  # the epoch the checkpoint stopped in
+        t0 = time.perf_counter() - (resume["seconds"] if within else 0.0)
+        total, count, start = (resume["total"], resume["count"], resume["next"]) if within else (0.0, 0, 0)
+        if within:
+            torch.set_rng_state(resume["epoch_rng"])
+        epoch_rng = torch.get_rng_state()  # this epoch's order is drawn from it: a checkpoint holds it, not the order
         order = torch.randperm(n) if cfg.uses_corpus else None
-        for i in range(0, n - bs + 1, bs):  # drop the ragged tail: a tiny last batch has few negatives
+        if within:
+            if pair_batches is not None:
+                pair_batches.restore(resume["pairs"])
+            torch.set_rng_state(resume["rng"])
+            if resume.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(resume["cuda_rng"], device)
+        for i in range(start, n - bs + 1, bs):  # drop the ragged tail: a tiny last batch has few negatives
             mapped = target = pair = anchor = distill = None
             if order is not None:
                 idx = order[i : i + bs]
@@ -351,7 +379,25 @@ def text_only_pretrain(
             opt.step()
             step += 1
             total, count = total + value, count + 1
-            if on_step is not None:
+            if ckpt is not None and time.perf_counter() - saved_at >= every and world_info()[0] == 0:
+                state = {
+                    "phi": phi.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "history": history,
+                    "epoch": epoch,
+                    "next": i + bs,
+                    "total": total,
+                    "count": count,
+                    "seconds": time.perf_counter() - t0,
+                    "epoch_rng": epoch_rng,
+                    "pairs": None if pair_batches is None else pair_batches.state(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                }
+                save_checkpoint(ckpt, state)
+                saved_at = time.perf_counter()
+            if on_step is not None:  # after the checkpoint: a kill here loses nothing
                 on_step(step, value)
         history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "seconds": time.perf_counter() - t0})
     phi.eval()
@@ -365,6 +411,7 @@ def pretrain_phi(
     device="cpu",
     on_step=None,
     pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    checkpoint_path: str | Path | None = None,
 ) -> tuple[Phi, list[dict]]:
     """-> (φ, per-epoch history): a fresh φ, D_new -> D_old, all of it trained by `text_only_pretrain`. Without a
     corpus (w_new, w_old None) its sizes come from the pairs: v_new (P, D_new) and the anchors' v_old (P, D_old)."""
@@ -373,7 +420,7 @@ def pretrain_phi(
         raise ValueError("φ without a corpus trains on the gallery anchors: give pairs=(v_new, w_new, v_old, w_old)")
     in_dim, out_dim = (w_new.shape[1], w_old.shape[1]) if w_new is not None else (pairs[0].shape[1], pairs[2].shape[1])
     phi = Phi(PhiConfig(in_dim=in_dim, out_dim=out_dim)).to(device)
-    history = text_only_pretrain(phi, w_new, w_old, cfg, on_step=on_step, pairs=pairs)
+    history = text_only_pretrain(phi, w_new, w_old, cfg, on_step=on_step, pairs=pairs, checkpoint_path=checkpoint_path)
     return phi, history
 
 
@@ -393,16 +440,33 @@ def pair_rows(
     return (*rows, v_old_images[caption_image], w_old_captions)  # + (P, D_old) each
 
 
-def _pair_batches(pairs: tuple[torch.Tensor, ...], batch_size: int):
+class _PairBatches:
     """Endless (rows, this rank's slice) batches of the row-aligned pair tensors, reshuffled each
-    pass (drawn from the global RNG, so every rank draws the same rows)."""
-    n = pairs[0].shape[0]
-    assert all(t.shape[0] == n for t in pairs), "the pairs' embeddings must be row-aligned"
-    bs = global_batch(batch_size, n)
-    assert bs >= 2, f"the pair term needs at least 2 pairs per step, got {n}"
-    mine = local_slice(bs)
-    while True:
-        order = torch.randperm(n)
-        for i in range(0, n - bs + 1, bs):
-            idx = order[i : i + bs]
-            yield tuple(t[idx] for t in pairs), mine
+    pass (drawn from the global RNG, so every rank draws the same rows). Its place, `state()`, is the RNG
+    state its pass's order was drawn from and the next batch's start: a checkpoint holds that, not the order."""
+
+    def __init__(self, pairs: tuple[torch.Tensor, ...], batch_size: int):
+        n = pairs[0].shape[0]
+        assert all(t.shape[0] == n for t in pairs), "the pairs' embeddings must be row-aligned"
+        self.pairs, self.n, self.bs = pairs, n, global_batch(batch_size, n)
+        assert self.bs >= 2, f"the pair term needs at least 2 pairs per step, got {n}"
+        self.mine = local_slice(self.bs)
+        self.order, self.drawn_from, self.at = None, None, 0
+
+    def __next__(self):
+        if self.order is None or self.at + self.bs > self.n:  # a pass's whole batches, then a new order
+            self.drawn_from = torch.get_rng_state()
+            self.order, self.at = torch.randperm(self.n), 0
+        idx = self.order[self.at : self.at + self.bs]
+        self.at += self.bs
+        return tuple(t[idx] for t in self.pairs), self.mine
+
+    def state(self) -> dict:
+        return {"drawn_from": self.drawn_from, "at": self.at}
+
+    def restore(self, state: dict) -> None:
+        """Its place as `state()` gave it; leaves the global RNG where the order's draw left it."""
+        if state["drawn_from"] is not None:
+            torch.set_rng_state(state["drawn_from"])
+            self.drawn_from, self.order = state["drawn_from"], torch.randperm(self.n)
+        self.at = state["at"]

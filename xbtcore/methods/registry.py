@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 
@@ -47,6 +48,7 @@ class HeadInputs:
     val_caption_image: torch.Tensor | None = None  # (V,) the same of the validation pairs; None without a split
     on_step: Callable[[int, float], None] | None = None
     device: str = "cpu"
+    checkpoint: Path | None = None  # where a head that trains keeps its resumable state
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,9 @@ def _pretrained_phi(inputs: HeadInputs, cfg: XbtConfig):
     if pre.uses_pairs:
         old = (inputs.frozen("v_old_pairs"), inputs.frozen("w_old_pairs")) if pre.uses_anchors else ()
         pairs = pair_rows(inputs.frozen("v_new_pairs"), inputs.frozen("w_new_pairs"), inputs.caption_image, *old)
-    phi, _ = pretrain_phi(*rows, pre, device=inputs.device, on_step=inputs.on_step, pairs=pairs)
+    phi, _ = pretrain_phi(
+        *rows, pre, device=inputs.device, on_step=inputs.on_step, pairs=pairs, checkpoint_path=inputs.checkpoint
+    )
     return phi
 
 
