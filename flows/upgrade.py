@@ -239,7 +239,8 @@ class UpgradeParams(BaseModel):
     def _preflight(self) -> None:
         """Every input a user gives, read and checked in seconds before any server starts or model loads:
         the corpus's text column and what its filters leave, every pair and eval row (images verified),
-        the gallery's columns, and the local model folders' files."""
+        the gallery's columns, ids and whether it holds any pair image_id, the local model folders' files and,
+        offline, whether a hub id is in the local cache."""
         pairs = None
         if self.corpus is not None:
             check_corpus(self.corpus, self.text_column, self.min_chars, self.max_chars)
