@@ -255,9 +255,9 @@ def test_pair_term_reads_the_pairs_by_the_new_model(prefect_harness, tiny, tmp_p
     seen = {}
     real = xbtcore.pretrain.text_only_pretrain
 
-    def spy(phi, w_new, w_old, cfg, on_step=None, pairs=None):
+    def spy(phi, w_new, w_old, cfg, pairs=None, **kw):
         seen.update(weight=cfg.pair_weight, rows=None if pairs is None else [tuple(t.shape) for t in pairs])
-        return real(phi, w_new, w_old, cfg, on_step=on_step, pairs=pairs)
+        return real(phi, w_new, w_old, cfg, pairs=pairs, **kw)
 
     monkeypatch.setattr("xbtcore.pretrain.text_only_pretrain", spy)
     out = tmp_path / "run"
