@@ -31,7 +31,7 @@ def read_checkpoint(path: Path, device) -> dict | None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Written beside `path` and renamed onto it: a crash never leaves a half-written checkpoint."""
-    tmp = path.with_suffix(".tmp")
+    """Written beside `path` (PATH.tmp) and renamed onto it: a crash never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")  # OUT.ckpt.tmp: with_suffix would give OUT.tmp, its trainer's own
     torch.save(state, tmp)
     os.replace(tmp, path)
