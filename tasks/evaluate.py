@@ -154,8 +154,7 @@ def check_inputs(
     if stored is not None:
         stored.check_dim(old.embed_dim, root)
         check_stored_gallery(stored.files, root)
-    stored_ids = stored.ids() if stored is not None else []
-    held = set(stored_ids)
+    held = set(stored.check_holds(pairs.image_ids, pairs_path) if stored is not None else [])
     images = {
         part: {"images": p.n_images, "in_gallery": sum(str(i) in held for i in p.image_ids) if part != "eval" else 0}
         for part, p in (("train", train), ("val", val), ("eval", evalset))
@@ -172,8 +171,6 @@ def check_inputs(
             evalset.n_images,
             ", ".join(repr(str(evalset.image_ids[i])) for i in leaked[:3]) + (", ..." if len(leaked) > 3 else ""),
         )
-    if stored is not None:
-        stored.check_holds(pairs.image_ids, pairs_path)
     repeats = [] if has_image_ids(eval_path) else repeated_images(evalset)
     if repeats:
         log().warning(

@@ -334,25 +334,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
 _JPEG_END = b"\xff\xd9"  # the end-of-image marker
 
 
-def _last_bytes(src, n: int) -> bytes:
-    if _inline(src):
-        return bytes(src[-n:])
-    with open(src, "rb") as f:
-        f.seek(max(os.path.getsize(src) - n, 0))
-        return f.read()
-
-
 def _check_decodes(src) -> bool:
     """Whether an image reads: its whole stream parsed without decoding pixels (PNG: every chunk's CRC). A
     JPEG parses from its header alone, so one that does not end in its end marker (a download cut short) is
     decoded in full: a truncated stream fails there, bytes after the marker do not."""
     try:
         with _open_image(src) as img:
-            unended = img.format == "JPEG" and _last_bytes(src, len(_JPEG_END)) != _JPEG_END
+            if img.format == "JPEG":
+                img.fp.seek(-len(_JPEG_END), os.SEEK_END)
+                if img.fp.read() != _JPEG_END:
+                    img.load()  # from the file PIL holds open; load seeks back to the pixel data
+                    return True
             img.verify()
-        if unended:
-            with _open_image(src) as img:
-                img.load()
         return True
     except Exception:
         return False
@@ -632,9 +625,10 @@ class Gallery:
             ids += [str(i) for i in column.to_pylist()]
         return ids
 
-    def check_holds(self, image_ids: Sequence, pairs) -> None:
-        """An InputError where the gallery holds none of the pairs' image ids: its `id` numbers something else
-        (rows, captions, another export), and the old image tower would embed every pair image after all."""
+    def check_holds(self, image_ids: Sequence, pairs) -> list[str]:
+        """The gallery's ids (`ids()`); an InputError where it holds none of the pairs' image ids: its `id`
+        numbers something else (rows, captions, another export), and the old image tower would embed every
+        pair image after all."""
         ids = self.ids()
         held = set(ids)
         if not any(str(i) in held for i in image_ids):
@@ -649,6 +643,7 @@ class Gallery:
                 "--gallery: the old image tower then embeds the pair images",
                 column="id",
             )
+        return ids
 
     def check_dim(self, dim: int, model: str) -> None:
         """An InputError unless the first stored embedding has `model`'s `dim`: a gallery of another model
