@@ -11,7 +11,10 @@ design never computes, and its t2i recall on the eval set is compared with
 old/old. If even this head, which sees v_old, barely beats old/old, no method
 that never runs the old image encoder can be expected to beat it by much.
 Beside it, the head's query summed with the old model's own (normalised): the
-room left for a query that runs the old text tower too.
+room left for a query that runs the old text tower too. `--negatives gallery`
+trains the head against every pair image at each step (a softmax over the whole
+pair gallery, text to image) instead of the batch's own images, so that the
+probe is not bounded by the 255 negatives a batch holds.
 Embeddings come from the flow's embedding cache (the state folder's).
 """
 
@@ -28,8 +31,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import add_world_flags, data_of, progress, world_of  # noqa: E402
 
 
-def train_text_head(w_new: torch.Tensor, v_old: torch.Tensor, epochs: int, batch: int, lr: float, seed: int):
-    """φ (D_new -> D_old) trained so that φ(w_new) retrieves v_old of the caption's image."""
+def train_text_head(
+    w_new: torch.Tensor,
+    v_old: torch.Tensor,
+    image_of: torch.Tensor,
+    epochs: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    negatives: str = "batch",
+):
+    """φ (D_new -> D_old) trained so that φ(w_new) retrieves v_old of the caption's image.
+
+    w_new: (Nc, D_new) the pair captions; v_old: (P, D_old) the distinct pair images; image_of: (Nc,) each
+    caption's image. negatives: "batch", the symmetric CLIP loss against the batch's own images; "gallery",
+    cross-entropy of each caption over all P images."""
     from xbtcore.losses import clip_loss, logit_scale_from_log
     from xbtcore.phi import Phi, PhiConfig
 
@@ -42,7 +58,11 @@ def train_text_head(w_new: torch.Tensor, v_old: torch.Tensor, epochs: int, batch
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         for start in range(0, n - batch + 1, batch):
             rows = order[start : start + batch]
-            loss = clip_loss(phi(w_new[rows]), v_old[rows], scale)
+            query = phi(w_new[rows])  # (B, D_old)
+            if negatives == "gallery":
+                loss = torch.nn.functional.cross_entropy(scale * query @ v_old.T, image_of[rows])  # (B, P) logits
+            else:
+                loss = clip_loss(query, v_old[image_of[rows]], scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -61,7 +81,8 @@ def run(args) -> dict:
     cache = EmbeddingCache(cache_dir())
     pairs, evalset = read_pairs(paths["pairs"]), read_pairs(paths["eval"])
     old, new = DualEncoder.from_pretrained(args.old), DualEncoder.from_pretrained(args.new)
-    v_old = cached_image_embeddings(cache, old, pairs)[pairs.caption_image]  # (Nc, D_old): each caption's image
+    v_old = cached_image_embeddings(cache, old, pairs)  # (P, D_old): the distinct pair images
+    image_of = torch.as_tensor(pairs.caption_image)  # (Nc,)
     w_new = cached_text_embeddings(cache, new, pairs.captions)  # (Nc, D_new)
     old_side, new_side = side_of(old, evalset, cache), side_of(new, evalset, cache)
 
@@ -70,7 +91,7 @@ def run(args) -> dict:
 
     heads = []
     for epochs in args.epochs:
-        phi = train_text_head(w_new, v_old, epochs, args.batch_size, args.lr, args.seed)
+        phi = train_text_head(w_new, v_old, image_of, epochs, args.batch_size, args.lr, args.seed, args.negatives)
         with torch.inference_mode():
             mapped = phi(new_side.text)  # (Nc, D_old)
             heads.append(
@@ -89,6 +110,7 @@ def run(args) -> dict:
         "data": data_of(args),
         "pairs": len(pairs.captions),
         "seed": args.seed,
+        "negatives": args.negatives,
         "old/old": t2i(old_side.text),
         "heads": heads,
     }
@@ -101,4 +123,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--negatives",
+        choices=["batch", "gallery"],
+        default="batch",
+        help="what each caption is contrasted with: its batch's images, or every pair image",
+    )
     return ap
