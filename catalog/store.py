@@ -7,14 +7,26 @@
     lineage    old -> new links of a space's chain, with their bundle and MLflow version
 
 Rows are upserted on their key, so re-running a step records it once.
+
+DuckDB lets one process at a time open the file. xbt commands take turns through a lock file beside it,
+each holding it for a statement or two; a DuckDB session outside xbt that holds the file (a `duckdb`
+shell on it, say) is waited for up to LOCK_WAIT_S, then named with the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
+
+from xbtcore.data import InputError
+from xbtcore.lock import file_lock
+
+LOCK_WAIT_S = 60.0  # how long a command waits for a DuckDB session outside xbt to let go of the catalog
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (path VARCHAR, kind VARCHAR, fingerprint VARCHAR, rows BIGINT,
@@ -37,21 +49,41 @@ class Catalog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def _connect(self) -> duckdb.DuckDBPyConnection:
+    @contextlib.contextmanager
+    def _connect(self):
+        """A connection to the catalog, this process's turn held until it closes."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(self.path))
-        con.execute(SCHEMA)
-        return con
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    con = duckdb.connect(str(self.path))
+                    break
+                except duckdb.IOException as e:  # another process, not xbt, has the file open
+                    if "lock" not in str(e).lower():
+                        raise
+                    if time.monotonic() >= deadline:
+                        holder = re.search(r"PID (\d+)", str(e))
+                        raise InputError(
+                            self.path,
+                            f"xbt's catalog is held open by another DuckDB session"
+                            f"{f' (pid {holder.group(1)})' if holder else ''}, waited {LOCK_WAIT_S:.0f} s",
+                            "close that session and run the command again (`xbt catalog` shows the catalog "
+                            "without holding it)",
+                        ) from e
+                    time.sleep(0.25)
+            try:
+                con.execute(SCHEMA)
+                yield con
+            finally:
+                con.close()
 
     def _upsert(self, table: str, row: dict) -> None:
         row = {**row, "recorded_at": datetime.now(timezone.utc).replace(tzinfo=None)}
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
-        con = self._connect()
-        try:
+        with self._connect() as con:
             con.execute(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({marks})", list(row.values()))
-        finally:
-            con.close()
 
     def record_dataset(self, path: str, kind: str, fingerprint: str, rows: int) -> None:
         self._upsert("datasets", {"path": path, "kind": kind, "fingerprint": fingerprint, "rows": rows})
@@ -109,12 +141,9 @@ class Catalog:
             return stamp | {"path": str(path)}
         if not self.path.exists():
             return None
-        con = self._connect()
-        try:
+        with self._connect() as con:
             cur = con.execute("SELECT * FROM galleries WHERE path = ?", [str(path)])  # the key: one row at most
             names, found = [d[0] for d in cur.description], cur.fetchone()
-        finally:
-            con.close()
         if found is None:
             return None
         try:
@@ -128,10 +157,7 @@ class Catalog:
         assert table in TABLES, f"unknown catalog table {table!r}"
         if not self.path.exists():
             return []
-        con = self._connect()
-        try:
+        with self._connect() as con:
             cur = con.execute(f"SELECT * FROM {table} ORDER BY recorded_at")
             names = [d[0] for d in cur.description]
             return [dict(zip(names, r)) for r in cur.fetchall()]
-        finally:
-            con.close()

@@ -2,7 +2,7 @@
 
     check inputs -> extract corpus -> embed (frozen, cached) -> fit the method's head (XBT: Eqn. 3)
     -> train (XBT: Eqn. 5, or a baseline) -> evaluate (CONTRACT.md cases) -> Eqn. 2 gate
-    -> MLflow register (+ promote) -> report (JSON, HTML) -> catalog
+    -> MLflow register (+ promote) -> catalog -> report (JSON, HTML)
 
 Every step is a task in tasks/, called here in order; the method is read from
 the registry (xbtcore.methods). A finished step is cached on its inputs, which
@@ -707,20 +707,14 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
     if backfill is not None and "curves" not in backfill:  # an evaluation cached by an older xbt: leave it out
         backfill = None
     report = build_report(run, recall, verdict, margins, promotion, advice, candidates, chosen, backfill)
-    for stale in REPORT_FILES:  # the previous run's report describes the bundle this run replaces
-        (out / stale).unlink(missing_ok=True)
-    publish_bundle(bundle, str(out / "bundle"))
-    written = write_report(report, data["eval"], str(Path(evaluated) / "sample.safetensors"), str(out))
-    if reg["new_run"]:
-        attach_report(reg["run_id"], [written["json"], written["html"]])
-    publish_artifacts(report, verdict, written["html"])
+    # the catalog first: a run that cannot record itself fails before its report marks OUT finished
     record_datasets(
         [
             {"path": os.path.abspath(data[k]), "kind": k, "fingerprint": data_fp[k], "rows": n}
             for k, n in (("corpus", corpus["rows"]), ("pairs", inputs["pairs"]), ("eval", inputs["eval_captions"]))
         ]
     )
-    run_id = str(runtime.flow_run.id or digest(written["json"], time.time()))
+    run_id = str(runtime.flow_run.id or digest(str(out / "report.json"), time.time()))
     record_run(
         {
             "run_id": run_id,
@@ -736,12 +730,19 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
             "mlflow_model": reg["name"],
             "mlflow_version": reg["version"],
             "registry": reg["tracking_uri"],
-            "report": written["json"],
+            "report": str(out / "report.json"),
         },
         run["space"],
         root,
         inputs["old_dim"],
     )
+    for stale in REPORT_FILES:  # the previous run's report describes the bundle this run replaces
+        (out / stale).unlink(missing_ok=True)
+    publish_bundle(bundle, str(out / "bundle"))
+    written = write_report(report, data["eval"], str(Path(evaluated) / "sample.safetensors"), str(out))
+    if reg["new_run"]:
+        attach_report(reg["run_id"], [written["json"], written["html"]])
+    publish_artifacts(report, verdict, written["html"])
     return report
 
 

@@ -321,6 +321,32 @@ def test_an_eval_image_that_fails_to_decode_fails_the_run_naming_it_and_leaves_t
     assert not (other / "bundle.tmp").exists()
 
 
+def test_a_run_that_cannot_record_itself_in_the_catalog_leaves_no_report(prefect_harness, tiny, tmp_path, monkeypatch):
+    # a DuckDB session outside xbt holds the catalog past the wait: the run fails before OUT looks finished
+    from test_catalog import _hold_open
+
+    import catalog.store
+    from flows.upgrade import upgrade
+    from tasks.common import state_dir
+    from xbtcore.data import InputError
+
+    monkeypatch.setattr(catalog.store, "LOCK_WAIT_S", 0.2)
+    out = tmp_path / "run"
+    holder = _hold_open(state_dir() / "catalog.duckdb", 120)
+    try:
+        with pytest.raises(InputError, match=r"catalog\.duckdb: xbt's catalog is held open by another DuckDB session"):
+            upgrade(_params(tiny, out, method="procrustes"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / "report.json").exists() and not (out / "bundle").exists()
+    report = upgrade(_params(tiny, out, method="procrustes"))  # the session gone, the same run finishes
+    assert (out / "report.json").is_file() and (out / "bundle").is_dir()
+    runs = catalog.store.Catalog(state_dir() / "catalog.duckdb").rows("runs")
+    assert [r["report"] for r in runs if r["out_dir"] == str(out)] == [str(out / "report.json")]
+    assert report["gate"]["criterion"] == "eqn2"
+
+
 def test_an_eval_set_drawn_from_the_pairs_is_named_in_the_reports_advice(prefect_harness, tiny, tmp_path):
     from flows.upgrade import upgrade
 
