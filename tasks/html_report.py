@@ -582,6 +582,12 @@ def _backfill_section(report: dict) -> str:
             if study["order"] == "learned"
             else ". "
         )
+        + (
+            f"Measured on {study['images']:,} of the {study['eval_images']:,} eval images (a seeded sample with "
+            "all their captions; a smaller gallery, so every figure is above the full set's). "
+            if study.get("images", 0) < study.get("eval_images", 0)
+            else ""
+        )
         + f"Random order: the mean of {study['random_orders']} permutations"
         + ("; the shaded band, the lowest and highest of them" if study.get("random_min_max") else "")
         + ".</p>"

@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -283,6 +284,28 @@ def test_each_map_panel_has_the_variance_shares_of_its_own_space():
     assert a["variance"] == pytest.approx(pca_2d(torch.cat([old, old]))[1], rel=1e-4)
     assert b["variance"] == pytest.approx(pca_2d(new)[1], rel=1e-4)
     assert a["variance"][0] > b["variance"][0] + 0.1  # one dominant axis in the old space only
+
+
+def test_a_backfill_study_past_its_image_cap_runs_on_a_sample_of_the_images_with_their_captions():
+    from xbtcore.evaluate import backfill_study, evaluate_cases
+
+    old, upgraded, orig, caption_image = _sides(n_images=40, per_image=3)
+    study = backfill_study(old, upgraded, orig, caption_image, random_orders=2, max_images=25)
+    assert (study["images"], study["eval_images"]) == (25, 40)
+    kept = np.sort(np.random.default_rng(0).choice(40, 25, replace=False))
+    rows = torch.as_tensor(np.flatnonzero(np.isin(caption_image.numpy(), kept)))
+    remap = {int(old_row): i for i, old_row in enumerate(kept)}
+    study_sample = evaluate_cases(
+        *(Side(text=s.text[rows], image=s.image[torch.as_tensor(kept)]) for s in (old, upgraded, orig)),
+        torch.as_tensor([remap[int(i)] for i in caption_image[rows]]),
+    )["t2i"]
+    for k in ("1", "5", "10"):  # the ends are the sample's own recall: new/old and orig-new/new on 25 images
+        assert study["curves"]["random"][0][k] == pytest.approx(study_sample["new/old"][k], abs=0.01)
+        assert study["curves"]["random"][-1][k] == pytest.approx(study_sample["orig-new/new"][k], abs=0.01)
+    assert "Measured on 25 of the 40 eval images" in render_report({**_report(), "backfill": study})
+    whole = backfill_study(old, upgraded, orig, caption_image, random_orders=2)
+    assert (whole["images"], whole["eval_images"]) == (40, 40)
+    assert "Measured on" not in render_report({**_report(), "backfill": whole})
 
 
 def test_backfill_study_starts_at_new_old_and_ends_at_orig_new_new_and_is_drawn():
