@@ -72,6 +72,58 @@ def test_features_match_the_model_forward(enc, texts, images):
     torch.testing.assert_close(enc.embed_images(images), out.image_embeds, atol=1e-5, rtol=0)
 
 
+def _byte_level_bpe(corpus: list[str]):
+    """A subword tokenizer trained here (byte-level BPE, as CLIP's): merges cut words into pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def test_long_texts_are_tokenized_from_a_prefix_to_the_same_tokens(enc, texts, monkeypatch):
+    from xbtcore.encoders import CHARS_PER_TOKEN, clip_long_texts
+
+    words = " ".join(texts).split()
+    long = [
+        " ".join(words * 400),  # whole words: cut
+        "\t".join(words * 400) + "  \n tail",  # other white space
+        "x" * 50_000 + " " + " ".join(words),  # no white space before the limit: whole
+        " " * 20_000 + " ".join(words * 10),  # a prefix of white space holds no token: whole
+        "unknownword! " * 5_000,  # words outside the vocabulary and punctuation
+        texts[0],  # short: as it is
+    ]
+    for tokenizer in (enc.tokenizer, _byte_level_bpe(texts)):
+        m = enc.max_text_length
+        clipped = clip_long_texts(tokenizer, long, m)
+        assert clipped[0] != long[0] and clipped[1] != long[1] and clipped[4] != long[4]
+        assert clipped[2] == long[2] and clipped[5] == long[5]
+        # white space is no token to the word-level tokenizer (whole) and a token to byte-level BPE (cut)
+        assert (clipped[3] == long[3]) == (tokenizer is enc.tokenizer)
+        assert all(len(c) <= CHARS_PER_TOKEN * m for c in (clipped[0], clipped[1], clipped[4]))
+        assert (
+            tokenizer(clipped, truncation=True, max_length=m)["input_ids"]
+            == (tokenizer(long, truncation=True, max_length=m)["input_ids"])
+        )
+    seen = []
+    calls = type(enc.tokenizer).__call__
+
+    def spy(self, batch, *a, **kw):
+        seen.extend([batch] if isinstance(batch, str) else batch)
+        return calls(self, batch, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(type(enc.tokenizer), "__call__", spy)
+        embedded = enc.embed_texts(long[:2])
+        enc.tokenize(long[:2])
+    assert max(len(t) for t in seen) <= CHARS_PER_TOKEN * enc.max_text_length  # the whole text never tokenized
+    torch.testing.assert_close(embedded[0], enc.embed_texts([" ".join(words[:200])])[0])  # the same 1st tokens
+
+
 def test_embed_images_shape_norm_and_batching(enc, images):
     emb = enc.embed_images(images, batch_size=4, progress=True)
     assert emb.shape == (len(images), SPEC.embed_dim) and emb.dtype == torch.float32

@@ -14,6 +14,7 @@ on the CPU.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -106,6 +107,30 @@ def _config_embed_dim(model) -> int | None:
         return config.projection_dim
     text_config = getattr(config, "text_config", None)
     return getattr(text_config, "projection_size", None)  # SigLIP
+
+
+CHARS_PER_TOKEN = 16  # a text past this many characters per token the tower reads is tokenized from a prefix
+_LAST_SPACE = re.compile(r"\s\S*$")
+
+
+def clip_long_texts(tokenizer, texts: list[str], max_length: int) -> list[str]:
+    """`texts`, each one longer than CHARS_PER_TOKEN * max_length characters cut at the last white space
+    before that, where the cut text still holds max_length tokens: a tokenizer reads a whole text before it
+    truncates (a 300,000-character text took 2 GB and minutes), and a prefix of whole words that fills
+    the tower tokenizes to the same first max_length tokens. Any other text is kept whole."""
+    limit = CHARS_PER_TOKEN * max_length
+    cuts = {}
+    for i, text in enumerate(texts):
+        if len(text) > limit and (space := _LAST_SPACE.search(text, 0, limit)) is not None and space.start() > 0:
+            cuts[i] = text[: space.start()]
+    if not cuts:
+        return texts
+    ids = tokenizer(list(cuts.values()), truncation=True, max_length=max_length)["input_ids"]
+    out = list(texts)
+    for (i, cut), filled in zip(cuts.items(), ids):
+        if len(filled) >= max_length:
+            out[i] = cut
+    return out
 
 
 def _pads_to_max_length(model) -> bool:
@@ -459,8 +484,9 @@ class DualEncoder:
         """Token tensors on the model's device, padded to the longest text (SigLIP:
         to the full length), truncated at `max_text_length`."""
         padding = "max_length" if _pads_to_max_length(self.model) else True
+        texts = clip_long_texts(self.tokenizer, list(texts), self.max_text_length)
         enc = self.tokenizer(
-            list(texts), padding=padding, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+            texts, padding=padding, truncation=True, max_length=self.max_text_length, return_tensors="pt"
         )
         return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask") if k in enc}
 
@@ -485,7 +511,7 @@ class DualEncoder:
         and a power of two rows (copies of its first text), so the compiled tower meets
         a few shapes; the extra rows are dropped.
         """
-        texts = list(texts)
+        texts = clip_long_texts(self.tokenizer, list(texts), self.max_text_length)
         # Tokenize once, unpadded; each batch is then only padded (on a GPU the tokenizer is the bottleneck).
         tokens = self.tokenizer(texts, truncation=True, max_length=self.max_text_length)
         keys = [k for k in ("input_ids", "attention_mask") if k in tokens]
