@@ -239,17 +239,20 @@ class UpgradeParams(BaseModel):
     def _preflight(self) -> None:
         """Every input a user gives, read and checked in seconds before any server starts or model loads:
         the corpus's text column and what its filters leave, every pair and eval row (images verified),
-        the gallery's columns, ids and whether it holds any pair image_id, the local model folders' files and,
+        the gallery's columns, ids and whether it holds any pair image_id (and, with --eval-in-gallery, any eval
+        image_id), the local model folders' files and,
         offline, whether a hub id is in the local cache."""
-        pairs = None
+        pairs = evalset = None
         if self.corpus is not None:
             check_corpus(self.corpus, self.text_column, self.min_chars, self.max_chars)
             pairs = read_pairs(self.pairs)
-            read_pairs(self.eval)
+            evalset = read_pairs(self.eval)
         if self.gallery is not None:
             stored = Gallery(self.gallery)
             if pairs is not None:
-                stored.check_holds(pairs.image_ids, self.pairs)
+                ids = stored.check_holds(pairs.image_ids, self.pairs)
+                if self.eval_in_gallery:
+                    stored.check_holds(evalset.image_ids, self.eval, "--eval", ids)
         for ref in (self.old, self.new):
             if Path(ref).expanduser().is_dir():
                 if not is_bundle(ref):

@@ -637,6 +637,15 @@ def test_a_gallery_of_another_model_or_of_none_of_the_pairs_ids_fails_before_tra
     flags = dict(old=tiny["old"], new=tiny["new"], corpus=tiny["corpus"], pairs=tiny["pairs"], eval=tiny["eval"])
     with pytest.raises(ValueError, match=none_held):  # in the CLI's seconds, before Prefect starts
         UpgradeParams(**flags, out=str(tmp_path / "out"), gallery=str(elsewhere))
+    pairs_only = write_embeddings_parquet(tmp_path / "pairs-only.parquet", vectors, ids=ids)  # no eval image_id
+    assert not set(map(str, read_pairs(tiny["eval"]).image_ids)) & set(map(str, ids))
+    UpgradeParams(**flags, out=str(tmp_path / "out"), gallery=str(pairs_only))
+    with pytest.raises(
+        ValueError,
+        match=r"pairs-only\.parquet: column 'id': holds none of the image_id values of --eval .*leave out "
+        r"--eval-in-gallery: the old image tower then embeds the eval images",
+    ):
+        UpgradeParams(**flags, out=str(tmp_path / "out"), gallery=str(pairs_only), eval_in_gallery=True)
     nulls = write_embeddings_parquet(tmp_path / "null-id.parquet", vectors[:3], ids=[ids[0], None, ids[2]])
     with pytest.raises(InputError, match=r"null-id\.parquet: column 'id': null ids \(row 1\)"):
         tasks.evaluate.check_inputs.fn(*args, gallery=str(nulls))

@@ -625,22 +625,26 @@ class Gallery:
             ids += [str(i) for i in column.to_pylist()]
         return ids
 
-    def check_holds(self, image_ids: Sequence, pairs) -> list[str]:
-        """The gallery's ids (`ids()`); an InputError where it holds none of the pairs' image ids: its `id`
-        numbers something else (rows, captions, another export), and the old image tower would embed every
-        pair image after all."""
-        ids = self.ids()
+    def check_holds(
+        self, image_ids: Sequence, source, flag: str = "--pairs", ids: list[str] | None = None
+    ) -> list[str]:
+        """The gallery's ids (`ids()`, or `ids` where already read); an InputError where it holds none of the
+        image ids of `flag`'s file `source`: its `id` numbers something else (rows, captions, another export),
+        and the old image tower would embed every one of those images after all (--pairs: the pair images;
+        --eval: the eval images, under --eval-in-gallery)."""
+        ids = self.ids() if ids is None else ids
         held = set(ids)
         if not any(str(i) in held for i in image_ids):
+            what, leave_out = ("pairs", "--gallery") if flag == "--pairs" else ("eval images", "--eval-in-gallery")
             raise InputError(
                 self.path,
-                f"holds none of the image_id values of --pairs {pairs} (pairs: "
+                f"holds none of the image_id values of {flag} {source} ({flag[2:]}: "
                 + ", ".join(repr(str(i)) for i in image_ids[:3])
                 + "; gallery: "
                 + ", ".join(repr(i) for i in ids[:3])
                 + ")",
-                "write it with `xbt embed` from an input whose image_id (or id) is the pairs' image_id, or leave out "
-                "--gallery: the old image tower then embeds the pair images",
+                f"write it with `xbt embed` from an input whose image_id (or id) is the {what}' image_id, or leave "
+                f"out {leave_out}: the old image tower then embeds the {what.replace('pairs', 'pair images')}",
                 column="id",
             )
         return ids
