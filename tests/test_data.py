@@ -128,6 +128,46 @@ def test_a_folder_reads_its_subfolders_and_a_double_star_glob_spans_folders(tmp_
     assert read_pairs(str(tmp_path / "ds" / "**" / "part-0.parquet")).captions == ["first", "second"]
 
 
+def test_inline_images_to_embed_are_read_a_few_rows_at_a_time_in_order(tmp_path, pngs, monkeypatch):
+    import xbtcore.embed_input as embed_input
+    from xbtcore.data import LazyImages
+
+    monkeypatch.setattr(embed_input, "READ_ROWS", 4)
+    first = [pngs[i % 6] for i in range(10)]
+    second = [pngs[(i + 3) % 6] for i in range(7)]
+    _write(tmp_path / "g" / "a.parquet", image=first, id=list(range(10)))
+    _write(tmp_path / "g" / "b.parquet", image=second, id=list(range(10, 17)))
+    held = []
+    batches = embed_input._image_batches
+
+    def spy(file):
+        for batch in batches(file):
+            held.append(len(batch))
+            yield batch
+
+    monkeypatch.setattr(embed_input, "_image_batches", spy)
+    images = embed_input.read_images(tmp_path / "g")
+    assert isinstance(images.images, embed_input.InlineImages) and images.n_images == 17
+    assert max(held) <= 4 and sum(held) == 17  # the check read every row once, four at a time
+    held.clear()
+    assert [images.images[i] for i in range(17)] == first + second  # walked in order: each batch read once
+    assert sum(held) == 17
+    assert images.images[2] == first[2] and images.images[12] == second[2]  # out of order: read again
+    with pytest.raises(IndexError):
+        images.images[17]
+    lazy = LazyImages(images)
+    assert [lazy[i].tobytes() for i in (0, 16)] == [images.load_image(0).tobytes(), images.load_image(16).tobytes()]
+    assert images.subset([1, 11]).images == [first[1], second[1]]
+    assert images.places[12] == (tmp_path / "g" / "b.parquet", 2, "image")
+
+    # one file of paths among them: every file's images are held as a list, as they were read
+    (tmp_path / "g" / "p.png").write_bytes(pngs[0])
+    _write(tmp_path / "g" / "c.parquet", image_path=["p.png"], id=[17])
+    mixed = embed_input.read_images(tmp_path / "g")
+    assert isinstance(mixed.images, list) and mixed.images[:17] == first + second
+    assert mixed.images[17] == str(tmp_path / "g" / "p.png")
+
+
 def test_gallery_round_trip(tmp_path):
     emb = torch.nn.functional.normalize(torch.randn(9, 5, generator=torch.Generator().manual_seed(0)), dim=1)
     out = write_embeddings_parquet(tmp_path / "g" / "emb.parquet", emb, rows=range(10, 19))
