@@ -10,9 +10,11 @@ set before prefect is imported, which reads them at import.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -70,6 +72,20 @@ class _Parser(argparse.ArgumentParser):
 def _fail(message: str, code: int = 1) -> int:
     print("xbt: error: " + " ".join(str(message).split()), file=sys.stderr)
     return code
+
+
+def _disk_full(e: BaseException) -> str | None:
+    """The file a write ran out of disk space on ("" where unnamed), where `e` or what it came from says so;
+    else None. A folder copy (shutil.Error) lists each file's failure as text."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return str(e.filename or "")
+        if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list):  # (src, dst, why) per file
+            for *_, dst, why in (f for f in e.args[0] if isinstance(f, tuple) and len(f) >= 2):
+                if "[Errno 28]" in str(why):
+                    return str(dst)
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _print_result(report: dict) -> None:
@@ -203,9 +219,9 @@ def cmd_embed(a) -> int:
         encoder, root = DualEncoder.from_pretrained(ref, **on), ref
     encoder.compile_after = resolve_compile(a.compile, device)  # a bundle's sets its encoders' own
     if a.modality == "text":
-        emb = encoder.embed_texts(items, batch_size=a.batch_size, progress=True)
+        emb = encoder.embed_texts(items, batch_size=a.batch_size, progress=not a.no_progress)
     else:
-        emb = encoder.embed_images(LazyImages(items), batch_size=a.batch_size, progress=True)
+        emb = encoder.embed_images(LazyImages(items), batch_size=a.batch_size, progress=not a.no_progress)
     model = pinned_ref(str(Path(a.model).absolute()) if Path(a.model).is_dir() else a.model, resolved)
     stamp = {"model": model, "space": space_of(root), "modality": a.modality}
     out = write_embeddings_parquet(a.out, emb, ids=read_ids(a.input), stamp=stamp)  # `id`: what galleries match on
@@ -590,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output Parquet: row, embedding (L2-normalised), id")
     e.add_argument("--text-column", default="caption", help="the input's text column")
     e.add_argument("--batch-size", type=_at_least_one, default=256, help="items per forward pass")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     runtime(e)
     e.set_defaults(func=cmd_embed)
 
@@ -803,6 +820,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("XBT_DEBUG"):
             raise
+        full = _disk_full(e)
+        if full is not None:
+            return _fail(
+                f"no space left on the disk of {full or 'an output'}: free space there (or write to another disk) "
+                "and run the same command again; finished steps are kept"
+            )
         return _fail(f"{type(e).__name__}: {e} (set XBT_DEBUG=1 for the traceback)")
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -450,3 +451,33 @@ def test_sizes_below_one_are_refused_by_the_argument_parser_naming_the_flag():
         for bad in ("0", "-3", "2.5"):
             r = xbt(*args, flag, bad)
             assert r.returncode == 2 and f"argument {flag}: '{bad}' is not a whole number of at least 1" in r.stderr
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_fix(tiny, tmp_path, monkeypatch, capsys):
+    import errno
+    import shutil
+
+    import xbtcore.data
+    from flows.cli import main
+
+    texts = tmp_path / "texts.parquet"
+    pq.write_table(pa.table({"caption": ["a red circle", "a blue square"]}), texts)
+    out = tmp_path / "emb.parquet"
+
+    def full(path, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(xbtcore.data, "write_embeddings_parquet", full)
+    args = ["embed", "--model", tiny["old"], "--input", str(texts), "--modality", "text", "--out", str(out)]
+    args.append("--no-progress")  # stderr holds the error line alone
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"xbt: error: no space left on the disk of {out}: free space there (or write to another disk) "
+                   "and run the same command again; finished steps are kept"]  # fmt: skip
+
+    def copy_full(path, *a, **kw):  # a folder copy reports each file's failure as text
+        raise shutil.Error([("/src/model.safetensors", "/o/bundle.tmp/model.safetensors", "[Errno 28] No space")])
+
+    monkeypatch.setattr(xbtcore.data, "write_embeddings_parquet", copy_full)
+    assert main(args) == 1
+    assert "no space left on the disk of /o/bundle.tmp/model.safetensors:" in capsys.readouterr().err
