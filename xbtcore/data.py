@@ -92,15 +92,20 @@ def parquet_files(path) -> list[Path]:
     raise InputError(text, "no such file or folder", "check the path")
 
 
+def unreadable_parquet(file: Path, e: Exception) -> InputError:
+    """The error for a file pyarrow cannot read (raised `from e`)."""
+    return InputError(
+        file,
+        f"not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+        "pass a Parquet file (e.g. written by pyarrow or pandas.to_parquet)",
+    )
+
+
 def _read_table(file: Path, columns: list[str] | None = None) -> pa.Table:
     try:
         return pq.read_table(file, columns=columns)
     except (pa.ArrowException, OSError) as e:
-        raise InputError(
-            file,
-            f"not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-            "pass a Parquet file (e.g. written by pyarrow or pandas.to_parquet)",
-        ) from e
+        raise unreadable_parquet(file, e) from e
 
 
 def _schema(file: Path) -> pa.Schema:

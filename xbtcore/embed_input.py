@@ -25,6 +25,7 @@ from .data import (
     is_text_type,
     lacks_column,
     parquet_files,
+    unreadable_parquet,
 )
 
 _IMAGE_FIX = "store images as 'image' (PNG/JPEG bytes) or 'image_path' (string) columns"
@@ -93,11 +94,7 @@ def _image_batches(file: Path):
         for batch in pq.ParquetFile(file).iter_batches(batch_size=READ_ROWS, columns=["image"]):
             yield batch.column(0).to_pylist()
     except (pa.ArrowException, OSError) as e:
-        raise InputError(
-            file,
-            f"not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-            "pass a Parquet file (e.g. written by pyarrow or pandas.to_parquet)",
-        ) from e
+        raise unreadable_parquet(file, e) from e
 
 
 def read_images(path) -> PairSet:
