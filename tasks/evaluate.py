@@ -20,6 +20,7 @@ from xbtcore.data import (
     PairSet,
     ValSplit,
     has_image_ids,
+    image_keys,
     read_pairs,
     read_part,
     repeated_images,
@@ -160,7 +161,8 @@ def check_inputs(
         for part, p in (("train", train), ("val", val), ("eval", evalset))
         if p is not None
     }  # the eval set's: what evaluate read from the gallery (its old_images.json), with --eval-in-gallery
-    leaked = shared_images(pairs, evalset)  # (n,) eval images the pairs hold too
+    eval_keys = image_keys(evalset)  # each eval image's bytes read and hashed once, for both checks below
+    leaked = shared_images(pairs, evalset, eval_keys)  # (n,) eval images the pairs hold too
     images["eval"]["in_pairs"] = len(leaked)
     if leaked:
         log().warning(
@@ -171,7 +173,7 @@ def check_inputs(
             evalset.n_images,
             ", ".join(repr(str(evalset.image_ids[i])) for i in leaked[:3]) + (", ..." if len(leaked) > 3 else ""),
         )
-    repeats = [] if has_image_ids(eval_path) else repeated_images(evalset)
+    repeats = [] if has_image_ids(eval_path) else repeated_images(evalset, eval_keys)
     if repeats:
         log().warning(
             "--eval has no image_id column and %d of its %d rows repeat an earlier row's image (the same bytes; "

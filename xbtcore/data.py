@@ -238,17 +238,18 @@ def _image_size(src) -> int:
     return len(src) if _inline(src) else os.path.getsize(src)
 
 
-def _bytes_key(item) -> tuple[int, bytes]:
-    data = _image_bytes(item)
-    return len(data), hashlib.sha1(data).digest()
+def image_keys(images: PairSet) -> list[tuple[int, bytes]]:
+    """Each image's (length, SHA-1) of its encoded bytes: what repeated_images and shared_images compare, read
+    once for both."""
+    return [(len(data), hashlib.sha1(data).digest()) for data in map(_image_bytes, images.images)]
 
 
-def repeated_images(images: PairSet) -> list[int]:
-    """The images whose encoded bytes an earlier image of the set has too: indices into `images.images`."""
+def repeated_images(images: PairSet, keys: list[tuple[int, bytes]] | None = None) -> list[int]:
+    """The images whose encoded bytes an earlier image of the set has too: indices into `images.images`.
+    keys: image_keys(images), where already read."""
     seen: set[tuple[int, bytes]] = set()
     repeats = []
-    for i, item in enumerate(images.images):
-        key = _bytes_key(item)
+    for i, key in enumerate(image_keys(images) if keys is None else keys):
         if key in seen:
             repeats.append(i)
         seen.add(key)
@@ -260,13 +261,13 @@ def has_image_ids(path) -> bool:
     return "image_id" in _schema(parquet_files(path)[0]).names
 
 
-def shared_images(pairs: PairSet, evalset: PairSet) -> list[int]:
+def shared_images(pairs: PairSet, evalset: PairSet, keys: list[tuple[int, bytes]] | None = None) -> list[int]:
     """The eval images whose encoded bytes are also a pair image's (stored inline or at a path): indices into
     `evalset.images`. Ids are not compared, since two sets may number their images alike. Only pair images
-    of a length some eval image has are read and hashed."""
+    of a length some eval image has are read and hashed. keys: image_keys(evalset), where already read."""
     wanted: dict[tuple[int, bytes], list[int]] = {}  # (length, SHA-1) -> eval image indices
-    for i, item in enumerate(evalset.images):
-        wanted.setdefault(_bytes_key(item), []).append(i)
+    for i, key in enumerate(image_keys(evalset) if keys is None else keys):
+        wanted.setdefault(key, []).append(i)
     lengths = {n for n, _ in wanted}
     shared: set[int] = set()
     for item in pairs.images:
@@ -597,6 +598,13 @@ def read_gallery(path) -> tuple[list, torch.Tensor]:
     return ids, torch.from_numpy(np.concatenate(blocks))
 
 
+# check_holds' wording per input: whose image_id, which images the old image tower embeds instead, the flag to drop
+_HELD_BY = {
+    "--pairs": ("pairs", "pair images", "--gallery"),
+    "--eval": ("eval images", "eval images", "--eval-in-gallery"),
+}
+
+
 class Gallery:
     """A stored gallery (`xbt embed` output: `embedding`, `id`), looked up by id without loading it whole.
 
@@ -640,7 +648,7 @@ class Gallery:
         ids = self.ids() if ids is None else ids
         held = set(ids)
         if not any(str(i) in held for i in image_ids):
-            what, leave_out = ("pairs", "--gallery") if flag == "--pairs" else ("eval images", "--eval-in-gallery")
+            owner, images, leave_out = _HELD_BY[flag]
             raise InputError(
                 self.path,
                 f"holds none of the image_id values of {flag} {source} ({flag[2:]}: "
@@ -648,8 +656,8 @@ class Gallery:
                 + "; gallery: "
                 + ", ".join(repr(i) for i in ids[:3])
                 + ")",
-                f"write it with `xbt embed` from an input whose image_id (or id) is the {what}' image_id, or leave "
-                f"out {leave_out}: the old image tower then embeds the {what.replace('pairs', 'pair images')}",
+                f"write it with `xbt embed` from an input whose image_id (or id) is the {owner}' image_id, or leave "
+                f"out {leave_out}: the old image tower then embeds the {images}",
                 column="id",
             )
         return ids
