@@ -59,6 +59,7 @@ def eqn3_loss(
     anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
     anchor_weight: float = 0.0,
     text_anchor_weight: float | None = None,
+    anchor_gallery: tuple[torch.Tensor, torch.Tensor] | None = None,
     corpus_weight: float = 1.0,
     distill: tuple[torch.Tensor, ...] | None = None,
     distill_weight: float = 0.0,
@@ -76,6 +77,9 @@ def eqn3_loss(
     query modality towards the gallery's space in the other modality.
     text_anchor_weight: the text-query anchor's own weight, L_c(φ(w_new), v_old), the image-query one keeping
     γ; None: γ for both.
+    anchor_gallery: (v_old of every distinct pair image (G, D_old), each batch row's image index (P,)): the
+    text-query anchor is then `gallery_loss`, each caption against every pair image's old embedding, instead of
+    its batch's images only (the image-query anchor is unchanged).
     corpus_weight: the weight of Eqn. 3's own term (1: the paper's).
     distill, distill_weight κ: κ · distill_loss(*distill, distill_scale), distill = (φ(w_new), φ(v_new),
     w_new, v_new): the mapped rows and pair images beside the frozen new model's own.
@@ -91,18 +95,34 @@ def eqn3_loss(
     if pair_weight:
         assert pair is not None, "pair_weight > 0 needs a batch of mapped pairs"
         loss = loss + pair_weight * eqn5_loss(*pair, logit_scale)
-    if text_anchor_weight is None and anchor_weight:
+    if text_anchor_weight is None and anchor_weight and anchor_gallery is None:
         assert pair is not None and anchor is not None, "anchor_weight > 0 needs mapped pairs and their old embeddings"
         loss = loss + anchor_weight * eqn6_loss(*pair, *anchor, logit_scale)
-    elif text_anchor_weight is not None and (anchor_weight or text_anchor_weight):
+    elif anchor_weight or text_anchor_weight:
         assert pair is not None and anchor is not None, "the anchors need mapped pairs and their old embeddings"
         (v_bar, w_bar), (v_old, w_old_pairs) = pair, anchor
+        text_weight = anchor_weight if text_anchor_weight is None else text_anchor_weight
+        text_query = (
+            clip_loss(w_bar, v_old, logit_scale)
+            if anchor_gallery is None
+            else gallery_loss(w_bar, *anchor_gallery, logit_scale)
+        )
         loss = loss + (anchor_weight or 0.0) * clip_loss(v_bar, w_old_pairs, logit_scale)
-        loss = loss + text_anchor_weight * clip_loss(w_bar, v_old, logit_scale)
+        loss = loss + text_weight * text_query
     if distill_weight:
         assert distill is not None, "distill_weight > 0 needs the mapped rows and the new model's own"
         loss = loss + distill_weight * distill_loss(*distill, distill_scale)
     return loss
+
+
+def gallery_loss(
+    query: torch.Tensor, gallery: torch.Tensor, target: torch.Tensor, logit_scale: float | torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of each query (B, D) over every gallery row (G, D), its own being gallery[target] (target (B,)):
+    the ranking a text query meets at search time, against all G images rather than a batch's B. All rows
+    L2-normalised; the gallery is fixed (the old model's), so under DDP each rank's mean over its own rows,
+    averaged by `ddp.average_gradients`, is the global mean."""
+    return F.cross_entropy(logit_scale * query @ gallery.T, target)  # (B, G) logits
 
 
 def distill_loss(

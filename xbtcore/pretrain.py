@@ -52,6 +52,9 @@ PRETRAIN_SOURCES = ("text", "image", "text+image")
 # champion bundle's compatible embeddings, the paper's Sec. 4.3 protocol, whose approximation of the
 # root space the new link inherits (docs/method.md, "Where we depart from the paper, and why").
 CHAIN_TARGETS = ("root", "champion")
+# What a caption's text-query anchor is contrasted with: "batch", the images of its pair batch (L_c); "gallery",
+# every distinct pair image's old embedding (losses.gallery_loss), the ranking a text query meets at search time.
+ANCHOR_NEGATIVES = ("batch", "gallery")
 # μ of the fit term when φ's targets are a champion bundle's compatible embeddings: the contrastive
 # loss alone fits their order, not their place (docs/method.md, "Where we depart from the paper, and why").
 CHAIN_FIT_WEIGHT = 10.0
@@ -141,6 +144,13 @@ class PretrainConfig:
             "keeping anchor_weight (ours); None: anchor_weight for both"
         },
     )
+    anchor_negatives: str = field(
+        default="batch",
+        metadata={
+            "help": "what the text-query anchor contrasts each pair caption with: 'batch', its pair batch's images "
+            "(L_c); 'gallery', the old embeddings of every distinct training pair image (ours, docs/method.md)"
+        },
+    )
     fit_weight: float | None = field(
         default=None,
         metadata={
@@ -202,6 +212,10 @@ class PretrainConfig:
             raise ValueError(f"pair_batch_size must be >= 2 for a contrastive loss, got {self.pair_batch_size}")
         if self.source not in PRETRAIN_SOURCES:
             raise ValueError(f"source must be one of {', '.join(PRETRAIN_SOURCES)}, got {self.source!r}")
+        if self.anchor_negatives not in ANCHOR_NEGATIVES:
+            raise ValueError(
+                f"anchor_negatives must be one of {', '.join(ANCHOR_NEGATIVES)}, got {self.anchor_negatives!r}"
+            )
         if self.chain_targets not in CHAIN_TARGETS:
             raise ValueError(f"chain_targets must be one of {', '.join(CHAIN_TARGETS)}, got {self.chain_targets!r}")
 
@@ -277,6 +291,7 @@ def text_only_pretrain(
     pairs: tuple[torch.Tensor, ...] | None = None,
     checkpoint_path: str | Path | None = None,
     checkpoint_seconds: float | None = None,
+    anchor_gallery: torch.Tensor | None = None,
 ) -> list[dict]:
     """Train all of φ on row-aligned (w_new, w_old) rows with `losses.eqn3_loss`; returns per-epoch history.
 
@@ -286,7 +301,9 @@ def text_only_pretrain(
     pairs: (v_new, w_new) of the pairs by the frozen new model, row-aligned (each
     caption with its image's embedding), (P, D_new) each, and for the gallery
     anchors (cfg.anchor_weight > 0) also (v_old, w_old), (P, D_old) each; read when
-    cfg.uses_pairs, a pair batch per step, cycling through the pairs.
+    cfg.uses_pairs, a pair batch per step, cycling through the pairs. With
+    cfg.anchor_negatives "gallery" a fifth, each caption's image index (P,), and
+    anchor_gallery, the old embeddings of those images (G, D_old).
     `on_step(step, loss)` may raise to stop. Under torchrun every rank passes the
     same rows and draws the same global batch; each maps its own contiguous
     slice, negatives are all-gathered and gradients averaged, so the result
@@ -306,8 +323,14 @@ def text_only_pretrain(
             "pair_weight, anchor_weight or distill_weight > 0 needs the pairs' new-model embeddings "
             "(pairs=(v_new, w_new))"
         )
-    if cfg.uses_anchors and len(pairs) != 4:
-        raise ValueError("the gallery anchors need the pairs' old embeddings too (pairs=(v_new, w_new, v_old, w_old))")
+    wide = cfg.uses_anchors and cfg.anchor_negatives == "gallery"
+    if cfg.uses_anchors and len(pairs) != 4 + wide:
+        raise ValueError(
+            "the gallery anchors need the pairs' old embeddings too (pairs=(v_new, w_new, v_old, w_old)"
+            + (", and each caption's image index with anchor_negatives='gallery')" if wide else ")")
+        )
+    if wide and anchor_gallery is None:
+        raise ValueError("anchor_negatives='gallery' needs anchor_gallery, the old embeddings of the pair images")
     device = next(phi.parameters()).device
     torch.manual_seed(cfg.seed)  # noise and order; a CPU generator could not feed a CUDA randn
     opt = torch.optim.AdamW(phi.parameters(), lr=PAPER_LR if cfg.lr is None else cfg.lr, weight_decay=cfg.weight_decay)
@@ -340,7 +363,7 @@ def text_only_pretrain(
             if resume.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(resume["cuda_rng"], device)
         for i in range(start, n - bs + 1, bs):  # drop the ragged tail: a tiny last batch has few negatives
-            mapped = target = pair = anchor = distill = None
+            mapped = target = pair = anchor = distill = gallery = None
             if order is not None:
                 idx = order[i : i + bs]
                 rows_new = w_new[idx].to(device)  # (B, D_new)
@@ -351,7 +374,9 @@ def text_only_pretrain(
                 rows, pmine = next(pair_batches)  # (P, D) each, the same rows on every rank
                 images = rows[0][pmine].to(device)  # (P/W, D_new) v_new
                 pair = (phi(images), phi(rows[1][pmine].to(device)))  # (P/W, D_old) each
-                anchor = tuple(r[pmine].to(device) for r in rows[2:]) or None  # (v_old, w_old), (P/W, D_old) each
+                anchor = tuple(r[pmine].to(device) for r in rows[2:4]) or None  # (v_old, w_old), (P/W, D_old) each
+                if wide:
+                    gallery = (anchor_gallery.to(device), rows[4][pmine].to(device))  # (G, D_old), (P/W,)
                 if cfg.distill_weight:
                     clean = rows_new[mine]  # (B/W, D_new) the rows without noise
                     distill = (phi(clean), pair[0], clean, images)
@@ -366,6 +391,7 @@ def text_only_pretrain(
                 anchor=anchor,
                 anchor_weight=cfg.anchor_weight,
                 text_anchor_weight=cfg.text_anchor_weight,
+                anchor_gallery=gallery,
                 corpus_weight=1.0 if cfg.corpus_weight is None else cfg.corpus_weight,
                 distill=distill,
                 distill_weight=cfg.distill_weight or 0.0,
@@ -412,15 +438,25 @@ def pretrain_phi(
     on_step=None,
     pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
     checkpoint_path: str | Path | None = None,
+    anchor_gallery: torch.Tensor | None = None,
 ) -> tuple[Phi, list[dict]]:
     """-> (φ, per-epoch history): a fresh φ, D_new -> D_old, all of it trained by `text_only_pretrain`. Without a
     corpus (w_new, w_old None) its sizes come from the pairs: v_new (P, D_new) and the anchors' v_old (P, D_old)."""
     torch.manual_seed(cfg.seed)
-    if w_new is None and (pairs is None or len(pairs) != 4):
+    if w_new is None and (pairs is None or len(pairs) < 4):
         raise ValueError("φ without a corpus trains on the gallery anchors: give pairs=(v_new, w_new, v_old, w_old)")
     in_dim, out_dim = (w_new.shape[1], w_old.shape[1]) if w_new is not None else (pairs[0].shape[1], pairs[2].shape[1])
     phi = Phi(PhiConfig(in_dim=in_dim, out_dim=out_dim)).to(device)
-    history = text_only_pretrain(phi, w_new, w_old, cfg, on_step=on_step, pairs=pairs, checkpoint_path=checkpoint_path)
+    history = text_only_pretrain(
+        phi,
+        w_new,
+        w_old,
+        cfg,
+        on_step=on_step,
+        pairs=pairs,
+        checkpoint_path=checkpoint_path,
+        anchor_gallery=anchor_gallery,
+    )
     return phi, history
 
 
@@ -430,14 +466,17 @@ def pair_rows(
     caption_image: torch.Tensor,
     v_old_images: torch.Tensor | None = None,
     w_old_captions: torch.Tensor | None = None,
+    with_image_index: bool = False,
 ):
     """(v_new, w_new) row-aligned per caption: each pair caption's embedding beside its
     image's, both by the frozen new model (the rows of the pair term); with the old
-    model's embeddings given, (v_new, w_new, v_old, w_old) (the gallery anchors' rows too)."""
+    model's embeddings given, (v_new, w_new, v_old, w_old) (the gallery anchors' rows too),
+    and with_image_index, caption_image as a fifth (the whole-gallery text anchor's targets)."""
     rows = (v_new_images[caption_image], w_new_captions)  # (P, D_new) each
     if v_old_images is None:
         return rows
-    return (*rows, v_old_images[caption_image], w_old_captions)  # + (P, D_old) each
+    rows = (*rows, v_old_images[caption_image], w_old_captions)  # + (P, D_old) each
+    return (*rows, caption_image) if with_image_index else rows
 
 
 class _PairBatches:

@@ -77,12 +77,26 @@ def _pretrained_phi(inputs: HeadInputs, cfg: XbtConfig):
             text=(inputs.frozen("w_new"), inputs.frozen("w_old")) if "text" in source_parts(pre.source) else None,
             image=(inputs.frozen("v_new_pairs"), inputs.frozen("v_old_pairs")) if pre.uses_images else None,
         )
-    pairs = None
+    pairs = gallery = None
     if pre.uses_pairs:
         old = (inputs.frozen("v_old_pairs"), inputs.frozen("w_old_pairs")) if pre.uses_anchors else ()
-        pairs = pair_rows(inputs.frozen("v_new_pairs"), inputs.frozen("w_new_pairs"), inputs.caption_image, *old)
+        wide = pre.uses_anchors and pre.anchor_negatives == "gallery"
+        pairs = pair_rows(
+            inputs.frozen("v_new_pairs"),
+            inputs.frozen("w_new_pairs"),
+            inputs.caption_image,
+            *old,
+            with_image_index=wide,
+        )
+        gallery = old[0] if wide else None  # (G, D_old): the training pair images by the old model
     phi, _ = pretrain_phi(
-        *rows, pre, device=inputs.device, on_step=inputs.on_step, pairs=pairs, checkpoint_path=inputs.checkpoint
+        *rows,
+        pre,
+        device=inputs.device,
+        on_step=inputs.on_step,
+        pairs=pairs,
+        checkpoint_path=inputs.checkpoint,
+        anchor_gallery=gallery,
     )
     return phi
 
