@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from xbtcore.config import Settings
-from xbtcore.losses import clip_loss, eqn3_loss, eqn5_loss, eqn6_loss
+from xbtcore.losses import clip_loss, eqn3_loss, eqn5_loss, eqn6_loss, gallery_loss
 from xbtcore.methods import COST_CLASSES, EMBEDDINGS, METHODS, by_cost, get_method, head_owner
 from xbtcore.pretrain import PAPER_LR, PretrainConfig
 
@@ -52,6 +52,26 @@ def test_each_gallery_anchor_takes_its_own_weight():
         base + image_query + 3.0 * text_query,
     )
     torch.testing.assert_close(eqn3_loss(mapped, w_old, 10.0, text_anchor_weight=2.0, **both), base + 2.0 * text_query)
+
+
+def test_the_whole_gallery_text_anchor_ranks_each_caption_against_every_pair_image():
+    mapped, w_old, v_bar, w_bar, v_old_p, w_old_p = (_unit(5, 4, s) for s in range(6))
+    gallery, target = _unit(9, 4, 6), torch.tensor([3, 0, 8, 3, 6])  # 9 pair images; two captions of image 3
+    v_old_p = gallery[target]  # the batch's own images are gallery rows
+    logits = 10.0 * w_bar @ gallery.T
+    against_all = -sum(logits[i, target[i]] - torch.logsumexp(logits[i], 0) for i in range(5)) / 5
+    torch.testing.assert_close(gallery_loss(w_bar, gallery, target, 10.0), against_all)
+    base, image_query = _infonce(mapped, w_old, 10.0), _infonce(v_bar, w_old_p, 10.0)
+    both = {"pair": (v_bar, w_bar), "anchor": (v_old_p, w_old_p), "anchor_gallery": (gallery, target)}
+    torch.testing.assert_close(
+        eqn3_loss(mapped, w_old, 10.0, anchor_weight=1.5, **both), base + 1.5 * (image_query + against_all)
+    )
+    torch.testing.assert_close(
+        eqn3_loss(mapped, w_old, 10.0, anchor_weight=1.0, text_anchor_weight=3.0, **both),
+        base + image_query + 3.0 * against_all,
+    )
+    # the batch's own images are not the gallery: the term sees the 4 images no caption of the batch names
+    assert not torch.isclose(against_all, _infonce(w_bar, v_old_p, 10.0))
 
 
 def test_eqn5_and_eqn6_are_the_papers_sums():

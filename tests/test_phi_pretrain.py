@@ -225,6 +225,44 @@ def test_without_the_corpus_phi_trains_on_the_pairs_alone():
         text_only_pretrain(phi, None, None, dataclasses.replace(cfg, pair_weight=0.0, anchor_weight=0.0), pairs=pairs)
 
 
+def test_whole_gallery_anchors_train_phi_and_need_each_captions_image():
+    # Three captions per image; each caption's text anchor ranks it against all 512 pair images, not its batch's.
+    from xbtcore.pretrain import pair_rows, pretrain_phi
+
+    torch.manual_seed(0)
+    v_new = F.normalize(torch.randn(512, 24), dim=-1)
+    caption_image = torch.arange(512).repeat_interleave(3)
+    w_new = F.normalize(v_new[caption_image] + 0.05 * torch.randn(1536, 24), dim=-1)
+    proj = torch.randn(6, 16)
+    v_old, w_old = (F.normalize(torch.tanh(x[:, :6] @ proj), dim=-1) for x in (v_new, w_new))
+    cfg = PretrainConfig(
+        lr=1e-3,
+        corpus_weight=0.0,
+        pair_weight=1.0,
+        anchor_weight=1.0,
+        pair_batch_size=128,
+        min_steps=300,
+        anchor_negatives="gallery",
+    )
+    pairs = pair_rows(v_new, w_new, caption_image, v_old, w_old, with_image_index=True)
+    assert len(pairs) == 5 and torch.equal(pairs[4], caption_image) and torch.equal(pairs[2], v_old[caption_image])
+
+    def t2i_r1(phi) -> float:
+        with torch.no_grad():
+            return (phi(w_new) @ v_old.T).argmax(1).eq(caption_image).float().mean().item()
+
+    torch.manual_seed(0)
+    before = t2i_r1(Phi(PhiConfig(24, 16)))
+    phi, _ = pretrain_phi(None, None, cfg, pairs=pairs, anchor_gallery=v_old)
+    assert t2i_r1(phi) > before + 0.3, (before, t2i_r1(phi))
+    batch_phi, _ = pretrain_phi(None, None, dataclasses.replace(cfg, anchor_negatives="batch"), pairs=pairs[:4])
+    assert not torch.equal(phi(w_new[:8]), batch_phi(w_new[:8]))  # the same draws, other negatives
+    with pytest.raises(ValueError, match="needs anchor_gallery"):
+        pretrain_phi(None, None, cfg, pairs=pairs)
+    with pytest.raises(ValueError, match="each caption's image index"):
+        pretrain_phi(None, None, cfg, pairs=pairs[:4], anchor_gallery=v_old)
+
+
 @pytest.mark.parametrize(
     "bad, says",
     [
@@ -239,6 +277,7 @@ def test_without_the_corpus_phi_trains_on_the_pairs_alone():
         ({"distill_scale": 0.0}, "distill_scale"),
         ({"min_steps": -1}, "min_steps"),
         ({"source": "images"}, "source must be one of text, image, text\\+image"),
+        ({"anchor_negatives": "all"}, "anchor_negatives must be one of batch, gallery"),
     ],
 )
 def test_pretrain_config_rejects_bad_values(bad, says):
