@@ -144,11 +144,12 @@ class PretrainConfig:
             "keeping anchor_weight (ours); None: anchor_weight for both"
         },
     )
-    anchor_negatives: str = field(
-        default="batch",
+    anchor_negatives: str | None = field(
+        default=None,
         metadata={
             "help": "what the text-query anchor contrasts each pair caption with: 'batch', its pair batch's images "
-            "(L_c); 'gallery', the old embeddings of every distinct training pair image (ours, docs/method.md)"
+            "(L_c); 'gallery', the old embeddings of every distinct training pair image (ours, docs/method.md); "
+            "None: the method's own ('batch')"
         },
     )
     fit_weight: float | None = field(
@@ -212,7 +213,7 @@ class PretrainConfig:
             raise ValueError(f"pair_batch_size must be >= 2 for a contrastive loss, got {self.pair_batch_size}")
         if self.source not in PRETRAIN_SOURCES:
             raise ValueError(f"source must be one of {', '.join(PRETRAIN_SOURCES)}, got {self.source!r}")
-        if self.anchor_negatives not in ANCHOR_NEGATIVES:
+        if self.anchor_negatives is not None and self.anchor_negatives not in ANCHOR_NEGATIVES:
             raise ValueError(
                 f"anchor_negatives must be one of {', '.join(ANCHOR_NEGATIVES)}, got {self.anchor_negatives!r}"
             )
