@@ -743,7 +743,7 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
         (out / stale).unlink(missing_ok=True)
     publish_bundle(bundle, str(out / "bundle"))
     written = write_report(report, data["eval"], str(Path(evaluated) / "sample.safetensors"), str(out))
-    if reg["new_run"]:
+    if reg["run_open"]:
         attach_report(reg["run_id"], [written["json"], written["html"]])
     publish_artifacts(report, verdict, written["html"])
     return report

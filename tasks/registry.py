@@ -12,6 +12,12 @@ first promotion the version it replaced (`xbt.previous_champion`): `xbt
 rollback` moves champion back to it. Promoting a version again keeps that tag,
 so rollbacks always reach older champions and can never cycle between two
 versions a reviewer promoted back and forth.
+
+An upgrade's MLflow run stays open from registration until its report is
+attached. Each run names the host and process that logged it, so a run whose
+process died in between (a kill) is ended as KILLED by the next registration in
+its experiment on that host, or, when that registration is the same bundle and
+verdict, given its report and finished.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -33,6 +40,29 @@ from .servers import artifact_root, check_tracking_server, tracking_uri
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 TAG_PREVIOUS = "xbt.previous_champion"
+TAG_HOST, TAG_PID = "xbt.host", "xbt.pid"  # the process that logged a run and ends it (attach_report)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def orphaned_runs(c, exp_id: str) -> list[str]:
+    """The experiment's open runs logged on this host by a process that is gone (killed between registering and
+    attaching its report). A live process's run, another host's, or one logged without an owner is not one."""
+    host = socket.gethostname().replace("'", "")
+    runs = c.search_runs(
+        [exp_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = '{host}'", max_results=1000
+    )
+    return [
+        r.info.run_id for r in runs if r.data.tags.get(TAG_PID, "").isdigit() and not _alive(int(r.data.tags[TAG_PID]))
+    ]
 
 
 def client():
@@ -242,9 +272,10 @@ def _log_run(c, exp_id: str, run: dict, recall: dict, bundle_dir: str, histories
     open for `attach_report`."""
     from mlflow.entities import Metric, Param
 
+    owner = {TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
     mrun = c.create_run(
         exp_id,
-        tags={"xbt.method": run["method"], "xbt.new": run["new"], "xbt.old": run["old"]},
+        tags={"xbt.method": run["method"], "xbt.new": run["new"], "xbt.old": run["old"], **owner},
         run_name=f"{run['method']}:{Path(run['new']).name}",
     )
     rid = mrun.info.run_id
@@ -280,7 +311,8 @@ def register_and_promote(
 ) -> dict:
     """Log the run, register the bundle as a version (alias candidate) and, if the gate
     passed, move champion to it. The same bundle with the same recall and verdict is one version.
-    -> name, version, experiment, run_id, new_run (a run was logged now), promoted, champion, uri."""
+    -> name, version, experiment, run_id, new_run (a run was logged now), run_open (its run awaits
+    `attach_report`: logged now, or by a process killed before it attached its report), promoted, champion, uri."""
     logger = log()
     c = client()
     space = space_of(root_ref)
@@ -298,6 +330,12 @@ def register_and_promote(
     key = digest(sha, recall, verdict)
     found = c.search_model_versions(f"name = '{name}' and tags.`xbt.version_key` = '{key}'")
     failures = [f for k, v in verdict.items() if k != "passed" for f in v["failures"]]
+    orphans = orphaned_runs(c, exp_id)
+    reclaimed = bool(found) and found[0].run_id in orphans  # this bundle's run, killed before its report
+    for rid in orphans:
+        if not (reclaimed and rid == found[0].run_id):
+            c.set_terminated(rid, "KILLED")
+            logger.info("MLflow run %s was left open by a process that is gone: ended as KILLED", rid)
     if found:
         mv = found[0]
         logger.info("bundle %s is already %s version %s", sha, name, mv.version)
@@ -341,6 +379,7 @@ def register_and_promote(
         "experiment": exp_id,
         "run_id": mv.run_id,
         "new_run": not found,
+        "run_open": not found or reclaimed,
         "promoted": passed,
         "champion": champion_version(c, name),
         "uri": f"models:/{name}/{version}",

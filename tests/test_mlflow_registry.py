@@ -52,7 +52,7 @@ def _register(tmp_path, tag, passed):
     histories = {"train": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]}
     report = json.loads(Path(path).read_text())
     reg = registry.register_and_promote.fn(report, report["recall"], bundle, "/m/old", verdict, histories, [])
-    if reg["new_run"]:
+    if reg["run_open"]:
         registry.attach_report.fn(reg["run_id"], [path])
     return reg
 
@@ -194,3 +194,42 @@ def test_who_forced_a_promotion_is_the_login_else_the_user_id(monkeypatch):
 
     monkeypatch.setattr(getpass, "getuser", no_login)
     assert registry._user() == f"uid {os.getuid()}"
+
+
+def _dead_pid() -> str:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def test_a_run_left_open_by_a_killed_process_is_ended_or_given_its_report_by_the_next_registration(mlflow_store):
+    c = registry.client()
+
+    def register_unreported(tag):  # registered, then "killed" before attach_report: its run stays open
+        path, bundle, verdict = _report(mlflow_store, tag, passed=True)
+        report = json.loads(Path(path).read_text())
+        reg = registry.register_and_promote.fn(report, report["recall"], bundle, "/m/old", verdict, {}, [])
+        return reg, lambda: registry.register_and_promote.fn(
+            report, report["recall"], bundle, "/m/old", verdict, {}, []
+        )
+
+    live, _ = register_unreported("live")  # this process: alive, so never taken for an orphan
+    killed, rerun = register_unreported("killed")
+    c.set_tag(killed["run_id"], registry.TAG_PID, _dead_pid())
+    assert c.get_run(killed["run_id"]).info.status == "RUNNING"
+    assert registry.orphaned_runs(c, killed["experiment"]) == [killed["run_id"]]
+
+    # the rerun of the same command: the same bundle and verdict find their version, whose run gets the report
+    again = rerun()
+    assert again["version"] == killed["version"] and not again["new_run"] and again["run_open"]
+    registry.attach_report.fn(again["run_id"], [str(mlflow_store / "killed" / "report.json")])
+    assert c.get_run(killed["run_id"]).info.status == "FINISHED"
+    assert "report.json" in [f.path for f in c.list_artifacts(killed["run_id"])]
+
+    # another upgrade's registration ends an orphan of another bundle as KILLED, and leaves a live one open
+    orphan, _ = register_unreported("orphan")
+    c.set_tag(orphan["run_id"], registry.TAG_PID, _dead_pid())
+    other = _register(mlflow_store, "other", passed=False)
+    assert c.get_run(orphan["run_id"]).info.status == "KILLED"
+    assert c.get_run(other["run_id"]).info.status == "FINISHED"
+    assert c.get_run(live["run_id"]).info.status == "RUNNING"
+    assert registry.orphaned_runs(c, other["experiment"]) == []
