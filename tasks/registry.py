@@ -34,6 +34,7 @@ from prefect import task
 
 from xbtcore.bundle import BUNDLE_FILE
 from xbtcore.cache import fingerprint_model
+from xbtcore.gate import describe_failures
 
 from .common import IO_RETRIES, digest, fingerprint_content, log, state_dir
 from .servers import artifact_root, check_tracking_server, tracking_uri
@@ -111,13 +112,25 @@ def _metric_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_./ -]", "_", text)
 
 
-def champion_version(c, name: str) -> str | None:
+def alias_version(c, name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return str(c.get_model_version_by_alias(name, CHAMPION).version)
+        return str(c.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def champion_version(c, name: str) -> str | None:
+    return alias_version(c, name, CHAMPION)
+
+
+def failing_checks(tags: dict) -> list[str]:
+    """A version's failing gate checks, a line each, each naming the case it fell short of (old/old for Eqn. 2,
+    prev/old for a chain link's no-regression check), from its gate tags."""
+    return describe_failures(json.loads(tags.get("gate.failures", "[]"))) + describe_failures(
+        json.loads(tags.get("gate.no_regression_failures", "[]")), "no-regression"
+    )
 
 
 def promote(c, name: str, version: str, reason: str) -> dict:
@@ -151,7 +164,8 @@ class GateFailed(ValueError):
 def promote_reviewed(c, name: str, version: str, force: bool = False, who: str = "") -> dict:
     """`xbt promote`: move champion to a version a person chose. A version whose gate failed is refused
     (GateFailed names its failing checks) unless `force`, which is then recorded on the version
-    (`xbt.forced_by`, who and when) and its failing checks returned. -> promote's result and "failures"."""
+    (`xbt.forced_by`, who and when) and its failing checks returned. -> promote's result and "failures" (a line
+    per failing check)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -161,11 +175,10 @@ def promote_reviewed(c, name: str, version: str, force: bool = False, who: str =
             f"{name} version {version} is not in the MLflow registry at {tracking_uri()} "
             f"({str(e).splitlines()[0]}); list the versions with `xbt catalog`"
         ) from e
-    failures = json.loads(tags.get("gate.failures", "[]"))
+    failures = failing_checks(tags)
     if tags.get("gate.passed") == "false" and not force:
-        checks = "; ".join(f"{d} R@{k} {a} vs {b}" for d, k, a, b in failures)
         raise GateFailed(
-            f"{name} version {version} failed its gate ({checks}): it stays candidate; "
+            f"{name} version {version} failed its gate ({'; '.join(failures)}): it is not promoted; "
             "pass --force to promote it anyway (recorded on the version)"
         )
     reason = "promoted by a reviewer (xbt promote)"
@@ -329,9 +342,12 @@ def register_and_promote(
     # data is another version, so that no version's gate tags are overwritten by a verdict its report does not give
     key = digest(sha, recall, verdict)
     found = c.search_model_versions(f"name = '{name}' and tags.`xbt.version_key` = '{key}'")
-    failures = [f for k, v in verdict.items() if k != "passed" for f in v["failures"]]
     orphans = orphaned_runs(c, exp_id)
-    reclaimed = bool(found) and found[0].run_id in orphans  # this bundle's run, killed before its report
+    # this bundle's run, whose process was killed before it attached the report: left open, or already ended
+    # as KILLED by another upgrade's registration
+    reclaimed = bool(found) and (
+        found[0].run_id in orphans or c.get_run(found[0].run_id).info.status in ("KILLED", "FAILED")
+    )
     for rid in orphans:
         if not (reclaimed and rid == found[0].run_id):
             c.set_terminated(rid, "KILLED")
@@ -355,8 +371,16 @@ def register_and_promote(
     version = str(mv.version)
     passed = bool(verdict["passed"])
     c.set_model_version_tag(name, version, "gate.passed", str(passed).lower())
-    c.set_model_version_tag(name, version, "gate.failures", json.dumps(failures))
-    c.set_registered_model_alias(name, CANDIDATE, version)
+    # gate.failures: Eqn. 2's [direction, K, new/old, old/old]; a chain link's no-regression checks apart, as
+    # report.json keeps them
+    c.set_model_version_tag(name, version, "gate.failures", json.dumps(verdict["eqn2"]["failures"]))
+    if "no_regression" in verdict:
+        c.set_model_version_tag(
+            name, version, "gate.no_regression_failures", json.dumps(verdict["no_regression"]["failures"])
+        )
+    candidate = alias_version(c, name, CANDIDATE)
+    if not found or candidate is None or int(version) >= int(candidate):  # a rerun of an older version: stays
+        c.set_registered_model_alias(name, CANDIDATE, version)
     if passed:
         result = promote(c, name, version, "gate passed")
         logger.info("%s version %s is champion (previous: %s)", name, version, result["previous"])
@@ -365,7 +389,7 @@ def register_and_promote(
             name,
             version,
             "xbt.not_promoted",
-            "gate failed: " + "; ".join(f"{d}@{k} {a} vs {b}" for d, k, a, b in failures),
+            "gate failed: " + "; ".join(failing_checks(c.get_model_version(name, version).tags)),
         )
         logger.info(
             "%s version %s is candidate only: the gate failed, champion stays %s",

@@ -267,7 +267,9 @@ def test_promote_and_rollback_commands(tmp_path, monkeypatch):
     second = _register(tmp_path, "v2", passed=False)
     name, c = first["name"], registry.client()
     # The candidate failed its gate: refused without --force, naming the failing check; nothing moves.
-    _one_line_error(xbt("promote"), "failed its gate (t2i R@1 9.0 vs 10.0)", "--force")
+    _one_line_error(
+        xbt("promote"), "failed its gate (t2i R@1 new/old 9.0 <= old/old 10.0): it is not promoted", "--force"
+    )
     assert registry.champion_version(c, name) == first["version"]
     r = xbt("promote", "--force", env={"USER": "reviewer-a"})  # the candidate, the only xbt model
     assert r.returncode == 0, r.stderr

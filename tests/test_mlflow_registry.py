@@ -69,7 +69,10 @@ def test_champion_moves_on_pass_not_on_fail_and_rolls_back(mlflow_store):
     assert str(c.get_model_version_by_alias(name, "candidate").version) == failed["version"]
     assert registry.champion_version(c, name) == first["version"]  # did not move
     tags = c.get_model_version(name, failed["version"]).tags
-    assert tags["gate.passed"] == "false" and "t2i@1" in tags["xbt.not_promoted"]
+    assert (
+        tags["gate.passed"] == "false"
+        and tags["xbt.not_promoted"] == "gate failed: t2i R@1 new/old 9.0 <= old/old 10.0"
+    )
     assert json.loads(tags["gate.failures"]) == [["t2i", 1, 9.0, 10.0]]
 
     third = _register(mlflow_store, "v3", passed=True)
@@ -226,10 +229,35 @@ def test_a_run_left_open_by_a_killed_process_is_ended_or_given_its_report_by_the
     assert "report.json" in [f.path for f in c.list_artifacts(killed["run_id"])]
 
     # another upgrade's registration ends an orphan of another bundle as KILLED, and leaves a live one open
-    orphan, _ = register_unreported("orphan")
+    orphan, orphan_rerun = register_unreported("orphan")
     c.set_tag(orphan["run_id"], registry.TAG_PID, _dead_pid())
     other = _register(mlflow_store, "other", passed=False)
     assert c.get_run(orphan["run_id"]).info.status == "KILLED"
     assert c.get_run(other["run_id"]).info.status == "FINISHED"
     assert c.get_run(live["run_id"]).info.status == "RUNNING"
     assert registry.orphaned_runs(c, other["experiment"]) == []
+
+    # the orphan's own rerun, after that: its version's run still gets the report, and the candidate alias stays
+    # on the latest version registered
+    again = orphan_rerun()
+    assert again["version"] == orphan["version"] and again["run_open"]
+    registry.attach_report.fn(again["run_id"], [str(mlflow_store / "orphan" / "report.json")])
+    assert c.get_run(orphan["run_id"]).info.status == "FINISHED"
+    assert registry.alias_version(c, other["name"], registry.CANDIDATE) == other["version"]
+    assert not orphan_rerun()["run_open"]  # finished: nothing left to attach
+
+
+def test_a_chain_links_no_regression_failures_are_named_against_prev_old(mlflow_store):
+    path, bundle, _ = _report(mlflow_store, "link", passed=False)
+    report = json.loads(Path(path).read_text())
+    eqn2 = {"passed": True, "criterion": "eqn2", "ks": [1, 5, 10], "failures": []}
+    regress = {"passed": False, "criterion": "no-regression", "ks": [1, 5, 10], "failures": [["t2i", 1, 52.7, 53.9]]}
+    verdict = {"eqn2": eqn2, "no_regression": regress, "passed": False}
+    reg = registry.register_and_promote.fn(report, report["recall"], bundle, "/m/old", verdict, {}, [])
+    c = registry.client()
+    tags = c.get_model_version(reg["name"], reg["version"]).tags
+    assert json.loads(tags["gate.failures"]) == [] and tags["xbt.not_promoted"].endswith("52.7 < prev/old 53.9")
+    with pytest.raises(registry.GateFailed, match=r"t2i R@1 new/old 52.7 < prev/old 53.9\): it is not promoted"):
+        registry.promote_reviewed(c, reg["name"], reg["version"])
+    forced = registry.promote_reviewed(c, reg["name"], reg["version"], force=True, who="reviewer")
+    assert forced["failures"] == ["t2i R@1 new/old 52.7 < prev/old 53.9"]
