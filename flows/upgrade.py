@@ -41,7 +41,7 @@ from tasks.common import (
 from tasks.embed import embed_frozen
 from tasks.evaluate import OLD_IMAGES, TIED_IMAGES, check_inputs, evaluate, gate
 from tasks.extract import check_corpus, ensure_world, extract_corpus
-from tasks.registry import attach_report, register_and_promote, resolve_model, space_of
+from tasks.registry import attach_report, pinned_ref, register_and_promote, resolve_model, space_of
 from tasks.report import (
     build_report,
     draw_figures,
@@ -636,6 +636,8 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
         "method": chosen["method"],
         "old": params.old,
         "new": params.new,
+        # what each REF named for this run: an alias URI (models:/NAME@champion) moves on, its version does not
+        "resolved": {"old": pinned_ref(params.old, old), "new": pinned_ref(params.new, new)},
         "counts": {
             "corpus": corpus["rows"],
             "pairs": inputs["pairs"],

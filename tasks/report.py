@@ -58,7 +58,7 @@ def build_report(
     """report.json's content: CONTRACT.md's keys, then the gate margins, the candidates and the choice among
     them, the promotion, what a progressive backfill would give on the way, and what to try next.
 
-    run: method, old, new, counts, timings_s, config, bundle, space, steps, mlflow, old_image_tower,
+    run: method, old, new, resolved, counts, timings_s, config, bundle, space, steps, mlflow, old_image_tower,
     eval_images_tied (the flow's record of the run).
     """
     report = {
@@ -76,7 +76,19 @@ def build_report(
     report["candidates"] = candidates
     report["chosen"] = chosen
     report.update(
-        {k: run[k] for k in ("old_image_tower", "eval_images_tied", "config", "bundle", "space", "steps", "mlflow")}
+        {
+            k: run[k]
+            for k in (
+                "resolved",
+                "old_image_tower",
+                "eval_images_tied",
+                "config",
+                "bundle",
+                "space",
+                "steps",
+                "mlflow",
+            )
+        }
     )
     report["promotion"] = promotion
     if backfill is not None:

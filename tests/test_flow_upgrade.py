@@ -388,6 +388,9 @@ def test_champion_moves_on_pass_only_and_chains_from_it(prefect_harness, tiny, t
     assert third["no_regression"]["criterion"] == "no-regression"
     assert third["recall"]["t2i"]["old/old"] == first["recall"]["t2i"]["old/old"]
     assert third["promotion"]["model"] == name  # same gallery space, same registered model
+    # the alias as given, and the version it named for this run (the alias moves on)
+    assert third["old"] == champion and third["resolved"]["old"] == f"models:/{name}/{first['promotion']['version']}"
+    assert third["resolved"]["new"] == third["new"]
     assert Path(third["bundle"]).is_dir()
     # The next link into the folder of the link it starts from would replace that link under itself.
     from tasks.common import fingerprint_content
