@@ -3,7 +3,9 @@
     datasets   a Parquet input by path and fingerprint, with its row count
     spaces     an embedding space: the root model a gallery was embedded with
     galleries  embeddings written by `xbt embed`, and the model (and space) that made them
-    runs       one upgrade: method, models, gate verdict, bundle, MLflow version and the registry it is in
+    runs       one upgrade: method, models, gate verdict, bundle, MLflow version and the registry it is in;
+               `finished` once its bundle and report are published (false: killed before then, its report
+               path is then another run's or none)
     lineage    old -> new links of a space's chain, with their bundle and MLflow version
 
 Rows are upserted on their key, so re-running a step records it once.
@@ -41,6 +43,7 @@ CREATE TABLE IF NOT EXISTS runs (run_id VARCHAR PRIMARY KEY, method VARCHAR, old
 CREATE TABLE IF NOT EXISTS lineage (space VARCHAR, old VARCHAR, new VARCHAR, bundle VARCHAR, mlflow_model VARCHAR,
     mlflow_version VARCHAR, run_id VARCHAR, recorded_at TIMESTAMP, PRIMARY KEY (space, old, new, bundle));
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS registry VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS finished BOOLEAN;
 """
 TABLES = ("datasets", "spaces", "galleries", "runs", "lineage")
 
@@ -100,6 +103,11 @@ class Catalog:
 
     def record_run(self, run: dict) -> None:
         self._upsert("runs", run)
+
+    def finish_run(self, run_id: str) -> None:
+        """The run published its bundle and report."""
+        with self._connect() as con:
+            con.execute("UPDATE runs SET finished = true WHERE run_id = ?", [run_id])
 
     def record_lineage(
         self,

@@ -45,6 +45,7 @@ from tasks.registry import attach_report, pinned_ref, register_and_promote, reso
 from tasks.report import (
     build_report,
     draw_figures,
+    finish_run,
     publish_artifacts,
     read_histories,
     record_datasets,
@@ -736,6 +737,7 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
             "mlflow_version": reg["version"],
             "registry": reg["tracking_uri"],
             "report": str(out / "report.json"),
+            "finished": False,
         },
         run["space"],
         root,
@@ -748,6 +750,7 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
     if reg["run_open"]:
         attach_report(reg["run_id"], [written["json"], written["html"]])
     publish_artifacts(report, verdict, written["html"])
+    finish_run(run_id)
     return report
 
 

@@ -251,6 +251,11 @@ def record_datasets(datasets: list[dict]) -> None:
         cat.record_dataset(d["path"], d["kind"], d["fingerprint"], d["rows"])
 
 
+@task(name="finish-run", **IO_RETRIES)
+def finish_run(run_id: str) -> None:
+    catalog().finish_run(run_id)
+
+
 @task(name="record-run", **IO_RETRIES)
 def record_run(run: dict, space: str, root_model: str, dim: int | None) -> None:
     cat = catalog()

@@ -35,7 +35,9 @@ def test_records_and_upserts(tmp_path):
     assert [r["space"] for r in cat.rows("spaces")] == ["old-1234"]
     assert cat.rows("galleries")[0]["model"] == "models:/xbt-old-1234@champion"
     runs = cat.rows("runs")
-    assert len(runs) == 1 and runs[0]["promoted"] is False
+    assert len(runs) == 1 and runs[0]["promoted"] is False and not runs[0]["finished"]
+    cat.finish_run("r1")
+    assert cat.rows("runs")[0]["finished"] is True
     assert cat.rows("lineage")[0]["mlflow_version"] == "1"
 
 

@@ -343,8 +343,29 @@ def test_a_run_that_cannot_record_itself_in_the_catalog_leaves_no_report(prefect
     report = upgrade(_params(tiny, out, method="procrustes"))  # the session gone, the same run finishes
     assert (out / "report.json").is_file() and (out / "bundle").is_dir()
     runs = catalog.store.Catalog(state_dir() / "catalog.duckdb").rows("runs")
-    assert [r["report"] for r in runs if r["out_dir"] == str(out)] == [str(out / "report.json")]
+    assert [(r["report"], r["finished"]) for r in runs if r["out_dir"] == str(out)] == [
+        (str(out / "report.json"), True)
+    ]
     assert report["gate"]["criterion"] == "eqn2"
+
+    # a run that stops after recording itself (killed while publishing) stays unfinished in the catalog; its
+    # rerun is a row of its own, finished
+    import flows.upgrade
+
+    publish = flows.upgrade.publish_bundle
+
+    def killed(src, dst, *rest):
+        if Path(dst) == tmp_path / "killed" / "bundle":  # into OUT, after the catalog row
+            raise RuntimeError("killed while publishing")
+        return publish(src, dst, *rest)
+
+    monkeypatch.setattr(flows.upgrade, "publish_bundle", killed)
+    with pytest.raises(RuntimeError, match="killed while publishing"):
+        upgrade(_params(tiny, tmp_path / "killed", method="procrustes"))
+    monkeypatch.undo()
+    upgrade(_params(tiny, tmp_path / "killed", method="procrustes"))
+    runs = catalog.store.Catalog(state_dir() / "catalog.duckdb").rows("runs")
+    assert sorted(r["finished"] for r in runs if r["out_dir"] == str(tmp_path / "killed")) == [False, True]
 
 
 def test_an_eval_set_drawn_from_the_pairs_is_named_in_the_reports_advice(prefect_harness, tiny, tmp_path):
