@@ -29,7 +29,7 @@ from xbtcore.data import (
 )
 from xbtcore.encoders import PRECISIONS, DualEncoder
 from xbtcore.evaluate import Side, backfill_study, evaluate_cases, side_of, tied_images
-from xbtcore.gate import describe_failures, eqn2_gate, no_regression_gate
+from xbtcore.gate import describe_verdict, eqn2_gate, no_regression_gate
 from xbtcore.inspect_sample import report_sample
 from xbtcore.margins import gate_margins
 
@@ -307,11 +307,6 @@ def gate(recall: dict, ks: list[int], chain: bool) -> dict:
     if chain:
         verdict["no_regression"] = no_regression_gate(recall, ks=ks).to_dict()
     verdict["passed"] = all(v["passed"] for v in verdict.values())
-    failing = [
-        line
-        for v in verdict.values()
-        if isinstance(v, dict)
-        for line in describe_failures(v["failures"], v["criterion"])
-    ]
+    failing = describe_verdict(verdict)
     log().info("gate %s%s", "passed" if verdict["passed"] else "failed", "".join(f"\n  failing: {x}" for x in failing))
     return verdict

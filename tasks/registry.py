@@ -34,7 +34,7 @@ from prefect import task
 
 from xbtcore.bundle import BUNDLE_FILE
 from xbtcore.cache import fingerprint_model
-from xbtcore.gate import describe_failures
+from xbtcore.gate import describe_failures, describe_verdict
 
 from .common import IO_RETRIES, digest, fingerprint_content, log, state_dir
 from .servers import artifact_root, check_tracking_server, tracking_uri
@@ -389,7 +389,7 @@ def register_and_promote(
             name,
             version,
             "xbt.not_promoted",
-            "gate failed: " + "; ".join(failing_checks(c.get_model_version(name, version).tags)),
+            "gate failed: " + "; ".join(describe_verdict(verdict)),
         )
         logger.info(
             "%s version %s is candidate only: the gate failed, champion stays %s",

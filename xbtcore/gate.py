@@ -71,6 +71,16 @@ def describe_failures(failures: list[list], criterion: str = "eqn2") -> list[str
     return [f"{d} R@{k} new/old {a} {FAILURE_TESTS[criterion]} {b}" for d, k, a, b in failures]
 
 
+def describe_verdict(verdict: dict) -> list[str]:
+    """Every failing check of a verdict (criterion -> GateResult.to_dict(), and "passed"), a line each."""
+    return [
+        line
+        for v in verdict.values()
+        if isinstance(v, dict)
+        for line in describe_failures(v["failures"], v["criterion"])
+    ]
+
+
 def _failures(recall: dict, ks: Sequence[int], candidate: str, reference: str, holds) -> list[list]:
     """Each [direction, K, candidate recall, reference recall] where holds(...) is false."""
     if not ks:
