@@ -46,7 +46,7 @@ def train_text_head(
     w_new: (Nc, D_new) the pair captions; v_old: (P, D_old) the distinct pair images; image_of: (Nc,) each
     caption's image. negatives: "batch", the symmetric CLIP loss against the batch's own images; "gallery",
     cross-entropy of each caption over all P images."""
-    from xbtcore.losses import clip_loss, logit_scale_from_log
+    from xbtcore.losses import clip_loss, gallery_loss, logit_scale_from_log
     from xbtcore.phi import Phi, PhiConfig
 
     torch.manual_seed(seed)
@@ -60,7 +60,7 @@ def train_text_head(
             rows = order[start : start + batch]
             query = phi(w_new[rows])  # (B, D_old)
             if negatives == "gallery":
-                loss = torch.nn.functional.cross_entropy(scale * query @ v_old.T, image_of[rows])  # (B, P) logits
+                loss = gallery_loss(query, v_old, image_of[rows], scale)
             else:
                 loss = clip_loss(query, v_old[image_of[rows]], scale)
             opt.zero_grad(set_to_none=True)

@@ -122,9 +122,7 @@ def backfill_study(
         new_row[kept] = np.arange(max_images)
         rows = torch.as_tensor(np.flatnonzero(new_row[caption_image.numpy()] >= 0))  # their caption rows
         keep = torch.as_tensor(kept)
-        old = Side(text=old.text[rows], image=old.image[keep])
-        upgraded = Side(text=upgraded.text[rows], image=upgraded.image[keep])
-        orig_new = Side(text=orig_new.text[rows], image=orig_new.image[keep])
+        old, upgraded, orig_new = (Side(text=s.text[rows], image=s.image[keep]) for s in (old, upgraded, orig_new))
         caption_image = torch.as_tensor(new_row[caption_image[rows].numpy()])
     v_old = old.image.float().numpy()  # (N, D_old)
     orders = {name: [backfill_order(v_old, name, gain=gain)] for name in dict.fromkeys((order, BACKFILL_ORDER))}

@@ -333,6 +333,8 @@ def text_only_pretrain(
     if wide and anchor_gallery is None:
         raise ValueError("anchor_negatives='gallery' needs anchor_gallery, the old embeddings of the pair images")
     device = next(phi.parameters()).device
+    if wide:
+        anchor_gallery = anchor_gallery.to(device)  # once: every step reads all of it
     torch.manual_seed(cfg.seed)  # noise and order; a CPU generator could not feed a CUDA randn
     opt = torch.optim.AdamW(phi.parameters(), lr=PAPER_LR if cfg.lr is None else cfg.lr, weight_decay=cfg.weight_decay)
     scale = logit_scale_from_log(cfg.log_logit_scale)
@@ -377,7 +379,7 @@ def text_only_pretrain(
                 pair = (phi(images), phi(rows[1][pmine].to(device)))  # (P/W, D_old) each
                 anchor = tuple(r[pmine].to(device) for r in rows[2:4]) or None  # (v_old, w_old), (P/W, D_old) each
                 if wide:
-                    gallery = (anchor_gallery.to(device), rows[4][pmine].to(device))  # (G, D_old), (P/W,)
+                    gallery = (anchor_gallery, rows[4][pmine].to(device))  # (G, D_old), (P/W,)
                 if cfg.distill_weight:
                     clean = rows_new[mine]  # (B/W, D_new) the rows without noise
                     distill = (phi(clean), pair[0], clean, images)
