@@ -408,6 +408,11 @@ def cmd_promote(a) -> int:
     r = promote_reviewed(c, name, version, force=a.force)
     for line in r["failures"]:
         print(f"forced past a failing check: {line}")
+    if r["report_missing"]:
+        print(
+            f"note: version {r['version']}'s MLflow run has no report.json: the xbt upgrade that made it stopped "
+            "before attaching it (or is still running); the same xbt upgrade again attaches it"
+        )
     print(
         f"{name} version {r['version']} is champion"
         + (f" (was {r['previous'] or 'unset'})" if r["changed"] else " (already)")

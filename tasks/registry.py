@@ -162,33 +162,46 @@ class GateFailed(ValueError):
 
 
 def promote_reviewed(c, name: str, version: str, force: bool = False, who: str = "") -> dict:
-    """`xbt promote`: move champion to a version a person chose. A version whose gate failed is refused
-    (GateFailed names its failing checks) unless `force`, which is then recorded on the version
-    (`xbt.forced_by`, who and when) and its failing checks returned. -> promote's result and "failures" (a line
-    per failing check)."""
+    """`xbt promote`: move champion to a version a person chose. A version whose gate failed, or that has no
+    gate verdict (registered by hand), is refused (GateFailed names why) unless `force`, which is then recorded
+    on the version (`xbt.forced_by`, who and when). -> promote's result, "failures" (a line per failing check
+    forced past) and "report_missing" (its run never got its report.json)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        tags = c.get_model_version(name, str(version)).tags
+        mv = c.get_model_version(name, str(version))
     except MlflowException as e:
         raise ValueError(
             f"{name} version {version} is not in the MLflow registry at {tracking_uri()} "
             f"({str(e).splitlines()[0]}); list the versions with `xbt catalog`"
         ) from e
-    failures = failing_checks(tags)
-    if tags.get("gate.passed") == "false" and not force:
-        raise GateFailed(
-            f"{name} version {version} failed its gate ({'; '.join(failures)}): it is not promoted; "
-            "pass --force to promote it anyway (recorded on the version)"
-        )
+    tags = mv.tags
+    verdict = tags.get("gate.passed")
+    if verdict is None:  # registered by hand, not by xbt upgrade: nothing says it beats the old model
+        failures = ["no gate verdict recorded"]
+        if not force:
+            raise GateFailed(
+                f"{name} version {version} has no gate verdict (xbt upgrade did not register it): it is not "
+                "promoted; pass --force to promote it anyway (recorded on the version)"
+            )
+    else:
+        failures = (failing_checks(tags) or ["the gate failed"]) if verdict == "false" else []
+        if failures and not force:
+            raise GateFailed(
+                f"{name} version {version} failed its gate ({'; '.join(failures)}): it is not promoted; "
+                "pass --force to promote it anyway (recorded on the version)"
+            )
     reason = "promoted by a reviewer (xbt promote)"
-    if tags.get("gate.passed") == "false":
+    if failures:
         who = who or _user()
         c.set_model_version_tag(name, str(version), "xbt.forced_by", f"{who} {time.strftime('%Y-%m-%dT%H:%M:%S')}")
-        reason = f"forced past a failed gate by {who} (xbt promote --force)"
+        gate = "a failed gate" if verdict == "false" else "a missing gate verdict"
+        reason = f"forced past {gate} by {who} (xbt promote --force)"
     return {
         **promote(c, name, str(version), reason),
-        "failures": failures if tags.get("gate.passed") == "false" else [],
+        "failures": failures,
+        # its upgrade stopped after registering it and before attaching report.json to its run
+        "report_missing": bool(mv.run_id) and c.get_run(mv.run_id).info.status != "FINISHED",
     }
 
 
@@ -338,6 +351,12 @@ def register_and_promote(
             description=f"Compatible query encoders for the gallery embedded with {root_ref}",
         )
     sha = fingerprint_content(bundle_dir)
+    passed = bool(verdict["passed"])
+    # gate.failures: Eqn. 2's [direction, K, new/old, old/old]; a chain link's no-regression checks apart, as
+    # report.json keeps them
+    gate_tags = {"gate.passed": str(passed).lower(), "gate.failures": json.dumps(verdict["eqn2"]["failures"])}
+    if "no_regression" in verdict:
+        gate_tags["gate.no_regression_failures"] = json.dumps(verdict["no_regression"]["failures"])
     # one version per bundle and verdict: a rerun finds its version, while the same bundle judged on other eval
     # data is another version, so that no version's gate tags are overwritten by a verdict its report does not give
     key = digest(sha, recall, verdict)
@@ -355,6 +374,8 @@ def register_and_promote(
     if found:
         mv = found[0]
         logger.info("bundle %s is already %s version %s", sha, name, mv.version)
+        for tag, value in gate_tags.items():  # its key holds the verdict: the same values, or ones it lacks
+            c.set_model_version_tag(name, str(mv.version), tag, value)
     else:
         rid = _log_run(c, exp_id, run, recall, bundle_dir, histories, figures)
         tags = {
@@ -366,18 +387,11 @@ def register_and_promote(
             "gate.criteria": ",".join(v["criterion"] for k, v in verdict.items() if k != "passed"),
             "gate.ks": json.dumps(verdict["eqn2"]["ks"]),
             "gate.rule": "eqn2: new/old > old/old; no-regression (chains): new/old >= prev/old; every K, t2i and i2t",
+            **gate_tags,
         }
+        # the verdict comes with the version: a process killed here leaves no version without one
         mv = c.create_model_version(name, source=f"{c.get_run(rid).info.artifact_uri}/bundle", run_id=rid, tags=tags)
     version = str(mv.version)
-    passed = bool(verdict["passed"])
-    c.set_model_version_tag(name, version, "gate.passed", str(passed).lower())
-    # gate.failures: Eqn. 2's [direction, K, new/old, old/old]; a chain link's no-regression checks apart, as
-    # report.json keeps them
-    c.set_model_version_tag(name, version, "gate.failures", json.dumps(verdict["eqn2"]["failures"]))
-    if "no_regression" in verdict:
-        c.set_model_version_tag(
-            name, version, "gate.no_regression_failures", json.dumps(verdict["no_regression"]["failures"])
-        )
     candidate = alias_version(c, name, CANDIDATE)
     if not found or candidate is None or int(version) >= int(candidate):  # a rerun of an older version: stays
         c.set_registered_model_alias(name, CANDIDATE, version)

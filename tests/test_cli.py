@@ -259,7 +259,7 @@ def test_embed_compiled_gives_the_plain_embeddings(tiny, tmp_path):
 
 def test_promote_and_rollback_commands(tmp_path, monkeypatch):
     from tasks import registry
-    from tests.test_mlflow_registry import _register
+    from tests.test_mlflow_registry import _register, _report
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("XBT_STATE_DIR", str(tmp_path / "state"))
@@ -282,6 +282,14 @@ def test_promote_and_rollback_commands(tmp_path, monkeypatch):
     assert r.returncode == 0 and f"to {first['version']}" in r.stdout
     _one_line_error(xbt("rollback"), "nothing to roll back to")
     _one_line_error(xbt("promote", "--model", "xbt-nope"))
+    # an upgrade that stopped after registering (passed, so champion): its run has no report.json, which
+    # promoting it back says
+    path, bundle, verdict = _report(tmp_path, "v3", passed=True)
+    report = json.loads(Path(path).read_text())
+    third = registry.register_and_promote.fn(report, report["recall"], bundle, "/m/old", verdict, {}, [])
+    xbt("rollback")
+    r = xbt("promote", "--version", third["version"])
+    assert r.returncode == 0 and f"version {third['version']}'s MLflow run has no report.json" in r.stdout
 
 
 # A small XBT upgrade that checkpoints every 2 training steps, for the tests that stop it mid-training.

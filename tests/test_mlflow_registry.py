@@ -261,3 +261,28 @@ def test_a_chain_links_no_regression_failures_are_named_against_prev_old(mlflow_
         registry.promote_reviewed(c, reg["name"], reg["version"])
     forced = registry.promote_reviewed(c, reg["name"], reg["version"], force=True, who="reviewer")
     assert forced["failures"] == ["t2i R@1 new/old 52.7 < prev/old 53.9"]
+
+
+def test_a_version_without_a_gate_verdict_needs_force_and_a_missing_report_is_named(mlflow_store):
+    c = registry.client()
+    passed = _register(mlflow_store, "judged", passed=True)
+    name = passed["name"]
+    # registered by hand beside xbt's versions: no gate tags
+    by_hand = c.create_model_version(name, source=str(mlflow_store / "judged" / "bundle"), run_id=passed["run_id"])
+    with pytest.raises(registry.GateFailed, match=rf"{name} version {by_hand.version} has no gate verdict"):
+        registry.promote_reviewed(c, name, str(by_hand.version))
+    assert registry.champion_version(c, name) == passed["version"]
+    forced = registry.promote_reviewed(c, name, str(by_hand.version), force=True, who="reviewer")
+    assert forced["failures"] == ["no gate verdict recorded"] and forced["changed"]
+    tags = c.get_model_version(name, str(by_hand.version)).tags
+    assert tags["xbt.forced_by"].startswith("reviewer ") and "a missing gate verdict" in tags["xbt.promoted"]
+
+    # an upgrade that stopped after registering: its version has its verdict, its run no report
+    path, bundle, verdict = _report(mlflow_store, "stopped", passed=True)
+    report = json.loads(Path(path).read_text())
+    stopped = registry.register_and_promote.fn(report, report["recall"], bundle, "/m/old", verdict, {}, [])
+    assert c.get_model_version(name, stopped["version"]).tags["gate.passed"] == "true"
+    registry.rollback(c, name)
+    again = registry.promote_reviewed(c, name, stopped["version"])
+    assert again["report_missing"] and again["failures"] == []
+    assert not registry.promote_reviewed(c, name, passed["version"])["report_missing"]
