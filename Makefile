@@ -55,9 +55,11 @@ zoo-worlds: $(STAMP)
 	$(BIN)/python scripts/build_zoo.py --world textures --out zoo/textures --seed 0
 	$(BIN)/python scripts/build_zoo.py --world scenes --out zoo/scenes --seed 0
 
-# Prefect and MLflow servers on loopback (docs/deployment.md).
+# Prefect and MLflow servers on loopback (docs/deployment.md); make servers PREFECT_PORT=4201 MLFLOW_PORT=5001
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
 servers: $(STAMP)
-	$(BIN)/python -m flows.servers
+	$(BIN)/python -m flows.servers --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 
 clean:
 	rm -rf $(VENV) $(STATE) out

@@ -55,3 +55,68 @@ def test_a_fresh_sqlite_store_is_created_by_one_process_at_a_time(tmp_path, monk
     second.join(120)
     assert not second.is_alive()
     assert MlflowClient(uri, uri).search_experiments()  # made whole: the default experiment is there
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_servers_share_their_registry_with_xbt_without_them_and_stop_on_sigterm(tmp_path):
+    """`make servers`' MLflow keeps artifacts as files under the state folder: an experiment created through
+    the server takes artifacts from a run on the SQLite store without it (one behind the server's artifact
+    proxy, mlflow-artifacts:/, failed there after training). A taken port is refused by name, and SIGTERM
+    stops both servers."""
+    import signal
+    import sys
+    import time
+
+    import pytest
+    from mlflow import MlflowClient
+
+    from flows.servers import check_port_free
+
+    state = tmp_path / "state"
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    env = {**os.environ, "XBT_STATE_DIR": str(state), "PREFECT_HOME": str(state / "prefect")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    ports = ["--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.servers", *ports],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        line = next((x for x in proc.stdout if x.startswith("export ")), "")  # printed once both answer
+        assert f"MLFLOW_TRACKING_URI=http://127.0.0.1:{mlflow_port}" in line, line
+        with pytest.raises(SystemExit, match=rf"--mlflow-port {mlflow_port}: 127.0.0.1:{mlflow_port} is in use"):
+            check_port_free(mlflow_port, "--mlflow-port")
+
+        served = MlflowClient(f"http://127.0.0.1:{mlflow_port}")
+        exp = served.create_experiment("xbt/space")
+        assert not served.get_experiment(exp).artifact_location.startswith("mlflow-artifacts:")
+        local_uri = f"sqlite:///{state / 'mlflow' / 'mlflow.db'}"
+        local = MlflowClient(local_uri, local_uri)
+        run = local.create_run(exp)
+        (tmp_path / "report.json").write_text("{}")
+        local.log_artifact(run.info.run_id, str(tmp_path / "report.json"))
+        assert [f.path for f in served.list_artifacts(run.info.run_id)] == ["report.json"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            check_port_free(prefect_port, "--prefect-port")
+            check_port_free(mlflow_port, "--mlflow-port")
+            break
+        except SystemExit:
+            time.sleep(0.5)
+    else:
+        raise AssertionError("a server still listens after SIGTERM")
