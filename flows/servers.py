@@ -27,9 +27,11 @@ from pathlib import Path
 import httpx
 
 
-def _wait(url: str, what: str, timeout_s: float = 90) -> None:
+def _wait(url: str, what: str, proc: subprocess.Popen, timeout_s: float = 90) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"xbt: error: {what} exited (code {proc.returncode}) before it answered at {url}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
@@ -54,8 +56,9 @@ def check_port_free(port: int, flag: str) -> None:
     """SystemExit naming `flag` where something already listens on 127.0.0.1:port: a server started there
     would exit, while the health check was answered by the one already there."""
     with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a closed connection's
-        try:  # TIME_WAIT does not hold the port
+        # as the servers bind: a closed connection's TIME_WAIT does not hold the port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
             sock.bind(("127.0.0.1", port))
         except OSError as e:
             raise SystemExit(
@@ -104,8 +107,8 @@ def main() -> int:
     # each in a session of its own: Ctrl-C reaches this process alone, which stops both servers quietly
     procs = {what: subprocess.Popen(cmd, env=env, start_new_session=True) for what, cmd in servers.items()}
     try:
-        _wait(f"http://127.0.0.1:{a.prefect_port}/api/health", "the Prefect server")
-        _wait(f"http://127.0.0.1:{a.mlflow_port}/health", "the MLflow server")
+        _wait(f"http://127.0.0.1:{a.prefect_port}/api/health", "the Prefect server", procs["the Prefect server"])
+        _wait(f"http://127.0.0.1:{a.mlflow_port}/health", "the MLflow server", procs["the MLflow server"])
         print(export_line(state, bin_dir, a.prefect_port, a.mlflow_port), flush=True)
         while True:
             for what, p in procs.items():
