@@ -10,6 +10,7 @@ set before prefect is imported, which reads them at import.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -399,13 +400,30 @@ def cmd_backfill(a) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _naming_registry():
+    """A refused promote or rollback names the registry it read, as its other lines do."""
+    from tasks.registry import tracking_uri
+
+    try:
+        yield
+    except ValueError as e:
+        uri = tracking_uri()
+        if uri in str(e):
+            raise
+        raise type(e)(f"{e} [registry {uri}]") from e
+
+
 def cmd_promote(a) -> int:
     from tasks.registry import CANDIDATE, client, pick_model, promote_reviewed, tracking_uri
 
     c = client()
-    name = pick_model(c, a.model)
-    version = str(a.version) if a.version is not None else str(c.get_model_version_by_alias(name, CANDIDATE).version)
-    r = promote_reviewed(c, name, version, force=a.force)
+    with _naming_registry():
+        name = pick_model(c, a.model)
+        version = (
+            str(a.version) if a.version is not None else str(c.get_model_version_by_alias(name, CANDIDATE).version)
+        )
+        r = promote_reviewed(c, name, version, force=a.force)
     for line in r["failures"]:
         print(f"forced past a failing check: {line}")
     if r["report_missing"]:
@@ -425,7 +443,8 @@ def cmd_rollback(a) -> int:
     from tasks.registry import client, pick_model, rollback, tracking_uri
 
     c = client()
-    r = rollback(c, pick_model(c, a.model))
+    with _naming_registry():
+        r = rollback(c, pick_model(c, a.model))
     print(
         f"{r['name']} champion rolled back from version {r['rolled_back_from']} to {r['version']} "
         f"[registry {tracking_uri()}]"

@@ -267,8 +267,12 @@ def test_promote_and_rollback_commands(tmp_path, monkeypatch):
     second = _register(tmp_path, "v2", passed=False)
     name, c = first["name"], registry.client()
     # The candidate failed its gate: refused without --force, naming the failing check; nothing moves.
+    registry_uri = f"[registry sqlite:///{tmp_path / 'mlflow.db'}]"
     _one_line_error(
-        xbt("promote"), "failed its gate (t2i R@1 new/old 9.0 <= old/old 10.0): it is not promoted", "--force"
+        xbt("promote"),
+        "failed its gate (t2i R@1 new/old 9.0 <= old/old 10.0): it is not promoted",
+        "--force",
+        registry_uri,
     )
     assert registry.champion_version(c, name) == first["version"]
     r = xbt("promote", "--force", env={"USER": "reviewer-a"})  # the candidate, the only xbt model
@@ -280,7 +284,7 @@ def test_promote_and_rollback_commands(tmp_path, monkeypatch):
     assert "(already)" in r.stdout
     r = xbt("rollback", "--model", name)
     assert r.returncode == 0 and f"to {first['version']}" in r.stdout
-    _one_line_error(xbt("rollback"), "nothing to roll back to")
+    _one_line_error(xbt("rollback"), "nothing to roll back to", registry_uri)
     _one_line_error(xbt("promote", "--model", "xbt-nope"))
     # an upgrade that stopped after registering (passed, so champion): its run has no report.json, which
     # promoting it back says
