@@ -411,7 +411,7 @@ def _naming_registry():
         uri = tracking_uri()
         if uri in str(e):
             raise
-        raise type(e)(f"{e} [registry {uri}]") from e
+        raise ValueError(f"{e} [registry {uri}]") from e
 
 
 def cmd_promote(a) -> int:
