@@ -12,6 +12,9 @@ killed run resumes with the shards that exist; no shard is embedded twice.
 
 from __future__ import annotations
 
+import socket
+from urllib.parse import urlsplit
+
 import pyarrow.parquet as pq
 from prefect import flow, task
 
@@ -67,6 +70,15 @@ def check_scheduler(address: str, timeout_s: float = SCHEDULER_WAIT_S) -> None:
             comm.abort()
 
     fix = "pass the scheduler's address (tcp://HOST:8786 unless it was started on another port; 8787 is its dashboard)"
+    where = urlsplit(address)
+    if where.scheme == "tcp" and where.hostname and where.port:
+        # distributed retries a refused connection until its timeout: nothing listening is told at once
+        try:
+            socket.create_connection((where.hostname, where.port), timeout=timeout_s).close()
+        except ConnectionRefusedError as e:
+            raise ValueError(f"--dask {address}: nothing listens there (connection refused): {fix}") from e
+        except OSError:
+            pass  # unreachable or slow: the identity call below waits and names it
     try:  # in a thread of its own: the flow's thread may have an event loop running
         with ThreadPoolExecutor(1) as pool:
             reply = pool.submit(asyncio.run, asyncio.wait_for(identity(), timeout_s)).result()

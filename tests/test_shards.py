@@ -99,6 +99,7 @@ def _listen(answer: bytes | None) -> str:
 
 
 def test_an_address_where_no_dask_scheduler_answers_is_refused_in_seconds():
+    import socket
     import time
 
     from distributed import LocalCluster
@@ -111,6 +112,13 @@ def test_an_address_where_no_dask_scheduler_answers_is_refused_in_seconds():
         with pytest.raises(ValueError, match="no Dask scheduler answered there in 2 s .*8787 is its dashboard"):
             check_scheduler(listen(answer), timeout_s=2)
         assert time.time() - t0 < 10
+    with socket.socket() as sock:  # a port nothing listens on: refused, told at once
+        sock.bind(("127.0.0.1", 0))
+        closed = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"nothing listens there \(connection refused\): .*8787 is its dashboard"):
+        check_scheduler(closed, timeout_s=30)
+    assert time.time() - t0 < 10
     with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
         check_scheduler(cluster.scheduler_address, timeout_s=10)
 
