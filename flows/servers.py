@@ -85,6 +85,8 @@ def main() -> int:
         "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(state / "prefect")),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_API_URL": f"http://127.0.0.1:{a.prefect_port}/api",  # the UI's calls go to this port too
+        # MLflow's job runner (a huey consumer per job type) serves GenAI jobs xbt never starts
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "DO_NOT_TRACK": "true",
     }
     env.pop("PREFECT_API_URL", None)
