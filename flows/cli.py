@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--min-chars", type=int, help="drop corpus texts shorter than this (default: none dropped)")
     u.add_argument("--max-chars", type=int, help="drop corpus texts longer than this (default: none dropped)")
     u.add_argument("--sample", type=int, help="keep at most this many corpus texts (seeded; default: all)")
-    u.add_argument("--no-progress", action="store_true", help="no progress bars")
+    u.add_argument("--no-progress", action="store_true", help="no progress bars (shown on a terminal only)")
     u.set_defaults(func=cmd_upgrade)
 
     e = command("embed", "embed texts or images with a model; a bundle embeds into the old space")
@@ -630,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output Parquet: row, embedding (L2-normalised), id")
     e.add_argument("--text-column", default="caption", help="the input's text column")
     e.add_argument("--batch-size", type=_at_least_one, default=256, help="items per forward pass")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal only)")
     runtime(e)
     e.set_defaults(func=cmd_embed)
 

@@ -151,6 +151,7 @@ def test_embed_text_and_image_and_bundle(tiny, tmp_path):
         "embed", "--model", tiny["new"], "--input", tiny["eval"], "--modality", "text", "--out", tmp_path / "t.parquet"
     )
     assert r.returncode == 0, r.stderr
+    assert "item/s" not in r.stderr  # stderr is no terminal here: no progress bar
     table = pq.read_table(tmp_path / "t.parquet")
     assert table.column("row").to_pylist() == list(range(len(evalset.captions)))
     _, emb = read_gallery(tmp_path / "t.parquet")

@@ -400,3 +400,26 @@ def test_training_processes_settle_or_name_the_fix(monkeypatch):
         resolve_nproc("two", "cpu")
     with pytest.raises(ValueError, match="at least one process"):
         resolve_nproc(0, "cpu")
+
+
+def test_progress_bars_show_on_a_terminal_only(monkeypatch):
+    """A bar on a terminal; none in a log file or a Prefect worker's log (stderr not a TTY), nor with
+    --no-progress."""
+    import io
+    import sys
+
+    from xbtcore.encoders import _progress
+    from xbtcore.finetune import _progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        for bar in (_progress(10, "embed texts", True), _progress_bar(10, 0, "train", True)):
+            bar.update(10)
+            bar.close()
+        assert ("embed texts" in stream.getvalue(), "train" in stream.getvalue()) == (shown, shown), stream.getvalue()
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert _progress(10, "embed texts", False).disable and _progress_bar(10, 0, "train", False) is None

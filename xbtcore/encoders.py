@@ -580,4 +580,5 @@ class DualEncoder:
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="item", disable=not enabled)
+    # disable=None: a bar on a terminal only, not in a log file or a Prefect worker's log
+    return tqdm(total=total, desc=desc, unit="item", disable=None if enabled else True)

@@ -280,7 +280,7 @@ def _progress_bar(total: int, start: int, desc: str, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc=desc, unit="step")
+    return tqdm(total=total, initial=start, desc=desc, unit="step", disable=None)  # on a terminal only
 
 
 def count_trainable(encoder, phi: Phi) -> int:
