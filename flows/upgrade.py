@@ -41,7 +41,14 @@ from tasks.common import (
 from tasks.embed import embed_frozen
 from tasks.evaluate import OLD_IMAGES, TIED_IMAGES, check_inputs, evaluate, gate
 from tasks.extract import check_corpus, ensure_world, extract_corpus
-from tasks.registry import attach_report, pinned_ref, register_and_promote, resolve_model, space_of
+from tasks.registry import (
+    attach_report,
+    check_artifact_store,
+    pinned_ref,
+    register_and_promote,
+    resolve_model,
+    space_of,
+)
 from tasks.report import (
     build_report,
     draw_figures,
@@ -550,6 +557,7 @@ def _upgrade(params: UpgradeParams, out: Path) -> dict:
             fingerprint=digest(data_fp, model_fp, params.gallery and fingerprint_files([params.gallery])),
             eval_in_gallery=params.eval_in_gallery,
         )
+        check_artifact_store(inputs["root"])  # registration's store, before anything trains
         corpus_filter = (params.text_column, params.min_chars, params.max_chars, params.sample, params.seed)
         corpus = extract_corpus(
             data["corpus"],

@@ -37,7 +37,7 @@ from xbtcore.cache import fingerprint_model
 from xbtcore.gate import describe_failures, describe_verdict
 
 from .common import IO_RETRIES, digest, fingerprint_content, log, state_dir
-from .servers import artifact_root, check_tracking_server, tracking_uri
+from .servers import ServerUnreachable, artifact_root, check_tracking_server, tracking_uri
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 TAG_PREVIOUS = "xbt.previous_champion"
@@ -89,6 +89,22 @@ def space_of(root_ref: str) -> str:
 
 def model_name(space: str) -> str:
     return f"xbt-{space}"
+
+
+def check_artifact_store(root_ref: str) -> None:
+    """Before any training: ServerUnreachable where this gallery space's experiment keeps its artifacts behind an
+    MLflow server's proxy (mlflow-artifacts:/, from a server started with one) and MLFLOW_TRACKING_URI names a
+    store without it, which cannot write there: the registration after training would fail."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return
+    exp = client().get_experiment_by_name(f"xbt/{space_of(root_ref)}")
+    if exp is not None and exp.artifact_location.startswith("mlflow-artifacts:"):
+        raise ServerUnreachable(
+            f"MLflow experiment {exp.name} keeps its artifacts behind an MLflow server ({exp.artifact_location}), "
+            f"which MLFLOW_TRACKING_URI={uri} cannot write: run with that server (`make servers`, then the line "
+            "it prints)"
+        )
 
 
 def _experiment_id(c, space: str) -> str:

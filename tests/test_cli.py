@@ -496,3 +496,21 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_fix(tiny, tmp_path, mon
     monkeypatch.setattr(xbtcore.data, "write_embeddings_parquet", copy_full)
     assert main(args) == 1
     assert "no space left on the disk of /o/bundle.tmp/model.safetensors:" in capsys.readouterr().err
+
+
+def test_an_experiment_whose_artifacts_sit_behind_an_mlflow_server_fails_an_upgrade_without_it_before_training(
+    tiny, tmp_path
+):
+    """A store shared with a server that proxied artifacts (mlflow-artifacts:/) cannot take this run's bundle
+    without that server: told at once, naming the experiment and the fix, not at registration after training."""
+    from mlflow import MlflowClient
+
+    from tasks.registry import space_of
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    name = f"xbt/{space_of(str(Path(tiny['old']).resolve()))}"
+    MlflowClient(uri, uri).create_experiment(name, artifact_location="mlflow-artifacts:/1")
+    out = tmp_path / "o"
+    r = xbt(*upgrade_args(tiny, out), "--method", "procrustes", "--no-progress", env={"MLFLOW_TRACKING_URI": uri})
+    _one_line_error(r, f"MLflow experiment {name} keeps its artifacts behind an MLflow server", "`make servers`")
+    assert not list(out.glob("work/corpus-*"))  # before the corpus was extracted
