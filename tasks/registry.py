@@ -50,7 +50,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 
@@ -194,19 +194,15 @@ def promote_reviewed(c, name: str, version: str, force: bool = False, who: str =
     tags = mv.tags
     verdict = tags.get("gate.passed")
     if verdict is None:  # registered by hand, not by xbt upgrade: nothing says it beats the old model
-        failures = ["no gate verdict recorded"]
-        if not force:
-            raise GateFailed(
-                f"{name} version {version} has no gate verdict (xbt upgrade did not register it): it is not "
-                "promoted; pass --force to promote it anyway (recorded on the version)"
-            )
+        failures, why = ["no gate verdict recorded"], "has no gate verdict (xbt upgrade did not register it)"
     else:
         failures = (failing_checks(tags) or ["the gate failed"]) if verdict == "false" else []
-        if failures and not force:
-            raise GateFailed(
-                f"{name} version {version} failed its gate ({'; '.join(failures)}): it is not promoted; "
-                "pass --force to promote it anyway (recorded on the version)"
-            )
+        why = f"failed its gate ({'; '.join(failures)})"
+    if failures and not force:
+        raise GateFailed(
+            f"{name} version {version} {why}: it is not promoted; pass --force to promote it anyway "
+            "(recorded on the version)"
+        )
     reason = "promoted by a reviewer (xbt promote)"
     if failures:
         who = who or _user()
