@@ -409,7 +409,13 @@ def register_and_promote(
         c.set_registered_model_alias(name, CANDIDATE, version)
     if passed:
         result = promote(c, name, version, "gate passed")
-        logger.info("%s version %s is champion (previous: %s)", name, version, result["previous"])
+        logger.info(
+            "%s version %s is champion (previous: %s) [registry %s]",
+            name,
+            version,
+            result["previous"] or "none",
+            tracking_uri(),
+        )
     else:
         c.set_model_version_tag(
             name,
@@ -418,10 +424,11 @@ def register_and_promote(
             "gate failed: " + "; ".join(describe_verdict(verdict)),
         )
         logger.info(
-            "%s version %s is candidate only: the gate failed, champion stays %s",
+            "%s version %s is candidate only: the gate failed, champion stays %s [registry %s]",
             name,
             version,
             champion_version(c, name) or "unset",
+            tracking_uri(),
         )
     return {
         "name": name,

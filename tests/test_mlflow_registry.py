@@ -57,14 +57,21 @@ def _register(tmp_path, tag, passed):
     return reg
 
 
-def test_champion_moves_on_pass_not_on_fail_and_rolls_back(mlflow_store):
+def test_champion_moves_on_pass_not_on_fail_and_rolls_back(mlflow_store, caplog):
     c = registry.client()
+    caplog.set_level("INFO", logger="xbt")
     first = _register(mlflow_store, "v1", passed=True)
     name = first["name"]
     assert first["promoted"] and registry.champion_version(c, name) == first["version"]
     assert c.get_model_version(name, first["version"]).tags[registry.TAG_PREVIOUS] == "none"
 
     failed = _register(mlflow_store, "v2", passed=False)
+    uri = registry.tracking_uri()
+    assert [r.getMessage() for r in caplog.records if "version" in r.getMessage()] == [
+        f"{name} version {first['version']} is champion (previous: none) [registry {uri}]",
+        f"{name} version {failed['version']} is candidate only: the gate failed, champion stays "
+        f"{first['version']} [registry {uri}]",
+    ]
     assert not failed["promoted"]
     assert str(c.get_model_version_by_alias(name, "candidate").version) == failed["version"]
     assert registry.champion_version(c, name) == first["version"]  # did not move
