@@ -347,10 +347,11 @@ def trainable_params(report: dict) -> int:
 
 def run_row(report: dict) -> dict:
     """What a table keeps of one upgrade's report: the eval set's figures, which method ran (auto's choice
-    among candidates too), and each candidate's validation margins and recall."""
-    keys = ("method", "recall", "gate", "no_regression", "gate_margins", "timings_s", "counts", "chosen")
+    among candidates too), the backfill curves of its eval gallery, and each candidate's validation margins,
+    recall and blend weights."""
+    keys = ("method", "recall", "gate", "no_regression", "gate_margins", "timings_s", "counts", "chosen", "backfill")
     validation = {
-        c["method"]: {k: c.get(k) for k in ("ran", "eligible", "seconds", "margins", "recall")}
+        c["method"]: {k: c.get(k) for k in ("ran", "eligible", "seconds", "alpha", "margins", "recall")}
         for c in report.get("candidates", [])
     }
     return {

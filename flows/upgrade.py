@@ -64,7 +64,7 @@ from tasks.shards import check_scheduler, embed_corpus_on_dask, parse_dask
 from tasks.train import fit_head, publish_bundle, train
 from worlds import shapes
 from xbtcore.backfill import BACKFILL_ORDER
-from xbtcore.bundle import GAIN_FILE, is_bundle
+from xbtcore.bundle import GAIN_FILE, blend_weights, is_bundle
 from xbtcore.config import Settings, apply_overrides
 from xbtcore.data import Gallery, ValSplit, check_output, parquet_files, read_pairs
 from xbtcore.ddp import NPROC_HELP, resolve_nproc
@@ -466,11 +466,13 @@ def candidate_record(method: str, eligible: bool, run: dict | None, why_not_run:
         return {**record, "ran": False, "why": why_not_run, "margins": None}
     folder = Path(run["validation"]) if run["validation"] else None
     margins = read_json(folder / "gate_margins.json") if folder else None
+    alpha = blend_weights(run["bundle"])
     return {
         **record,
         "ran": True,
         "seconds": run["seconds"],
         "embedded": run["needs"],
+        **({"alpha": alpha} if alpha is not None else {}),
         "recall": read_json(folder / "recall.json") if folder else None,
         "margins": margins,
     }

@@ -33,6 +33,8 @@ def _params(tiny, out, **kw):
 
 
 def test_auto_runs_the_portfolio_cheapest_first_and_keeps_one_chosen_on_validation(prefect_harness, tiny, tmp_path):
+    from safetensors.torch import load_file
+
     from flows.upgrade import upgrade
     from xbtcore.bundle import read_meta
     from xbtcore.methods import by_cost
@@ -45,6 +47,9 @@ def test_auto_runs_the_portfolio_cheapest_first_and_keeps_one_chosen_on_validati
     assert report["method"] == report["chosen"]["method"] == read_meta(tmp_path / "auto" / "bundle").method
     old_encoder = {c["method"]: c for c in report["candidates"] if c["old_encoder_at_query"]}
     assert old_encoder and all(not c["eligible"] and c["ran"] for c in old_encoder.values())  # reported, not chosen
+    # a candidate whose queries blend with the old model's says by how much, per direction
+    assert all(set(c["alpha"]) == {"t2i", "i2t"} for c in old_encoder.values())
+    assert not any("alpha" in c for c in report["candidates"] if not c["old_encoder_at_query"])
     for c in report["candidates"]:
         if c["ran"]:  # validation recall of every case and the gate margins with intervals
             assert set(c["recall"]["t2i"]) == {"old/old", "new/old", "new/new", "orig-new/new"}
@@ -55,6 +60,9 @@ def test_auto_runs_the_portfolio_cheapest_first_and_keeps_one_chosen_on_validati
     for owner in ("xbt-gallery", "xbt-gallery-blend"):
         heads = [p for p in work.iterdir() if re.fullmatch(rf"head-{owner}-[0-9a-f]+\.safetensors", p.name)]
         assert len(heads) == 1, (owner, heads)
+    (blend,) = work.glob("bundle-xbt-gallery-blend-*[0-9a-f]")
+    text_alpha, image_alpha = load_file(blend / "phi.safetensors")["alpha"].tolist()  # text, then image queries
+    assert old_encoder["xbt-gallery-blend"]["alpha"] == {"t2i": round(text_alpha, 4), "i2t": round(image_alpha, 4)}
     assert report["timings_s"]["validate"] > 0 and report["timings_s"]["total"] >= sum(
         v for k, v in report["timings_s"].items() if k != "total"
     )

@@ -155,6 +155,18 @@ def link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def blend_weights(bundle_dir: str | Path) -> dict[str, float] | None:
+    """α of a head that blends with the old model's own query, per query direction ({"t2i": text queries',
+    "i2t": image queries'}; 1 is the mapped new query alone, 0 the old model's), or None for a head without."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(bundle_dir) / "phi.safetensors"), "pt") as f:
+        if "alpha" not in f.keys():
+            return None
+        alpha = f.get_tensor("alpha").reshape(-1).tolist()  # SlerpHead: one for both; BlendHead: text, image
+    return {"t2i": round(alpha[0], 4), "i2t": round(alpha[-1], 4)}
+
+
 def read_meta(bundle_dir: str | Path) -> BundleMeta:
     path = Path(bundle_dir) / BUNDLE_FILE
     try:
