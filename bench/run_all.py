@@ -80,7 +80,8 @@ compared); the CPU-time ratio beside it (all threads' CPU seconds) is steadier
 when other jobs share the cores. Peak memory is each side's own peak RSS, each
 side in its own process. The paper's tables come from upgrades through the
 product's flow (`flows.upgrade.upgrade`), each figure read from a run's
-report.json; R@K in percent.
+report.json; R@K in percent. A bench of `make bench` with no saved result is
+listed under "Not run", with the command that runs it.
 """
 
 
@@ -810,6 +811,10 @@ def render(results: Path) -> str:
                 reasons.append(f"- **{item}** ({r['machine']}): {reason}.")
     if reasons:
         lines += ["", "Why a goal is not met:", "", *reasons]
+    missing = [name for name in order if name not in saved]
+    if missing:
+        lines += ["", "## Not run", "", "No result in bench/results, so no table or goal row above:", ""]
+        lines += [f"- {name}: `.venv/bin/python bench/run_all.py --only {name}`" for name in missing]
     lines += ["", "## Each run", ""]
     for name in names:
         r, run = saved[name], saved[name]["run"]

@@ -113,6 +113,8 @@ def test_doc_renders_the_suite_with_goals_and_no_missing_bench_prose(results, tm
     # a toy-sized extraction cannot meet the goal stated at 10 million rows
     assert "run at 20,000 rows, not the goal's 10,000,000" in text
     assert "notes" not in text and "### cost" not in text and "Table" not in text  # absent results: not rendered
+    assert "- cost: `.venv/bin/python bench/run_all.py --only cost`" in text  # but named, with how to run them
+    assert "--only extract`" not in text
     assert "issue" not in text.lower() and "session" not in text.lower()
 
 
