@@ -11,7 +11,7 @@ from conftest import REPO, TINY_WORLD
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from experiments import backfill_order, head_seeds, headroom, phi_alone, run  # noqa: E402
+from experiments import backfill_order, backfill_table, head_seeds, headroom, phi_alone, run  # noqa: E402
 
 CONFIGS = sorted((REPO / "experiments" / "configs").glob("*.json"))
 
@@ -21,6 +21,39 @@ def world(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("experiments")
     common.world_paths(root / "world", TINY_WORLD)
     return {"root": root, "flags": ["--old", tiny["old"], "--new", tiny["new"], "--data", str(root / "world")]}
+
+
+def test_the_backfill_table_gives_each_order_against_the_random_mean_and_range(tmp_path):
+    def point(r1):  # one fraction's R@1 / 5 / 10
+        return {"1": r1, "5": 50.0, "10": 70.0}
+
+    backfill = {
+        "fractions": [0.0, 0.25, 0.5, 1.0],
+        "curves": {
+            "learned": [point(10), point(13.5), point(14), point(20)],
+            "isolated-first": [point(10), point(11), point(16), point(20)],
+            "random": [point(10), point(12), point(15), point(20)],
+        },
+        "random_min_max": [
+            {k: [v, v] for k, v in point(10).items()},
+            {k: [v - 0.5, v + 0.5] for k, v in point(12).items()},
+            {k: [v - 0.25, v + 1] for k, v in point(15).items()},
+            {k: [v, v] for k, v in point(20).items()},
+        ],
+    }
+    runs = [{"method": "auto", "seed": 2, "backfill": backfill}, {"method": "procrustes", "seed": 2}]
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps({"runs": [{"name": "v", "result": {"data": {"world": {"world": "w"}}, "runs": runs}}]}))
+    rows = backfill_table.table([path])
+    assert rows[2:4] == [
+        "| w | 2 | learned | +1.50 / +0.00 / +0.00 | -1.00 / +0.00 / +0.00 | -1.00 |",
+        "| w | 2 | isolated-first | -1.00 / +0.00 / +0.00 | +1.00 / +0.00 / +0.00 | -1.00 |",
+    ]
+    assert rows[-2] == (
+        "learned: 1 checks above the highest random order, 4 inside their range, 1 below the lowest (by 0.75)"
+    )
+    assert rows[-1].startswith("isolated-first: 0 checks above the highest random order, 5 inside their range")
+    assert backfill_table.table([path], "old-same-text")[2].startswith("| old-same-text | 2 | learned |")
 
 
 def test_grid_and_variants_make_one_run_each():
