@@ -19,6 +19,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # one query image; larger uploads are refused before they are read
+MAX_IMAGE_PIXELS = 50_000_000  # a query image's pixels, and how elongated it may be: a few KB of PNG can
+MAX_ASPECT = 50  # decode to more, and resizing its short side to the model's input would take gigabytes
 MAX_K = 1000
 
 
@@ -30,7 +32,11 @@ def _k(value, form: bool = False) -> int:
     """k from a JSON body (a number; absent or null: 10) or a form field (digits; absent or empty: 10)."""
     if value is None or (form and value == ""):
         return 10
-    if isinstance(value, bool) or (not form and isinstance(value, str)):
+    if form and not isinstance(value, str):
+        _bad(422, "k must be a form field, not a file")
+    if isinstance(value, bool) or (not form and isinstance(value, str)) or (form and not value.isascii()):
+        _bad(422, f"k must be an integer from 1 to {MAX_K}, got {value!r}")
+    if form and not value.strip().isdigit():  # int() would also take "1_0" and "+5"
         _bad(422, f"k must be an integer from 1 to {MAX_K}, got {value!r}")
     try:
         k = int(value)
@@ -70,9 +76,17 @@ def _image(data: bytes):
         _bad(422, "image file is empty")
     try:
         img = Image.open(io.BytesIO(data))
+    except Exception as e:  # any decoder failure, decompression bombs included
+        _bad(422, f"image does not decode ({type(e).__name__}): upload a PNG or JPEG")
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        _bad(422, f"image is {w}x{h} pixels; the limit is {MAX_IMAGE_PIXELS:,} pixels: upload a smaller image")
+    if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+        _bad(422, f"image is {w}x{h} pixels; its long side may be at most {MAX_ASPECT} times its short side: crop it")
+    try:
         img.load()
         return to_rgb(img)
-    except Exception as e:  # any decoder failure, decompression bombs included
+    except Exception as e:  # any decoder failure
         _bad(422, f"image does not decode ({type(e).__name__}): upload a PNG or JPEG")
 
 
@@ -86,6 +100,20 @@ async def _body(request: Request) -> bytes:
             _bad(413, f"request body is over {limit} bytes; the limit for an upload is {MAX_UPLOAD_BYTES} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _buffered(request: Request, body: bytes) -> Request:
+    """The request again, its body the bytes already read."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
 
 
 def create_app(server) -> FastAPI:
@@ -112,8 +140,10 @@ def create_app(server) -> FastAPI:
                 _bad(422, 'body must be a JSON object such as {"text": "a red circle", "k": 10}')
             text, k = _text(body.get("text")), _k(body.get("k"))
         elif kind == "multipart/form-data":
-            try:
-                form = await request.form(max_part_size=MAX_UPLOAD_BYTES + 1)
+            try:  # parsed from the body read as it streams in: a chunked upload is cut off at the limit too
+                form = await _buffered(request, await _body(request)).form(max_part_size=MAX_UPLOAD_BYTES + 1)
+            except HTTPException:
+                raise
             except Exception as e:
                 _bad(413 if "size" in str(e).lower() else 400, f"form does not parse: {e}")
             k = _k(form.get("k"), form=True)

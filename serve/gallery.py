@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -26,6 +25,7 @@ from xbtcore.search import (
     distinct_ids,
     is_complete,
     read_plan,
+    refuse_other_files,
     remove_index,
 )
 
@@ -34,7 +34,9 @@ _WAIT = "wait for it to finish, or stop it"
 
 
 def _is_embedding_parquet(path) -> bool:
-    return all("embedding" in pq.read_schema(f).names for f in parquet_files(path))
+    from xbtcore.data import _schema  # an unreadable file: an InputError naming it and the fix
+
+    return all("embedding" in _schema(f).names for f in parquet_files(path))
 
 
 def _bar(desc: str):
@@ -106,6 +108,7 @@ def index_gallery(
     embedder = None if given_vectors else fingerprint_model(model.resolved)
     files = [fingerprint_files(parquet_files(p)) for p in (source, images) if p]
     info["inputs"] = digest(embedder, text_column, *files)
+    info["source_files"] = files[-1]  # of the image/text source: a backfill checks it is the same
     if given_vectors:
         check_gallery_space(source, model, modality)
         row_ids, emb = read_gallery(source)
@@ -146,6 +149,7 @@ def index_gallery(
         def embed(pos):
             return batch(model.compat, [positions[p] for p in pos]).numpy()
 
+    refuse_other_files(out)  # before the lock file goes there
     bar, progress = _bar("index")
     with bar, exclusive(out, "xbt index", _WAIT):
         extra = {ROWS_FILE: source_rows} if source_rows is not None else None
@@ -220,7 +224,7 @@ def backfill(
             )
         ordered = [old.ids[r] for r in backfill_order(old.vectors(), order, seed, gain)]
     source_rows = json.loads((Path(index) / ROWS_FILE).read_text())
-    _, batch = read_items(plan["source"], plan["modality"], plan.get("text_column", "caption"))
+    batch = _source_of(index, plan, old.ids, source_rows)
     encoder = model.own()
 
     def embed(pos):
@@ -241,6 +245,28 @@ def backfill(
         extra = {ROWS_FILE: [source_rows[old.row_of[i]] for i in ordered]}
         build_index(bf, ordered, embed, model.own_space, info, chunk_rows, "auto", progress, stop_after, extra)
     return backfill_status(index)
+
+
+def _source_of(index: str, plan: dict, ids: list, source_rows: list):
+    """The index's gallery source as read_items gives it, checked to hold each id of the index at the row
+    the index recorded for it: a source rewritten since (other rows, another order) would have the backfill
+    embed other items under those ids."""
+    from tasks.common import fingerprint_files
+
+    source, modality = plan["source"], plan["modality"]
+    fix = f"restore the gallery source the index was built from, or rebuild the index with `xbt index --out {index}`"
+    try:
+        row_ids, batch = read_items(source, modality, plan.get("text_column", "caption"))
+    except InputError as e:
+        raise ValueError(f"{index}: its gallery source cannot be read ({e}): {fix}") from e
+    moved = [i for i, r in zip(ids, source_rows) if r >= len(row_ids) or row_ids[r] != i]
+    if moved:
+        raise ValueError(f"{index}: its gallery source {source} no longer holds ids {moved[:3]} where it did: {fix}")
+    recorded = plan.get("source_files")
+    if recorded and recorded != fingerprint_files(parquet_files(source)) and row_ids == list(range(len(row_ids))):
+        # without an id column a row's id is its number, which a reordered source keeps
+        raise ValueError(f"{index}: its gallery source {source} changed since the index was built: {fix}")
+    return batch
 
 
 def backfill_status(index: str) -> dict:
@@ -265,10 +291,64 @@ def backfill_status(index: str) -> dict:
     }
 
 
-@_writes_index("xbt backfill --remove-old")
+def _swap_paths(index: Path) -> tuple[Path, Path]:
+    """Where --remove-old stages the finished backfill and, where the folders cannot be exchanged in one
+    step, keeps the old index until the swap is done: hidden names of xbt's own beside INDEX."""
+    return index.with_name(f".{index.name}.xbt-backfilled"), index.with_name(f".{index.name}.xbt-retired")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders' names in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system or kernel has no exchange
+        return False
+    raise OSError(errno, os.strerror(errno), str(a))
+
+
+def _finish_interrupted_removal(index: Path) -> bool:
+    """Put right what a --remove-old killed midway left: the staged backfill back into INDEX (killed before
+    the swap), or the swap completed and the old index removed (killed after it); -> whether the removal
+    is now complete."""
+    staged, retired = _swap_paths(index)
+    if staged.is_dir() and not index.exists() and retired.is_dir():  # between the two renames of the fallback
+        os.replace(staged, index)
+    finished = False
+    if staged.is_dir() and index.is_dir():
+        if "old_space" in read_plan(index):  # exchanged: `staged` holds the old index
+            remove_index(staged)
+            finished = True
+        elif not (index / "backfill").exists():  # staged, not yet exchanged
+            os.replace(staged, index / "backfill")
+    if retired.is_dir() and index.is_dir():
+        remove_index(retired)
+        finished = True
+    return finished
+
+
 def remove_old(index: str) -> dict:
-    """After a finished backfill: the new-space index takes the old one's place, and the old vectors go."""
+    """After a finished backfill: the new-space index takes the old one's place, and the old vectors go.
+    A kill at any point leaves INDEX an index (the old one with its backfill, or the new one, but for the
+    instant between two renames where the system cannot exchange folders), and the next run finishes."""
+    if not Path(index).exists() and _finish_interrupted_removal(Path(index)):
+        return {"index": str(index), "space": read_plan(index)["space"]}
+    return _remove_old(index)
+
+
+@_writes_index("xbt backfill --remove-old")
+def _remove_old(index: str) -> dict:
     index = Path(index)
+    done = {"index": str(index), "space": None}
+    if _finish_interrupted_removal(index):
+        return {**done, "space": read_plan(index)["space"]}
     bf = index / "backfill"
     own = read_plan(index)
     if not (bf / PLAN).is_file() and "old_space" in own:  # the plan of a backfill that replaced its old index
@@ -278,15 +358,18 @@ def remove_old(index: str) -> dict:
             f"{index}: the backfill is not finished ({backfill_status(str(index))['fraction']:.0%}); "
             "run `xbt backfill` again to finish it before removing the old index"
         )
-    staged = index.with_name(index.name + ".new")
-    shutil.rmtree(staged, ignore_errors=True)
+    staged, retired = _swap_paths(index)
+    for leftover in (staged, retired):
+        if leftover.exists():  # not left by a removal of this index (_finish_interrupted_removal took those)
+            raise ValueError(f"{leftover} is in the way of the swap: move it elsewhere and run --remove-old again")
     os.replace(bf, staged)
-    retired = index.with_name(index.name + ".old")
-    shutil.rmtree(retired, ignore_errors=True)
-    os.replace(index, retired)
-    os.replace(staged, index)
-    remove_index(retired)
-    return {"index": str(index), "space": read_plan(index)["space"]}
+    if _exchange(staged, index):
+        remove_index(staged)  # now the old index
+    else:
+        os.replace(index, retired)
+        os.replace(staged, index)
+        remove_index(retired)
+    return {**done, "space": read_plan(index)["space"]}
 
 
 @_writes_index("xbt backfill --discard")

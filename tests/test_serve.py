@@ -54,10 +54,20 @@ def _eval_image(setup, row: int = 0) -> bytes:
 
 
 def test_every_bad_input_is_a_4xx_with_one_line_detail(client, setup):
+    from PIL import Image
+
     from serve.app import MAX_K, MAX_UPLOAD_BYTES
 
     png = _eval_image(setup)
     json_type = {"content-type": "application/json"}
+
+    def png_of(size):  # a few KB however many pixels: one grey level
+        buf = io.BytesIO()
+        Image.new("L", size).save(buf, format="PNG")
+        return buf.getvalue()
+
+    multipart = {"content-type": "multipart/form-data; boundary=xbt"}
+    part = b'--xbt\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n\r\n'
     cases = [
         ({"json": {"text": "", "k": 5}}, 422, "empty"),
         ({"json": {"text": "   "}}, 422, "empty"),
@@ -92,6 +102,13 @@ def test_every_bad_input_is_a_4xx_with_one_line_detail(client, setup):
          str(MAX_UPLOAD_BYTES)),
         ({"content": iter([b"text=", b"y" * (MAX_UPLOAD_BYTES + 100_000)]),
           "headers": {"content-type": "application/x-www-form-urlencoded"}}, 413, str(MAX_UPLOAD_BYTES)),
+        ({"content": iter([part, b"y" * (MAX_UPLOAD_BYTES + 100_000)]), "headers": multipart}, 413,
+         str(MAX_UPLOAD_BYTES)),
+        ({"files": {"image": ("thin.png", png_of((2000, 1)), "image/png")}}, 422, "at most 50 times its short side"),
+        ({"files": {"image": ("huge.png", png_of((8000, 7000)), "image/png")}}, 422, "the limit is 50,000,000"),
+        ({"files": {"image": ("x.png", png, "image/png")}, "data": {"k": "1_0"}}, 422, "integer"),
+        ({"files": {"image": ("x.png", png, "image/png")}, "data": {"k": "+5"}}, 422, "integer"),
+        ({"files": {"image": ("x.png", png, "image/png"), "k": ("k.txt", b"5", "text/plain")}}, 422, "not a file"),
     ]  # fmt: skip
     for kwargs, status, needle in cases:
         r = client.post("/search", **kwargs)
@@ -554,3 +571,87 @@ def test_xbt_search_refuses_a_bad_query_in_one_line_naming_the_flag(setup):
         r = xbt(*base, *extra)
         assert r.returncode != 0 and not r.stdout, (extra, r.stdout)
         assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, (extra, r.stderr)
+
+
+def test_remove_old_finishes_after_a_kill_at_any_step_and_leaves_folders_beside_the_index_alone(setup, tmp_path):
+    from serve.engine import load_query_model
+    from serve.gallery import _exchange, _swap_paths, backfill, remove_old
+
+    model = load_query_model(str(setup["b1"]))
+    template = tmp_path / "template"
+    shutil.copytree(setup["index"], template)
+    backfill(str(template), model, chunk_rows=16)
+    old_space = search.GalleryIndex(template).space
+
+    def a_backfilled_index(name):
+        index = tmp_path / name / "idx"
+        shutil.copytree(template, index)
+        return index, *_swap_paths(index)
+
+    def removed(index):
+        assert search.GalleryIndex(index).space == model.own_space and not (index / "backfill").exists()
+        assert sorted(p.name for p in index.parent.iterdir()) == sorted(["idx", *mine])
+
+    # the user's own folders next to the index, with names a swap might have taken
+    index, staged, retired = a_backfilled_index("neighbours")
+    mine = ["idx.old", "idx.new", "idx.bak"]
+    for name in mine:
+        (index.parent / name).mkdir()
+        (index.parent / name / "notes.txt").write_text("mine")
+    remove_old(str(index))
+    removed(index)
+    assert all((index.parent / name / "notes.txt").read_text() == "mine" for name in mine)
+
+    mine = []
+    index, staged, retired = a_backfilled_index("killed-after-staging")
+    os.replace(index / "backfill", staged)
+    remove_old(str(index))  # the backfill goes back and the removal runs
+    removed(index)
+
+    index, staged, retired = a_backfilled_index("killed-after-the-exchange")
+    os.replace(index / "backfill", staged)
+    if not _exchange(staged, index):
+        pytest.skip("this file system cannot exchange two folders")
+    assert search.GalleryIndex(index).space == model.own_space  # the new index serves at once
+    assert remove_old(str(index))["space"] == model.own_space  # finishing: the old index removed
+    removed(index)
+
+    index, staged, retired = a_backfilled_index("killed-between-two-renames")  # where exchange is missing
+    os.replace(index / "backfill", staged)
+    os.replace(index, retired)
+    remove_old(str(index))
+    removed(index)
+    assert old_space != model.own_space
+
+
+def test_no_index_goes_into_a_folder_of_other_files_and_a_changed_source_is_not_backfilled(setup, tmp_path):
+    import pyarrow.parquet as pq
+
+    from serve.engine import load_query_model
+    from serve.gallery import backfill, index_gallery
+    from xbtcore.data import InputError
+
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "chapter1.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"thesis is not an index and holds other files \(chapter1.txt\)"):
+        index_gallery(load_query_model(OLD), setup["world"]["eval"], "image", str(folder), chunk_rows=16)
+    assert [p.name for p in folder.iterdir()] == ["chapter1.txt"]  # nothing written there, not even a lock
+    not_parquet = tmp_path / "notes.parquet"
+    not_parquet.write_text("hello")
+    with pytest.raises(InputError, match=r"notes.parquet: not a readable Parquet file .*pass"):
+        index_gallery(load_query_model(OLD), str(not_parquet), "image", str(tmp_path / "x"), chunk_rows=16)
+
+    source = tmp_path / "gallery.parquet"
+    table = pq.read_table(setup["world"]["eval"])
+    pq.write_table(table, source)
+    index = tmp_path / "idx"
+    index_gallery(load_query_model(OLD), str(source), "image", str(index), chunk_rows=16)
+    pq.write_table(table.take(list(range(table.num_rows))[::-1]), source)  # the same rows, reversed
+    model = load_query_model(str(setup["b1"]))
+    with pytest.raises(ValueError, match=r"no longer holds ids .* where it did: restore the gallery source"):
+        backfill(str(index), model, chunk_rows=16)
+    source.unlink()
+    with pytest.raises(ValueError, match=r"its gallery source cannot be read \(.*gallery.parquet"):
+        backfill(str(index), model, chunk_rows=16)
+    assert not (index / "backfill").exists()

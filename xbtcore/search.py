@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .lock import LOCK_FILE
+
 PLAN, IDS, DONE, FAISS_FILE = "plan.json", "ids.json", "complete.json", "index.faiss"
 CHUNK_ROWS = 4096
 # Exact (flat) search below this many vectors; approximate (IVF) from here. At 1M x 512 float32 an exact
@@ -99,6 +101,20 @@ def chunks_done(out: str | Path) -> list[int]:
     return sorted(int(p.stem) for p in d.glob("*.npy")) if d.is_dir() else []
 
 
+def refuse_other_files(out: str | Path) -> None:
+    """A ValueError where `out` is a folder of other files than an index's: an index written there would
+    later be removed (`xbt backfill --remove-old`, a rebuild) with them."""
+    out = Path(out)
+    if not out.is_dir() or (out / PLAN).is_file():
+        return
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+    if others:
+        raise ValueError(
+            f"{out} is not an index and holds other files ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}): pass a new or empty folder as --out"
+        )
+
+
 def build_index(
     out: str | Path,
     ids: Sequence,
@@ -145,6 +161,7 @@ def build_index(
             return out
         plan = {**old, **{k: plan[k] for k in plan if k not in old}}
     else:
+        refuse_other_files(out)
         out.mkdir(parents=True, exist_ok=True)
         for name, obj in (extra or {}).items():
             _write_json(out / name, obj)
