@@ -395,6 +395,13 @@ def test_ivf_index_recall_against_exact(tmp_path):
     want = search.top_rows(exact, queries, 10)
     recall = np.mean([len({r for r, _ in g} & {r for r, _ in w}) / 10 for g, w in zip(got, want)])
     assert recall >= 0.9, recall
+    # a k past what the probed lists hold: more lists are probed for this search, so k hits come back
+    probed = approx.nprobe
+    assert [len(hits) for hits in search.top_rows(approx, queries[:3], 1000)] == [1000] * 3
+    allowed = np.arange(5000) % 7 == 0
+    hits = search.top_rows(approx, queries[:3], 500, allowed)
+    assert [len(h) for h in hits] == [500] * 3 and all(r % 7 == 0 for h in hits for r, _ in h)
+    assert approx.nprobe == probed  # the shared index keeps its own setting
 
 
 def test_qdrant_collection_answers_as_the_exact_index_and_its_alias_swaps(tmp_path):

@@ -512,18 +512,27 @@ def top_rows(
         if codes is not None and len(queries) <= QUANTIZED_MAX_BATCH:
             return quantized_scan(vectors, codes, queries, k)
         return exact_scan(vectors, queries, k)
-    params = None
-    if allowed is not None:
-        # One selector object, held here and by the parameters for the whole search: a selector read back
-        # from another parameters object (params.sel) does not keep its bitmap alive.
-        selector = faiss.IDSelectorBitmap(np.packbits(allowed, bitorder="little"))
-        if hasattr(index, "nprobe"):
-            params = faiss.SearchParametersIVF(sel=selector, nprobe=index.nprobe)
-        else:
-            params = faiss.SearchParameters(sel=selector)
-    ask = min(n, k + 16)
+    # One selector object, held here and by the parameters for the whole search: a selector read back
+    # from another parameters object (params.sel) does not keep its bitmap alive.
+    selector = None if allowed is None else faiss.IDSelectorBitmap(np.packbits(allowed, bitorder="little"))
+    nprobe = getattr(index, "nprobe", None)
+
+    def parameters():
+        if nprobe is None:
+            return faiss.SearchParameters(sel=selector) if selector else None
+        ivf = faiss.SearchParametersIVF(nprobe=nprobe)  # this search's: the shared index keeps its own
+        if selector:
+            ivf.sel = selector
+        return ivf
+
+    params, ask = parameters(), min(n, k + 16)
     while True:
         scores, rows = index.search(queries, ask, params=params)  # (B, ask) each
+        if nprobe is not None and nprobe < index.nlist and bool(np.any(rows[:, k - 1] < 0)):
+            # the lists probed hold fewer than k items (of those allowed): probe more of them
+            nprobe = min(index.nlist, nprobe * 4)
+            params = parameters()
+            continue
         tied_at_cut = ask < n and bool(np.any(scores[:, k - 1] <= scores[:, ask - 1]))
         if not tied_at_cut:
             break
