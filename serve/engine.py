@@ -189,7 +189,10 @@ class Engine:
             "space": self.space,
             "index": str(self.gallery.path),
             "items": len(self.gallery.old),
-            "backfilled": round(self.gallery.fraction, 4) if self.new_encoder is not None else 0.0,
+            # 1.0 for an index a finished backfill replaced (`xbt backfill --remove-old`)
+            "backfilled": round(self.gallery.fraction, 4)
+            if self.new_encoder is not None
+            else float("old_space" in self.gallery.old.plan),
             "text_batches": self.text_batches.batches,
             "text_queries_batched": self.text_batches.items,
         }

@@ -243,7 +243,10 @@ def backfill(
     bar, progress = _bar("backfill")
     with bar:
         extra = {ROWS_FILE: [source_rows[old.row_of[i]] for i in ordered]}
-        build_index(bf, ordered, embed, model.own_space, info, chunk_rows, "auto", progress, stop_after, extra)
+        restart = f"discard it (`xbt backfill --index {index} --discard`)"
+        build_index(
+            bf, ordered, embed, model.own_space, info, chunk_rows, "auto", progress, stop_after, extra, restart
+        )
     return backfill_status(index)
 
 
@@ -273,8 +276,20 @@ def backfill_status(index: str) -> dict:
     """A backfill's progress; before one starts, every item of the index waits in the index's own space."""
     check_finished(index)
     bf = Path(index) / "backfill"
+    own = read_plan(index)
+    if not (bf / PLAN).is_file() and "old_space" in own:  # --remove-old left the backfill in the index's place
+        return {
+            "index": str(index),
+            "space": own["space"],
+            "old_space": own["old_space"],
+            "order": own.get("order"),
+            "backfilled": own["n"],
+            "items": own["n"],
+            "fraction": 1.0,
+            "complete": True,
+            "old_removed": True,
+        }
     if not (bf / PLAN).is_file():
-        own = read_plan(index)
         plan, done = {"space": None, "old_space": own["space"], "order": None, "n": own["n"]}, 0
     else:
         plan = read_plan(bf)
@@ -288,6 +303,7 @@ def backfill_status(index: str) -> dict:
         "items": plan["n"],
         "fraction": round(done / max(1, plan["n"]), 4),
         "complete": is_complete(bf),
+        "old_removed": False,
     }
 
 

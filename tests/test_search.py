@@ -156,9 +156,9 @@ def test_unfinished_index_never_opens_and_resumes_where_it_stopped(tmp_path):
     assert not search.is_complete(out) and search.chunks_done(out) == [0, 1]
     with pytest.raises(ValueError, match="not a finished index"):
         search.GalleryIndex(out)
-    with pytest.raises(ValueError, match="unfinished index of another input"):
+    with pytest.raises(ValueError, match="unfinished index of another model's space: delete it"):
         search.build_index(out, ids, embed, "space-b", chunk_rows=10)
-    with pytest.raises(ValueError, match="unfinished index of another input"):
+    with pytest.raises(ValueError, match="unfinished index of another item count, ids: delete it"):
         search.build_index(out, ids[:-1], embed, "space-a", chunk_rows=10)
     asked.clear()
     search.build_index(out, ids, embed, "space-a", chunk_rows=10)
@@ -443,13 +443,19 @@ def test_an_index_resumes_or_stands_only_for_the_input_and_model_it_was_made_of(
     shuffled = shuffled[1:] + shuffled[:1]
     other = tmp_path / "other.parquet"
     pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array(shuffled)), other)
-    with pytest.raises(ValueError, match="an unfinished index of another input or model"):
+    with pytest.raises(ValueError, match="an unfinished index of another input files or model: delete it, or"):
         index_gallery(load_query_model(OLD), str(other), "image", out, chunk_rows=16)
-    assert search.chunks_done(out) == [0, 1]  # the refusal wrote nothing
+    with pytest.raises(
+        ValueError, match="unfinished index made with --chunk-rows 16: pass that to go on with it, delete"
+    ):
+        index_gallery(load_query_model(OLD), world["eval"], "image", out, chunk_rows=8)
+    assert search.chunks_done(out) == [0, 1]  # the refusals wrote nothing
     r = index_gallery(load_query_model(OLD), world["eval"], "image", out, chunk_rows=16)
     assert r["complete"]
-    with pytest.raises(ValueError, match="a finished index of another input or model"):
+    with pytest.raises(ValueError, match="a finished index of another input files or model"):
         index_gallery(load_query_model(OLD), str(other), "image", out, chunk_rows=16)
+    with pytest.raises(ValueError, match="is a finished flat index: delete it to build it as ivf"):
+        index_gallery(load_query_model(OLD), world["eval"], "image", out, chunk_rows=16, kind="ivf")
 
 
 def test_an_approximate_index_of_a_few_items_trains_and_answers_k():

@@ -574,8 +574,9 @@ def test_xbt_search_refuses_a_bad_query_in_one_line_naming_the_flag(setup):
 
 
 def test_remove_old_finishes_after_a_kill_at_any_step_and_leaves_folders_beside_the_index_alone(setup, tmp_path):
-    from serve.engine import load_query_model
-    from serve.gallery import _exchange, _swap_paths, backfill, remove_old
+    from serve.engine import Engine, load_query_model
+    from serve.gallery import _exchange, _swap_paths, backfill, backfill_status, remove_old
+    from xbtcore.backfill import MixedGallery
 
     model = load_query_model(str(setup["b1"]))
     template = tmp_path / "template"
@@ -601,6 +602,10 @@ def test_remove_old_finishes_after_a_kill_at_any_step_and_leaves_folders_beside_
     remove_old(str(index))
     removed(index)
     assert all((index.parent / name / "notes.txt").read_text() == "mine" for name in mine)
+    status = backfill_status(str(index))  # what the index holds now, not a backfill waiting to start
+    assert (status["space"], status["old_space"], status["fraction"]) == (model.own_space, old_space, 1.0)
+    assert status["complete"] and status["old_removed"] and status["backfilled"] == status["items"]
+    assert Engine(model, MixedGallery(index)).describe()["backfilled"] == 1.0
 
     mine = []
     index, staged, retired = a_backfilled_index("killed-after-staging")

@@ -126,6 +126,7 @@ def build_index(
     progress: Callable[[int, int], None] | None = None,
     stop_after: int | None = None,
     extra: dict | None = None,
+    restart: str = "delete it",
 ) -> Path:
     """Embed `ids` (distinct, in the order they will be stored) chunk by chunk into DIR and assemble the index.
 
@@ -134,7 +135,8 @@ def build_index(
     another plan in a DIR is refused. `stop_after` chunks:
     return without finishing (what a kill leaves; the tests use it). `info`: kept in the plan (model,
     modality, source, precision, ...); an unfinished DIR started at another `precision` is refused.
-    `extra`: more JSON files written with the plan ({name: object}).
+    `extra`: more JSON files written with the plan ({name: object}). `restart`: how a refusal tells the
+    user to drop DIR and start over.
     kind: "flat" (exact), "ivf" (approximate) or "auto" (flat under IVF_THRESHOLD).
     """
     out = Path(out)
@@ -144,20 +146,30 @@ def build_index(
     if out.exists() and (out / PLAN).is_file():
         old = read_plan(out)
         keys = ("space", "n", "ids", "chunk_rows") + (("inputs",) if "inputs" in old else ())
-        same = all(old.get(k) == plan.get(k) for k in keys)
-        if not same:
-            state = "a finished" if is_complete(out) else "an unfinished"
-            raise ValueError(f"{out} holds {state} index of another input or model: delete it or pass another --out")
+        differ = [k for k in keys if old.get(k) != plan.get(k)]
+        state = "a finished" if is_complete(out) else "an unfinished"
+        if differ == ["chunk_rows"]:
+            raise ValueError(
+                f"{out} holds {state} index made with --chunk-rows {old['chunk_rows']}: pass that to go on "
+                f"with it, {restart}, or pass another --out"
+            )
+        if differ:
+            what = {"space": "model's space", "n": "item count", "ids": "ids", "inputs": "input files or model"}
+            named = ", ".join(what[k] for k in differ if k in what)
+            raise ValueError(f"{out} holds {state} index of another {named}: {restart}, or pass another --out")
         started, now = old.get("precision"), plan.get("precision")
         if started and now and started != now:
             raise ValueError(
                 f"{out} is an index built at --precision {started} and this run embeds at {now}: pass "
-                f"--precision {started} to keep it, or delete it to rebuild at {now}"
+                f"--precision {started} to keep it, or {restart} to rebuild at {now}"
                 if is_complete(out)
                 else f"{out} was started at --precision {started} and this run embeds at {now}: its chunks would "
-                f"mix both; resume it with --precision {started}, or delete it to rebuild at {now}"
+                f"mix both; resume it with --precision {started}, or {restart} to rebuild at {now}"
             )
         if is_complete(out):
+            built = json.loads((out / DONE).read_text()).get("kind")
+            if kind != "auto" and built and built != kind:
+                raise ValueError(f"{out} is a finished {built} index: {restart} to build it as {kind}")
             return out
         plan = {**old, **{k: plan[k] for k in plan if k not in old}}
     else:
