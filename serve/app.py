@@ -34,9 +34,9 @@ def _k(value, form: bool = False) -> int:
         return 10
     if form and not isinstance(value, str):
         _bad(422, "k must be a form field, not a file")
-    if isinstance(value, bool) or (not form and isinstance(value, str)) or (form and not value.isascii()):
-        _bad(422, f"k must be an integer from 1 to {MAX_K}, got {value!r}")
-    if form and not value.strip().isdigit():  # int() would also take "1_0" and "+5"
+    # a form's k is digits (int() would also take "1_0", "+5" and other scripts' digits); JSON's a number
+    digits = value.isascii() and value.strip().isdigit() if form else not isinstance(value, (bool, str))
+    if not digits:
         _bad(422, f"k must be an integer from 1 to {MAX_K}, got {value!r}")
     try:
         k = int(value)

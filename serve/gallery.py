@@ -34,9 +34,9 @@ _WAIT = "wait for it to finish, or stop it"
 
 
 def _is_embedding_parquet(path) -> bool:
-    from xbtcore.data import _schema  # an unreadable file: an InputError naming it and the fix
+    from xbtcore.data import parquet_schema  # an unreadable file: an InputError naming it and the fix
 
-    return all("embedding" in _schema(f).names for f in parquet_files(path))
+    return all("embedding" in parquet_schema(f).names for f in parquet_files(path))
 
 
 def _bar(desc: str):
@@ -321,13 +321,15 @@ def _exchange(a: Path, b: Path) -> bool:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except AttributeError:
         return False
+    import errno
+
     at_fdcwd, rename_exchange = -100, 2
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
         return True
-    errno = ctypes.get_errno()
-    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system or kernel has no exchange
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # this file system or kernel cannot exchange
         return False
-    raise OSError(errno, os.strerror(errno), str(a))
+    raise OSError(code, os.strerror(code), str(a))
 
 
 def _finish_interrupted_removal(index: Path) -> bool:
@@ -355,16 +357,19 @@ def remove_old(index: str) -> dict:
     A kill at any point leaves INDEX an index (the old one with its backfill, or the new one, but for the
     instant between two renames where the system cannot exchange folders), and the next run finishes."""
     if not Path(index).exists() and _finish_interrupted_removal(Path(index)):
-        return {"index": str(index), "space": read_plan(index)["space"]}
+        return _holds(index)
     return _remove_old(index)
+
+
+def _holds(index) -> dict:
+    return {"index": str(index), "space": read_plan(index)["space"]}
 
 
 @_writes_index("xbt backfill --remove-old")
 def _remove_old(index: str) -> dict:
     index = Path(index)
-    done = {"index": str(index), "space": None}
     if _finish_interrupted_removal(index):
-        return {**done, "space": read_plan(index)["space"]}
+        return _holds(index)
     bf = index / "backfill"
     own = read_plan(index)
     if not (bf / PLAN).is_file() and "old_space" in own:  # the plan of a backfill that replaced its old index
@@ -385,7 +390,7 @@ def _remove_old(index: str) -> dict:
         os.replace(index, retired)
         os.replace(staged, index)
         remove_index(retired)
-    return {**done, "space": read_plan(index)["space"]}
+    return _holds(index)
 
 
 @_writes_index("xbt backfill --discard")

@@ -108,7 +108,8 @@ def _read_table(file: Path, columns: list[str] | None = None) -> pa.Table:
         raise unreadable_parquet(file, e) from e
 
 
-def _schema(file: Path) -> pa.Schema:
+def parquet_schema(file: Path) -> pa.Schema:
+    """A Parquet file's schema; an InputError naming the file where it is not readable Parquet."""
     try:
         return pq.read_schema(file)
     except (pa.ArrowException, OSError) as e:
@@ -137,7 +138,7 @@ def is_text_type(t: pa.DataType) -> bool:
 def ids_as_text(files: list[Path], column: str) -> bool:
     """Whether `column` is text in some files and integers in others: its ids then compare as text, so that
     7 in one file and "7" in another are one id (as a stored gallery compares them)."""
-    types = [schema.field(column).type for schema in map(_schema, files) if column in schema.names]
+    types = [schema.field(column).type for schema in map(parquet_schema, files) if column in schema.names]
     return len({is_text_type(t) for t in types}) > 1
 
 
@@ -258,7 +259,7 @@ def repeated_images(images: PairSet, keys: list[tuple[int, bytes]] | None = None
 
 def has_image_ids(path) -> bool:
     """Whether an input's rows carry image_id (read_pairs takes all of its files with it or none)."""
-    return "image_id" in _schema(parquet_files(path)[0]).names
+    return "image_id" in parquet_schema(parquet_files(path)[0]).names
 
 
 def shared_images(pairs: PairSet, evalset: PairSet, keys: list[tuple[int, bytes]] | None = None) -> list[int]:
@@ -383,7 +384,7 @@ def image_column(file: Path, schema: pa.Schema) -> str | None:
 
 def _read_pairs_file(file: Path):
     """(captions, image sources, image ids or None) of one file, every row checked."""
-    schema = _schema(file)
+    schema = parquet_schema(file)
     if "caption" not in schema.names:
         raise _missing_column(file, "'caption'", schema, _PAIRS_FIX)
     image_col = image_column(file, schema)
@@ -447,7 +448,7 @@ def read_pairs(path) -> PairSet:
     image is checked to decode.
     """
     files = parquet_files(path)
-    with_ids = [f for f in files if "image_id" in _schema(f).names]
+    with_ids = [f for f in files if "image_id" in parquet_schema(f).names]
     if with_ids and len(with_ids) < len(files):
         raise lacks_column(next(f for f in files if f not in with_ids), "image_id")
     as_text = ids_as_text(files, "image_id")
@@ -578,7 +579,7 @@ def read_gallery(path) -> tuple[list, torch.Tensor]:
     blocks: list[np.ndarray] = []  # (n_i, D) each
     dim = None
     for file in parquet_files(path):
-        schema = _schema(file)
+        schema = parquet_schema(file)
         if "embedding" not in schema.names:
             raise _missing_column(file, "'embedding'", schema, "pass a gallery written by `xbt embed`")
         id_col = next((c for c in ("id", "row") if c in schema.names), None)
@@ -616,7 +617,7 @@ class Gallery:
         self.path = str(path)
         self.files = parquet_files(path)
         for file in self.files:
-            schema = _schema(file)
+            schema = parquet_schema(file)
             if "embedding" not in schema.names or "id" not in schema.names:
                 missing = "'embedding'" if "embedding" not in schema.names else "'id'"
                 raise _missing_column(

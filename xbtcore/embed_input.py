@@ -20,11 +20,11 @@ from .data import (
     PairSet,
     _is_bytes,
     _read_table,
-    _schema,
     ids_as_text,
     is_text_type,
     lacks_column,
     parquet_files,
+    parquet_schema,
     unreadable_parquet,
 )
 
@@ -34,7 +34,7 @@ _IMAGE_FIX = "store images as 'image' (PNG/JPEG bytes) or 'image_path' (string) 
 def read_texts(path, column: str = "caption") -> list[str]:
     texts: list[str] = []
     for file in parquet_files(path):
-        schema = _schema(file)
+        schema = parquet_schema(file)
         if column not in schema.names:
             ids_or_paths = ("image_path", "id", "image_id")
             texts_in = [f.name for f in schema if is_text_type(f.type) and f.name not in ids_or_paths]
@@ -105,7 +105,7 @@ def read_images(path) -> PairSet:
     columns, values = [], []
     files = parquet_files(path)
     for file in files:
-        schema = _schema(file)
+        schema = parquet_schema(file)
         col_name = image_column(file, schema)
         if col_name is None:
             texts = [n for n in schema.names if is_text_type(schema.field(n).type)]
@@ -158,7 +158,7 @@ def read_images(path) -> PairSet:
 def read_ids(path) -> list | None:
     """Each row's id: the `id` column, else `image_id`, else None (the rows are their own ids)."""
     files = parquet_files(path)
-    names = [_schema(f).names for f in files]
+    names = [parquet_schema(f).names for f in files]
     column = next((c for c in ("id", "image_id") if all(c in n for n in names)), None)
     if column is None:
         partly = next((c for c in ("id", "image_id") if any(c in n for n in names)), None)

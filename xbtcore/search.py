@@ -531,9 +531,9 @@ def top_rows(
 
     def parameters():
         if nprobe is None:
-            return faiss.SearchParameters(sel=selector) if selector else None
+            return faiss.SearchParameters(sel=selector) if selector is not None else None
         ivf = faiss.SearchParametersIVF(nprobe=nprobe)  # this search's: the shared index keeps its own
-        if selector:
+        if selector is not None:
             ivf.sel = selector
         return ivf
 
