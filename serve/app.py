@@ -180,7 +180,7 @@ def create_app(server) -> FastAPI:
         engine = server.engine
         ids = engine.gallery.old.row_of
         key = item_id if item_id in ids else int(item_id) if re.fullmatch(r"-?[0-9]+", item_id) else item_id
-        found = source_item(str(engine.gallery.path), ids[key]) if key in ids else None
+        found = source_item(str(engine.gallery.path), ids[key], key) if key in ids else None
         if found is None:
             _bad(404, f"no image for id {item_id} in this index")
         return Response(content=found[0], media_type=found[1])

@@ -403,13 +403,35 @@ def discard_backfill(index: str) -> bool:
     return True
 
 
-def source_item(index: str, row: int) -> tuple[bytes, str] | None:
-    """The source image bytes (and media type) of the index's row, or None when it keeps no image source."""
+def source_item(index: str, row: int, item_id=None) -> tuple[bytes, str] | None:
+    """The source image bytes (and media type) of the index's row, or None when it keeps no image source,
+    or (given the row's `item_id`) when the source no longer holds that id at the recorded row."""
+    from tasks.common import fingerprint_files
+
     plan = read_plan(index)
     rows_file = Path(index) / ROWS_FILE
     if plan.get("modality") != "image" or "source" not in plan or not rows_file.is_file():
         return None
-    return _image_at(plan["source"], json.loads(rows_file.read_text())[row])
+    source, at = plan["source"], json.loads(rows_file.read_text())[row]
+    if item_id is not None:
+        try:
+            files = fingerprint_files(parquet_files(source))
+        except InputError:
+            return None
+        ids = _ids_of(source, files)
+        if ids is None and plan.get("source_files") not in (None, files):  # row numbers as ids: any change
+            return None
+        if ids is not None and (at >= len(ids) or ids[at] != item_id):
+            return None
+    return _image_at(source, at)
+
+
+@functools.lru_cache(maxsize=8)
+def _ids_of(source: str, files_fingerprint: str) -> list | None:
+    """The source's id column (None without one), read once per version of its files."""
+    from xbtcore.embed_input import read_ids
+
+    return read_ids(source)
 
 
 def _image_at(source: str, row: int) -> tuple[bytes, str] | None:

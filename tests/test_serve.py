@@ -633,7 +633,7 @@ def test_no_index_goes_into_a_folder_of_other_files_and_a_changed_source_is_not_
     import pyarrow.parquet as pq
 
     from serve.engine import load_query_model
-    from serve.gallery import backfill, index_gallery
+    from serve.gallery import backfill, index_gallery, source_item
     from xbtcore.data import InputError
 
     folder = tmp_path / "thesis"
@@ -652,7 +652,11 @@ def test_no_index_goes_into_a_folder_of_other_files_and_a_changed_source_is_not_
     pq.write_table(table, source)
     index = tmp_path / "idx"
     index_gallery(load_query_model(OLD), str(source), "image", str(index), chunk_rows=16)
+    first = search.GalleryIndex(index).ids[0]
+    assert source_item(str(index), 0, first)[0] == _eval_image(setup, 0)  # the thumbnail the page shows
+    time.sleep(0.01)  # a new modification time for the rewritten file
     pq.write_table(table.take(list(range(table.num_rows))[::-1]), source)  # the same rows, reversed
+    assert source_item(str(index), 0, first) is None  # another image sits at its row now: none is shown
     model = load_query_model(str(setup["b1"]))
     with pytest.raises(ValueError, match=r"no longer holds ids .* where it did: restore the gallery source"):
         backfill(str(index), model, chunk_rows=16)
