@@ -5,7 +5,9 @@ study kept (report.json's progressive-backfill curves of the eval gallery, text 
 
 One row per run and order: each order's recall minus the mean of the random orders at 25% and 50%
 backfilled, R@1 / R@5 / R@10, and the worst of those six checks. Then, per order, how many checks sit
-above the highest random order, inside the random orders' range, or below the lowest (and by how much).
+above the highest random order, inside the random orders' range, or below the lowest (and by how much),
+and on how many runs its curve never falls below the compatible query alone (0% backfilled) and ends at
+orig-new/new (100%).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ ORDERS = ("learned", "isolated-first")
 
 
 def auto_runs(result: dict):
-    """(world, seed, backfill) of every auto run of a study's result file that kept its backfill curves."""
+    """(world, seed, run) of every auto run of a study's result file that kept its backfill curves."""
     for variant in result["runs"]:
         for run in variant["result"]["runs"]:
             if run["method"] == "auto" and run.get("backfill"):
                 world = variant["result"]["data"].get("world", {}).get("world") or variant["name"]
-                yield world, run["seed"], run["backfill"]
+                yield world, run["seed"], run
 
 
 def checks(backfill: dict, order: str) -> list[tuple[float, float, float, float]]:
@@ -51,9 +53,16 @@ def table(paths: list[Path], label: str | None = None) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     spread = {o: {"above": 0, "inside": 0, "below": []} for o in ORDERS}
+    ends = {o: [0, 0] for o in ORDERS}  # runs whose curve never dips under its start, and that end at orig-new/new
+    runs = 0
     for path in paths:
-        for world, seed, backfill in auto_runs(json.loads(Path(path).read_text())):
+        for world, seed, run in auto_runs(json.loads(Path(path).read_text())):
+            backfill, runs = run["backfill"], runs + 1
+            full = run["recall"][backfill.get("direction", "t2i")]["orig-new/new"]
             for order in ORDERS:
+                curve = backfill["curves"][order]
+                ends[order][0] += all(point[k] >= curve[0][k] for point in curve for k in KS)
+                ends[order][1] += all(curve[-1][k] == full[k] for k in KS)
                 c = checks(backfill, order)
                 diffs = [d for d, *_ in c]
                 cells = [" / ".join(_signed(d) for d in diffs[j : j + len(KS)]) for j in (0, len(KS))]
@@ -71,7 +80,8 @@ def table(paths: list[Path], label: str | None = None) -> list[str]:
         below = f" (by {', '.join(f'{b:.2f}' for b in s['below'])})" if s["below"] else ""
         rows.append(
             f"{order}: {s['above']} checks above the highest random order, {s['inside']} inside their range, "
-            f"{len(s['below'])} below the lowest{below}"
+            f"{len(s['below'])} below the lowest{below}; never under the compatible query alone on "
+            f"{ends[order][0]} of {runs} runs, at orig-new/new at 100% on {ends[order][1]} of {runs}"
         )
     return rows
 

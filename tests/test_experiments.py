@@ -41,7 +41,8 @@ def test_the_backfill_table_gives_each_order_against_the_random_mean_and_range(t
             {k: [v, v] for k, v in point(20).items()},
         ],
     }
-    runs = [{"method": "auto", "seed": 2, "backfill": backfill}, {"method": "procrustes", "seed": 2}]
+    full = {"t2i": {"orig-new/new": point(20)}}
+    runs = [{"method": "auto", "seed": 2, "backfill": backfill, "recall": full}, {"method": "procrustes", "seed": 2}]
     path = tmp_path / "study.json"
     path.write_text(json.dumps({"runs": [{"name": "v", "result": {"data": {"world": {"world": "w"}}, "runs": runs}}]}))
     rows = backfill_table.table([path])
@@ -50,7 +51,8 @@ def test_the_backfill_table_gives_each_order_against_the_random_mean_and_range(t
         "| w | 2 | isolated-first | -1.00 / +0.00 / +0.00 | +1.00 / +0.00 / +0.00 | -1.00 |",
     ]
     assert rows[-2] == (
-        "learned: 1 checks above the highest random order, 4 inside their range, 1 below the lowest (by 0.75)"
+        "learned: 1 checks above the highest random order, 4 inside their range, 1 below the lowest (by 0.75); "
+        "never under the compatible query alone on 1 of 1 runs, at orig-new/new at 100% on 1 of 1"
     )
     assert rows[-1].startswith("isolated-first: 0 checks above the highest random order, 5 inside their range")
     assert backfill_table.table([path], "old-same-text")[2].startswith("| old-same-text | 2 | learned |")
