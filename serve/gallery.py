@@ -416,9 +416,9 @@ def source_item(index: str, row: int, item_id=None) -> tuple[bytes, str] | None:
     if item_id is not None:
         try:
             files = fingerprint_files(parquet_files(source))
-        except InputError:
+            ids = _ids_of(source, files)
+        except InputError:  # gone, or no longer readable (null ids): nothing to show
             return None
-        ids = _ids_of(source, files)
         if ids is None and plan.get("source_files") not in (None, files):  # row numbers as ids: any change
             return None
         if ids is not None and (at >= len(ids) or ids[at] != item_id):

@@ -630,6 +630,7 @@ def test_remove_old_finishes_after_a_kill_at_any_step_and_leaves_folders_beside_
 
 
 def test_no_index_goes_into_a_folder_of_other_files_and_a_changed_source_is_not_backfilled(setup, tmp_path):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from serve.engine import load_query_model
@@ -657,6 +658,12 @@ def test_no_index_goes_into_a_folder_of_other_files_and_a_changed_source_is_not_
     time.sleep(0.01)  # a new modification time for the rewritten file
     pq.write_table(table.take(list(range(table.num_rows))[::-1]), source)  # the same rows, reversed
     assert source_item(str(index), 0, first) is None  # another image sits at its row now: none is shown
+    column = table.schema.get_field_index("image_id")
+    pq.write_table(
+        table.set_column(column, "image_id", pa.nulls(table.num_rows, table.schema.field(column).type)), source
+    )
+    assert source_item(str(index), 0, first) is None  # a source no longer readable: none either, not an error
+    pq.write_table(table.take(list(range(table.num_rows))[::-1]), source)
     model = load_query_model(str(setup["b1"]))
     with pytest.raises(ValueError, match=r"no longer holds ids .* where it did: restore the gallery source"):
         backfill(str(index), model, chunk_rows=16)
