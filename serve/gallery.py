@@ -254,22 +254,31 @@ def _source_of(index: str, plan: dict, ids: list, source_rows: list):
     """The index's gallery source as read_items gives it, checked to hold each id of the index at the row
     the index recorded for it: a source rewritten since (other rows, another order) would have the backfill
     embed other items under those ids."""
-    from tasks.common import fingerprint_files
-
     source, modality = plan["source"], plan["modality"]
     fix = f"restore the gallery source the index was built from, or rebuild the index with `xbt index --out {index}`"
     try:
-        row_ids, batch = read_items(source, modality, plan.get("text_column", "caption"))
+        _, batch = read_items(source, modality, plan.get("text_column", "caption"))
+        moved = _moved(plan, zip(source_rows, ids))
     except InputError as e:
         raise ValueError(f"{index}: its gallery source cannot be read ({e}): {fix}") from e
-    moved = [i for i, r in zip(ids, source_rows) if r >= len(row_ids) or row_ids[r] != i]
+    if moved is True:
+        raise ValueError(f"{index}: its gallery source {source} changed since the index was built: {fix}")
     if moved:
         raise ValueError(f"{index}: its gallery source {source} no longer holds ids {moved[:3]} where it did: {fix}")
-    recorded = plan.get("source_files")
-    if recorded and recorded != fingerprint_files(parquet_files(source)) and row_ids == list(range(len(row_ids))):
-        # without an id column a row's id is its number, which a reordered source keeps
-        raise ValueError(f"{index}: its gallery source {source} changed since the index was built: {fix}")
     return batch
+
+
+def _moved(plan: dict, rows_and_ids) -> list | bool:
+    """Of (row, id) pairs the index recorded, the ids its source no longer holds at their row; True where
+    the source has no id column (a row's number is its id, which a reordered source keeps) and its files
+    changed since the index was built. An InputError where the source is gone or unreadable."""
+    from tasks.common import fingerprint_files
+
+    files = fingerprint_files(parquet_files(plan["source"]))
+    ids = _ids_of(plan["source"], files)
+    if ids is None:
+        return plan.get("source_files") not in (None, files)
+    return [i for r, i in rows_and_ids if r >= len(ids) or ids[r] != i]
 
 
 def backfill_status(index: str) -> dict:
@@ -406,8 +415,6 @@ def discard_backfill(index: str) -> bool:
 def source_item(index: str, row: int, item_id=None) -> tuple[bytes, str] | None:
     """The source image bytes (and media type) of the index's row, or None when it keeps no image source,
     or (given the row's `item_id`) when the source no longer holds that id at the recorded row."""
-    from tasks.common import fingerprint_files
-
     plan = read_plan(index)
     rows_file = Path(index) / ROWS_FILE
     if plan.get("modality") != "image" or "source" not in plan or not rows_file.is_file():
@@ -415,13 +422,9 @@ def source_item(index: str, row: int, item_id=None) -> tuple[bytes, str] | None:
     source, at = plan["source"], json.loads(rows_file.read_text())[row]
     if item_id is not None:
         try:
-            files = fingerprint_files(parquet_files(source))
-            ids = _ids_of(source, files)
+            if _moved(plan, [(at, item_id)]):
+                return None
         except InputError:  # gone, or no longer readable (null ids): nothing to show
-            return None
-        if ids is None and plan.get("source_files") not in (None, files):  # row numbers as ids: any change
-            return None
-        if ids is not None and (at >= len(ids) or ids[at] != item_id):
             return None
     return _image_at(source, at)
 
