@@ -11,7 +11,15 @@ from conftest import REPO, TINY_WORLD
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from experiments import backfill_order, backfill_table, head_seeds, headroom, phi_alone, run  # noqa: E402
+from experiments import (  # noqa: E402
+    backfill_order,
+    backfill_table,
+    head_seeds,
+    headroom,
+    phi_alone,
+    run,
+    validation_table,
+)
 
 CONFIGS = sorted((REPO / "experiments" / "configs").glob("*.json"))
 
@@ -21,6 +29,43 @@ def world(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("experiments")
     common.world_paths(root / "world", TINY_WORLD)
     return {"root": root, "flags": ["--old", tiny["old"], "--new", tiny["new"], "--data", str(root / "world")]}
+
+
+def test_the_validation_table_reads_each_candidate_as_auto_does(tmp_path):
+    def margins(t2i_r1, low):  # every check +1 with interval [low, 2], but t2i R@1
+        out = {d: {k: {"margin": 1.0, "low": low, "high": 2.0} for k in ("1", "5", "10")} for d in ("t2i", "i2t")}
+        out["t2i"]["1"] = {"margin": t2i_r1, "low": min(low, t2i_r1), "high": 2.0}
+        return out
+
+    def recall(new_new_t2i):
+        return {
+            d: {"orig-new/new": {"1": 40.0}, "new/new": {"1": new_new_t2i if d == "t2i" else 40.5}}
+            for d in ("t2i", "i2t")
+        }
+
+    def candidate(t2i_r1, low, new_new):
+        return {"ran": True, "eligible": True, "margins": margins(t2i_r1, low), "recall": recall(new_new)}
+
+    runs = [
+        {"method": "xbt-gallery", "seed": 0, "validation": {"xbt-gallery": candidate(2.5, 0.25, 39.5)}},
+        {"method": "xbt-gallery", "seed": 1, "validation": {"xbt-gallery": candidate(-0.5, 0.25, 39.5)}},
+        {"method": "xbt-gallery", "seed": 2, "validation": {"xbt-gallery": candidate(2.5, 0.25, 38.75)}},
+        {"method": "auto", "seed": 0, "validation": {"procrustes": candidate(1.0, 0.5, 40.0), "base": {"ran": False}}},
+    ]
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps({"runs": [{"name": "lam=2", "result": {"runs": runs}}]}))
+    rows = validation_table.table([path])
+    assert rows[2:6] == [
+        "| lam=2 | 0 | xbt-gallery | +2.50 / +1.00 / +1.00 | +1.00 / +1.00 / +1.00 | +0.25 / +0.25 | 0.50 / -0.50 "
+        "| yes |",
+        "| lam=2 | 1 | xbt-gallery | -0.50 / +1.00 / +1.00 | +1.00 / +1.00 / +1.00 | -0.50 / +0.25 | 0.50 / -0.50 "
+        "| no (interval) |",
+        "| lam=2 | 2 | xbt-gallery | +2.50 / +1.00 / +1.00 | +1.00 / +1.00 / +1.00 | +0.25 / +0.25 | 1.25 / -0.50 "
+        "| no (new/new) |",
+        "| lam=2 | 0 | procrustes | +1.00 / +1.00 / +1.00 | +1.00 / +1.00 / +1.00 | +0.50 / +0.50 | 0.00 / -0.50 "
+        "| yes |",
+    ]
+    assert len(rows) == 2 + 4 + 2  # the candidate auto did not run has no row
 
 
 def test_the_backfill_table_gives_each_order_against_the_random_mean_and_range(tmp_path):
