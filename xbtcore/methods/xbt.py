@@ -19,9 +19,10 @@ from .registry import HeadInputs, MethodSpec, register_method
 
 XBT_DEFAULTS = {"anchor_weight": 0.0, "corpus_weight": 1.0, "pair_weight": 2.0, "lr": PAPER_LR}
 # γ = 1: the anchors pull each query modality towards the gallery's own space. On the selection worlds'
-# validation pairs no one λ kept new/new within a point with the gate clear for both old -> new and old -> mid:
-# λ = 2 did for old -> mid, λ = 12 for old -> new (docs/method.md, "The gallery as teacher"). So both are
-# candidates of `--method auto`, which keeps the first that does on the upgrade's own validation pairs.
+# validation pairs (κ = 0, 1,200 steps) no one λ kept new/new within a point with the gate clear for both
+# old -> new (12 did) and old -> mid (4 and 8 did; 2 missed new/new by 0.05 points) (docs/method.md, "The
+# gallery as teacher"). So two λ are candidates of `--method auto`, 2 and 12, which keeps the first that does
+# on the upgrade's own validation pairs.
 # κ = 1 and at least 2,400 steps: the distillation term keeps the new model's own similarities. On the
 # selection worlds' validation pairs it kept new/new within a point in 4 of 6 upgrades (κ = 0: 2 at 2,400 steps,
 # none at 1,200), at the same gate margins (docs/method.md, "Keeping the new model's similarities").
