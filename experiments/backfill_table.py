@@ -43,7 +43,7 @@ def checks(backfill: dict, order: str) -> list[tuple[float, float, float, float]
     return out
 
 
-def _signed(x: float) -> str:
+def signed(x: float) -> str:
     return f"{x:+.2f}".replace("-0.00", "+0.00")
 
 
@@ -65,8 +65,8 @@ def table(paths: list[Path], label: str | None = None) -> list[str]:
                 ends[order][1] += all(curve[-1][k] == full[k] for k in KS)
                 c = checks(backfill, order)
                 diffs = [d for d, *_ in c]
-                cells = [" / ".join(_signed(d) for d in diffs[j : j + len(KS)]) for j in (0, len(KS))]
-                worst = _signed(min(diffs))
+                cells = [" / ".join(signed(d) for d in diffs[j : j + len(KS)]) for j in (0, len(KS))]
+                worst = signed(min(diffs))
                 rows.append(f"| {label or world} | {seed} | {order} | {cells[0]} | {cells[1]} | {worst} |")
                 for _, mine, low, high in c:
                     if mine > high:

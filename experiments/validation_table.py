@@ -19,12 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments.backfill_table import signed  # noqa: E402
 from xbtcore.gate import DIRECTIONS, GATE_KS  # noqa: E402
 from xbtcore.methods.select import NEW_NEW_SLACK, passes_clearly, qualifies  # noqa: E402
-
-
-def _signed(x: float) -> str:
-    return f"{x:+.2f}".replace("-0.00", "+0.00")
 
 
 def _verdict(candidate: dict) -> str:
@@ -51,8 +48,8 @@ def table(paths: list[Path]) -> list[str]:
     for path in paths:
         for name, seed, method, c in candidates(json.loads(Path(path).read_text())):
             m, recall = c["margins"], c["recall"]
-            margins = [" / ".join(_signed(m[d][str(k)]["margin"]) for k in GATE_KS) for d in DIRECTIONS]
-            lows = " / ".join(_signed(min(m[d][str(k)]["low"] for k in GATE_KS)) for d in DIRECTIONS)
+            margins = [" / ".join(signed(m[d][str(k)]["margin"]) for k in GATE_KS) for d in DIRECTIONS]
+            lows = " / ".join(signed(min(m[d][str(k)]["low"] for k in GATE_KS)) for d in DIRECTIONS)
             under = " / ".join(f"{recall[d]['orig-new/new']['1'] - recall[d]['new/new']['1']:.2f}" for d in DIRECTIONS)
             rows.append(f"| {name} | {seed} | {method} | {' | '.join(margins)} | {lows} | {under} | {_verdict(c)} |")
     rows += [
